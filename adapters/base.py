@@ -1,0 +1,156 @@
+"""The one contract between the audit engine and a conditional flow.
+
+An :class:`Adapter` answers, for one model: where the conditioning encoder
+is and which of its modules are hooked for ``s_OOD`` by default; which parts
+are the conditional elementwise *sites* and of what kind; how to get a
+site's derivative ``c'``; how to draw latents, sample ``x = f⁻¹(z; y)`` and
+run forward; the valid output range; and a fingerprint of the weights.
+
+The engine never reaches into a model by itself. While sampling it hands the
+adapter an :class:`Observer`; the adapter reports every layer's output and
+every site's inverse gain to it, by hooks where the model calls its modules
+(the bundled flows, FrEIA) or by driving the inverse pass itself where the
+library bypasses them (nflows calls ``inverse`` directly, zuko rebuilds its
+transforms for every condition, normflows names the directions the other way
+round). Whatever the adapter does, it removes what it installed and restores
+the model's ``training`` flag.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Observer", "Site", "Adapter", "widen"]
+
+
+class Observer(Protocol):
+    """What the engine listens to during an inverse pass (the adapter calls it)."""
+
+    def layer(self, name: str, x: Tensor) -> None:
+        """Output ``x`` (batch first) of layer ``name`` of the inverse pass."""
+
+    def site(self, name: str, gain: Tensor, params: Any) -> None:
+        """Inverse gain ``1/c'`` (batch first) at the visited points of site ``name``, and the
+        site's parameters there (for the Remark 2 probe; passed to :meth:`Site.derivative_at`)."""
+
+
+class Site(ABC):
+    """One conditional elementwise map (a coupling, an injector, a conditional prior)."""
+
+    name: str
+    kind: str
+
+    @abstractmethod
+    def derivative_at(self, values: Tensor, params: Any) -> Tensor:
+        """``c'(v)`` for every probe value ``v`` (shape (V,)) at every point of ``params``.
+
+        Returns shape (V, M) where M counts the (batch × element) points ``params``
+        describe. This is how the Remark 2 probe evaluates tails under the
+        conditions actually met while sampling.
+        """
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, kind={self.kind!r})"
+
+
+def widen(band: tuple[float, float], factor: float = 0.5) -> tuple[float, float]:
+    """Widen a valid range by ``factor`` of its width on each side ([0, 1] → [-0.5, 1.5], paper S1.1)."""
+    lo, hi = band
+    pad = factor * (hi - lo)
+    return lo - pad, hi + pad
+
+
+class Adapter(ABC):
+    """Base class of all adapters; one subclass per model family (see module docstring).
+
+    Attributes:
+        model: the wrapped ``nn.Module``.
+        name: a display name for reports.
+        family: the adapter's name (``reference``, ``freia``, …).
+        task: ``toy``, ``sr``, ``lowlight`` or ``generic`` (SR adds LR-PSNR).
+        condition_shape: shape of one condition ``y``, no batch axis.
+        output_range: valid range of a sample's values.
+        scale: SR factor (``task == "sr"`` only).
+    """
+
+    family: str = "generic"
+    task: str = "generic"
+    scale: int = 1
+
+    def __init__(self, model: nn.Module, name: str | None = None):
+        self.model = model
+        self.name = name or getattr(model, "name", None) or type(model).__name__
+
+    # -- what the model is ------------------------------------------------------
+    @property
+    @abstractmethod
+    def condition_shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def output_range(self) -> tuple[float, float]:
+        return (0.0, 1.0)
+
+    @property
+    def error_band(self) -> tuple[float, float]:
+        """Values outside this band count as pixel errors (the valid range widened, S1.1)."""
+        return widen(self.output_range)
+
+    @abstractmethod
+    def sites(self) -> list[Site]:
+        """The conditional elementwise sites, in forward (encode) order."""
+
+    def encoder(self) -> nn.Module | None:
+        """The conditioning network ``g_θ``; ``None`` when the condition itself is the feature."""
+        return None
+
+    def feature_layers(self) -> list[str]:
+        """Default module names (of :attr:`model`) hooked for ``s_OOD``; empty = the condition itself."""
+        return []
+
+    def encode(self, y: Tensor) -> None:
+        """Run the conditioning encoder on ``y`` (so feature hooks fire)."""
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the weights (names, shapes, dtypes and values), 16 hex digits."""
+        digest = hashlib.sha256()
+        for key, value in sorted(self.model.state_dict().items()):
+            digest.update(key.encode())
+            if isinstance(value, Tensor):
+                t = value.detach().cpu().contiguous()
+                digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
+                digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return digest.hexdigest()[:16]
+
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def device(self) -> torch.device:
+        p = next(iter(self.model.parameters()), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    # -- what the model does ----------------------------------------------------
+    @abstractmethod
+    def sample_latents(self, y: Tensor, temperature: float, generator: torch.Generator | None) -> list[Tensor]:
+        """Latents for conditions ``y`` at temperature τ (τ scales the standard-normal ε)."""
+
+    @abstractmethod
+    def sample(self, y: Tensor, latents: list[Tensor], observer: Observer | None = None) -> Tensor:
+        """The inverse pass ``x = f⁻¹(z; y)``, reporting to ``observer`` when given."""
+
+    @abstractmethod
+    def forward(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
+        """The forward pass ``z = f(x; y)``: ``(latents, logdet)``."""
+
+    @abstractmethod
+    def log_prob(self, x: Tensor, y: Tensor) -> Tensor:
+        """``log q(x | y)`` per input, (B,)."""
+
+    def layer_names(self) -> list[str]:
+        """Names of the inverse pass's layers, in the order :meth:`sample` reports them."""
+        return []

@@ -1,0 +1,109 @@
+"""Adapter for the bundled reference flows (toy, SR, low-light).
+
+Their sites are the parameter-free
+:class:`~flowaudit.reference_models.couplings.Elementwise` modules, called as
+``out, ladj = site(inp, h, reverse=...)``; on the inverse pass
+``exp(ladj)`` is the inverse gain ``1/c'`` at the visited point and ``h`` the
+parameters the conditioner produced there. One forward hook per site and per
+traced layer reads both; no model code knows it is being audited.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flowaudit.hooks import first_tensor, hooked
+from flowaudit.reference_models import ReferenceFlow
+from flowaudit.reference_models.couplings import Elementwise
+
+from .base import Adapter, Observer, Site
+
+__all__ = ["ElementwiseSite", "ReferenceAdapter"]
+
+
+class ElementwiseSite(Site):
+    """A site that is an :class:`Elementwise` module; params are its ``h`` tensors."""
+
+    def __init__(self, name: str, module: Elementwise):
+        self.name, self.module, self.kind = name, module, module.kind
+
+    def derivative_at(self, values: Tensor, params: Tensor) -> Tensor:
+        p = self.module.params_per_dim
+        h = params.to(values.dtype)
+        shape = (h.shape[0], h.shape[1] // p, *h.shape[2:])
+        out = [self.module.derivative(torch.full(shape, float(v), dtype=h.dtype, device=h.device), h).flatten() for v in values]
+        return torch.stack(out)
+
+    def read(self, args: tuple, kwargs: dict, output: Any) -> tuple[Tensor, Tensor] | None:
+        """(inverse gain, params) of a hooked reverse call, ``None`` for a forward call."""
+        reverse = kwargs.get("reverse", args[2] if len(args) > 2 else False)
+        if not reverse:
+            return None
+        h = args[1] if len(args) > 1 else kwargs["h"]
+        return output[1].detach().exp(), h.detach()
+
+
+class ReferenceAdapter(Adapter):
+    """Adapter of a :class:`ReferenceFlow`."""
+
+    family = "reference"
+
+    def __init__(self, model: ReferenceFlow, name: str | None = None):
+        super().__init__(model, name)
+        self.task = model.task
+        self.scale = int(model.config.get("scale", 1))
+        self._sites = [ElementwiseSite(n, m) for n, m in model.named_modules() if isinstance(m, Elementwise)]
+
+    @property
+    def condition_shape(self) -> tuple[int, ...]:
+        return tuple(self.model.condition_shape)
+
+    @property
+    def output_range(self) -> tuple[float, float]:
+        return tuple(self.model.output_range)
+
+    def sites(self) -> list[Site]:
+        return list(self._sites)
+
+    def encoder(self) -> nn.Module | None:
+        return self.model.encoder_module()
+
+    def feature_layers(self) -> list[str]:
+        return self.model.default_feature_layers()
+
+    def encode(self, y: Tensor) -> None:
+        self.model.encode(y)
+
+    def layer_names(self) -> list[str]:
+        return self.model.trace_layers()
+
+    def sample_latents(self, y, temperature, generator):
+        return self.model.sample_latents(y, temperature, generator)
+
+    def sample(self, y: Tensor, latents: list[Tensor], observer: Observer | None = None) -> Tensor:
+        if observer is None:
+            return self.model.reverse(latents, y)
+        by_name = {s.name: s for s in self._sites}
+
+        def on_site(name, args, kwargs, output):
+            got = by_name[name].read(args, kwargs, output)
+            if got is not None:
+                observer.site(name, *got)
+
+        def on_layer(name, args, kwargs, output):
+            observer.layer(name, first_tensor(output).detach())
+
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(hooked(self.model, list(by_name), on_site))
+            stack.enter_context(hooked(self.model, self.layer_names(), on_layer))
+            return self.model.reverse(latents, y)
+
+    def forward(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
+        return self.model(x, y)
+
+    def log_prob(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.model.log_prob(x, y)

@@ -1,0 +1,133 @@
+"""Forward hooks that observe a model and leave no trace.
+
+Every hook is registered inside a context manager whose ``finally`` removes
+it (an :class:`~contextlib.ExitStack` of handles), also when the forward pass
+raises. Hooks reduce what they see at once (pooled vectors, counts) and keep
+no reference to the model's tensors; a failure inside a hook names the layer.
+
+:func:`capture_features` is the encoder-feature capture behind ``s_OOD``
+(paper §3.3): the output of each named module is pooled per channel and the
+pooled vectors are concatenated in the order the names are given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["POOLINGS", "HookError", "hooked", "pool", "FeatureCapture", "capture_features", "first_tensor"]
+
+POOLINGS = ("avg", "avgstd", "spatial")
+
+
+class HookError(RuntimeError):
+    """Raised when a hook fails; the message names the module."""
+
+
+def first_tensor(output: Any) -> Tensor:
+    """The tensor a module returned (first element of a tuple/list, or the tensor itself)."""
+    while isinstance(output, (tuple, list)):
+        output = output[0]
+    if not isinstance(output, Tensor):
+        raise TypeError(f"module returned {type(output).__name__}, not a tensor")
+    return output
+
+
+@contextlib.contextmanager
+def hooked(model: nn.Module, names: Sequence[str], fn: Callable[[str, tuple, dict, Any], None]) -> Iterator[None]:
+    """Call ``fn(name, args, kwargs, output)`` after each forward of the named sub-modules.
+
+    Unknown names raise :class:`KeyError` listing a few valid ones. Handles are
+    removed on exit, whatever happens inside the block.
+    """
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        some = ", ".join(list(k for k in modules if k)[:8])
+        raise KeyError(f"no module named {missing[0]!r} in the model (some names: {some}, …)")
+
+    def make(name: str):
+        def hook(module, args, kwargs, output):
+            try:
+                fn(name, args, kwargs, output)
+            except Exception as exc:  # name the layer where it happened
+                raise HookError(f"hook on {name!r} failed: {exc}") from exc
+
+        return hook
+
+    with contextlib.ExitStack() as stack:
+        for name in names:
+            handle = modules[name].register_forward_hook(make(name), with_kwargs=True)
+            stack.callback(handle.remove)
+        yield
+
+
+def pool(t: Tensor, pooling: str) -> Tensor:
+    """Per-channel pooling of a (B, C, *S) feature map, in float64.
+
+    ``avg`` → (B, C) means; ``avgstd`` → (B, 2C) means then standard deviations;
+    ``spatial`` → (B, *S, C), one vector per location (vectors have no ``S``).
+    """
+    t = t.detach().to(torch.float64, copy=True)  # the model may edit its output in place later
+    if t.dim() == 2:
+        return torch.cat([t, torch.zeros_like(t)], 1) if pooling == "avgstd" else t
+    flat = t.flatten(2)
+    if pooling == "avg":
+        return flat.mean(2)
+    if pooling == "avgstd":
+        return torch.cat([flat.mean(2), flat.std(2, unbiased=False)], 1)
+    if pooling == "spatial":
+        return t.movedim(1, -1).clone()
+    raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+
+
+class FeatureCapture:
+    """Collects the pooled features of one forward pass; see :func:`capture_features`."""
+
+    def __init__(self, names: Sequence[str], pooling: str):
+        self.names, self.pooling = list(names), pooling
+        self._seen: dict[str, Tensor] = {}
+
+    def _record(self, name: str, args: tuple, kwargs: dict, output: Any) -> None:
+        # a module called twice in one pass (shared weights) keeps its last call
+        self._seen[name] = pool(first_tensor(output), self.pooling)
+
+    def take(self) -> Tensor:
+        """Concatenate the pooled vectors of the last pass in ``names`` order, and forget them."""
+        missing = [n for n in self.names if n not in self._seen]
+        if missing:
+            raise HookError(f"feature layer {missing[0]!r} was not called by the encoder")
+        parts = [self._seen[n] for n in self.names]
+        self._seen.clear()
+        if self.pooling == "spatial":
+            size = parts[0].shape[1:-1]
+            parts = [_resize_spatial(p, size) for p in parts]
+        return torch.cat(parts, -1)
+
+
+def _resize_spatial(p: Tensor, size: torch.Size) -> Tensor:
+    """Nearest-resize a (B, *S, C) map to spatial ``size`` so layers can be concatenated."""
+    if p.shape[1:-1] == size:
+        return p
+    moved = p.movedim(-1, 1)
+    return torch.nn.functional.interpolate(moved, size=tuple(size), mode="nearest").movedim(1, -1)
+
+
+@contextlib.contextmanager
+def capture_features(model: nn.Module, names: Sequence[str], pooling: str = "avg") -> Iterator[FeatureCapture]:
+    """Hook ``names`` of ``model``; after each encoder pass ``capture.take()`` gives (B, D) features.
+
+    Example:
+        >>> with capture_features(flow, ["encoder"]) as cap:   # doctest: +SKIP
+        ...     flow.encode(y)
+        ...     v = cap.take()
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    cap = FeatureCapture(names, pooling)
+    with hooked(model, names, cap._record):
+        yield cap
