@@ -1,0 +1,162 @@
+r"""Traces of the inverse pass, accumulated on the fly (paper Fig. 3b).
+
+:class:`Tracer` is the :class:`~flowaudit.adapters.base.Observer` the scan
+hands to an adapter. For every layer it keeps running float64 sums of the
+finite values (count, :math:`\sum v`, :math:`\sum v^2`), the largest
+:math:`|v|` and the number of non-finite values; for every site a fixed
+log-spaced histogram of the inverse gain :math:`1/c'`, its extremes, and the
+largest gain seen by each input. It also keeps a bounded sample of each
+site's parameters for the Remark 2 probe. Nothing grows with the number of
+inputs except one float per input and site.
+
+Rows of a traced batch are input-major: row ``r`` is sample ``r % K`` of
+input ``r // K``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["GAIN_EDGES", "LayerStats", "GainStats", "Tracer", "histogram_quantile"]
+
+# log10(1/c') from 1e-4 to 1e8 in 0.025 decades (6 % steps); values beyond land in the end bins
+GAIN_EDGES = np.round(np.arange(-4.0, 8.0 + 1e-9, 0.025), 10)
+
+
+@dataclass
+class LayerStats:
+    """Running statistics of one layer's output values."""
+
+    n: int = 0
+    total: float = 0.0
+    total_sq: float = 0.0
+    max_abs: float = 0.0
+    n_nonfinite: int = 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.detach()
+        finite = torch.isfinite(x)
+        n_bad = int((~finite).sum())
+        v = x[finite].to(torch.float64)
+        self.n += v.numel()
+        self.total += float(v.sum())
+        self.total_sq += float((v * v).sum())
+        self.n_nonfinite += n_bad
+        top = float(v.abs().max()) if v.numel() else 0.0
+        self.max_abs = max(self.max_abs, math.inf if bool(torch.isinf(x).any()) else top)
+
+    @property
+    def variance(self) -> float:
+        """Variance of all finite values seen (population form)."""
+        if self.n == 0:
+            return math.nan
+        mean = self.total / self.n
+        return max(self.total_sq / self.n - mean * mean, 0.0)
+
+    def to_dict(self) -> dict:
+        return {"variance": self.variance, "max_abs": self.max_abs, "n_nonfinite": self.n_nonfinite, "n_values": self.n}
+
+
+@dataclass
+class GainStats:
+    """Distribution of a site's inverse gain over the visited points."""
+
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(len(GAIN_EDGES) - 1, dtype=np.int64))
+    n: int = 0
+    n_nonfinite: int = 0
+    min: float = math.inf
+    max: float = -math.inf
+
+    def add(self, gain: Tensor) -> None:
+        g = gain.detach().flatten().to(torch.float64)
+        finite = torch.isfinite(g) & (g > 0)
+        self.n_nonfinite += int((~finite).sum())
+        g = g[finite]
+        if g.numel() == 0:
+            return
+        self.n += g.numel()
+        self.min = min(self.min, float(g.min()))
+        self.max = max(self.max, float(g.max()))
+        logs = torch.log10(g).clamp(GAIN_EDGES[0], GAIN_EDGES[-1] - 1e-9).cpu().numpy()
+        self.counts += np.histogram(logs, bins=GAIN_EDGES)[0]
+
+    def quantile(self, q: float) -> float:
+        """Quantile from the histogram, clipped to the exact extremes."""
+        if not self.n:
+            return math.nan
+        return min(max(histogram_quantile(self.counts, GAIN_EDGES, q), self.min), self.max)
+
+    def to_dict(self) -> dict:
+        if self.n == 0:
+            return {"min": math.nan, "p50": math.nan, "p99": math.nan, "max": math.nan, "n": 0, "n_nonfinite": self.n_nonfinite}
+        return {
+            "min": self.min, "p50": self.quantile(0.5), "p99": self.quantile(0.99), "max": self.max,
+            "n": self.n, "n_nonfinite": self.n_nonfinite,
+            "histogram": {"log10_edges": GAIN_EDGES.tolist(), "counts": self.counts.tolist()},
+        }
+
+
+def histogram_quantile(counts: np.ndarray, log_edges: np.ndarray, q: float) -> float:
+    """Quantile ``q`` from a histogram over log10 values (linear within a bin), back in linear units."""
+    cum = np.cumsum(counts)
+    target = q * cum[-1]
+    i = int(np.searchsorted(cum, target, side="left"))
+    i = min(i, len(counts) - 1)
+    before = cum[i - 1] if i else 0
+    frac = (target - before) / counts[i] if counts[i] else 0.0
+    return float(10 ** (log_edges[i] + frac * (log_edges[i + 1] - log_edges[i])))
+
+
+class Tracer:
+    """Observer of inverse passes of one input set (see module docstring).
+
+    Args:
+        samples: K, samples per input (rows per input in each batch).
+        param_budget: points of parameters kept per site for the Remark 2 probe.
+    """
+
+    def __init__(self, samples: int, param_budget: int = 4096):
+        self.samples = samples
+        self.param_budget = param_budget
+        self.layers: dict[str, LayerStats] = {}
+        self.gains: dict[str, GainStats] = {}
+        self.params: dict[str, list[Any]] = {}
+        self._kept: dict[str, int] = {}
+        self.input_max_gain: list[float] = []  # per input, over all sites
+        self._batch_gain: Tensor | None = None
+
+    # -- Observer -------------------------------------------------------------
+    def layer(self, name: str, x: Tensor) -> None:
+        self.layers.setdefault(name, LayerStats()).add(x)
+
+    def site(self, name: str, gain: Tensor, params: Any) -> None:
+        self.gains.setdefault(name, GainStats()).add(gain)
+        g = gain.detach().flatten(1).to(torch.float64)
+        g = torch.where(torch.isnan(g), torch.full_like(g, math.inf), g)  # NaN gain: as bad as it gets
+        per_input = g.amax(1).view(-1, self.samples).amax(1)
+        self._batch_gain = per_input if self._batch_gain is None else torch.maximum(self._batch_gain, per_input)
+        self._keep_params(name, params)
+
+    # -- bookkeeping ----------------------------------------------------------
+    def _keep_params(self, name: str, params: Any) -> None:
+        kept = self._kept.get(name, 0)
+        if kept >= self.param_budget or not isinstance(params, Tensor):
+            return
+        per_row = max(params[0].numel(), 1)
+        rows = max(1, min(params.shape[0], (self.param_budget - kept) // per_row))
+        self.params.setdefault(name, []).append(params[:rows].detach().clone())
+        self._kept[name] = kept + rows * per_row
+
+    def end_batch(self, n_inputs: int) -> None:
+        """Close a batch of ``n_inputs`` inputs (stores their largest gains)."""
+        if self._batch_gain is None:
+            self.input_max_gain += [math.nan] * n_inputs
+        else:
+            self.input_max_gain += self._batch_gain.cpu().tolist()
+        self._batch_gain = None
