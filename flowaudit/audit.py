@@ -10,6 +10,7 @@ disabled while auditing so that GPU figures match CPU ones.
 from __future__ import annotations
 
 import contextlib
+import json
 import datetime as _dt
 import math
 from collections.abc import Iterator, Sequence
@@ -26,7 +27,7 @@ from .datasets import ConditionSet, load_conditions
 from .gaussian import GaussianOOD
 from .hooks import capture_features, pool
 from .remark2 import probe_site
-from .report import Report
+from .report import Report, jsonable
 from .risk import aggregate, lr_psnr, sample_checks
 from .trace import Tracer
 
@@ -156,7 +157,7 @@ def fit(
         raise AuditError(str(exc)) from None
     meta = {
         "model": adapter.name, "adapter": adapter.family, "fingerprint": adapter.fingerprint(),
-        "layers": names or ["<condition>"], "pooling": pooling, "data": cs.description,
+        "layers": names or ["<condition>"], "pooling": pooling, "data": json.dumps(jsonable(cs.description)),
     }
     if out is not None:
         gauss.save(out, **meta)

@@ -53,7 +53,7 @@ def lr_psnr(sr: Tensor, lr: Tensor, scale: int, k: int) -> Tensor:
 
 
 def logistic_fit(s_ood: np.ndarray, has_error: np.ndarray) -> dict | None:
-    """Logistic regression of "has a pixel error" on ``s_OOD`` (paper Fig. 4b).
+    r"""Logistic regression of "has a pixel error" on ``s_OOD`` (paper Fig. 4b).
 
     Returns the coefficients in the original units
     (:math:`P = \sigma(\text{intercept} + \text{coef}\cdot s_{OOD})`) or ``None``

@@ -206,7 +206,7 @@ class _SplineWithTails(Elementwise):
         """Return ``xk, yk, dk`` (shape ``x.shape + (K+1,)``) and the bias ``t``."""
         raise NotImplementedError
 
-    def _apply(self, inp: Tensor, h: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+    def _spline(self, inp: Tensor, h: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         xk, yk, dk, t = self._knots(inp, h)
         z = inp - t if inverse else inp  # the bias acts after the spline
         lo, hi = xk[..., 0], xk[..., -1]  # end knots sit on the diagonal
@@ -217,10 +217,10 @@ class _SplineWithTails(Elementwise):
         return (out if inverse else out + t), ladj
 
     def _forward(self, x, h):
-        return self._apply(x, h, inverse=False)
+        return self._spline(x, h, inverse=False)
 
     def _inverse(self, y, h):
-        return self._apply(y, h, inverse=True)[0]
+        return self._spline(y, h, inverse=True)[0]
 
 
 class ModifiedRQSpline(_SplineWithTails):
