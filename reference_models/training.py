@@ -23,7 +23,7 @@ from flowaudit.atomic import atomic_path
 
 from .base import ReferenceFlow
 
-__all__ = ["CHECKPOINT_FORMAT", "train", "save_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "train", "save_checkpoint", "export_checkpoint"]
 
 CHECKPOINT_FORMAT = "flowaudit-reference/1"
 
@@ -35,6 +35,15 @@ def save_checkpoint(path: str | Path, model: ReferenceFlow, **extra: Any) -> Non
     state = {"format": CHECKPOINT_FORMAT, "task": model.task, "config": dict(model.config), "state_dict": model.state_dict()}
     state.update(extra)
     with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def export_checkpoint(src: str | Path, dst: str | Path) -> None:
+    """Copy a finished checkpoint without its optimiser and RNG state (what the package ships)."""
+    state = torch.load(src, map_location="cpu", weights_only=True)
+    for key in ("optimizer", "rng"):
+        state.pop(key, None)
+    with atomic_path(dst) as tmp:
         torch.save(state, tmp)
 
 
