@@ -15,7 +15,7 @@ from . import build, load_checkpoint
 from .toy import toy_data
 from .training import train
 
-__all__ = ["train_toy", "TOY_TRAIN_SIZE", "TOY_SEED_TEST"]
+__all__ = ["train_toy", "train_sr", "train_lowlight", "transplant", "demo_image_sets", "TOY_TRAIN_SIZE", "TOY_SEED_TEST"]
 
 TOY_TRAIN_SIZE = 100_000
 TOY_SEED_TEST = 10_001  # the test/OOD conditions use a seed no training run uses
@@ -47,3 +47,115 @@ def train_toy(
     data = {"name": "toy", "n": TOY_TRAIN_SIZE, "seed": seed, "noise": 0.01}
     return train(model, batches, iters=iters, lr=lr, out=out, seed=seed, resume=previous, data=data,
                  milestones=(), checkpoint_every=1000, progress=progress, dims=2)
+
+
+# -- image models --------------------------------------------------------------------------------
+
+def _dequantize(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Uniform dequantisation of 8-bit images (Theis et al. 2016), as SRFlow trains."""
+    return x + (torch.rand(x.shape, generator=gen) - 0.5) / 256
+
+
+def transplant(source: dict, model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """Copy every tensor of ``source`` whose name and shape exist in ``model``; return (copied, fresh) keys.
+
+    Used by ``--from``: a model with other coupling kinds keeps the encoder, ActNorms, 1×1s,
+    injectors and priors of an existing checkpoint, and only its coupling conditioners start anew.
+    """
+    own = model.state_dict()
+    copied = [k for k, v in source.items() if k in own and own[k].shape == v.shape]
+    model.load_state_dict({**own, **{k: source[k] for k in copied}})
+    fresh = [k for k in own if k not in copied]
+    return copied, fresh
+
+
+def _image_training(task: str, batches, *, config: dict, out, iters, lr, seed, resume, from_ckpt, freeze_encoder,
+                    progress, data, pixels) -> dict:
+    model = build(task, config)
+    previous = load_checkpoint(out) if resume and Path(out).exists() else None
+    if previous is not None and previous["config"] != model.config:
+        raise ValueError(f"{out}: cannot resume, it was trained with config {previous['config']}")
+    if from_ckpt is not None and previous is None:
+        source = load_checkpoint(from_ckpt)
+        copied, fresh = transplant(source["state_dict"], model)
+        data = {**data, "from": str(from_ckpt), "copied": len(copied), "fresh": fresh}
+    params = None
+    if freeze_encoder:
+        enc = model.encoder_module()
+        frozen = {id(p) for p in enc.parameters()} if enc is not None else set()
+        params = [p for p in model.parameters() if id(p) not in frozen]
+    return train(model, batches, iters=iters, lr=lr, out=out, seed=seed, resume=previous, data=data, params=params,
+                 checkpoint_every=max(50, iters // 20), progress=progress, dims=pixels, bpd_offset=8.0)
+
+
+def train_sr(coupling: str = "affine", *, out, iters: int = 3000, batch: int = 8, patch: int = 32, scale: int = 4,
+             lr: float = 2e-4, seed: int = 0, resume: bool = False, from_ckpt=None, freeze_encoder: bool = False,
+             progress: bool = True, n_patches: int = 20000, **config) -> dict:
+    """Train the SR flow (paper S1.3 recipe, shrunk for 2 CPU cores) on the embedded corpus."""
+    from .data import SRPatches, corpus
+
+    config = {**config, "coupling": coupling, "scale": scale, "patch": patch}
+    ds = SRPatches(corpus("train"), patch=patch, scale=scale, n=n_patches, seed=seed, augment=True,
+                   residual=bool(config.get("residual", False)))
+
+    def batches(step: int, gen: torch.Generator):
+        idx = torch.randint(0, len(ds), (batch,), generator=gen).tolist()
+        items = [ds[i] for i in idx]
+        hr = torch.stack([it["hr"] for it in items])
+        return _dequantize(hr, gen), torch.stack([it["lr"] for it in items])
+
+    data = {"name": "embedded-corpus", "split": "train", "patch": patch, "scale": scale, "n_patches": n_patches, "seed": seed}
+    return _image_training("sr", batches, config=config, out=out, iters=iters, lr=lr, seed=seed, resume=resume,
+                           from_ckpt=from_ckpt, freeze_encoder=freeze_encoder, progress=progress, data=data, pixels=3 * patch * patch)
+
+
+def train_lowlight(coupling: str = "affine", *, out, iters: int = 3000, batch: int = 8, patch: int = 32, lr: float = 5e-4,
+                   seed: int = 0, resume: bool = False, from_ckpt=None, freeze_encoder: bool = False, progress: bool = True,
+                   n_patches: int = 20000, **config) -> dict:
+    """Train the low-light flow on synthetic LOL-like pairs of the embedded corpus."""
+    from .data import LOL_LIKE, LowLightPatches, corpus, lowlight_pairs
+
+    config = {**config, "coupling": coupling, "patch": patch}
+    ds = LowLightPatches(lowlight_pairs(corpus("train"), LOL_LIKE, seed=seed), patch=patch, n=n_patches, seed=seed)
+
+    def batches(step: int, gen: torch.Generator):
+        idx = torch.randint(0, len(ds), (batch,), generator=gen).tolist()
+        items = [ds[i] for i in idx]
+        return _dequantize(torch.stack([it["high"] for it in items]), gen), torch.stack([it["low"] for it in items])
+
+    data = {"name": "embedded-corpus", "split": "train", "preset": "LOL_LIKE", "patch": patch, "n_patches": n_patches, "seed": seed}
+    return _image_training("lowlight", batches, config=config, out=out, iters=iters, lr=lr, seed=seed, resume=resume,
+                           from_ckpt=from_ckpt, freeze_encoder=freeze_encoder, progress=progress, data=data, pixels=3 * patch * patch)
+
+
+def demo_image_sets(task: str, n_fit: int = 256, n_test: int = 64):
+    """(fit, in-distribution, OOD) condition sets for the bundled image models (embedded corpus).
+
+    SR: LR patches of the training images; of the test images; of the test images enhanced
+    with the paper's kernel H (EUrban, eq. S1). Low-light: LOL-like darkening of training and
+    test images; the VE-LOL-like darkening of the test images as OOD.
+    """
+    from flowaudit.datasets import ConditionSet
+
+    from .data import LOL_LIKE, VELOL_LIKE, LowLightPatches, SRPatches, corpus, eurban, lowlight_pairs
+
+    def as_set(ds, ykey, xkey, name, desc):
+        items = [ds[i] for i in range(len(ds))]
+        y = torch.stack([it[ykey] for it in items])
+        x = torch.stack([it[xkey] for it in items])
+        return ConditionSet(y=y, x=x, ids=[f"{name}:{n}" for n in ds.names], description={"kind": "bundled", "name": name, "n": len(y), **desc})
+
+    if task == "sr":
+        patch, scale = 32, 4
+        test = corpus("test")
+        enhanced = [(n, eurban(torch.from_numpy(a).permute(2, 0, 1)).permute(1, 2, 0).numpy()) for n, a in test]
+        mk = lambda imgs, n, seed, name, desc: as_set(SRPatches(imgs, patch=patch, scale=scale, n=n, seed=seed, augment=False), "lr", "hr", name, desc)  # noqa: E731
+        return (mk(corpus("train"), n_fit, 101, "train", {"split": "train"}), mk(test, n_test, 102, "test", {"split": "test"}),
+                mk(enhanced, n_test, 102, "eurban", {"split": "test", "transform": "eurban (eq. S1)"}))
+    if task == "lowlight":
+        patch = 32
+        mk = lambda imgs, preset, n, seed, name, desc: as_set(LowLightPatches(lowlight_pairs(imgs, preset, seed=seed), patch=patch, n=n, seed=seed, augment=False), "low", "high", name, desc)  # noqa: E731
+        return (mk(corpus("train"), LOL_LIKE, n_fit, 101, "train", {"preset": "LOL_LIKE"}),
+                mk(corpus("test"), LOL_LIKE, n_test, 102, "test", {"preset": "LOL_LIKE"}),
+                mk(corpus("test"), VELOL_LIKE, n_test, 102, "velol", {"preset": "VELOL_LIKE"}))
+    raise ValueError(f"no demo data for task {task!r}")

@@ -62,13 +62,15 @@ def train(
     params: list[torch.nn.Parameter] | None = None,
     progress: bool = True,
     dims: int | None = None,
+    bpd_offset: float = 0.0,
 ) -> dict:
     """Train ``model`` on ``batches(step, generator) -> (x, y)`` and write ``out``.
 
     ``resume`` is a checkpoint dict from an earlier run of the same ``out``: the
     weights, optimiser, step and RNG continue from it. ``params`` restricts the
     trained parameters (e.g. a frozen encoder). ``dims`` (values per sample)
-    turns the loss into bits/dim for the progress bar. Returns the final
+    turns the loss into bits/dim for the progress bar, plus ``bpd_offset`` (8 for
+    dequantised 8-bit images in [0, 1]). Returns the final
     checkpoint dict.
     """
     from tqdm.auto import tqdm
@@ -113,7 +115,7 @@ def train(
         value = float(loss.detach())
         if step % 50 == 0 or step == iters - 1:
             history.append((step, value))
-            bpd = value / (dims * math.log(2)) if dims else None
+            bpd = value / (dims * math.log(2)) + bpd_offset if dims else None
             bar.set_postfix(nll=f"{value:.4f}", **({"bpd": f"{bpd:.3f}"} if bpd is not None else {}), skipped=skipped)
         if (step + 1) % checkpoint_every == 0 and step + 1 < iters:
             checkpoint(step + 1)
