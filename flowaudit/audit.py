@@ -319,11 +319,13 @@ def scan(
         sets.append(("ood", _as_set(ood, "ood")))
     for name, cs in sets:
         _check_shape(adapter, cs, "--data" if name == "in" else "--ood-data")
-    gauss = None
+    gauss = spatial = None
     if stats is not None:
         gauss = _load_stats(adapter, stats, names, pooling)
     elif fit_data is not None:
         gauss = fit(adapter, fit_data, layers=names, pooling=pooling, estimator=estimator, device=device).gaussian
+        if names and len(adapter.condition_shape) == 3:
+            spatial = _fit_spatial(adapter, _as_set(fit_data, "fit"), names, estimator, batch_size, dev)
     tracers, records, scores = [], [], {}
     with auditing(adapter, dev):
         for offset, (name, cs) in enumerate(sets):
@@ -360,7 +362,52 @@ def scan(
         "model": model_entry, "ood": ood_entry, "risk": risk, "layers": layers_out, "explosion_layer": explosion,
         "inputs": records,
     }
-    return Report(data)
+    report = Report(data)
+    if len(adapter.condition_shape) == 3:
+        report.images = _worst_images(adapter, sets, records, spatial, names, samples, temperature, seed, dev)
+    return report
+
+
+def _fit_spatial(adapter: Adapter, cs: ConditionSet, names: list[str], estimator: str, batch_size: int, device: torch.device) -> GaussianOOD:
+    """Gaussian of per-location feature vectors (every location of every fit input), streamed."""
+    gauss = GaussianOOD(estimator=estimator, device=device)
+    with auditing(adapter, device), capture_features(adapter.model, names, "spatial") as cap:
+        for sl in _batches(len(cs.y), max(1, batch_size // 10)):
+            adapter.encode(cs.y[sl].to(device))
+            v = cap.take()
+            gauss.partial_fit(v.reshape(-1, v.shape[-1]))
+    return gauss.finalize()
+
+
+def spatial_map(adapter: Adapter, gauss: GaussianOOD, y: Tensor, names: Sequence[str]) -> np.ndarray:
+    """Per-location ``s_OOD`` (B, H', W') at the resolution of the first hooked layer: where will the artifact be?"""
+    with capture_features(adapter.model, names, "spatial") as cap:
+        adapter.encode(y)
+        v = cap.take()
+    return gauss.score(v.reshape(-1, v.shape[-1])).reshape(v.shape[:-1])
+
+
+def _worst_images(adapter: Adapter, sets, records: list[dict], spatial: GaussianOOD | None, names: list[str],
+                  samples: int, temperature: float, seed: int, device: torch.device, n: int = 6, shown: int = 3) -> list[dict]:
+    """Inputs, a few samples and the spatial s_OOD map of the riskiest inputs, for the HTML report only."""
+    order = sorted(range(len(records)), key=lambda i: (-records[i]["n_inf"], -records[i]["n_pixel_err"],
+                                                       -(records[i]["s_ood"] or 0.0), -records[i]["max_abs"]))[:n]
+    by_set = dict(sets)
+    offsets = {name: k * 10**9 for k, (name, _) in enumerate(sets)}
+    start = {name: next(i for i, r in enumerate(records) if r["set"] == name) for name, _ in sets}
+    out = []
+    with auditing(adapter, device):
+        for i in order:
+            rec = records[i]
+            j = i - start[rec["set"]]
+            y = by_set[rec["set"]].y[j : j + 1].to(device)
+            lat = _latents(adapter, y, samples, temperature, seed, offsets[rec["set"]] + j, device)
+            x = adapter.sample(y.repeat_interleave(samples, 0), lat)[:shown].cpu()
+            item = {"id": rec["id"], "set": rec["set"], "y": y[0].cpu(), "samples": x, "record": rec}
+            if spatial is not None:
+                item["map"] = spatial_map(adapter, spatial, y, names)[0]
+            out.append(item)
+    return out
 
 
 def _layer_table(adapter: Adapter, tracers: list[Tracer], threshold: float) -> tuple[list[dict], str | None]:

@@ -250,6 +250,65 @@ def train_toy_cmd(obj: Settings, coupling, out, iters, seed, resume, feature_dim
     click.echo(json.dumps(info, indent=2) if as_json else f"wrote {out}: toy {coupling}, {iters} iterations, final NLL {info['final_nll']:.4f}")
 
 
+def _image_train_options(f):
+    f = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")(f)
+    f = click.option("--freeze-encoder", is_flag=True, help="With --from: train the flow only, keep the encoder fixed.")(f)
+    f = click.option("--from", "from_ckpt", type=click.Path(exists=True, dir_okay=False),
+                     help="Start from this checkpoint: copy encoder and non-coupling weights, swap the couplings.")(f)
+    f = click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="JSON file of model constructor options.")(f)
+    f = click.option("--resume", is_flag=True, help="Continue from the checkpoint at --out.")(f)
+    f = click.option("--seed", type=int, default=0, show_default=True, help="Seed of data, init and batches.")(f)
+    f = click.option("--lr", type=click.FloatRange(0, min_open=True), help="Initial learning rate (halved at 50/75/90/95 %).")(f)
+    f = click.option("--batch", type=click.IntRange(1), default=8, show_default=True, help="Batch size.")(f)
+    f = click.option("--patch", type=click.IntRange(4), default=32, show_default=True, help="HR / high patch size.")(f)
+    f = click.option("--iters", type=click.IntRange(1), default=3000, show_default=True, help="Training iterations.")(f)
+    f = click.option("--out", type=click.Path(dir_okay=False), required=True, help="Checkpoint to write (periodically, atomically).")(f)
+    f = click.option("--coupling", type=click.Choice(KINDS), default="affine", show_default=True, help="Coupling kind.")(f)
+    return f
+
+
+def _train_image(obj: Settings, task: str, coupling, out, iters, patch, batch, lr, seed, resume, config_file, from_ckpt,
+                 freeze_encoder, as_json, **extra):
+    from .reference_models import recipes
+
+    config = {}
+    if config_file:
+        try:
+            config = json.loads(Path(config_file).read_text())
+        except json.JSONDecodeError as exc:
+            raise click.BadParameter(f"{config_file}: not JSON ({exc})", param_hint="--config") from None
+    fn = recipes.train_sr if task == "sr" else recipes.train_lowlight
+    kwargs = dict(out=out, iters=iters, patch=patch, batch=batch, seed=seed, resume=resume, from_ckpt=from_ckpt,
+                  freeze_encoder=freeze_encoder, progress=not obj.quiet, **extra, **config)
+    if lr is not None:
+        kwargs["lr"] = lr
+    try:
+        state = fn(coupling, **kwargs)
+    except TypeError as exc:  # an unknown constructor option in --config
+        raise click.BadParameter(str(exc), param_hint="--config") from None
+    info = {"out": out, "task": task, "config": state["config"], "iters": iters, "seed": seed,
+            "final_nll": state["history"][-1][1] if state["history"] else None, "skipped_steps": state["skipped_steps"]}
+    click.echo(json.dumps(info, indent=2) if as_json else f"wrote {out}: {task} {coupling}, {iters} iterations, "
+               f"final NLL {info['final_nll']:.4f}, {state['skipped_steps']} skipped steps")
+
+
+@train.command("sr")
+@_image_train_options
+@click.option("--scale", type=click.Choice(["2", "4", "8"]), default="4", show_default=True, help="Super-resolution factor.")
+@click.pass_obj
+def train_sr_cmd(obj: Settings, scale, **kw):
+    """Train the SRFlow/FS-NCSR-style super-resolution flow on the embedded corpus."""
+    _train_image(obj, "sr", scale=int(scale), **kw)
+
+
+@train.command("lowlight")
+@_image_train_options
+@click.pass_obj
+def train_lowlight_cmd(obj: Settings, **kw):
+    """Train the LLFlow-style low-light flow on synthetic LOL-like pairs."""
+    _train_image(obj, "lowlight", **kw)
+
+
 @cli.group()
 def data():
     """Write the bundled data sets as files, to reproduce or reuse them."""
@@ -274,6 +333,40 @@ def data_toy(out, n, seed, ood):
         with open(tmp, "wb") as f:
             np.savez(f, x=x.numpy(), y=y.numpy())
     click.echo(f"wrote {out}: {n} {'OOD ' if ood else ''}toy pairs (seed {seed})")
+
+
+@data.command("sr")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder to write (hr/ and lr/ PNGs).")
+@click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True, help="Images of the embedded corpus.")
+@click.option("--eurban", is_flag=True, help="Enhance high frequencies with the paper's kernel H (eq. S1): the OOD set.")
+@click.option("--patch", type=click.IntRange(4), default=32, show_default=True, help="HR patch size.")
+@click.option("--scale", type=click.Choice(["2", "4", "8"]), default="4", show_default=True, help="Down-scaling factor.")
+@click.option("--n", type=click.IntRange(1), default=64, show_default=True, help="Number of patches.")
+@click.option("--seed", type=int, default=102, show_default=True, help="Seed of the crops.")
+def data_sr(out, split, eurban, patch, scale, n, seed):
+    """SR patches of the embedded corpus as an image folder (optionally the EUrban-style OOD set)."""
+    from .reference_models import data as d
+
+    fn = d.eurban if eurban else None
+    d.write_sr_set(out, d.corpus(split), patch=patch, scale=int(scale), n=n, seed=seed, transform=fn)
+    click.echo(f"wrote {out}: {n} {'EUrban-enhanced ' if eurban else ''}{split} patches (hr/, lr/)")
+
+
+@data.command("lowlight")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder to write (low/ and high/ PNGs).")
+@click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True, help="Images of the embedded corpus.")
+@click.option("--preset", type=click.Choice(["lol", "velol"]), default="lol", show_default=True,
+              help="Darkening: LOL-like (training distribution) or the VE-LOL-like OOD stand-in.")
+@click.option("--patch", type=click.IntRange(4), default=32, show_default=True, help="Patch size.")
+@click.option("--n", type=click.IntRange(1), default=64, show_default=True, help="Number of patches.")
+@click.option("--seed", type=int, default=102, show_default=True, help="Seed of noise and crops.")
+def data_lowlight(out, split, preset, patch, n, seed):
+    """Synthetic low-light pairs of the embedded corpus as a low/ + high/ folder."""
+    from .reference_models import data as d
+
+    p = d.LOL_LIKE if preset == "lol" else d.VELOL_LIKE
+    d.write_lowlight_set(out, d.corpus(split), preset=p, patch=patch, n=n, seed=seed)
+    click.echo(f"wrote {out}: {n} {preset} {split} pairs (low/, high/)")
 
 
 def main() -> None:

@@ -183,7 +183,40 @@ def _img(uri: str | None, alt: str) -> str:
     return f'<p><img src="{uri}" alt="{esc(alt)}"></p>' if uri else ""
 
 
-def html_report(data: dict) -> str:
+def _images_plot(images: list[dict], band: tuple[float, float]) -> str | None:
+    """Rows: the condition, its samples (clamped for display, out-of-band pixels marked) and the s_OOD map."""
+    if not images:
+        return None
+    plt = _plt()
+    import numpy as np
+
+    cols = 2 + max(len(it["samples"]) for it in images)
+    fig, axes = plt.subplots(len(images), cols, figsize=(1.9 * cols, 2.0 * len(images)), squeeze=False)
+
+    def show(ax, t, title):
+        a = t.detach().float().numpy()
+        a = np.nan_to_num(a, nan=0.0, posinf=1.0, neginf=0.0)
+        ax.imshow(np.clip(a.transpose(1, 2, 0), 0, 1) if a.shape[0] == 3 else a[0], interpolation="nearest")
+        ax.set_title(title, fontsize=6)
+
+    for row, it in zip(axes, images):
+        rec = it["record"]
+        show(row[0], it["y"], f"{it['id']} ({it['set']})\ns_OOD {_fmt(rec.get('s_ood'))}")
+        for k, x in enumerate(it["samples"]):
+            bad = int((~((x >= band[0]) & (x <= band[1]))).sum())
+            show(row[1 + k], x, f"sample {k}: {bad} px out of band")
+        if "map" in it:
+            im = row[-1].imshow(it["map"], cmap="magma")
+            row[-1].set_title("spatial s_OOD", fontsize=6)
+            fig.colorbar(im, ax=row[-1], fraction=0.046)
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    return png_data_uri(fig)
+
+
+def html_report(data: dict, images: list[dict] | None = None) -> str:
     m = data.get("model", {})
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>flowaudit · {esc(m.get('name'))}</title><style>{_CSS}</style></head><body>",
              f"<h1>flowaudit {esc(data.get('kind'))} report · {esc(m.get('name'))}</h1>",
@@ -219,5 +252,10 @@ def html_report(data: dict) -> str:
             parts.append(f"<tr><td>{esc(r['id'])}</td><td>{esc(r['set'])}</td><td>{esc(r.get('s_ood'))}</td><td>{esc(r.get('risk'))}</td><td>{r['n_inf']}</td>"
                          f"<td>{r['n_pixel_err']}</td><td>{esc(r['max_abs'])}</td><td>{esc(r.get('max_inverse_gain'))}</td></tr>")
         parts.append("</table>")
+    if images:
+        band = tuple(m.get("error_band", (0.0, 1.0)))
+        parts.append("<h2>Riskiest inputs</h2>" + _img(_images_plot(images, band), "worst inputs with samples and s_OOD maps")
+                     + "<p class='note'>Samples are clamped to [0, 1] for display, as a saved image would be; the map is the "
+                     "Mahalanobis distance of each location's encoder features (fitted on every location of the fit data).</p>")
     parts.append("</body></html>")
     return "\n".join(parts)

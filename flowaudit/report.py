@@ -67,6 +67,7 @@ class Report:
 
     def __init__(self, data: dict):
         self.data = data
+        self.images: list[dict] = []  # image models: worst inputs, samples, s_OOD maps (HTML only)
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
@@ -95,7 +96,7 @@ class Report:
     def to_html(self) -> str:
         from .render import html_report
 
-        return html_report(self.data)
+        return html_report(self.data, self.images)
 
     def save(self, out_dir: str | Path, overwrite: bool = False) -> Path:
         """Write ``report.json``, ``report.html`` and ``inputs.csv`` into a new folder.
