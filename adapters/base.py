@@ -54,6 +54,10 @@ class Site(ABC):
         conditions actually met while sampling.
         """
 
+    def tail_bounds(self) -> tuple[float, float] | None:
+        """Bounds of ``c'`` for large ``|x|`` that the site's kind allows, when known."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, kind={self.kind!r})"
 

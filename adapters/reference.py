@@ -38,6 +38,9 @@ class ElementwiseSite(Site):
         out = [self.module.derivative(torch.full(shape, float(v), dtype=h.dtype, device=h.device), h).flatten() for v in values]
         return torch.stack(out)
 
+    def tail_bounds(self) -> tuple[float, float]:
+        return self.module.tail_bounds()
+
     def read(self, args: tuple, kwargs: dict, output: Any) -> tuple[Tensor, Tensor] | None:
         """(inverse gain, params) of a hooked reverse call, ``None`` for a forward call."""
         reverse = kwargs.get("reverse", args[2] if len(args) > 2 else False)

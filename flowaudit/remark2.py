@@ -14,7 +14,9 @@ A site is safe when its derivative's lower and upper bounds meet for large
 
   .. math:: \text{tail ratio} = \frac{\min c'}{\max c'}
 
-  over all probe points and conditions (1 = identity tails).
+  over all probe points and conditions (1 = identity tails). The report also
+  gives ``bound_ratio``, the same ratio over every parameter the kind allows
+  (affine: :math:`10^{-4}`), which no measurement can raise.
 
 A site is ``compliant`` only if both agree; a measured ratio below the
 threshold makes any site ``violates`` — so a spline whose identity tails
@@ -76,10 +78,13 @@ def probe_site(site: Any, params: list[Any], threshold: float = 0.5, values: Ten
     d = torch.cat([r.flatten() for r in results]) if results else torch.empty(0)
     ratio = tail_ratio(d.to(torch.float64))
     finite = d[torch.isfinite(d)]
+    bounds = site.tail_bounds()
     return {
         "verdict": verdict(site.kind, ratio, threshold),
         "structural": STRUCTURAL.get(site.kind, "inconclusive"),
         "tail_ratio": ratio,
+        # what the kind allows at all, whatever the conditions: affine s in (1e-4, 1] gives 1e-4
+        "bound_ratio": None if bounds is None else (bounds[0] / bounds[1] if bounds[1] > 0 else 0.0),
         "threshold": threshold,
         "derivative_min": float(finite.min()) if finite.numel() else math.nan,
         "derivative_max": float(finite.max()) if finite.numel() else math.nan,

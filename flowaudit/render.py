@@ -20,12 +20,12 @@ def _pct(v: Any) -> str:
 
 
 def site_table_rows(model: dict) -> list[tuple[str, ...]]:
-    """(name, kind, verdict, tail ratio, 1/c' p50, p99, max) per site."""
+    """(name, kind, verdict, tail ratio, bound ratio, 1/c' p50, p99, max) per site."""
     rows = []
     for s in model.get("sites", []):
         g = s.get("inverse_gain", {})
         rows.append((s["name"], s["kind"], s["remark2"]["verdict"], _fmt(s["remark2"]["tail_ratio"]),
-                     _fmt(g.get("p50")), _fmt(g.get("p99")), _fmt(g.get("max"))))
+                     _fmt(s["remark2"].get("bound_ratio")), _fmt(g.get("p50")), _fmt(g.get("p99")), _fmt(g.get("max"))))
     return rows
 
 
@@ -45,7 +45,7 @@ def terminal_summary(data: dict, max_sites: int = 12) -> str:
         n_bad = sum(r[2] == "violates" for r in sites)
         out.append(f"Remark 2: {len(sites)} sites, {n_bad} violate (threshold {_fmt(m['sites'][0]['remark2']['threshold'])})")
         shown = sites[:max_sites]
-        out += ["  " + line for line in _table(shown, ("site", "kind", "remark2", "tail", "1/c' p50", "p99", "max"))]
+        out += ["  " + line for line in _table(shown, ("site", "kind", "remark2", "tail", "bound", "1/c' p50", "p99", "max"))]
         if len(sites) > max_sites:
             out.append(f"  … {len(sites) - max_sites} more in report.json")
     ood = data.get("ood")
@@ -225,15 +225,15 @@ def html_report(data: dict, images: list[dict] | None = None) -> str:
              f"error band {esc(str(m.get('error_band')))}</p>",
              f"<h2>Summary</h2><pre>{esc(terminal_summary(data, max_sites=0))}</pre>"]
     if m.get("sites"):
-        parts.append("<h2>Remark 2 per site</h2><table><tr><th>site</th><th>kind</th><th>verdict</th><th>structural</th><th>tail ratio</th>"
+        parts.append("<h2>Remark 2 per site</h2><table><tr><th>site</th><th>kind</th><th>verdict</th><th>structural</th><th>tail ratio</th><th>bound ratio</th>"
                      "<th>c' min</th><th>c' max</th><th>1/c' p50</th><th>1/c' p99</th><th>1/c' max</th></tr>")
         for s in m["sites"]:
             r2, g = s["remark2"], s.get("inverse_gain", {})
             parts.append(f"<tr><td>{esc(s['name'])}</td><td>{esc(s['kind'])}</td><td class='{r2['verdict']}'>{r2['verdict']}</td>"
-                         f"<td>{esc(r2['structural'])}</td><td>{esc(r2['tail_ratio'])}</td><td>{esc(r2['derivative_min'])}</td><td>{esc(r2['derivative_max'])}</td>"
+                         f"<td>{esc(r2['structural'])}</td><td>{esc(r2['tail_ratio'])}</td><td>{esc(r2.get('bound_ratio'))}</td><td>{esc(r2['derivative_min'])}</td><td>{esc(r2['derivative_max'])}</td>"
                          f"<td>{esc(g.get('p50'))}</td><td>{esc(g.get('p99'))}</td><td>{esc(g.get('max'))}</td></tr>")
         parts.append("</table><p class='note'>Tail ratio = min c' / max c' at |x| in [1, 10⁴] under the conditions met while sampling; "
-                     "1 means identity tails (Remark 2 holds).</p>")
+                     "1 means identity tails (Remark 2 holds). Bound ratio: the same over every parameter the kind allows.</p>")
         parts.append("<h2>Inverse gain 1/c' per site</h2>" + _img(_gain_plot(m["sites"]), "inverse-gain histograms"))
     if data.get("layers"):
         parts.append("<h2>Layer trace</h2>" + _img(_layer_plot(data["layers"]), "layer variance trace"))

@@ -82,6 +82,10 @@ class Elementwise(nn.Module):
     def _inverse(self, y: Tensor, h: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def tail_bounds(self) -> tuple[float, float]:
+        """Bounds of ``c'`` for large ``|x|`` over all parameters the kind allows (Remark 2's ``s_l, s_u``)."""
+        return (0.0, float("inf"))
+
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}"
 
@@ -126,6 +130,9 @@ class Affine(Elementwise):
     def log_derivative(self, x, h):
         return torch.log(self.scale(_cross(h)[1])).expand_as(x)
 
+    def tail_bounds(self):
+        return (self.eps, 1.0 + self.eps)
+
 
 class AffineBounded(Affine):
     r"""The paper's FS-NCSR† variant: :math:`s = \sigma(r + 2) + 0.1 \in (0.1, 1.1)`.
@@ -151,6 +158,9 @@ class Additive(Elementwise):
 
     def _inverse(self, y, h):
         return y - h
+
+    def tail_bounds(self):
+        return (1.0, 1.0)
 
 
 def rational_quadratic(
@@ -215,6 +225,9 @@ class _SplineWithTails(Elementwise):
         out = torch.where(inside, out, z)
         ladj = torch.where(inside, ladj, torch.zeros_like(ladj))
         return (out if inverse else out + t), ladj
+
+    def tail_bounds(self):
+        return (1.0, 1.0)  # identity (plus bias) outside the spline's interval
 
     def _forward(self, x, h):
         return self._spline(x, h, inverse=False)
