@@ -252,6 +252,9 @@ def train_toy_cmd(obj: Settings, coupling, out, iters, seed, resume, feature_dim
 
 def _image_train_options(f):
     f = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")(f)
+    f = click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
+                     help="CPU threads (small convolutions run fastest on one; use the other core for a second run).")(f)
+    f = device_option(f)
     f = click.option("--freeze-encoder", is_flag=True, help="With --from: train the flow only, keep the encoder fixed.")(f)
     f = click.option("--from", "from_ckpt", type=click.Path(exists=True, dir_okay=False),
                      help="Start from this checkpoint: copy encoder and non-coupling weights, swap the couplings.")(f)
@@ -268,9 +271,14 @@ def _image_train_options(f):
 
 
 def _train_image(obj: Settings, task: str, coupling, out, iters, patch, batch, lr, seed, resume, config_file, from_ckpt,
-                 freeze_encoder, as_json, **extra):
+                 freeze_encoder, as_json, threads, device, **extra):
+    import torch
+
+    from .audit import resolve_device
     from .reference_models import recipes
 
+    torch.set_num_threads(threads)
+    extra["device"] = resolve_device(device)
     config = {}
     if config_file:
         try:

@@ -70,7 +70,7 @@ def transplant(source: dict, model: torch.nn.Module) -> tuple[list[str], list[st
 
 
 def _image_training(task: str, batches, *, config: dict, out, iters, lr, seed, resume, from_ckpt, freeze_encoder,
-                    progress, data, pixels) -> dict:
+                    progress, data, pixels, device) -> dict:
     model = build(task, config)
     previous = load_checkpoint(out) if resume and Path(out).exists() else None
     if previous is not None and previous["config"] != model.config:
@@ -85,12 +85,12 @@ def _image_training(task: str, batches, *, config: dict, out, iters, lr, seed, r
         frozen = {id(p) for p in enc.parameters()} if enc is not None else set()
         params = [p for p in model.parameters() if id(p) not in frozen]
     return train(model, batches, iters=iters, lr=lr, out=out, seed=seed, resume=previous, data=data, params=params,
-                 checkpoint_every=max(50, iters // 20), progress=progress, dims=pixels, bpd_offset=8.0)
+                 checkpoint_every=max(50, iters // 20), progress=progress, dims=pixels, bpd_offset=8.0, device=device)
 
 
 def train_sr(coupling: str = "affine", *, out, iters: int = 3000, batch: int = 8, patch: int = 32, scale: int = 4,
              lr: float = 2e-4, seed: int = 0, resume: bool = False, from_ckpt=None, freeze_encoder: bool = False,
-             progress: bool = True, n_patches: int = 20000, **config) -> dict:
+             progress: bool = True, n_patches: int = 20000, device: str = "cpu", **config) -> dict:
     """Train the SR flow (paper S1.3 recipe, shrunk for 2 CPU cores) on the embedded corpus."""
     from .data import SRPatches, corpus
 
@@ -106,12 +106,12 @@ def train_sr(coupling: str = "affine", *, out, iters: int = 3000, batch: int = 8
 
     data = {"name": "embedded-corpus", "split": "train", "patch": patch, "scale": scale, "n_patches": n_patches, "seed": seed}
     return _image_training("sr", batches, config=config, out=out, iters=iters, lr=lr, seed=seed, resume=resume,
-                           from_ckpt=from_ckpt, freeze_encoder=freeze_encoder, progress=progress, data=data, pixels=3 * patch * patch)
+                           from_ckpt=from_ckpt, freeze_encoder=freeze_encoder, progress=progress, data=data, pixels=3 * patch * patch, device=device)
 
 
 def train_lowlight(coupling: str = "affine", *, out, iters: int = 3000, batch: int = 8, patch: int = 32, lr: float = 5e-4,
                    seed: int = 0, resume: bool = False, from_ckpt=None, freeze_encoder: bool = False, progress: bool = True,
-                   n_patches: int = 20000, **config) -> dict:
+                   n_patches: int = 20000, device: str = "cpu", **config) -> dict:
     """Train the low-light flow on synthetic LOL-like pairs of the embedded corpus."""
     from .data import LOL_LIKE, LowLightPatches, corpus, lowlight_pairs
 
@@ -125,7 +125,7 @@ def train_lowlight(coupling: str = "affine", *, out, iters: int = 3000, batch: i
 
     data = {"name": "embedded-corpus", "split": "train", "preset": "LOL_LIKE", "patch": patch, "n_patches": n_patches, "seed": seed}
     return _image_training("lowlight", batches, config=config, out=out, iters=iters, lr=lr, seed=seed, resume=resume,
-                           from_ckpt=from_ckpt, freeze_encoder=freeze_encoder, progress=progress, data=data, pixels=3 * patch * patch)
+                           from_ckpt=from_ckpt, freeze_encoder=freeze_encoder, progress=progress, data=data, pixels=3 * patch * patch, device=device)
 
 
 def demo_image_sets(task: str, n_fit: int = 256, n_test: int = 64):

@@ -63,6 +63,7 @@ def train(
     progress: bool = True,
     dims: int | None = None,
     bpd_offset: float = 0.0,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Train ``model`` on ``batches(step, generator) -> (x, y)`` and write ``out``.
 
@@ -70,13 +71,16 @@ def train(
     weights, optimiser, step and RNG continue from it. ``params`` restricts the
     trained parameters (e.g. a frozen encoder). ``dims`` (values per sample)
     turns the loss into bits/dim for the progress bar, plus ``bpd_offset`` (8 for
-    dequantised 8-bit images in [0, 1]). Returns the final
+    dequantised 8-bit images in [0, 1]). Batches are drawn on the CPU (seeded) and
+    moved to ``device``; checkpoints are always saved from CPU tensors. Returns the final
     checkpoint dict.
     """
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
+    model.to(device)
     opt = torch.optim.Adam(params if params is not None else model.parameters(), lr=lr, betas=(0.9, 0.999))
     halvings = sorted({int(f * iters) for f in milestones})
     start, skipped, history = 0, 0, []
@@ -91,7 +95,9 @@ def train(
             optimizer=opt.state_dict(), rng=gen.get_state(), step=step,
             iters=iters, seed=seed, lr=lr, data=data or {}, skipped_steps=skipped, history=history,
         )
+        model.cpu()
         save_checkpoint(out, model, **extra)
+        model.to(device)
         return {"format": CHECKPOINT_FORMAT, "task": model.task, "config": model.config, "state_dict": model.state_dict(), **extra}
 
     model.train()
@@ -99,7 +105,7 @@ def train(
     for step in bar:
         for group in opt.param_groups:  # a function of the step alone, so resuming needs no scheduler state
             group["lr"] = lr * 0.5 ** sum(step >= m for m in halvings)
-        x, y = batches(step, gen)
+        x, y = (t.to(device) for t in batches(step, gen))
         loss = -model.log_prob(x, y).mean()
         opt.zero_grad(set_to_none=True)
         if torch.isfinite(loss):
