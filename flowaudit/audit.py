@@ -236,8 +236,9 @@ def _scan_set(adapter: Adapter, cs: ConditionSet, set_name: str, offset: int, ga
                     rec["reconstruction_error"] = float(recon[j])
                 records.append(rec)
             bar.update(len(y))
-    for rec, g in zip(records, tracer.input_max_gain):
-        rec["max_inverse_gain"] = g
+    for rec, g in zip(records, tracer.input_gain):
+        rec["max_inverse_gain"] = g["max"]
+        rec["inverse_gain"] = g
     return tracer, records, s_ood
 
 

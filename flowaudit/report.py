@@ -37,6 +37,17 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
+def _flat(record: dict, prefix: str = "") -> dict:
+    """One CSV row: nested dicts become dotted columns (``inverse_gain.p99``)."""
+    out = {}
+    for k, v in record.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _num(v: Any) -> float:
     if isinstance(v, str):
         return float(v)
@@ -115,11 +126,12 @@ class Report:
             (tmp / "report.html").write_text(self.to_html())
             inputs = self.data.get("inputs")
             if inputs:
-                keys = list(dict.fromkeys(k for r in inputs for k in r))
+                rows = [_flat(r) for r in jsonable(inputs)]
+                keys = list(dict.fromkeys(k for r in rows for k in r))
                 with open(tmp / "inputs.csv", "w", newline="") as f:
                     w = csv.DictWriter(f, fieldnames=keys)
                     w.writeheader()
-                    w.writerows(jsonable(inputs))
+                    w.writerows(rows)
             if out.exists():
                 shutil.rmtree(out)
             tmp.rename(out)

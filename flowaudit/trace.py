@@ -27,6 +27,8 @@ __all__ = ["GAIN_EDGES", "LayerStats", "GainStats", "Tracer", "histogram_quantil
 
 # log10(1/c') from 1e-4 to 1e8 in 0.025 decades (6 % steps); values beyond land in the end bins
 GAIN_EDGES = np.round(np.arange(-4.0, 8.0 + 1e-9, 0.025), 10)
+# per input a coarser histogram (0.1 decade) keeps memory at 120 counts an input
+INPUT_EDGES = np.round(np.arange(-4.0, 8.0 + 1e-9, 0.1), 10)
 
 
 @dataclass
@@ -128,8 +130,8 @@ class Tracer:
         self.gains: dict[str, GainStats] = {}
         self.params: dict[str, list[Any]] = {}
         self._kept: dict[str, int] = {}
-        self.input_max_gain: list[float] = []  # per input, over all sites
-        self._batch_gain: Tensor | None = None
+        self.input_gain: list[dict] = []  # per input, over all sites: min, p50, p99, max
+        self._batch: dict[str, Tensor] = {}
 
     # -- Observer -------------------------------------------------------------
     def layer(self, name: str, x: Tensor) -> None:
@@ -139,8 +141,14 @@ class Tracer:
         self.gains.setdefault(name, GainStats()).add(gain)
         g = gain.detach().flatten(1).to(torch.float64)
         g = torch.where(torch.isnan(g), torch.full_like(g, math.inf), g)  # NaN gain: as bad as it gets
-        per_input = g.amax(1).view(-1, self.samples).amax(1)
-        self._batch_gain = per_input if self._batch_gain is None else torch.maximum(self._batch_gain, per_input)
+        g = g.reshape(-1, self.samples * g.shape[1])  # one row per input
+        b = self._batch
+        b["max"] = g.amax(1) if "max" not in b else torch.maximum(b["max"], g.amax(1))
+        b["min"] = g.amin(1) if "min" not in b else torch.minimum(b["min"], g.amin(1))
+        logs = torch.log10(g.clamp_min(1e-300)).clamp(INPUT_EDGES[0], INPUT_EDGES[-1] - 1e-9)
+        idx = ((logs - INPUT_EDGES[0]) / 0.1).long().clamp(0, len(INPUT_EDGES) - 2)
+        counts = torch.zeros(g.shape[0], len(INPUT_EDGES) - 1, dtype=torch.float64, device=g.device).scatter_add_(1, idx, torch.ones_like(logs))
+        b["hist"] = counts if "hist" not in b else b["hist"] + counts
         self._keep_params(name, params)
 
     # -- bookkeeping ----------------------------------------------------------
@@ -154,9 +162,12 @@ class Tracer:
         self._kept[name] = kept + rows * per_row
 
     def end_batch(self, n_inputs: int) -> None:
-        """Close a batch of ``n_inputs`` inputs (stores their largest gains)."""
-        if self._batch_gain is None:
-            self.input_max_gain += [math.nan] * n_inputs
-        else:
-            self.input_max_gain += self._batch_gain.cpu().tolist()
-        self._batch_gain = None
+        """Close a batch of ``n_inputs`` inputs: their inverse-gain min, p50, p99 and max over all sites."""
+        b, self._batch = self._batch, {}
+        if not b:
+            self.input_gain += [{"min": math.nan, "p50": math.nan, "p99": math.nan, "max": math.nan}] * n_inputs
+            return
+        hist = b["hist"].cpu().numpy()
+        for lo, hi, h in zip(b["min"].cpu().tolist(), b["max"].cpu().tolist(), hist):
+            q = [min(max(histogram_quantile(h, INPUT_EDGES, p), lo), hi) for p in (0.5, 0.99)]
+            self.input_gain.append({"min": lo, "p50": q[0], "p99": q[1], "max": hi})

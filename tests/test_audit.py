@@ -89,6 +89,10 @@ def test_non_finite_samples_are_counted_exactly():
     assert report["risk"]["auroc"] == 1.0
     assert report["risk"]["ranked"][:3] == ["in0", "in1", "in2"]
     json.loads(report.to_json())  # strict JSON despite inf values
+    g = recs[5]["inverse_gain"]  # a healthy input: 1/s = 1 + e⁻³ at every visited point
+    assert g["min"] == pytest.approx(1 + math.exp(-3), rel=1e-6) and g["max"] == pytest.approx(g["min"])
+    assert g["min"] <= g["p50"] <= g["p99"] <= g["max"]
+    assert math.isinf(recs[0]["inverse_gain"]["max"])
 
 
 def test_explosion_layer_is_the_first_past_the_threshold():
