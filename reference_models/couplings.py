@@ -178,8 +178,10 @@ def rational_quadratic(
     .. math:: c(x) = y_k + \frac{h_k (s_k \xi^2 + d_k \xi(1-\xi))}
                      {s_k + (d_{k+1} + d_k - 2 s_k)\xi(1-\xi)}
 
-    The inverse solves the quadratic in its stable form
-    :math:`\xi = 2c / (-b - \sqrt{b^2 - 4ac})`.
+    The inverse solves the quadratic :math:`a\xi^2 + b\xi + c = 0` with
+    :math:`\xi = 2c / (-b - \sqrt{b^2 - 4ac})` when :math:`b \ge 0` and
+    :math:`\xi = (-b + \sqrt{b^2 - 4ac}) / 2a` otherwise, the form that never
+    cancels.
     """
     knots = yk if inverse else xk
     idx = torch.searchsorted(knots[..., 1:-1].contiguous(), inp.unsqueeze(-1).contiguous(), right=True)
@@ -190,13 +192,18 @@ def rational_quadratic(
     w, hgt = x1 - x0, y1 - y0
     s = hgt / w
     if inverse:
-        dy = inp - y0
-        a = hgt * (s - d0) + dy * (d1 + d0 - 2 * s)
-        b = hgt * d0 - dy * (d1 + d0 - 2 * s)
+        # a, b written with dy1 = y1 - y so that no two terms of size hgt·d cancel when d ≫ s
+        dy, dy1 = inp - y0, y1 - inp
+        a = hgt * s - d0 * dy1 + dy * (d1 - 2 * s)
+        b = d0 * dy1 - dy * (d1 - 2 * s)
         c = -s * dy
-        disc = (b * b - 4 * a * c).clamp_min(0)
-        xi = (2 * c) / (-b - torch.sqrt(disc))
-        xi = xi.clamp(0, 1)
+        root = torch.sqrt((b * b - 4 * a * c).clamp_min(0))
+        # the stable root of a·ξ² + b·ξ + c = 0 in [0, 1]: never subtract nearly equal numbers;
+        # pick numerator and denominator first so the unused branch cannot put NaN in gradients
+        first = b >= 0
+        num = torch.where(first, 2 * c, -b + root)
+        den = torch.where(first, -b - root, 2 * a)
+        xi = (num / torch.where(den == 0, torch.ones_like(den), den)).clamp(0, 1)  # den = 0 only where num = 0
         out = x0 + xi * w
     else:
         xi = ((inp - x0) / w).clamp(0, 1)
@@ -247,7 +254,7 @@ class ModifiedRQSpline(_SplineWithTails):
                                     x + t & \text{otherwise} \end{cases}
 
     :math:`x_m, y_m = B_1 + \epsilon + (B_2 - B_1 - 2\epsilon)\,\sigma(\cdot)`,
-    :math:`d_m = \epsilon + (1 - \epsilon)\exp(\cdot)`. Per-dimension parameters
+    :math:`d_m = \epsilon + (1 - \epsilon)\exp(\min(\cdot, \log 1/\epsilon))`. Per-dimension parameters
     in the official order: width logit, height logit, derivative logit, bias.
     Zero parameters give exactly the identity; :math:`c' = 1` on both tails,
     so Remark 2 holds for every condition.
@@ -266,7 +273,8 @@ class ModifiedRQSpline(_SplineWithTails):
         span = self.b2 - self.b1 - 2 * self.eps
         xm = self.b1 + self.eps + span * torch.sigmoid(p[..., 0])
         ym = self.b1 + self.eps + span * torch.sigmoid(p[..., 1])
-        dm = self.eps + (1 - self.eps) * torch.exp(p[..., 2])
+        # slope in (ε, 1/ε]: the cap keeps float32 gradients finite (e^50 overflows their products)
+        dm = self.eps + (1 - self.eps) * torch.exp(p[..., 2].clamp(max=math.log(1 / self.eps)))
         b1, b2 = torch.full_like(xm, self.b1), torch.full_like(xm, self.b2)
         one = torch.ones_like(xm)
         xk = torch.stack([b1, xm, b2], -1)

@@ -35,6 +35,7 @@ def train_toy(
 ) -> dict:
     """Train the 2D toy flow (paper S1.2) and write the checkpoint to ``out``."""
     x_all, y_all = toy_data(TOY_TRAIN_SIZE, seed=seed)
+    torch.manual_seed(seed)  # the initial weights come from the seed too
     model = build("toy", dict(coupling=coupling, **config))
     previous = load_checkpoint(out) if resume and Path(out).exists() else None
     if previous is not None and previous["config"] != model.config:
@@ -71,6 +72,7 @@ def transplant(source: dict, model: torch.nn.Module) -> tuple[list[str], list[st
 
 def _image_training(task: str, batches, *, config: dict, out, iters, lr, seed, resume, from_ckpt, freeze_encoder,
                     progress, data, pixels, device) -> dict:
+    torch.manual_seed(seed)  # the initial weights come from the seed too
     model = build(task, config)
     previous = load_checkpoint(out) if resume and Path(out).exists() else None
     if previous is not None and previous["config"] != model.config:

@@ -106,8 +106,10 @@ def train(
         for group in opt.param_groups:  # a function of the step alone, so resuming needs no scheduler state
             group["lr"] = lr * 0.5 ** sum(step >= m for m in halvings)
         x, y = (t.to(device) for t in batches(step, gen))
-        loss = -model.log_prob(x, y).mean()
         opt.zero_grad(set_to_none=True)
+        # a non-finite batch never reaches the model: ActNorm would initialise from it
+        finite_batch = bool(torch.isfinite(x).all() and torch.isfinite(y).all())
+        loss = -model.log_prob(x, y).mean() if finite_batch else torch.tensor(float("nan"))
         if torch.isfinite(loss):
             loss.backward()
             grads = [p.grad for p in model.parameters() if p.grad is not None]
