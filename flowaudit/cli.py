@@ -238,11 +238,17 @@ def train():
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of data, init and batches.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint at --out.")
 @click.option("--feature-dim", type=click.IntRange(0), default=16, show_default=True, help="Width of g(y); 0 feeds y raw.")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads (default: torch's).")
 @json_option
 @click.pass_obj
-def train_toy_cmd(obj: Settings, coupling, out, iters, seed, resume, feature_dim, as_json):
+def train_toy_cmd(obj: Settings, coupling, out, iters, seed, resume, feature_dim, threads, as_json):
     """Train the 2D toy flow of the paper (S1.2)."""
+    import torch
+
     from .reference_models.recipes import train_toy
+
+    if threads:
+        torch.set_num_threads(threads)
 
     state = train_toy(coupling, out=out, iters=iters, seed=seed, resume=resume, progress=not obj.quiet, feature_dim=feature_dim)
     info = {"out": out, "task": "toy", "config": state["config"], "iters": iters, "seed": seed,
