@@ -130,12 +130,18 @@ def _gain_plot(sites: list[dict]) -> str | None:
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.3 * rows), squeeze=False)
     for ax, s in zip(axes.flat, sites):
+        lo, hi = 0.0, 0.0  # always show gain 1 (log10 = 0)
         for key, colour in (("in", "tab:blue"), ("ood", "tab:red")):
             g = s.get("inverse_gain_by_set", {}).get(key, {})
             h = g.get("histogram")
             if h:
-                edges = h["log10_edges"]
-                ax.stairs(h["counts"], edges, color=colour, label=key)
+                edges, counts = h["log10_edges"], h["counts"]
+                ax.stairs(counts, edges, color=colour, label=key, fill=True, alpha=0.4)
+                used = [i for i, c in enumerate(counts) if c]
+                lo, hi = min(lo, edges[used[0]]), max(hi, edges[used[-1] + 1])
+        ax.set_xlim(lo - 0.25, hi + 0.25)
+        ax.set_yscale("log")
+        ax.axvline(0.0, color="grey", lw=0.6, ls=":")
         ax.set_title(f"{s['name']} ({s['kind']})", fontsize=7)
         ax.set_xlabel("log10 1/c'", fontsize=7)
         ax.tick_params(labelsize=6)
@@ -155,11 +161,14 @@ def _risk_plot(data: dict) -> str | None:
 
     k = data["risk"]["samples_per_input"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.4))
+    finite = np.array([_num(r["s_ood"]) for r in inputs])
+    finite = finite[np.isfinite(finite)]
+    bins = np.linspace(finite.min(), finite.max(), 60) if len(finite) else 10  # one set of bins for both sets
     for key, colour in (("in", "tab:blue"), ("ood", "tab:red")):
         s = np.array([_num(r["s_ood"]) for r in inputs if r["set"] == key])
         s = s[np.isfinite(s)]
         if len(s):
-            a1.hist(s, bins=40, alpha=0.6, color=colour, label=key)
+            a1.hist(s, bins=bins, alpha=0.6, color=colour, label=key)
             e = np.array([r["n_pixel_err"] / k for r in inputs if r["set"] == key and math.isfinite(_num(r["s_ood"]))])
             a2.scatter(s, e, s=8, alpha=0.5, color=colour, label=key)
     a1.set_xlabel("s_OOD")
