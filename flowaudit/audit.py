@@ -269,12 +269,9 @@ def _site_entries(adapter: Adapter, tracers: list[Tracer], threshold: float) -> 
         gains = [t.gains[site.name] for t in tracers if site.name in t.gains]
         entry = {"name": site.name, "kind": site.kind, "remark2": probe_site(site, params, threshold)}
         if gains:
-            total = gains[0].__class__()
-            for gs in gains:
-                total.counts = total.counts + gs.counts
-                total.n += gs.n
-                total.n_nonfinite += gs.n_nonfinite
-                total.min, total.max = min(total.min, gs.min), max(total.max, gs.max)
+            total = gains[0]
+            for gs in gains[1:]:
+                total = total.merge(gs)
             entry["inverse_gain"] = total.to_dict()
             entry["inverse_gain_by_set"] = {name: gs.to_dict() for name, gs in zip(("in", "ood"), gains)}
         entries.append(entry)

@@ -16,7 +16,6 @@ input ``r // K``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,75 +30,127 @@ GAIN_EDGES = np.round(np.arange(-4.0, 8.0 + 1e-9, 0.025), 10)
 INPUT_EDGES = np.round(np.arange(-4.0, 8.0 + 1e-9, 0.1), 10)
 
 
-@dataclass
 class LayerStats:
-    """Running statistics of one layer's output values."""
+    """Running statistics of one layer's output values.
 
-    n: int = 0
-    total: float = 0.0
-    total_sq: float = 0.0
-    max_abs: float = 0.0
-    n_nonfinite: int = 0
+    The five running numbers (count, sum, sum of squares, max |v|, non-finite count)
+    stay a float64 tensor on the model's device; reading them is the only host sync.
+    """
+
+    def __init__(self) -> None:
+        self._acc: Tensor | None = None
 
     def add(self, x: Tensor) -> None:
         x = x.detach()
         finite = torch.isfinite(x)
-        n_bad = int((~finite).sum())
-        v = x[finite].to(torch.float64)
-        self.n += v.numel()
-        self.total += float(v.sum())
-        self.total_sq += float((v * v).sum())
-        self.n_nonfinite += n_bad
-        top = float(v.abs().max()) if v.numel() else 0.0
-        self.max_abs = max(self.max_abs, math.inf if bool(torch.isinf(x).any()) else top)
+        v = torch.where(finite, x, torch.zeros_like(x)).to(torch.float64)
+        top = torch.where(torch.isinf(x), torch.full_like(v, math.inf), v.abs()).amax() if x.numel() else v.new_zeros(())
+        row = torch.stack([finite.sum().to(torch.float64), v.sum(), (v * v).sum(), top, (~finite).sum().to(torch.float64)])
+        if self._acc is None:
+            self._acc = row
+        else:
+            a = self._acc
+            self._acc = torch.stack([a[0] + row[0], a[1] + row[1], a[2] + row[2], torch.maximum(a[3], row[3]), a[4] + row[4]])
+
+    def _values(self) -> list[float]:
+        return [0.0, 0.0, 0.0, 0.0, 0.0] if self._acc is None else self._acc.tolist()
+
+    @property
+    def n_nonfinite(self) -> int:
+        return int(self._values()[4])
+
+    @property
+    def max_abs(self) -> float:
+        return self._values()[3]
 
     @property
     def variance(self) -> float:
         """Variance of all finite values seen (population form)."""
-        if self.n == 0:
+        n, total, total_sq, _, _ = self._values()
+        if n == 0:
             return math.nan
-        mean = self.total / self.n
-        return max(self.total_sq / self.n - mean * mean, 0.0)
+        mean = total / n
+        return max(total_sq / n - mean * mean, 0.0)
 
     def to_dict(self) -> dict:
-        return {"variance": self.variance, "max_abs": self.max_abs, "n_nonfinite": self.n_nonfinite, "n_values": self.n}
+        n, _, _, top, bad = self._values()
+        return {"variance": self.variance, "max_abs": top, "n_nonfinite": int(bad), "n_values": int(n)}
 
 
-@dataclass
 class GainStats:
-    """Distribution of a site's inverse gain over the visited points."""
+    """Distribution of a site's inverse gain over the visited points (accumulated on the device)."""
 
-    counts: np.ndarray = field(default_factory=lambda: np.zeros(len(GAIN_EDGES) - 1, dtype=np.int64))
-    n: int = 0
-    n_nonfinite: int = 0
-    min: float = math.inf
-    max: float = -math.inf
+    def __init__(self) -> None:
+        self._counts: Tensor | None = None
+        self._ext: Tensor | None = None  # n, n_nonfinite, min, max (float64)
 
     def add(self, gain: Tensor) -> None:
         g = gain.detach().flatten().to(torch.float64)
-        finite = torch.isfinite(g) & (g > 0)
-        self.n_nonfinite += int((~finite).sum())
-        g = g[finite]
-        if g.numel() == 0:
+        ok = torch.isfinite(g) & (g > 0)
+        edges = torch.as_tensor(GAIN_EDGES, dtype=torch.float64, device=g.device)
+        logs = torch.log10(torch.where(ok, g, torch.ones_like(g))).clamp(edges[0], edges[-1] - 1e-9)
+        idx = torch.bucketize(logs, edges[1:-1], right=True)  # [a, b) bins, as numpy's histogram
+        counts = torch.zeros(len(GAIN_EDGES) - 1, dtype=torch.int64, device=g.device).scatter_add_(0, idx, ok.to(torch.int64))
+        inf = torch.full_like(g, math.inf)
+        ext = torch.stack([ok.sum().to(torch.float64), (~ok).sum().to(torch.float64),
+                           torch.where(ok, g, inf).min() if g.numel() else g.new_tensor(math.inf),
+                           torch.where(ok, g, -inf).max() if g.numel() else g.new_tensor(-math.inf)])
+        self._merge(counts, ext)
+
+    def _merge(self, counts: Tensor, ext: Tensor) -> None:
+        if self._counts is None:
+            self._counts, self._ext = counts, ext
             return
-        self.n += g.numel()
-        self.min = min(self.min, float(g.min()))
-        self.max = max(self.max, float(g.max()))
-        logs = torch.log10(g).clamp(GAIN_EDGES[0], GAIN_EDGES[-1] - 1e-9).cpu().numpy()
-        self.counts += np.histogram(logs, bins=GAIN_EDGES)[0]
+        a = self._ext
+        self._counts = self._counts + counts.to(self._counts.device)
+        ext = ext.to(a.device)
+        self._ext = torch.stack([a[0] + ext[0], a[1] + ext[1], torch.minimum(a[2], ext[2]), torch.maximum(a[3], ext[3])])
+
+    def merge(self, other: "GainStats") -> "GainStats":
+        """A new GainStats over the points of both."""
+        out = GainStats()
+        for part in (self, other):
+            if part._counts is not None:
+                out._merge(part._counts, part._ext)
+        return out
+
+    @property
+    def counts(self) -> np.ndarray:
+        return np.zeros(len(GAIN_EDGES) - 1, dtype=np.int64) if self._counts is None else self._counts.cpu().numpy()
+
+    def _ext_values(self) -> list[float]:
+        return [0.0, 0.0, math.inf, -math.inf] if self._ext is None else self._ext.tolist()
+
+    @property
+    def n(self) -> int:
+        return int(self._ext_values()[0])
+
+    @property
+    def n_nonfinite(self) -> int:
+        return int(self._ext_values()[1])
+
+    @property
+    def min(self) -> float:
+        return self._ext_values()[2]
+
+    @property
+    def max(self) -> float:
+        return self._ext_values()[3]
 
     def quantile(self, q: float) -> float:
         """Quantile from the histogram, clipped to the exact extremes."""
-        if not self.n:
+        n, _, lo, hi = self._ext_values()
+        if not n:
             return math.nan
-        return min(max(histogram_quantile(self.counts, GAIN_EDGES, q), self.min), self.max)
+        return min(max(histogram_quantile(self.counts, GAIN_EDGES, q), lo), hi)
 
     def to_dict(self) -> dict:
-        if self.n == 0:
-            return {"min": math.nan, "p50": math.nan, "p99": math.nan, "max": math.nan, "n": 0, "n_nonfinite": self.n_nonfinite}
+        n, bad, lo, hi = self._ext_values()
+        if n == 0:
+            return {"min": math.nan, "p50": math.nan, "p99": math.nan, "max": math.nan, "n": 0, "n_nonfinite": int(bad)}
         return {
-            "min": self.min, "p50": self.quantile(0.5), "p99": self.quantile(0.99), "max": self.max,
-            "n": self.n, "n_nonfinite": self.n_nonfinite,
+            "min": lo, "p50": self.quantile(0.5), "p99": self.quantile(0.99), "max": hi,
+            "n": int(n), "n_nonfinite": int(bad),
             "histogram": {"log10_edges": GAIN_EDGES.tolist(), "counts": self.counts.tolist()},
         }
 
