@@ -31,12 +31,16 @@ class Settings:
     quiet: bool = False
 
 
+class UserError(ValueError):
+    """Bad input found inside a command (exit code 2, one line)."""
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .adapters import ModelError
     from .audit import AuditError
     from .datasets import DataError
 
-    return (AuditError, DataError, ModelError, FileExistsError, FileNotFoundError)
+    return (UserError, AuditError, DataError, ModelError, FileExistsError, FileNotFoundError)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -290,16 +294,22 @@ def _train_image(obj: Settings, task: str, coupling, out, iters, patch, batch, l
         try:
             config = json.loads(Path(config_file).read_text())
         except json.JSONDecodeError as exc:
-            raise click.BadParameter(f"{config_file}: not JSON ({exc})", param_hint="--config") from None
+            raise UserError(f"--config {config_file}: not JSON ({exc})") from None
     fn = recipes.train_sr if task == "sr" else recipes.train_lowlight
     kwargs = dict(out=out, iters=iters, patch=patch, batch=batch, seed=seed, resume=resume, from_ckpt=from_ckpt,
                   freeze_encoder=freeze_encoder, progress=not obj.quiet, **extra, **config)
     if lr is not None:
         kwargs["lr"] = lr
-    try:
-        state = fn(coupling, **kwargs)
-    except TypeError as exc:  # an unknown constructor option in --config
-        raise click.BadParameter(str(exc), param_hint="--config") from None
+    if config:
+        import inspect as _inspect
+
+        from .reference_models import model_class
+
+        known = set(_inspect.signature(model_class(task).__init__).parameters) - {"self", "coupling", "patch", "scale"}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise UserError(f"--config {config_file}: unknown option {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    state = fn(coupling, **kwargs)
     info = {"out": out, "task": task, "config": state["config"], "iters": iters, "seed": seed,
             "final_nll": state["history"][-1][1] if state["history"] else None, "skipped_steps": state["skipped_steps"]}
     click.echo(json.dumps(info, indent=2) if as_json else f"wrote {out}: {task} {coupling}, {iters} iterations, "
@@ -341,7 +351,7 @@ def data_toy(out, n, seed, ood):
     from .reference_models.toy import toy_data
 
     if not out.endswith(".npz"):
-        raise click.BadParameter("must end in .npz", param_hint="--out")
+        raise UserError(f"--out {out}: must end in .npz")
     x, y = toy_data(n, seed=seed, ood=ood)
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:

@@ -14,7 +14,7 @@ import torch
 
 from .base import ReferenceFlow
 
-__all__ = ["ReferenceFlow", "CHECKPOINT_DIR", "build", "load", "load_checkpoint", "bundled"]
+__all__ = ["ReferenceFlow", "CHECKPOINT_DIR", "model_class", "build", "load", "load_checkpoint", "bundled"]
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 
@@ -30,8 +30,8 @@ _BUNDLED = {
 }
 
 
-def build(task: str, config: dict) -> ReferenceFlow:
-    """Construct a reference flow of ``task`` from its constructor ``config``."""
+def model_class(task: str) -> type[ReferenceFlow]:
+    """The reference flow class of ``task`` (``toy``, ``sr``, ``lowlight``)."""
     if task == "toy":
         from .toy import Toy2D as cls
     elif task == "sr":
@@ -40,7 +40,12 @@ def build(task: str, config: dict) -> ReferenceFlow:
         from .lowlight import LLFlow as cls
     else:
         raise ValueError(f"unknown reference task {task!r} (toy, sr, lowlight)")
-    return cls(**config)
+    return cls
+
+
+def build(task: str, config: dict) -> ReferenceFlow:
+    """Construct a reference flow of ``task`` from its constructor ``config``."""
+    return model_class(task)(**config)
 
 
 def load_checkpoint(path: str | Path) -> dict:

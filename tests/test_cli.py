@@ -135,3 +135,26 @@ def test_model_factory_with_weights(run, toy_files, tmp_path):
     torch.save({"state_dict": load("toy-affine").state_dict(), "fn": np.dtype}, pickled)  # needs unpickling code
     line = _one_line_error(run("inspect", "--model", "flowaudit.reference_models.toy:Toy2D", "--weights", pickled))
     assert "--trust-checkpoint" in line
+
+
+def test_image_pipeline_train_data_scan(run, tmp_path):
+    """train sr (tiny, 2 steps) → data sr (image folders) → scan with --fit-data: the whole image path."""
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(dict(L=3, K=1, nf=8, nb=2, gc=4, hidden_channels=8)))
+    ckpt = tmp_path / "tiny.pt"
+    res = run("train", "sr", "--config", config, "--iters", 2, "--batch", 2, "--patch", 16, "--out", ckpt, "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["config"]["coupling"] == "affine"
+    assert run("data", "sr", "--out", tmp_path / "d", "--patch", 16, "--n", 6).exit_code == 0
+    assert run("data", "sr", "--out", tmp_path / "o", "--patch", 16, "--n", 6, "--eurban").exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["hr", "lr", "meta.json"]
+    res = run("scan", ckpt, "--data", tmp_path / "d", "--ood-data", tmp_path / "o", "--fit-data", tmp_path / "d",
+              "--samples", 2, "--device", "cpu", "--out", tmp_path / "r", "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert report["model"]["task"] == "sr" and report["risk"]["n_inputs"] == 12
+    assert all("reconstruction_error" in r and "lr_psnr_min" in r for r in report["inputs"])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"no_such_option": 1}))
+    line = _one_line_error(run("train", "sr", "--config", bad, "--iters", 1, "--out", tmp_path / "x.pt"))
+    assert "no_such_option" in line and not (tmp_path / "x.pt").exists()
