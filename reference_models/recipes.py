@@ -150,7 +150,7 @@ def demo_image_sets(task: str, n_fit: int = 256, n_test: int = 64):
     if task == "sr":
         patch, scale = 32, 4
         test = corpus("test")
-        enhanced = [(n, eurban(torch.from_numpy(a).permute(2, 0, 1)).permute(1, 2, 0).numpy()) for n, a in test]
+        enhanced = [(n, eurban(torch.from_numpy(a.copy()).permute(2, 0, 1)).permute(1, 2, 0).numpy()) for n, a in test]
         mk = lambda imgs, n, seed, name, desc: as_set(SRPatches(imgs, patch=patch, scale=scale, n=n, seed=seed, augment=False), "lr", "hr", name, desc)  # noqa: E731
         return (mk(corpus("train"), n_fit, 101, "train", {"split": "train"}), mk(test, n_test, 102, "test", {"split": "test"}),
                 mk(enhanced, n_test, 102, "eurban", {"split": "test", "transform": "eurban (eq. S1)"}))
