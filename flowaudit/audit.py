@@ -399,8 +399,8 @@ def _worst_images(adapter: Adapter, sets, records: list[dict], spatial: Gaussian
             rec = records[i]
             j = i - start[rec["set"]]
             y = by_set[rec["set"]].y[j : j + 1].to(device)
-            lat = _latents(adapter, y, samples, temperature, seed, offsets[rec["set"]] + j, device)
-            x = adapter.sample(y.repeat_interleave(samples, 0), lat)[:shown].cpu()
+            lat = [z[:shown] for z in _latents(adapter, y, samples, temperature, seed, offsets[rec["set"]] + j, device)]
+            x = adapter.sample(y.repeat_interleave(shown, 0), lat).cpu()  # the first samples of the scan, again
             item = {"id": rec["id"], "set": rec["set"], "y": y[0].cpu(), "samples": x, "record": rec}
             if spatial is not None:
                 item["map"] = spatial_map(adapter, spatial, y, names)[0]

@@ -30,6 +30,13 @@ GAIN_EDGES = np.round(np.arange(-4.0, 8.0 + 1e-9, 0.025), 10)
 INPUT_EDGES = np.round(np.arange(-4.0, 8.0 + 1e-9, 0.1), 10)
 
 
+def _bin_index(g: Tensor, edges: np.ndarray) -> Tensor:
+    """Index of the [a, b) bin of ``log10 g`` among equally spaced ``edges`` (ends clamp), in O(1) per value."""
+    step = float(edges[1] - edges[0])
+    pos = (torch.log10(g.to(torch.float64)) - float(edges[0])) / step
+    return pos.floor().clamp(0, len(edges) - 2).long()
+
+
 class LayerStats:
     """Running statistics of one layer's output values.
 
@@ -85,12 +92,11 @@ class GainStats:
         self._ext: Tensor | None = None  # n, n_nonfinite, min, max (float64)
 
     def add(self, gain: Tensor) -> None:
-        g = gain.detach().flatten().to(torch.float64)
+        g = gain.detach().flatten()
         ok = torch.isfinite(g) & (g > 0)
-        edges = torch.as_tensor(GAIN_EDGES, dtype=torch.float64, device=g.device)
-        logs = torch.log10(torch.where(ok, g, torch.ones_like(g))).clamp(edges[0], edges[-1] - 1e-9)
-        idx = torch.bucketize(logs, edges[1:-1], right=True)  # [a, b) bins, as numpy's histogram
+        idx = _bin_index(torch.where(ok, g, torch.ones_like(g)), GAIN_EDGES)
         counts = torch.zeros(len(GAIN_EDGES) - 1, dtype=torch.int64, device=g.device).scatter_add_(0, idx, ok.to(torch.int64))
+        g = g.to(torch.float64)
         inf = torch.full_like(g, math.inf)
         ext = torch.stack([ok.sum().to(torch.float64), (~ok).sum().to(torch.float64),
                            torch.where(ok, g, inf).min() if g.numel() else g.new_tensor(math.inf),
@@ -196,9 +202,8 @@ class Tracer:
         b = self._batch
         b["max"] = g.amax(1) if "max" not in b else torch.maximum(b["max"], g.amax(1))
         b["min"] = g.amin(1) if "min" not in b else torch.minimum(b["min"], g.amin(1))
-        logs = torch.log10(g.clamp_min(1e-300)).clamp(INPUT_EDGES[0], INPUT_EDGES[-1] - 1e-9)
-        idx = ((logs - INPUT_EDGES[0]) / 0.1).long().clamp(0, len(INPUT_EDGES) - 2)
-        counts = torch.zeros(g.shape[0], len(INPUT_EDGES) - 1, dtype=torch.float64, device=g.device).scatter_add_(1, idx, torch.ones_like(logs))
+        idx = _bin_index(g.clamp_min(1e-300), INPUT_EDGES)
+        counts = torch.zeros(g.shape[0], len(INPUT_EDGES) - 1, dtype=torch.float64, device=g.device).scatter_add_(1, idx, torch.ones_like(g))
         b["hist"] = counts if "hist" not in b else b["hist"] + counts
         self._keep_params(name, params)
 
