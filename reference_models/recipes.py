@@ -130,7 +130,7 @@ def train_lowlight(coupling: str = "affine", *, out, iters: int = 3000, batch: i
                            from_ckpt=from_ckpt, freeze_encoder=freeze_encoder, progress=progress, data=data, pixels=3 * patch * patch, device=device)
 
 
-def demo_image_sets(task: str, n_fit: int = 192, n_test: int = 48):
+def demo_image_sets(task: str, n_fit: int = 128, n_test: int = 32):
     """(fit, in-distribution, OOD) condition sets for the bundled image models (embedded corpus).
 
     SR: LR patches of the training images; of the test images; of the test images enhanced
