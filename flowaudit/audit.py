@@ -394,6 +394,7 @@ def _worst_images(adapter: Adapter, sets, records: list[dict], spatial: Gaussian
     offsets = {name: k * 10**9 for k, (name, _) in enumerate(sets)}
     start = {name: next(i for i, r in enumerate(records) if r["set"] == name) for name, _ in sets}
     out = []
+    shown = min(shown, samples)
     with auditing(adapter, device):
         for i in order:
             rec = records[i]
