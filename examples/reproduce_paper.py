@@ -70,8 +70,11 @@ def main() -> None:
     for name, rep in fits.items():
         fit = rep["risk"]["logistic"]
         ood = rep["ood"]
+        ratios = [r["variance_ratio"] for r in rep["layers"] if "variance_ratio" in r]
+        gains = [s["inverse_gain"]["max"] for s in rep["model"]["sites"] if "inverse_gain" in s]
         extra.append(f"- {name}: mean s_OOD in {ood['mean']['in']:.2f}, OOD {ood['mean']['ood']:.2f} "
-                     f"(AUROC {ood['auroc_in_vs_ood']:.3f}); explosion layer {rep['explosion_layer'] or 'none'}; "
+                     f"(AUROC {ood['auroc_in_vs_ood']:.3f}); largest 1/c' {max(gains):.3g}; largest OOD/in variance ratio "
+                     f"{max(ratios):.3g}, explosion layer (×100) {rep['explosion_layer'] or 'none'}; "
                      + (f"P(pixel error) = σ({fit['intercept']:.3f} + {fit['coef']:.4f}·s_OOD)" if fit else "no logistic fit (one class only)"))
     text = "\n".join(head + lines) + "\n\n" + "\n".join(extra) + "\n"
     (args.out / "table.md").write_text(text)
