@@ -13,7 +13,7 @@ from torch import nn
 import flowaudit
 from flowaudit.audit import AuditError
 from flowaudit.reference_models import ReferenceFlow
-from flowaudit.reference_models.couplings import Affine, RQSpline
+from flowaudit.reference_models.couplings import Affine
 from flowaudit.reference_models.toy import Toy2D, toy_data
 from flowaudit.remark2 import probe_values, tail_ratio, verdict
 from flowaudit.trace import GainStats, LayerStats

@@ -24,13 +24,6 @@ SHAPES = {"vector": (6, 3), "image": (3, 3, 2, 4)}  # (B, C, *S)
 TINY = dict(steps=2, hidden=8, depth=1, feature_dim=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors: intra-op threads cost far more than they bring on a busy 2-core box
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import flowaudit
@@ -12,12 +11,6 @@ from flowaudit.reference_models.recipes import transplant
 TINY = dict(L=2, K=1, nf=8, nb=2, gc=4, hidden_channels=8, patch=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _sr(coupling: str):

@@ -23,13 +23,6 @@ from flowaudit.reference_models.sr import Conv2dZeros, SRFlow, squeeze2d, unsque
 TINY = dict(nf=8, nb=2, gc=4, hidden_channels=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny convolutions: intra-op threads cost far more than they bring (10× on a busy 2-core box)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def sr(**kw) -> SRFlow:
