@@ -107,19 +107,16 @@ def features(adapter: Adapter, y: Tensor, layers: Sequence[str], pooling: str, b
                 out.append(pool(y[sl], pooling).flatten(1).cpu())
                 bar.update(sl.stop - sl.start)
             return torch.cat(out)
-        try:
-            ctx = capture_features(adapter.model, layers, pooling)
-            cap = ctx.__enter__()
-        except KeyError as exc:
-            raise AuditError(str(exc.args[0])) from None
-        try:
+        with contextlib.ExitStack() as stack:
+            try:  # only an unknown layer name is the user's mistake; a KeyError inside the encoder is not
+                cap = stack.enter_context(capture_features(adapter.model, layers, pooling))
+            except KeyError as exc:
+                raise AuditError(str(exc.args[0])) from None
             for sl in _batches(len(y), batch_size):
                 adapter.encode(y[sl].to(device))
                 out.append(cap.take().cpu())
                 bar.update(sl.stop - sl.start)
-        finally:
-            ctx.__exit__(None, None, None)
-    return torch.cat(out).cpu()
+    return torch.cat(out)
 
 
 def _layers(adapter: Adapter, layers: Sequence[str] | None) -> list[str]:
@@ -155,15 +152,16 @@ def fit(
         gauss = GaussianOOD(estimator=estimator, device=dev).fit(v)
     except ValueError as exc:
         raise AuditError(str(exc)) from None
+    entry = _model_entry(adapter)  # hashes the weights once for the report and the stats file
     meta = {
-        "model": adapter.name, "adapter": adapter.family, "fingerprint": adapter.fingerprint(),
+        "model": adapter.name, "adapter": adapter.family, "fingerprint": entry["fingerprint"],
         "layers": names or ["<condition>"], "pooling": pooling, "data": json.dumps(jsonable(cs.description)),
     }
     if out is not None:
         gauss.save(out, **meta)
     report = Report({
         "flowaudit_version": __version__, "kind": "fit", **_stamp(),
-        "model": _model_entry(adapter), "ood": {**meta, "dim": int(v.shape[1]), "n_inputs": int(gauss.n_), "n_nonfinite": int(gauss.n_nonfinite_),
+        "model": entry, "ood": {**meta, "dim": int(v.shape[1]), "n_inputs": int(gauss.n_), "n_nonfinite": int(gauss.n_nonfinite_),
                                                 "estimator": estimator, "shrinkage": float(gauss.shrinkage_), "out": str(out) if out else None},
     })
     report.gaussian = gauss
