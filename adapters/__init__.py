@@ -23,16 +23,19 @@ class ModelError(ValueError):
     """The model spec cannot be loaded (unknown name, unreadable checkpoint, …)."""
 
 
+# One module per family, tried in this order. Each defines ``matches(model) -> bool`` (cheap, and
+# without importing its optional library) and ``make(model, name) -> Adapter``.
+FAMILIES = ("reference",)
+
+
 def adapt(model: Any, name: str | None = None) -> Adapter:
     """The adapter for a supported model object (an :class:`Adapter` is returned as is)."""
     if isinstance(model, Adapter):
         return model
-    from flowaudit.reference_models import ReferenceFlow
-
-    if isinstance(model, ReferenceFlow):
-        from .reference import ReferenceAdapter
-
-        return ReferenceAdapter(model, name)
+    for family in FAMILIES:
+        module = importlib.import_module(f".{family}", __name__)
+        if module.matches(model):
+            return module.make(model, name)
     raise TypeError(f"no flowaudit adapter for {type(model).__module__}.{type(model).__name__}")
 
 

@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flowaudit.hooks import first_tensor, hooked
+from .hooks import first_tensor, hooked
 from flowaudit.reference_models import ReferenceFlow
 from flowaudit.reference_models.couplings import Elementwise
 
 from .base import Adapter, Observer, Site
 
-__all__ = ["ElementwiseSite", "ReferenceAdapter"]
+__all__ = ["ElementwiseSite", "ReferenceAdapter", "matches", "make"]
 
 
 class ElementwiseSite(Site):
@@ -110,3 +110,11 @@ class ReferenceAdapter(Adapter):
 
     def log_prob(self, x: Tensor, y: Tensor) -> Tensor:
         return self.model.log_prob(x, y)
+
+
+def matches(model: Any) -> bool:
+    return isinstance(model, ReferenceFlow)
+
+
+def make(model: ReferenceFlow, name: str | None = None) -> ReferenceAdapter:
+    return ReferenceAdapter(model, name)

@@ -25,7 +25,7 @@ from ._version import __version__
 from .adapters import Adapter, adapt
 from .datasets import ConditionSet, load_conditions
 from .gaussian import GaussianOOD
-from .hooks import capture_features, pool
+from .features import capture_features, pool
 from .remark2 import probe_site
 from .report import Report, jsonable
 from .risk import aggregate, lr_psnr, sample_checks

@@ -1,69 +1,27 @@
-"""Forward hooks that observe a model and leave no trace.
+"""Encoder features behind ``s_OOD`` (paper §3.3): hooked, pooled per channel, concatenated.
 
-Every hook is registered inside a context manager whose ``finally`` removes
-it (an :class:`~contextlib.ExitStack` of handles), also when the forward pass
-raises. Hooks reduce what they see at once (pooled vectors, counts) and keep
-no reference to the model's tensors; a failure inside a hook names the layer.
-
-:func:`capture_features` is the encoder-feature capture behind ``s_OOD``
-(paper §3.3): the output of each named module is pooled per channel and the
-pooled vectors are concatenated in the order the names are given.
+The output of each named module of the conditioning network is pooled per
+channel (float64) and the pooled vectors are concatenated in the order the
+names are given. A model with no separate encoder uses the condition itself.
+Hooks come from :func:`flowaudit.adapters.hooks.hooked` and are removed when
+the capture ends; they keep pooled numbers, never the model's tensors.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["POOLINGS", "HookError", "hooked", "pool", "FeatureCapture", "capture_features", "first_tensor"]
+from .adapters import Adapter
+from .adapters.hooks import HookError, first_tensor, hooked
+
+__all__ = ["POOLINGS", "pool", "FeatureCapture", "capture_features", "features"]
 
 POOLINGS = ("avg", "avgstd", "spatial")
-
-
-class HookError(RuntimeError):
-    """Raised when a hook fails; the message names the module."""
-
-
-def first_tensor(output: Any) -> Tensor:
-    """The tensor a module returned (first element of a tuple/list, or the tensor itself)."""
-    while isinstance(output, (tuple, list)):
-        output = output[0]
-    if not isinstance(output, Tensor):
-        raise TypeError(f"module returned {type(output).__name__}, not a tensor")
-    return output
-
-
-@contextlib.contextmanager
-def hooked(model: nn.Module, names: Sequence[str], fn: Callable[[str, tuple, dict, Any], None]) -> Iterator[None]:
-    """Call ``fn(name, args, kwargs, output)`` after each forward of the named sub-modules.
-
-    Unknown names raise :class:`KeyError` listing a few valid ones. Handles are
-    removed on exit, whatever happens inside the block.
-    """
-    modules = dict(model.named_modules())
-    missing = [n for n in names if n not in modules]
-    if missing:
-        some = ", ".join(list(k for k in modules if k)[:8])
-        raise KeyError(f"no module named {missing[0]!r} in the model (some names: {some}, …)")
-
-    def make(name: str):
-        def hook(module, args, kwargs, output):
-            try:
-                fn(name, args, kwargs, output)
-            except Exception as exc:  # name the layer where it happened
-                raise HookError(f"hook on {name!r} failed: {exc}") from exc
-
-        return hook
-
-    with contextlib.ExitStack() as stack:
-        for name in names:
-            handle = modules[name].register_forward_hook(make(name), with_kwargs=True)
-            stack.callback(handle.remove)
-        yield
 
 
 def pool(t: Tensor, pooling: str) -> Tensor:
