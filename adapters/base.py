@@ -54,8 +54,17 @@ class Site(ABC):
         conditions actually met while sampling.
         """
 
+    def map_at(self, values: Tensor, params: Any) -> Tensor:
+        """``c(v)`` itself, same shapes as :meth:`derivative_at` (its JVP must equal the derivative)."""
+        raise NotImplementedError(f"{type(self).__name__} does not evaluate its map")
+
     def tail_bounds(self) -> tuple[float, float] | None:
         """Bounds of ``c'`` for large ``|x|`` that the site's kind allows, when known."""
+        return None
+
+    def tail_start(self) -> float | None:
+        """``|x|`` beyond which the map is in its tails, when the structure says (a spline's bound B,
+        read from the live object); ``None`` when unknown. The Remark 2 probe starts well past it."""
         return None
 
     def __repr__(self) -> str:

@@ -32,11 +32,18 @@ class ElementwiseSite(Site):
         self.name, self.module, self.kind = name, module, module.kind
 
     def derivative_at(self, values: Tensor, params: Tensor) -> Tensor:
+        return self._per_value(values, params, self.module.derivative)
+
+    def _per_value(self, values: Tensor, params: Tensor, fn) -> Tensor:
+        """``fn(x, h)`` with ``x`` filled with each probe value in turn: (V, M)."""
         p = self.module.params_per_dim
         h = params.to(values.dtype)
         shape = (h.shape[0], h.shape[1] // p, *h.shape[2:])
-        out = [self.module.derivative(torch.full(shape, float(v), dtype=h.dtype, device=h.device), h).flatten() for v in values]
-        return torch.stack(out)
+        ones = torch.ones(shape, dtype=h.dtype, device=h.device)
+        return torch.stack([fn(ones * v, h).flatten() for v in values])
+
+    def map_at(self, values: Tensor, params: Tensor) -> Tensor:
+        return self._per_value(values, params, lambda x, h: self.module(x, h)[0])
 
     def tail_bounds(self) -> tuple[float, float]:
         return self.module.tail_bounds()
