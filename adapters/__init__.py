@@ -86,6 +86,7 @@ def load_model(spec: str, *, weights: str | None = None, trust: bool = False) ->
         raise ModelError(f"{spec!r} is neither a bundled model ({', '.join(sorted(names))}) nor an existing checkpoint")
     state = _load_weights(path, trust)
     if isinstance(state, dict) and state.get("format") == "flowaudit-reference/1":
+        state = rm.upgrade_config(state)
         model = rm.build(state["task"], state["config"])
         model.load_state_dict(state["state_dict"])
         model.name = path.stem

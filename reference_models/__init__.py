@@ -14,7 +14,8 @@ import torch
 
 from .base import ReferenceFlow
 
-__all__ = ["ReferenceFlow", "CHECKPOINT_DIR", "model_class", "build", "load", "load_checkpoint", "bundled"]
+__all__ = ["ReferenceFlow", "CHECKPOINT_DIR", "model_class", "build", "load", "load_checkpoint", "upgrade_config",
+           "bundled"]
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 
@@ -55,6 +56,14 @@ def load_checkpoint(path: str | Path) -> dict:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a flowaudit reference checkpoint")
+    return upgrade_config(state)
+
+
+def upgrade_config(state: dict) -> dict:
+    """Fill in config keys added after a checkpoint was saved with the behaviour it was trained with
+    (the class's ``LEGACY_CONFIG``, e.g. ``official_features=False``); returns ``state``."""
+    legacy = getattr(model_class(state["task"]), "LEGACY_CONFIG", {})
+    state["config"] = {**legacy, **state["config"]}
     return state
 
 

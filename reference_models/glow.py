@@ -29,7 +29,10 @@ class ActNorm(nn.Module):
 
     Data-dependent initialisation on the first training batch: :math:`b = -\mu`,
     :math:`\ell = -\log(\sigma + 10^{-6})` per channel, so the first batch comes out
-    standardised. :math:`\log|\det| = \sum_c \ell_c \cdot |S|`.
+    standardised. :math:`\log|\det| = \sum_c \ell_c \cdot |S|`. As in the official
+    SRFlow ActNorm, a layer whose bias is already non-zero (loaded weights, also
+    after a non-strict load that left ``initialized`` unset) counts as initialised
+    and is never re-initialised from data.
     """
 
     def __init__(self, channels: int, spatial_dims: int = 2):
@@ -50,7 +53,10 @@ class ActNorm(nn.Module):
 
     def forward(self, x: Tensor, reverse: bool = False) -> tuple[Tensor, Tensor]:
         if self.training and not reverse and not bool(self.initialized):
-            self._initialize(x)
+            if bool((self.bias != 0).any()):  # loaded weights: keep them (official behaviour)
+                self.initialized.fill_(True)
+            else:
+                self._initialize(x)
         logdet = self.logs.sum() * _spatial(x) * x.new_ones(x.shape[0])
         if reverse:
             return x * torch.exp(-self.logs) - self.bias, -logdet

@@ -89,25 +89,30 @@ class LLFlow(ReferenceFlow):
         coupling, injector: site kinds as in :class:`~flowaudit.reference_models.sr.SRFlow`.
         patch: training patch size (``condition_shape``); divisible by 2^L.
         fixed_invconv, n_transition: as in ``SRFlow``.
+        official_features: level 2 reads ``fea_up1`` after ``downconv1``'s LeakyReLU, as the
+            official ``ConEncoder1`` does; configs without the key load with ``False``
+            (:attr:`LEGACY_CONFIG`), the behaviour they were trained with.
     """
 
     task = "lowlight"
     output_range = (0.0, 1.0)
+    LEGACY_CONFIG = {"official_features": False}
 
     def __init__(self, L: int = 3, K: int = 4, nf: int = 32, nb: int = 4, gc: int = 16,
                  stack_blocks: list[int] | None = None, hidden_channels: int = 32, coupling: str = "affine",
-                 injector: str | None = None, patch: int = 32, fixed_invconv: bool = False, n_transition: int = 2):
+                 injector: str | None = None, patch: int = 32, fixed_invconv: bool = False, n_transition: int = 2,
+                 official_features: bool = True):
         stack_blocks = list(spaced_blocks(nb) if stack_blocks is None else stack_blocks)
         super().__init__(L=L, K=K, nf=nf, nb=nb, gc=gc, stack_blocks=stack_blocks, hidden_channels=hidden_channels,
                          coupling=coupling, injector=injector, patch=patch, fixed_invconv=fixed_invconv,
-                         n_transition=n_transition)
+                         n_transition=n_transition, official_features=official_features)
         if not 1 <= L <= 4:
             raise ValueError(f"L must be 1…4 (the encoder has features down to 1/16), not {L}")
         if patch % 2**L:
             raise ValueError(f"patch {patch} must be divisible by 2^L = {2 ** L}")
         self.L, self.stack_blocks = L, stack_blocks
         self.condition_shape = (3, patch, patch)
-        self.RRDB = ConEncoder1(6, nf, nb, gc)
+        self.RRDB = ConEncoder1(6, nf, nb, gc, official_features=official_features)
         self.flowUpsamplerNet = FlowUpsamplerNet(
             3, L, K, nf * (1 + len(stack_blocks)), hidden_channels, coupling, injector, n_transition,
             split=False, fixed_invconv=fixed_invconv,

@@ -17,15 +17,22 @@ and an RRDB chains three of them with another ``0.2``-scaled skip.
 SRFlow (:class:`RRDBNet`, on the LR image, Lugmayr et al. 2020):
 ``fea_up1 = t + trunk_conv(t)`` with ``t = RRDB_trunk(conv_first(x))`` — the
 official code adds the *trunk output*, not ``conv_first``'s as ESRGAN does;
-``fea_up2, fea_up4, fea_up8`` are the ``upconv`` outputs (nearest ×2 before,
-LeakyReLU after); ``fea_up0`` / ``fea_up-1`` are bilinear ½ / ¼ of ``fea_up1``.
+``fea_up2, fea_up4, fea_up8`` are the ``upconv`` outputs (nearest ×2 before)
+*after* their LeakyReLU: the official code stores ``fea_up2 = upconv1(…)`` and then
+calls an in-place ``nn.LeakyReLU`` on it, so the flow reads the activated
+feature (``official_features=True``; ``False`` keeps the pre-activation
+features that checkpoints saved before this option was added were trained
+with); ``fea_up0`` / ``fea_up-1`` are bilinear ½ / ¼ of ``fea_up1``.
 
 LLFlow (:class:`ConEncoder1`, on the 6-channel low-light input, Wang et al.
 2022): the colour map :math:`x / \sum_c x` and a noise map
 (:func:`color_and_noise_maps`) are appended inside, ``conv_first → lrelu →
 conv_second → maxpool 2`` gives ``fea_head``; ``fea_up2 = fea_head +
 trunk_conv(trunk)`` at ½, ``downconv1/2`` after bilinear ½ give ¼ and ⅛, and
-``color_map = fine_tune_color_map(nearest×2(fea_up2))`` in (0, 1).
+``color_map = fine_tune_color_map(nearest×2(fea_up2))`` in (0, 1). As in SRFlow,
+the official ``fea_up1`` (``downconv1``) is read after its in-place LeakyReLU;
+``fea_up0`` (``downconv2``) has none (it is commented out there), so it is raw
+either way.
 
 Example:
     >>> net = RRDBNet(nf=8, nb=2, gc=4, scale=4)
@@ -151,10 +158,14 @@ class RRDBNet(nn.Module):
             (official: 64, 23, 32).
         scale: 2, 4 or 8. ``upconv1`` and ``upconv2`` always exist (as in the
             official net, whatever the scale), ``upconv3`` from ×8 on.
+        official_features: store ``fea_up2/4/8`` after their LeakyReLU, as the
+            official net does (``False``: before it, our earlier behaviour).
     """
 
-    def __init__(self, in_nc: int = 3, out_nc: int = 3, nf: int = 64, nb: int = 23, gc: int = 32, scale: int = 4):
+    def __init__(self, in_nc: int = 3, out_nc: int = 3, nf: int = 64, nb: int = 23, gc: int = 32, scale: int = 4,
+                 official_features: bool = True):
         super().__init__()
+        self.official_features = official_features
         if scale not in (2, 4, 8):
             raise ValueError(f"scale must be 2, 4 or 8, not {scale}")
         self.scale = scale
@@ -184,8 +195,8 @@ class RRDBNet(nn.Module):
         fea = lr_fea
         for i, conv in enumerate(upconvs[:n_up]):
             up = conv(F.interpolate(fea, scale_factor=2, mode="nearest"))
-            out[f"fea_up{2 ** (i + 1)}"] = up  # before the LeakyReLU, as the flow reads it
             fea = F.leaky_relu(up, 0.2)
+            out[f"fea_up{2 ** (i + 1)}"] = fea if self.official_features else up
         if with_output:
             out["out"] = self.conv_last(F.leaky_relu(self.HRconv(fea), 0.2))
         return out
@@ -217,10 +228,14 @@ class ConEncoder1(nn.Module):
     ``fea_up0`` (⅛, ``downconv2``) and, our extension for a fourth level,
     ``fea_up-1`` (1/16, ``downconv3``, unused by the official net). ``HRconv``,
     ``conv_last`` and ``awb_para`` are unused, kept so official keys match.
+    ``official_features``: ``fea_up1`` after ``downconv1``'s LeakyReLU, as the
+    official net reads it (``False``: before it, our earlier behaviour).
     """
 
-    def __init__(self, in_nc: int = 6, nf: int = 64, nb: int = 24, gc: int = 32, out_nc: int = 3):
+    def __init__(self, in_nc: int = 6, nf: int = 64, nb: int = 24, gc: int = 32, out_nc: int = 3,
+                 official_features: bool = True):
         super().__init__()
+        self.official_features = official_features
         self.conv_first = nn.Conv2d(in_nc + 6, nf, 3, 1, 1)
         self.conv_second = nn.Conv2d(nf, nf, 3, 1, 1)
         self.RRDB_trunk = nn.Sequential(*(RRDB(nf, gc) for _ in range(nb)))
@@ -244,8 +259,10 @@ class ConEncoder1(nn.Module):
         out["color_map"] = self.fine_tune_color_map(F.interpolate(down, scale_factor=2, mode="nearest"))
         fea = down
         for level, conv in zip(range(2, levels + 1), (self.downconv1, self.downconv2, self.downconv3)):
-            out[feature_name(2.0 ** (2 - level))] = d = conv(_half(fea))
+            d = conv(_half(fea))
             fea = F.leaky_relu(d, 0.2)
+            # official: only downconv1's output goes through the in-place LeakyReLU before it is read
+            out[feature_name(2.0 ** (2 - level))] = fea if self.official_features and level == 2 else d
         if levels >= 2:
             out["last_lr_fea"] = out["fea_up1"]
         return out

@@ -343,22 +343,28 @@ class SRFlow(ReferenceFlow):
         n_transition: unconditional ActNorm → 1×1 steps after each squeeze (official 2).
         std_channels, std_steps: NCSR's noise sub-net (3 and, per level, how many last steps use
             it; default ``[0, K, …]``); 0 for SRFlow.
+        official_features: the flow reads ``fea_up2/4/8`` after their LeakyReLU, as the official
+            code does (:class:`~flowaudit.reference_models.rrdb.RRDBNet`). Checkpoints whose config
+            lacks the key were trained with ``False`` and load that way (:attr:`LEGACY_CONFIG`).
     """
 
     task = "sr"
     output_range = (0.0, 1.0)
+    # what a saved config without these keys was built with (``load_checkpoint`` fills them in)
+    LEGACY_CONFIG = {"official_features": False}
 
     def __init__(self, scale: int = 4, L: int = 3, K: int = 4, nf: int = 32, nb: int = 4, gc: int = 16,
                  stack_blocks: list[int] | None = None, hidden_channels: int = 32, coupling: str = "affine",
                  injector: str | None = None, residual: bool = False, patch: int = 32, fixed_invconv: bool = False,
                  correct_splits: bool = False, n_transition: int = 2, std_channels: int = 0,
-                 std_steps: list[int] | None = None):
+                 std_steps: list[int] | None = None, official_features: bool = True):
         stack_blocks = list(spaced_blocks(nb) if stack_blocks is None else stack_blocks)
         std_steps = None if not std_channels else list(std_steps if std_steps is not None else [0] + [K] * (L - 1))
         super().__init__(scale=scale, L=L, K=K, nf=nf, nb=nb, gc=gc, stack_blocks=stack_blocks,
                          hidden_channels=hidden_channels, coupling=coupling, injector=injector, residual=residual,
                          patch=patch, fixed_invconv=fixed_invconv, correct_splits=correct_splits,
-                         n_transition=n_transition, std_channels=std_channels, std_steps=std_steps)
+                         n_transition=n_transition, std_channels=std_channels, std_steps=std_steps,
+                         official_features=official_features)
         if not 1 <= 2**L <= 4 * scale:  # level features exist from scale/2 down to ¼ of the LR size
             max_l = (4 * scale).bit_length() - 1
             raise ValueError(f"L = {L} needs features at {scale / 2**L} × the LR size; ×{scale} allows L ≤ {max_l}")
@@ -367,7 +373,7 @@ class SRFlow(ReferenceFlow):
         self.scale, self.L, self.residual = scale, L, residual
         self.stack_blocks = stack_blocks
         self.condition_shape = (3, patch // scale, patch // scale)
-        self.RRDB = RRDBNet(3, 3, nf, nb, gc, scale)
+        self.RRDB = RRDBNet(3, 3, nf, nb, gc, scale, official_features=official_features)
         self.flowUpsamplerNet = FlowUpsamplerNet(
             3, L, K, nf * (1 + len(stack_blocks)), hidden_channels, coupling, injector, n_transition,
             split=True, correct_splits=correct_splits, fixed_invconv=fixed_invconv,

@@ -405,7 +405,12 @@ def test_rrdb_features_follow_the_official_definitions():
         f = net(x, with_output=True)
         trunk = net.RRDB_trunk(net.conv_first(x))
         assert torch.allclose(f["fea_up1"], trunk + net.trunk_conv(trunk))
-        assert torch.allclose(f["fea_up2"], net.upconv1(F.interpolate(f["fea_up1"], scale_factor=2)))
+        up2 = net.upconv1(F.interpolate(f["fea_up1"], scale_factor=2))
+        # official: fea_up2 is read after the in-place LeakyReLU; legacy checkpoints read it before
+        assert torch.allclose(f["fea_up2"], F.leaky_relu(up2, 0.2))
+        net.official_features = False
+        assert torch.allclose(net(x)["fea_up2"], up2)
+        net.official_features = True
         assert torch.allclose(f["fea_up0"], F.interpolate(f["fea_up1"], scale_factor=0.5, mode="bilinear"))
         assert f["out"].shape == (1, 3, 32, 32)
         stacked = stack_features(f, [0, 1])
