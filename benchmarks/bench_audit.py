@@ -19,6 +19,7 @@ import torch
 
 from flowaudit.adapters import adapt
 from flowaudit.reference_models import build, load
+from flowaudit.layout import Sampling
 from flowaudit.trace import Tracer
 
 
@@ -38,7 +39,7 @@ def measure(model, y: torch.Tensor, k: int, repeats: int) -> tuple[float, float]
     latents = adapter.sample_latents(y, 0.9, g)
     with torch.no_grad():
         bare = best_of(lambda: adapter.sample(y, latents), repeats)
-        audited = best_of(lambda: adapter.sample(y, latents, observer=Tracer(k)), repeats)
+        audited = best_of(lambda: adapter.sample(y, latents, observer=Tracer(Sampling(k, 0.9, 0))), repeats)
     return bare, audited
 
 

@@ -20,7 +20,7 @@ import torch
 
 import flowaudit
 from flowaudit.adapters import load_model
-from flowaudit.reference_models.recipes import demo_image_sets
+from flowaudit.demo import demo_sets
 from flowaudit.reference_models import bundled
 
 
@@ -52,7 +52,7 @@ def main() -> None:
         if not entry["available"] or entry["name"].startswith("toy"):
             continue
         adapter = load_model(entry["name"])
-        fit_set, in_set, ood_set = demo_image_sets(adapter.task, n_fit=256, n_test=96)
+        fit_set, in_set, ood_set = demo_sets(adapter.task, n_fit=256, n_test=96)
         rep = flowaudit.scan(adapter, in_set, ood=ood_set, fit_data=fit_set, device="cpu")
         fits[entry["name"]] = rep
         for name, cs in (("in", in_set), ("ood", ood_set)):

@@ -10,7 +10,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 import flowaudit
-from flowaudit.audit import features
+from flowaudit.features import features
 from flowaudit.reference_models import load
 from flowaudit.reference_models.recipes import TOY_SEED_TEST
 from flowaudit.reference_models.toy import toy_data

@@ -4,6 +4,8 @@ Exit codes (DESIGN.md §4): 0 done, nothing to fail on; 1 the audit found what
 ``--fail-on`` asked to fail on; 2 bad input or usage (one line on stderr,
 nothing half written); 3 an internal error (``--debug`` shows the traceback).
 Heavy imports (torch) happen inside the commands so ``--help`` is instant.
+Options every command shares (``--device``, ``--json``) are declared once and
+land in the context object, :class:`Settings`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -29,6 +32,12 @@ class Settings:
 
     debug: bool = False
     quiet: bool = False
+    device: str = "auto"
+    json: bool = False
+
+    @property
+    def progress(self) -> bool:
+        return not self.quiet and not self.json
 
 
 class UserError(ValueError):
@@ -37,8 +46,7 @@ class UserError(ValueError):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .adapters import ModelError
-    from .audit import AuditError
-    from .datasets import DataError
+    from .errors import AuditError, DataError
 
     return (UserError, AuditError, DataError, ModelError, FileExistsError, FileNotFoundError)
 
@@ -79,6 +87,26 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 # -- shared options ------------------------------------------------------------------------------
 
+def _setting(name: str):
+    def store(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        setattr(ctx.ensure_object(Settings), name, value)
+        return value
+
+    return store
+
+
+device_option = click.option("--device", default="auto", show_default=True, expose_value=False, callback=_setting("device"),
+                             help="auto, cpu, cuda or cuda:N.")
+json_option = click.option("--json", is_flag=True, expose_value=False, callback=_setting("json"),
+                           help="Print machine-readable JSON on stdout.")
+batch_option = click.option("--batch-size", type=click.IntRange(1), default=500, show_default=True, help="Samples per inverse pass.")
+layers_option = click.option("--layers", help="Comma-separated encoder module names to hook (default: the adapter's).")
+pooling_option = click.option("--pooling", type=click.Choice(["avg", "avgstd"]), default="avg", show_default=True, help="Per-channel pooling of hooked features.")
+estimator_option = click.option("--estimator", type=click.Choice(["ledoit-wolf", "oas", "empirical"]), default="ledoit-wolf", show_default=True, help="Covariance estimator.")
+threshold_option = click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Remark 2 tail-ratio threshold.")
+overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+
+
 def model_options(f):
     """MODEL argument, or --model module:factory with --weights."""
     f = click.option("--trust-checkpoint", is_flag=True, help="Allow pickled code in checkpoints (only for sources you trust).")(f)
@@ -102,24 +130,20 @@ def _layers(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
-batch_option = click.option("--batch-size", type=click.IntRange(1), default=500, show_default=True, help="Samples per inverse pass.")
-layers_option = click.option("--layers", help="Comma-separated encoder module names to hook (default: the adapter's).")
-pooling_option = click.option("--pooling", type=click.Choice(["avg", "avgstd"]), default="avg", show_default=True, help="Per-channel pooling of hooked features.")
-estimator_option = click.option("--estimator", type=click.Choice(["ledoit-wolf", "oas", "empirical"]), default="ledoit-wolf", show_default=True, help="Covariance estimator.")
-threshold_option = click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Remark 2 tail-ratio threshold.")
+def _refuse_existing(out: str, overwrite: bool) -> None:
+    if Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{out} exists (use --overwrite)")
 
 
-def _emit(report, as_json: bool, key: str | None = None) -> None:
-    if as_json:
-        payload = json.loads(report.to_json()) if key is None else {key: json.loads(report.to_json())[key]}
-        click.echo(json.dumps(payload, indent=2))
+def _emit(obj: Settings, report, key: str | None = None) -> None:
+    if obj.json:
+        payload = json.loads(report.to_json())
+        click.echo(json.dumps(payload if key is None else {key: payload[key]}, indent=2))
     else:
         click.echo(report.summary())
 
 
-# -- commands ------------------------------------------------------------------------------------
+# -- audit commands ------------------------------------------------------------------------------
 
 @cli.command()
 @model_options
@@ -129,13 +153,13 @@ def _emit(report, as_json: bool, key: str | None = None) -> None:
 @device_option
 @json_option
 @click.pass_obj
-def inspect(obj: Settings, model_spec, factory, weights, trust_checkpoint, list_, data, threshold, device, as_json):
+def inspect(obj: Settings, model_spec, factory, weights, trust_checkpoint, list_, data, threshold):
     """Sites, kinds and Remark 2 verdicts of MODEL; no data needed."""
     if list_:
         from .reference_models import bundled
 
         items = bundled()
-        if as_json:
+        if obj.json:
             click.echo(json.dumps({"models": items}, indent=2))
         else:
             for b in items:
@@ -144,14 +168,14 @@ def inspect(obj: Settings, model_spec, factory, weights, trust_checkpoint, list_
     from .audit import inspect as run_inspect
 
     adapter = _adapter(model_spec, factory, weights, trust_checkpoint)
-    _emit(run_inspect(adapter, data, remark2_threshold=threshold, device=device), as_json, key="model")
+    _emit(obj, run_inspect(adapter, data, remark2_threshold=threshold, device=obj.device), key="model")
 
 
 @cli.command()
 @model_options
 @click.option("--data", type=click.Path(exists=True), required=True, help="Training conditions: image folder, .npy, .npz or .h5.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Where to write stats.h5.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@overwrite_option
 @layers_option
 @pooling_option
 @estimator_option
@@ -159,16 +183,15 @@ def inspect(obj: Settings, model_spec, factory, weights, trust_checkpoint, list_
 @device_option
 @json_option
 @click.pass_obj
-def fit(obj: Settings, model_spec, factory, weights, trust_checkpoint, data, out, overwrite, layers, pooling, estimator, batch_size, device, as_json):
+def fit(obj: Settings, model_spec, factory, weights, trust_checkpoint, data, out, overwrite, layers, pooling, estimator, batch_size):
     """Fit the encoder-feature Gaussian of MODEL on --data and write stats.h5."""
     from .audit import fit as run_fit
 
-    if Path(out).exists() and not overwrite:
-        raise FileExistsError(f"{out} exists (use --overwrite)")
+    _refuse_existing(out, overwrite)
     adapter = _adapter(model_spec, factory, weights, trust_checkpoint)
     report = run_fit(adapter, data, layers=_layers(layers), pooling=pooling, estimator=estimator,
-                     batch_size=batch_size, device=device, out=out, progress=not obj.quiet)
-    _emit(report, as_json)
+                     batch_size=batch_size, device=obj.device, out=out, progress=obj.progress)
+    _emit(obj, report)
 
 
 @cli.command()
@@ -178,7 +201,7 @@ def fit(obj: Settings, model_spec, factory, weights, trust_checkpoint, data, out
 @click.option("--stats", type=click.Path(exists=True, dir_okay=False), help="stats.h5 from `flowaudit fit`.")
 @click.option("--fit-data", type=click.Path(exists=True), help="Training conditions to fit the Gaussian on the fly.")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Report folder (must not exist).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing report folder.")
+@overwrite_option
 @click.option("--samples", "-k", type=click.IntRange(1), default=10, show_default=True, help="Samples K per input.")
 @click.option("--temperature", "-t", type=click.FloatRange(0), default=0.9, show_default=True, help="Temperature τ of the latents.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the latents (recorded in the report).")
@@ -193,46 +216,53 @@ def fit(obj: Settings, model_spec, factory, weights, trust_checkpoint, data, out
 @json_option
 @click.pass_obj
 def scan(obj: Settings, model_spec, factory, weights, trust_checkpoint, data, ood_data, stats, fit_data, out, overwrite, samples,
-         temperature, seed, fail_on, layers, pooling, estimator, threshold, batch_size, device, as_json):
+         temperature, seed, fail_on, layers, pooling, estimator, threshold, batch_size):
     """The full audit of MODEL: traces, Remark 2, s_OOD and exploding-inverse risk."""
     from .audit import scan as run_scan
 
     if stats and fit_data:
         raise click.UsageError("give --stats or --fit-data, not both")
-    if Path(out).exists() and not overwrite:
-        raise FileExistsError(f"{out} exists (use --overwrite)")
+    _refuse_existing(out, overwrite)
     adapter = _adapter(model_spec, factory, weights, trust_checkpoint)
     report = run_scan(adapter, data, ood=ood_data, stats=stats, fit_data=fit_data, samples=samples, temperature=temperature,
-                      seed=seed, batch_size=batch_size, device=device, layers=_layers(layers), pooling=pooling,
-                      estimator=estimator, remark2_threshold=threshold, progress=not obj.quiet)
+                      seed=seed, batch_size=batch_size, device=obj.device, layers=_layers(layers), pooling=pooling,
+                      estimator=estimator, remark2_threshold=threshold, progress=obj.progress)
     report.save(out, overwrite=overwrite)
-    _emit(report, as_json)
-    if not as_json:
+    _emit(obj, report)
+    if not obj.json:
         click.echo(f"report: {Path(out) / 'report.html'}")
-    failed = (fail_on == "violation" and report.violations()) or (fail_on == "risk" and report.at_risk())
-    if failed:
+    if (fail_on == "violation" and report.violations()) or (fail_on == "risk" and report.at_risk()):
         sys.exit(1)
 
 
 @cli.command()
 @click.option("--out", type=click.Path(file_okay=False), default="flowaudit-demo", show_default=True, help="Report folder.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing report folder.")
+@overwrite_option
 @device_option
 @json_option
 @click.pass_obj
-def demo(obj: Settings, out, overwrite, device, as_json):
+def demo(obj: Settings, out, overwrite):
     """The main job on the embedded default: bundled models, bundled data, side-by-side summary."""
     from .demo import run_demo
 
-    if Path(out).exists() and not overwrite:
-        raise FileExistsError(f"{out} exists (use --overwrite)")
-    result = run_demo(out, device=device, progress=not obj.quiet and not as_json, overwrite=overwrite)
-    click.echo(json.dumps(result["json"], indent=2) if as_json else result["text"])
+    _refuse_existing(out, overwrite)
+    result = run_demo(out, device=obj.device, progress=obj.progress, overwrite=overwrite)
+    click.echo(json.dumps(result["json"], indent=2) if obj.json else result["text"])
 
+
+# -- training and data ---------------------------------------------------------------------------
 
 @cli.group()
 def train():
     """(Re)train the bundled reference models."""
+
+
+def _report_training(obj: Settings, state: dict, out: str, coupling: str) -> None:
+    from .reference_models.recipes import run_info
+
+    info = run_info(state, out)
+    click.echo(json.dumps(info, indent=2) if obj.json else f"wrote {out}: {info['task']} {coupling}, {info['iters']} iterations, "
+               f"final NLL {info['final_nll']:.4f}, {info['skipped_steps']} skipped steps")
 
 
 @train.command("toy")
@@ -245,7 +275,7 @@ def train():
 @click.option("--threads", type=click.IntRange(1), help="CPU threads (default: torch's).")
 @json_option
 @click.pass_obj
-def train_toy_cmd(obj: Settings, coupling, out, iters, seed, resume, feature_dim, threads, as_json):
+def train_toy_cmd(obj: Settings, coupling, out, iters, seed, resume, feature_dim, threads):
     """Train the 2D toy flow of the paper (S1.2)."""
     import torch
 
@@ -253,67 +283,49 @@ def train_toy_cmd(obj: Settings, coupling, out, iters, seed, resume, feature_dim
 
     if threads:
         torch.set_num_threads(threads)
-
-    state = train_toy(coupling, out=out, iters=iters, seed=seed, resume=resume, progress=not obj.quiet, feature_dim=feature_dim)
-    info = {"out": out, "task": "toy", "config": state["config"], "iters": iters, "seed": seed,
-            "final_nll": state["history"][-1][1] if state["history"] else None, "skipped_steps": state["skipped_steps"]}
-    click.echo(json.dumps(info, indent=2) if as_json else f"wrote {out}: toy {coupling}, {iters} iterations, final NLL {info['final_nll']:.4f}")
+    state = train_toy(coupling, out=out, iters=iters, seed=seed, resume=resume, progress=obj.progress, feature_dim=feature_dim)
+    _report_training(obj, state, out, coupling)
 
 
 def _image_train_options(f):
-    f = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")(f)
-    f = click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
-                     help="CPU threads (small convolutions run fastest on one; use the other core for a second run).")(f)
-    f = device_option(f)
-    f = click.option("--freeze-encoder", is_flag=True, help="With --from: train the flow only, keep the encoder fixed.")(f)
-    f = click.option("--from", "from_ckpt", type=click.Path(exists=True, dir_okay=False),
-                     help="Start from this checkpoint: copy encoder and non-coupling weights, swap the couplings.")(f)
-    f = click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="JSON file of model constructor options.")(f)
-    f = click.option("--resume", is_flag=True, help="Continue from the checkpoint at --out.")(f)
-    f = click.option("--seed", type=int, default=0, show_default=True, help="Seed of data, init and batches.")(f)
-    f = click.option("--lr", type=click.FloatRange(0, min_open=True), help="Initial learning rate (halved at 50/75/90/95 %).")(f)
-    f = click.option("--batch", type=click.IntRange(1), default=8, show_default=True, help="Batch size.")(f)
-    f = click.option("--patch", type=click.IntRange(4), default=32, show_default=True, help="HR / high patch size.")(f)
-    f = click.option("--iters", type=click.IntRange(1), default=3000, show_default=True, help="Training iterations.")(f)
-    f = click.option("--out", type=click.Path(dir_okay=False), required=True, help="Checkpoint to write (periodically, atomically).")(f)
-    f = click.option("--coupling", type=click.Choice(KINDS), default="affine", show_default=True, help="Coupling kind.")(f)
+    for option in reversed([
+        click.option("--coupling", type=click.Choice(KINDS), default="affine", show_default=True, help="Coupling kind."),
+        click.option("--out", type=click.Path(dir_okay=False), required=True, help="Checkpoint to write (periodically, atomically)."),
+        click.option("--iters", type=click.IntRange(1), default=3000, show_default=True, help="Training iterations."),
+        click.option("--patch", type=click.IntRange(4), default=32, show_default=True, help="HR / high patch size."),
+        click.option("--batch", type=click.IntRange(1), default=8, show_default=True, help="Batch size."),
+        click.option("--lr", type=click.FloatRange(0, min_open=True), help="Initial learning rate (halved at 50/75/90/95 %)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of data, init and batches."),
+        click.option("--resume", is_flag=True, help="Continue from the checkpoint at --out."),
+        click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="JSON file of model constructor options."),
+        click.option("--from", "from_ckpt", type=click.Path(exists=True, dir_okay=False),
+                     help="Start from this checkpoint: copy encoder and non-coupling weights, swap the couplings."),
+        click.option("--freeze-encoder", is_flag=True, help="With --from: train the flow only, keep the encoder fixed."),
+        device_option,
+        click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
+                     help="CPU threads (small convolutions run fastest on one; use the other core for a second run)."),
+        json_option,
+    ]):
+        f = option(f)
     return f
 
 
-def _train_image(obj: Settings, task: str, coupling, out, iters, patch, batch, lr, seed, resume, config_file, from_ckpt,
-                 freeze_encoder, as_json, threads, device, **extra):
+def _train_image(obj: Settings, task: str, coupling: str, out: str, lr: float | None, config_file: str | None, threads: int, **options) -> None:
     import torch
 
-    from .audit import resolve_device
+    from .device import resolve_device
     from .reference_models import recipes
 
     torch.set_num_threads(threads)
-    extra["device"] = resolve_device(device)
-    config = {}
-    if config_file:
-        try:
-            config = json.loads(Path(config_file).read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"--config {config_file}: not JSON ({exc})") from None
-    fn = recipes.train_sr if task == "sr" else recipes.train_lowlight
-    kwargs = dict(out=out, iters=iters, patch=patch, batch=batch, seed=seed, resume=resume, from_ckpt=from_ckpt,
-                  freeze_encoder=freeze_encoder, progress=not obj.quiet, **extra, **config)
+    try:
+        config = recipes.read_config(task, config_file) if config_file else {}
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     if lr is not None:
-        kwargs["lr"] = lr
-    if config:
-        import inspect as _inspect
-
-        from .reference_models import model_class
-
-        known = set(_inspect.signature(model_class(task).__init__).parameters) - {"self", "coupling", "patch", "scale"}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise UserError(f"--config {config_file}: unknown option {unknown[0]!r} (known: {', '.join(sorted(known))})")
-    state = fn(coupling, **kwargs)
-    info = {"out": out, "task": task, "config": state["config"], "iters": iters, "seed": seed,
-            "final_nll": state["history"][-1][1] if state["history"] else None, "skipped_steps": state["skipped_steps"]}
-    click.echo(json.dumps(info, indent=2) if as_json else f"wrote {out}: {task} {coupling}, {iters} iterations, "
-               f"final NLL {info['final_nll']:.4f}, {state['skipped_steps']} skipped steps")
+        options["lr"] = lr
+    fn = recipes.train_sr if task == "sr" else recipes.train_lowlight
+    state = fn(coupling, out=out, progress=obj.progress, device=resolve_device(obj.device), **options, **config)
+    _report_training(obj, state, out, coupling)
 
 
 @train.command("sr")
@@ -347,7 +359,7 @@ def data_toy(out, n, seed, ood):
     """Pairs of the 2D toy (eq. S2, eq. 7) as .npz."""
     import numpy as np
 
-    from .atomic import atomic_path
+    from .reference_models.atomic import atomic_path
     from .reference_models.toy import toy_data
 
     if not out.endswith(".npz"):

@@ -15,27 +15,21 @@ the path and what is wrong; the CLI turns it into exit code 2.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import zipfile
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from flowaudit.reference_models.data import (
-    IMAGE_EXTENSIONS, find_pair_dirs, read_image, read_image_folder, read_paired_folder,
-)
+from .errors import DataError
+from .images import IMAGE_EXTENSIONS, find_pair_dirs, read_image, read_image_folder, read_paired_folder
 
 __all__ = ["DataError", "ConditionSet", "load_conditions", "ARRAY_EXTENSIONS"]
 
 ARRAY_EXTENSIONS = (".npy", ".npz", ".h5", ".hdf5")
-
-
-class DataError(ValueError):
-    """Bad ``--data`` input; ``str(err)`` is one line, ``"<path>: <problem>"``."""
 
 
 def _err(path: str | Path, problem: object) -> DataError:

@@ -13,13 +13,18 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .adapters import Adapter
 from .adapters.hooks import HookError, first_tensor, hooked
+from .device import auditing
+from .errors import AuditError
+from .gaussian import GaussianOOD
+from .layout import batches, progress_bar
 
-__all__ = ["POOLINGS", "pool", "FeatureCapture", "capture_features", "features"]
+__all__ = ["POOLINGS", "pool", "FeatureCapture", "capture_features", "features", "fit_spatial", "spatial_map"]
 
 POOLINGS = ("avg", "avgstd", "spatial")
 
@@ -89,3 +94,44 @@ def capture_features(model: nn.Module, names: Sequence[str], pooling: str = "avg
     cap = FeatureCapture(names, pooling)
     with hooked(model, names, cap._record):
         yield cap
+
+
+def features(adapter: Adapter, y: Tensor, layers: Sequence[str], pooling: str, batch_size: int, device: torch.device,
+             progress: bool = False) -> Tensor:
+    """Encoder features (N, D) in float64: hooked ``layers`` pooled, or the condition itself."""
+    out = []
+    with progress_bar(len(y), "features", progress) as bar:
+        if not layers:
+            for sl in batches(len(y), batch_size):
+                out.append(pool(y[sl], pooling).flatten(1).cpu())
+                bar.update(sl.stop - sl.start)
+            return torch.cat(out)
+        with contextlib.ExitStack() as stack:
+            try:  # only an unknown layer name is the user's mistake; a KeyError inside the encoder is not
+                cap = stack.enter_context(capture_features(adapter.model, layers, pooling))
+            except KeyError as exc:
+                raise AuditError(str(exc.args[0])) from None
+            for sl in batches(len(y), batch_size):
+                adapter.encode(y[sl].to(device))
+                out.append(cap.take().cpu())
+                bar.update(sl.stop - sl.start)
+    return torch.cat(out)
+
+
+def fit_spatial(adapter: Adapter, y: Tensor, layers: Sequence[str], estimator: str, batch_size: int, device: torch.device) -> GaussianOOD:
+    """Gaussian of per-location feature vectors (every location of every fit input), streamed."""
+    gauss = GaussianOOD(estimator=estimator, device=device)
+    with auditing(adapter, device), capture_features(adapter.model, layers, "spatial") as cap:
+        for sl in batches(len(y), max(1, batch_size // 10)):
+            adapter.encode(y[sl].to(device))
+            v = cap.take()
+            gauss.partial_fit(v.reshape(-1, v.shape[-1]))
+    return gauss.finalize()
+
+
+def spatial_map(adapter: Adapter, gauss: GaussianOOD, y: Tensor, layers: Sequence[str]) -> np.ndarray:
+    """Per-location ``s_OOD`` (B, H', W') at the resolution of the first hooked layer: where will the artifact be?"""
+    with capture_features(adapter.model, layers, "spatial") as cap:
+        adapter.encode(y)
+        v = cap.take()
+    return gauss.score(v.reshape(-1, v.shape[-1])).reshape(v.shape[:-1])

@@ -41,7 +41,7 @@ from sklearn.exceptions import NotFittedError
 from torch import Tensor
 
 from flowaudit._version import __version__
-from flowaudit.atomic import atomic_path
+from flowaudit.reference_models.atomic import atomic_path
 
 __all__ = ["ESTIMATORS", "GaussianOOD"]
 

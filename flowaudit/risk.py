@@ -24,11 +24,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .layout import Sampling
+
 __all__ = ["sample_checks", "lr_psnr", "aggregate", "logistic_fit"]
 
 
-def sample_checks(x: Tensor, k: int, band: tuple[float, float]) -> dict[str, Tensor]:
-    """Per-input counts for a batch of samples ``x`` (input-major rows, ``k`` per input)."""
+def sample_checks(x: Tensor, sampling: Sampling, band: tuple[float, float]) -> dict[str, Tensor]:
+    """Per-input counts for a batch of samples ``x`` (input-major rows)."""
     flat = x.detach().flatten(1)
     finite = torch.isfinite(flat)
     bad_sample = ~finite.all(1)
@@ -37,19 +39,19 @@ def sample_checks(x: Tensor, k: int, band: tuple[float, float]) -> dict[str, Ten
     a = flat.abs().to(torch.float64)
     a = torch.where(torch.isnan(a), torch.full_like(a, math.inf), a)
     return {
-        "n_inf": bad_sample.view(-1, k).sum(1),
-        "n_pixel_err": err_sample.view(-1, k).sum(1),
-        "max_abs": a.amax(1).view(-1, k).amax(1),
+        "n_inf": sampling.per_input(bad_sample).sum(1),
+        "n_pixel_err": sampling.per_input(err_sample).sum(1),
+        "max_abs": sampling.per_input(a.amax(1)).amax(1),
     }
 
 
-def lr_psnr(sr: Tensor, lr: Tensor, scale: int, k: int) -> Tensor:
-    """LR-PSNR of each sample (dB), shape (inputs, k): bicubic ↓``scale`` of the sample vs its LR input."""
+def lr_psnr(sr: Tensor, lr: Tensor, scale: int, sampling: Sampling) -> Tensor:
+    """LR-PSNR of each sample (dB), shape (inputs, K): bicubic ↓``scale`` of the sample vs its LR input."""
     s = torch.nan_to_num(sr.detach(), nan=0.0, posinf=1.0, neginf=0.0).clamp(0, 1)
     down = torch.nn.functional.interpolate(s, scale_factor=1 / scale, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-    ref = lr.detach().repeat_interleave(k, 0)
+    ref = sampling.repeat(lr.detach())
     mse = ((down - ref) ** 2).flatten(1).mean(1).to(torch.float64)
-    return (10 * torch.log10(1.0 / mse.clamp_min(1e-12))).view(-1, k)
+    return sampling.per_input(10 * torch.log10(1.0 / mse.clamp_min(1e-12)))
 
 
 def logistic_fit(s_ood: np.ndarray, has_error: np.ndarray) -> dict | None:

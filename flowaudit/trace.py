@@ -9,20 +9,24 @@ largest gain seen by each input. It also keeps a bounded sample of each
 site's parameters for the Remark 2 probe. Nothing grows with the number of
 inputs except one float per input and site.
 
-Rows of a traced batch are input-major: row ``r`` is sample ``r % K`` of
-input ``r // K``.
+Rows of a traced batch are input-major (:class:`~flowaudit.layout.Sampling`).
+:func:`layer_table` turns the traces of the in-distribution and OOD sets into
+the report's ``layers`` rows and names the explosion layer.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["GAIN_EDGES", "LayerStats", "GainStats", "Tracer", "histogram_quantile"]
+from .layout import Sampling
+
+__all__ = ["GAIN_EDGES", "LayerStats", "GainStats", "Tracer", "histogram_quantile", "layer_table"]
 
 # log10(1/c') from 1e-4 to 1e8 in 0.025 decades (6 % steps); values beyond land in the end bins
 GAIN_EDGES = np.round(np.arange(-4.0, 8.0 + 1e-9, 0.025), 10)
@@ -176,12 +180,12 @@ class Tracer:
     """Observer of inverse passes of one input set (see module docstring).
 
     Args:
-        samples: K, samples per input (rows per input in each batch).
+        sampling: the batch layout (K rows per input, input-major).
         param_budget: points of parameters kept per site for the Remark 2 probe.
     """
 
-    def __init__(self, samples: int, param_budget: int = 4096):
-        self.samples = samples
+    def __init__(self, sampling: Sampling, param_budget: int = 4096):
+        self.sampling = sampling
         self.param_budget = param_budget
         self.layers: dict[str, LayerStats] = {}
         self.gains: dict[str, GainStats] = {}
@@ -198,7 +202,7 @@ class Tracer:
         self.gains.setdefault(name, GainStats()).add(gain)
         g = gain.detach().flatten(1).to(torch.float64)
         g = torch.where(torch.isnan(g), torch.full_like(g, math.inf), g)  # NaN gain: as bad as it gets
-        g = g.reshape(-1, self.samples * g.shape[1])  # one row per input
+        g = self.sampling.per_input(g).flatten(1)  # one row per input
         b = self._batch
         b["max"] = g.amax(1) if "max" not in b else torch.maximum(b["max"], g.amax(1))
         b["min"] = g.amin(1) if "min" not in b else torch.minimum(b["min"], g.amin(1))
@@ -227,3 +231,27 @@ class Tracer:
         for lo, hi, h in zip(b["min"].cpu().tolist(), b["max"].cpu().tolist(), hist):
             q = [min(max(histogram_quantile(h, INPUT_EDGES, p), lo), hi) for p in (0.5, 0.99)]
             self.input_gain.append({"min": lo, "p50": q[0], "p99": q[1], "max": hi})
+
+
+def layer_table(names: Sequence[str], tracers: Sequence[Tracer], threshold: float) -> tuple[list[dict], str | None]:
+    """Rows of the layer trace for the sets (``in``, then ``ood``) and the explosion layer.
+
+    The explosion layer is the first whose OOD/in-distribution variance ratio passes
+    ``threshold``; non-finite values met only out of distribution count as an infinite ratio.
+    """
+    rows, explosion = [], None
+    for name in names:
+        row: dict[str, Any] = {"name": name}
+        for set_name, t in zip(("in", "ood"), tracers):
+            if name in t.layers:
+                row[set_name] = t.layers[name].to_dict()
+        if "in" in row and "ood" in row:
+            vi, vo = row["in"]["variance"], row["ood"]["variance"]
+            ratio = vo / vi if vi > 0 else (math.inf if vo > 0 else 1.0)
+            if row["ood"]["n_nonfinite"] and not row["in"]["n_nonfinite"]:
+                ratio = math.inf
+            row["variance_ratio"] = ratio
+            if explosion is None and ratio > threshold:
+                explosion = name
+        rows.append(row)
+    return rows, explosion

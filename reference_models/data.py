@@ -40,9 +40,6 @@ Example:
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -55,12 +52,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .atomic import atomic_dir
+
 __all__ = [
-    "TRAIN_IMAGES", "TEST_IMAGES", "IMAGE_EXTENSIONS", "PAIR_LAYOUTS", "EURBAN_KERNEL",
+    "TRAIN_IMAGES", "TEST_IMAGES", "EURBAN_KERNEL",
     "LowLightPreset", "LOL_LIKE", "VELOL_LIKE",
     "corpus", "bicubic_down", "bicubic_up", "eurban", "darken", "lowlight_pairs",
     "SRPatches", "LowLightPatches",
-    "read_image", "read_image_folder", "find_pair_dirs", "read_paired_folder",
     "write_sr_set", "write_lowlight_set",
 ]
 
@@ -69,8 +67,6 @@ Pair = tuple[str, np.ndarray, np.ndarray]  # (name, condition, target)
 
 TRAIN_IMAGES = ("astronaut", "coffee", "motorcycle", "immunohistochemistry", "hubble_deep_field", "retina", "china")
 TEST_IMAGES = ("chelsea", "rocket", "flower")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-PAIR_LAYOUTS = (("low", "high"), ("lr", "hr"))  # (condition folder, target folder)
 EURBAN_KERNEL = torch.tensor([[-1.0, -4.0, -1.0], [-4.0, 26.0, -4.0], [-1.0, -4.0, -1.0]]) / 3
 
 
@@ -258,52 +254,7 @@ class LowLightPatches(_Patches):
         return {"low": self._crop(low, i), "high": self._crop(high, i)}
 
 
-# -- folders --------------------------------------------------------------------------
-def read_image(path: str | Path) -> np.ndarray:
-    """One PNG/JPEG as H×W×3 float32 in [0, 1] (gray → RGB, alpha dropped, 16-bit scaled)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            if im.mode.startswith("I"):  # 16-bit gray PNG
-                a = np.asarray(im, dtype=np.float32) / 65535
-                return np.repeat(a[..., None], 3, axis=2).clip(0, 1)
-            return np.asarray(im.convert("RGB"), dtype=np.float32) / 255
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable image ({' '.join(str(e).split())})") from e
-
-
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
-
-
-def read_image_folder(path: str | Path) -> list[Named]:
-    """``(stem, image)`` for every PNG/JPEG directly in ``path``, sorted by file name."""
-    return [(p.stem, read_image(p)) for p in _image_files(Path(path))]
-
-
-def find_pair_dirs(path: str | Path) -> tuple[str, str] | None:
-    """The paired layout of ``path`` (``("low", "high")`` or ``("lr", "hr")``), or ``None``."""
-    found = [lay for lay in PAIR_LAYOUTS if all((Path(path) / d).is_dir() for d in lay)]
-    if len(found) > 1:
-        raise ValueError(f"{path}: ambiguous, holds both low/+high/ and lr/+hr/")
-    return found[0] if found else None
-
-
-def read_paired_folder(path: str | Path) -> list[Pair]:
-    """``(stem, condition, target)`` from ``low/``+``high/`` or ``lr/``+``hr/``, paired by file stem."""
-    layout = find_pair_dirs(path)
-    if layout is None:
-        raise ValueError(f"{path}: no low/+high/ or lr/+hr/ sub-folders")
-    cond, targ = ({p.stem: p for p in _image_files(Path(path) / d)} for d in layout)
-    if cond.keys() != targ.keys():
-        only = [f"only in {d}/: {', '.join(sorted(a.keys() - b.keys())[:3])}"
-                for d, a, b in ((layout[0], cond, targ), (layout[1], targ, cond)) if a.keys() - b.keys()]
-        raise ValueError(f"{path}: files do not pair by name ({'; '.join(only)})")
-    return [(s, read_image(cond[s]), read_image(targ[s])) for s in sorted(cond)]
-
-
+# -- writing sets -------------------------------------------------------------------
 def _write_png(path: Path, t: Tensor) -> None:
     from PIL import Image
 
@@ -320,28 +271,15 @@ def _quantize(images: Sequence[Named], fn: Callable[[Tensor], Tensor] | None = N
 
 
 def _write_set(out_dir: str | Path, ds: _Patches, keys: tuple[str, str], meta: dict, overwrite: bool) -> Path:
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: already exists")
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         for k in keys:
-            (tmp / k).mkdir(parents=True)
+            (tmp / k).mkdir()
         for i in range(len(ds)):
             item = ds[i]
             for k in keys:
                 _write_png(tmp / k / f"{i:04d}_{ds.names[i]}.png", item[k])
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if out.exists():
-            old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out_dir)
 
 
 def write_sr_set(out_dir: str | Path, images: Sequence[Named], patch: int = 160, scale: int = 4, n: int = 100,

@@ -7,15 +7,18 @@ Toy recipe from the paper (S1.2): Adam (0.9, 0.999), lr 5e-4, batch 1000,
 
 from __future__ import annotations
 
+import inspect
+import json
 from pathlib import Path
 
 import torch
 
-from . import build, load_checkpoint
+
+from . import build, load_checkpoint, model_class
 from .toy import toy_data
 from .training import train
 
-__all__ = ["train_toy", "train_sr", "train_lowlight", "transplant", "demo_image_sets", "TOY_TRAIN_SIZE", "TOY_SEED_TEST"]
+__all__ = ["train_toy", "train_sr", "train_lowlight", "transplant", "read_config", "run_info", "TOY_TRAIN_SIZE", "TOY_SEED_TEST"]
 
 TOY_TRAIN_SIZE = 100_000
 TOY_SEED_TEST = 10_001  # the test/OOD conditions use a seed no training run uses
@@ -130,34 +133,27 @@ def train_lowlight(coupling: str = "affine", *, out, iters: int = 3000, batch: i
                            from_ckpt=from_ckpt, freeze_encoder=freeze_encoder, progress=progress, data=data, pixels=3 * patch * patch, device=device)
 
 
-def demo_image_sets(task: str, n_fit: int = 128, n_test: int = 32):
-    """(fit, in-distribution, OOD) condition sets for the bundled image models (embedded corpus).
+# -- what the command line hands over --------------------------------------------------------------
 
-    SR: LR patches of the training images; of the test images; of the test images enhanced
-    with the paper's kernel H (EUrban, eq. S1). Low-light: LOL-like darkening of training and
-    test images; the VE-LOL-like darkening of the test images as OOD.
+def read_config(task: str, path: str | Path) -> dict:
+    """Model constructor options of ``task`` from a JSON file; ``ValueError`` (one line) on anything else.
+
+    ``coupling``, ``patch`` and ``scale`` are not options here: the recipe sets them.
     """
-    from flowaudit.datasets import ConditionSet
+    try:
+        config = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--config {path}: not JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"--config {path}: expected a JSON object of constructor options")
+    known = set(inspect.signature(model_class(task).__init__).parameters) - {"self", "coupling", "patch", "scale"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown option {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    return config
 
-    from .data import LOL_LIKE, VELOL_LIKE, LowLightPatches, SRPatches, corpus, eurban, lowlight_pairs
 
-    def as_set(ds, ykey, xkey, name, desc):
-        items = [ds[i] for i in range(len(ds))]
-        y = torch.stack([it[ykey] for it in items])
-        x = torch.stack([it[xkey] for it in items])
-        return ConditionSet(y=y, x=x, ids=[f"{name}:{n}" for n in ds.names], description={"kind": "bundled", "name": name, "n": len(y), **desc})
-
-    if task == "sr":
-        patch, scale = 32, 4
-        test = corpus("test")
-        enhanced = [(n, eurban(torch.from_numpy(a.copy()).permute(2, 0, 1)).permute(1, 2, 0).numpy()) for n, a in test]
-        mk = lambda imgs, n, seed, name, desc: as_set(SRPatches(imgs, patch=patch, scale=scale, n=n, seed=seed, augment=False), "lr", "hr", name, desc)  # noqa: E731
-        return (mk(corpus("train"), n_fit, 101, "train", {"split": "train"}), mk(test, n_test, 102, "test", {"split": "test"}),
-                mk(enhanced, n_test, 102, "eurban", {"split": "test", "transform": "eurban (eq. S1)"}))
-    if task == "lowlight":
-        patch = 32
-        mk = lambda imgs, preset, n, seed, name, desc: as_set(LowLightPatches(lowlight_pairs(imgs, preset, seed=seed), patch=patch, n=n, seed=seed, augment=False), "low", "high", name, desc)  # noqa: E731
-        return (mk(corpus("train"), LOL_LIKE, n_fit, 101, "train", {"preset": "LOL_LIKE"}),
-                mk(corpus("test"), LOL_LIKE, n_test, 102, "test", {"preset": "LOL_LIKE"}),
-                mk(corpus("test"), VELOL_LIKE, n_test, 102, "velol", {"preset": "VELOL_LIKE"}))
-    raise ValueError(f"no demo data for task {task!r}")
+def run_info(state: dict, out: str | Path) -> dict:
+    """What a finished training run reports: where, task, config, iterations, final NLL, skipped steps."""
+    return {"out": str(out), "task": state["task"], "config": state["config"], "iters": state["iters"], "seed": state["seed"],
+            "final_nll": state["history"][-1][1] if state["history"] else None, "skipped_steps": state["skipped_steps"]}

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flowaudit.atomic import atomic_path
+from .atomic import atomic_path
 
 from .base import ReferenceFlow
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import flowaudit
-from flowaudit.audit import AuditError
+from flowaudit.errors import AuditError
 from flowaudit.reference_models import ReferenceFlow
 from flowaudit.reference_models.couplings import Affine
 from flowaudit.reference_models.toy import Toy2D, toy_data
@@ -217,7 +217,7 @@ def test_stats_must_match_the_model(toys, tmp_path):
 
 
 def test_features_hook_the_encoder_and_leave_nothing(toys):
-    from flowaudit.audit import features
+    from flowaudit.features import features
     from flowaudit.adapters import adapt
 
     model = toys["affine"]

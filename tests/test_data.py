@@ -14,6 +14,7 @@ from PIL import Image
 from scipy import ndimage
 
 from flowaudit.datasets import ConditionSet, DataError, load_conditions
+from flowaudit.images import read_paired_folder
 from flowaudit.reference_models import data as D
 
 
@@ -201,7 +202,7 @@ def test_lowlight_set_round_trip_and_overwrite(tmp_path: Path, test_images) -> N
     cs = load_conditions(out)
     assert cs.description["kind"] == "paired low/high" and cs.y.shape == cs.x.shape == (4, 3, 24, 24)
     assert cs.y.mean() < 0.25 * cs.x.mean()
-    assert [s for s, _, _ in D.read_paired_folder(out)] == cs.ids
+    assert [s for s, _, _ in read_paired_folder(out)] == cs.ids
     with pytest.raises(FileExistsError):
         D.write_lowlight_set(out, test_images, patch=24, n=4)
     D.write_lowlight_set(out, test_images, patch=24, n=2, overwrite=True)

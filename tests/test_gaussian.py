@@ -1,4 +1,4 @@
-"""Tests for flowaudit.gaussian (Mahalanobis s_OOD) and flowaudit.atomic."""
+"""Tests for flowaudit.gaussian (Mahalanobis s_OOD) and the atomic writer."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from sklearn.base import clone
 from sklearn.covariance import OAS, EmpiricalCovariance, LedoitWolf, ledoit_wolf
 from sklearn.exceptions import NotFittedError
 
-from flowaudit.atomic import atomic_path
+from flowaudit.reference_models.atomic import atomic_path, atomic_dir
 from flowaudit.gaussian import ESTIMATORS, GaussianOOD
 
 SKLEARN = {"empirical": EmpiricalCovariance, "ledoit-wolf": LedoitWolf, "oas": OAS}
@@ -255,3 +255,22 @@ def test_atomic_path(tmp_path) -> None:
     with pytest.raises(TypeError, match="metadata 'bad'"):
         est.save(tmp_path / "stats.h5", bad={"a": 1})
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_atomic_dir(tmp_path) -> None:
+    target = tmp_path / "report"
+    with atomic_dir(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".")
+        (tmp / "a.txt").write_text("one")
+    assert [p.name for p in tmp_path.iterdir()] == ["report"] and (target / "a.txt").read_text() == "one"
+
+    with pytest.raises(FileExistsError, match="exists"), atomic_dir(target):
+        pass
+    with pytest.raises(RuntimeError, match="boom"), atomic_dir(target, overwrite=True) as tmp:
+        (tmp / "b.txt").write_text("half")
+        raise RuntimeError("boom")
+    assert [p.name for p in tmp_path.iterdir()] == ["report"] and [p.name for p in target.iterdir()] == ["a.txt"]
+
+    with atomic_dir(target, overwrite=True) as tmp:
+        (tmp / "b.txt").write_text("two")
+    assert [p.name for p in tmp_path.iterdir()] == ["report"] and [p.name for p in target.iterdir()] == ["b.txt"]

@@ -29,7 +29,7 @@ def test_sr_scan_reports_lr_psnr_sites_and_maps():
     kinds = {s["kind"] for s in rep["model"]["sites"]}
     assert kinds == {"affine", "prior"}  # couplings + injectors, and the split prior
     assert rep["ood"]["layers"] == model.default_feature_layers()
-    assert rep.images and rep.images[0]["map"].shape == (4, 4)
+    assert rep.panel and rep.panel[0].map.shape == (4, 4)
     assert "Riskiest inputs" in rep.to_html()
 
 
