@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Observer", "Site", "Adapter", "widen"]
+__all__ = ["Observer", "Site", "Adapter", "widen", "AFFINE_BOUNDED_FLOOR", "affine_kind", "elementwise_derivative"]
 
 
 class Observer(Protocol):
@@ -76,6 +77,27 @@ def widen(band: tuple[float, float], factor: float = 0.5) -> tuple[float, float]
     lo, hi = band
     pad = factor * (hi - lo)
     return lo - pad, hi + pad
+
+
+#: An affine scale whose floor is at least this caps the inverse gain at 1/floor ≤ 100: ``affine-bounded``
+#: (FS-NCSR†'s 0.1, FrEIA's soft clamp); a lower floor (Glow/SRFlow's 1e-4, nflows' 1e-3) is ``affine``.
+AFFINE_BOUNDED_FLOOR = 1e-2
+
+
+def affine_kind(low: float) -> str:
+    """Kind of an affine site whose scale ``c' = s`` never goes below ``low`` (read from the live object)."""
+    return "affine-bounded" if low >= AFFINE_BOUNDED_FLOOR else "affine"
+
+
+def elementwise_derivative(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``c'(x)`` of an elementwise map ``fn`` at every entry of ``x``, by one forward-mode JVP.
+
+    The Jacobian of an elementwise map is diagonal, so the JVP with a tangent of ones is its
+    diagonal. Works under ``no_grad`` (forward-mode AD does not need the autograd graph).
+    """
+    from torch.func import jvp
+
+    return jvp(fn, (x,), (torch.ones_like(x),))[1]
 
 
 class Adapter(ABC):
