@@ -10,7 +10,7 @@ from .plots import gain_plot, layer_plot, panel_plot, risk_plot
 from .text import terminal_summary
 
 if TYPE_CHECKING:
-    from .report import PanelItem
+    from .panel import PanelItem
 
 __all__ = ["html_report"]
 

@@ -10,16 +10,31 @@ the encoder features when a spatial Gaussian was fitted. For the HTML only.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from torch import Tensor
 
 from .adapters import Adapter
 from .datasets import ConditionSet
 from .device import auditing
 from .features import spatial_map
 from .gaussian import GaussianOOD
-from .report import PanelItem
 from .sampling import Run
 
-__all__ = ["worst_inputs"]
+__all__ = ["PanelItem", "worst_inputs"]
+
+
+@dataclass
+class PanelItem:
+    """One row of the worst-input panel (image models, HTML only): condition, samples, s_OOD map."""
+
+    id: str
+    set: str
+    y: Tensor
+    samples: Tensor
+    record: dict
+    map: np.ndarray | None = None
 
 
 def worst_inputs(adapter: Adapter, sets: Sequence[tuple[str, ConditionSet]], records: list[dict], spatial: GaussianOOD | None,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from .format import fmt, num
 
 if TYPE_CHECKING:
-    from .report import PanelItem
+    from .panel import PanelItem
 
 __all__ = ["layer_plot", "gain_plot", "risk_plot", "panel_plot"]
 

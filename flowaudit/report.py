@@ -14,28 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from torch import Tensor
-
 from .format import flat, jsonable
 from .reference_models.atomic import atomic_dir, atomic_path
 
 if TYPE_CHECKING:
     from .gaussian import GaussianOOD
+    from .panel import PanelItem
 
-__all__ = ["Report", "PanelItem"]
-
-
-@dataclass
-class PanelItem:
-    """One row of the worst-input panel (image models, HTML only): condition, samples, s_OOD map."""
-
-    id: str
-    set: str
-    y: Tensor
-    samples: Tensor
-    record: dict
-    map: np.ndarray | None = None
+__all__ = ["Report"]
 
 
 @dataclass
