@@ -359,7 +359,7 @@ class NflowsAdapter(Adapter):
 
 def matches(model: Any) -> bool:
     """An ``nflows.flows.*`` flow (checked by module name: nflows is not imported here)."""
-    return isinstance(model, nn.Module) and type(model).__module__.startswith("nflows.flows") and hasattr(model, "_transform")
+    return isinstance(model, nn.Module) and any(c.__module__.startswith("nflows.flows") for c in type(model).__mro__) and hasattr(model, "_transform")
 
 
 def make(model: nn.Module, name: str | None = None) -> NflowsAdapter:
