@@ -25,7 +25,7 @@ class ModelError(ValueError):
 
 # One module per family, tried in this order. Each defines ``matches(model) -> bool`` (cheap, and
 # without importing its optional library) and ``make(model, name) -> Adapter``.
-FAMILIES = ("reference", "nflows", "zuko")
+FAMILIES = ("reference", "freia", "normflows", "nflows", "zuko")
 
 
 def adapt(model: Any, name: str | None = None) -> Adapter:

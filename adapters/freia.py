@@ -1,0 +1,318 @@
+r"""Adapter for FrEIA invertible networks (``SequenceINN``, ``GraphINN``) with the condition as ``c=[y]``.
+
+FrEIA's coupling blocks split the input into halves :math:`x_1, x_2` and map
+each *active* half elementwise with parameters a subnetwork computes from the
+other half and the condition. Each active half is one site:
+
+.. math::
+
+    c(x) = x \odot e^{s} + t,\qquad s = \alpha\, f(\hat s)\quad
+    (\text{soft clamp: } f = 0.636\,\arctan,\ \tanh \text{ or } 2\,\sigma - 1),
+
+so :math:`c' = e^{s}` and the inverse gain while sampling is :math:`e^{-s}`.
+With a bounded :math:`f` the scale lies in :math:`[e^{-\alpha\sup|f|},
+e^{\alpha\sup|f|}]`: kind ``affine-bounded``, whose lower and upper tail
+slopes never meet (Remark 2 violated). ``NICECouplingBlock`` has
+:math:`s = 0` (``additive``). ``GINCouplingBlock`` (and ``AllInOneBlock(gin_block=True)``)
+subtracts the mean of :math:`s` over the active half: the block preserves
+volume, but a single element's scale still ranges over
+:math:`e^{\pm 2\alpha\sup|f|(n-1)/n}` for :math:`n > 1` elements — one
+element's inverse gain can still blow up, so it is ``affine-bounded``; with
+:math:`n = 1` the mean subtraction forces :math:`s \equiv 0` and the half is
+``additive``. ``AllInOneBlock`` adds a permutation and a global affine
+(ActNorm-like) whose parameters are learned constants, not conditional: a
+layer, not a site. A conditional block of a class this module does not know
+becomes a site of kind ``unknown`` (never silently skipped).
+
+Everything that varies between versions and configurations is read from the
+live block: ``clamp``, the activation ``f_clamp`` (evaluated, not matched by
+name), split lengths, ``GIN``; ``AllInOneBlock``'s coupling is evaluated
+through its own ``_affine``. The sampling pass is FrEIA's own
+``inn(z, c=[y], rev=True)``; forward hooks on the subnetworks (called through
+``__call__``) read their outputs, forward hooks on the blocks read each
+layer's output. Hooks are removed on exit, also when the observer raises.
+
+Example:
+    >>> import FrEIA.framework as Ff, FrEIA.modules as Fm                     # doctest: +SKIP
+    >>> inn = Ff.SequenceINN(2)                                                # doctest: +SKIP
+    >>> inn.append(Fm.GLOWCouplingBlock, cond=0, cond_shape=(2,),
+    ...            subnet_constructor=lambda i, o: torch.nn.Linear(i, o))    # doctest: +SKIP
+    >>> [s.kind for s in make(inn).sites()]                                    # doctest: +SKIP
+    ['affine-bounded', 'affine-bounded']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import Adapter, Observer, Site
+from .hooks import first_tensor, hooked
+
+__all__ = ["AffineHalfSite", "UnknownSite", "FrEIAAdapter", "matches", "make"]
+
+_LOG2PI = math.log(2 * math.pi)
+
+
+class AffineHalfSite(Site):
+    r"""One active half of a FrEIA affine/additive coupling: :math:`c(x) = x e^{s} + t`.
+
+    ``params`` is one tensor (B, 2, *half) holding :math:`[s, t]` at the visited points
+    (after the block's clamp), so the Remark 2 probe sees exactly the scales met while sampling.
+    """
+
+    def __init__(self, name: str, kind: str, bounds: tuple[float, float] | None,
+                 roles: dict[str, str], to_params: Callable[[dict[str, Tensor]], Tensor]):
+        self.name, self.kind, self._bounds = name, kind, bounds
+        self.roles = roles  # submodule name -> role ("a": [s, t] stacked, "s", "t")
+        self._to_params = to_params
+        self._pending: dict[str, Tensor] = {}
+
+    # -- evaluation -------------------------------------------------------------
+    @staticmethod
+    def _split(values: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        p = params.to(values.dtype)
+        return p[:, 0].reshape(1, -1), p[:, 1].reshape(1, -1)
+
+    def derivative_at(self, values: Tensor, params: Tensor) -> Tensor:
+        s, _ = self._split(values, params)
+        return torch.exp(s).expand(values.shape[0], -1)
+
+    def map_at(self, values: Tensor, params: Tensor) -> Tensor:
+        s, t = self._split(values, params)
+        return values[:, None] * torch.exp(s) + t
+
+    def tail_bounds(self) -> tuple[float, float] | None:
+        return self._bounds
+
+    def tail_start(self) -> float | None:
+        return 0.0  # affine everywhere: every |x| is in the tails
+
+    # -- reading a sampling pass ------------------------------------------------
+    def feed(self, module_name: str, output: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Take one subnetwork output; when all roles are in: (inverse gain, params)."""
+        # clone: FrEIA scales some outputs in place after the call (AllInOneBlock: ``a *= 0.1``)
+        self._pending[self.roles[module_name]] = output.detach().clone()
+        if len(self._pending) < len(set(self.roles.values())):
+            return None
+        pending, self._pending = self._pending, {}
+        params = self._to_params(pending)
+        return torch.exp(-params[:, 0]), params
+
+
+class UnknownSite(Site):
+    """A conditional block of a class this adapter does not know: reported, never probed."""
+
+    kind = "unknown"
+
+    def __init__(self, name: str, cls: str):
+        self.name, self.cls = name, cls
+
+    def derivative_at(self, values: Tensor, params: Any) -> Tensor:
+        raise NotImplementedError(f"{self.cls} is not a known FrEIA coupling: its derivative is unknown")
+
+
+# -- reading the blocks ---------------------------------------------------------
+
+def _activation_sup(f: Callable[[Tensor], Tensor]) -> float:
+    """``sup |f|`` of a clamp activation, evaluated on the live function at ±10³⁰ (inf when unbounded)."""
+    with torch.no_grad():
+        v = f(torch.tensor([-1e30, 1e30], dtype=torch.float64))
+    v = v.abs().max()
+    return float(v) if torch.isfinite(v) else math.inf
+
+
+def _affine_kind(clamp: float, sup: float, n: int, gin: bool) -> tuple[str, tuple[float, float] | None]:
+    """Kind and scale bounds of ``x·exp(clamp·f(ŝ)) + t`` (GIN: ``s`` minus its mean over ``n`` elements)."""
+    if gin and n == 1:
+        return "additive", (1.0, 1.0)
+    if clamp == 0:
+        return "additive", (1.0, 1.0)
+    a = abs(clamp) * sup
+    if gin:
+        a *= 2 * (n - 1) / n
+    if not math.isfinite(a):
+        return "affine", None
+    return "affine-bounded", (math.exp(-a), math.exp(a))
+
+
+def _soft(block: nn.Module, gin: bool) -> Callable[[Tensor], Tensor]:
+    """``ŝ ↦ s`` exactly as the block computes it (its own ``clamp`` and ``f_clamp``)."""
+
+    def fn(raw: Tensor) -> Tensor:
+        s = block.clamp * block.f_clamp(raw)
+        return s - s.mean(1, keepdim=True) if gin else s
+
+    return fn
+
+
+def _stacked(soft: Callable[[Tensor], Tensor], n_s: int) -> Callable[[dict[str, Tensor]], Tensor]:
+    """Params from one subnet output ``a = [ŝ, t]`` split after ``n_s`` channels."""
+    return lambda p: torch.stack([soft(p["a"][:, :n_s]), p["a"][:, n_s:]], 1)
+
+
+def _separate(soft: Callable[[Tensor], Tensor]) -> Callable[[dict[str, Tensor]], Tensor]:
+    return lambda p: torch.stack([soft(p["s"]), p["t"]], 1)
+
+
+def _additive(p: dict[str, Tensor]) -> Tensor:
+    return torch.stack([torch.zeros_like(p["t"]), p["t"]], 1)
+
+
+def _all_in_one(block: nn.Module) -> Callable[[dict[str, Tensor]], Tensor]:
+    """[s, t] of AllInOneBlock's coupling, evaluated through the block's own ``_affine``.
+
+    ``_affine(x, a)`` is affine in ``x``: ``t = c(0)`` and ``e^s = c(1) − c(0)`` (float64, so the
+    difference is exact to ~1e-16 relative); its pre-scaling, clamp and GIN centring are the block's.
+    """
+
+    def fn(p: dict[str, Tensor]) -> Tensor:
+        a = p["a"].to(torch.float64)
+        ch = a.shape[1] // 2
+        zeros = a.new_zeros(a[:, :ch].shape)
+        c0, _ = block._affine(zeros, a.clone())
+        c1, _ = block._affine(zeros + 1, a.clone())
+        return torch.stack([torch.log(c1 - c0), c0], 1).to(p["a"].dtype)
+
+    return fn
+
+
+def _block_sites(name: str, block: nn.Module) -> list[Site]:
+    """The sites of one FrEIA block, in forward (encode) order."""
+    import FrEIA.modules as Fm
+
+    def sub(attr: str) -> str:
+        return f"{name}.{attr}" if name else attr
+
+    if isinstance(block, Fm.AllInOneBlock):
+        n = block.splits[1] * int(torch.Size(block.dims_in[0][1:]).numel())
+        kind, bounds = _affine_kind(block.clamp, _activation_sup(torch.tanh), n, bool(block.GIN))
+        return [AffineHalfSite(sub("x2"), kind, bounds, {sub("subnet"): "a"}, _all_in_one(block))]
+    if isinstance(block, Fm.NICECouplingBlock):
+        return [AffineHalfSite(sub("x1"), "additive", (1.0, 1.0), {sub("F"): "t"}, _additive),
+                AffineHalfSite(sub("x2"), "additive", (1.0, 1.0), {sub("G"): "t"}, _additive)]
+    if not hasattr(block, "f_clamp"):
+        return [UnknownSite(name, type(block).__name__)] if block.dims_c else []
+
+    sup = _activation_sup(block.f_clamp)
+    gin = isinstance(block, Fm.GINCouplingBlock)
+    n1, n2 = block.split_len1, block.split_len2
+
+    def half(label: str, n: int, roles: dict[str, str], to_params) -> AffineHalfSite:
+        kind, bounds = _affine_kind(block.clamp, sup, n, gin)
+        return AffineHalfSite(sub(label), kind, bounds, roles, to_params)
+
+    if isinstance(block, (Fm.GLOWCouplingBlock, Fm.GINCouplingBlock)):
+        soft = _soft(block, gin)
+        # coupling1 transforms x1 with subnet2([x2, c]); coupling2 transforms x2 with subnet1([y1, c])
+        return [half("x1", n1, {sub("subnet2"): "a"}, _stacked(soft, n1)),
+                half("x2", n2, {sub("subnet1"): "a"}, _stacked(soft, n2))]
+    if isinstance(block, Fm.RNVPCouplingBlock):
+        soft = _soft(block, False)
+        return [half("x1", n1, {sub("subnet_s2"): "s", sub("subnet_t2"): "t"}, _separate(soft)),
+                half("x2", n2, {sub("subnet_s1"): "s", sub("subnet_t1"): "t"}, _separate(soft))]
+    if isinstance(block, Fm.AffineCouplingOneSided):
+        return [half("x2", n2, {sub("subnet"): "a"}, _stacked(_soft(block, False), n2))]
+    if isinstance(block, Fm.ConditionalAffineTransform):
+        return [half("x", block.channels, {sub("subnet"): "a"}, _stacked(_soft(block, False), block.channels))]
+    return [UnknownSite(name, type(block).__name__)] if block.dims_c else []
+
+
+class FrEIAAdapter(Adapter):
+    """Adapter of a FrEIA ``SequenceINN`` or ``GraphINN`` with one condition, standard-normal latents."""
+
+    family = "freia"
+
+    def __init__(self, model: nn.Module, name: str | None = None):
+        super().__init__(model, name)
+        import FrEIA.framework as Ff
+
+        modules = {id(m): n for n, m in model.named_modules()}
+        if isinstance(model, Ff.SequenceINN):
+            used = {c for c in model.conditions if c is not None}
+            if used - {0}:
+                raise TypeError(f"SequenceINN uses conditions {sorted(used)}: flowaudit passes one condition, c=[y]")
+            self._blocks = [(modules[id(m)], m) for m in model.module_list]
+            cond = next((m.dims_c[0] for m, c in zip(model.module_list, model.conditions) if c is not None), None)
+            self._latent_shapes = [tuple(model.shapes[-1])]
+            self._graph = False
+        elif isinstance(model, Ff.GraphINN):
+            if len(model.condition_nodes) > 1 or len(model.in_nodes) != 1:
+                raise TypeError(f"GraphINN with {len(model.in_nodes)} inputs and {len(model.condition_nodes)} "
+                                "condition nodes: flowaudit needs one input and at most one condition")
+            self._blocks = [(modules[id(n.module)], n.module) for n in model.node_list if n.module is not None]
+            cond = model.condition_nodes[0].dims if model.condition_nodes else None
+            self._latent_shapes = [tuple(s) for s in model.global_out_shapes]
+            self._graph = True
+        else:
+            raise TypeError(f"not a FrEIA SequenceINN/GraphINN: {type(model).__name__}")
+        if cond is None:
+            raise TypeError(f"{type(model).__name__} has no conditional block: nothing to audit")
+        self._condition_shape = tuple(int(d) for d in cond)
+        self._sites = [s for n, b in self._blocks for s in _block_sites(n, b)]
+
+    @property
+    def condition_shape(self) -> tuple[int, ...]:
+        return self._condition_shape
+
+    @property
+    def output_range(self) -> tuple[float, float]:
+        # FrEIA knows nothing of data ranges; a user may state one on the model
+        return tuple(getattr(self.model, "output_range", (0.0, 1.0)))
+
+    def sites(self) -> list[Site]:
+        return list(self._sites)
+
+    def layer_names(self) -> list[str]:
+        return [n for n, _ in reversed(self._blocks)]
+
+    def sample_latents(self, y: Tensor, temperature: float, generator: torch.Generator | None) -> list[Tensor]:
+        return [temperature * torch.randn((y.shape[0], *s), generator=generator).to(y) for s in self._latent_shapes]
+
+    def _run(self, inp: list[Tensor], y: Tensor, rev: bool) -> tuple[list[Tensor], Tensor]:
+        out, logdet = self.model(inp[0] if len(inp) == 1 else tuple(inp), c=[y], rev=rev)
+        return (list(out) if isinstance(out, (tuple, list)) else [out]), logdet
+
+    def sample(self, y: Tensor, latents: list[Tensor], observer: Observer | None = None) -> Tensor:
+        if observer is None:
+            return self._run(latents, y, rev=True)[0][0]
+        owner = {m: s for s in self._sites if isinstance(s, AffineHalfSite) for m in s.roles}
+        for s in self._sites:
+            if isinstance(s, AffineHalfSite):
+                s._pending = {}
+
+        def on_subnet(name: str, args: tuple, kwargs: dict, output: Any) -> None:
+            site = owner[name]
+            got = site.feed(name, first_tensor(output))
+            if got is not None:
+                observer.site(site.name, *got)
+
+        def on_layer(name: str, args: tuple, kwargs: dict, output: Any) -> None:
+            observer.layer(name, first_tensor(output).detach())
+
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(hooked(self.model, list(owner), on_subnet))
+            stack.enter_context(hooked(self.model, self.layer_names(), on_layer))
+            return self._run(latents, y, rev=True)[0][0]
+
+    def forward(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
+        return self._run([x], y, rev=False)
+
+    def log_prob(self, x: Tensor, y: Tensor) -> Tensor:
+        latents, logdet = self.forward(x, y)
+        base = sum(-0.5 * (z.flatten(1) ** 2 + _LOG2PI).sum(1) for z in latents)
+        return base + logdet
+
+
+def matches(model: Any) -> bool:
+    # cheap and import-free: the class (or a base, for user subclasses) is FrEIA's SequenceINN/GraphINN
+    return any(c.__module__.split(".")[0] == "FrEIA" and c.__name__ in ("SequenceINN", "GraphINN") for c in type(model).__mro__)
+
+
+def make(model: nn.Module, name: str | None = None) -> FrEIAAdapter:
+    return FrEIAAdapter(model, name)
