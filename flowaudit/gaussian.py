@@ -10,7 +10,8 @@ The fit streams: :meth:`GaussianOOD.partial_fit` only accumulates float64
 sufficient statistics, :meth:`GaussianOOD.merge` combines two such states
 exactly (the sums a distributed fit all-reduces), :meth:`GaussianOOD.finalize`
 turns them into the estimate. :meth:`GaussianOOD.save` /
-:meth:`GaussianOOD.load` persist a fitted model as an HDF5 ``stats.h5``.
+:meth:`GaussianOOD.load` persist a fitted model as an HDF5 ``stats.h5``
+(:mod:`flowaudit.stats_file`).
 
 References:
     | Robustness of Normalizing Flows for Inverse Problems in Imaging (Hong et al., 2023)
@@ -25,14 +26,11 @@ References:
 
 from __future__ import annotations
 
-import json
 import numbers
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 from numpy.typing import ArrayLike, NDArray
@@ -40,8 +38,7 @@ from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 from torch import Tensor
 
-from flowaudit._version import __version__
-from flowaudit.reference_models.atomic import atomic_path
+from .stats_file import read_stats, write_stats
 
 __all__ = ["ESTIMATORS", "GaussianOOD"]
 
@@ -52,13 +49,6 @@ ESTIMATORS = ("empirical", "ledoit-wolf", "oas")
 # non-singular: far above the round-off of exactly collinear features (≈ 1e-13 at n = 1e5),
 # far below anything informative (an unexplained std of 1e-5 of the feature's std).
 _COLLINEAR = 1e-10
-
-_FORMAT = "flowaudit-stats"
-_FORMAT_VERSION = 1
-_RESERVED = frozenset(
-    {"format", "format_version", "estimator", "shrinkage", "dim", "n_inputs", "n_nonfinite"}
-    | {"flowaudit_version", "metadata_keys", "json_keys"}
-)
 
 Stats = tuple[int, NDArray[np.float64], NDArray[np.float64], NDArray[np.float64], float]
 
@@ -285,48 +275,21 @@ class GaussianOOD(BaseEstimator):
             out[i * self.block_size : i * self.block_size + len(d)] = d.cpu().numpy()
         return out
 
-    # persistence
+    # persistence (the HDF5 layout lives in :mod:`flowaudit.stats_file`)
 
     def save(self, path: str | os.PathLike[str], **metadata: str | float | list[str]) -> None:
-        """Write the fitted model to an HDF5 file, atomically.
+        """Write the fitted model to ``stats.h5``, atomically, with ``metadata`` merged over ``metadata_``.
 
-        Datasets ``n``, ``reference``, ``sum``, ``sum_sq``, ``sum_cubic``,
-        ``sum_quartic``, ``location``, ``covariance``, ``cholesky``; attributes
-        ``estimator``, ``shrinkage``, ``dim``, ``n_inputs``, ``n_nonfinite``,
-        ``flowaudit_version`` and one per metadata keyword (e.g. ``layers``,
-        ``pooling``, ``fingerprint``, ``data``, ``model``) merged over
-        ``metadata_``. Values are strings, numbers or lists (stored as JSON).
+        Metadata values are strings, numbers or lists (e.g. ``layers``, ``pooling``,
+        ``fingerprint``, ``data``, ``model``); the layout is :func:`~flowaudit.stats_file.write_stats`'s.
         """
         self._check_fitted()
-        metadata = {**self.metadata_, **metadata}
-        if clash := sorted(_RESERVED & metadata.keys()):
-            raise ValueError(f"metadata keys {clash} are reserved by the stats format")
-        json_keys = [k for k, v in metadata.items() if isinstance(v, (list, tuple))]
-
-        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-            f.attrs.update(
-                format=_FORMAT,
-                format_version=_FORMAT_VERSION,
-                estimator=self.estimator,
-                shrinkage=self.shrinkage_,
-                dim=self.n_features_in_,
-                n_inputs=self.n_,
-                n_nonfinite=self.n_nonfinite_,
-                flowaudit_version=__version__,
-                metadata_keys=json.dumps(list(metadata)),
-                json_keys=json.dumps(json_keys),
-            )
-            for key, value in metadata.items():
-                f.attrs[key] = _encode(key, value)
-            f["n"] = self.n_
-            f["reference"] = self.reference_
-            f["sum"] = self.sum_
-            f["sum_sq"] = self.sum_sq_
-            f["sum_cubic"] = self.sum_cubic_
-            f["sum_quartic"] = self.sum_quartic_
-            f["location"] = self.location_
-            f["covariance"] = self.covariance_
-            f["cholesky"] = self.cholesky_
+        arrays = {"n": self.n_, "reference": self.reference_, "sum": self.sum_, "sum_sq": self.sum_sq_,
+                  "sum_cubic": self.sum_cubic_, "sum_quartic": self.sum_quartic_,
+                  "location": self.location_, "covariance": self.covariance_, "cholesky": self.cholesky_}
+        header = {"estimator": self.estimator, "shrinkage": self.shrinkage_, "dim": self.n_features_in_,
+                  "n_inputs": self.n_, "n_nonfinite": self.n_nonfinite_}
+        write_stats(path, arrays, header, {**self.metadata_, **metadata})
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, device: str | torch.device | None = None) -> GaussianOOD:
@@ -334,40 +297,18 @@ class GaussianOOD(BaseEstimator):
 
         Raises:
             FileNotFoundError: If ``path`` does not exist.
-            ValueError: If ``path`` is not a flowaudit stats file.
+            ValueError: If ``path`` is not a valid flowaudit stats file.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no such stats file: {path}")
-        if not h5py.is_hdf5(path):
-            raise ValueError(f"{path} is not a flowaudit stats file (not HDF5)")
-        with h5py.File(path, "r") as f:
-            attrs = {k: _plain(v) for k, v in f.attrs.items()}
-            if attrs.get("format") != _FORMAT:
-                raise ValueError(f"{path} is not a flowaudit stats file (no format={_FORMAT!r} attribute)")
-            if attrs.get("format_version", 0) > _FORMAT_VERSION:
-                raise ValueError(f"{path} was written by a newer flowaudit ({attrs.get('flowaudit_version')})")
-            try:
-                data = {k: f[k][()] for k in ("n", "reference", "sum", "sum_sq", "sum_cubic", "sum_quartic")}
-                data |= {k: f[k][()] for k in ("location", "covariance", "cholesky")}
-                D, estimator = int(attrs["dim"]), str(attrs["estimator"])
-                json_keys = set(json.loads(attrs["json_keys"]))
-                metadata = {k: json.loads(attrs[k]) if k in json_keys else attrs[k] for k in json.loads(attrs["metadata_keys"])}
-                est = cls(estimator=estimator, device=device)
-                est.n_features_in_ = D
-                est.n_ = int(data["n"])
-                est.n_nonfinite_ = int(attrs["n_nonfinite"])
-                est.reference_ = np.asarray(data["reference"], dtype=np.float64)
-                est.sum_ = np.asarray(data["sum"], dtype=np.float64)
-                est.sum_sq_ = np.asarray(data["sum_sq"], dtype=np.float64)
-                est.sum_cubic_ = np.asarray(data["sum_cubic"], dtype=np.float64)
-                est.sum_quartic_ = float(data["sum_quartic"])
-                est.location_ = np.asarray(data["location"], dtype=np.float64)
-                est.covariance_ = np.asarray(data["covariance"], dtype=np.float64)
-                est.cholesky_ = np.asarray(data["cholesky"], dtype=np.float64)
-                est.shrinkage_ = float(attrs["shrinkage"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path} is not a valid flowaudit stats file ({type(e).__name__}: {e})") from None
+        arrays, header, metadata = read_stats(path)
+        D, estimator = int(header["dim"]), str(header["estimator"])
+        est = cls(estimator=estimator, device=device)
+        est.n_features_in_ = D
+        est.n_ = int(arrays["n"])
+        est.n_nonfinite_ = int(header["n_nonfinite"])
+        for name in ("reference", "sum", "sum_sq", "sum_cubic", "location", "covariance", "cholesky"):
+            setattr(est, f"{name}_", np.asarray(arrays[name], dtype=np.float64))
+        est.sum_quartic_ = float(arrays["sum_quartic"])
+        est.shrinkage_ = float(header["shrinkage"])
         shapes = [est.reference_, est.sum_, est.sum_cubic_, est.location_], [est.sum_sq_, est.covariance_, est.cholesky_]
         if estimator not in ESTIMATORS or any(a.shape != (D,) for a in shapes[0]) or any(a.shape != (D, D) for a in shapes[1]):
             raise ValueError(f"{path} is not a valid flowaudit stats file (inconsistent shapes or estimator)")
@@ -476,18 +417,3 @@ def _blocks(V: np.ndarray | Tensor, size: int, device: torch.device) -> Iterator
         b = V[i : i + size]
         b = b.detach() if isinstance(b, Tensor) else torch.from_numpy(np.ascontiguousarray(b))
         yield b.to(device=device, dtype=torch.float64)
-
-
-def _encode(key: str, value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        try:
-            return json.dumps(list(value))
-        except TypeError:
-            raise TypeError(f"metadata {key!r}: list items must be JSON-serialisable") from None
-    if isinstance(value, (str, bool, int, float, np.number, np.bool_)):
-        return value
-    raise TypeError(f"metadata {key!r}: expected a string, a number or a list of strings, got {type(value).__name__}")
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value

@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # source folder -> installed package (pyproject's package-dir)
 PACKAGES = {"flowaudit": "flowaudit", "adapters": "flowaudit.adapters", "reference_models": "flowaudit.reference_models"}
-TOP = {"flowaudit.cli", "flowaudit.demo", "flowaudit.__main__"}
+TOP = {"flowaudit.cli", "flowaudit.cli_options", "flowaudit.cli_reference", "flowaudit.demo", "flowaudit.__main__"}
 # the bottom layer's atomic writer serves every layer; no other engine → reference-model arrow
 SHARED = {"flowaudit.reference_models.atomic"}
 

@@ -1,0 +1,83 @@
+"""``stats.h5``: the HDF5 file a fitted feature Gaussian is kept in, written atomically.
+
+Datasets ``n``, ``reference``, ``sum``, ``sum_sq``, ``sum_cubic``,
+``sum_quartic``, ``location``, ``covariance``, ``cholesky``; attributes
+``format`` (``"flowaudit-stats"``), ``format_version``, ``estimator``,
+``shrinkage``, ``dim``, ``n_inputs``, ``n_nonfinite``, ``flowaudit_version``
+and one per metadata key (strings and numbers as they are, lists as JSON).
+A file of a newer format version, or one that is not HDF5 or not ours, is
+refused with a one-line :class:`ValueError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ._version import __version__
+from .reference_models.atomic import atomic_path
+
+__all__ = ["ARRAYS", "write_stats", "read_stats"]
+
+FORMAT = "flowaudit-stats"
+FORMAT_VERSION = 1
+ARRAYS = ("n", "reference", "sum", "sum_sq", "sum_cubic", "sum_quartic", "location", "covariance", "cholesky")
+HEADER = ("estimator", "shrinkage", "dim", "n_inputs", "n_nonfinite")
+RESERVED = frozenset({"format", "format_version", *HEADER, "flowaudit_version", "metadata_keys", "json_keys"})
+
+
+def write_stats(path: str | os.PathLike[str], arrays: dict[str, Any], header: dict[str, Any], metadata: dict[str, Any]) -> None:
+    """Write ``arrays`` (:data:`ARRAYS`), the ``header`` attributes and ``metadata`` to ``path``, atomically."""
+    if clash := sorted(RESERVED & metadata.keys()):
+        raise ValueError(f"metadata keys {clash} are reserved by the stats format")
+    json_keys = [k for k, v in metadata.items() if isinstance(v, (list, tuple))]
+    encoded = {key: _encode(key, value) for key, value in metadata.items()}  # fail before anything is written
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, **header, flowaudit_version=__version__,
+                       metadata_keys=json.dumps(list(metadata)), json_keys=json.dumps(json_keys))
+        f.attrs.update(encoded)
+        for name in ARRAYS:
+            f[name] = arrays[name]
+
+
+def read_stats(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
+    """``(arrays, header, metadata)`` of a stats file; see the module docstring for what is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such stats file: {path}")
+    if not h5py.is_hdf5(path):
+        raise ValueError(f"{path} is not a flowaudit stats file (not HDF5)")
+    with h5py.File(path, "r") as f:
+        attrs = {k: _plain(v) for k, v in f.attrs.items()}
+        if attrs.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a flowaudit stats file (no format={FORMAT!r} attribute)")
+        if attrs.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{path} was written by a newer flowaudit ({attrs.get('flowaudit_version')})")
+        try:
+            arrays = {k: f[k][()] for k in ARRAYS}
+            header = {k: attrs[k] for k in HEADER}
+            json_keys = set(json.loads(attrs["json_keys"]))
+            metadata = {k: json.loads(attrs[k]) if k in json_keys else attrs[k] for k in json.loads(attrs["metadata_keys"])}
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path} is not a valid flowaudit stats file ({type(e).__name__}: {e})") from None
+    return arrays, header, metadata
+
+
+def _encode(key: str, value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        try:
+            return json.dumps(list(value))
+        except TypeError:
+            raise TypeError(f"metadata {key!r}: list items must be JSON-serialisable") from None
+    if isinstance(value, (str, bool, int, float, np.number, np.bool_)):
+        return value
+    raise TypeError(f"metadata {key!r}: expected a string, a number or a list of strings, got {type(value).__name__}")
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
