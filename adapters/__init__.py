@@ -9,6 +9,8 @@ missing one disables its adapter, not the tool.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ class ModelError(ValueError):
 
 # One module per family, tried in this order. Each defines ``matches(model) -> bool`` (cheap, and
 # without importing its optional library) and ``make(model, name) -> Adapter``.
-FAMILIES = ("reference", "freia", "normflows", "nflows", "zuko")
+FAMILIES = ("custom", "reference", "freia", "normflows", "nflows", "zuko")
 
 
 def adapt(model: Any, name: str | None = None) -> Adapter:
@@ -36,7 +38,8 @@ def adapt(model: Any, name: str | None = None) -> Adapter:
         module = importlib.import_module(f".{family}", __name__)
         if module.matches(model):
             return module.make(model, name)
-    raise TypeError(f"no flowaudit adapter for {type(model).__module__}.{type(model).__name__}")
+    raise TypeError(f"no flowaudit adapter for {type(model).__module__}.{type(model).__name__} "
+                    "(a flow of one's own: declare it with flowaudit.adapters.custom.CustomAdapter)")
 
 
 def _load_weights(path: Path, trust: bool) -> Any:
@@ -53,34 +56,90 @@ def _load_weights(path: Path, trust: bool) -> Any:
         raise ModelError(f"{path}: cannot load checkpoint: {str(exc).splitlines()[0]}{hint}") from None
 
 
+def _import_factory(spec: str):
+    """The callable named by ``package.module:factory`` (the working directory is importable, as for uvicorn)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ModelError(f"--model {spec!r}: expected package.module:factory")
+    added = os.getcwd() not in sys.path
+    if added:
+        sys.path.insert(0, os.getcwd())
+    try:
+        factory = importlib.import_module(module_name)
+        for part in attr.split("."):
+            factory = getattr(factory, part)
+    except Exception as exc:  # an import error inside the user's module is theirs to fix: one line, exit 2
+        raise ModelError(f"cannot import {spec!r}: {type(exc).__name__}: {_first_line(exc)}") from None
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
+    if not callable(factory):
+        raise ModelError(f"--model {spec}: {attr} is a {type(factory).__name__}, not a factory")
+    return factory
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _apply_weights(target: nn.Module, weights: str, spec: str, trust: bool) -> None:
+    """Load the state dict in ``weights`` into ``target`` (strict), or raise one ModelError line."""
+    state = _load_weights(Path(weights), trust)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise ModelError(f"--weights {weights}: holds a {type(state).__name__}, not a state dict of tensors")
+    own = target.state_dict()
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = [f"{what} {', '.join(keys[:3])}{', …' if len(keys) > 3 else ''} ({len(keys)})"
+                for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch at", shapes)) if keys]
+    if problems:
+        raise ModelError(f"--weights {weights}: does not fit {spec}: {'; '.join(problems)}")
+    try:
+        target.load_state_dict(state)
+    except Exception as exc:
+        raise ModelError(f"--weights {weights}: does not fit {spec}: {_first_line(exc)}") from None
+
+
 def load_model(spec: str, *, weights: str | None = None, trust: bool = False) -> Adapter:
-    """Adapter for a bundled name, a checkpoint path, or ``package.module:factory`` (+ ``weights``)."""
+    """Adapter for a bundled name, a checkpoint path, or ``package.module:factory`` (+ ``weights``).
+
+    ``weights`` (a state dict: ``.pt`` or ``.safetensors``) goes only with a factory: into the
+    module it returns, or into ``adapter.model`` when it returns an adapter. Wherever it cannot be
+    used (a bundled name or a checkpoint carries its own weights; a factory result that is not a
+    module), :class:`ModelError` says so in one line: it is never ignored.
+    """
     from flowaudit import reference_models as rm
 
     names = {b["name"] for b in rm.bundled()}
+    is_factory = ":" in spec and not Path(spec).exists()
+    if weights is not None and not is_factory:
+        what = "bundled model" if spec in names else "checkpoint"
+        raise ModelError(f"--weights {weights}: cannot be used with the {what} {spec!r}, which carries its own weights "
+                         "(--weights goes with --model package.module:factory)")
     if spec in names:
         path = rm.CHECKPOINT_DIR / f"{spec}.pt"
         if not path.exists():
             raise ModelError(f"bundled model {spec!r} is not shipped in this build (train it with `flowaudit train`)")
         return adapt(rm.load(path), spec)
-    if ":" in spec and not Path(spec).exists():
-        module_name, _, attr = spec.partition(":")
+    if is_factory:
+        factory = _import_factory(spec)
         try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ModelError(f"cannot import {spec!r}: {exc}") from None
-        model = factory()
-        if weights is not None and isinstance(model, nn.Module):
-            state = _load_weights(Path(weights), trust)
-            state = state.get("state_dict", state) if isinstance(state, dict) else state
-            try:
-                model.load_state_dict(state)
-            except RuntimeError as exc:
-                raise ModelError(f"{weights}: weights do not fit {spec}: {str(exc).splitlines()[0]}") from None
+            model = factory()
+        except Exception as exc:  # the user's factory failed: their input, not our bug
+            raise ModelError(f"--model {spec}: the factory raised {type(exc).__name__}: {_first_line(exc)}") from None
+        if weights is not None:
+            target = model.model if isinstance(model, Adapter) else model
+            if not isinstance(target, nn.Module):
+                got = f"an adapter whose model is a {type(target).__name__}" if isinstance(model, Adapter) else f"a {type(model).__name__}"
+                raise ModelError(f"--weights {weights}: cannot be loaded: {spec} returned {got}, not an nn.Module")
+            _apply_weights(target, weights, spec, trust)
         try:
-            return adapt(model, attr)
+            return adapt(model, spec.partition(":")[2])
         except TypeError as exc:
-            raise ModelError(f"{spec}: {exc}") from None
+            raise ModelError(f"--model {spec}: {exc}") from None
     path = Path(spec)
     if not path.exists():
         raise ModelError(f"{spec!r} is neither a bundled model ({', '.join(sorted(names))}) nor an existing checkpoint")
