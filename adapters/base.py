@@ -19,6 +19,7 @@ the model's ``training`` flag.
 from __future__ import annotations
 
 import hashlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -26,7 +27,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Observer", "Site", "Adapter", "widen", "AFFINE_BOUNDED_FLOOR", "affine_kind", "elementwise_derivative"]
+__all__ = ["Observer", "Site", "Adapter", "widen", "AFFINE_BOUNDED_FLOOR", "affine_kind", "elementwise_derivative", "sweep_bounds"]
 
 
 class Observer(Protocol):
@@ -87,6 +88,27 @@ AFFINE_BOUNDED_FLOOR = 1e-2
 def affine_kind(low: float) -> str:
     """Kind of an affine site whose scale ``c' = s`` never goes below ``low`` (read from the live object)."""
     return "affine-bounded" if low >= AFFINE_BOUNDED_FLOOR else "affine"
+
+
+def sweep_bounds(derivative: Callable[[Tensor], Tensor]) -> tuple[float, float]:
+    """Bounds of an affine site's ``c'`` over all raw parameters, read from the live object.
+
+    ``derivative(u)`` returns ``c'`` for raw conditioner outputs all equal to ``u[k]`` (rows k),
+    for ``u = ±logspace(-2, 4)`` and 0. A bound still moving by more than 2× between
+    ``|u| = 10³`` and ``10⁴`` has none: ``0`` or ``inf`` (softplus/exp scales).
+    """
+    u = torch.logspace(-2, 4, 61, dtype=torch.float64)
+    u = torch.cat([-u.flip(0), torch.zeros(1, dtype=torch.float64), u])
+    d = derivative(u).reshape(len(u), -1).to(torch.float64)
+    lo, hi = d.amin(1), d.amax(1)
+    inner = slice(10, len(u) - 10)  # |u| ≤ 10³
+    lo_in, hi_in = float(lo[inner].min()), float(hi[inner].max())
+    low, high = float(lo.min()), float(hi.max())
+    if low < lo_in / 2:
+        low = 0.0
+    if high > 2 * hi_in:
+        high = math.inf
+    return low, high
 
 
 def elementwise_derivative(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:

@@ -52,12 +52,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, Observer, Site, affine_kind, elementwise_derivative
+from .base import Adapter, Observer, Site, affine_kind, elementwise_derivative, sweep_bounds
 
 __all__ = ["NflowsAdapter", "CouplingSite", "AutoregressiveSite", "PriorSite", "matches", "make"]
 
-# Sweep of unconstrained scale parameters used to read an affine scale's bounds from the live object.
-_SWEEP = torch.cat([-torch.logspace(4, -2, 61, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), torch.logspace(-2, 4, 61, dtype=torch.float64)])
+
+# nflows modules whose transforms never read the context (permutations, linear maps, normalisation, reshapes, …).
+_UNCONDITIONAL = tuple(f"nflows.transforms.{m}" for m in (
+    "permutations", "linear", "lu", "qr", "svd", "orthogonal", "normalization", "reshape", "conv", "nonlinearities", "standard"))
 
 
 def _repeat_rows(t: Tensor, v: int) -> Tensor:
@@ -112,10 +114,15 @@ class CouplingSite(_NflowsSite):
         from nflows.transforms.coupling import AffineCouplingTransform, PiecewiseRationalQuadraticCouplingTransform
 
         if isinstance(t, AffineCouplingTransform):
-            # the scale as the live object computes it, over a sweep of unconstrained values
-            n = t.num_transform_features * t._transform_dim_multiplier()
-            scale, _ = t._scale_and_shift(_SWEEP[:, None].expand(len(_SWEEP), n).clone())
-            lo, hi = float(scale.min()), float(scale.max())
+            # c' = s as the live object's forward map computes it, over a sweep of raw parameters
+            # (whatever this nflows version's scale function is: sigmoid(u + 2) + 1e-3 in 0.14)
+            n, mult = t.num_transform_features, t._transform_dim_multiplier()
+
+            def scale(u: Tensor) -> Tensor:
+                params = u[:, None].expand(len(u), n * mult).contiguous()
+                return elementwise_derivative(lambda x: t._coupling_transform_forward(x, params.clone())[0], torch.zeros(len(u), n, dtype=u.dtype))
+
+            lo, hi = sweep_bounds(scale)
             if lo == hi == 1.0:
                 return "additive", (1.0, 1.0), None
             return affine_kind(lo), (lo, hi), None
@@ -133,8 +140,8 @@ class CouplingSite(_NflowsSite):
         return self.module._coupling_transform_forward(x, params.clone())[0]
 
     def derivative(self, x: Tensor, params: Tensor) -> Tensor:
-        if self.kind in ("affine", "affine-bounded", "additive"):
-            scale, _ = self.module._scale_and_shift(params)
+        if self.kind in ("affine", "affine-bounded", "additive") and hasattr(self.module, "_scale_and_shift"):
+            scale, _ = self.module._scale_and_shift(params)  # c' = s, the library's own scale
             return scale.expand_as(x)
         return super().derivative(x, params)
 
@@ -174,12 +181,14 @@ class AutoregressiveSite(_NflowsSite):
         )
 
         if isinstance(t, MaskedAffineAutoregressiveTransform):
-            # the scale function is inline in _elementwise_forward: read c' = s there by JVP over the sweep
-            f, m = t.features, t._output_dim_multiplier()
-            params = _SWEEP[:, None].expand(len(_SWEEP), f * m).contiguous()
-            x = torch.zeros(len(_SWEEP), f, dtype=params.dtype)
-            s = elementwise_derivative(lambda u: t._elementwise_forward(u, params.clone())[0], x)
-            lo, hi = float(s.min()), float(s.max())
+            # the scale function is inline in _elementwise_forward (softplus(u) + 1e-3 in 0.14): c' = s by JVP
+            f, mult = t.features, t._output_dim_multiplier()
+
+            def scale(u: Tensor) -> Tensor:
+                params = u[:, None].expand(len(u), f * mult).contiguous()
+                return elementwise_derivative(lambda x: t._elementwise_forward(x, params.clone())[0], torch.zeros(len(u), f, dtype=u.dtype))
+
+            lo, hi = sweep_bounds(scale)
             return ("additive" if lo == hi == 1.0 else affine_kind(lo)), (lo, hi), None
         tails, bound = getattr(t, "tails", None), getattr(t, "tail_bound", None)
         if isinstance(t, MaskedPiecewiseRationalQuadraticAutoregressiveTransform) and tails == "linear":
@@ -243,6 +252,7 @@ class NflowsAdapter(Adapter):
 
         names = {id(m): n for n, m in model.named_modules()}
         self._steps: list[tuple[str, nn.Module, _NflowsSite | None]] = []  # forward order
+        self._unseen: list[str] = []
 
         def walk(t: nn.Module) -> None:
             if isinstance(t, CompositeTransform):
@@ -250,6 +260,8 @@ class NflowsAdapter(Adapter):
                     walk(sub)
                 return
             name = names[id(t)]
+            if not isinstance(t, (CouplingTransform, AutoregressiveTransform)) and not type(t).__module__.startswith(_UNCONDITIONAL):
+                self._unseen.append(name)  # a transform of unknown code: it may read the context
             site = CouplingSite(name, t) if isinstance(t, CouplingTransform) else AutoregressiveSite(name, t) if isinstance(t, AutoregressiveTransform) else None
             self._steps.append((name, t, site))
 
@@ -288,6 +300,15 @@ class NflowsAdapter(Adapter):
     def sites(self) -> list[Site]:
         found: list[Site] = [s for _, _, s in self._steps if s is not None]
         return found + ([self._prior] if self._prior is not None else [])
+
+    def coverage(self) -> dict:
+        """Flags transforms of unknown code (not nflows' unconditional ones): they might be conditional."""
+        n = len(self.sites())
+        if not n:
+            return {"n_sites": 0, "complete": False, "reason": f"no sites found: the nflows adapter recognises no transform of {self.name}"}
+        if self._unseen:
+            return {"n_sites": n, "complete": False, "reason": f"transforms not read as sites: {', '.join(self._unseen)}"}
+        return {"n_sites": n, "complete": True, "reason": None}
 
     def encoder(self) -> nn.Module | None:
         emb = self.model._embedding_net

@@ -50,13 +50,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, Observer, Site, affine_kind, elementwise_derivative
+from .base import Adapter, Observer, Site, affine_kind, sweep_bounds
 from .hooks import hooked
 
 __all__ = ["ZukoAdapter", "UnivariateSite", "SoftclipSite", "PriorSite", "matches", "make"]
-
-# Sweep of raw hyper-network outputs used to read an affine univariate's bounds from built objects.
-_SWEEP = torch.cat([-torch.logspace(4, -2, 61, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), torch.logspace(-2, 4, 61, dtype=torch.float64)])
 
 
 def _repeat_rows(t: Tensor, v: int) -> Tensor:
@@ -135,9 +132,7 @@ class UnivariateSite(_ZukoSite):
             return "additive", (1.0, 1.0), None
         if isinstance(u0, MonotonicAffineTransform):
             # c' over built objects for a sweep of raw parameters: the bounds the object allows
-            phi = _SWEEP.to(dtype)[:, None, None].expand(len(_SWEEP), 1, self.lazy.total)
-            d = self.derivative(torch.zeros(len(_SWEEP), 1, dtype=dtype), phi)
-            lo, hi = float(d.min()), float(d.max())
+            lo, hi = sweep_bounds(lambda u: self.derivative(torch.zeros(len(u), 1, dtype=dtype), u.to(dtype)[:, None, None].expand(len(u), 1, self.lazy.total)))
             return ("additive" if lo == hi == 1.0 else affine_kind(lo)), (lo, hi), None
         if isinstance(u0, MonotonicRQSTransform):
             # knots span [-B, B] on both axes; outside, the library returns x itself (identity tails)
