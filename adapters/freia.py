@@ -276,6 +276,8 @@ class FrEIAAdapter(Adapter):
 
     def _run(self, inp: list[Tensor], y: Tensor, rev: bool) -> tuple[list[Tensor], Tensor]:
         out, logdet = self.model(inp[0] if len(inp) == 1 else tuple(inp), c=[y], rev=rev)
+        if not isinstance(logdet, Tensor):  # volume-preserving blocks (NICE, GIN) return a plain 0.
+            logdet = torch.full((y.shape[0],), float(logdet), dtype=inp[0].dtype, device=inp[0].device)
         return (list(out) if isinstance(out, (tuple, list)) else [out]), logdet
 
     def sample(self, y: Tensor, latents: list[Tensor], observer: Observer | None = None) -> Tensor:

@@ -26,6 +26,9 @@ Format of a case module::
         ),
     ]
 
+Import the library inside the functions, never at module level: collecting the cases must
+work without it (``requires`` then skips them).
+
 Field meanings (see :class:`Case`):
 
 * ``latents`` given to ``library_sample`` are exactly what ``adapter.sample_latents(y, τ, g)``
@@ -33,7 +36,9 @@ Field meanings (see :class:`Case`):
   (for a single standard-normal base that is ``latents[0]``).
 * ``expected_verdicts`` defaults to the verdict each kind should get
   (:data:`VERDICT_OF_KIND`: bounded or unbounded affine scales violate; additive and
-  RQ splines with identity tails comply); give a list only when a case differs.
+  RQ splines with identity tails comply; kinds not in the table, e.g. ``prior``, whose
+  verdict is a measurement, are not asserted); give a list (``None`` = not asserted)
+  only when a case differs.
 * ``xfail`` maps a check name (``"verdict"``, ``"sample"``, ``"log_prob"``, …) to a reason:
   that single check is marked expected-to-fail (e.g. because the Remark 2 probe, not the
   adapter, is at fault). Use sparingly and say why.
@@ -69,16 +74,16 @@ class Case:
     library_sample: Callable[[nn.Module, Tensor, list[Tensor]], Tensor]
     library_log_prob: Callable[[nn.Module, Tensor, Tensor], Tensor]
     requires: str | None = None
-    expected_verdicts: list[str] | None = None
+    expected_verdicts: list[str | None] | None = None
     xfail: dict[str, str] = field(default_factory=dict)
     atol: float = 1e-4
     rtol: float = 1e-4
 
-    def verdicts(self) -> list[str]:
-        """Expected Remark 2 verdict per site (from the kinds unless given)."""
+    def verdicts(self) -> list[str | None]:
+        """Expected Remark 2 verdict per site (from the kinds unless given); ``None``: not asserted."""
         if self.expected_verdicts is not None:
             return list(self.expected_verdicts)
-        return [VERDICT_OF_KIND.get(k, "inconclusive") for k in self.expected_kinds]
+        return [VERDICT_OF_KIND.get(k) for k in self.expected_kinds]
 
 
 def fit_toy(model: nn.Module, nll: Callable[[nn.Module, Tensor, Tensor], Tensor], steps: int = 150,
