@@ -210,7 +210,8 @@ def site(
 
     Args:
         target: what the sampling pass calls: a module name (``"couplings.0"``), the module, or a
-            bound method of it (``flow.couplings[0].inverse``) when sampling calls that method.
+            bound method of it (``flow.couplings[0].inverse``, or of the flow itself) when sampling
+            calls that method rather than the module.
         read: ``read(module, args, output) -> (x, params)`` for one call of ``target``: ``args``
             are its positional arguments (keywords folded in), ``output`` what it returned; ``x``
             the forward-side values of the elements the site maps (batch first), ``params`` the
@@ -378,9 +379,10 @@ class CustomAdapter(Adapter):
                 raise TypeError(f"site target {target!r} is not a module name, a module or a bound method of one")
             target, method = owner, target.__name__
         names = {id(m): n for n, m in model.named_modules()}
-        if id(target) not in names or target is model:
-            raise ValueError(f"site target {type(target).__name__} is not a sub-module of {self.name}")
-        return dataclasses.replace(s, name=s.name or names[id(target)], module=target, method=method, _layout=None)
+        if id(target) not in names:
+            raise ValueError(f"site target {type(target).__name__} is not a module of {self.name}")
+        default = names[id(target)] or method  # a method of the flow itself is named after the method
+        return dataclasses.replace(s, name=s.name or default, module=target, method=method, _layout=None)
 
     # -- what the model is ---------------------------------------------------------------------
     @property

@@ -175,6 +175,8 @@ def test_declaration_errors(flow):
         CustomAdapter(flow, sites=[site("couplings.0", read=read, kind="affine")] * 2, **kw)
     with pytest.raises(ValueError, match="encoder"):
         CustomAdapter(flow, encoder=["encoder.nope"], **kw)
+    with pytest.raises(ValueError, match="is not a module of"):
+        CustomAdapter(flow, sites=[site(torch.nn.Linear(2, 2).forward, read=read, kind="affine")], **kw)
     with pytest.raises(TypeError, match="not a module name"):
         CustomAdapter(flow, sites=[site(print, read=read, kind="affine")], **kw)
     # a module name works as well as a bound method (here the hooks watch forward, which sampling never calls)
@@ -285,3 +287,62 @@ def test_load_model_raises_model_error(weights, factories):
     with pytest.raises(ModelError, match="the factory raised RuntimeError"):
         load_model(f"{factories}:raises")
     assert isinstance(load_model(f"{factories}:adapter_of_no_module"), Adapter)
+
+
+# -- declared kinds drive the structural view; unknown ones are measured ----------------------------
+
+class ShiftFlow(torch.nn.Module):
+    """An additive coupling flow of one's own: x_b ↦ x_b + t(x_a, y) (identity tails: Remark 2 compliant)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.nets = torch.nn.ModuleList(torch.nn.Linear(3, 1) for _ in range(2))
+
+    def forward(self, x, y):
+        for i, net in enumerate(self.nets):
+            a, b = (x[:, :1], x[:, 1:]) if i % 2 == 0 else (x[:, 1:], x[:, :1])
+            b = b + net(torch.cat([a, y], 1))
+            x = torch.cat([a, b], 1) if i % 2 == 0 else torch.cat([b, a], 1)
+        return x, x.new_zeros(len(x))
+
+    def inverse(self, z, y):
+        for i in reversed(range(len(self.nets))):
+            z = self.step(i, z, y)
+        return z
+
+    def step(self, i, z, y):
+        a, b = (z[:, :1], z[:, 1:]) if i % 2 == 0 else (z[:, 1:], z[:, :1])
+        b = b - self.nets[i](torch.cat([a, y], 1))
+        return torch.cat([a, b], 1) if i % 2 == 0 else torch.cat([b, a], 1)
+
+
+def test_additive_sites_comply_and_unknown_kinds_are_measured():
+    flow = ShiftFlow()
+    order = lambda i, x: (x[:, :1], x[:, 1:]) if i % 2 == 0 else (x[:, 1:], x[:, :1])  # noqa: E731
+
+    def read(flow, args, x):  # step(i, z, y) returned x: the site shifted x_b by net_i([x_a, y])
+        i, _, y = args
+        a, b = order(i, x)
+        return b, flow.nets[i](torch.cat([a, y], 1))
+
+    kw = dict(condition_shape=(2,), latent_shape=(2,), inverse=flow.inverse, forward=flow, output_range=(-3.0, 3.0))
+    adapter = CustomAdapter(flow, sites=[site(flow.step, read=read, kind="additive")], **kw)
+    report = flowaudit.inspect(adapter, device="cpu", samples=2)
+    (entry,) = report["model"]["sites"]
+    assert entry["name"] == "step" and entry["kind"] == "additive"  # a method of the flow itself
+    assert entry["remark2"]["verdict"] == "compliant" and entry["remark2"]["tail_ratio"] == 1.0
+    assert entry["inverse_gain"]["max"] == 1.0
+    # the same map declared as unknown: c' = 1 measured by JVP, but no structure to read
+    unknown = CustomAdapter(flow, sites=[site(flow.step, read=read, map=lambda x, t: x + t)], **kw)
+    (entry,) = flowaudit.inspect(unknown, device="cpu", samples=2)["model"]["sites"]
+    assert entry["kind"] == "unknown" and entry["remark2"]["tail_ratio"] == 1.0
+    assert entry["remark2"]["verdict"] == "inconclusive"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_runs_on_cuda(flow):
+    report = flowaudit.inspect(flow, device="cuda", samples=2)
+    assert [s["remark2"]["verdict"] for s in report["model"]["sites"]] == ["violates"] * 4
+    assert next(flow.parameters()).device.type == "cpu"
+    _no_trace(flow)
