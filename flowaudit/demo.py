@@ -61,8 +61,8 @@ def demo_sets(task: str, n_fit: int = 128, n_test: int = 32) -> tuple[ConditionS
         return (sr(d.corpus("train"), n_fit, 101, "train", split="train"), sr(test, n_test, 102, "test", split="test"),
                 sr(enhanced, n_test, 102, "eurban", split="test", transform="eurban (eq. S1)"))
     if task == "lowlight":
-        def ll(images, preset, n, seed, name, **desc):
-            pairs = d.lowlight_pairs(images, preset, seed=seed)
+        def ll(images, darkening, n, seed, name, **desc):
+            pairs = d.lowlight_pairs(images, darkening, seed=seed)
             return _patch_set(d.LowLightPatches(pairs, patch=32, n=n, seed=seed, augment=False), "low", "high", name, **desc)
 
         return (ll(d.corpus("train"), d.LOL_LIKE, n_fit, 101, "train", preset="LOL_LIKE"),
