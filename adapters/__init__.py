@@ -27,7 +27,7 @@ class ModelError(ValueError):
 
 # One module per family, tried in this order. Each defines ``matches(model) -> bool`` (cheap, and
 # without importing its optional library) and ``make(model, name) -> Adapter``.
-FAMILIES = ("custom", "reference", "freia", "normflows", "nflows", "zuko")
+FAMILIES = ("custom", "reference", "official", "freia", "normflows", "nflows", "zuko")
 
 
 def adapt(model: Any, name: str | None = None) -> Adapter:
@@ -103,13 +103,17 @@ def _apply_weights(target: nn.Module, weights: str, spec: str, trust: bool) -> N
         raise ModelError(f"--weights {weights}: does not fit {spec}: {_first_line(exc)}") from None
 
 
-def load_model(spec: str, *, weights: str | None = None, trust: bool = False) -> Adapter:
+def load_model(spec: str, *, weights: str | None = None, trust: bool = False, official: dict | None = None) -> Adapter:
     """Adapter for a bundled name, a checkpoint path, or ``package.module:factory`` (+ ``weights``).
 
     ``weights`` (a state dict: ``.pt`` or ``.safetensors``) goes only with a factory: into the
     module it returns, or into ``adapter.model`` when it returns an adapter. Wherever it cannot be
     used (a bundled name or a checkpoint carries its own weights; a factory result that is not a
     module), :class:`ModelError` says so in one line: it is never ignored.
+
+    A checkpoint that is not a flowaudit reference checkpoint is tried as an official SRFlow / NCSR /
+    spline / LLFlow state dict (:mod:`.official`); ``official`` passes what its weights cannot say
+    (``fs_ncsr=True``, ``stack_blocks``, ``std_steps``, ``affine_eps``).
     """
     from flowaudit import reference_models as rm
 
@@ -150,4 +154,9 @@ def load_model(spec: str, *, weights: str | None = None, trust: bool = False) ->
         model.load_state_dict(state["state_dict"])
         model.name = path.stem
         return adapt(model.eval(), path.stem)
-    raise ModelError(f"{path}: checkpoint layout not recognised by any adapter")
+    from . import official as off
+
+    try:
+        return off.build(state, path.stem, **(official or {}))
+    except off.LayoutError as exc:
+        raise ModelError(f"{path}: checkpoint layout not recognised: {exc}") from None

@@ -189,7 +189,9 @@ class RRDBNet(nn.Module):
         trunk = _trunk(self.conv_first(x), self.RRDB_trunk, out)
         lr_fea = trunk + self.trunk_conv(trunk)  # official: trunk output, not conv_first's
         out["last_lr_fea"] = out["fea_up1"] = lr_fea
-        out["fea_up0"], out["fea_up-1"] = _half(lr_fea), _half(lr_fea, 0.25)
+        out["fea_up0"] = _half(lr_fea)
+        if min(lr_fea.shape[2:]) >= 4:  # ¼ of an input under 4 px has no pixels (only a 4th ×4 level reads it)
+            out["fea_up-1"] = _half(lr_fea, 0.25)
         upconvs = self.upconvs()
         n_up = len(upconvs) if with_output else max(0, int(math.log2(max_factor or self.scale)))
         fea = lr_fea

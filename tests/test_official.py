@@ -1,0 +1,201 @@
+"""Official checkpoints: recognition by key layout and equivalence with the authors' own code.
+
+The fixtures in ``tests/fixtures/official/`` were written by running the official SRFlow, NCSR,
+FS-NCSR, robustNF (spline) and LLFlow network code on small random configurations (see the README
+there); they hold the official state dict, the inputs and the official outputs. Every figure here is
+compared at ≤ 1e-5 relative (max abs error over max abs value), float32 on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import flowaudit
+from flowaudit.adapters import ModelError, load_model
+from flowaudit.adapters import official as off
+
+FIXTURES = Path(__file__).parent / "fixtures" / "official"
+NAMES = ("srflow-x4", "srflow-x8", "ncsr-x4", "fs-ncsr-x4", "spline-x4", "llflow")
+LAYOUT = {"srflow-x4": "srflow", "srflow-x8": "srflow", "ncsr-x4": "ncsr", "fs-ncsr-x4": "ncsr",
+          "spline-x4": "spline", "llflow": "llflow"}
+TOL = 1e-5
+
+
+def fixture(name: str) -> dict:
+    fx = torch.load(FIXTURES / f"{name}.pt", weights_only=True)
+    if "state_dict" not in fx:  # FS-NCSR shares NCSR's weights (identical keys)
+        fx["state_dict"] = torch.load(FIXTURES / fx["weights_from"], weights_only=True)["state_dict"]
+    return fx
+
+
+def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+
+
+def options(name: str) -> dict:
+    return {"fs_ncsr": True} if name.startswith("fs-") else {}
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def case(request):
+    name = request.param
+    fx = fixture(name)
+    return name, fx, off.build(fx["state_dict"], name, **options(name))
+
+
+def test_encode_matches_the_official_code(case):
+    name, fx, adapter = case
+    y = fx["lr"]
+    with torch.no_grad():
+        latents, logdet = adapter.forward(fx["gt"], y)
+        official = adapter.to_official_latents(y, latents)
+    assert len(official) == len(fx["encode_z"])  # split latents first, top latent last
+    for got, want in zip(official, fx["encode_z"]):
+        assert got.shape == want.shape and rel(got, want) <= TOL, name
+    # official logdet = ours + each split latent's log N(ε; 0, I) (Split2d adds a log-density)
+    assert rel(adapter.official_logdet(latents, logdet), fx["encode_logdet"]) <= TOL, name
+
+
+def test_log_prob_equals_the_official_objective(case):
+    name, fx, adapter = case
+    y = fx["lr"]
+    with torch.no_grad():
+        top = fx["encode_z"][-1].flatten(1)
+        if adapter.layout == "llflow":  # conditional prior N(μ(y), I) on the top latent
+            top = top - fx["prior_mean"].flatten(1)
+        objective = fx["encode_logdet"] - 0.5 * (top**2).sum(1) - 0.5 * top.shape[1] * math.log(2 * math.pi)
+        assert rel(adapter.log_prob(fx["gt"], y), objective) <= TOL, name
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_fixed_latent_samples_match_at_two_temperatures(case, which):
+    name, fx, adapter = case
+    y, t = fx["lr"], fx["temperatures"][which]
+    if adapter.layout == "llflow":  # official stochastic sampling passes z = μ(y) + τε as epses=[z]
+        epses = [fx["prior_mean"] + t * fx["eps"][0]]
+    else:  # epses: split latents first, top latent last, heat already applied
+        epses = [t * e for e in fx["eps"]]
+    with torch.no_grad():
+        x = adapter.sample(y, adapter.from_official_latents(y, epses))
+    assert rel(x, fx["samples"][which]) <= TOL, (name, t)
+
+
+def test_round_trip_from_official_latents(case):
+    name, fx, adapter = case
+    y = fx["lr"]
+    with torch.no_grad():
+        x = adapter.sample(y, adapter.from_official_latents(y, fx["encode_z"]))
+    assert rel(x, fx["roundtrip"]) <= TOL, name
+    assert rel(x, fx["gt"]) <= 1e-4, name  # and the official round trip itself is the identity
+
+
+def test_llflow_inference_and_input_pipeline():
+    fx = fixture("llflow")
+    adapter = off.build(fx["state_dict"])
+    from flowaudit.reference_models.lowlight import llflow_input
+
+    # the official loader's input (cv2.equalizeHist of the uint8 image, log of the image) is ours
+    assert torch.allclose(llflow_input(fx["lr"]), fx["encoder_input"], atol=1e-6)
+    with torch.no_grad():
+        assert rel(adapter.model.enhance(fx["lr"]), fx["enhance"]) <= TOL  # official inference: z = μ(y)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_recognised_with_the_inferred_configuration(name, tmp_path):
+    fx = fixture(name)
+    path = tmp_path / f"{name}.pth"
+    torch.save(fx["state_dict"], path)
+    adapter = load_model(str(path), official=options(name))
+    cfg, inf = fx["config"], adapter.inferred
+    assert adapter.family == "official" and adapter.layout == LAYOUT[name] == inf["layout"]
+    assert (inf["L"], inf["K"], inf["nf"], inf["nb"], inf["gc"], inf["hidden_channels"]) == \
+        (cfg["L"], cfg["K"], cfg["nf"], cfg["nb"], cfg["gc"], cfg["hidden"])
+    assert inf["conditioning_channels"] == cfg["nf"] * (1 + len(cfg["blocks"])) and inf["stack_blocks"] == cfg["blocks"]
+    assert inf["scale"] == cfg.get("scale", 1)
+    assert inf["n_transition"] == cfg.get("n_transition", 2)
+    assert inf.get("correct_splits") == cfg.get("correct_splits")
+    assert inf.get("std_steps") == cfg.get("S") and inf["fixed_invconv"] == (name == "spline-x4")
+    assert inf["source"]["K"] == "weights" and inf["source"]["stack_blocks"].startswith("assumed")
+    if name != "llflow":
+        assert inf["fs_ncsr"] == name.startswith("fs-") and adapter.model.residual == name.startswith("fs-")
+    kinds = {s.kind for s in adapter.sites()}
+    assert kinds == ({"modified-rq-spline", "prior"} if name == "spline-x4" else {"affine", "prior"})
+
+
+def test_wrapped_and_prefixed_state_dicts_load_the_same(tmp_path):
+    fx = fixture("srflow-x4")
+    sd = fx["state_dict"]
+    unused = {"flowUpsamplerNet.f.0.weight": torch.zeros(96, 12, 3, 3), "flowUpsamplerNet.f.0.bias": torch.zeros(96)}
+    want = off.build(sd).fingerprint()
+    for i, obj in enumerate([{"state_dict": sd}, {"params": sd}, {f"module.{k}": v for k, v in sd.items()},
+                             {**sd, **unused}]):
+        path = tmp_path / f"w{i}.pth"
+        torch.save(obj, path)
+        assert load_model(str(path)).fingerprint() == want
+
+
+def test_fs_ncsr_is_a_flag_not_a_layout():
+    sd = fixture("ncsr-x4")["state_dict"]
+    assert off.recognise(sd)[0] == off.recognise(sd, fs_ncsr=True)[0] == "ncsr"
+    assert off.build(sd).model.residual is False and off.build(sd, fs_ncsr=True).model.residual is True
+    with pytest.raises(off.LayoutError, match="fs_ncsr needs NCSR weights"):
+        off.build(fixture("srflow-x4")["state_dict"], fs_ncsr=True)
+
+
+def test_a_random_state_dict_names_the_closest_layout(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "random.pth"
+    torch.save({f"encoder.block{i}.weight": torch.randn(4, 4, generator=g) for i in range(5)}, path)
+    with pytest.raises(ModelError, match=r"closest layout: \w+ .*first mismatching keys: missing "):
+        load_model(str(path))
+    # an official layout with a wrong shape names the key
+    sd = dict(fixture("srflow-x4")["state_dict"])
+    sd["RRDB.upconv1.weight"] = torch.zeros(4, 4, 1, 1)
+    with pytest.raises(off.LayoutError, match=r"looks like srflow .*RRDB\.upconv1\.weight"):
+        off.build(sd)
+    # a truncated one (coupling sub-net gone) still gets the closest layout and its missing keys
+    sd = {k: v for k, v in fixture("llflow")["state_dict"].items() if ".affine." not in k}
+    with pytest.raises(off.LayoutError, match=r"closest layout: llflow .*missing flowUpsamplerNet"):
+        off.build(sd)
+
+
+def test_adapt_takes_an_official_state_dict_and_the_audit_runs():
+    fx = fixture("srflow-x4")
+    adapter = flowaudit.adapt(fx["state_dict"])
+    assert adapter.family == "official" and adapter.inferred["scale"] == 4
+    model = json.loads(flowaudit.inspect(adapter, fx["lr"], samples=2, device="cpu").to_json())["model"]
+    assert model["adapter"] == "official"
+    assert {s["kind"] for s in model["sites"]} == {"affine", "prior"}
+    assert {s["remark2"]["verdict"] for s in model["sites"] if s["kind"] == "affine"} == {"violates"}
+
+
+def test_loaded_actnorm_is_never_reinitialised_from_data():
+    fx = fixture("srflow-x4")
+    adapter = off.build(fx["state_dict"])
+    model = adapter.model
+    for m in model.modules():  # as after a non-strict load that left the buffer unset
+        if hasattr(m, "initialized"):
+            m.initialized.fill_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith((".bias", ".logs"))}
+    model.train()
+    with torch.no_grad():
+        model(fx["gt"], fx["lr"])
+    model.eval()
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_bundled_checkpoints_keep_pre_activation_features_new_models_read_the_official_ones():
+    from flowaudit import reference_models as rm
+    from flowaudit.reference_models.lowlight import LLFlow
+    from flowaudit.reference_models.sr import SRFlow
+
+    assert rm.load("sr-affine").config["official_features"] is False
+    assert rm.load("lowlight-affine").RRDB.official_features is False
+    assert SRFlow(nf=4, nb=2, gc=2, hidden_channels=4, K=1, patch=16).config["official_features"] is True
+    assert LLFlow(nf=4, nb=2, gc=2, hidden_channels=4, K=1, patch=16).RRDB.official_features is True
