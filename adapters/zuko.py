@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, Observer, Site, affine_kind, sweep_bounds
+from .base import Adapter, Observer, Site, affine_kind, elementwise_derivative, sweep_bounds
 from .hooks import hooked
 
 __all__ = ["ZukoAdapter", "UnivariateSite", "SoftclipSite", "PriorSite", "matches", "make"]
@@ -113,6 +113,7 @@ class UnivariateSite(_ZukoSite):
 
     def __init__(self, name: str, lazy: nn.Module, coupling: bool):
         self.name, self.lazy, self.coupling = name, lazy, coupling
+        self.kind = ""  # until read: _read_kind evaluates the library's derivative
         self.kind, self._bounds, self._tail_start = self._read_kind()
 
     def build(self, params: Tensor):
@@ -139,6 +140,13 @@ class UnivariateSite(_ZukoSite):
             bound = float(u0.horizontal[..., -1].max())
             return "rq-spline", (1.0, 1.0), bound
         return "unknown", None, None
+
+    def derivative(self, x: Tensor, params: Tensor) -> Tensor:
+        if self.kind == "unknown":
+            # no closed form (NAF's monotonic MLP runs in its weights' dtype, often float32): one
+            # forward-mode JVP of the library's map, the same derivative whatever the precision
+            return elementwise_derivative(lambda u: self.build(params)(u), x)
+        return super().derivative(x, params)
 
     def tail_bounds(self) -> tuple[float, float] | None:
         return self._bounds
