@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, Observer, Site
+from .base import Adapter, Observer, Site, affine_kind
 from .hooks import first_tensor, hooked
 
 __all__ = ["AffineHalfSite", "UnknownSite", "FrEIAAdapter", "matches", "make"]
@@ -119,26 +119,28 @@ class UnknownSite(Site):
 
 # -- reading the blocks ---------------------------------------------------------
 
-def _activation_sup(f: Callable[[Tensor], Tensor]) -> float:
-    """``sup |f|`` of a clamp activation, evaluated on the live function at ±10³⁰ (inf when unbounded)."""
+_BIG = 1e30  # a raw scale output far past any soft clamp's knee
+
+
+def _extremes(slope: Callable[[Tensor], Tensor], n: int) -> tuple[str, tuple[float, float] | None]:
+    """Kind and ``c'`` bounds of an affine half of ``n`` elements, read through the block's own code.
+
+    ``slope(raw)`` maps raw scale outputs (rows, n) to ``c' = e^{s}`` as the block computes it.
+    Raw rows ``[+B, −B, …, −B]`` and ``[−B, +B, …, +B]`` reach the extremes of every soft clamp,
+    including GIN's mean-centred one (whose extremes need unequal raw outputs; a uniform sweep
+    would centre to 0). ``n = 1`` under GIN gives ``c' ≡ 1``: additive.
+    """
+    raw = torch.full((2, n), -_BIG, dtype=torch.float64)
+    raw[0, 0], raw[1, :] = _BIG, _BIG
+    raw[1, 0] = -_BIG
     with torch.no_grad():
-        v = f(torch.tensor([-1e30, 1e30], dtype=torch.float64))
-    v = v.abs().max()
-    return float(v) if torch.isfinite(v) else math.inf
-
-
-def _affine_kind(clamp: float, sup: float, n: int, gin: bool) -> tuple[str, tuple[float, float] | None]:
-    """Kind and scale bounds of ``x·exp(clamp·f(ŝ)) + t`` (GIN: ``s`` minus its mean over ``n`` elements)."""
-    if gin and n == 1:
+        d = slope(raw)
+    lo, hi = float(d.min()), float(d.max())
+    if lo == hi == 1.0:
         return "additive", (1.0, 1.0)
-    if clamp == 0:
-        return "additive", (1.0, 1.0)
-    a = abs(clamp) * sup
-    if gin:
-        a *= 2 * (n - 1) / n
-    if not math.isfinite(a):
+    if not (math.isfinite(hi) and lo > 0):
         return "affine", None
-    return "affine-bounded", (math.exp(-a), math.exp(a))
+    return affine_kind(lo), (lo, hi)
 
 
 def _soft(block: nn.Module, gin: bool) -> Callable[[Tensor], Tensor]:
@@ -190,36 +192,42 @@ def _block_sites(name: str, block: nn.Module) -> list[Site]:
         return f"{name}.{attr}" if name else attr
 
     if isinstance(block, Fm.AllInOneBlock):
-        n = block.splits[1] * int(torch.Size(block.dims_in[0][1:]).numel())
-        kind, bounds = _affine_kind(block.clamp, _activation_sup(torch.tanh), n, bool(block.GIN))
-        return [AffineHalfSite(sub("x2"), kind, bounds, {sub("subnet"): "a"}, _all_in_one(block))]
+        spatial = tuple(block.dims_in[0][1:])
+        n = block.splits[1] * int(torch.Size(spatial).numel())
+        to_params = _all_in_one(block)
+
+        def slope(raw: Tensor) -> Tensor:  # raw scale outputs (rows, n) laid out as the subnet's (rows, 2·ch, *spatial)
+            a = raw.reshape(raw.shape[0], block.splits[1], *spatial)
+            return torch.exp(to_params({"a": torch.cat([a, torch.zeros_like(a)], 1)})[:, 0])
+
+        kind, bounds = _extremes(slope, n)
+        return [AffineHalfSite(sub("x2"), kind, bounds, {sub("subnet"): "a"}, to_params)]
     if isinstance(block, Fm.NICECouplingBlock):
         return [AffineHalfSite(sub("x1"), "additive", (1.0, 1.0), {sub("F"): "t"}, _additive),
                 AffineHalfSite(sub("x2"), "additive", (1.0, 1.0), {sub("G"): "t"}, _additive)]
     if not hasattr(block, "f_clamp"):
         return [UnknownSite(name, type(block).__name__)] if block.dims_c else []
 
-    sup = _activation_sup(block.f_clamp)
     gin = isinstance(block, Fm.GINCouplingBlock)
     n1, n2 = block.split_len1, block.split_len2
+    soft = _soft(block, gin)
 
     def half(label: str, n: int, roles: dict[str, str], to_params) -> AffineHalfSite:
-        kind, bounds = _affine_kind(block.clamp, sup, n, gin)
+        # channels of one half (GIN centres over channels, per pixel: the extremes are per pixel too)
+        kind, bounds = _extremes(lambda raw: torch.exp(soft(raw)), n)
         return AffineHalfSite(sub(label), kind, bounds, roles, to_params)
 
     if isinstance(block, (Fm.GLOWCouplingBlock, Fm.GINCouplingBlock)):
-        soft = _soft(block, gin)
         # coupling1 transforms x1 with subnet2([x2, c]); coupling2 transforms x2 with subnet1([y1, c])
         return [half("x1", n1, {sub("subnet2"): "a"}, _stacked(soft, n1)),
                 half("x2", n2, {sub("subnet1"): "a"}, _stacked(soft, n2))]
     if isinstance(block, Fm.RNVPCouplingBlock):
-        soft = _soft(block, False)
         return [half("x1", n1, {sub("subnet_s2"): "s", sub("subnet_t2"): "t"}, _separate(soft)),
                 half("x2", n2, {sub("subnet_s1"): "s", sub("subnet_t1"): "t"}, _separate(soft))]
     if isinstance(block, Fm.AffineCouplingOneSided):
-        return [half("x2", n2, {sub("subnet"): "a"}, _stacked(_soft(block, False), n2))]
+        return [half("x2", n2, {sub("subnet"): "a"}, _stacked(soft, n2))]
     if isinstance(block, Fm.ConditionalAffineTransform):
-        return [half("x", block.channels, {sub("subnet"): "a"}, _stacked(_soft(block, False), block.channels))]
+        return [half("x", block.channels, {sub("subnet"): "a"}, _stacked(soft, block.channels))]
     return [UnknownSite(name, type(block).__name__)] if block.dims_c else []
 
 

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, Observer, Site
+from .base import Adapter, Observer, Site, affine_kind
 from .hooks import first_tensor, hooked
 
 __all__ = ["AutoregressiveAffineSite", "CouplingSplineSite", "AutoregressiveSplineSite", "ConstantSplineSite",
@@ -87,7 +87,8 @@ class AutoregressiveAffineSite(_NetSite):
     def __init__(self, name: str, flow: nn.Module):
         self.name, self.flow, self.net = name, flow, f"{name}.autoregressive_net"
         self._bounds = self._read_bounds()
-        self.kind = "affine-bounded" if self._bounds is not None else "affine"
+        # bounded c' (normflows: 1/σ with σ ∈ (10⁻³, 1.001]) is affine-bounded by the shared floor rule
+        self.kind = affine_kind(self._bounds[0]) if self._bounds is not None else "affine"
 
     def _c(self, x: Tensor, raw: Tensor) -> Tensor:
         return self.flow._elementwise_inverse(x, raw)[0]
