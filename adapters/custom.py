@@ -21,15 +21,12 @@ exact for an elementwise map (its Jacobian is diagonal, so the JVP with a tangen
 the diagonal). A site of kind ``unknown`` (the default) gives its map; a declared kind brings
 a default map and the structural view of Remark 2:
 
-===================== =================== ========================================
-kind                  ``read`` gives φ =   default map :math:`c(x;\, φ)`
-===================== =================== ========================================
-``affine``            ``(scale, shift)``   :math:`\mathrm{scale}\cdot x + \mathrm{shift}`
-``affine-bounded``    ``(scale, shift)``   same, with the scale clamped to an interval
-``additive``          ``shift``            :math:`x + \mathrm{shift}`
-``prior``             ``(mean, std)``      :math:`(x - \mathrm{mean}) / \mathrm{std}`
-``unknown``, splines  anything ``map`` takes  ``map`` is required
-===================== =================== ========================================
+* ``affine`` / ``affine-bounded``: ``read`` gives φ = ``(scale, shift)``,
+  :math:`c(x) = \mathrm{scale}\cdot x + \mathrm{shift}`, so :math:`c' = \mathrm{scale}`;
+* ``additive``: φ = ``shift``, :math:`c(x) = x + \mathrm{shift}`, :math:`c' = 1`;
+* ``prior`` (a conditional prior :math:`x = \mu + \sigma\varepsilon`): φ = ``(mean, std)``,
+  :math:`c(x) = (x - \mathrm{mean})/\mathrm{std}`, inverse gain :math:`\sigma`;
+* ``unknown`` and the spline kinds: φ is whatever ``map`` takes, and ``map`` is required.
 
 Parameters are batch first (or broadcast over the batch) and may be a tensor or a tuple of
 tensors. While sampling, the adapter watches each site with a forward hook (or, for a method
