@@ -2,7 +2,7 @@
 
 The model is observed, never altered: :func:`auditing` puts it in eval mode on
 the audit device with gradients off and TF32 disabled (so GPU figures match
-CPU ones), and restores its ``training`` flag, device and the TF32 switches on
+CPU ones), and restores every module's ``training`` flag, device and the TF32 switches on
 exit, whatever happens inside.
 """
 
@@ -36,7 +36,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 def auditing(adapter: Adapter, device: torch.device) -> Iterator[None]:
     """Eval mode, no grad, TF32 off, model on ``device``; everything restored on exit."""
     model = adapter.model
-    was_training, was_device = model.training, adapter.device
+    was_training, was_device = {m: m.training for m in model.modules()}, adapter.device
     tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -45,6 +45,7 @@ def auditing(adapter: Adapter, device: torch.device) -> Iterator[None]:
         with torch.no_grad():
             yield
     finally:
-        model.train(was_training)
+        for m, flag in was_training.items():  # per module: a sub-module kept in eval mode stays so
+            m.train(flag)
         model.to(was_device)
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32

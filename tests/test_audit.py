@@ -245,3 +245,17 @@ def test_layer_and_gain_statistics_match_numpy():
     assert g.min == gains.min() and g.max == gains.max()
     for q in (0.5, 0.99):
         assert g.quantile(q) == pytest.approx(np.quantile(gains, q), rel=0.06)  # bins are 0.025 decades
+
+
+def test_auditing_restores_every_modules_training_flag():
+    from flowaudit.adapters import adapt
+    from flowaudit.device import auditing
+
+    model = Toy2D(coupling="affine")
+    model.train()
+    frozen = next(m for m in model.modules() if m is not model)
+    frozen.eval()  # a user may keep one part in eval mode while training the rest
+    before = {n: m.training for n, m in model.named_modules()}
+    with auditing(adapt(model), torch.device("cpu")):
+        assert not any(m.training for m in model.modules())
+    assert {n: m.training for n, m in model.named_modules()} == before
