@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from flowaudit.reference_models.couplings import Affine
 from flowaudit.reference_models.glow import ActNorm
 from flowaudit.reference_models.rrdb import spaced_blocks
 
@@ -375,9 +376,12 @@ def build(obj: Any, name: str | None = None, **options) -> OfficialAdapter:
     model = _build_model(layout, config)
     missing, unexpected = model.load_state_dict(_to_ours(state, model), strict=False)
     assert not unexpected and all(k.endswith(".initialized") for k in missing), (missing, unexpected)
-    for m in model.modules():  # loaded weights: never re-initialise from data (official behaviour)
-        if isinstance(m, ActNorm):
+    eps = inferred.get("affine_eps")
+    for m in model.modules():
+        if isinstance(m, ActNorm):  # loaded weights: never re-initialise from data (official behaviour)
             m.initialized.fill_(True)
+        elif eps is not None and type(m) is Affine:  # CondAffineSeparatedAndCond.eps other than 1e-4 / 0.1
+            m.eps = float(eps)
     model.name = name or f"official-{layout}"
     return OfficialAdapter(model.eval(), model.name, layout, inferred)
 

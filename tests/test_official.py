@@ -147,6 +147,14 @@ def test_fs_ncsr_is_a_flag_not_a_layout():
         off.build(fixture("srflow-x4")["state_dict"], fs_ncsr=True)
 
 
+def test_affine_eps_is_an_option():
+    sd = fixture("ncsr-x4")["state_dict"]
+    assert {s.kind for s in off.build(sd, affine_eps=0.1).sites()} == {"affine-bounded", "prior"}  # FS-NCSR†-style
+    adapter = off.build(sd, affine_eps=1e-3)
+    assert adapter.inferred["source"]["affine_eps"] == "option"
+    assert {m.eps for m in adapter.model.modules() if type(m).__name__ == "Affine"} == {1e-3}
+
+
 def test_a_random_state_dict_names_the_closest_layout(tmp_path):
     g = torch.Generator().manual_seed(0)
     path = tmp_path / "random.pth"
