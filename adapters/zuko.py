@@ -7,7 +7,8 @@ hyper-networks: ``GeneralCouplingTransform`` (``NICE``, ``RealNVP``) computes
 :math:`\phi = h(x_a, c)` and maps :math:`x_b` elementwise by
 ``univariate(*φ)``; ``MaskedAutoregressiveTransform`` (``MAF``, ``NSF``,
 ``NAF``) computes :math:`\phi_i = h(x_{<i}, c)` and maps each :math:`x_i`
-elementwise. Those are the sites; their parameters are the hyper-network's
+elementwise; a conditional ``ElementWiseTransform`` (``GF``) computes
+:math:`\phi = h(c)` and maps every :math:`x_i`. Those are the sites; their parameters are the hyper-network's
 raw output :math:`\phi` at the points visited while sampling (for an
 autoregressive transform, at the last of the library's ``passes``).
 
@@ -24,8 +25,10 @@ does, and its derivative is the library's own ``call_and_ladj``:
 * ``MonotonicRQSTransform`` (``NSF``): a spline on :math:`[-B, B]` and the
   identity outside; :math:`B` is read from the built object's knots:
   ``rq-spline`` with ``tail_start() = B``.
-* anything else (``NAF``'s ``MonotonicTransform`` of a monotonic MLP, ``UNAF``'s
-  integral): ``unknown``; :math:`c'` is the library's own (autograd) derivative.
+* anything else (``NAF``'s ``MonotonicTransform`` of a monotonic MLP, ``UNAF``'s and
+  ``SOSPF``'s integrals, ``BPF``'s polynomials): ``unknown``; :math:`c'` is a forward-mode JVP
+  of the library's map (or, where the library's code has no forward-mode rule, its own
+  ``call_and_ladj``).
 * a **soft clip** (``SoftclipTransform``, inserted by ``NAF`` between its
   transforms): :math:`c(x) = x / (1 + |x| / B)`,
   :math:`c' = (1 + |x|/B)^{-2} \to 0` for large :math:`|x|`, inverse
@@ -109,10 +112,14 @@ class _ZukoSite(Site):
 
 
 class UnivariateSite(_ZukoSite):
-    """A coupling or masked autoregressive lazy transform; params are φ, shape (B, n, P)."""
+    """A coupling, masked autoregressive or conditional element-wise lazy transform; params are φ, (B, n, P).
 
-    def __init__(self, name: str, lazy: nn.Module, coupling: bool):
-        self.name, self.lazy, self.coupling = name, lazy, coupling
+    ``mode``: ``coupling`` (φ = h([x_a, c]) maps x_b), ``autoregressive`` (φ_i = h([x_{<i}, c]) maps
+    every x_i) or ``elementwise`` (``ElementWiseTransform``: φ = h(c) maps every x_i).
+    """
+
+    def __init__(self, name: str, lazy: nn.Module, mode: str):
+        self.name, self.lazy, self.mode = name, lazy, mode
         self.kind = ""  # until read: _read_kind evaluates the library's derivative
         self.kind, self._bounds, self._tail_start = self._read_kind()
 
@@ -145,7 +152,10 @@ class UnivariateSite(_ZukoSite):
         if self.kind == "unknown":
             # no closed form (NAF's monotonic MLP runs in its weights' dtype, often float32): one
             # forward-mode JVP of the library's map, the same derivative whatever the precision
-            return elementwise_derivative(lambda u: self.build(params)(u), x)
+            try:
+                return elementwise_derivative(lambda u: self.build(params)(u), x)
+            except RuntimeError:  # an autograd.Function without forward-mode support (UNAF's quadrature)
+                pass
         return super().derivative(x, params)
 
     def tail_bounds(self) -> tuple[float, float] | None:
@@ -154,13 +164,22 @@ class UnivariateSite(_ZukoSite):
     def tail_start(self) -> float | None:
         return self._tail_start
 
-    def inverse(self, transform, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``transform.inv(y)`` (the library's), with φ of the last hyper-network call: ``(x, gain, φ)``."""
+    def own_inputs(self) -> int:
+        """How many of the hyper-network's inputs come from x (the rest are the condition)."""
+        if self.mode == "coupling":
+            return int(self.lazy.mask.sum())
+        if self.mode == "autoregressive":  # x as wide as the last layer's output / |φ|
+            return int(self.lazy.hyper[-1].weight.shape[0] // self.lazy.total)
+        return 0
+
+    def inverse(self, c: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``lazy(c).inv(y)`` (the library's), with φ of the last hyper-network call: ``(x, gain, φ)``."""
         seen: list[Tensor] = []
         with hooked(self.lazy, ["hyper"], lambda name, args, kwargs, out: seen.append(out.detach())):
+            transform = self.lazy(c)  # built for these conditions, as flow(c) builds it
             x = transform.inv(y)
         params = seen[-1].unflatten(-1, (-1, self.lazy.total))
-        x_b = x[..., transform.idx_b] if self.coupling else x
+        x_b = x[..., transform.idx_b] if self.mode == "coupling" else x
         gain = 1.0 / self.derivative(x_b.to(self._dtype() or x_b.dtype), params.to(self._dtype() or params.dtype))
         return x, gain.to(x.dtype), params
 
@@ -208,6 +227,7 @@ class ZukoAdapter(Adapter):
         super().__init__(model, name)
         from zuko.flows.autoregressive import MaskedAutoregressiveTransform
         from zuko.flows.coupling import GeneralCouplingTransform
+        from zuko.flows.gaussianization import ElementWiseTransform
         from zuko.lazy import LazyComposedTransform, UnconditionalDistribution, UnconditionalTransform
         from zuko.transforms import SoftclipTransform
 
@@ -223,9 +243,12 @@ class ZukoAdapter(Adapter):
             name = names[id(t)]
             site: _ZukoSite | None = None
             if isinstance(t, GeneralCouplingTransform):
-                site = UnivariateSite(name, t, coupling=True)
+                site = UnivariateSite(name, t, "coupling")
             elif isinstance(t, MaskedAutoregressiveTransform):
-                site = UnivariateSite(name, t, coupling=False)
+                site = UnivariateSite(name, t, "autoregressive")
+            elif isinstance(t, ElementWiseTransform):
+                if hasattr(t, "hyper"):  # without a context its φ are plain parameters: not a site
+                    site = UnivariateSite(name, t, "elementwise")
             elif isinstance(t, UnconditionalTransform):
                 if isinstance(t(), SoftclipTransform):
                     site = SoftclipSite(name, t)
@@ -246,9 +269,8 @@ class ZukoAdapter(Adapter):
         for _, t, site in self._steps:
             if isinstance(site, UnivariateSite):
                 first = next(m for m in t.hyper.modules() if isinstance(getattr(m, "weight", None), Tensor))
-                width = first.weight.shape[-1]  # [x_a or x, c] → the hyper-network
-                # coupling: [x_a, c]; autoregressive: [x, c] with x as wide as the last layer's out / |φ|
-                own = int(t.mask.sum()) if site.coupling else int(t.hyper[-1].weight.shape[0] // t.total)
+                width = first.weight.shape[-1]  # [x_a, c], [x, c] or c → the hyper-network
+                own = site.own_inputs()
                 if width > own:
                     return (width - own,)
         raise ValueError("cannot tell this zuko flow's condition shape: set `model.condition_shape = (C,)`")
@@ -299,13 +321,12 @@ class ZukoAdapter(Adapter):
                 observer.site(self._prior.name, std.detach(), torch.stack([mean, std.log()], -1).detach())
             observer.layer(self._base_name, x.detach())
         for name, lazy, site in reversed(self._steps):
-            transform = lazy(y)  # built for these conditions, as flow(y) builds it
             if isinstance(site, UnivariateSite):
-                x, gain, params = site.inverse(transform, x)
+                x, gain, params = site.inverse(y, x)
                 if observer is not None:
                     observer.site(name, gain.detach(), params.detach())
             else:
-                x = transform.inv(x)
+                x = lazy(y).inv(x)  # built for these conditions, as flow(y) builds it
                 if observer is not None and isinstance(site, SoftclipSite):
                     none = x.new_empty(*x.shape, 0)  # no conditioner: params only count the points
                     observer.site(name, (1.0 / site.derivative(x, none)).detach(), none)

@@ -72,8 +72,9 @@ def _case(id: str, build, kinds: list[str], **kw) -> Case:
     return Case(id=id, requires="zuko", build=build, expected_kinds=kinds, library_sample=_sample, library_log_prob=_log_prob, **kw)
 
 
-# The Remark 2 probe of flowaudit.remark2 (as of this commit) starts at |x| = 1, inside the spline's
-# interval [-B, B]; past B (Site.tail_start() = 5, NSF's default bound) the measured tail ratio is 1.0: compliant.
+# The Remark 2 probe committed with this file starts at |x| = 1, inside the spline's interval [-B, B]; past B
+# (Site.tail_start() = 5, NSF's default bound) the measured tail ratio is 1.0: compliant. Non-strict xfail:
+# the tail_start-aware probe (being reworked) passes it.
 PROBE_INSIDE_SPLINE = ("the tail probe starts at |x| = 1, inside the spline interval [-B, B] (tail_start() = B = 5): "
                        "its inner-bin derivatives, not the identity tails, give the measured ratio; past B it is 1.0")
 
@@ -84,6 +85,8 @@ CASES = [
     _case("zuko-nsf", _nsf, ["rq-spline", "rq-spline"], xfail={"verdict": PROBE_INSIDE_SPLINE}),
     _case("zuko-maf", _maf, ["affine", "affine"]),
     # NAF: monotonic-MLP transforms (unknown closed form) with a soft clip between them
-    # measured: the MNN's tail slopes differ on the two sides (ratio ≈ 0.41), the soft clip's c' → 0 (ratio ≈ 1e-4)
-    _case("zuko-naf", _naf, ["unknown", "unknown", "unknown"], expected_verdicts=["violates", "violates", "violates"]),
+    # the soft clip's c' = (1 + |x|/B)^-2 → 0 violates under any tail probe; the monotonic MLPs (no structure)
+    # are left to the measurement: ratio 0.41 (violates) with the |x| ∈ [1, 1e4] probe, ≈ 0.7-0.8
+    # (inconclusive) with the decade-settling probe, so their verdict is not pinned
+    _case("zuko-naf", _naf, ["unknown", "unknown", "unknown"], expected_verdicts=[None, "violates", None]),
 ]
