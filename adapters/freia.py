@@ -231,6 +231,15 @@ def _block_sites(name: str, block: nn.Module) -> list[Site]:
     return [UnknownSite(name, type(block).__name__)] if block.dims_c else []
 
 
+# FrEIA blocks whose Jacobian does not depend on the input (permutations, fixed or learned linear maps,
+# ActNorm, reshapes, splits): layers, never sites
+_CONSTANT_JACOBIAN = frozenset({
+    "PermuteRandom", "FixedLinearTransform", "Fixed1x1Conv", "IRevNetDownsampling", "IRevNetUpsampling",
+    "HaarDownsampling", "HaarUpsampling", "Flatten", "Reshape", "Split", "Concat", "OrthogonalTransform",
+    "HouseholderPerm", "ActNorm", "LearnedElementwiseScaling", "InvAutoFC", "InvAutoConv2D",
+})
+
+
 class FrEIAAdapter(Adapter):
     """Adapter of a FrEIA ``SequenceINN`` or ``GraphINN`` with one condition, standard-normal latents."""
 
@@ -263,6 +272,13 @@ class FrEIAAdapter(Adapter):
             raise TypeError(f"{type(model).__name__} has no conditional block: nothing to audit")
         self._condition_shape = tuple(int(d) for d in cond)
         self._sites = [s for n, b in self._blocks for s in _block_sites(n, b)]
+        # blocks whose Jacobian may vary with the input and that no site reads (an InvertibleSigmoid,
+        # an i-ResNet layer, a conditional block of unknown code): the view is partial, and says so
+        self._unseen = []
+        for n, b in self._blocks:
+            own = [s for s in self._sites if s.name == n or s.name.startswith(f"{n}.")]
+            if any(isinstance(s, UnknownSite) for s in own) or (not own and type(b).__name__ not in _CONSTANT_JACOBIAN):
+                self._unseen.append(n)
 
     @property
     def condition_shape(self) -> tuple[int, ...]:
@@ -275,6 +291,15 @@ class FrEIAAdapter(Adapter):
 
     def sites(self) -> list[Site]:
         return list(self._sites)
+
+    def coverage(self) -> dict:
+        """Flags blocks no site reads whose Jacobian may depend on the input (unknown or nonlinear)."""
+        n = len(self._sites)
+        if not n:
+            return {"n_sites": 0, "complete": False, "reason": f"no sites found: the freia adapter recognises no block of {self.name}"}
+        if self._unseen:
+            return {"n_sites": n, "complete": False, "reason": f"blocks not read as sites: {', '.join(self._unseen)}"}
+        return {"n_sites": n, "complete": True, "reason": None}
 
     def layer_names(self) -> list[str]:
         return [n for n, _ in reversed(self._blocks)]

@@ -340,6 +340,11 @@ class NormflowsAdapter(Adapter):
         self._sites = [s for n in reversed(self._flow_names) for s in self._by_flow[n]]
         if self._prior is not None:
             self._sites.append(self._prior)
+        # flows no site reads whose Jacobian may vary with the input (unknown code, planar/radial/residual
+        # flows): the view is partial, and coverage() says so
+        self._unseen = [n for n, f in zip(self._flow_names, model.flows)
+                        if any(isinstance(s, UnknownSite) for s in self._by_flow[n])
+                        or (not self._by_flow[n] and type(f).__module__ not in _UNCONDITIONAL)]
         self._condition_shape = _condition_shape(model)
 
     @property
@@ -352,6 +357,15 @@ class NormflowsAdapter(Adapter):
 
     def sites(self) -> list[Site]:
         return list(self._sites)
+
+    def coverage(self) -> dict:
+        """Flags flows no site reads whose Jacobian may depend on the input (unknown or non-elementwise)."""
+        n = len(self._sites)
+        if not n:
+            return {"n_sites": 0, "complete": False, "reason": f"no sites found: the normflows adapter recognises no flow of {self.name}"}
+        if self._unseen:
+            return {"n_sites": n, "complete": False, "reason": f"flows not read as sites: {', '.join(self._unseen)}"}
+        return {"n_sites": n, "complete": True, "reason": None}
 
     def encoder(self) -> nn.Module | None:
         return getattr(self.model.q0, "context_encoder", None)

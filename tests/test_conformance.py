@@ -2,7 +2,7 @@
 
 Per case (a small conditional flow of one library, trained briefly on the 2D toy):
 
-* every site found, with the expected kinds, unique names;
+* every site found, with the expected kinds, unique names, and the adapter's coverage complete;
 * each site's ``derivative_at`` equals the JVP (``torch.func.jvp``) of its ``map_at``, at the
   parameters visited while sampling, and stays inside ``tail_bounds`` beyond ``tail_start``;
 * sampling through the adapter equals the library's own sampling for the same latents, with and
@@ -107,6 +107,8 @@ def test_sites_found_with_their_kinds(case: Case):
     sites = adapter.sites()
     assert [s.kind for s in sites] == case.expected_kinds
     assert len({s.name for s in sites}) == len(sites)
+    cov = adapter.coverage()
+    assert cov["complete"] and cov["n_sites"] == len(sites), cov
 
 
 @pytest.mark.parametrize("case", PARAMS)
@@ -222,6 +224,9 @@ def test_runs_on_cuda(case: Case):
     assert gpu.is_cuda and all(g[0].is_cuda for g in rec.gains.values())
     assert set(rec.gains) == {s.name for s in adapter.sites()} and bool(torch.isfinite(lp).all())
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-3)
+    report = flowaudit.inspect(model, samples=2, device="cuda")  # the engine's path on the device
+    assert [s["kind"] for s in report["model"]["sites"]] == case.expected_kinds
+    assert next(model.parameters()).device.type == "cpu"  # inspect puts the model back
 
 
 @pytest.mark.parametrize("case", PARAMS)
