@@ -17,12 +17,9 @@ from typing import Any
 from torch import nn
 
 from .base import Adapter, Observer, Site, widen
+from .checkpoint import DEFAULT_MAX_PARAMETERS, ModelError, check_budget, first_line, read_weights
 
-__all__ = ["Adapter", "Observer", "Site", "widen", "adapt", "load_model", "ModelError"]
-
-
-class ModelError(ValueError):
-    """The model spec cannot be loaded (unknown name, unreadable checkpoint, …)."""
+__all__ = ["Adapter", "Observer", "Site", "widen", "adapt", "load_model", "ModelError", "DEFAULT_MAX_PARAMETERS"]
 
 
 # One module per family, tried in this order. Each defines ``matches(model) -> bool`` (cheap, and
@@ -42,20 +39,6 @@ def adapt(model: Any, name: str | None = None) -> Adapter:
                     "(a flow of one's own: declare it with flowaudit.adapters.custom.CustomAdapter)")
 
 
-def _load_weights(path: Path, trust: bool) -> Any:
-    import torch
-
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
-    except Exception as exc:
-        hint = "" if trust else " (it may hold pickled code: pass --trust-checkpoint if you trust its source)"
-        raise ModelError(f"{path}: cannot load checkpoint: {str(exc).splitlines()[0]}{hint}") from None
-
-
 def _import_factory(spec: str):
     """The callable named by ``package.module:factory`` (the working directory is importable, as for uvicorn)."""
     module_name, _, attr = spec.partition(":")
@@ -69,7 +52,7 @@ def _import_factory(spec: str):
         for part in attr.split("."):
             factory = getattr(factory, part)
     except Exception as exc:  # an import error inside the user's module is theirs to fix: one line, exit 2
-        raise ModelError(f"cannot import {spec!r}: {type(exc).__name__}: {_first_line(exc)}") from None
+        raise ModelError(f"cannot import {spec!r}: {type(exc).__name__}: {first_line(exc)}") from None
     finally:
         if added:
             sys.path.remove(os.getcwd())
@@ -78,14 +61,9 @@ def _import_factory(spec: str):
     return factory
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 def _apply_weights(target: nn.Module, weights: str, spec: str, trust: bool) -> None:
     """Load the state dict in ``weights`` into ``target`` (strict), or raise one ModelError line."""
-    state = _load_weights(Path(weights), trust)
+    state = read_weights(Path(weights), trust, what="weights file")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
@@ -100,10 +78,11 @@ def _apply_weights(target: nn.Module, weights: str, spec: str, trust: bool) -> N
     try:
         target.load_state_dict(state)
     except Exception as exc:
-        raise ModelError(f"--weights {weights}: does not fit {spec}: {_first_line(exc)}") from None
+        raise ModelError(f"--weights {weights}: does not fit {spec}: {first_line(exc)}") from None
 
 
-def load_model(spec: str, *, weights: str | None = None, trust: bool = False, official: dict | None = None) -> Adapter:
+def load_model(spec: str, *, weights: str | None = None, trust: bool = False, official: dict | None = None,
+               max_parameters: int | float = DEFAULT_MAX_PARAMETERS) -> Adapter:
     """Adapter for a bundled name, a checkpoint path, or ``package.module:factory`` (+ ``weights``).
 
     ``weights`` (a state dict: ``.pt`` or ``.safetensors``) goes only with a factory: into the
@@ -114,6 +93,9 @@ def load_model(spec: str, *, weights: str | None = None, trust: bool = False, of
     A checkpoint that is not a flowaudit reference checkpoint is tried as an official SRFlow / NCSR /
     spline / LLFlow state dict (:mod:`.official`); ``official`` passes what its weights cannot say
     (``fs_ncsr=True``, ``stack_blocks``, ``std_steps``, ``affine_eps``).
+
+    Every file is untrusted (:mod:`.checkpoint`): a checkpoint's model is first built on the
+    ``meta`` device and refused above ``max_parameters`` before anything is allocated.
     """
     from flowaudit import reference_models as rm
 
@@ -133,7 +115,7 @@ def load_model(spec: str, *, weights: str | None = None, trust: bool = False, of
         try:
             model = factory()
         except Exception as exc:  # the user's factory failed: their input, not our bug
-            raise ModelError(f"--model {spec}: the factory raised {type(exc).__name__}: {_first_line(exc)}") from None
+            raise ModelError(f"--model {spec}: the factory raised {type(exc).__name__}: {first_line(exc)}") from None
         if weights is not None:
             target = model.model if isinstance(model, Adapter) else model
             if not isinstance(target, nn.Module):
@@ -147,16 +129,62 @@ def load_model(spec: str, *, weights: str | None = None, trust: bool = False, of
     path = Path(spec)
     if not path.exists():
         raise ModelError(f"{spec!r} is neither a bundled model ({', '.join(sorted(names))}) nor an existing checkpoint")
-    state = _load_weights(path, trust)
+    state = read_weights(path, trust)
     if isinstance(state, dict) and state.get("format") == "flowaudit-reference/1":
-        state = rm.upgrade_config(state)
-        model = rm.build(state["task"], state["config"])
-        model.load_state_dict(state["state_dict"])
-        model.name = path.stem
-        return adapt(model.eval(), path.stem)
+        return adapt(_reference_model(path, state, max_parameters).eval(), path.stem)
+    if not isinstance(state, dict):
+        raise ModelError(f"{path}: holds a {type(state).__name__}, not a checkpoint (a dict of tensors)")
     from . import official as off
+
+    _state_budget(path, state, max_parameters)
 
     try:
         return off.build(state, path.stem, **(official or {}))
     except off.LayoutError as exc:
         raise ModelError(f"{path}: checkpoint layout not recognised: {exc}") from None
+
+
+def _reference_model(path: Path, state: dict, max_parameters: int | float) -> nn.Module:
+    """A flowaudit reference checkpoint rebuilt, its keys and configuration checked before anything is allocated."""
+    from flowaudit import reference_models as rm
+
+    missing = [k for k in ("task", "config", "state_dict") if k not in state]
+    if missing:
+        raise ModelError(f"{path}: reference checkpoint without {', '.join(repr(k) for k in missing)}")
+    task, config, weights = state["task"], state["config"], state["state_dict"]
+    if task not in ("toy", "sr", "lowlight"):
+        raise ModelError(f"{path}: unknown reference task {task!r} (toy, sr, lowlight)")
+    if not isinstance(config, dict) or not all(isinstance(k, str) for k in config):
+        raise ModelError(f"{path}: 'config' is a {type(config).__name__}, not a dict of constructor options")
+    if not isinstance(weights, dict):
+        raise ModelError(f"{path}: 'state_dict' is a {type(weights).__name__}, not a dict of tensors")
+    config = rm.upgrade_config(dict(state))["config"]
+    check_budget(lambda: rm.build(task, config), max_parameters, str(path))
+    try:
+        model = rm.build(task, config)
+    except Exception as exc:
+        raise ModelError(f"{path}: invalid model configuration ({type(exc).__name__}: {first_line(exc)})") from None
+    try:
+        model.load_state_dict(weights)
+    except Exception as exc:  # missing/unexpected keys, shape mismatches: a different model than its config says
+        raise ModelError(f"{path}: weights do not fit its config: {first_line(exc).removeprefix('Error(s) in loading state_dict for ')}") from None
+    model.name = path.stem
+    return model
+
+
+def _state_budget(path: Path, state: dict, max_parameters: int | float) -> None:
+    """Refuse a state dict whose tensors alone hold more than ``max_parameters`` values."""
+    n = sum(int(v.numel()) for v in _tensors(state))
+    if n > max_parameters:
+        raise ModelError(f"{path}: holds {n:,} values, more than --max-parameters {int(max_parameters):,}; "
+                         "raise the limit only if you trust this checkpoint")
+
+
+def _tensors(obj: Any, depth: int = 0):
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict) and depth < 4:
+        for v in obj.values():
+            yield from _tensors(v, depth + 1)

@@ -3,6 +3,12 @@
 ``--device`` and ``--json`` are declared here once; their callbacks store the
 values in the context object (:class:`Settings`), so commands read
 ``obj.device`` and ``obj.json`` instead of taking them as parameters.
+
+Interruption: :func:`install_signal_handlers` makes SIGTERM raise
+``KeyboardInterrupt`` like SIGINT does, so one path unwinds both: the atomic
+writers remove their temporary files and folders, the claim on ``--out`` is
+released, and the group prints :func:`interrupted` (one line) and exits 130
+(128 + SIGINT, the shell's convention).
 """
 
 from __future__ import annotations
@@ -10,9 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import contextlib
+import os
+import signal
+from pathlib import Path
+
 import click
 
-__all__ = ["Settings", "UserError", "device_option", "json_option", "overwrite_option", "batch_option", "layers_option",
+__all__ = ["Settings", "UserError", "claim_output", "install_signal_handlers", "interrupted", "max_parameters_option", "device_option", "json_option", "overwrite_option", "batch_option", "layers_option",
            "pooling_option", "estimator_option", "threshold_option"]
 
 
@@ -24,6 +35,9 @@ class Settings:
     quiet: bool = False
     device: str = "auto"
     json: bool = False
+    command: str | None = None  # "flowaudit scan", "flowaudit train sr": set when a command claims its output
+    out: str | None = None  # what the running command writes (claimed), for the interruption message
+    keeps_partial: bool = False  # ``train``: a periodic checkpoint at ``out`` is complete, not partial
 
     @property
     def progress(self) -> bool:
@@ -54,3 +68,48 @@ threshold_option = click.option("--threshold", type=click.FloatRange(0, 1), defa
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 
 
+max_parameters_option = click.option("--max-parameters", type=click.FloatRange(1), default=2e9, show_default=True,
+                                     help="Refuse a checkpoint whose model has more parameters (checked before allocating).")
+
+EXIT_INTERRUPTED = 130
+_SIGNAL = {"name": "SIGINT"}
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM raises ``KeyboardInterrupt`` (as SIGINT does), so both unwind through the same cleanup."""
+
+    def on_term(signum, frame):
+        _SIGNAL["name"] = "SIGTERM"
+        raise KeyboardInterrupt
+
+    with contextlib.suppress(ValueError):  # not the main thread: leave the handlers alone
+        signal.signal(signal.SIGTERM, on_term)
+
+
+def interrupted(ctx: click.Context) -> str:
+    """The one line said on an interruption: what was stopped and what is left at ``--out``."""
+    obj = ctx.obj if isinstance(ctx.obj, Settings) else Settings()
+    what = obj.command or " ".join(filter(None, ["flowaudit", ctx.invoked_subcommand]))
+    if obj.out is None:
+        left = "nothing was written"
+    elif obj.keeps_partial and Path(obj.out).exists():
+        left = f"{obj.out} keeps its last complete checkpoint (--resume continues from it)"
+    else:
+        left = f"nothing was written to {obj.out}"
+    return f"flowaudit: interrupted ({_SIGNAL['name']}): {what} stopped; {left}"
+
+
+def claim_output(ctx: click.Context, out: str, overwrite: bool = True, *, keeps_partial: bool = False) -> None:
+    """Claim ``out`` for the rest of the command (two runs never write one target), then refuse an existing one.
+
+    The claim (:func:`flowaudit.reference_models.atomic.claim`) is released when the command ends,
+    however it ends; a second run on the same ``out`` gets a one-line ``FileExistsError`` (exit 2).
+    """
+    from .reference_models.atomic import claim
+
+    ctx.with_resource(claim(out))
+    obj = ctx.find_object(Settings)
+    if obj is not None:
+        obj.command, obj.out, obj.keeps_partial = ctx.command_path, str(out), keeps_partial
+    if not overwrite and os.path.lexists(out):
+        raise FileExistsError(f"{out} exists (use --overwrite)")

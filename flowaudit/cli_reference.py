@@ -11,7 +11,7 @@ import json
 
 import click
 
-from .cli_options import Settings, UserError, device_option, json_option
+from .cli_options import Settings, UserError, claim_output, device_option, json_option
 
 __all__ = ["train", "data"]
 
@@ -49,6 +49,7 @@ def train_toy_cmd(obj: Settings, coupling, out, iters, seed, resume, feature_dim
 
     if threads:
         torch.set_num_threads(threads)
+    claim_output(click.get_current_context(), out, keeps_partial=True)
     state = train_toy(coupling, out=out, iters=iters, seed=seed, resume=resume, progress=obj.progress, feature_dim=feature_dim)
     _report_training(obj, state, out, coupling)
 
@@ -83,6 +84,7 @@ def _train_image(obj: Settings, task: str, coupling: str, out: str, lr: float | 
     from .reference_models import recipes
 
     torch.set_num_threads(threads)
+    claim_output(click.get_current_context(), out, keeps_partial=True)
     try:
         config = recipes.read_config(task, config_file) if config_file else {}
     except ValueError as exc:

@@ -11,10 +11,21 @@ Accepted inputs, all giving conditions ``y`` (N×…) and optional targets ``x``
 
 Every problem raises :class:`DataError` (a ``ValueError``) with one line naming
 the path and what is wrong; the CLI turns it into exit code 2.
+
+Conditions with NaN or ±Inf are *not* refused: they are loaded, marked in
+:attr:`ConditionSet.nonfinite` and counted in ``description["n_nonfinite"]``.
+The audit scores them ``s_OOD = inf``, keeps them out of the Gaussian's fit,
+and does not sample them: a flow fed NaN returns NaN, which says nothing about
+its inverse, so counting those samples in %Inf would blame the flow for broken
+data (and give the risk fit a free, meaningless hit). They appear in the report
+as inputs flagged ``nonfinite_condition`` with no sample figures
+(:func:`nonfinite_records`). A set whose every condition is non-finite leaves
+nothing to audit and is refused. Targets ``x`` must be finite.
 """
 
 from __future__ import annotations
 
+import math
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +38,7 @@ from torch import Tensor
 from .errors import DataError
 from .images import IMAGE_EXTENSIONS, find_pair_dirs, read_image, read_image_folder, read_paired_folder
 
-__all__ = ["DataError", "ConditionSet", "load_conditions", "ARRAY_EXTENSIONS"]
+__all__ = ["DataError", "ConditionSet", "load_conditions", "nonfinite_records", "ARRAY_EXTENSIONS"]
 
 ARRAY_EXTENSIONS = (".npy", ".npz", ".h5", ".hdf5")
 
@@ -42,15 +53,43 @@ def _one_line(text: object) -> str:
 
 @dataclass
 class ConditionSet:
-    """Conditions ``y`` (float32, N×…), optional targets ``x``, one id per row, and a JSON-able description."""
+    """Conditions ``y`` (float32, N×…), optional targets ``x``, one id per row, and a JSON-able description.
+
+    ``nonfinite`` (bool, N) marks the rows of ``y`` holding a NaN or ±Inf; computed when not given.
+    """
 
     y: Tensor
     x: Tensor | None
     ids: list[str]
     description: dict[str, Any] = field(default_factory=dict)
+    nonfinite: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.nonfinite is None:
+            self.nonfinite = ~torch.isfinite(self.y.reshape(len(self.y), -1)).all(1) if len(self.y) else torch.zeros(0, dtype=torch.bool)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def n_nonfinite(self) -> int:
+        return int(self.nonfinite.sum())
+
+    def finite(self) -> ConditionSet:
+        """The rows whose conditions are all finite (``self`` when there is no other kind).
+
+        The description is the whole set's (``n``, ``n_nonfinite``). Raises :class:`DataError`
+        when no row is finite: there is nothing to audit.
+        """
+        if not self.n_nonfinite:
+            return self
+        keep = ~self.nonfinite
+        if not keep.any():
+            where = self.description.get("path", "conditions")
+            raise DataError(f"{where}: every condition has NaN or Inf values ({len(self)} of {len(self)}); nothing to audit")
+        idx = keep.nonzero().flatten()
+        return ConditionSet(y=self.y[idx], x=None if self.x is None else self.x[idx], ids=[self.ids[i] for i in idx.tolist()],
+                            description=self.description, nonfinite=torch.zeros(len(idx), dtype=torch.bool))
 
 
 def _stack(path: Path, named: list[tuple[str, np.ndarray]], what: str = "images") -> Tensor:
@@ -85,7 +124,9 @@ def _array(path: Path, name: str, a: Any) -> np.ndarray:
         raise _err(path, f"array {name!r} has shape {a.shape}; expected N×… (a row per input)")
     if len(a) == 0:
         raise _err(path, f"array {name!r} has no rows")
-    if not np.isfinite(a).all():
+    if a.size == 0:
+        raise _err(path, f"array {name!r} has shape {a.shape}: its rows are empty")
+    if name != "y" and not np.isfinite(a).all():  # conditions may be non-finite (counted); targets may not
         raise _err(path, f"array {name!r} has non-finite values")
     return a
 
@@ -150,7 +191,14 @@ def load_conditions(path: str | Path) -> ConditionSet:
     except (OSError, ValueError) as e:  # reader errors: "<file>: <problem>", a file at or under p
         msg = _one_line(e)
         raise (DataError(msg) if msg.startswith(str(p)) else _err(p, msg)) from e
-    desc: dict[str, Any] = {"path": str(p), "kind": kind, "n": len(ids), "shape": list(y.shape[1:])}
+    cs = ConditionSet(y=y, x=x, ids=ids)
+    cs.description = {"path": str(p), "kind": kind, "n": len(ids), "shape": list(y.shape[1:]), "n_nonfinite": cs.n_nonfinite}
     if x is not None:
-        desc["target_shape"] = list(x.shape[1:])
-    return ConditionSet(y=y, x=x, ids=ids, description=desc)
+        cs.description["target_shape"] = list(x.shape[1:])
+    return cs
+
+
+def nonfinite_records(cs: ConditionSet, set_name: str) -> list[dict]:
+    """Report records of the inputs whose conditions are non-finite: ``s_ood`` inf, no sample figures, no risk."""
+    return [{"id": cs.ids[i], "set": set_name, "nonfinite_condition": True, "s_ood": math.inf, "n_inf": None,
+             "n_pixel_err": None, "max_abs": None, "risk": None} for i in cs.nonfinite.nonzero().flatten().tolist()]

@@ -186,7 +186,7 @@ def test_sr_set_round_trip(tmp_path: Path, test_images) -> None:
     assert cs.y.shape == (5, 3, 8, 8) and cs.x is not None and cs.x.shape == (5, 3, 32, 32)
     assert cs.y.dtype == torch.float32
     assert cs.description == {"path": str(out), "kind": "paired lr/hr", "n": 5, "shape": [3, 8, 8],
-                              "target_shape": [3, 32, 32]}
+                              "n_nonfinite": 0, "target_shape": [3, 32, 32]}
     assert (D.bicubic_down(cs.x, 4) - cs.y).abs().max() <= 0.51 / 255  # LR is the downscaled (quantised) HR
     plain = load_conditions(D.write_sr_set(tmp_path / "plain", test_images, patch=32, scale=4, n=5, seed=1))
     assert plain.ids == cs.ids and cs.x.mean() > plain.x.mean()  # same crops, eurban brightened them
@@ -244,7 +244,7 @@ def test_array_files(tmp_path: Path) -> None:
         assert cs.y.dtype == torch.float32 and cs.y.shape == (6, 2)
         assert np.allclose(cs.y.numpy(), y, atol=1e-2)
         assert (cs.x is not None) == has_x and cs.ids == [f"row{i}" for i in range(6)]
-        assert cs.description == {"path": str(tmp_path / name), "kind": kind, "n": 6, "shape": [2],
+        assert cs.description == {"path": str(tmp_path / name), "kind": kind, "n": 6, "shape": [2], "n_nonfinite": 0,
                                   **({"target_shape": [2]} if has_x else {})}
 
 
@@ -285,7 +285,7 @@ def _bad_cases(tmp: Path) -> dict[str, Path]:
     np.savez(tmp / "noy.npz", x=np.zeros((2, 2)))
     np.savez(tmp / "len.npz", y=np.zeros((3, 2)), x=np.zeros((2, 2)))
     np.save(tmp / "flat.npy", np.zeros(5))
-    np.save(tmp / "nan.npy", np.array([[0.0, np.nan]]))
+    np.savez(tmp / "nanx.npz", y=np.zeros((1, 2)), x=np.array([[0.0, np.nan]]))  # targets must be finite
     np.save(tmp / "text.npy", np.array([["a", "b"]]))
     np.save(tmp / "zero.npy", np.zeros((0, 2)))
     (tmp / "corrupt.npy").write_bytes(b"\x93NUMPY garbage")
@@ -297,7 +297,7 @@ def _bad_cases(tmp: Path) -> dict[str, Path]:
         f.create_group("y")
     with h5py.File(tmp / "len.h5", "w") as f:
         f["y"], f["x"] = np.zeros((3, 2)), np.zeros((4, 2))
-    for name in ("noy.npz", "len.npz", "flat.npy", "nan.npy", "text.npy", "zero.npy", "corrupt.npy", "corrupt.npz",
+    for name in ("noy.npz", "len.npz", "flat.npy", "nanx.npz", "text.npy", "zero.npy", "corrupt.npy", "corrupt.npz",
                  "corrupt.h5", "noy.h5", "group.h5", "len.h5"):
         cases[name] = tmp / name
     return cases
@@ -316,7 +316,7 @@ EXPECTED = {  # case -> what the message must say
     "noy.npz": "no array 'y'",
     "len.npz": "'x' has 2 rows but 'y' has 3",
     "flat.npy": "expected N×…",
-    "nan.npy": "non-finite",
+    "nanx.npz": "array 'x' has non-finite values",
     "text.npy": "not numeric",
     "zero.npy": "no rows",
     "corrupt.npy": "unreadable .npy",
@@ -337,3 +337,16 @@ def test_data_errors_are_one_line_naming_the_path(tmp_path: Path, case: str) -> 
     assert isinstance(err.value, ValueError)
     assert "\n" not in msg and msg.startswith(f"{path}"), msg
     assert EXPECTED[case] in msg, msg
+
+
+def test_nonfinite_conditions_are_loaded_and_marked(tmp_path: Path) -> None:
+    """NaN/Inf conditions are counted and marked, not refused; finite() keeps the rest; all-NaN leaves nothing."""
+    y = np.zeros((4, 2), np.float32)
+    y[1, 0], y[3, 1] = np.nan, -np.inf
+    np.save(tmp_path / "y.npy", y)
+    cs = load_conditions(tmp_path / "y.npy")
+    assert cs.description["n_nonfinite"] == 2 and cs.nonfinite.tolist() == [False, True, False, True]
+    assert cs.finite().ids == ["row0", "row2"] and torch.isfinite(cs.finite().y).all()
+    np.save(tmp_path / "all.npy", np.full((2, 2), np.nan))
+    with pytest.raises(DataError, match="every condition has NaN or Inf"):
+        load_conditions(tmp_path / "all.npy").finite()

@@ -1,0 +1,168 @@
+r"""Untrusted checkpoint files: read them as tensors only, refuse what is broken in one line.
+
+A checkpoint is input from a stranger (DESIGN.md §5). :func:`read_weights`
+opens a ``.pt`` / ``.pth`` / ``.ckpt`` file with ``torch.load(weights_only=True)``
+(pickled code only with ``trust``) or a ``.safetensors`` file, and turns every
+way a file can be wrong — empty, truncated, random bytes, pickled code, a
+corrupt safetensors header — into one :class:`ModelError` line naming the file
+and the problem.
+
+:func:`check_budget` refuses a model that is too large *before* it is
+allocated: the model is first built on the ``meta`` device (shapes only, no
+memory), its parameters counted as they register, and the build stops as soon
+as the count passes the budget,
+
+.. math:: n_\text{params} = \sum_{p \in \text{parameters}} \prod_i p.\text{shape}_i \le \text{budget},
+
+so a checkpoint whose ``config`` asks for ``nf = 10^9`` costs nothing to refuse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ModelError", "DEFAULT_MAX_PARAMETERS", "MAX_MODULES", "read_weights", "check_budget", "first_line"]
+
+#: Default of ``--max-parameters``: 2·10⁹ parameters (8 GB of float32), far above any flow audited so far.
+DEFAULT_MAX_PARAMETERS = 2_000_000_000
+#: A configuration that asks for more sub-modules than this is refused too (no real flow has that many).
+MAX_MODULES = 1_000_000
+
+
+class ModelError(ValueError):
+    """The model spec cannot be loaded (unknown name, unreadable checkpoint, …): exit code 2, one line."""
+
+
+def first_line(exc: BaseException | str) -> str:
+    """The first non-empty line of an exception's message (its type name when it has none)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if lines:
+        return lines[0]
+    return type(exc).__name__ if isinstance(exc, BaseException) else ""
+
+
+def read_weights(path: str | Path, trust: bool = False, what: str = "checkpoint") -> Any:
+    """The object stored in a checkpoint file; :class:`ModelError` (one line) for anything unreadable."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read {what}: {exc.strerror or first_line(exc)}") from None
+    if path.is_dir():
+        raise ModelError(f"{path}: is a folder, not a {what} file")
+    if size == 0:
+        raise ModelError(f"{path}: empty file, not a {what}")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path, what)
+    return _read_torch(path, trust, what)
+
+
+def _read_safetensors(path: Path, what: str) -> Any:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # SafetensorError, OSError, ValueError: a broken file, whatever the library calls it
+        raise ModelError(f"{path}: corrupt .safetensors {what} ({first_line(exc)})") from None
+
+
+def _read_torch(path: Path, trust: bool, what: str) -> Any:
+    import torch
+
+    with open(path, "rb") as f:
+        head = f.read(4)
+    is_zip = zipfile.is_zipfile(path)
+    if not is_zip and head[:1] != b"\x80":  # neither torch's zip format nor a (legacy) pickle
+        hint = " (a zip archive cut short?)" if head[:2] == b"PK" else ""
+        raise ModelError(f"{path}: not a PyTorch {what} (neither a zip archive nor a pickle){hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if not trust and ("Unsupported global" in text or "Unsupported operand" in text or "GLOBAL" in text):
+            name = _global_name(text)
+            raise ModelError(f"{path}: holds pickled code{name}; pass --trust-checkpoint only if you trust its source") from None
+        raise ModelError(f"{path}: corrupt or truncated {what} ({_torch_reason(text)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+            ImportError, MemoryError, OverflowError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
+        raise ModelError(f"{path}: corrupt or truncated {what} ({_torch_reason(str(exc)) or type(exc).__name__})") from None
+
+
+def _global_name(text: str) -> str:
+    """`` (numpy.dtype)`` from torch's "Unsupported global: GLOBAL numpy.dtype …" message, else ``""``."""
+    marker = "GLOBAL "
+    at = text.find(marker)
+    if at < 0:
+        return ""
+    name = text[at + len(marker):].split()[0].rstrip(".,:;")
+    return f" ({name})" if name else ""
+
+
+def _torch_reason(text: str) -> str:
+    """torch's long load errors reduced to their useful part."""
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("WeightsUnpickler error:"):
+            return line.removeprefix("WeightsUnpickler error:").strip()
+    line = first_line(text)
+    if "Weights only load failed" in line:
+        return "unreadable pickle"
+    return line[:160]
+
+
+@contextlib.contextmanager
+def _counting(budget: int, source: str) -> Iterator[dict]:
+    """Count parameters and modules as a model registers them; raise :class:`ModelError` past the budget."""
+    import torch
+    from torch.nn.modules import module as nn_module
+
+    seen = {"parameters": 0, "modules": 0}
+
+    def on_parameter(module, name, param):
+        if param is not None:
+            seen["parameters"] += param.numel()
+            if seen["parameters"] > budget:
+                raise _Refused(f"{source}: the model needs more than {budget:,} parameters (--max-parameters); "
+                               "raise the limit only if you trust this configuration")
+
+    def on_module(module, name, sub):
+        seen["modules"] += 1
+        if seen["modules"] > MAX_MODULES:
+            raise _Refused(f"{source}: the configuration asks for more than {MAX_MODULES:,} modules; refused as absurd")
+
+    handles = [nn_module.register_module_parameter_registration_hook(on_parameter),
+               nn_module.register_module_module_registration_hook(on_module)]
+    try:
+        with torch.device("meta"):
+            yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class _Refused(ModelError):
+    """Raised from inside a registration hook, so that the constructor's own errors stay apart."""
+
+
+def check_budget(build: Callable[[], Any], budget: int | float, source: str) -> int:
+    """Build the model on the ``meta`` device and count its parameters; refuse it above ``budget``.
+
+    Returns the parameter count. ``build`` raising (an invalid configuration) is a
+    :class:`ModelError` naming ``source``.
+    """
+    budget = int(budget)
+    try:
+        with _counting(budget, source):
+            model = build()
+        return sum(p.numel() for p in model.parameters())
+    except _Refused as exc:
+        raise ModelError(str(exc)) from None
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"{source}: invalid model configuration ({type(exc).__name__}: {first_line(exc)})") from None
