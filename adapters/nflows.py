@@ -22,6 +22,9 @@ Sites (conditional elementwise maps :math:`c(x; \theta)` whose parameters
   :math:`\theta_i = h(x_{<i}, e(y))` from ``autoregressive_net``. The inverse
   is the library's fixed-point iteration (one pass per feature); the
   parameters reported are those of the final iterate.
+* transforms inside ``InverseTransform`` (an IAF): the flow's map is the wrapped
+  transform's inverse, :math:`c' = 1/c_t'` with inverted bounds; sampling runs the
+  wrapped transform's forward.
 * the **conditional prior** ``ConditionalDiagonalNormal``: forward
   :math:`c(x) = (x - \mu(y)) / \sigma(y)`, :math:`c' = 1/\sigma`, inverse gain
   :math:`\sigma` (kind ``prior``).
@@ -54,7 +57,7 @@ from torch import Tensor, nn
 
 from .base import Adapter, Observer, Site, affine_kind, elementwise_derivative, sweep_bounds
 
-__all__ = ["NflowsAdapter", "CouplingSite", "AutoregressiveSite", "PriorSite", "matches", "make"]
+__all__ = ["NflowsAdapter", "CouplingSite", "AutoregressiveSite", "InvertedSite", "PriorSite", "matches", "make"]
 
 
 # nflows modules whose transforms never read the context (permutations, linear maps, normalisation, reshapes, …).
@@ -165,6 +168,23 @@ class CouplingSite(_NflowsSite):
         outputs[:, t.transform_features] = x_b
         return outputs, 1.0 / self.derivative(x_b, params), params
 
+    def forward_step(self, inputs: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """The library's ``CouplingTransform.forward``: ``(outputs, transformed split's input, params)``."""
+        t = self.module
+        identity_split = inputs[:, t.identity_features, ...]
+        transform_split = inputs[:, t.transform_features, ...]
+        params = t.transform_net(identity_split, context)
+        y_b, _ = t._coupling_transform_forward(inputs=transform_split, transform_params=params.clone())
+        if t.unconditional_transform is not None:
+            identity_split, _ = t.unconditional_transform(identity_split, context)
+        outputs = torch.empty_like(inputs)
+        outputs[:, t.identity_features, ...] = identity_split
+        outputs[:, t.transform_features, ...] = y_b
+        return outputs, y_b, params
+
+    def inverse_map(self, x: Tensor, params: Tensor) -> Tensor:
+        return self.module._coupling_transform_inverse(x, params.clone())[0]
+
 
 class AutoregressiveSite(_NflowsSite):
     """An nflows ``AutoregressiveTransform``; params are ``autoregressive_net``'s raw output (B, F·P)."""
@@ -217,6 +237,48 @@ class AutoregressiveSite(_NflowsSite):
             outputs, _ = t._elementwise_inverse(inputs, params.clone())
         return outputs, 1.0 / self.derivative(outputs, params), params
 
+    def forward_step(self, inputs: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """The library's ``AutoregressiveTransform.forward`` (one pass): ``(outputs, outputs, params)``."""
+        params = self.module.autoregressive_net(inputs, context)
+        outputs, _ = self.module._elementwise_forward(inputs, params.clone())
+        return outputs, outputs, params
+
+    def inverse_map(self, x: Tensor, params: Tensor) -> Tensor:
+        return self.module._elementwise_inverse(x, params.clone())[0]
+
+
+class InvertedSite(_NflowsSite):
+    r"""A coupling or autoregressive transform inside ``InverseTransform`` (e.g. an IAF).
+
+    The flow's forward map is the wrapped transform's inverse, :math:`c = c_t^{-1}`, so
+    :math:`c' = 1 / c_t'`; sampling runs the wrapped transform's forward. Affine bounds invert
+    (nflows' sigmoid scale :math:`(10^{-3}, 1.001)` becomes :math:`(0.999, 1000)`); identity tails
+    stay identity tails from the same bound.
+    """
+
+    def __init__(self, name: str, inner: CouplingSite | AutoregressiveSite):
+        super().__init__(name, inner.module)
+        self.inner = inner
+        b = inner.tail_bounds()
+        self._bounds = None if b is None else (1.0 / b[1] if b[1] > 0 else math.inf, 1.0 / b[0] if b[0] > 0 else math.inf)
+        self.kind = affine_kind(self._bounds[0]) if inner.kind in ("affine", "affine-bounded") else inner.kind
+
+    def _input_shape(self, params: Tensor) -> tuple[int, ...]:
+        return self.inner._input_shape(params)
+
+    def map(self, x: Tensor, params: Tensor) -> Tensor:
+        return self.inner.inverse_map(x, params)
+
+    def tail_bounds(self) -> tuple[float, float] | None:
+        return self._bounds
+
+    def tail_start(self) -> float | None:
+        return self.inner.tail_start()
+
+    def inverse(self, inputs: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        outputs, visited, params = self.inner.forward_step(inputs, context)
+        return outputs, 1.0 / self.derivative(visited, params), params
+
 
 class PriorSite(_NflowsSite):
     r"""``ConditionalDiagonalNormal``: :math:`c(x) = (x - \mu)/\sigma`; params = cat(μ, log σ) along dim 1."""
@@ -247,23 +309,29 @@ class NflowsAdapter(Adapter):
         super().__init__(model, name)
         from nflows.distributions.normal import ConditionalDiagonalNormal, DiagonalNormal, StandardNormal
         from nflows.transforms.autoregressive import AutoregressiveTransform
-        from nflows.transforms.base import CompositeTransform
+        from nflows.transforms.base import CompositeTransform, InverseTransform
         from nflows.transforms.coupling import CouplingTransform
 
         names = {id(m): n for n, m in model.named_modules()}
-        self._steps: list[tuple[str, nn.Module, _NflowsSite | None]] = []  # forward order
+        self._steps: list[tuple[str, nn.Module, _NflowsSite | None, bool]] = []  # forward order; inverted?
         self._unseen: list[str] = []
 
-        def walk(t: nn.Module) -> None:
+        def walk(t: nn.Module, inverted: bool = False) -> None:
+            """Leaves in forward order; inside an ``InverseTransform`` the order and direction flip."""
             if isinstance(t, CompositeTransform):
-                for sub in t._transforms:
-                    walk(sub)
+                for sub in (reversed(t._transforms) if inverted else t._transforms):
+                    walk(sub, inverted)
+                return
+            if isinstance(t, InverseTransform):
+                walk(t._transform, not inverted)
                 return
             name = names[id(t)]
             if not isinstance(t, (CouplingTransform, AutoregressiveTransform)) and not type(t).__module__.startswith(_UNCONDITIONAL):
                 self._unseen.append(name)  # a transform of unknown code: it may read the context
             site = CouplingSite(name, t) if isinstance(t, CouplingTransform) else AutoregressiveSite(name, t) if isinstance(t, AutoregressiveTransform) else None
-            self._steps.append((name, t, site))
+            if site is not None and inverted:
+                site = InvertedSite(name, site)
+            self._steps.append((name, t, site, inverted))
 
         walk(model._transform)
         base = model._distribution
@@ -298,7 +366,7 @@ class NflowsAdapter(Adapter):
         return tuple(getattr(self.model, "output_range", (0.0, 1.0)))
 
     def sites(self) -> list[Site]:
-        found: list[Site] = [s for _, _, s in self._steps if s is not None]
+        found: list[Site] = [s for _, _, s, _ in self._steps if s is not None]
         return found + ([self._prior] if self._prior is not None else [])
 
     def coverage(self) -> dict:
@@ -321,7 +389,7 @@ class NflowsAdapter(Adapter):
         self.model._embedding_net(y)
 
     def layer_names(self) -> list[str]:
-        return [self._base_name] + [n for n, _, _ in reversed(self._steps)]
+        return [self._base_name] + [n for n, _, _, _ in reversed(self._steps)]
 
     # -- what the model does ----------------------------------------------------
     def sample_latents(self, y: Tensor, temperature: float, generator: torch.Generator | None) -> list[Tensor]:
@@ -351,9 +419,9 @@ class NflowsAdapter(Adapter):
                     observer.site(self._prior.name, torch.exp(log_std).expand_as(x).detach(), torch.cat([mean, log_std], dim=1).detach())
         if observer is not None:
             observer.layer(self._base_name, x.detach())
-        for name, t, site in reversed(self._steps):
+        for name, t, site, inverted in reversed(self._steps):
             if site is None:
-                x, _ = t.inverse(x, context)
+                x, _ = t(x, context) if inverted else t.inverse(x, context)
             else:
                 x, gain, params = site.inverse(x, context)
                 if observer is not None:

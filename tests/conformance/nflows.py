@@ -87,6 +87,14 @@ def _maf_rq_spline() -> nn.Module:
         features=2, hidden_features=HIDDEN, context_features=2, num_bins=4, tails="linear", tail_bound=3.0, num_blocks=1))
 
 
+def _iaf_affine() -> nn.Module:
+    from nflows.transforms.autoregressive import MaskedAffineAutoregressiveTransform
+    from nflows.transforms.base import InverseTransform
+
+    # an IAF: sampling runs the autoregressive transform's forward (one pass), density its inverse
+    return _maf(lambda: InverseTransform(MaskedAffineAutoregressiveTransform(features=2, hidden_features=HIDDEN, context_features=2, num_blocks=1)))
+
+
 def _prior() -> nn.Module:
     from nflows.distributions.normal import ConditionalDiagonalNormal
     from nflows.transforms.coupling import AdditiveCouplingTransform
@@ -128,6 +136,8 @@ CASES = [
     _case("nflows-rq-spline", _rq_spline, ["rq-spline", "rq-spline"], xfail={"verdict": PROBE_INSIDE_SPLINE}),
     # MAF's scale is softplus(u) + 1e-3: floor 1e-3, no ceiling → affine
     _case("nflows-maf-affine", _maf_affine, ["affine", "affine"]),
+    # inverted, softplus(u) + 1e-3 ∈ (1e-3, ∞) becomes c' = 1/s ∈ (0, 1000): floor 0 → affine
+    _case("nflows-iaf-affine", _iaf_affine, ["affine", "affine"]),
     _case("nflows-maf-rq-spline", _maf_rq_spline, ["rq-spline", "rq-spline"], xfail={"verdict": PROBE_INSIDE_SPLINE}),
     # the prior's c' = 1/σ(y) does not depend on x; across the probed conditions σ varies (measured ratio ≈ 0.05)
     _case("nflows-prior", _prior, ["additive", "additive", "prior"], expected_verdicts=["compliant", "compliant", "violates"]),
