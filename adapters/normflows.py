@@ -367,9 +367,6 @@ class NormflowsAdapter(Adapter):
             return {"n_sites": n, "complete": False, "reason": f"flows not read as sites: {', '.join(self._unseen)}"}
         return {"n_sites": n, "complete": True, "reason": None}
 
-    def encoder(self) -> nn.Module | None:
-        return getattr(self.model.q0, "context_encoder", None)
-
     def layer_names(self) -> list[str]:
         return ["q0", *self._flow_names]
 
