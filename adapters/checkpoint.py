@@ -77,14 +77,15 @@ def _read_torch(path: Path, trust: bool, what: str) -> Any:
     with open(path, "rb") as f:
         head = f.read(4)
     is_zip = zipfile.is_zipfile(path)
+    if not is_zip and head[:2] == b"PK":
+        raise ModelError(f"{path}: corrupt or truncated {what} (a zip archive without its central directory)")
     if not is_zip and head[:1] != b"\x80":  # neither torch's zip format nor a (legacy) pickle
-        hint = " (a zip archive cut short?)" if head[:2] == b"PK" else ""
-        raise ModelError(f"{path}: not a PyTorch {what} (neither a zip archive nor a pickle){hint}")
+        raise ModelError(f"{path}: not a PyTorch {what} (neither a zip archive nor a pickle)")
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        if not trust and ("Unsupported global" in text or "Unsupported operand" in text or "GLOBAL" in text):
+        if not trust and "Unsupported global" in text:
             name = _global_name(text)
             raise ModelError(f"{path}: holds pickled code{name}; pass --trust-checkpoint only if you trust its source") from None
         raise ModelError(f"{path}: corrupt or truncated {what} ({_torch_reason(text)})") from None
@@ -105,10 +106,11 @@ def _global_name(text: str) -> str:
 
 def _torch_reason(text: str) -> str:
     """torch's long load errors reduced to their useful part."""
-    for line in text.splitlines():
-        line = line.strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
         if line.startswith("WeightsUnpickler error:"):
-            return line.removeprefix("WeightsUnpickler error:").strip()
+            reason = line.removeprefix("WeightsUnpickler error:").strip()
+            return (reason or (lines[i + 1] if i + 1 < len(lines) else "unreadable pickle"))[:160]
     line = first_line(text)
     if "Weights only load failed" in line:
         return "unreadable pickle"

@@ -1,0 +1,339 @@
+"""The hostile and broken input catalogue (issue 11): every user mistake and bad file → exit 2.
+
+Each case runs the real command line (``CliRunner`` on ``flowaudit.cli:cli``) and asserts the
+contract of DESIGN.md §4: exit code 2, exactly one line on stderr that starts
+``flowaudit: error:`` and names the file or option at fault, no traceback, and nothing left where
+the output would have gone (no folder, no file, no ``.tmp`` or ``.lock`` sibling).
+
+A case is ``(id, argv, expected)``: ``{F}`` in the argv is the folder of prepared inputs,
+``{OUT}`` the output path (inside an otherwise empty folder); ``expected`` is what the line must
+contain (``{F}`` expanded too).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from flowaudit.cli import cli
+from flowaudit.reference_models import CHECKPOINT_DIR, build, load_checkpoint
+from flowaudit.reference_models.training import save_checkpoint
+
+TOY = str(CHECKPOINT_DIR / "toy-affine.pt")
+TINY_SR = dict(scale=4, L=3, K=1, nf=8, nb=2, gc=4, hidden_channels=8, patch=16)
+
+FACTORIES = '''
+import torch
+
+
+def raises():
+    raise RuntimeError("no GPU here, says the factory")
+
+
+def not_a_module():
+    return {"a": 1}
+
+
+def linear():
+    return torch.nn.Linear(2, 2)
+'''
+
+
+def _png(path: Path, h: int = 8, w: int = 8, seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+
+
+def _reference(f: Path, name: str, drop: tuple[str, ...] = (), **changes) -> None:
+    state = load_checkpoint(TOY)
+    for key in drop:
+        state.pop(key)
+    state.update(changes)
+    torch.save(state, f / name)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    """Every broken input of the catalogue, built once."""
+    f = tmp_path_factory.mktemp("hostile")
+    runner = CliRunner()
+    assert runner.invoke(cli, ["data", "toy", "--out", str(f / "train.npz"), "--n", "300", "--seed", "0"]).exit_code == 0
+    assert runner.invoke(cli, ["data", "toy", "--out", str(f / "test.npz"), "--n", "20"]).exit_code == 0
+    res = runner.invoke(cli, ["-q", "fit", "toy-affine", "--data", str(f / "train.npz"), "--out", str(f / "stats.h5"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    toy_bytes = Path(TOY).read_bytes()
+    # checkpoints
+    (f / "empty.pt").write_bytes(b"")
+    (f / "truncated.pt").write_bytes(toy_bytes[: len(toy_bytes) // 2])
+    (f / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    (f / "zipgarbage.pt").write_bytes(b"PK\x03\x04" + np.random.default_rng(1).bytes(512))
+    (f / "picklegarbage.pt").write_bytes(b"\x80\x02" + np.random.default_rng(2).bytes(64))
+    torch.save({"state_dict": {}, "fn": np.dtype}, f / "pickled.pt")  # a global that needs unpickling code
+    torch.save([torch.zeros(2)], f / "list.pt")
+    torch.save({"weight": torch.zeros(3, 3)}, f / "layout.pt")
+    _reference(f, "noconfig.pt", drop=("config",))
+    _reference(f, "nostate.pt", drop=("state_dict",))
+    _reference(f, "notask.pt", task="audio")
+    _reference(f, "strconfig.pt", config="big")
+    _reference(f, "huge.pt", config={**load_checkpoint(TOY)["config"], "hidden": 10**6})
+    _reference(f, "badkind.pt", config={**load_checkpoint(TOY)["config"], "coupling": "nonsense"})
+    _reference(f, "badoption.pt", config={**load_checkpoint(TOY)["config"], "no_such_option": 3})
+    _reference(f, "negative.pt", config={**load_checkpoint(TOY)["config"], "hidden": -4})
+    state = load_checkpoint(TOY)
+    state["state_dict"].pop(next(iter(state["state_dict"])))
+    torch.save(state, f / "missingkey.pt")
+    _reference(f, "mismatch.pt", config={**load_checkpoint(TOY)["config"], "hidden": 32})
+    torch.save({"format": "flowaudit-reference/1", "task": "toy", "config": load_checkpoint(TOY)["config"], "state_dict": [1, 2]},
+               f / "statelist.pt")
+    (f / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    (f / "hugeheader.safetensors").write_bytes((2**60).to_bytes(8, "little") + b"{}")
+    (f / "empty.safetensors").write_bytes(b"")
+    (f / "ckptdir.pt").mkdir()
+    torch.save({"weight": torch.zeros(5)}, f / "wrongweights.pt")
+    (f / "factories_hostile.py").write_text(FACTORIES)
+    # a tiny SR flow: its squeezes need LR × 4 divisible by 2^3
+    torch.manual_seed(0)
+    save_checkpoint(f / "tiny_sr.pt", build("sr", TINY_SR))
+    for i in range(3):
+        _png(f / "lr5" / f"{i}.png", 5, 5, seed=i)
+        _png(f / "rgb4" / f"{i}.png", 4, 4, seed=i)
+    np.save(f / "onechannel.npy", np.zeros((2, 1, 4, 4), np.float32))
+    # data
+    (f / "emptydir").mkdir()
+    _png(f / "unreadable" / "a.png")
+    (f / "unreadable" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n but not really")
+    _png(f / "trunc" / "a.png", 32, 32)
+    (f / "trunc" / "b.png").write_bytes((f / "trunc" / "a.png").read_bytes()[:60])
+    _png(f / "sizes" / "a.png", 8, 8)
+    _png(f / "sizes" / "b.png", 8, 12)
+    np.save(f / "wrongshape.npy", np.zeros((4, 3), np.float32))
+    np.save(f / "flat.npy", np.zeros(4, np.float32))
+    np.save(f / "strings.npy", np.array([["a", "b"]]))
+    np.save(f / "complex.npy", np.zeros((3, 2), np.complex64))
+    np.save(f / "norows.npy", np.zeros((0, 2), np.float32))
+    np.save(f / "allnan.npy", np.full((3, 2), np.nan, np.float32))
+    (f / "corrupt.npy").write_bytes(b"\x93NUMPY\x01\x00garbage")
+    np.savez(f / "noy.npz", x=np.zeros((2, 2)))
+    np.savez(f / "rows.npz", y=np.zeros((3, 2)), x=np.zeros((2, 2)))
+    with h5py.File(f / "noy.h5", "w") as h:
+        h["x"] = np.zeros((2, 2))
+    (f / "data.txt").write_text("1 2\n3 4\n")
+    # stats files
+    (f / "nothdf5.h5").write_bytes(b"not hdf5 at all")
+    stats_bytes = (f / "stats.h5").read_bytes()
+    (f / "truncstats.h5").write_bytes(stats_bytes[: len(stats_bytes) // 3])
+    with h5py.File(f / "foreign.h5", "w") as h:
+        h["data"] = np.zeros(3)
+    for name, edit in (("newer.h5", lambda h: h.attrs.__setitem__("format_version", 99)),
+                       ("nochol.h5", lambda h: h.__delitem__("cholesky"))):
+        (f / name).write_bytes(stats_bytes)
+        with h5py.File(f / name, "a") as h:
+            edit(h)
+    res = runner.invoke(cli, ["-q", "fit", "toy-affine", "--data", str(f / "train.npz"), "--out", str(f / "avgstd.h5"),
+                              "--pooling", "avgstd", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    (f / "notjson.json").write_text("{nope")
+    (f / "unknownopt.json").write_text(json.dumps({"no_such_option": 1}))
+    (f / "existing").mkdir()
+    return f
+
+
+SCAN = ["scan", "toy-affine", "--data", "{F}/test.npz", "--samples", "1", "--device", "cpu", "--out", "{OUT}"]
+
+
+def scan_model(model: str, *extra: str) -> list[str]:
+    return ["scan", model, "--data", "{F}/test.npz", "--samples", "1", "--device", "cpu", "--out", "{OUT}", *extra]
+
+
+def scan_data(data: str, model: str = "toy-affine") -> list[str]:
+    return ["scan", model, "--data", data, "--samples", "1", "--device", "cpu", "--out", "{OUT}"]
+
+
+CASES = [
+    # -- checkpoints ------------------------------------------------------------------------------
+    ("ckpt-empty", scan_model("{F}/empty.pt"), "{F}/empty.pt: empty file"),
+    ("ckpt-truncated", scan_model("{F}/truncated.pt"), "{F}/truncated.pt: corrupt or truncated"),
+    ("ckpt-random-bytes", scan_model("{F}/random.pt"), "{F}/random.pt: not a PyTorch checkpoint"),
+    ("ckpt-zip-garbage", scan_model("{F}/zipgarbage.pt"), "{F}/zipgarbage.pt: corrupt or truncated"),
+    ("ckpt-pickle-garbage", scan_model("{F}/picklegarbage.pt"), "{F}/picklegarbage.pt: corrupt or truncated"),
+    ("ckpt-pickled-code", scan_model("{F}/pickled.pt"), "--trust-checkpoint"),
+    ("ckpt-a-list", scan_model("{F}/list.pt"), "{F}/list.pt: holds a list"),
+    ("ckpt-unknown-layout", scan_model("{F}/layout.pt"), "{F}/layout.pt: checkpoint layout not recognised"),
+    ("ckpt-no-config", scan_model("{F}/noconfig.pt"), "{F}/noconfig.pt: reference checkpoint without 'config'"),
+    ("ckpt-no-state-dict", scan_model("{F}/nostate.pt"), "without 'state_dict'"),
+    ("ckpt-unknown-task", scan_model("{F}/notask.pt"), "unknown reference task 'audio'"),
+    ("ckpt-config-not-dict", scan_model("{F}/strconfig.pt"), "'config' is a str"),
+    ("ckpt-absurd-size", scan_model("{F}/huge.pt"), "{F}/huge.pt: the model needs more than 2,000,000,000 parameters"),
+    ("ckpt-over-max-parameters", scan_model(TOY, "--max-parameters", "1000"), "more than 1,000 parameters"),
+    ("ckpt-bad-coupling", scan_model("{F}/badkind.pt"), "{F}/badkind.pt: invalid model configuration"),
+    ("ckpt-unknown-option", scan_model("{F}/badoption.pt"), "no_such_option"),
+    ("ckpt-negative-size", scan_model("{F}/negative.pt"), "{F}/negative.pt: invalid model configuration"),
+    ("ckpt-missing-key", scan_model("{F}/missingkey.pt"), "{F}/missingkey.pt: weights do not fit its config"),
+    ("ckpt-shape-mismatch", scan_model("{F}/mismatch.pt"), "{F}/mismatch.pt: weights do not fit its config"),
+    ("ckpt-state-dict-list", scan_model("{F}/statelist.pt"), "'state_dict' is a list"),
+    ("ckpt-corrupt-safetensors", scan_model("{F}/corrupt.safetensors"), "{F}/corrupt.safetensors: corrupt .safetensors"),
+    ("ckpt-safetensors-huge-header", scan_model("{F}/hugeheader.safetensors"), "corrupt .safetensors"),
+    ("ckpt-empty-safetensors", scan_model("{F}/empty.safetensors"), "empty file"),
+    ("ckpt-a-folder", scan_model("{F}/ckptdir.pt"), "{F}/ckptdir.pt: is a folder"),
+    ("model-unknown-name", scan_model("no-such-model"), "'no-such-model' is neither a bundled model"),
+    ("max-parameters-zero", scan_model("toy-affine", "--max-parameters", "0"), "--max-parameters"),
+    # -- module:factory and --weights -------------------------------------------------------------
+    ("factory-raises", ["scan", "--model", "factories_hostile:raises", "--data", "{F}/test.npz", "--out", "{OUT}"],
+     "--model factories_hostile:raises: the factory raised RuntimeError: no GPU here"),
+    ("factory-not-importable", ["scan", "--model", "no_such_pkg_xyz:make", "--data", "{F}/test.npz", "--out", "{OUT}"],
+     "cannot import 'no_such_pkg_xyz:make'"),
+    ("factory-not-a-flow", ["scan", "--model", "factories_hostile:not_a_module", "--data", "{F}/test.npz", "--out", "{OUT}"],
+     "--model factories_hostile:not_a_module"),
+    ("factory-spec-malformed", ["scan", "--model", "justamodule:", "--data", "{F}/test.npz", "--out", "{OUT}"],
+     "expected package.module:factory"),
+    ("weights-with-bundled-name", scan_model("toy-affine", "--weights", "{F}/wrongweights.pt"),
+     "--weights {F}/wrongweights.pt: cannot be used with the bundled model 'toy-affine'"),
+    ("weights-do-not-fit", ["scan", "--model", "factories_hostile:linear", "--weights", "{F}/wrongweights.pt",
+                            "--data", "{F}/test.npz", "--out", "{OUT}"], "--weights {F}/wrongweights.pt: does not fit"),
+    ("weights-corrupt", ["scan", "--model", "factories_hostile:linear", "--weights", "{F}/truncated.pt",
+                         "--data", "{F}/test.npz", "--out", "{OUT}"], "{F}/truncated.pt: corrupt or truncated weights file"),
+    ("model-and-factory", ["scan", "toy-affine", "--model", "factories_hostile:linear", "--data", "{F}/test.npz", "--out", "{OUT}"],
+     "give MODEL"),
+    # -- data -------------------------------------------------------------------------------------
+    ("data-missing", scan_data("{F}/nothere.npz"), "'{F}/nothere.npz' does not exist"),
+    ("data-empty-folder", scan_data("{F}/emptydir"), "{F}/emptydir: no PNG/JPEG images"),
+    ("data-unreadable-image", scan_data("{F}/unreadable", "{F}/tiny_sr.pt"), "{F}/unreadable/b.png: unreadable image"),
+    ("data-truncated-image", scan_data("{F}/trunc", "{F}/tiny_sr.pt"), "{F}/trunc/b.png: unreadable image"),
+    ("data-mixed-sizes", scan_data("{F}/sizes", "{F}/tiny_sr.pt"), "differ in size"),
+    ("data-lr-size-vs-squeeze", scan_data("{F}/lr5", "{F}/tiny_sr.pt"), "--data {F}/lr5: an LR size 5×5 (×4 = 20×20) does not divide"),
+    ("data-image-for-vector-model", scan_data("{F}/rgb4"), "--data {F}/rgb4: conditions have shape (3, 4, 4), the model expects (2,)"),
+    ("data-wrong-channels", scan_data("{F}/onechannel.npy", "{F}/tiny_sr.pt"), "conditions have shape (1, 4, 4)"),
+    ("data-wrong-shape", scan_data("{F}/wrongshape.npy"), "--data {F}/wrongshape.npy: conditions have shape (3,), the model expects (2,)"),
+    ("data-one-dimensional", scan_data("{F}/flat.npy"), "{F}/flat.npy: array 'y' has shape (4,)"),
+    ("data-string-dtype", scan_data("{F}/strings.npy"), "not numeric"),
+    ("data-complex-dtype", scan_data("{F}/complex.npy"), "{F}/complex.npy: array 'y' has dtype complex64, not numeric"),
+    ("data-no-rows", scan_data("{F}/norows.npy"), "{F}/norows.npy: array 'y' has no rows"),
+    ("data-all-nan", scan_data("{F}/allnan.npy"), "{F}/allnan.npy: every condition has NaN or Inf"),
+    ("data-corrupt-npy", scan_data("{F}/corrupt.npy"), "{F}/corrupt.npy: unreadable .npy"),
+    ("data-npz-without-y", scan_data("{F}/noy.npz"), "{F}/noy.npz: no array 'y'"),
+    ("data-rows-disagree", scan_data("{F}/rows.npz"), "'x' has 2 rows but 'y' has 3"),
+    ("data-h5-without-y", scan_data("{F}/noy.h5"), "{F}/noy.h5: no dataset 'y'"),
+    ("data-unknown-format", scan_data("{F}/data.txt"), "{F}/data.txt: unknown data format"),
+    ("ood-data-wrong-shape", [*SCAN, "--ood-data", "{F}/wrongshape.npy"], "--ood-data {F}/wrongshape.npy"),
+    ("fit-data-all-nan", [*SCAN, "--fit-data", "{F}/allnan.npy"], "{F}/allnan.npy: every condition"),
+    # -- stats files ------------------------------------------------------------------------------
+    ("stats-not-hdf5", [*SCAN, "--stats", "{F}/nothdf5.h5"], "{F}/nothdf5.h5"),
+    ("stats-truncated", [*SCAN, "--stats", "{F}/truncstats.h5"], "{F}/truncstats.h5"),
+    ("stats-foreign-hdf5", [*SCAN, "--stats", "{F}/foreign.h5"], "not a flowaudit stats file"),
+    ("stats-newer-version", [*SCAN, "--stats", "{F}/newer.h5"], "newer flowaudit"),
+    ("stats-missing-dataset", [*SCAN, "--stats", "{F}/nochol.h5"], "not a valid flowaudit stats file"),
+    ("stats-other-model", scan_model("toy-modified-rq-spline", "--stats", "{F}/stats.h5"), "{F}/stats.h5 was fitted on weights"),
+    ("stats-other-pooling", [*SCAN, "--stats", "{F}/avgstd.h5"], "{F}/avgstd.h5 was fitted on layers"),
+    ("stats-and-fit-data", [*SCAN, "--stats", "{F}/stats.h5", "--fit-data", "{F}/train.npz"], "give --stats or --fit-data"),
+    # -- options and devices ----------------------------------------------------------------------
+    ("device-nonsense", ["scan", "toy-affine", "--data", "{F}/test.npz", "--device", "nonsense", "--out", "{OUT}"],
+     "unknown device 'nonsense'"),
+    ("device-cuda-absent", ["scan", "toy-affine", "--data", "{F}/test.npz", "--device", "cuda", "--out", "{OUT}"],
+     "CUDA is not available"),
+    ("samples-zero", [*SCAN, "--samples", "0"], "'--samples'"),
+    ("samples-not-a-number", [*SCAN, "--samples", "many"], "'--samples'"),
+    ("temperature-negative", [*SCAN, "--temperature", "-1"], "'--temperature'"),
+    ("batch-size-zero", [*SCAN, "--batch-size", "0"], "'--batch-size'"),
+    ("fail-on-unknown", [*SCAN, "--fail-on", "sometimes"], "'--fail-on'"),
+    ("out-missing", ["scan", "toy-affine", "--data", "{F}/test.npz"], "'--out'"),
+    ("layers-unknown", ["fit", "toy-affine", "--data", "{F}/train.npz", "--out", "{OUT}", "--layers", "nope", "--device", "cpu"], "nope"),
+    ("unknown-option", [*SCAN, "--sampels", "3"], "--sampels"),
+    ("unknown-command", ["scna", "toy-affine"], "scna"),
+    ("inspect-no-model", ["inspect"], "give MODEL"),
+    ("train-config-not-json", ["train", "sr", "--config", "{F}/notjson.json", "--iters", "1", "--out", "{OUT}"],
+     "--config {F}/notjson.json: not JSON"),
+    ("train-config-unknown", ["train", "sr", "--config", "{F}/unknownopt.json", "--iters", "1", "--out", "{OUT}"],
+     "unknown option 'no_such_option'"),
+]
+
+
+def _expand(value: str, f: Path, out: Path) -> str:
+    return value.replace("{F}", str(f)).replace("{OUT}", str(out))
+
+
+@pytest.mark.parametrize("argv, expected", [pytest.param(a, e, id=i) for i, a, e in CASES])
+def test_hostile_input_exits_2_with_one_line(files: Path, tmp_path: Path, monkeypatch, argv, expected) -> None:
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    monkeypatch.chdir(files)  # module:factory imports from the working directory
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "out"
+    res = CliRunner().invoke(cli, ["-q", *(_expand(a, files, out) for a in argv)], catch_exceptions=False)
+    assert res.exit_code == 2, (res.exit_code, res.output, res.stderr)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("flowaudit: error: "), lines[0]
+    assert _expand(expected, files, out) in lines[0], lines[0]
+    assert "Traceback" not in res.output + res.stderr
+    assert list(work.iterdir()) == [], "something was written"
+
+
+def test_catalogue_size() -> None:
+    assert len(CASES) >= 40 and len({i for i, _, _ in CASES}) == len(CASES)
+
+
+def test_existing_out_and_busy_out(files: Path, tmp_path: Path) -> None:
+    """--out that exists is refused; --out that another live run has claimed is refused, and left alone."""
+    runner = CliRunner()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    res = runner.invoke(cli, ["-q", *(_expand(a, files, existing) for a in SCAN)])
+    assert res.exit_code == 2 and res.stderr.strip() == f"flowaudit: error: {existing} exists (use --overwrite)"
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"]
+    out = tmp_path / "busy"
+    lock = tmp_path / ".busy.lock"
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR)
+    os.write(fd, b"4242\n")
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another run (here: this test) holds the claim
+    try:
+        res = runner.invoke(cli, ["-q", *(_expand(a, files, out) for a in SCAN)])
+    finally:
+        os.close(fd)
+    assert res.exit_code == 2, res.output
+    assert res.stderr.startswith(f"flowaudit: error: {out}: another run (pid 4242) is writing it") and res.stderr.count("\n") == 1
+    assert not out.exists() and lock.exists()  # the holder's lock is not ours to remove
+    lock.unlink()
+
+
+def test_stale_lock_is_taken_over(files: Path, tmp_path: Path) -> None:
+    """A lock file whose process is gone (no flock held) does not block: the run takes it over and removes it."""
+    out = tmp_path / "r"
+    (tmp_path / ".r.lock").write_text("999999\n")
+    res = CliRunner().invoke(cli, ["-q", *(_expand(a, files, out) for a in SCAN)])
+    assert res.exit_code == 0, res.output
+    assert (out / "report.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_nonfinite_conditions_are_counted_not_sampled(files: Path, tmp_path: Path) -> None:
+    """NaN/Inf conditions: counted in data.<set>.n_nonfinite, flagged per input with s_OOD inf, kept out of the
+    Gaussian and of %Inf; the scan does not crash and the fit says how many it skipped."""
+    y = np.load(files / "train.npz")["y"][:40].copy()
+    y[3, 0], y[7, 1], y[11] = np.nan, np.inf, -np.inf
+    np.save(tmp_path / "nan.npy", y)
+    runner = CliRunner()
+    res = runner.invoke(cli, ["-q", "fit", "toy-affine", "--data", str(tmp_path / "nan.npy"), "--out", str(tmp_path / "s.h5"),
+                              "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    fit = json.loads(res.output)
+    assert fit["ood"]["n_inputs"] == 37 and fit["ood"]["n_nonfinite"] == 3
+    res = runner.invoke(cli, ["-q", "scan", "toy-affine", "--data", str(tmp_path / "nan.npy"), "--stats", str(tmp_path / "s.h5"),
+                              "--samples", "2", "--device", "cpu", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    assert "NaN/Inf conditions, reported but not sampled" in res.output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["data"]["in"]["n_nonfinite"] == 3 and report["risk"]["n_inputs"] == 37
+    flagged = [r for r in report["inputs"] if r.get("nonfinite_condition")]
+    assert [r["id"] for r in flagged] == ["row3", "row7", "row11"]
+    assert all(r["s_ood"] == "inf" and r["n_inf"] is None and r["risk"] is None for r in flagged)
