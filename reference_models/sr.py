@@ -31,7 +31,8 @@ for spline kinds, ``…_std`` for NCSR; squeezes hold no parameters but keep
 their index), so an official state dict maps by configuration alone
 (:data:`OFFICIAL` has the released configurations). What still differs:
 our ActNorm's ``initialized`` buffer, a fixed 1×1's ``weight`` kept 2-D with no
-``weight_transpose``, and the official net's unused ``flowUpsamplerNet.f``.
+``weight_transpose``, and the official net's unused ``flowUpsamplerNet.f``
+(``flowaudit.adapters.official`` maps all three and infers the configuration).
 
 Example:
     >>> flow = SRFlow(scale=4, L=3, K=1, nf=8, nb=2, gc=4, hidden_channels=8, patch=16)
