@@ -140,12 +140,15 @@ def _levels(kinds: list[str]) -> list[list[str]]:
 
 
 def infer(state: dict[str, Tensor], *, fs_ncsr: bool = False, stack_blocks: list[int] | None = None,
-          std_steps: list[int] | None = None, affine_eps: float | None = None) -> tuple[str, dict, dict]:
+          std_steps: list[int] | None = None, affine_eps: float | None = None,
+          scale: int | None = None) -> tuple[str, dict, dict]:
     """``(layout, constructor config, inferred)`` read off an official state dict's keys and shapes.
 
     ``inferred`` lists every value with where it came from (``weights``, ``released config``,
     ``option``, ``assumed``). Raises :class:`LayoutError` when a needed key is absent.
     """
+    options_scale = scale
+
     def need(key: str) -> tuple[int, ...]:
         s = _shape(state, key)
         if s is None:
@@ -188,19 +191,25 @@ def infer(state: dict[str, Tensor], *, fs_ncsr: bool = False, stack_blocks: list
     source = {k: "weights" for k in inferred}
 
     if llflow:
+        if scale not in (None, 1):
+            raise LayoutError(f"LLFlow works at scale 1, not {scale}")
         scale = 1
         if split_after:
             raise LayoutError(f"LLFlow has no splits, found splits after levels {split_after}")
     else:
-        scale = 8 if "RRDB.upconv3.weight" in state else 4
         if "RRDB.upconv4.weight" in state:
             raise LayoutError("×16 SRFlow (RRDB.upconv4) is not supported")
+        weights_scale = 8 if "RRDB.upconv3.weight" in state else 4  # ×2 nets have upconv1/2 too: an option
+        if scale is not None and (scale == 8) != (weights_scale == 8):
+            raise LayoutError(f"scale {scale} does not fit the weights (RRDB.upconv3 {'present' if weights_scale == 8 else 'absent'})")
+        scale = scale if scale is not None else weights_scale
         cs = L - 1 in split_after
         expected = [lv for lv in range(1, L + 1) if lv < L - (0 if cs else 1)]
         if split_after != expected:
             raise LayoutError(f"splits after levels {split_after}; SRFlow splits after {expected} (correct_splits={cs})")
         inferred["correct_splits"], source["correct_splits"] = cs, "weights"
-    inferred["scale"], source["scale"] = scale, "weights"
+    inferred["scale"] = scale
+    source["scale"] = "option" if options_scale is not None else "weights"
 
     key = (layout, scale, nb, n_blocks)
     if stack_blocks is not None:

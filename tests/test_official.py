@@ -147,6 +147,16 @@ def test_fs_ncsr_is_a_flag_not_a_layout():
         off.build(fixture("srflow-x4")["state_dict"], fs_ncsr=True)
 
 
+def test_x2_is_an_option_the_weights_cannot_tell_from_x4():
+    sd = fixture("ncsr-x4")["state_dict"]
+    adapter = off.build(sd, scale=2)
+    assert adapter.inferred["scale"] == adapter.scale == 2 and adapter.inferred["source"]["scale"] == "option"
+    with torch.no_grad():
+        assert adapter.sample(torch.rand(1, 3, 8, 8), adapter.sample_latents(torch.rand(1, 3, 8, 8), 0.5, None)).shape == (1, 3, 16, 16)
+    with pytest.raises(off.LayoutError, match="does not fit the weights"):
+        off.build(sd, scale=8)
+
+
 def test_affine_eps_is_an_option():
     sd = fixture("ncsr-x4")["state_dict"]
     assert {s.kind for s in off.build(sd, affine_eps=0.1).sites()} == {"affine-bounded", "prior"}  # FS-NCSR†-style
