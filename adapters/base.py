@@ -148,6 +148,17 @@ class Adapter(ABC):
     @abstractmethod
     def condition_shape(self) -> tuple[int, ...]: ...
 
+    def check_condition_shape(self, shape: tuple[int, ...]) -> None:
+        """Raise ``ValueError`` (one line) when conditions of ``shape`` (no batch axis) cannot be sampled.
+
+        Checked before any sampling, so a wrong size is the user's one-line error and not a crash deep
+        inside the flow. Default: the model's :attr:`condition_shape`, or for images (C, H, W) any size
+        with its channel count; adapters whose structure constrains H and W (squeezes) say more.
+        """
+        want, got = tuple(self.condition_shape), tuple(shape)
+        if got != want and not (len(got) == len(want) == 3 and got[0] == want[0]):
+            raise ValueError(f"conditions have shape {got}, the model expects {want}")
+
     @property
     def output_range(self) -> tuple[float, float]:
         return (0.0, 1.0)

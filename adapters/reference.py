@@ -11,6 +11,7 @@ traced layer reads both; no model code knows it is being audited.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import torch
@@ -71,6 +72,20 @@ class ReferenceAdapter(Adapter):
     @property
     def condition_shape(self) -> tuple[int, ...]:
         return tuple(self.model.condition_shape)
+
+    def check_condition_shape(self, shape: tuple[int, ...]) -> None:
+        """Image flows squeeze ×2 at each of their ``L`` levels: the sample (H·scale × W·scale) must divide by 2^L."""
+        super().check_condition_shape(shape)
+        levels = getattr(self.model, "L", None)
+        if len(shape) != 3 or levels is None:
+            return
+        h, w = shape[1] * self.scale, shape[2] * self.scale
+        step = 2**levels
+        if h % step or w % step:
+            need = step // math.gcd(step, self.scale)
+            sizes = f"an LR size {shape[1]}×{shape[2]} (×{self.scale} = {h}×{w})" if self.scale > 1 else f"a size {shape[1]}×{shape[2]}"
+            raise ValueError(f"{sizes} does not divide by the model's 2^L = {step} squeeze; "
+                             f"crop the images to multiples of {need}")
 
     @property
     def output_range(self) -> tuple[float, float]:

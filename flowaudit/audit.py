@@ -20,7 +20,7 @@ import torch
 
 from ._version import __version__
 from .adapters import Adapter, adapt
-from .datasets import ConditionSet, load_conditions
+from .datasets import ConditionSet, load_conditions, nonfinite_records
 from .device import auditing, resolve_device
 from .errors import AuditError
 from .features import features, fit_spatial
@@ -56,6 +56,7 @@ def fit(
     adapter = adapt(model)
     cs = _as_set(data, "fit")
     _check_shape(adapter, cs, "--data")
+    n_bad, cs = cs.n_nonfinite, cs.finite()  # NaN/Inf conditions never reach the Gaussian; counted below
     dev = resolve_device(device)
     names = _layers(adapter, layers)
     if pooling == "spatial":
@@ -66,6 +67,7 @@ def fit(
         gauss = GaussianOOD(estimator=estimator, device=dev).fit(v)
     except ValueError as exc:
         raise AuditError(str(exc)) from None
+    gauss.n_nonfinite_ += n_bad  # rows skipped for a non-finite value: the conditions' and the features'
     entry = _model_entry(adapter)  # hashes the weights once for the report and the stats file
     meta = {
         "model": adapter.name, "adapter": adapter.family, "fingerprint": entry["fingerprint"],
@@ -117,13 +119,15 @@ def scan(
         sets.append(("ood", _as_set(ood, "ood")))
     for name, cs in sets:
         _check_shape(adapter, cs, "--data" if name == "in" else "--ood-data")
+    skipped = [rec for name, cs in sets for rec in nonfinite_records(cs, name)]  # NaN/Inf conditions: reported, not sampled
+    sets = [(name, cs.finite()) for name, cs in sets]
     gauss = spatial = None
     if stats is not None:
         gauss = _load_stats(adapter, stats, names, pooling)
     elif fit_data is not None:
         gauss = fit(adapter, fit_data, layers=names, pooling=pooling, estimator=estimator, device=device).gaussian
         if names and len(adapter.condition_shape) == 3:
-            spatial = fit_spatial(adapter, _as_set(fit_data, "fit").y, names, estimator, batch_size, dev)
+            spatial = fit_spatial(adapter, _as_set(fit_data, "fit").finite().y, names, estimator, batch_size, dev)
     run = Run(Sampling(samples, temperature, seed), batch_size, dev, progress)
     tracers, records, scores = [], [], {}
     with auditing(adapter, dev):
@@ -146,7 +150,7 @@ def scan(
                      "remark2_threshold": remark2_threshold, "explosion_threshold": explosion_threshold},
         "data": {name: cs.description for name, cs in sets},
         "model": model_entry, "ood": _ood_entry(gauss, names, pooling, scores), "risk": risk, "layers": layers_out,
-        "explosion_layer": explosion, "inputs": records,
+        "explosion_layer": explosion, "inputs": records + skipped,
     })
     if len(adapter.condition_shape) == 3:
         report.panel = worst_inputs(adapter, sets, records, spatial, names, run)
@@ -160,6 +164,7 @@ def inspect(model: Any, data: Any = None, *, samples: int = 4, temperature: floa
     dev = resolve_device(device)
     cs = _as_set(data, "in") if data is not None else _default_conditions(adapter, 64, seed)
     _check_shape(adapter, cs, "--data")
+    cs = cs.finite()
     cs = ConditionSet(y=cs.y[:256], x=None, ids=cs.ids[:256], description=cs.description)
     run = Run(Sampling(samples, temperature, seed), batch_size, dev)
     with auditing(adapter, dev):
@@ -217,12 +222,12 @@ def _as_set(data: Any, what: str) -> ConditionSet:
 
 
 def _check_shape(adapter: Adapter, cs: ConditionSet, what: str) -> None:
-    want = tuple(adapter.condition_shape)
-    got = tuple(cs.y.shape[1:])
-    # image models accept any spatial size with the right channel count
-    same = got == want or (len(got) == len(want) == 3 and got[0] == want[0])
-    if not same:
-        raise AuditError(f"{what}: conditions have shape {got}, the model expects {want}")
+    """The adapter says, before any sampling, whether it can take conditions of this shape."""
+    try:
+        adapter.check_condition_shape(tuple(cs.y.shape[1:]))
+    except ValueError as exc:
+        where = f"{what} {cs.description['path']}" if cs.description.get("path") else what
+        raise AuditError(f"{where}: {exc}") from None
 
 
 def _layers(adapter: Adapter, layers: Sequence[str] | None) -> list[str]:

@@ -19,8 +19,8 @@ import click
 
 from ._version import __version__
 from .cli_options import (
-    Settings, UserError, batch_option, device_option, estimator_option, json_option, layers_option, overwrite_option,
-    pooling_option, threshold_option,
+    EXIT_INTERRUPTED, Settings, UserError, batch_option, claim_output, device_option, estimator_option, install_signal_handlers,
+    interrupted, json_option, layers_option, max_parameters_option, overwrite_option, pooling_option, threshold_option,
 )
 from .cli_reference import data, train
 
@@ -30,7 +30,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .adapters import ModelError
     from .errors import AuditError, DataError
 
-    return (UserError, AuditError, DataError, ModelError, FileExistsError, FileNotFoundError)
+    return (UserError, AuditError, DataError, ModelError, FileExistsError, FileNotFoundError, PermissionError,
+            IsADirectoryError, NotADirectoryError)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -39,13 +40,23 @@ def _one_line(exc: BaseException) -> str:
 
 
 class FlowauditGroup(click.Group):
-    """Maps exceptions of subcommands onto the exit-code contract."""
+    """Maps exceptions of subcommands onto the exit-code contract (and Ctrl-C / SIGTERM onto 130)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        except click.exceptions.NoArgsIsHelpError:
             raise
+        except click.exceptions.ClickException as exc:  # usage errors too: one line, not click's usage block
+            where = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "flowaudit"
+            hint = f" (see '{where} --help')" if isinstance(exc, click.UsageError) else ""
+            click.echo(f"flowaudit: error: {_one_line(exc.format_message())}{hint}", err=True)
+            ctx.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:  # SIGINT, or SIGTERM via install_signal_handlers; writers have cleaned up
+            click.echo(interrupted(ctx), err=True)
+            ctx.exit(EXIT_INTERRUPTED)
         except Exception as exc:
             if isinstance(exc, _user_errors()):
                 click.echo(f"flowaudit: error: {_one_line(exc)}", err=True)
@@ -71,6 +82,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 def model_options(f):
     """MODEL argument, or --model module:factory with --weights."""
+    f = max_parameters_option(f)
     f = click.option("--trust-checkpoint", is_flag=True, help="Allow pickled code in checkpoints (only for sources you trust).")(f)
     f = click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Weights for --model (state dict, .pt or .safetensors).")(f)
     f = click.option("--model", "factory", metavar="MODULE:FACTORY", help="Any architecture: a factory returning the model.")(f)
@@ -78,12 +90,12 @@ def model_options(f):
     return f
 
 
-def _adapter(model_spec: str | None, factory: str | None, weights: str | None, trust: bool):
+def _adapter(model_spec: str | None, factory: str | None, weights: str | None, trust: bool, max_parameters: float):
     from .adapters import load_model
 
     if bool(model_spec) == bool(factory):
         raise click.UsageError("give MODEL (bundled name or checkpoint) or --model MODULE:FACTORY, not both")
-    return load_model(factory or model_spec, weights=weights, trust=trust)
+    return load_model(factory or model_spec, weights=weights, trust=trust, max_parameters=max_parameters)
 
 
 def _layers(value: str | None) -> list[str] | None:
@@ -93,8 +105,8 @@ def _layers(value: str | None) -> list[str] | None:
 
 
 def _refuse_existing(out: str, overwrite: bool) -> None:
-    if Path(out).exists() and not overwrite:
-        raise FileExistsError(f"{out} exists (use --overwrite)")
+    """Claim ``out`` for this command (a second run on it gets exit 2), then refuse an existing one."""
+    claim_output(click.get_current_context(), out, overwrite)
 
 
 def _emit(obj: Settings, report, key: str | None = None) -> None:
@@ -115,7 +127,7 @@ def _emit(obj: Settings, report, key: str | None = None) -> None:
 @device_option
 @json_option
 @click.pass_obj
-def inspect(obj: Settings, model_spec, factory, weights, trust_checkpoint, list_, data, threshold):
+def inspect(obj: Settings, model_spec, factory, weights, trust_checkpoint, max_parameters, list_, data, threshold):
     """Sites, kinds and Remark 2 verdicts of MODEL; no data needed."""
     if list_:
         from .reference_models import bundled
@@ -129,7 +141,7 @@ def inspect(obj: Settings, model_spec, factory, weights, trust_checkpoint, list_
         return
     from .audit import inspect as run_inspect
 
-    adapter = _adapter(model_spec, factory, weights, trust_checkpoint)
+    adapter = _adapter(model_spec, factory, weights, trust_checkpoint, max_parameters)
     _emit(obj, run_inspect(adapter, data, remark2_threshold=threshold, device=obj.device), key="model")
 
 
@@ -145,12 +157,12 @@ def inspect(obj: Settings, model_spec, factory, weights, trust_checkpoint, list_
 @device_option
 @json_option
 @click.pass_obj
-def fit(obj: Settings, model_spec, factory, weights, trust_checkpoint, data, out, overwrite, layers, pooling, estimator, batch_size):
+def fit(obj: Settings, model_spec, factory, weights, trust_checkpoint, max_parameters, data, out, overwrite, layers, pooling, estimator, batch_size):
     """Fit the encoder-feature Gaussian of MODEL on --data and write stats.h5."""
     from .audit import fit as run_fit
 
     _refuse_existing(out, overwrite)
-    adapter = _adapter(model_spec, factory, weights, trust_checkpoint)
+    adapter = _adapter(model_spec, factory, weights, trust_checkpoint, max_parameters)
     report = run_fit(adapter, data, layers=_layers(layers), pooling=pooling, estimator=estimator,
                      batch_size=batch_size, device=obj.device, out=out, progress=obj.progress)
     _emit(obj, report)
@@ -177,7 +189,7 @@ def fit(obj: Settings, model_spec, factory, weights, trust_checkpoint, data, out
 @device_option
 @json_option
 @click.pass_obj
-def scan(obj: Settings, model_spec, factory, weights, trust_checkpoint, data, ood_data, stats, fit_data, out, overwrite, samples,
+def scan(obj: Settings, model_spec, factory, weights, trust_checkpoint, max_parameters, data, ood_data, stats, fit_data, out, overwrite, samples,
          temperature, seed, fail_on, layers, pooling, estimator, threshold, batch_size):
     """The full audit of MODEL: traces, Remark 2, s_OOD and exploding-inverse risk."""
     from .audit import scan as run_scan
@@ -185,7 +197,7 @@ def scan(obj: Settings, model_spec, factory, weights, trust_checkpoint, data, oo
     if stats and fit_data:
         raise click.UsageError("give --stats or --fit-data, not both")
     _refuse_existing(out, overwrite)
-    adapter = _adapter(model_spec, factory, weights, trust_checkpoint)
+    adapter = _adapter(model_spec, factory, weights, trust_checkpoint, max_parameters)
     report = run_scan(adapter, data, ood=ood_data, stats=stats, fit_data=fit_data, samples=samples, temperature=temperature,
                       seed=seed, batch_size=batch_size, device=obj.device, layers=_layers(layers), pooling=pooling,
                       estimator=estimator, remark2_threshold=threshold, progress=obj.progress)
@@ -217,4 +229,5 @@ cli.add_command(data)
 
 
 def main() -> None:
+    install_signal_handlers()
     cli(prog_name="flowaudit")

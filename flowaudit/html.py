@@ -63,7 +63,7 @@ def html_report(data: dict, panel: list[PanelItem] | None = None) -> str:
         parts.append("</table>")
     if data.get("risk"):
         parts.append("<h2>Exploding-inverse risk</h2>" + _img(risk_plot(data), "s_OOD vs pixel errors"))
-        worst = sorted(data.get("inputs", []), key=lambda r: -(r.get("risk") or 0) - r["n_pixel_err"])[:15]
+        worst = sorted(data.get("inputs", []), key=lambda r: -(r.get("risk") or 0) - (r["n_pixel_err"] or 0))[:15]
         parts.append("<table><tr><th>input</th><th>set</th><th>s_OOD</th><th>risk</th><th>n_inf</th><th>n_pixel_err</th><th>max|x|</th><th>max 1/c'</th></tr>")
         for r in worst:
             parts.append(f"<tr><td>{esc(r['id'])}</td><td>{esc(r['set'])}</td><td>{esc(r.get('s_ood'))}</td><td>{esc(r.get('risk'))}</td><td>{r['n_inf']}</td>"

@@ -39,7 +39,8 @@ def terminal_summary(data: dict, max_sites: int = 12) -> str:
             out.append(f"  … {len(sites) - max_sites} more in report.json")
     ood = data.get("ood")
     if ood and data.get("kind") == "fit":
-        out.append(f"Gaussian: {ood['estimator']} on {ood['n_inputs']} inputs, D = {ood['dim']}, shrinkage {fmt(ood['shrinkage'])}"
+        skipped = f" ({ood['n_nonfinite']} skipped: NaN/Inf)" if ood.get("n_nonfinite") else ""
+        out.append(f"Gaussian: {ood['estimator']} on {ood['n_inputs']} inputs{skipped}, D = {ood['dim']}, shrinkage {fmt(ood['shrinkage'])}"
                    + (f" → {ood['out']}" if ood.get("out") else ""))
     elif ood:
         means = ", ".join(f"{k} {fmt(v)}" for k, v in ood["mean"].items())
@@ -53,6 +54,9 @@ def terminal_summary(data: dict, max_sites: int = 12) -> str:
             psnr = f"{fmt(r.get('lr_psnr_min'))} / {fmt(r.get('lr_psnr_std'))}" if "lr_psnr_min" in r else "–"
             rows.append((name, str(r["n_inputs"]), _pct(r["pct_inf"]), _pct(r["pct_pixel_err"]), psnr))
         out += ["  " + line for line in text_table(rows, ("set", "inputs", "%Inf", "%PixelErr", "LR-PSNR min/σ"))]
+        bad = {k: d.get("n_nonfinite") for k, d in data.get("data", {}).items() if d.get("n_nonfinite")}
+        if bad:
+            out.append(f"  NaN/Inf conditions, reported but not sampled (s_OOD = inf): {', '.join(f'{k} {n}' for k, n in bad.items())}")
         fit = risk.get("logistic")
         fit_s = f"P(err) = σ({fmt(fit['intercept'])} + {fmt(fit['coef'])}·s_OOD)" if fit else "logistic fit: one class only"
         out.append(f"  AUROC(s_OOD → error) {fmt(risk.get('auroc'))}, Spearman {fmt(risk.get('spearman'))}, {fit_s}")
