@@ -21,8 +21,14 @@ element's inverse gain can still blow up, so it is ``affine-bounded``; with
 :math:`n = 1` the mean subtraction forces :math:`s \equiv 0` and the half is
 ``additive``. ``AllInOneBlock`` adds a permutation and a global affine
 (ActNorm-like) whose parameters are learned constants, not conditional: a
-layer, not a site. A conditional block of a class this module does not know
-becomes a site of kind ``unknown`` (never silently skipped).
+layer, not a site. A coupling appended without ``cond`` is a site too: its
+parameters come from the other half, which while sampling already carries the
+condition. A conditional block of a class this module does not know becomes a
+site of kind ``unknown``, and :meth:`FrEIAAdapter.coverage` names every block
+that no site reads and whose Jacobian may vary (never silently skipped).
+Affine kinds follow the shared rule :func:`~.base.affine_kind` on the lower
+bound of :math:`c'` (``affine-bounded`` from 10⁻² up; FrEIA's default
+``clamp=2`` gives :math:`[e^{-1.998}, e^{1.998}]`).
 
 Everything that varies between versions and configurations is read from the
 live block: ``clamp``, the activation ``f_clamp`` (evaluated, not matched by
