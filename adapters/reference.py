@@ -49,6 +49,23 @@ class ElementwiseSite(Site):
     def tail_bounds(self) -> tuple[float, float]:
         return self.module.tail_bounds()
 
+    def tail_start(self) -> float | None:
+        """Where the tails begin in ``x`` (data side, where ``c'`` is probed), read from the live module.
+
+        ``rq-spline``: its ``bound`` B (bins on [−B, B]); ``modified-rq-spline``: max(|B₁|, |B₂|) — the
+        bias t shifts the output (the tails begin at |y| > max|Bᵢ| + |t| on the latent side) but not
+        where ``c'(x)`` leaves 1, so it does not enter; ``affine``, ``affine-bounded``, ``additive``
+        and ``prior``: 0, their ``c'`` does not depend on x, every |x| is a tail; anything else: unknown.
+        """
+        m = self.module
+        if self.kind == "rq-spline":
+            return float(m.bound)
+        if self.kind == "modified-rq-spline":
+            return max(abs(float(m.b1)), abs(float(m.b2)))
+        if self.kind in ("affine", "affine-bounded", "additive", "prior"):
+            return 0.0
+        return None
+
     def read(self, args: tuple, kwargs: dict, output: Any) -> tuple[Tensor, Tensor] | None:
         """(inverse gain, params) of a hooked reverse call, ``None`` for a forward call."""
         reverse = kwargs.get("reverse", args[2] if len(args) > 2 else False)

@@ -31,7 +31,7 @@ from .panel import worst_inputs
 from .report import Report
 from .risk import aggregate
 from .sampling import Run, sample_set
-from .sites import site_entries
+from .sites import model_evidence, site_entries
 from .trace import layer_table
 
 __all__ = ["fit", "scan", "inspect"]
@@ -144,6 +144,7 @@ def scan(
     layers_out, explosion = layer_table(adapter.layer_names() + ["output"], tracers, explosion_threshold)
     model_entry = _model_entry(adapter)
     model_entry["sites"] = sites
+    model_entry.update(model_evidence(adapter, sites))  # coverage, model verdict, certificate
     report = Report({
         "flowaudit_version": __version__, "kind": "scan", **_stamp(),
         "settings": {"samples": samples, "temperature": temperature, "seed": seed, "device": str(dev), "batch_size": batch_size,
@@ -172,6 +173,7 @@ def inspect(model: Any, data: Any = None, *, samples: int = 4, temperature: floa
         sites = site_entries(adapter, [tracer], remark2_threshold)
     entry = _model_entry(adapter)
     entry["sites"] = sites
+    entry.update(model_evidence(adapter, sites))  # coverage, model verdict, certificate
     return Report({"flowaudit_version": __version__, "kind": "inspect", **_stamp(), "model": entry,
                    "data": {"in": cs.description}})
 

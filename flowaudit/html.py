@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from .format import fmt
 from .plots import gain_plot, layer_plot, panel_plot, risk_plot
-from .text import terminal_summary
+from .text import certificate_line, evidence_lines, no_sites_line, reservoir_line, terminal_summary
 
 if TYPE_CHECKING:
     from .panel import PanelItem
@@ -24,7 +24,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max
 h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
 table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}
 th{background:#f5f5f5}td:first-child,th:first-child{text-align:left}
-.violates{color:#b00020;font-weight:600}.compliant{color:#1b7f3b;font-weight:600}.inconclusive{color:#8a6d00}
+.violates{color:#b00020;font-weight:600}.compliant{color:#1b7f3b;font-weight:600}.inconclusive{color:#8a6d00}.no-sites-found{color:#b00020;font-weight:600}
 img{max-width:100%}.note{color:#666;font-size:.9em}.grid{display:flex;flex-wrap:wrap;gap:1em}
 """
 
@@ -41,16 +41,26 @@ def html_report(data: dict, panel: list[PanelItem] | None = None) -> str:
              f"task {esc(m.get('task'))}, {m.get('n_parameters', 0):,} parameters, fingerprint {esc(m.get('fingerprint'))}, "
              f"error band {esc(str(m.get('error_band')))}</p>",
              f"<h2>Summary</h2><pre>{esc(terminal_summary(data, max_sites=0))}</pre>"]
+    parts += _evidence_section(m)
     if m.get("sites"):
-        parts.append("<h2>Remark 2 per site</h2><table><tr><th>site</th><th>kind</th><th>verdict</th><th>structural</th><th>tail ratio</th><th>bound ratio</th>"
+        parts.append("<h2>Remark 2 per site</h2><table><tr><th>site</th><th>kind</th><th>verdict</th><th>rests on</th><th>in words</th>"
+                     "<th>tail ratio</th><th>probe |x|</th><th>bound ratio</th><th>certificate</th>"
                      "<th>c' min</th><th>c' max</th><th>1/c' p50</th><th>1/c' p99</th><th>1/c' max</th></tr>")
         for s in m["sites"]:
             r2, g = s["remark2"], s.get("inverse_gain", {})
+            st = r2["structural"] if isinstance(r2.get("structural"), dict) else {}
+            cert = st.get("certificate") or {}
+            cert_s = (f"|Δ| ≤ {fmt(cert['displacement'])}" + (" + |t|" if cert.get("plus_bias") else "")) if cert.get("displacement") is not None else "none"
+            pr = r2.get("probe") or {}
             parts.append(f"<tr><td>{esc(s['name'])}</td><td>{esc(s['kind'])}</td><td class='{r2['verdict']}'>{r2['verdict']}</td>"
-                         f"<td>{esc(r2['structural'])}</td><td>{esc(r2['tail_ratio'])}</td><td>{esc(r2.get('bound_ratio'))}</td><td>{esc(r2['derivative_min'])}</td><td>{esc(r2['derivative_max'])}</td>"
+                         f"<td>{esc(', '.join(r2.get('rests_on', [])) or '–')}</td><td style='text-align:left'>{esc(r2.get('words', ''))}</td>"
+                         f"<td>{esc(r2['tail_ratio'])}</td><td>{esc(pr.get('abs_x_min'))}–{esc(pr.get('abs_x_max'))}</td><td>{esc(r2.get('bound_ratio'))}</td>"
+                         f"<td>{esc(cert_s)}</td><td>{esc(r2['derivative_min'])}</td><td>{esc(r2['derivative_max'])}</td>"
                          f"<td>{esc(g.get('p50'))}</td><td>{esc(g.get('p99'))}</td><td>{esc(g.get('max'))}</td></tr>")
-        parts.append("</table><p class='note'>Tail ratio = min c' / max c' at |x| in [1, 10⁴] under the conditions met while sampling; "
-                     "1 means identity tails (Remark 2 holds). Bound ratio: the same over every parameter the kind allows.</p>")
+        parts.append("</table><p class='note'>Structural: what the parametrisation allows whatever the condition (bound ratio, certificate). "
+                     "Measured: tail ratio = min c' / max c' where the tails are (from 10× the site's tail start to 10⁴× it, or until c' "
+                     "settles when the start is unknown) under the parameters kept while sampling the scanned conditions; 1 means identity "
+                     "tails. Worst case: what the attack reached. Certificate |Δ|: the most the site's inverse moves a value (+ |t|: plus its bias).</p>")
         parts.append("<h2>Inverse gain 1/c' per site</h2>" + _img(gain_plot(m["sites"]), "inverse-gain histograms"))
     if data.get("layers"):
         parts.append("<h2>Layer trace</h2>" + _img(layer_plot(data["layers"]), "layer variance trace"))
@@ -76,3 +86,21 @@ def html_report(data: dict, panel: list[PanelItem] | None = None) -> str:
                      "Mahalanobis distance of each location's encoder features (fitted on every location of the fit data).</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _evidence_section(m: dict) -> list[str]:
+    """The model's Remark 2 verdict in words, the certificate line and the probe's reservoir; no sites found first."""
+    out = []
+    if no_sites_line(m):
+        out.append(f"<p class='violates' style='font-size:1.2em;border:2px solid #b00020;padding:.5em'>{esc(no_sites_line(m))}</p>")
+    mv = m.get("remark2")
+    if mv:
+        out.append(f"<h2>Remark 2 verdict</h2><p>Model: <span class='{esc(mv['verdict']).replace(' ', '-')}'>{esc(mv['verdict'])}</span>"
+                   f" (rests on {esc(', '.join(mv.get('rests_on', [])) or 'no evidence')})</p>")
+        lines = evidence_lines(m)
+        if lines:
+            out.append("<ul>" + "".join(f"<li>{esc(x)}</li>" for x in lines) + "</ul>")
+    for line in (certificate_line(m), reservoir_line(m)):
+        if line:
+            out.append(f"<p>{esc(line)}</p>")
+    return out

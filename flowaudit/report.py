@@ -46,8 +46,12 @@ class Report:
 
     # -- verdicts used for CI gating ---------------------------------------------
     def violations(self) -> list[str]:
-        """Names of sites whose Remark 2 verdict is ``violates``."""
-        return [s["name"] for s in self.data.get("model", {}).get("sites", []) if s["remark2"]["verdict"] == "violates"]
+        """Names of sites whose Remark 2 verdict is ``violates``; ``["no sites found"]`` when the adapter
+        found no site (an audit that saw nothing must not pass a gate)."""
+        model = self.data.get("model", {})
+        if model.get("remark2", {}).get("verdict") == "no sites found":
+            return ["no sites found"]
+        return [s["name"] for s in model.get("sites", []) if s["remark2"]["verdict"] == "violates"]
 
     def at_risk(self) -> list[str]:
         """Ids of inputs with at least one sample with a non-finite value or a pixel error."""

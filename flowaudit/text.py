@@ -7,21 +7,90 @@ from typing import Any
 
 from .format import fmt, num, text_table
 
-__all__ = ["terminal_summary", "site_table_rows"]
+__all__ = ["terminal_summary", "site_table_rows", "evidence_lines", "certificate_line", "reservoir_line", "no_sites_line"]
 
 
 def _pct(v: Any) -> str:
     return "–" if v is None else f"{num(v):.1f}%"
 
 
+_SHORT = {"structural": "structure", "measured": "data", "worst_case": "attack"}
+
+
 def site_table_rows(model: dict) -> list[tuple[str, ...]]:
-    """(name, kind, verdict, tail ratio, bound ratio, 1/c' p50, p99, max) per site."""
+    """(name, kind, verdict, evidence it rests on, tail ratio, bound ratio, 1/c' p50, p99, max) per site."""
     rows = []
     for s in model.get("sites", []):
-        g = s.get("inverse_gain", {})
-        rows.append((s["name"], s["kind"], s["remark2"]["verdict"], fmt(s["remark2"]["tail_ratio"]),
-                     fmt(s["remark2"].get("bound_ratio")), fmt(g.get("p50")), fmt(g.get("p99")), fmt(g.get("max"))))
+        g, r2 = s.get("inverse_gain", {}), s["remark2"]
+        on = "+".join(_SHORT.get(e, e) for e in r2.get("rests_on", [])) or "–"
+        rows.append((s["name"], s["kind"], r2["verdict"], on, fmt(r2["tail_ratio"]),
+                     fmt(r2.get("bound_ratio")), fmt(g.get("p50")), fmt(g.get("p99")), fmt(g.get("max"))))
     return rows
+
+
+def _span(values: list[float]) -> str:
+    v = sorted(x for x in values if not math.isnan(x))
+    if not v:
+        return "–"
+    return fmt(v[0]) if fmt(v[0]) == fmt(v[-1]) else f"{fmt(v[0])}–{fmt(v[-1])}"
+
+
+def evidence_lines(model: dict) -> list[str]:
+    """The sites' evidence in words, sites that read alike grouped (their tail ratios as a range)."""
+    groups: dict[tuple, list[dict]] = {}
+    for s in model.get("sites", []):
+        r2 = s["remark2"]
+        if "structural" not in r2:
+            continue
+        words = r2.get("words", "")
+        # group on the words without the numbers in brackets
+        key = (r2["verdict"], s["kind"], tuple(w.split(" (")[0].split(" at distance")[0] for w in words.split("; ")))
+        groups.setdefault(key, []).append(s)
+    out = []
+    for (verdict, kind, parts), sites in groups.items():
+        r2s = [s["remark2"] for s in sites]
+        ratio = _span([num(r["tail_ratio"]) for r in r2s])
+        text = "; ".join(f"{p} (tail ratio {ratio})" if p.endswith("on your data") else p for p in parts)
+        dists = [num(r["worst_case"]["distance"]) for r in r2s if r.get("worst_case") and r["worst_case"].get("distance") is not None]
+        if dists and "reached by the attack" in parts:
+            text = text.replace("reached by the attack", f"reached by the attack at distance {_span(dists)}")
+        who = sites[0]["name"] if len(sites) == 1 else f"{len(sites)} {kind} sites"
+        out.append(f"{who}: {verdict} — {text}")
+    return out
+
+
+def certificate_line(model: dict) -> str | None:
+    """"no blow-up beyond X" when the whole model is certified; else which sites prevent it."""
+    c = model.get("certificate")
+    if not c:
+        return None
+    if c.get("certified"):
+        return f"Certificate: no blow-up beyond {fmt(c['bound'])} (the sites move a value by at most that in total; linear layers between them not included)"
+    blocking = c.get("blocking", [])
+    if not blocking:
+        return "Certificate: none (no sites found)"
+    names = ", ".join(b["site"] for b in blocking[:3]) + (f" and {len(blocking) - 3} more" if len(blocking) > 3 else "")
+    scanned = f"; at the parameters kept from the scanned conditions the sites move a value by at most {fmt(c['bound_scanned'])} in total" if c.get("bound_scanned") is not None else ""
+    return f"Certificate: none — {len(blocking)} site(s) prevent it ({names}: {blocking[0]['why']}){scanned}"
+
+
+def reservoir_line(model: dict) -> str | None:
+    """What the tail probe's parameter reservoir held."""
+    res = [s["remark2"]["probe"].get("reservoir") for s in model.get("sites", []) if isinstance(s["remark2"].get("probe"), dict)]
+    res = [r for r in res if r]
+    if not res:
+        return None
+    return (f"Tail probe: reservoir of {res[0]['budget']:,} parameter numbers per site (half by largest gain, half at random); "
+            f"kept {_span([float(r['rows']) for r in res])} sample rows from {_span([float(r['inputs']) for r in res])} inputs "
+            f"in {_span([float(r['batches']) for r in res])} batches")
+
+
+def no_sites_line(model: dict) -> str | None:
+    """The prominent line of a model whose adapter found no site."""
+    if model.get("remark2", {}).get("verdict") != "no sites found":
+        return None
+    reason = (model.get("coverage") or {}).get("reason") or "no sites found"
+    return f"!! NO SITES FOUND — nothing was audited for Remark 2, this is not a clean result: {reason}"
 
 
 def terminal_summary(data: dict, max_sites: int = 12) -> str:
@@ -29,14 +98,22 @@ def terminal_summary(data: dict, max_sites: int = 12) -> str:
     m = data.get("model", {})
     out = [f"flowaudit {data.get('flowaudit_version')} · {data.get('kind')} · {m.get('name')} "
            f"({m.get('adapter')}, {m.get('task')}, {m.get('n_parameters', 0):,} parameters)"]
+    if no_sites_line(m):
+        out.append(no_sites_line(m))
     sites = site_table_rows(m)
     if sites:
         n_bad = sum(r[2] == "violates" for r in sites)
-        out.append(f"Remark 2: {len(sites)} sites, {n_bad} violate (threshold {fmt(m['sites'][0]['remark2']['threshold'])})")
+        mv = m.get("remark2", {})
+        model_v = f"model {mv['verdict']} (on {', '.join(mv.get('rests_on', [])) or '–'}); " if mv else ""
+        out.append(f"Remark 2: {model_v}{len(sites)} sites, {n_bad} violate (threshold {fmt(m['sites'][0]['remark2']['threshold'])})")
         shown = sites[:max_sites]
-        out += ["  " + line for line in text_table(shown, ("site", "kind", "remark2", "tail", "bound", "1/c' p50", "p99", "max"))]
+        out += ["  " + line for line in text_table(shown, ("site", "kind", "remark2", "on", "tail", "bound", "1/c' p50", "p99", "max"))]
         if len(sites) > max_sites:
             out.append(f"  … {len(sites) - max_sites} more in report.json")
+        out += ["  " + line for line in evidence_lines(m)[:6]]
+    for line in (certificate_line(m), reservoir_line(m)):
+        if line:
+            out.append(line)
     ood = data.get("ood")
     if ood and data.get("kind") == "fit":
         skipped = f" ({ood['n_nonfinite']} skipped: NaN/Inf)" if ood.get("n_nonfinite") else ""

@@ -5,9 +5,13 @@ hands to an adapter. For every layer it keeps running float64 sums of the
 finite values (count, :math:`\sum v`, :math:`\sum v^2`), the largest
 :math:`|v|` and the number of non-finite values; for every site a fixed
 log-spaced histogram of the inverse gain :math:`1/c'`, its extremes, and the
-largest gain seen by each input. It also keeps a bounded sample of each
-site's parameters for the Remark 2 probe. Nothing grows with the number of
-inputs except one float per input and site.
+largest gain seen by each input. For the Remark 2 probe it keeps, per site,
+a :class:`ParamReservoir` of parameter rows drawn from every batch: a fixed
+budget of parameter numbers, half of it the rows with the largest inverse
+gains seen so far, half a uniform random sample of all rows (bottom-k of
+seeded uniform keys, so the same seed keeps the same rows). Both halves are
+merged on the device by ``topk``, with no host sync. Nothing grows with the
+number of inputs except one float per input and site.
 
 Rows of a traced batch are input-major (:class:`~flowaudit.layout.Sampling`).
 :func:`layer_table` turns the traces of the in-distribution and OOD sets into
@@ -26,7 +30,7 @@ from torch import Tensor
 
 from .layout import Sampling
 
-__all__ = ["GAIN_EDGES", "LayerStats", "GainStats", "Tracer", "histogram_quantile", "layer_table"]
+__all__ = ["GAIN_EDGES", "LayerStats", "GainStats", "ParamReservoir", "Tracer", "histogram_quantile", "layer_table"]
 
 # log10(1/c') from 1e-4 to 1e8 in 0.025 decades (6 % steps); values beyond land in the end bins
 GAIN_EDGES = np.round(np.arange(-4.0, 8.0 + 1e-9, 0.025), 10)
@@ -176,6 +180,78 @@ def histogram_quantile(counts: np.ndarray, log_edges: np.ndarray, q: float) -> f
     return float(10 ** (log_edges[i] + frac * (log_edges[i + 1] - log_edges[i])))
 
 
+class ParamReservoir:
+    """Parameter rows of one site kept for the Remark 2 probe, drawn from every batch (module docstring).
+
+    Args:
+        budget: parameter numbers kept (rows × numbers per row; at least 2 rows).
+        generator: the seeded generator of the random keys, on the parameters' device.
+
+    Row ids (global row, input, batch) travel with the rows so the report can say how many
+    inputs and batches the kept points come from.
+    """
+
+    def __init__(self, budget: int, generator: torch.Generator):
+        self.budget, self.generator = budget, generator
+        self.rows_seen = self.skipped = 0
+        self._top: tuple[Tensor, Tensor, Tensor] | None = None  # rows, gain, ids
+        self._rand: tuple[Tensor, Tensor, Tensor] | None = None  # rows, key, ids
+
+    def capacity(self, per_row: int) -> tuple[int, int]:
+        """(rows kept by gain, rows kept at random) for rows of ``per_row`` numbers."""
+        rows = max(2, self.budget // max(per_row, 1))
+        return rows // 2, rows - rows // 2
+
+    @staticmethod
+    def _merge(old: tuple[Tensor, Tensor, Tensor] | None, new: tuple[Tensor, Tensor, Tensor], k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Keep the ``k`` rows with the largest score (rows, score, ids)."""
+        if old is not None:
+            new = tuple(torch.cat([a, b.to(a.device)]) for a, b in zip(old, new))
+        if new[1].shape[0] <= k:
+            return new
+        idx = torch.topk(new[1], k, sorted=False).indices
+        return tuple(t.index_select(0, idx) for t in new)
+
+    def add(self, params: Tensor, row_gain: Tensor, first_input: int, samples: int, batch: int) -> None:
+        rows = params.detach()
+        n = rows.shape[0]
+        if self._top is not None and tuple(self._top[0].shape[1:]) != tuple(rows.shape[1:]):
+            self.skipped += n  # a different parameter shape in the same set: not mixed into one probe tensor
+            return
+        dev = rows.device
+        r = torch.arange(n, device=dev)
+        ids = torch.stack([r + self.rows_seen, r // max(samples, 1) + first_input, torch.full_like(r, batch)], 1)
+        self.rows_seen += n
+        gain = row_gain.to(dev, torch.float64) if row_gain.shape[0] == n else torch.zeros(n, dtype=torch.float64, device=dev)
+        k_top, k_rand = self.capacity(rows[0].numel() if n else 1)
+        self._top = self._merge(self._top, (rows, gain, ids), k_top)
+        key = torch.rand(n, generator=self.generator, device=dev, dtype=torch.float64)
+        self._rand = self._merge(self._rand, (rows, -key, ids), k_rand)  # smallest keys: a uniform sample
+
+    def kept(self) -> tuple[Tensor, Tensor] | None:
+        """(rows, ids) of the union of both halves, each row once, in row order."""
+        if self._top is None:
+            return None
+        rows = torch.cat([self._top[0], self._rand[0]])
+        ids = torch.cat([self._top[2], self._rand[2]])
+        uniq, inv = torch.unique(ids[:, 0], return_inverse=True)
+        first = torch.full((len(uniq),), len(inv), dtype=torch.long, device=inv.device).scatter_reduce(
+            0, inv, torch.arange(len(inv), device=inv.device), reduce="amin")
+        return rows.index_select(0, first), ids.index_select(0, first)
+
+    def info(self) -> dict:
+        """What the reservoir holds, for the report."""
+        kept = self.kept()
+        per_row = int(self._top[0][0].numel()) if self._top is not None and len(self._top[0]) else 0
+        k_top, k_rand = self.capacity(per_row) if per_row else (0, 0)
+        ids = kept[1].cpu() if kept is not None else torch.zeros(0, 3, dtype=torch.long)
+        return {"budget": self.budget, "rows_capacity": k_top + k_rand, "rows": int(len(ids)),
+                "rows_by_gain": int(len(self._top[0])) if self._top is not None else 0,
+                "points": int(len(ids)) * per_row, "inputs": int(ids[:, 1].unique().numel()),
+                "batches": int(ids[:, 2].unique().numel()), "rows_seen": self.rows_seen, "rows_skipped": self.skipped,
+                "largest_gain_kept": float(self._top[1].max()) if self._top is not None and len(self._top[1]) else None}
+
+
 class Tracer:
     """Observer of inverse passes of one input set (see module docstring).
 
@@ -184,15 +260,31 @@ class Tracer:
         param_budget: points of parameters kept per site for the Remark 2 probe.
     """
 
-    def __init__(self, sampling: Sampling, param_budget: int = 4096):
+    def __init__(self, sampling: Sampling, param_budget: int = 65536):
         self.sampling = sampling
         self.param_budget = param_budget
         self.layers: dict[str, LayerStats] = {}
         self.gains: dict[str, GainStats] = {}
-        self.params: dict[str, list[Any]] = {}
-        self._kept: dict[str, int] = {}
+        self.reservoirs: dict[str, ParamReservoir] = {}
         self.input_gain: list[dict] = []  # per input, over all sites: min, p50, p99, max
         self._batch: dict[str, Tensor] = {}
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._inputs_seen = self._batches_seen = 0
+
+    @property
+    def params(self) -> dict[str, list[Any]]:
+        """The kept parameter rows per site (one tensor each), for :meth:`Site.derivative_at`."""
+        out = {}
+        for name, r in self.reservoirs.items():
+            kept = r.kept()
+            if kept is not None:
+                out[name] = [kept[0]]
+        return out
+
+    def reservoir_info(self, name: str) -> dict | None:
+        """What the reservoir of site ``name`` holds (``None``: the site was never visited)."""
+        r = self.reservoirs.get(name)
+        return None if r is None else r.info()
 
     # -- Observer -------------------------------------------------------------
     def layer(self, name: str, x: Tensor) -> None:
@@ -202,6 +294,7 @@ class Tracer:
         self.gains.setdefault(name, GainStats()).add(gain)
         g = gain.detach().flatten(1).to(torch.float64)
         g = torch.where(torch.isnan(g), torch.full_like(g, math.inf), g)  # NaN gain: as bad as it gets
+        self._keep_params(name, params, g.amax(1) if g.shape[1] else g.new_zeros(g.shape[0]))
         g = self.sampling.per_input(g).flatten(1)  # one row per input
         b = self._batch
         b["max"] = g.amax(1) if "max" not in b else torch.maximum(b["max"], g.amax(1))
@@ -209,21 +302,24 @@ class Tracer:
         idx = _bin_index(g.clamp_min(1e-300), INPUT_EDGES)
         counts = torch.zeros(g.shape[0], len(INPUT_EDGES) - 1, dtype=torch.float64, device=g.device).scatter_add_(1, idx, torch.ones_like(g))
         b["hist"] = counts if "hist" not in b else b["hist"] + counts
-        self._keep_params(name, params)
 
     # -- bookkeeping ----------------------------------------------------------
-    def _keep_params(self, name: str, params: Any) -> None:
-        kept = self._kept.get(name, 0)
-        if kept >= self.param_budget or not isinstance(params, Tensor):
+    def _keep_params(self, name: str, params: Any, row_gain: Tensor) -> None:
+        if not isinstance(params, Tensor) or params.dim() == 0 or params.shape[0] == 0:
             return
-        per_row = max(params[0].numel(), 1)
-        rows = max(1, min(params.shape[0], (self.param_budget - kept) // per_row))
-        self.params.setdefault(name, []).append(params[:rows].detach().clone())
-        self._kept[name] = kept + rows * per_row
+        r = self.reservoirs.get(name)
+        if r is None:
+            dev = params.device
+            if dev not in self._generators:
+                self._generators[dev] = torch.Generator(device=dev).manual_seed(self.sampling.seed)
+            r = self.reservoirs[name] = ParamReservoir(self.param_budget, self._generators[dev])
+        r.add(params, row_gain, self._inputs_seen, self.sampling.samples, self._batches_seen)
 
     def end_batch(self, n_inputs: int) -> None:
         """Close a batch of ``n_inputs`` inputs: their inverse-gain min, p50, p99 and max over all sites."""
         b, self._batch = self._batch, {}
+        self._inputs_seen += n_inputs
+        self._batches_seen += 1
         if not b:
             self.input_gain += [{"min": math.nan, "p50": math.nan, "p99": math.nan, "max": math.nan}] * n_inputs
             return

@@ -1,7 +1,7 @@
 """Nothing passes unseen: a model whose adapter finds no site must never look clean.
 
 Adapter side (passes now): ``sites()`` may be empty and ``coverage()`` says why in one line
-starting ``"no sites found: "``. Engine side (xfail until the engine reports it): the report
+starting ``"no sites found: "``. Engine side: the report
 carries ``model.coverage`` and the model-level verdict ``"no sites found"``, says so at the top of
 the summary and the HTML, ``Report.violations()`` is not empty, and ``scan --fail-on violation``
 exits 1.
@@ -22,9 +22,6 @@ import flowaudit
 from flowaudit.adapters import Adapter, adapt
 from flowaudit.adapters.custom import CustomAdapter
 from flowaudit.cli import cli
-
-engine_pending = pytest.mark.xfail(reason="engine part pending", strict=False)
-
 
 class PlainFlow(nn.Module):
     """A conditional flow with its own couplings and no declarations: x = z·s(y) + t(y)."""
@@ -108,9 +105,8 @@ def test_a_scan_without_sites_still_runs():
     assert len(report["inputs"]) == 6
 
 
-# -- engine side: the lead un-xfails these once the engine reports coverage ------------------------
+# -- engine side: the report carries coverage and the model verdict -------------------------------
 
-@engine_pending
 def test_inspect_reports_no_sites_found_prominently():
     report = flowaudit.inspect(no_site_adapter(), device="cpu", samples=2)
     model = report["model"]
@@ -121,14 +117,12 @@ def test_inspect_reports_no_sites_found_prominently():
     assert "no sites found" in report.to_html().lower()
 
 
-@engine_pending
 def test_python_gate_does_not_pass_a_model_without_sites():
     report = flowaudit.scan(no_site_adapter(), torch.randn(6, 2) * 0.3, samples=2, device="cpu")
     assert report["model"]["remark2"]["verdict"] == "no sites found"
     assert report.violations(), "`assert not report.violations()` must not pass an audit that saw nothing"
 
 
-@engine_pending
 def test_model_verdict_with_sites():
     from flowaudit.reference_models import load
 
@@ -149,7 +143,6 @@ def factory(tmp_path, monkeypatch):
     return f"{name}:build", data
 
 
-@engine_pending
 def test_cli_scan_fail_on_violation_exits_1_without_sites(factory, tmp_path):
     spec, data = factory
     runner = CliRunner()
@@ -164,7 +157,6 @@ def test_cli_scan_fail_on_violation_exits_1_without_sites(factory, tmp_path):
     assert res.exit_code == 0 and "no sites found" in res.output.lower()
 
 
-@engine_pending
 def test_cli_inspect_json_carries_coverage(factory):
     spec, _ = factory
     res = CliRunner().invoke(cli, ["-q", "inspect", "--model", spec, "--json", "--device", "cpu"])

@@ -123,22 +123,16 @@ def _case(id: str, build, kinds: list[str], **kw) -> Case:
     return Case(id=id, requires="nflows", build=build, expected_kinds=kinds, library_sample=_sample, library_log_prob=_log_prob, **kw)
 
 
-# The Remark 2 probe committed with this file starts at |x| = 1, inside the spline's interval [-B, B]; past B
-# (Site.tail_start() = tail_bound) the measured tail ratio is 1.0: compliant. Non-strict xfail: the
-# tail_start-aware probe (being reworked) passes it.
-PROBE_INSIDE_SPLINE = ("the tail probe starts at |x| = 1, inside the spline interval [-B, B] (tail_start() = B = 3): "
-                       "its inner-bin derivatives, not the identity tails, give the measured ratio; past B it is 1.0")
-
 CASES = [
     # nflows' affine scale is sigmoid(u + 2) + 1e-3 (read from _scale_and_shift): floor 1e-3 → affine
     _case("nflows-affine", _affine, ["affine", "affine"]),
     _case("nflows-additive", _additive, ["additive", "additive"]),
-    _case("nflows-rq-spline", _rq_spline, ["rq-spline", "rq-spline"], xfail={"verdict": PROBE_INSIDE_SPLINE}),
+    _case("nflows-rq-spline", _rq_spline, ["rq-spline", "rq-spline"]),
     # MAF's scale is softplus(u) + 1e-3: floor 1e-3, no ceiling → affine
     _case("nflows-maf-affine", _maf_affine, ["affine", "affine"]),
     # inverted, softplus(u) + 1e-3 ∈ (1e-3, ∞) becomes c' = 1/s ∈ (0, 1000): floor 0 → affine
     _case("nflows-iaf-affine", _iaf_affine, ["affine", "affine"]),
-    _case("nflows-maf-rq-spline", _maf_rq_spline, ["rq-spline", "rq-spline"], xfail={"verdict": PROBE_INSIDE_SPLINE}),
+    _case("nflows-maf-rq-spline", _maf_rq_spline, ["rq-spline", "rq-spline"]),
     # the prior's c' = 1/σ(y) does not depend on x; across the probed conditions σ varies (measured ratio ≈ 0.05)
     _case("nflows-prior", _prior, ["additive", "additive", "prior"], expected_verdicts=["compliant", "compliant", "violates"]),
 ]

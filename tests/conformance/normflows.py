@@ -54,12 +54,6 @@ def _log_prob(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return model.log_prob(x, context=y)
 
 
-# The tail probe (flowaudit.remark2, being reworked) starts at |x| = 1, inside the spline's bins
-# [-B, B] (B = tail_bound = 3, which the sites report as tail_start()); beyond B the adapter's c' is
-# exactly 1 (test_tails_stay_within_the_kinds_bounds), so the "violates" comes from the probe.
-PROBE_IN_BINS = {"verdict": "Remark 2 probe starts at |x|=1, inside the RQ bins [-3, 3]; c' = 1 beyond tail_start()"}
-
-
 def _case(id: str, build, kinds: list[str], **kw) -> Case:
     return Case(id=id, build=build, expected_kinds=kinds, library_sample=_sample, library_log_prob=_log_prob,
                 requires="normflows", **kw)
@@ -70,10 +64,8 @@ CASES = [
     _case("normflows-MaskedAffineAutoregressive", _build("MaskedAffineAutoregressive"), ["affine-bounded"] * 2),
     # encode order: flows[-1] … flows[0], then the conditional base; each coupling's unconditional
     # spline on its identity half follows its conditional half
-    _case("normflows-CoupledRationalQuadraticSpline", _build("CoupledRationalQuadraticSpline"), [RQ] * 4,
-          xfail=PROBE_IN_BINS),
-    _case("normflows-AutoregressiveRationalQuadraticSpline", _build("AutoregressiveRationalQuadraticSpline"), [RQ] * 2,
-          xfail=PROBE_IN_BINS),
+    _case("normflows-CoupledRationalQuadraticSpline", _build("CoupledRationalQuadraticSpline"), [RQ] * 4),
+    _case("normflows-AutoregressiveRationalQuadraticSpline", _build("AutoregressiveRationalQuadraticSpline"), [RQ] * 2),
     _case("normflows-MAF-ConditionalDiagGaussian", _build("MaskedAffineAutoregressive", prior=True),
           ["affine-bounded", "affine-bounded", "prior"]),
 ]

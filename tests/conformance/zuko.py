@@ -72,17 +72,11 @@ def _case(id: str, build, kinds: list[str], **kw) -> Case:
     return Case(id=id, requires="zuko", build=build, expected_kinds=kinds, library_sample=_sample, library_log_prob=_log_prob, **kw)
 
 
-# The Remark 2 probe committed with this file starts at |x| = 1, inside the spline's interval [-B, B]; past B
-# (Site.tail_start() = 5, NSF's default bound) the measured tail ratio is 1.0: compliant. Non-strict xfail:
-# the tail_start-aware probe (being reworked) passes it.
-PROBE_INSIDE_SPLINE = ("the tail probe starts at |x| = 1, inside the spline interval [-B, B] (tail_start() = B = 5): "
-                       "its inner-bin derivatives, not the identity tails, give the measured ratio; past B it is 1.0")
-
 CASES = [
     # MonotonicAffineTransform: c' = exp(a / (1 + |a / log 1e-3|)) ∈ (1e-3, 1e3), read from built objects → affine
     _case("zuko-realnvp", _realnvp, ["affine", "affine"]),
     _case("zuko-nice", _nice, ["additive", "additive"]),
-    _case("zuko-nsf", _nsf, ["rq-spline", "rq-spline"], xfail={"verdict": PROBE_INSIDE_SPLINE}),
+    _case("zuko-nsf", _nsf, ["rq-spline", "rq-spline"]),
     _case("zuko-maf", _maf, ["affine", "affine"]),
     # NAF: monotonic-MLP transforms (unknown closed form) with a soft clip between them
     # the soft clip's c' = (1 + |x|/B)^-2 → 0 violates under any tail probe; the monotonic MLPs (no structure)
