@@ -44,8 +44,9 @@ def site_entries(adapter: Adapter, tracers: Sequence[Tracer], threshold: float,
     ``worst_case=None`` (no attack ran), get ``remark2.worst_case: null``.
     """
     entries = []
+    kept = [t.params for t in tracers]  # every site's rows, read once
     for site in adapter.sites():
-        params = [p for t in tracers for p in t.params.get(site.name, [])]
+        params = [p for k in kept for p in k.get(site.name, [])]
         gains = [t.gains[site.name] for t in tracers if site.name in t.gains]
         wc = (worst_case or {}).get(site.name)
         r2 = probe_site(site, params, threshold, worst_case=wc, reservoir=_reservoir(tracers, site.name))

@@ -179,7 +179,9 @@ def test_scan_probes_parameters_from_every_batch():
     report = flowaudit.scan(load("toy-modified-rq-spline"), toy_data(40, seed=2)[1], samples=2, batch_size=16, device="cpu")
     for s in report["model"]["sites"]:
         res = s["remark2"]["probe"]["reservoir"]
-        assert res["inputs"] == 40 and res["batches"] == 5 and res["budget"] == report["model"]["remark2"]["reservoir_budget"]
+        # rows from every input and every inverse pass (5 passes of 8 inputs, or 40 of one in exact mode)
+        assert res["inputs"] == 40 and res["batches"] >= 5 and res["rows"] == res["rows_seen"] == 80
+        assert res["budget"] == report["model"]["remark2"]["reservoir_budget"]
     assert "reservoir of 65,536 parameter numbers per site" in report.summary()
 
 
