@@ -82,7 +82,7 @@ def reservoir_line(model: dict) -> str | None:
         return None
     return (f"Tail probe: reservoir of {res[0]['budget']:,} parameter numbers per site (half by largest gain, half at random); "
             f"kept {_span([float(r['rows']) for r in res])} sample rows from {_span([float(r['inputs']) for r in res])} inputs "
-            f"in {_span([float(r['batches']) for r in res])} batches")
+            f"in {_span([float(r['batches']) for r in res])} inverse passes")
 
 
 def no_sites_line(model: dict) -> str | None:
