@@ -7,6 +7,7 @@ by the recipes, not here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import click
@@ -21,6 +22,17 @@ KINDS = ("affine", "affine-bounded", "additive", "rq-spline", "modified-rq-splin
 @click.group()
 def train():
     """(Re)train the bundled reference models."""
+
+
+@contextlib.contextmanager
+def _checkpoint_errors():
+    """A ``--from`` / ``--resume`` checkpoint that cannot be used is the user's one-line error (exit 2)."""
+    from .reference_models import CheckpointError
+
+    try:
+        yield
+    except CheckpointError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _report_training(obj: Settings, state: dict, out: str, coupling: str) -> None:
@@ -50,7 +62,8 @@ def train_toy_cmd(obj: Settings, coupling, out, iters, seed, resume, feature_dim
     if threads:
         torch.set_num_threads(threads)
     claim_output(click.get_current_context(), out, keeps_partial=True)
-    state = train_toy(coupling, out=out, iters=iters, seed=seed, resume=resume, progress=obj.progress, feature_dim=feature_dim)
+    with _checkpoint_errors():
+        state = train_toy(coupling, out=out, iters=iters, seed=seed, resume=resume, progress=obj.progress, feature_dim=feature_dim)
     _report_training(obj, state, out, coupling)
 
 
@@ -92,7 +105,8 @@ def _train_image(obj: Settings, task: str, coupling: str, out: str, lr: float | 
     if lr is not None:
         options["lr"] = lr
     fn = recipes.train_sr if task == "sr" else recipes.train_lowlight
-    state = fn(coupling, out=out, progress=obj.progress, device=resolve_device(obj.device), **options, **config)
+    with _checkpoint_errors():
+        state = fn(coupling, out=out, progress=obj.progress, device=resolve_device(obj.device), **options, **config)
     _report_training(obj, state, out, coupling)
 
 

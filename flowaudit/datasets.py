@@ -26,7 +26,6 @@ nothing to audit and is refused. Targets ``x`` must be finite.
 from __future__ import annotations
 
 import math
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,8 +151,8 @@ def _from_arrays(path: Path) -> tuple[Tensor, Tensor | None, list[str], str]:
                 x = f["x"][()] if isinstance(f.get("x"), h5py.Dataset) else None
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise _err(path, f"unreadable {suffix} file ({e})") from e
+    except Exception as e:  # numpy's and h5py's parsers fail on hostile bytes in many ways (TokenError, SyntaxError, KeyError, …)
+        raise _err(path, f"unreadable {suffix} file ({type(e).__name__}: {e})") from None
     y = _array(path, "y", y)
     if x is not None:
         x = _array(path, "x", x)

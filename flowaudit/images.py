@@ -31,8 +31,8 @@ def read_image(path: str | Path) -> np.ndarray:
                 a = np.asarray(im, dtype=np.float32) / 65535
                 return np.repeat(a[..., None], 3, axis=2).clip(0, 1)
             return np.asarray(im.convert("RGB"), dtype=np.float32) / 255
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable image ({' '.join(str(e).split())})") from e
+    except Exception as e:  # Pillow's decoders fail on hostile bytes in many ways (SyntaxError, struct.error, DecompressionBombError, …)
+        raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {' '.join(str(e).split())})") from None
 
 
 def _image_files(folder: Path) -> list[Path]:

@@ -46,26 +46,55 @@ def write_stats(path: str | os.PathLike[str], arrays: dict[str, Any], header: di
 
 
 def read_stats(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
-    """``(arrays, header, metadata)`` of a stats file; see the module docstring for what is refused."""
+    """``(arrays, header, metadata)`` of a stats file; see the module docstring for what is refused.
+
+    The file is untrusted: anything h5py raises on broken bytes, a header of the wrong type or
+    an array that is not a number (``dim`` an integer, ``n`` and ``sum_quartic`` scalars, the
+    others arrays of floats) is one :class:`ValueError` line naming the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such stats file: {path}")
     if not h5py.is_hdf5(path):
         raise ValueError(f"{path} is not a flowaudit stats file (not HDF5)")
-    with h5py.File(path, "r") as f:
-        attrs = {k: _plain(v) for k, v in f.attrs.items()}
-        if attrs.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a flowaudit stats file (no format={FORMAT!r} attribute)")
-        if attrs.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{path} was written by a newer flowaudit ({attrs.get('flowaudit_version')})")
-        try:
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: _plain(v) for k, v in f.attrs.items()}
+            if attrs.get("format") != FORMAT:
+                raise _Refused(f"{path} is not a flowaudit stats file (no format={FORMAT!r} attribute)")
+            version = attrs.get("format_version", 0)
+            if not isinstance(version, (int, np.integer)):
+                raise _Refused(f"{path} is not a valid flowaudit stats file (format_version {version!r})")
+            if version > FORMAT_VERSION:
+                raise _Refused(f"{path} was written by a newer flowaudit ({attrs.get('flowaudit_version')})")
             arrays = {k: f[k][()] for k in ARRAYS}
             header = {k: attrs[k] for k in HEADER}
             json_keys = set(json.loads(attrs["json_keys"]))
             metadata = {k: json.loads(attrs[k]) if k in json_keys else attrs[k] for k in json.loads(attrs["metadata_keys"])}
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path} is not a valid flowaudit stats file ({type(e).__name__}: {e})") from None
+        _check_types(arrays, header)
+    except _Refused as e:
+        raise ValueError(str(e)) from None
+    except Exception as e:  # h5py on broken bytes: OSError, KeyError, RuntimeError, TypeError, …
+        raise ValueError(f"{path} is not a valid flowaudit stats file ({type(e).__name__}: {' '.join(str(e).split())})") from None
     return arrays, header, metadata
+
+
+class _Refused(ValueError):
+    """A refusal whose message is already the one line to show."""
+
+
+def _check_types(arrays: dict[str, Any], header: dict[str, Any]) -> None:
+    for key in ("dim", "n_inputs", "n_nonfinite"):
+        if not isinstance(header[key], (int, np.integer)) or header[key] < 0:
+            raise TypeError(f"header {key} = {header[key]!r} is not a count")
+    if not isinstance(header["estimator"], str) or not isinstance(header["shrinkage"], (int, float, np.number)):
+        raise TypeError("header estimator/shrinkage of the wrong type")
+    for name, value in arrays.items():
+        a = np.asarray(value)
+        if a.dtype.kind not in "iuf":
+            raise TypeError(f"{name} holds {a.dtype}, not numbers")
+        if name in ("n", "sum_quartic") and a.ndim != 0:
+            raise TypeError(f"{name} has shape {a.shape}, not a scalar")
 
 
 def _encode(key: str, value: Any) -> Any:

@@ -14,7 +14,7 @@ import torch
 
 from .base import ReferenceFlow
 
-__all__ = ["ReferenceFlow", "CHECKPOINT_DIR", "model_class", "build", "load", "load_checkpoint", "upgrade_config",
+__all__ = ["ReferenceFlow", "CheckpointError", "CHECKPOINT_DIR", "model_class", "build", "load", "load_checkpoint", "upgrade_config",
            "bundled"]
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
@@ -49,14 +49,35 @@ def build(task: str, config: dict) -> ReferenceFlow:
     return model_class(task)(**config)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used (unreadable, not ours, keys missing); one line naming the file."""
+
+
 def load_checkpoint(path: str | Path) -> dict:
-    """Read a reference checkpoint dict; tensors only (``weights_only``), never pickled code."""
+    """Read a reference checkpoint dict; tensors only (``weights_only``), never pickled code.
+
+    Raises :class:`CheckpointError` (one line) for a file that is empty, unreadable, not a
+    reference checkpoint or without ``task``, ``config`` or ``state_dict``.
+    """
     from .training import CHECKPOINT_FORMAT
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file, not a checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, random bytes, pickled code: never loaded, never our bug
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {reason[:160]})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a flowaudit reference checkpoint")
-    return upgrade_config(state)
+        raise CheckpointError(f"{path}: not a flowaudit reference checkpoint")
+    missing = [k for k in ("task", "config", "state_dict") if k not in state]
+    if missing or not isinstance(state["config"], dict):
+        raise CheckpointError(f"{path}: reference checkpoint without {', '.join(map(repr, missing)) or 'a config dict'}")
+    try:
+        return upgrade_config(state)
+    except ValueError as exc:  # unknown task
+        raise CheckpointError(f"{path}: {exc}") from None
 
 
 def upgrade_config(state: dict) -> dict:

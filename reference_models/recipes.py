@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 
-from . import build, load_checkpoint, model_class
+from . import CheckpointError, build, load_checkpoint, model_class
 from .toy import toy_data
 from .training import train
 
@@ -42,7 +42,7 @@ def train_toy(
     model = build("toy", dict(coupling=coupling, **config))
     previous = load_checkpoint(out) if resume and Path(out).exists() else None
     if previous is not None and previous["config"] != model.config:
-        raise ValueError(f"{out}: cannot resume, it was trained with config {previous['config']}")
+        raise CheckpointError(f"{out}: cannot resume, it was trained with config {previous['config']}")
 
     def batches(step: int, gen: torch.Generator):
         idx = torch.randint(0, TOY_TRAIN_SIZE, (batch,), generator=gen)
@@ -79,7 +79,7 @@ def _image_training(task: str, batches, *, config: dict, out, iters, lr, seed, r
     model = build(task, config)
     previous = load_checkpoint(out) if resume and Path(out).exists() else None
     if previous is not None and previous["config"] != model.config:
-        raise ValueError(f"{out}: cannot resume, it was trained with config {previous['config']}")
+        raise CheckpointError(f"{out}: cannot resume, it was trained with config {previous['config']}")
     if from_ckpt is not None and previous is None:
         source = load_checkpoint(from_ckpt)
         copied, fresh = transplant(source["state_dict"], model)

@@ -254,6 +254,12 @@ CASES = [
      "--config {F}/notjson.json: not JSON"),
     ("train-config-unknown", ["train", "sr", "--config", "{F}/unknownopt.json", "--iters", "1", "--out", "{OUT}"],
      "unknown option 'no_such_option'"),
+    ("train-from-truncated", ["train", "sr", "--from", "{F}/truncated.pt", "--iters", "1", "--out", "{OUT}"],
+     "{F}/truncated.pt: unreadable checkpoint"),
+    ("train-from-no-config", ["train", "lowlight", "--from", "{F}/noconfig.pt", "--iters", "1", "--out", "{OUT}"],
+     "{F}/noconfig.pt: reference checkpoint without 'config'"),
+    ("train-from-not-ours", ["train", "sr", "--from", "{F}/layout.pt", "--iters", "1", "--out", "{OUT}"],
+     "{F}/layout.pt: not a flowaudit reference checkpoint"),
 ]
 
 
@@ -337,3 +343,15 @@ def test_nonfinite_conditions_are_counted_not_sampled(files: Path, tmp_path: Pat
     flagged = [r for r in report["inputs"] if r.get("nonfinite_condition")]
     assert [r["id"] for r in flagged] == ["row3", "row7", "row11"]
     assert all(r["s_ood"] == "inf" and r["n_inf"] is None and r["risk"] is None for r in flagged)
+
+
+@pytest.mark.parametrize("name, expected", [("truncated.pt", "unreadable checkpoint"), ("empty.pt", "empty file"),
+                                            ("mismatch.pt", "cannot resume, it was trained with config")])
+def test_train_resume_from_a_broken_checkpoint(files: Path, tmp_path: Path, name: str, expected: str) -> None:
+    """--resume over a checkpoint that cannot be used: exit 2, one line, the file left as it was."""
+    out = tmp_path / "toy.pt"
+    out.write_bytes((files / name).read_bytes())
+    res = CliRunner().invoke(cli, ["-q", "train", "toy", "--resume", "--iters", "1", "--out", str(out)])
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1, (res.exit_code, res.stderr)
+    assert res.stderr.startswith(f"flowaudit: error: {out}: {expected}"), res.stderr
+    assert out.read_bytes() == (files / name).read_bytes() and sorted(p.name for p in tmp_path.iterdir()) == ["toy.pt"]
