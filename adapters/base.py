@@ -27,11 +27,19 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Observer", "Site", "Adapter", "widen", "AFFINE_BOUNDED_FLOOR", "affine_kind", "elementwise_derivative", "sweep_bounds"]
+__all__ = ["Observer", "keeps_graph", "Site", "Adapter", "widen", "AFFINE_BOUNDED_FLOOR", "affine_kind", "elementwise_derivative", "sweep_bounds"]
 
 
 class Observer(Protocol):
-    """What the engine listens to during an inverse pass (the adapter calls it)."""
+    """What the engine listens to during an inverse pass (the adapter calls it).
+
+    An observer with a true ``keep_graph`` attribute (the worst-case attack's) asks for the
+    gains as computed, still attached to the autograd graph, so an objective built from them
+    can be differentiated w.r.t. the condition; every other observer (the scan's) gets them
+    detached and no graph is kept. Read it with :func:`keeps_graph`. An adapter that cannot
+    pass attached gains passes detached ones; the attack then says it cannot differentiate.
+    """
+
 
     def layer(self, name: str, x: Tensor) -> None:
         """Output ``x`` (batch first) of layer ``name`` of the inverse pass."""
@@ -71,6 +79,11 @@ class Site(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, kind={self.kind!r})"
+
+
+def keeps_graph(observer: Observer | None) -> bool:
+    """Whether ``observer`` asks for gains still attached to the autograd graph (see :class:`Observer`)."""
+    return bool(getattr(observer, "keep_graph", False))
 
 
 def widen(band: tuple[float, float], factor: float = 0.5) -> tuple[float, float]:

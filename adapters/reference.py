@@ -21,7 +21,7 @@ from .hooks import first_tensor, hooked
 from flowaudit.reference_models import ReferenceFlow
 from flowaudit.reference_models.couplings import Elementwise
 
-from .base import Adapter, Observer, Site
+from .base import Adapter, Observer, Site, keeps_graph
 
 __all__ = ["ElementwiseSite", "ReferenceAdapter", "matches", "make"]
 
@@ -66,13 +66,17 @@ class ElementwiseSite(Site):
             return 0.0
         return None
 
-    def read(self, args: tuple, kwargs: dict, output: Any) -> tuple[Tensor, Tensor] | None:
-        """(inverse gain, params) of a hooked reverse call, ``None`` for a forward call."""
+    def read(self, args: tuple, kwargs: dict, output: Any, keep_graph: bool = False) -> tuple[Tensor, Tensor] | None:
+        """(inverse gain, params) of a hooked reverse call, ``None`` for a forward call.
+
+        The gain is detached unless ``keep_graph`` (the attack differentiates through it); the
+        params always are (they feed the Remark 2 probe only)."""
         reverse = kwargs.get("reverse", args[2] if len(args) > 2 else False)
         if not reverse:
             return None
         h = args[1] if len(args) > 1 else kwargs["h"]
-        return output[1].detach().exp(), h.detach()
+        ladj = output[1] if keep_graph else output[1].detach()
+        return ladj.exp(), h.detach()
 
 
 class ReferenceAdapter(Adapter):
@@ -130,9 +134,10 @@ class ReferenceAdapter(Adapter):
         if observer is None:
             return self.model.reverse(latents, y)
         by_name = {s.name: s for s in self._sites}
+        keep = keeps_graph(observer)
 
         def on_site(name, args, kwargs, output):
-            got = by_name[name].read(args, kwargs, output)
+            got = by_name[name].read(args, kwargs, output, keep)
             if got is not None:
                 observer.site(name, *got)
 

@@ -20,6 +20,8 @@ import torch
 
 from ._version import __version__
 from .adapters import Adapter, adapt
+from .attack import Search
+from .budget import Budget, parse_budget
 from .datasets import ConditionSet, load_conditions, nonfinite_records
 from .device import auditing, resolve_device
 from .errors import AuditError
@@ -33,8 +35,9 @@ from .risk import aggregate
 from .sampling import Run, sample_set
 from .sites import model_evidence, site_entries
 from .trace import layer_table
+from .worst_case import run_attack
 
-__all__ = ["fit", "scan", "inspect"]
+__all__ = ["fit", "scan", "inspect", "attack"]
 
 
 def fit(
@@ -100,13 +103,19 @@ def scan(
     remark2_threshold: float = 0.5,
     explosion_threshold: float = 100.0,
     progress: bool = False,
+    attack: str | Budget | None = None,
+    attack_starts: int = 16,
+    attack_steps: int = 50,
 ) -> Report:
     """The full audit of ``model`` on conditions ``data`` (and ``ood``); see DESIGN.md §4.
 
     ``stats`` (a stats.h5 path or fitted :class:`GaussianOOD`) or ``fit_data``
     gives ``s_OOD``; with neither, inputs carry no score. ``batch_size``
-    counts samples (inputs × K) per inverse pass.
+    counts samples (inputs × K) per inverse pass. ``attack`` (a budget) also
+    attacks the first ``attack_starts`` in-distribution conditions (:func:`attack`)
+    and adds each site's ``worst_case`` evidence and the report's ``attack``.
     """
+    how = _search(attack, "logdet", attack_steps, None) if attack is not None else None
     if samples < 1:
         raise AuditError("--samples must be at least 1")
     if temperature < 0:
@@ -137,7 +146,8 @@ def scan(
             tracers.append(tracer)
             records += recs
             scores[name] = s
-        sites = site_entries(adapter, tracers, remark2_threshold)
+        hit = _attack_set(adapter, sets[0][1], attack_starts, how, run, batch_size=64) if how is not None else None
+        sites = site_entries(adapter, tracers, remark2_threshold, **({"worst_case": hit.worst_case} if hit else {}))
     risk = aggregate(records, samples, temperature)
     risk["by_set"] = {name: {k: v for k, v in aggregate([dict(r) for r in records if r["set"] == name], samples, temperature).items() if k != "ranked"}
                       for name, _ in sets}
@@ -153,6 +163,8 @@ def scan(
         "model": model_entry, "ood": _ood_entry(gauss, names, pooling, scores), "risk": risk, "layers": layers_out,
         "explosion_layer": explosion, "inputs": records + skipped,
     })
+    if hit is not None:
+        report.data["attack"], report.files = hit.entry, hit.files
     if len(adapter.condition_shape) == 3:
         report.panel = worst_inputs(adapter, sets, records, spatial, names, run)
     return report
@@ -176,6 +188,45 @@ def inspect(model: Any, data: Any = None, *, samples: int = 4, temperature: floa
     entry.update(model_evidence(adapter, sites))  # coverage, model verdict, certificate
     return Report({"flowaudit_version": __version__, "kind": "inspect", **_stamp(), "model": entry,
                    "data": {"in": cs.description}})
+
+
+def attack(model: Any, data: Any = None, *, budget: str | Budget = "linf:0.03", objective: str = "logdet", steps: int = 50,
+           step_size: float | None = None, rule: str = "adam", starts: int | None = 16, samples: int = 4, temperature: float = 0.9,
+           seed: int = 0, batch_size: int = 64, device: str = "auto", progress: bool = False) -> Report:
+    """The worst case (DESIGN.md §4): projected gradient ascent on the first ``starts`` conditions of ``data``.
+
+    See :mod:`flowaudit.attack` for the search and :mod:`flowaudit.worst_case` for the report's
+    ``attack`` entry; ``report.files`` holds the worst conditions and samples that :meth:`Report.save` writes.
+    """
+    if samples < 1:
+        raise AuditError("--samples must be at least 1")
+    if temperature < 0:
+        raise AuditError("--temperature must be ≥ 0")
+    how = _search(budget, objective, steps, step_size, rule)
+    adapter = adapt(model)
+    dev = resolve_device(device)
+    cs = _as_set(data, "in") if data is not None else _default_conditions(adapter, starts or 16, seed)
+    _check_shape(adapter, cs, "--data")
+    cs = cs.finite()  # a NaN condition has no worst case to search for
+    run = Run(Sampling(samples, temperature, seed), batch_size, dev, progress)
+    with auditing(adapter, dev):
+        hit = _attack_set(adapter, cs, starts, how, run)
+    return Report({"flowaudit_version": __version__, "kind": "attack", **_stamp(), "model": _model_entry(adapter),
+                   "data": {"in": cs.description}, "attack": hit.entry}, files=hit.files)
+
+
+def _search(budget: str | Budget, objective: str, steps: int, step_size: float | None, rule: str = "adam") -> Search:
+    try:
+        b = budget if isinstance(budget, Budget) else parse_budget(budget)
+    except ValueError as exc:
+        raise AuditError(str(exc)) from None
+    return Search(b, objective=objective, steps=steps, step_size=step_size, rule=rule)
+
+
+def _attack_set(adapter: Adapter, cs: ConditionSet, starts: int | None, how: Search, run: Run, batch_size: int | None = None):
+    n = len(cs.y) if starts is None else min(starts, len(cs.y))
+    sub = ConditionSet(y=cs.y[:n], x=None, ids=cs.ids[:n], description=cs.description)
+    return run_attack(adapter, sub, how, run.sampling, batch_size=batch_size or run.batch_size, device=run.device, progress=run.progress)
 
 
 # -- pieces of the report -----------------------------------------------------------------------

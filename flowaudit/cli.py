@@ -186,11 +186,13 @@ def fit(obj: Settings, model_spec, factory, weights, trust_checkpoint, max_param
 @estimator_option
 @threshold_option
 @batch_option
+@click.option("--attack", "attack_budget", metavar="BUDGET", callback=lambda c, p, v: _budget(c, p, v) if v else None,
+              help="Also attack 16 in-distribution conditions within BUDGET (see `flowaudit attack`): worst-case evidence per site.")
 @device_option
 @json_option
 @click.pass_obj
 def scan(obj: Settings, model_spec, factory, weights, trust_checkpoint, max_parameters, data, ood_data, stats, fit_data, out, overwrite, samples,
-         temperature, seed, fail_on, layers, pooling, estimator, threshold, batch_size):
+         temperature, seed, fail_on, layers, pooling, estimator, threshold, batch_size, attack_budget):
     """The full audit of MODEL: traces, Remark 2, s_OOD and exploding-inverse risk."""
     from .audit import scan as run_scan
 
@@ -200,7 +202,7 @@ def scan(obj: Settings, model_spec, factory, weights, trust_checkpoint, max_para
     adapter = _adapter(model_spec, factory, weights, trust_checkpoint, max_parameters)
     report = run_scan(adapter, data, ood=ood_data, stats=stats, fit_data=fit_data, samples=samples, temperature=temperature,
                       seed=seed, batch_size=batch_size, device=obj.device, layers=_layers(layers), pooling=pooling,
-                      estimator=estimator, remark2_threshold=threshold, progress=obj.progress)
+                      estimator=estimator, remark2_threshold=threshold, progress=obj.progress, attack=attack_budget)
     report.save(out, overwrite=overwrite)
     _emit(obj, report)
     if not obj.json:
@@ -222,6 +224,61 @@ def demo(obj: Settings, out, overwrite):
     _refuse_existing(out, overwrite)
     result = run_demo(out, device=obj.device, progress=obj.progress, overwrite=overwrite)
     click.echo(json.dumps(result["json"], indent=2) if obj.json else result["text"])
+
+
+# -- the worst case ------------------------------------------------------------------------------
+
+def _budget(ctx: click.Context, param: click.Parameter, value: str):
+    """Parse a budget option (``linf:EPS``, ``l2:EPS``, ``box:LO,HI``, ``none``); a bad one exits 2."""
+    from .budget import parse_budget
+
+    try:
+        return parse_budget(value)
+    except ValueError as exc:
+        raise UserError(f"{param.opts[0]}: {exc}") from None
+
+
+@cli.command()
+@model_options
+@click.option("--data", type=click.Path(exists=True), required=True, help="Conditions to start from: image folder, .npy, .npz or .h5.")
+@click.option("--budget", default="none", show_default=True, callback=_budget, metavar="BUDGET",
+              help="linf:EPS, l2:EPS, box:LO,HI (absolute bounds of every condition value) or none (distance to the first break). "
+                   "EPS may be a fraction: linf:8/255.")
+@click.option("--objective", type=click.Choice(["logdet", "max-gain", "max-abs"]), default="logdet", show_default=True,
+              help="Maximise the inverse log-determinant, the largest log inverse gain, or the largest |sample value|.")
+@click.option("--steps", type=click.IntRange(0), default=50, show_default=True, help="Gradient steps per start.")
+@click.option("--step-size", type=click.FloatRange(0, min_open=True), help="Step length in the budget's norm (default 2.5·EPS/steps; "
+              "none: the first of geometrically growing steps, 1 %% of the conditions' spread).")
+@click.option("--step-rule", type=click.Choice(["adam", "sign"]), default="adam", show_default=True,
+              help="Step direction: Adam's m̂/√v̂ (sign with momentum) or the sign of the gradient (PGD).")
+@click.option("--starts", type=click.IntRange(1), default=16, show_default=True, help="Attack the first N conditions of --data.")
+@click.option("--samples", "-k", type=click.IntRange(1), default=4, show_default=True, help="Samples K (latents) per start.")
+@click.option("--temperature", "-t", type=click.FloatRange(0), default=0.9, show_default=True, help="Temperature τ of the latents.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the latents (the scan's seeding).")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Report folder (must not exist).")
+@overwrite_option
+@click.option("--fail-on", type=click.Choice(["never", "broken"]), default="never", show_default=True,
+              help="Exit 1 when the attack broke at least one start.")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Samples per inverse pass (with its graph).")
+@device_option
+@json_option
+@click.pass_obj
+def attack(obj: Settings, model_spec, factory, weights, trust_checkpoint, max_parameters, data, budget, objective, steps, step_size,
+           step_rule, starts, samples, temperature, seed, out, overwrite, fail_on, batch_size):
+    """The worst case: gradient search on MODEL's conditions, inside a budget, for an exploding inverse."""
+    from .audit import attack as run_attack
+
+    _refuse_existing(out, overwrite)
+    adapter = _adapter(model_spec, factory, weights, trust_checkpoint, max_parameters)
+    report = run_attack(adapter, data, budget=budget, objective=objective, steps=steps, step_size=step_size, rule=step_rule, starts=starts,
+                        samples=samples, temperature=temperature, seed=seed, batch_size=batch_size, device=obj.device,
+                        progress=obj.progress)
+    report.save(out, overwrite=overwrite)
+    _emit(obj, report, key="attack")
+    if not obj.json:
+        click.echo(f"report: {Path(out) / 'report.html'}")
+    if fail_on == "broken" and report["attack"]["summary"]["n_broken"]:
+        sys.exit(1)
 
 
 cli.add_command(train)

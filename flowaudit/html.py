@@ -12,7 +12,7 @@ from .text import certificate_line, evidence_lines, no_sites_line, reservoir_lin
 if TYPE_CHECKING:
     from .panel import PanelItem
 
-__all__ = ["html_report"]
+__all__ = ["html_report", "attack_section"]
 
 
 def esc(x: Any) -> str:
@@ -33,7 +33,7 @@ def _img(uri: str | None, alt: str) -> str:
     return f'<p><img src="{uri}" alt="{esc(alt)}"></p>' if uri else ""
 
 
-def html_report(data: dict, panel: list[PanelItem] | None = None) -> str:
+def html_report(data: dict, panel: list[PanelItem] | None = None, files: dict[str, bytes] | None = None) -> str:
     m = data.get("model", {})
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>flowaudit · {esc(m.get('name'))}</title><style>{_CSS}</style></head><body>",
              f"<h1>flowaudit {esc(data.get('kind'))} report · {esc(m.get('name'))}</h1>",
@@ -84,6 +84,7 @@ def html_report(data: dict, panel: list[PanelItem] | None = None) -> str:
         parts.append("<h2>Riskiest inputs</h2>" + _img(panel_plot(panel, band), "worst inputs with samples and s_OOD maps")
                      + "<p class='note'>Samples are clamped to [0, 1] for display, as a saved image would be; the map is the "
                      "Mahalanobis distance of each location's encoder features (fitted on every location of the fit data).</p>")
+    parts += attack_section(data, files or {})
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -103,4 +104,47 @@ def _evidence_section(m: dict) -> list[str]:
     for line in (certificate_line(m), reservoir_line(m)):
         if line:
             out.append(f"<p>{esc(line)}</p>")
+    return out
+
+
+def attack_section(data: dict, files: dict[str, bytes], max_rows: int = 15, max_images: int = 4) -> list[str]:
+    """The Attack section: settings, summary, the worst starts, and for images their conditions and samples."""
+    import base64
+
+    a = data.get("attack")
+    if not a:
+        return []
+    s, st, b = a["summary"], a.get("settings", {}), a["budget"]
+    out = [f"<h2>Attack (worst case)</h2><p>Objective <b>{esc(a['objective'])}</b> within <b>{esc(b['spec'])}</b> "
+           f"({esc(st.get('steps'))} {esc(st.get('step_rule', ''))} steps of {esc(st.get('step_size'))}"
+           + (f", growing ×{esc(st.get('step_growth'))} a step" if st.get("step_growth", 1) != 1 else "")
+           + f"; {s['n_starts']} starts × K = {esc(st.get('samples'))} samples at τ = {esc(st.get('temperature'))}, seed {esc(st.get('seed'))}). "
+           f"Broken: <b>{s['n_broken']}/{s['n_starts']}</b> ({esc(s['broken_rate'])}); median distance to break "
+           f"<b>{esc(s['median_distance_to_break'])}</b> ({esc(b['norm'])}); worst max|x| <b>{esc(s['worst_max_abs'])}</b>; "
+           f"worst 1/c' <b>{esc(s['worst_inverse_gain'])}</b>.</p>",
+           "<table><tr><th>start</th><th>J before</th><th>J after</th><th>max|x|</th><th>max 1/c'</th><th>non-finite</th>"
+           "<th>broken</th><th>distance</th><th>layer</th></tr>"]
+    by_id = {r["id"]: r for r in a["starts"]}
+    order = [by_id[i] for i in s.get("worst", [])] + [r for r in a["starts"] if r["id"] not in s.get("worst", [])]
+    for r in order[:max_rows]:
+        out.append(f"<tr><td>{esc(r['id'])}</td><td>{esc(r['objective_before'])}</td><td>{esc(r['objective_after'])}</td>"
+                   f"<td>{esc(r['max_abs'])}</td><td>{esc(r['max_inverse_gain'])}</td><td>{r['nonfinite']}</td>"
+                   f"<td class='{'violates' if r['broken'] else 'compliant'}'>{'yes' if r['broken'] else 'no'}</td>"
+                   f"<td>{esc(r['distance'])}</td><td>{esc(r['layer'] or '–')}</td></tr>")
+    out.append("</table><p class='note'>Broken: a sample left the error band or went non-finite; the start stopped there, "
+               "so its distance is the distance to its first break. Layer: the first layer of the inverse pass whose max |value| "
+               f"grew ×{esc(st.get('layer_factor'))} over the start's (or went non-finite).</p>")
+    pngs = sorted(k for k in files if k.startswith("attack/") and k.endswith(".png"))
+    stems = list(dict.fromkeys(k.rsplit("_", 1)[0] for k in pngs))[:max_images]
+    if stems:
+        def cell(key: str) -> str:
+            if key not in files:
+                return "<td></td>"
+            uri = "data:image/png;base64," + base64.b64encode(files[key]).decode()
+            return f"<td><img src='{uri}' alt='{esc(key)}' style='width:96px;image-rendering:pixelated'></td>"
+
+        out.append("<table><tr><th>start</th><th>condition</th><th>attacked</th><th>sample 0</th><th>sample 1</th></tr>")
+        for stem in stems:
+            out.append(f"<tr><td>{esc(stem.split('/', 1)[1])}</td>" + "".join(cell(f"{stem}_{k}.png") for k in ("start", "attack", "sample0", "sample1")) + "</tr>")
+        out.append("</table><p class='note'>Samples clamped to [0, 1] for display (non-finite values black); arrays in attack/worst.npz.</p>")
     return out

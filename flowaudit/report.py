@@ -32,11 +32,13 @@ class Report:
         data: the plain dict written to ``report.json`` (``report["risk"]`` reads it).
         gaussian: the fitted feature Gaussian (``fit`` only).
         panel: the riskiest inputs with a few samples and their spatial ``s_OOD`` map (image scans).
+        files: more files for the report folder, by relative path (the attack's worst cases).
     """
 
     data: dict
     gaussian: GaussianOOD | None = None
     panel: list[PanelItem] = field(default_factory=list)
+    files: dict[str, bytes] = field(default_factory=dict)
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
@@ -69,11 +71,14 @@ class Report:
     def to_html(self) -> str:
         from .html import html_report
 
-        return html_report(self.data, self.panel)
+        return html_report(self.data, self.panel, files=self.files)
 
     def save(self, out_dir: str | Path, overwrite: bool = False) -> Path:
-        """Write ``report.json``, ``report.html`` and ``inputs.csv`` into a new folder, atomically."""
+        """Write ``report.json``, ``report.html``, ``inputs.csv`` and :attr:`files` into a new folder, atomically."""
         with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+            for rel, blob in self.files.items():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / rel).write_bytes(blob)
             (tmp / "report.json").write_text(self.to_json())
             (tmp / "report.html").write_text(self.to_html())
             inputs = self.data.get("inputs")

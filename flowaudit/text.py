@@ -7,7 +7,7 @@ from typing import Any
 
 from .format import fmt, num, text_table
 
-__all__ = ["terminal_summary", "site_table_rows", "evidence_lines", "certificate_line", "reservoir_line", "no_sites_line"]
+__all__ = ["attack_lines", "terminal_summary", "site_table_rows", "evidence_lines", "certificate_line", "reservoir_line", "no_sites_line"]
 
 
 def _pct(v: Any) -> str:
@@ -146,4 +146,25 @@ def terminal_summary(data: dict, max_sites: int = 12) -> str:
             top = max(ratios, key=lambda r: num(r["variance_ratio"]) if not math.isnan(num(r["variance_ratio"])) else -1)
             out.append(f"Layer trace: explosion layer {ex or 'none'} (threshold ×{fmt(data['settings']['explosion_threshold'])}); "
                        f"largest OOD/in variance ratio ×{fmt(top['variance_ratio'])} at {top['name']}")
+    out += attack_lines(data)
     return "\n".join(out)
+
+
+def attack_lines(data: dict, max_starts: int = 5) -> list[str]:
+    """The Attack section: budget, objective, broken rate, distance to break, worst figures and starts."""
+    a = data.get("attack")
+    if not a:
+        return []
+    s, st = a["summary"], a.get("settings", {})
+    lines = [f"Attack ({a['objective']} within {a['budget']['spec']}, {st.get('steps')} {st.get('step_rule', '')} steps, "
+             f"{s['n_starts']} starts × K = {st.get('samples')}): "
+             f"{s['n_broken']}/{s['n_starts']} broken ({_pct(100 * num(s['broken_rate']))}), "
+             f"median distance to break {fmt(s['median_distance_to_break'])} ({a['budget']['norm']}), "
+             f"worst max|x| {fmt(s['worst_max_abs'])}, worst 1/c' {fmt(s['worst_inverse_gain'])}"]
+    by_id = {r["id"]: r for r in a["starts"]}
+    rows = [(r["id"], fmt(r["objective_before"]), fmt(r["objective_after"]), fmt(r["max_abs"]), fmt(r["max_inverse_gain"]),
+             "yes" if r["broken"] else "no", fmt(r["distance"]), r["layer"] or "–")
+            for r in (by_id[i] for i in s.get("worst", [])[:max_starts])]
+    if rows:
+        lines += ["  " + line for line in text_table(rows, ("worst start", "J before", "J after", "max|x|", "max 1/c'", "broken", "distance", "layer"))]
+    return lines
