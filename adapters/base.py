@@ -40,7 +40,6 @@ class Observer(Protocol):
     pass attached gains passes detached ones; the attack then says it cannot differentiate.
     """
 
-
     def layer(self, name: str, x: Tensor) -> None:
         """Output ``x`` (batch first) of layer ``name`` of the inverse pass."""
 

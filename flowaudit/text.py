@@ -7,7 +7,7 @@ from typing import Any
 
 from .format import fmt, num, text_table
 
-__all__ = ["attack_lines", "terminal_summary", "site_table_rows", "evidence_lines", "certificate_line", "reservoir_line", "no_sites_line"]
+__all__ = ["terminal_summary", "site_table_rows", "evidence_lines", "certificate_line", "reservoir_line", "no_sites_line", "attack_lines"]
 
 
 def _pct(v: Any) -> str:
