@@ -352,11 +352,11 @@ class ModifiedRQSpline(_SplineWithTails):
         p0, p1, p2, t = h.reshape(x.shape[0], x.shape[1], 4, *x.shape[2:]).unbind(2)
         span = self.b2 - self.b1 - 2 * self.eps
         sig0, sig1 = torch.sigmoid(p0), torch.sigmoid(p1)
-        xm = self.b1 + self.eps + span * sig0
-        ym = self.b1 + self.eps + span * sig1
+        xm = (span * sig0).add_(self.b1 + self.eps)  # B1 + ε + span·σ
+        ym = (span * sig1).add_(self.b1 + self.eps)
         # slope in (ε, 1/ε]: the cap keeps float32 gradients finite (e^50 overflows their products)
         e2 = torch.exp(p2.clamp(max=math.log(1 / self.eps)))
-        dm = self.eps + (1 - self.eps) * e2
+        dm = ((1 - self.eps) * e2).add_(self.eps)
         return xm, ym, dm, t, sig0, sig1, e2, p2
 
     def _knots(self, x, h):
@@ -370,7 +370,7 @@ class ModifiedRQSpline(_SplineWithTails):
 
     def _clamped(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """``z`` clamped to ``[B_1, B_2]`` (NaN to ``B_1``, so the spline's own values stay finite) and 1 inside."""
-        zc = torch.nan_to_num(z.clamp(self.b1, self.b2), nan=self.b1)  # fmax / fmin cost 10× as much
+        zc = z.clamp(self.b1, self.b2).nan_to_num_(nan=self.b1)  # fmax / fmin cost 10× as much
         return zc, _flag(torch.eq, zc, z)
 
     def _bin(self, right: Tensor, xm: Tensor, ym: Tensor, dm: Tensor):
@@ -379,25 +379,25 @@ class ModifiedRQSpline(_SplineWithTails):
         x0, x1 = _pick(right, xm, b1), _pick(right, b2, xm)
         y0, y1 = _pick(right, ym, b1), _pick(right, b2, ym)
         d0, d1 = _pick(right, dm, one), _pick(right, one, dm)
-        w, hgt = x1 - x0, y1 - y0
+        w, hgt = x1.sub_(x0), y1 - y0
         return x0, w, y0, y1, hgt, hgt / w, d0, d1
 
     @staticmethod
     def _log_slope(xi: Tensor, s: Tensor, d0: Tensor, d1: Tensor) -> tuple[Tensor, dict]:
         """``log c'`` inside the bin at ``ξ`` (Durkan et al. eq. 5) and its pieces (``ξ²``, ``1 − ξ``, ...)."""
         one_m, xi2, two_s = 1 - xi, xi**2, 2 * s
-        den = s + (d1 + d0 - two_s) * xi * one_m
+        den = (d1 + d0).sub_(two_s).mul_(xi).mul_(one_m).add_(s)  # s + (d1 + d0 − 2s)·ξ·(1 − ξ)
         one_m2 = one_m**2
-        inner = d1 * xi2 + two_s * xi * one_m + d0 * one_m2
-        deriv_num = s**2 * inner
+        inner = (d1 * xi2).add_((two_s * xi).mul_(one_m)).add_(d0 * one_m2)  # d1ξ² + 2sξ(1 − ξ) + d0(1 − ξ)²
+        deriv_num = (s**2).mul_(inner)
         parts = dict(one_m=one_m, xi2=xi2, two_s=two_s, den=den, one_m2=one_m2, inner=inner)
-        return torch.log(deriv_num) - 2 * torch.log(den), parts
+        return torch.log(deriv_num).sub_(torch.log(den).mul_(2)), parts
 
     def _log_derivative(self, x: Tensor, xm: Tensor, ym: Tensor, dm: Tensor) -> Tensor:
         zc, inside = self._clamped(x)
         x0, w, _, _, _, s, d0, d1 = self._bin(_flag(torch.ge, zc, xm), xm, ym, dm)
-        xi = ((zc - x0) / w).clamp(0, 1)
-        return self._log_slope(xi, s, d0, d1)[0] * inside  # 0 on the tails
+        xi = (zc - x0).div_(w).clamp_(0, 1)
+        return self._log_slope(xi, s, d0, d1)[0].mul_(inside)  # 0 on the tails
 
     def log_derivative(self, x, h):
         return self._log_derivative(x, *self._interior(x, h)[:3])
@@ -413,45 +413,53 @@ class ModifiedRQSpline(_SplineWithTails):
         zc, inside = self._clamped(x)
         right = _flag(torch.ge, zc, xm)
         x0, w, y0, _, hgt, s, d0, d1 = self._bin(right, xm, ym, dm)
-        xi = ((zc - x0) / w).clamp(0, 1)
+        xi = (zc - x0).div_(w).clamp_(0, 1)
         ladj, parts = self._log_slope(xi, s, d0, d1)
-        num = s * parts["xi2"] + d0 * xi * parts["one_m"]
-        out = y0 + hgt * num / parts["den"]
+        num = (s * parts["xi2"]).add_((d0 * xi).mul_(parts["one_m"]))  # sξ² + d0ξ(1 − ξ)
+        out = (hgt * num).div_(parts["den"]).add_(y0)
         # x itself on the tails; products by 0/1 keep both exact (x may be ±inf there, out never is)
-        out = torch.addcmul(x * (1 - inside), out, inside)
+        out = out.mul_(inside).addcmul_(x, 1 - inside).add_(t)
         saved = dict(parts, inside=inside, right=right, xi=xi, w=w, hgt=hgt, s=s, d0=d0, d1=d1, num=num,
                      sig0=sig0, sig1=sig1, e2=e2, p2=p2)
-        return out + t, ladj * inside, saved
+        return out, ladj.mul_(inside), saved
 
-    def _solve(self, y: Tensor, xm: Tensor, ym: Tensor, dm: Tensor, t: Tensor) -> Tensor:
+    def _solve(self, y: Tensor, xm: Tensor, ym: Tensor, dm: Tensor, t: Tensor,
+               with_ladj: bool = False) -> tuple[Tensor, Tensor | None]:
         z = y - t  # the bias acts after the spline
         zc, inside = self._clamped(z)
         x0, w, y0, y1, hgt, s, d0, d1 = self._bin(_flag(torch.ge, zc, ym), xm, ym, dm)
         # the quadratic of rational_quadratic(inverse=True), written with dy1 = y1 - y (no cancellation)
-        dy, dy1 = zc - y0, y1 - zc
-        e, f = d0 * dy1, dy * (d1 - 2 * s)
-        a = hgt * s - e + f
-        b = e - f
-        c = -s * dy
-        root = torch.sqrt((b * b - 4 * a * c).clamp_min(0))
+        # (in-place steps only on temporaries no backward formula keeps, so autograd still works)
+        dy, dy1 = zc - y0, y1.sub_(zc)
+        e, f = dy1.mul_(d0), (2 * s).neg_().add_(d1).mul_(dy)  # d0·dy1, dy·(d1 − 2s)
+        a = (hgt * s).sub_(e).add_(f)
+        b = e.sub_(f)
+        c = (s * dy).neg_()
+        root = torch.sqrt((b * b).sub_((4 * a).mul_(c)).clamp_min_(0))  # √(b² − 4ac)
         first = _flag(torch.ge, b, 0.0)
         minus_b = -b
         num = _pick(first, 2 * c, minus_b + root)
-        den = _pick(first, minus_b - root, 2 * a)
-        den = den + _flag(torch.eq, den, 0.0)  # den = 0 only where num = 0: divide by 1 there
-        xi = (num / den).clamp(0, 1)
-        out = x0 + xi * w
-        return torch.addcmul(z * (1 - inside), out, inside)
+        den = _pick(first, minus_b.sub_(root), a.mul_(2))
+        den = den.add_(_flag(torch.eq, den, 0.0))  # den = 0 only where num = 0: divide by 1 there
+        xi = (num / den).clamp_(0, 1)
+        out = xi.mul_(w).add_(x0).mul_(inside).addcmul_(z, 1 - inside)  # x0 + ξw inside, z on the tails
+        if not with_ladj:
+            return out, None
+        # log c' at the point found, as _log_derivative(out) computes it (ξ from out, not the solve's ξ,
+        # whose log c' can differ by far more than rounding where c' varies fast), in the bin of the
+        # solve: out's own bin wherever out did not round across the interior knot or B2, and at
+        # those two points c' is continuous, so the other bin's formula gives it to rounding
+        xi = (out - x0).div_(w).clamp_(0, 1)
+        return out, self._log_slope(xi, s, d0, d1)[0].mul_(inside)
 
     def _inverse(self, y, h):
-        return self._solve(y, *self._interior(y, h))
+        return self._solve(y, *self._interior(y, h))[0]
 
     def forward(self, inp: Tensor, h: Tensor, reverse: bool = False) -> tuple[Tensor, Tensor]:
         if not reverse:
             return self._forward(inp, h)
-        xm, ym, dm, t = self._interior(inp, h)  # once for the inverse and for log c' at the point it finds
-        x = self._solve(inp, xm, ym, dm, t)
-        return x, -self._log_derivative(x, xm, ym, dm)
+        x, ladj = self._solve(inp, *self._interior(inp, h), with_ladj=True)
+        return x, ladj.neg_()
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, bounds=({self.b1}, {self.b2})"
