@@ -266,18 +266,21 @@ class _ModifiedRQForward(torch.autograd.Function):
     :math:`N = d_1\xi^2 + 2sq + d_0(1 - \xi)^2`: :math:`c = y_0 + hA/D`,
     :math:`\log c' = 2\log s + \log N - 2\log D`, :math:`\xi = (x - x_0)/w`, :math:`s = h/w`, then
     the bin's :math:`(x_0, w, y_0, h, d_0, d_1)` back onto :math:`(x_m, y_m, d_m)` and those onto
-    the raw parameters. Written in differentiable operations, so double backward (a JVP through
-    autograd) works in the incoming gradients.
+    the raw parameters. A backward that must itself be differentiable (``create_graph``: double
+    backward, a JVP through autograd) goes through autograd of the general path instead.
     """
 
     @staticmethod
     def forward(ctx, site, x, h):
         out, ladj, saved = site._evaluate(x, h)
         ctx.site, ctx.saved, ctx.h_shape = site, saved, h.shape
+        ctx.save_for_backward(x, h)
         return out, ladj
 
     @staticmethod
     def backward(ctx, g_out, g_ladj):
+        if torch.is_grad_enabled():  # create_graph=True
+            return _ModifiedRQForward._differentiable_backward(ctx, g_out, g_ladj)
         site, v = ctx.site, ctx.saved
         inside, xi, xi2, one_m, one_m2, w, hgt, s, two_s, d0, d1, num, den, inner = (v[k] for k in (
             "inside", "xi", "xi2", "one_m", "one_m2", "w", "hgt", "s", "two_s", "d0", "d1", "num", "den", "inner"))
@@ -308,6 +311,14 @@ class _ModifiedRQForward(torch.autograd.Function):
         g_x = g_out * (1 - inside) + g_zc
         g_h = torch.stack([g_p0, g_p1, g_p2, g_out], 2).reshape(ctx.h_shape)
         return None, g_x, g_h
+
+    @staticmethod
+    def _differentiable_backward(ctx, g_out, g_ladj):
+        needs = ctx.needs_input_grad[1:]
+        inputs = [t for t, need in zip(ctx.saved_tensors, needs) if need]
+        out, ladj = _SplineWithTails._spline(ctx.site, *ctx.saved_tensors, inverse=False)
+        grads = iter(torch.autograd.grad((out, ladj), inputs, (g_out, g_ladj), create_graph=True, allow_unused=True))
+        return (None, *(next(grads) if need else None for need in needs))
 
 
 class ModifiedRQSpline(_SplineWithTails):
@@ -442,14 +453,15 @@ class ModifiedRQSpline(_SplineWithTails):
         den = _pick(first, minus_b.sub_(root), a.mul_(2))
         den = den.add_(_flag(torch.eq, den, 0.0))  # den = 0 only where num = 0: divide by 1 there
         xi = (num / den).clamp_(0, 1)
-        out = xi.mul_(w).add_(x0).mul_(inside).addcmul_(z, 1 - inside)  # x0 + ξw inside, z on the tails
+        x = xi.mul_(w).add_(x0)
+        out = (x * inside).addcmul_(z, 1 - inside)  # x0 + ξw inside, z on the tails
         if not with_ladj:
             return out, None
         # log c' at the point found, as _log_derivative(out) computes it (ξ from out, not the solve's ξ,
         # whose log c' can differ by far more than rounding where c' varies fast), in the bin of the
         # solve: out's own bin wherever out did not round across the interior knot or B2, and at
         # those two points c' is continuous, so the other bin's formula gives it to rounding
-        xi = (out - x0).div_(w).clamp_(0, 1)
+        xi = x.sub_(x0).div_(w).clamp_(0, 1)  # from x0 + ξw, finite also where out is a NaN tail
         return out, self._log_slope(xi, s, d0, d1)[0].mul_(inside)
 
     def _inverse(self, y, h):

@@ -523,3 +523,110 @@ def test_prior_site_maps_to_standardised_noise():
     assert torch.allclose(ladj, -logs)
     _, gain = GaussianPrior()(eps, h, reverse=True)
     assert torch.allclose(gain.exp(), logs.exp())  # the inverse gain while sampling is σ
+
+
+# -- the modified spline's closed form against the general implementation ------------------------
+# ModifiedRQSpline evaluates its two bins in closed form (one comparison picks the bin) with a
+# hand-written backward for training; _SplineWithTails._spline is the general path (bin search
+# over _knots, rational_quadratic, tails by torch.where) that the closed form must reproduce.
+
+
+def _general(site, inp, h, inverse=False):
+    from flowaudit.reference_models.couplings import _SplineWithTails
+
+    return _SplineWithTails._spline(site, inp, h, inverse)
+
+
+def _closed_form_cases(dtype):
+    """(x, h): random h at three scales plus the 81 extreme combinations; x random, on every knot,
+    on B1 / B2 and the floats next to them, far out, ±inf and NaN."""
+    site = ModifiedRQSpline()
+    gen = torch.Generator().manual_seed(11)
+    cases = []
+    for scale in (0.5, 3.0, 20.0, None):
+        h = (EXTREME.double() if scale is None else scale * torch.randn(81, 4, generator=gen, dtype=torch.float64)).to(dtype)
+        xk, yk, _, t = site._knots(torch.zeros(len(h), 1, dtype=dtype), h)
+        b1, b2, big = (torch.tensor(v, dtype=dtype) for v in (site.b1, site.b2, 1e9))
+        edges = [b1, b2, torch.nextafter(b1, big), torch.nextafter(b1, -big), torch.nextafter(b2, big), torch.nextafter(b2, -big)]
+        columns = [xk[..., k] for k in range(3)] + [yk[..., k] + t for k in range(3)] + [e.expand(len(h), 1) for e in edges]
+        columns += [torch.empty(len(h), 1, dtype=torch.float64).uniform_(-0.6, 0.6, generator=gen).to(dtype),
+                    (3 * torch.randn(len(h), 1, generator=gen, dtype=torch.float64)).to(dtype),
+                    torch.full((len(h), 1), 1e3, dtype=dtype), torch.full((len(h), 1), -math.inf, dtype=dtype),
+                    torch.full((len(h), 1), math.inf, dtype=dtype), torch.full((len(h), 1), math.nan, dtype=dtype)]
+        for x in columns:
+            cases.append((x, h))
+    return site, cases
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_modified_spline_closed_form_equals_general_spline(dtype):
+    """Values: forward value and log c' and the inverse's value equal bit for bit; the inverse's
+    log-det is -log c' at the point it returns, as the general path computes it, up to rounding
+    (it takes the solve's bin, which differs only where that point rounds onto the other side
+    of a knot, where c' is continuous)."""
+    site, cases = _closed_form_cases(dtype)
+    ulp = torch.finfo(dtype).eps
+    for x, h in cases:
+        out, ladj = site(x, h)
+        ref_out, ref_ladj = _general(site, x, h)
+        assert torch.equal(out.nan_to_num(7.0), ref_out.nan_to_num(7.0))
+        assert torch.equal(ladj, ref_ladj)  # 0 on the tails, also for ±inf and NaN inputs
+        assert torch.equal(site.log_derivative(x, h), ref_ladj)
+        back, ladj_rev = site(x, h, reverse=True)
+        assert torch.equal(back.nan_to_num(7.0), _general(site, x, h, inverse=True)[0].nan_to_num(7.0))
+        ref_rev = -_general(site, back, h)[1]
+        assert torch.isfinite(ladj_rev).all()
+        assert ((ladj_rev - ref_rev).abs() <= 64 * ulp * ref_rev.abs().clamp_min(1)).all()
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_modified_spline_gradients_equal_general_spline(reverse):
+    """float64 gradients of value and log-det with respect to the input and to h (the training
+    step's hand-written backward; the reverse pass's autograd) against autograd through the
+    general path."""
+    site = ModifiedRQSpline()
+    gen = torch.Generator().manual_seed(12)
+    # random points, inside and on the tails, not on a knot: there the two paths may take different
+    # one-sided derivatives (the general clamp's minimum / maximum split a tie's gradient in half,
+    # and log c' has a kink at the interior knot)
+    h = torch.cat([scale * torch.randn(200, 4, generator=gen, dtype=torch.float64) for scale in (0.5, 3.0, 20.0)])
+    x = torch.cat([torch.empty(300, 1, dtype=torch.float64).uniform_(-0.6, 0.6, generator=gen),
+                   3 * torch.randn(300, 1, generator=gen, dtype=torch.float64)])
+    wa, wb = torch.randn(x.shape, generator=gen, dtype=torch.float64), torch.randn(x.shape, generator=gen, dtype=torch.float64)
+
+    def grads(fn):
+        xg, hg = x.clone().requires_grad_(True), h.clone().requires_grad_(True)
+        out, ladj = fn(xg, hg)
+        return torch.autograd.grad((out * wa).sum() + (ladj * wb).sum(), (xg, hg))
+
+    if reverse:
+        def general(y, hh):
+            back = _general(site, y, hh, inverse=True)[0]
+            return back, -_general(site, back, hh)[1]
+    else:
+        def general(xx, hh):
+            return _general(site, xx, hh)
+
+    got, want = grads(lambda a, b: site(a, b, reverse=reverse)), grads(general)
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        # at most the inputs' conditioning: h up to 20 makes c' up to 1e3 and 1/c' as large
+        assert torch.allclose(g, w, rtol=1e-9, atol=1e-9 * float(w.abs().max()))
+
+
+def test_modified_spline_gradcheck_and_paths_agree():
+    """gradcheck / gradgradcheck on both passes; the autograd path (requires_grad) returns the
+    values of the no-grad path bit for bit."""
+    site = ModifiedRQSpline()
+    gen = torch.Generator().manual_seed(13)
+    x = 0.4 * torch.randn(3, 2, 3, generator=gen, dtype=torch.float64)
+    x[0, 0, 0] = 3.0  # a tail point
+    h = torch.randn(3, 8, 3, generator=gen, dtype=torch.float64)
+    for reverse in (False, True):
+        assert torch.autograd.gradcheck(lambda a, b: site(a, b, reverse=reverse), (x.clone().requires_grad_(True), h.clone().requires_grad_(True)))
+        assert torch.autograd.gradgradcheck(lambda a, b: site(a, b, reverse=reverse)[0], (x.clone().requires_grad_(True), h.clone().requires_grad_(True)))
+        with torch.no_grad():
+            plain = site(x, h, reverse=reverse)
+        tracked = site(x.clone().requires_grad_(True), h.clone().requires_grad_(True), reverse=reverse)
+        for a, b in zip(plain, tracked):
+            assert torch.equal(a, b.detach())
