@@ -30,9 +30,12 @@ the conditions' spread with ρ chosen so that N steps can travel 100 spreads; th
 the first break is then known to within one step, a fraction ρ − 1 of itself.
 
 A start is **broken** once a sample leaves ``adapter.error_band`` or anything goes non-finite;
-it stops stepping there, so its ``distance`` is the distance to its first break; a start that
-never breaks ends at the best point its path visited (ascent steps are not monotone). NaN/Inf never
-stop the search: their gradients are zeroed and the start is frozen. The step loop keeps every
+``distance_to_break`` is how far from :math:`y_0` that first happened (with ``none``, the figure
+the search is for). A broken start keeps climbing inside its budget (the worst case is how far
+the blow-up goes, not only that it starts); it is reported at its best breaking point, and a
+start that never broke at the best point its path visited (ascent steps are not monotone), with
+``distance`` the size of that perturbation. NaN/Inf never stop the search: a start that went
+non-finite is reported there and stops stepping, and non-finite gradients are zeroed. The step loop keeps every
 decision on the device (no host sync). Gradients flow through ``adapter.sample`` and through
 the gains an observer with ``keep_graph = True`` receives (:class:`~flowaudit.adapters.base.Observer`).
 """
@@ -160,8 +163,9 @@ def _pass(adapter: Adapter, y: Tensor, latents: list[Tensor], sampling: Sampling
     if record:
         keeper.layer_max["output"] = _row_max_abs(x)
     j = sampling.per_input(_objective(adapter, keeper, x, objective, check=torch.is_grad_enabled())).mean(1)
-    bad = sampling.per_input(_broken(x, adapter.error_band)).any(1) | ~torch.isfinite(j.detach())
-    return x, j, bad, keeper
+    dead = sampling.per_input((~torch.isfinite(x.detach().flatten(1))).any(1)).any(1) | ~torch.isfinite(j.detach())
+    bad = sampling.per_input(_broken(x, adapter.error_band)).any(1) | dead
+    return x, j, bad, dead, keeper
 
 
 def search(adapter: Adapter, y0: Tensor, latents: list[Tensor], sampling: Sampling, how: Search, step: tuple[float, float],
@@ -176,11 +180,14 @@ def search(adapter: Adapter, y0: Tensor, latents: list[Tensor], sampling: Sampli
     view = (-1, *[1] * (y0.dim() - 1))
     with torch.enable_grad():
         yg = y.detach().requires_grad_(True)
-        x, j, bad, first = _pass(adapter, yg, latents, sampling, how.objective, record=True)
+        x, j, bad, dead, first = _pass(adapter, yg, latents, sampling, how.objective, record=True)
         before = j.detach()
-        broken = bad
+        broken, frozen = bad, dead
         broken_step = torch.where(bad, 0, -1)
-        best_y, best_j = y, torch.where(torch.isfinite(before), before, torch.full_like(before, -math.inf))
+        to_break = torch.where(bad, budget.distance(y, y0), math.nan)
+        # the reported point: a breaking one before any other, then the largest objective (steps are not monotone)
+        best_y, best_bad = y, bad
+        best_j = torch.where(dead, math.inf, torch.where(torch.isfinite(before), before, -math.inf))
         (b1, b2), m, v = ADAM_BETAS, torch.zeros_like(y), torch.zeros_like(y)
         for t in range(how.steps):
             safe = torch.where(torch.isfinite(j), j, torch.zeros_like(j))
@@ -196,20 +203,25 @@ def search(adapter: Adapter, y0: Tensor, latents: list[Tensor], sampling: Sampli
             else:
                 d = budget.direction(g)
             moved = budget.project(y + (alpha * rho**t) * d, y0, valid)
-            y = torch.where(broken.view(view), y, moved)
+            y = torch.where(frozen.view(view), y, moved)  # a non-finite start stops where it went non-finite
             yg = y.detach().requires_grad_(True)
-            x, j, bad, _ = _pass(adapter, yg, latents, sampling, how.objective, record=False)
-            newly = bad & ~broken
+            x, j, bad, dead, _ = _pass(adapter, yg, latents, sampling, how.objective, record=False)
+            live = ~frozen
+            newly = live & bad & ~broken
             broken_step = torch.where(newly, t + 1, broken_step)
-            broken = broken | bad
-            better = ~broken & (j.detach() > best_j)  # ascent steps are not monotone: keep the best point
+            to_break = torch.where(newly, budget.distance(y.detach(), y0), to_break)
+            broken = broken | (live & bad)
+            jd = torch.where(dead, math.inf, j.detach())
+            better = live & ((bad & ~best_bad) | ((bad == best_bad) & (jd > best_j)) | dead)
             best_y = torch.where(better.view(view), y, best_y)
-            best_j = torch.where(better, j.detach(), best_j)
+            best_j = torch.where(better, jd, best_j)
+            best_bad = best_bad | (better & bad)
+            frozen = frozen | dead
             if bar is not None:
                 bar.update(1)
-    y = torch.where(broken.view(view), y, best_y)  # a broken start where it broke, any other at its best point
+    y = best_y
     with torch.no_grad():
-        x, j, bad, last = _pass(adapter, y, latents, sampling, how.objective, record=True)
+        x, j, bad, dead, last = _pass(adapter, y, latents, sampling, how.objective, record=True)
     per = sampling.per_input
     x64 = x.detach().flatten(1)
     names = list(last.layer_max)
@@ -224,7 +236,7 @@ def search(adapter: Adapter, y0: Tensor, latents: list[Tensor], sampling: Sampli
         "max_abs": per(_row_max_abs(x)).amax(1),
         "max_inverse_gain": per(torch.stack([last.site_max[s] for s in sites]).amax(0)).amax(1) if sites else torch.full((len(y0),), math.nan),
         "nonfinite": per((~torch.isfinite(x64)).sum(1)).sum(1),
-        "broken": broken | bad, "broken_step": broken_step,
+        "broken": broken | bad, "broken_step": broken_step, "distance_to_break": to_break,
         "distance": budget.distance(y.detach(), y0),
         "layer": layer,
         "site_gain": torch.stack([per(last.site_max[s]).amax(1) for s in sites]) if sites else torch.zeros(0, len(y0)),

@@ -123,16 +123,17 @@ def attack_section(data: dict, files: dict[str, bytes], max_rows: int = 15, max_
            f"<b>{esc(s['median_distance_to_break'])}</b> ({esc(b['norm'])}); worst max|x| <b>{esc(s['worst_max_abs'])}</b>; "
            f"worst 1/c' <b>{esc(s['worst_inverse_gain'])}</b>.</p>",
            "<table><tr><th>start</th><th>J before</th><th>J after</th><th>max|x|</th><th>max 1/c'</th><th>non-finite</th>"
-           "<th>broken</th><th>distance</th><th>layer</th></tr>"]
+           "<th>broken</th><th>distance to break</th><th>distance</th><th>layer</th></tr>"]
     by_id = {r["id"]: r for r in a["starts"]}
     order = [by_id[i] for i in s.get("worst", [])] + [r for r in a["starts"] if r["id"] not in s.get("worst", [])]
     for r in order[:max_rows]:
         out.append(f"<tr><td>{esc(r['id'])}</td><td>{esc(r['objective_before'])}</td><td>{esc(r['objective_after'])}</td>"
                    f"<td>{esc(r['max_abs'])}</td><td>{esc(r['max_inverse_gain'])}</td><td>{r['nonfinite']}</td>"
                    f"<td class='{'violates' if r['broken'] else 'compliant'}'>{'yes' if r['broken'] else 'no'}</td>"
-                   f"<td>{esc(r['distance'])}</td><td>{esc(r['layer'] or '–')}</td></tr>")
-    out.append("</table><p class='note'>Broken: a sample left the error band or went non-finite; the start stopped there, "
-               "so its distance is the distance to its first break. Layer: the first layer of the inverse pass whose max |value| "
+                   f"<td>{esc(r.get('distance_to_break'))}</td><td>{esc(r['distance'])}</td><td>{esc(r['layer'] or '–')}</td></tr>")
+    out.append("</table><p class='note'>Broken: a sample left the error band or went non-finite; distance to break: how far from "
+               "the start that first happened. A broken start kept climbing inside the budget (one that went non-finite stopped there); "
+               "each start is shown at its worst point, distance: how far that is from the start. Layer: the first layer of the inverse pass whose max |value| "
                f"grew ×{esc(st.get('layer_factor'))} over the start's (or went non-finite).</p>")
     pngs = sorted(k for k in files if k.startswith("attack/") and k.endswith(".png"))
     stems = list(dict.fromkeys(k.rsplit("_", 1)[0] for k in pngs))[:max_images]

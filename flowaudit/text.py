@@ -163,8 +163,8 @@ def attack_lines(data: dict, max_starts: int = 5) -> list[str]:
              f"worst max|x| {fmt(s['worst_max_abs'])}, worst 1/c' {fmt(s['worst_inverse_gain'])}"]
     by_id = {r["id"]: r for r in a["starts"]}
     rows = [(r["id"], fmt(r["objective_before"]), fmt(r["objective_after"]), fmt(r["max_abs"]), fmt(r["max_inverse_gain"]),
-             "yes" if r["broken"] else "no", fmt(r["distance"]), r["layer"] or "–")
+             "yes" if r["broken"] else "no", fmt(r.get("distance_to_break")), fmt(r["distance"]), r["layer"] or "–")
             for r in (by_id[i] for i in s.get("worst", [])[:max_starts])]
     if rows:
-        lines += ["  " + line for line in text_table(rows, ("worst start", "J before", "J after", "max|x|", "max 1/c'", "broken", "distance", "layer"))]
+        lines += ["  " + line for line in text_table(rows, ("worst start", "J before", "J after", "max|x|", "max 1/c'", "broken", "to break", "distance", "layer"))]
     return lines

@@ -102,6 +102,7 @@ def _records(cs: ConditionSet, res: dict, layers: list[str]) -> list[dict]:
             "nonfinite": int(res["nonfinite"][i]), "broken": bool(res["broken"][i]),
             "distance": float(res["distance"][i]), "layer": layers[k] if k >= 0 else None,
             "broken_at_step": step if step >= 0 else None,
+            "distance_to_break": None if step < 0 else float(res["distance_to_break"][i]),
         })
     return out
 
@@ -112,7 +113,7 @@ def _summary(starts: list[dict]) -> dict:
     finite_gain = [s["max_inverse_gain"] for s in starts if not math.isnan(s["max_inverse_gain"])]
     return {
         "n_starts": n, "n_broken": len(broken), "broken_rate": len(broken) / n if n else math.nan,
-        "median_distance_to_break": float(np.median([s["distance"] for s in broken])) if broken else None,
+        "median_distance_to_break": float(np.median([s["distance_to_break"] for s in broken])) if broken else None,
         "worst_max_abs": max((s["max_abs"] for s in starts), default=math.nan),
         "worst_inverse_gain": max(finite_gain, default=math.nan),
         "n_nonfinite_starts": sum(s["nonfinite"] > 0 for s in starts),
@@ -121,7 +122,7 @@ def _summary(starts: list[dict]) -> dict:
 
 def _evidence(sites: list[str], res: dict, starts: list[dict], how: Search) -> dict[str, dict]:
     broken = np.array([s["broken"] for s in starts], dtype=bool)
-    dist = np.array([s["distance"] for s in starts])
+    dist = np.array([np.nan if s["distance_to_break"] is None else s["distance_to_break"] for s in starts])
     rate = float(broken.mean()) if len(broken) else math.nan
     out = {}
     for k, name in enumerate(sites):
@@ -142,7 +143,8 @@ def _files(cs: ConditionSet, res: dict, order: list[int], image: bool, starts: l
     buf = io.BytesIO()
     np.savez_compressed(buf, ids=np.array([starts[i]["id"] for i in order]), y_start=cs.y[idx].numpy(),
                         y_attack=res["y"][idx].numpy(), samples=res["x"][idx].numpy(),
-                        max_abs=res["max_abs"][idx].numpy(), distance=res["distance"][idx].numpy())
+                        max_abs=res["max_abs"][idx].numpy(), distance=res["distance"][idx].numpy(),
+                        distance_to_break=res["distance_to_break"][idx].numpy())
     files = {"attack/worst.npz": buf.getvalue()}
     if image:
         for rank, i in enumerate(order):

@@ -158,6 +158,9 @@ def test_none_finds_the_distance_to_break():
     d = a["summary"]["median_distance_to_break"]
     assert 0.3 < d < 10  # |y|² ≈ 2–3 takes 1/s past 3: z/s leaves [-1, 1]
     assert all(s["broken_at_step"] > 0 and s["max_abs"] > 10 for s in a["starts"])
+    # a broken start keeps climbing: reported beyond where it first broke
+    assert all(s["distance"] >= s["distance_to_break"] - 1e-9 for s in a["starts"])
+    assert d == pytest.approx(float(np.median([s["distance_to_break"] for s in a["starts"]])))
     assert a["sites"]["site"]["reached"] and a["sites"]["site"]["distance"] is not None
 
 
@@ -170,7 +173,7 @@ def test_inf_is_a_finding_not_a_crash(objective):
     a = rep["attack"]
     json.loads(rep.to_json())  # strict JSON: inf written as "inf"
     for s in a["starts"][:2]:
-        assert s["broken"] and s["broken_at_step"] == 0 and s["distance"] == 0 and s["nonfinite"] > 0
+        assert s["broken"] and s["broken_at_step"] == 0 and s["distance"] == s["distance_to_break"] == 0 and s["nonfinite"] > 0
         assert s["layer"] == "site" and math.isinf(s["max_abs"])
     assert a["summary"]["n_nonfinite_starts"] >= 2 and math.isinf(a["summary"]["worst_max_abs"])
     assert all(math.isfinite(s["objective_before"]) for s in a["starts"][2:])
