@@ -76,7 +76,10 @@ def _read_torch(path: Path, trust: bool, what: str) -> Any:
 
     with open(path, "rb") as f:
         head = f.read(4)
-    is_zip = zipfile.is_zipfile(path)
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:  # e.g. "zipfiles that span multiple disks are not supported"
+        raise ModelError(f"{path}: corrupt or truncated {what} ({first_line(exc)})") from None
     if not is_zip and head[:2] == b"PK":
         raise ModelError(f"{path}: corrupt or truncated {what} (a zip archive without its central directory)")
     if not is_zip and head[:1] != b"\x80":  # neither torch's zip format nor a (legacy) pickle

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from .errors import DataError
 from .images import IMAGE_EXTENSIONS, find_pair_dirs, read_image, read_image_folder, read_paired_folder
+from .untrusted import ReaderCrashed, survives
 
 __all__ = ["DataError", "ConditionSet", "load_conditions", "nonfinite_records", "ARRAY_EXTENSIONS"]
 
@@ -142,15 +143,12 @@ def _from_arrays(path: Path) -> tuple[Tensor, Tensor | None, list[str], str]:
                     raise _err(path, f"no array 'y' (has: {', '.join(f.files) or 'nothing'})")
                 y, x = f["y"], (f["x"] if "x" in f.files else None)
         else:
-            import h5py
-
-            with h5py.File(path, "r") as f:
-                if not isinstance(f.get("y"), h5py.Dataset):
-                    raise _err(path, f"no dataset 'y' at the top level (has: {', '.join(f.keys()) or 'nothing'})")
-                y = f["y"][()]
-                x = f["x"][()] if isinstance(f.get("x"), h5py.Dataset) else None
+            survives(_read_h5, path)  # a corrupt file can crash the HDF5 library itself
+            y, x = _read_h5(path)
     except DataError:
         raise
+    except ReaderCrashed as e:
+        raise _err(path, f"corrupt {suffix} file ({e})") from None
     except Exception as e:  # numpy's and h5py's parsers fail on hostile bytes in many ways (TokenError, SyntaxError, KeyError, …)
         raise _err(path, f"unreadable {suffix} file ({type(e).__name__}: {e})") from None
     y = _array(path, "y", y)
@@ -159,6 +157,15 @@ def _from_arrays(path: Path) -> tuple[Tensor, Tensor | None, list[str], str]:
         if len(x) != len(y):
             raise _err(path, f"'x' has {len(x)} rows but 'y' has {len(y)}")
     return _tensor(y), None if x is None else _tensor(x), [f"row{i}" for i in range(len(y))], kind
+
+
+def _read_h5(path: Path) -> tuple[Any, Any]:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        if not isinstance(f.get("y"), h5py.Dataset):
+            raise _err(path, f"no dataset 'y' at the top level (has: {', '.join(f.keys()) or 'nothing'})")
+        return f["y"][()], (f["x"][()] if isinstance(f.get("x"), h5py.Dataset) else None)
 
 
 def _tensor(a: np.ndarray) -> Tensor:

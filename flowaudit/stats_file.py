@@ -21,6 +21,7 @@ import numpy as np
 
 from ._version import __version__
 from .reference_models.atomic import atomic_path
+from .untrusted import ReaderCrashed, survives
 
 __all__ = ["ARRAYS", "write_stats", "read_stats"]
 
@@ -48,7 +49,8 @@ def write_stats(path: str | os.PathLike[str], arrays: dict[str, Any], header: di
 def read_stats(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
     """``(arrays, header, metadata)`` of a stats file; see the module docstring for what is refused.
 
-    The file is untrusted: anything h5py raises on broken bytes, a header of the wrong type or
+    The file is untrusted: it is first read in a throwaway child (:func:`~flowaudit.untrusted.survives`,
+    HDF5 can crash on broken bytes); anything h5py raises, a header of the wrong type or
     an array that is not a number (``dim`` an integer, ``n`` and ``sum_quartic`` scalars, the
     others arrays of floats) is one :class:`ValueError` line naming the file.
     """
@@ -58,24 +60,33 @@ def read_stats(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dic
     if not h5py.is_hdf5(path):
         raise ValueError(f"{path} is not a flowaudit stats file (not HDF5)")
     try:
-        with h5py.File(path, "r") as f:
-            attrs = {k: _plain(v) for k, v in f.attrs.items()}
-            if attrs.get("format") != FORMAT:
-                raise _Refused(f"{path} is not a flowaudit stats file (no format={FORMAT!r} attribute)")
-            version = attrs.get("format_version", 0)
-            if not isinstance(version, (int, np.integer)):
-                raise _Refused(f"{path} is not a valid flowaudit stats file (format_version {version!r})")
-            if version > FORMAT_VERSION:
-                raise _Refused(f"{path} was written by a newer flowaudit ({attrs.get('flowaudit_version')})")
-            arrays = {k: f[k][()] for k in ARRAYS}
-            header = {k: attrs[k] for k in HEADER}
-            json_keys = set(json.loads(attrs["json_keys"]))
-            metadata = {k: json.loads(attrs[k]) if k in json_keys else attrs[k] for k in json.loads(attrs["metadata_keys"])}
+        survives(_read, path)  # a corrupt file can crash the HDF5 library itself
+    except ReaderCrashed as e:
+        raise ValueError(f"{path} is not a valid flowaudit stats file (corrupt: {e})") from None
+    try:
+        arrays, header, metadata = _read(path)
         _check_types(arrays, header)
     except _Refused as e:
         raise ValueError(str(e)) from None
     except Exception as e:  # h5py on broken bytes: OSError, KeyError, RuntimeError, TypeError, …
         raise ValueError(f"{path} is not a valid flowaudit stats file ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    return arrays, header, metadata
+
+
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    with h5py.File(path, "r") as f:
+        attrs = {k: _plain(v) for k, v in f.attrs.items()}
+        if attrs.get("format") != FORMAT:
+            raise _Refused(f"{path} is not a flowaudit stats file (no format={FORMAT!r} attribute)")
+        version = attrs.get("format_version", 0)
+        if not isinstance(version, (int, np.integer)):
+            raise _Refused(f"{path} is not a valid flowaudit stats file (format_version {version!r})")
+        if version > FORMAT_VERSION:
+            raise _Refused(f"{path} was written by a newer flowaudit ({attrs.get('flowaudit_version')})")
+        arrays = {k: f[k][()] for k in ARRAYS}
+        header = {k: attrs[k] for k in HEADER}
+        json_keys = set(json.loads(attrs["json_keys"]))
+        metadata = {k: json.loads(attrs[k]) if k in json_keys else attrs[k] for k in json.loads(attrs["metadata_keys"])}
     return arrays, header, metadata
 
 

@@ -192,6 +192,30 @@ def test_fuzz_images(case: tuple[str, bytes]) -> None:
         assert cs.y.shape[:2] == (1, 3) and cs.y.dtype == torch.float32
 
 
+def test_fuzz_regressions(tmp_path: Path) -> None:
+    """Inputs the fuzz found: a zip end record claiming several disks; one flipped byte of a stats file."""
+    for name, base, at in (("disk.pt", SMALL_PT, 1539), ("toy-disk.pt", TOY_BYTES, 268035)):
+        data = bytearray(base)
+        data[at] = 1  # found by the fuzz: zipfile.is_zipfile itself raises "zipfiles that span multiple disks …"
+        with pytest.raises(ModelError, match="corrupt or truncated"):
+            load_model(str(_write(name, bytes(data))))
+
+
+def _segfault(path) -> None:
+    import ctypes
+
+    ctypes.string_at(0)  # what HDF5 did on one fuzzed stats file
+
+
+def test_a_crashing_reader_is_refused_not_fatal(tmp_path: Path) -> None:
+    """A native reader that segfaults on a file kills only the throwaway child; the file is refused in one line."""
+    from flowaudit.untrusted import ReaderCrashed, survives
+
+    with pytest.raises(ReaderCrashed, match="crashed on it with SIGSEGV"):
+        survives(_segfault, tmp_path / "x.h5")
+    survives(lambda path: 1 / 0, tmp_path / "x.h5")  # an ordinary exception is the caller's to raise again
+
+
 def test_fuzz_seeds_are_valid() -> None:
     """The unmutated seeds load: the fuzz starts from files that work."""
     assert load_model(str(_write("seed.pt", TOY_BYTES))).name == "seed"
