@@ -246,6 +246,7 @@ CASES = [
     ("batch-size-zero", [*SCAN, "--batch-size", "0"], "'--batch-size'"),
     ("fail-on-unknown", [*SCAN, "--fail-on", "sometimes"], "'--fail-on'"),
     ("out-missing", ["scan", "toy-affine", "--data", "{F}/test.npz"], "'--out'"),
+    ("out-parents-absent", scan_data("{F}/wrongshape.npy")[:-1] + ["{OUT}/a/b/report"], "--data {F}/wrongshape.npy"),
     ("layers-unknown", ["fit", "toy-affine", "--data", "{F}/train.npz", "--out", "{OUT}", "--layers", "nope", "--device", "cpu"], "nope"),
     ("unknown-option", [*SCAN, "--sampels", "3"], "--sampels"),
     ("unknown-command", ["scna", "toy-affine"], "scna"),

@@ -177,3 +177,48 @@ def test_sigkilled_run_leaves_a_stale_lock_that_does_not_block(big: Path, tmp_pa
                           "--samples", "2", "--device", "cpu", "--out", str(out)], cwd=tmp_path, env=ENV, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert (out / "report.json").exists() and not out.with_name(".report.lock").exists()
+
+
+# -- the writers themselves, in-process ------------------------------------------------------------
+
+def test_atomic_writers_leave_nothing_on_keyboard_interrupt(tmp_path: Path) -> None:
+    """Ctrl-C (or SIGTERM, which the CLI turns into KeyboardInterrupt) inside a writer: no target, no temporary, no lock."""
+    from flowaudit.reference_models.atomic import atomic_dir, atomic_path
+
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(tmp_path / "report") as tmp:
+            (tmp / "report.json").write_text("{}")
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(tmp_path / "stats.h5") as tmp:
+            tmp.write_bytes(b"half")
+            raise KeyboardInterrupt
+    (tmp_path / "old.pt").write_bytes(b"complete")  # a checkpoint from an earlier save stays whole
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(tmp_path / "old.pt") as tmp:
+            tmp.write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.pt"] and (tmp_path / "old.pt").read_bytes() == b"complete"
+
+
+def test_claims_are_reentrant_and_exclusive(tmp_path: Path) -> None:
+    """The command's claim covers the writers inside it; another process's claim on the same target is refused."""
+    from flowaudit.reference_models.atomic import TargetBusy, atomic_dir, claim
+
+    target = tmp_path / "deep" / "er" / "report"
+    with claim(target):
+        with atomic_dir(target) as tmp:
+            (tmp / "a").write_text("1")
+        code = ("import sys\nfrom flowaudit.reference_models.atomic import claim, TargetBusy\n"
+                "try:\n    with claim(sys.argv[1]): pass\nexcept TargetBusy as e:\n    print(e); sys.exit(2)\n")
+        res = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, env=ENV)
+        assert res.returncode == 2 and f"pid {os.getpid()}" in res.stdout, res
+    assert (target / "a").exists() and not target.with_name(".report.lock").exists()
+    with pytest.raises(TargetBusy.__mro__[1]):  # FileExistsError: a finished target is not replaced without overwrite
+        with atomic_dir(target):
+            pass
+    missing = tmp_path / "x" / "y" / "out"
+    with pytest.raises(RuntimeError):
+        with claim(missing):
+            raise RuntimeError
+    assert not (tmp_path / "x").exists()  # folders a failed claim created are gone again
