@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from .base import Adapter, Observer, Site, widen
-from .checkpoint import DEFAULT_MAX_PARAMETERS, ModelError, check_budget, first_line, read_weights
+from .checkpoint import DEFAULT_MAX_PARAMETERS, ModelError, check_budget, first_line, fit_problems, read_weights
 
 __all__ = ["Adapter", "Observer", "Site", "widen", "adapt", "load_model", "ModelError", "DEFAULT_MAX_PARAMETERS"]
 
@@ -164,10 +164,13 @@ def _reference_model(path: Path, state: dict, max_parameters: int | float) -> nn
         model = rm.build(task, config)
     except Exception as exc:
         raise ModelError(f"{path}: invalid model configuration ({type(exc).__name__}: {first_line(exc)})") from None
+    problems = fit_problems(model.state_dict(), weights)
+    if problems:  # a different model than its config says
+        raise ModelError(f"{path}: weights do not fit its config: {problems}")
     try:
         model.load_state_dict(weights)
-    except Exception as exc:  # missing/unexpected keys, shape mismatches: a different model than its config says
-        raise ModelError(f"{path}: weights do not fit its config: {first_line(exc).removeprefix('Error(s) in loading state_dict for ')}") from None
+    except Exception as exc:  # values that are not tensors, dtypes that do not convert
+        raise ModelError(f"{path}: weights do not fit its config: {first_line(exc)}") from None
     model.name = path.stem
     return model
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelError", "DEFAULT_MAX_PARAMETERS", "MAX_MODULES", "read_weights", "check_budget", "first_line"]
+__all__ = ["ModelError", "DEFAULT_MAX_PARAMETERS", "MAX_MODULES", "read_weights", "check_budget", "first_line", "fit_problems"]
 
 #: Default of ``--max-parameters``: 2·10⁹ parameters (8 GB of float32), far above any flow audited so far.
 DEFAULT_MAX_PARAMETERS = 2_000_000_000
@@ -171,3 +171,11 @@ def check_budget(build: Callable[[], Any], budget: int | float, source: str) -> 
         raise
     except Exception as exc:
         raise ModelError(f"{source}: invalid model configuration ({type(exc).__name__}: {first_line(exc)})") from None
+
+
+def fit_problems(own: dict, state: dict) -> str:
+    """What keeps ``state`` from loading into a model whose state dict is ``own``, in one line ("" when it fits)."""
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(getattr(state[k], "shape", ())) != tuple(own[k].shape)]
+    return "; ".join(f"{what} {', '.join(keys[:3])}{', …' if len(keys) > 3 else ''} ({len(keys)})"
+                     for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch at", shapes)) if keys)

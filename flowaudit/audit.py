@@ -305,7 +305,7 @@ def _load_stats(adapter: Adapter, stats: Any, names: list[str], pooling: str) ->
     try:
         gauss = GaussianOOD.load(stats)
     except (OSError, ValueError) as exc:
-        raise AuditError(f"{stats}: cannot read stats ({exc})") from None
+        raise AuditError(str(exc) if str(stats) in str(exc) else f"{stats}: cannot read stats ({exc})") from None
     meta = gauss.metadata_
     fp = adapter.fingerprint()
     if meta.get("fingerprint") != fp:

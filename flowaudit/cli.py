@@ -94,7 +94,8 @@ def _adapter(model_spec: str | None, factory: str | None, weights: str | None, t
     from .adapters import load_model
 
     if bool(model_spec) == bool(factory):
-        raise click.UsageError("give MODEL (bundled name or checkpoint) or --model MODULE:FACTORY, not both")
+        both = ", not both" if model_spec else ""
+        raise click.UsageError(f"give MODEL (a bundled name or a checkpoint) or --model MODULE:FACTORY{both}")
     return load_model(factory or model_spec, weights=weights, trust=trust, max_parameters=max_parameters)
 
 

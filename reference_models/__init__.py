@@ -67,7 +67,7 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, random bytes, pickled code: never loaded, never our bug
-        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__).split(". ")[0]
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {reason[:160]})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a flowaudit reference checkpoint")
