@@ -18,6 +18,7 @@ for the whole command, and the writers inside re-use that claim.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import uuid
@@ -67,7 +68,9 @@ def _acquire(target: Path) -> int:
         fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # no flock here (some network mounts)
+                break  # the lock file still names the writer; exclusivity is best effort on such a filesystem
             os.close(fd)
             raise TargetBusy(f"{target}: {_holder(lock)} is writing it at the same time; wait for it or choose "
                              f"another output (a lock left by a killed run is taken over)") from None
