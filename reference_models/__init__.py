@@ -8,6 +8,7 @@ checkpoints shipped in ``checkpoints/`` are listed by :func:`bundled`.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -65,7 +66,9 @@ def load_checkpoint(path: str | Path) -> dict:
     if path.is_file() and path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file, not a checkpoint")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # what torch warns about on a broken file adds nothing to the one line
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, random bytes, pickled code: never loaded, never our bug
         reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__).split(". ")[0]
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {reason[:160]})") from None

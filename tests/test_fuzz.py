@@ -35,6 +35,7 @@ from flowaudit.gaussian import GaussianOOD
 from flowaudit.reference_models import CHECKPOINT_DIR
 
 EXAMPLES = int(os.environ.get("FLOWAUDIT_FUZZ_EXAMPLES", "40"))
+pytestmark = pytest.mark.filterwarnings("error::UserWarning")  # shown by default: a second line on the CLI's stderr
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("FLOWAUDIT_FUZZ_RANDOM"),
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], database=None)
 TMP = Path(tempfile.mkdtemp(prefix="flowaudit-fuzz-"))
@@ -193,10 +194,11 @@ def test_fuzz_images(case: tuple[str, bytes]) -> None:
 
 
 def test_fuzz_regressions(tmp_path: Path) -> None:
-    """Inputs the fuzz found: a zip end record claiming several disks; one flipped byte of a stats file."""
-    for name, base, at in (("disk.pt", SMALL_PT, 1539), ("toy-disk.pt", TOY_BYTES, 268035)):
+    """Inputs the fuzz found: a zip end record claiming several disks; a pickle that trips an assert in torch."""
+    for name, base, at, value in (("disk.pt", SMALL_PT, 1539, 1), ("toy-disk.pt", TOY_BYTES, 268035, 1),
+                                  ("assert.pt", TOY_BYTES, 1642, 75)):
         data = bytearray(base)
-        data[at] = 1  # found by the fuzz: zipfile.is_zipfile itself raises "zipfiles that span multiple disks …"
+        data[at] = value  # found by the fuzz: is_zipfile raising "… span multiple disks"; torch asserting "expected dict"
         with pytest.raises(ModelError, match="corrupt or truncated"):
             load_model(str(_write(name, bytes(data))))
 
