@@ -263,9 +263,9 @@ class _ModifiedRQForward(torch.autograd.Function):
     Autograd through the closed form records ~60 elementwise nodes whose backward costs several
     times the forward; this backward is the chain rule written out once. With
     :math:`q = \xi(1 - \xi)`, :math:`A = s\xi^2 + d_0 q`, :math:`D = s + (d_0 + d_1 - 2s)q`,
-    :math:`N = d_1\xi^2 + 2sq + d_0(1 - \xi)^2`: :math:`c = y_0 + hA/D`,
-    :math:`\log c' = 2\log s + \log N - 2\log D`, :math:`\xi = (x - x_0)/w`, :math:`s = h/w`, then
-    the bin's :math:`(x_0, w, y_0, h, d_0, d_1)` back onto :math:`(x_m, y_m, d_m)` and those onto
+    :math:`N = d_1\xi^2 + 2sq + d_0(1 - \xi)^2`: :math:`c = y_0 + HA/D`,
+    :math:`\log c' = 2\log s + \log N - 2\log D`, :math:`\xi = (x - x_0)/w`, :math:`s = H/w` (bin
+    width :math:`w`, height :math:`H`), then the bin's :math:`(x_0, w, y_0, H, d_0, d_1)` back onto :math:`(x_m, y_m, d_m)` and those onto
     the raw parameters. A backward that must itself be differentiable (``create_graph``: double
     backward, a JVP through autograd) goes through autograd of the general path instead.
     """
@@ -290,9 +290,9 @@ class _ModifiedRQForward(torch.autograd.Function):
         ratio = num / den
         g_num = (gu * hgt).div_(den)  # ∂/∂A
         g_den = (2 * gl).div_(den).addcmul_(g_num, ratio).neg_()  # ∂/∂D
-        g_n = gl.div_(inner)  # ∂/∂N (gl no longer needed as such)
+        g_s = (2 * gl).div_(s)  # from log s²
+        g_n = gl.div_(inner)  # ∂/∂N
         one_m2xi = one_m - xi  # 1 − 2ξ
-        g_s = (2 * g_n).mul_(inner).div_(s)  # 2·gl/s, from log s²
         g_s.addcmul_(g_num, xi2).addcmul_(g_den, (-2 * q).add_(1)).addcmul_(g_n, q, value=2)
         g_d0 = (g_num + g_den).mul_(q).addcmul_(g_n, one_m2)
         g_d1 = (g_den * q).addcmul_(g_n, xi2)
