@@ -143,7 +143,7 @@ def _from_arrays(path: Path) -> tuple[Tensor, Tensor | None, list[str], str]:
                     raise _err(path, f"no array 'y' (has: {', '.join(f.files) or 'nothing'})")
                 y, x = f["y"], (f["x"] if "x" in f.files else None)
         else:
-            survives(_read_h5, path)  # a corrupt file can crash the HDF5 library itself
+            survives(_read_h5, path, True)  # a corrupt file can crash the HDF5 library itself
             y, x = _read_h5(path)
     except DataError:
         raise
@@ -159,13 +159,17 @@ def _from_arrays(path: Path) -> tuple[Tensor, Tensor | None, list[str], str]:
     return _tensor(y), None if x is None else _tensor(x), [f"row{i}" for i in range(len(y))], kind
 
 
-def _read_h5(path: Path) -> tuple[Any, Any]:
+def _read_h5(path: Path, probe: bool = False) -> tuple[Any, Any]:
+    """Arrays ``y`` and ``x`` (or ``None``) of an HDF5 file; ``probe``: only their first rows (the child's check)."""
     import h5py
 
+    rows = slice(0, 1) if probe else ()
     with h5py.File(path, "r") as f:
         if not isinstance(f.get("y"), h5py.Dataset):
             raise _err(path, f"no dataset 'y' at the top level (has: {', '.join(f.keys()) or 'nothing'})")
-        return f["y"][()], (f["x"][()] if isinstance(f.get("x"), h5py.Dataset) else None)
+        y = f["y"][rows] if f["y"].ndim else f["y"][()]
+        x = f.get("x")
+        return y, ((x[rows] if x.ndim else x[()]) if isinstance(x, h5py.Dataset) else None)
 
 
 def _tensor(a: np.ndarray) -> Tensor:
