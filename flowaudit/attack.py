@@ -36,8 +36,11 @@ the blow-up goes, not only that it starts); it is reported at its best breaking 
 start that never broke at the best point its path visited (ascent steps are not monotone), with
 ``distance`` the size of that perturbation. NaN/Inf never stop the search: a start that went
 non-finite is reported there and stops stepping, and non-finite gradients are zeroed. The step loop keeps every
-decision on the device (no host sync). Gradients flow through ``adapter.sample`` and through
-the gains an observer with ``keep_graph = True`` receives (:class:`~flowaudit.adapters.base.Observer`).
+decision on the device (no host sync). The ``layer`` where a start blew up is the first layer of
+the inverse pass whose max |value| went non-finite, or grew ×10 over its value at the start *and*
+passed 10× the error band's largest |value| (``None`` when no layer did). Gradients flow through
+``adapter.sample`` and through the gains an observer with ``keep_graph = True`` receives
+(:class:`~flowaudit.adapters.base.Observer`).
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ class Search:
     objective: str = "logdet"
     steps: int = 50
     step_size: float | None = None
-    layer_factor: float = 10.0  # a layer "blew up" when its max |value| grew this much (or went non-finite)
+    layer_factor: float = 10.0  # a layer blew up: max |value| ×10 over the start's and past 10× the error band (or non-finite)
     rule: str = "adam"  # adam (Adam's direction m̂/√v̂) or sign (PGD)
 
     def __post_init__(self) -> None:
@@ -102,6 +105,13 @@ def _row_max_abs(x: Tensor) -> Tensor:
     return torch.where(torch.isnan(a), torch.full_like(a, math.inf), a).amax(1)
 
 
+def _row_max_gain(gain: Tensor) -> Tensor:
+    """Largest inverse gain per row, float64; a NaN gain (a site fed values that were already
+    non-finite) is left out, so a blow-up is charged to the site that made it, not to every site after."""
+    a = gain.detach().flatten(1).to(torch.float64)
+    return torch.where(torch.isnan(a), torch.zeros_like(a), a).amax(1)
+
+
 class GainKeeper:
     """The attack's observer: keeps the gains attached (``keep_graph``) and sums them per row.
 
@@ -130,7 +140,7 @@ class GainKeeper:
         self.logdet = total if self.logdet is None else self.logdet + total
         self.max_log = top if self.max_log is None else torch.maximum(self.max_log, top)
         if self.record:
-            g = _row_max_abs(gain)
+            g = _row_max_gain(gain)
             self.site_max[name] = g if name not in self.site_max else torch.maximum(self.site_max[name], g)
 
 
@@ -225,7 +235,9 @@ def search(adapter: Adapter, y0: Tensor, latents: list[Tensor], sampling: Sampli
     per = sampling.per_input
     x64 = x.detach().flatten(1)
     names = list(last.layer_max)
-    grown = torch.stack([(~torch.isfinite(last.layer_max[n])) | (last.layer_max[n] > how.layer_factor * first.layer_max[n])
+    floor = how.layer_factor * max(abs(v) for v in adapter.error_band)  # and past 10× any valid value
+    grown = torch.stack([(~torch.isfinite(last.layer_max[n]))
+                         | ((last.layer_max[n] > how.layer_factor * first.layer_max[n]) & (last.layer_max[n] > floor))
                          for n in names if n in first.layer_max]) if names else torch.zeros(0, len(x))
     grown = per(grown.T).any(1).T if len(grown) else grown  # (layers, starts)
     layer = torch.where(grown.any(0), grown.to(torch.int64).argmax(0), -1) if len(grown) else torch.full((len(y0),), -1)

@@ -134,7 +134,7 @@ def attack_section(data: dict, files: dict[str, bytes], max_rows: int = 15, max_
     out.append("</table><p class='note'>Broken: a sample left the error band or went non-finite; distance to break: how far from "
                "the start that first happened. A broken start kept climbing inside the budget (one that went non-finite stopped there); "
                "each start is shown at its worst point, distance: how far that is from the start. Layer: the first layer of the inverse pass whose max |value| "
-               f"grew ×{esc(st.get('layer_factor'))} over the start's (or went non-finite).</p>")
+               f"grew ×{esc(st.get('layer_factor'))} over the start's and passed ×{esc(st.get('layer_factor'))} the error band (or went non-finite).</p>")
     pngs = sorted(k for k in files if k.startswith("attack/") and k.endswith(".png"))
     stems = list(dict.fromkeys(k.rsplit("_", 1)[0] for k in pngs))[:max_images]
     if stems:

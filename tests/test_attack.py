@@ -179,6 +179,34 @@ def test_inf_is_a_finding_not_a_crash(objective):
     assert all(math.isfinite(s["objective_before"]) for s in a["starts"][2:])
 
 
+class Chain(Fragile):
+    """Fragile's site, then an affine-bounded site whose raw scale is 0·x: NaN (not Inf) once x is Inf."""
+
+    def __init__(self):
+        super().__init__(eps=0.0, a=30.0)
+        from flowaudit.reference_models.couplings import AffineBounded
+
+        self.second = AffineBounded()
+
+    def reverse(self, latents, y):
+        x = super().reverse(latents, y)
+        raw = 0 * x
+        return self.second(x, torch.stack([torch.zeros_like(raw), raw], 2).flatten(1, 2), reverse=True)[0]
+
+    def trace_layers(self):
+        return ["site", "second"]
+
+
+def test_a_blow_up_is_charged_to_the_site_that_made_it():
+    y = _starts(2)
+    y[0] = 3.0  # scale exactly 0 at the first site: its gain is Inf, the second site's NaN
+    rep = attack(Chain(), y, budget="linf:0.1", steps=2, samples=2, device="cpu")
+    sites = rep["attack"]["sites"]
+    assert math.isinf(sites["site"]["max_inverse_gain"]) and sites["site"]["reached"]
+    assert sites["second"]["max_inverse_gain"] < 11 and not sites["second"]["reached"]
+    assert rep["attack"]["starts"][0]["layer"] == "site"
+
+
 def test_an_adapter_that_cannot_differentiate_says_so():
     class Detached(ReferenceAdapter):
         def sample(self, y, latents, observer=None):
