@@ -284,35 +284,37 @@ class _ModifiedRQForward(torch.autograd.Function):
         site, v = ctx.site, ctx.saved
         inside, xi, xi2, one_m, one_m2, w, hgt, s, two_s, d0, d1, num, den, inner = (v[k] for k in (
             "inside", "xi", "xi2", "one_m", "one_m2", "w", "hgt", "s", "two_s", "d0", "d1", "num", "den", "inner"))
-        # no graph is recorded here (create_graph went the other way), so temporaries update in place
+        # no graph is recorded here (create_graph went the other way), so temporaries update in place,
+        # each in place only by tensors made of the same incoming gradients: under vmap (as
+        # jacobian(vectorize=True) runs it) one of g_out, g_ladj may be batched and the other not
         gu, gl = g_out * inside, g_ladj * inside
         q = xi * one_m
         ratio = num / den
         g_num = (gu * hgt).div_(den)  # ∂/∂A
-        g_den = (2 * gl).div_(den).addcmul_(g_num, ratio).neg_()  # ∂/∂D
-        g_s = (2 * gl).div_(s)  # from log s²
+        g_den = torch.add(g_num * ratio, (2 * gl).div_(den)).neg_()  # ∂/∂D
+        g_s = torch.add(g_num * xi2, (2 * gl).div_(s))  # 2/s from log s²
         g_n = gl.div_(inner)  # ∂/∂N
         one_m2xi = one_m - xi  # 1 − 2ξ
-        g_s.addcmul_(g_num, xi2).addcmul_(g_den, (-2 * q).add_(1)).addcmul_(g_n, q, value=2)
+        g_s.addcmul_(g_den, (-2 * q).add_(1)).addcmul_(g_n, q, value=2)
         g_d0 = (g_num + g_den).mul_(q).addcmul_(g_n, one_m2)
         g_d1 = (g_den * q).addcmul_(g_n, xi2)
-        g_xi = (two_s * xi).addcmul_(d0, one_m2xi).mul_(g_num)  # A_ξ = 2sξ + d0(1 − 2ξ)
-        g_xi.addcmul_((d1 + d0).sub_(two_s).mul_(one_m2xi), g_den)  # D_ξ = (d0 + d1 − 2s)(1 − 2ξ)
+        g_xi = g_den * (d1 + d0).sub_(two_s).mul_(one_m2xi)  # D_ξ = (d0 + d1 − 2s)(1 − 2ξ)
+        g_xi.addcmul_((two_s * xi).addcmul_(d0, one_m2xi), g_num)  # A_ξ = 2sξ + d0(1 − 2ξ)
         g_xi.addcmul_((d1 * xi).addcmul_(s, one_m2xi).sub_(d0 * one_m), g_n, value=2)  # N_ξ / 2
         g_zc = g_xi.div_(w)
         g_s_w = g_s.div_(w)
-        g_hgt = (gu * ratio).add_(g_s_w)
         g_w = (g_zc * xi).addcmul_(g_s_w, s).neg_()
+        g_hgt = g_s_w.addcmul_(gu, ratio)
         right = v["right"]
         g_xm = _pick(right, (g_zc + g_w).neg_(), g_w)  # right bin: x0 = x_m, w = B2 − x_m; left: w = x_m − B1
-        g_ym = _pick(right, gu.sub_(g_hgt), g_hgt)  # right: y0 = y_m, h = B2 − y_m; left: h = y_m − B1
+        g_ym = _pick(right, gu - g_hgt, g_hgt)  # right: y0 = y_m, h = B2 − y_m; left: h = y_m − B1
         g_dm = _pick(right, g_d0, g_d1)
         span = site.b2 - site.b1 - 2 * site.eps
         sig0, sig1, e2, p2 = v["sig0"], v["sig1"], v["e2"], v["p2"]
         g_p0 = g_xm.mul_(span * sig0).mul_(1 - sig0)
         g_p1 = g_ym.mul_(span * sig1).mul_(1 - sig1)
         g_p2 = g_dm.mul_((1 - site.eps) * e2).mul_(_flag(torch.le, p2, math.log(1 / site.eps)))  # clamp passes p2 ≤ cap
-        g_x = (g_out * (1 - inside)).add_(g_zc)
+        g_x = g_zc.addcmul_(g_out, 1 - inside)  # tails: identity
         g_h = torch.stack([g_p0, g_p1, g_p2, g_out], 2).reshape(ctx.h_shape)
         return None, g_x, g_h
 
@@ -418,7 +420,8 @@ class ModifiedRQSpline(_SplineWithTails):
         return self._log_derivative(x, *self._interior(x, h)[:3])
 
     def _forward(self, x, h):
-        if torch.is_grad_enabled() and (x.requires_grad or h.requires_grad):
+        if (torch.is_grad_enabled() and (x.requires_grad or h.requires_grad)
+                and not torch._C._are_functorch_transforms_active()):  # torch.func: plain autograd below
             return _ModifiedRQForward.apply(self, x, h)
         return self._evaluate(x, h)[:2]
 
