@@ -392,7 +392,8 @@ class ModifiedRQSpline(_SplineWithTails):
 
     def _bin(self, right: Tensor, xm: Tensor, ym: Tensor, dm: Tensor):
         """``x_0, w, y_0, y_1, h, s = h / w, d_0, d_1`` of the bin each element is in (``right`` = 1: the right one)."""
-        b1, b2, one = xm.new_tensor(self.b1), xm.new_tensor(self.b2), xm.new_tensor(1.0)
+        # 0-dim constants made on the device by a fill (new_tensor would copy from the host)
+        b1, b2, one = (torch.full((), v, dtype=xm.dtype, device=xm.device) for v in (self.b1, self.b2, 1.0))
         x0, x1 = _pick(right, xm, b1), _pick(right, b2, xm)
         y0, y1 = _pick(right, ym, b1), _pick(right, b2, ym)
         d0, d1 = _pick(right, dm, one), _pick(right, one, dm)
