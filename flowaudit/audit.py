@@ -249,7 +249,7 @@ def _ood_entry(gauss: GaussianOOD | None, names: list[str], pooling: str, scores
         return None
     entry = {
         "layers": names or ["<condition>"], "pooling": pooling, "dim": int(gauss.n_features_in_),
-        "estimator": gauss.estimator, "n_fit": int(gauss.n_), "s_ood": {k: [None if not np.isfinite(v) else float(v) for v in s] for k, s in scores.items()},
+        "estimator": gauss.estimator, "n_fit": int(gauss.n_), "n_fit_nonfinite": int(gauss.n_nonfinite_), "s_ood": {k: [None if not np.isfinite(v) else float(v) for v in s] for k, s in scores.items()},
         "mean": {k: float(np.mean(s[np.isfinite(s)])) if np.isfinite(s).any() else None for k, s in scores.items()},
         "n_nonfinite": {k: int((~np.isfinite(s)).sum()) for k, s in scores.items()},
     }
