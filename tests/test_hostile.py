@@ -13,6 +13,7 @@ contain (``{F}`` expanded too).
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 from pathlib import Path
@@ -123,6 +124,9 @@ def files(tmp_path_factory) -> Path:
     np.save(f / "norows.npy", np.zeros((0, 2), np.float32))
     np.save(f / "allnan.npy", np.full((3, 2), np.nan, np.float32))
     (f / "corrupt.npy").write_bytes(b"\x93NUMPY\x01\x00garbage")
+    header = io.BytesIO()  # a header that declares 10¹² rows over 64 bytes of data
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10**12, 2)})
+    (f / "absurd.npy").write_bytes(header.getvalue() + bytes(64))
     np.savez(f / "noy.npz", x=np.zeros((2, 2)))
     np.savez(f / "rows.npz", y=np.zeros((3, 2)), x=np.zeros((2, 2)))
     with h5py.File(f / "noy.h5", "w") as h:
@@ -220,6 +224,7 @@ CASES = [
     ("data-no-rows", scan_data("{F}/norows.npy"), "{F}/norows.npy: array 'y' has no rows"),
     ("data-all-nan", scan_data("{F}/allnan.npy"), "{F}/allnan.npy: every condition has NaN or Inf"),
     ("data-corrupt-npy", scan_data("{F}/corrupt.npy"), "{F}/corrupt.npy: unreadable .npy"),
+    ("data-npy-absurd-shape", scan_data("{F}/absurd.npy"), "{F}/absurd.npy: unreadable .npy file"),
     ("data-npz-without-y", scan_data("{F}/noy.npz"), "{F}/noy.npz: no array 'y'"),
     ("data-rows-disagree", scan_data("{F}/rows.npz"), "'x' has 2 rows but 'y' has 3"),
     ("data-h5-without-y", scan_data("{F}/noy.h5"), "{F}/noy.h5: no dataset 'y'"),
