@@ -42,6 +42,15 @@ def _one_line(exc: BaseException) -> str:
 class FlowauditGroup(click.Group):
     """Maps exceptions of subcommands onto the exit-code contract (and Ctrl-C / SIGTERM onto 130)."""
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:  # the group's own options (`flowaudit --bogus`): one line too
+            click.echo(f"flowaudit: error: {_one_line(exc.format_message())} (see 'flowaudit --help')", err=True)
+            sys.exit(exc.exit_code)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)

@@ -255,6 +255,7 @@ CASES = [
     ("layers-unknown", ["fit", "toy-affine", "--data", "{F}/train.npz", "--out", "{OUT}", "--layers", "nope", "--device", "cpu"], "nope"),
     ("unknown-option", [*SCAN, "--sampels", "3"], "--sampels"),
     ("unknown-command", ["scna", "toy-affine"], "scna"),
+    ("unknown-group-option", ["--bogus", "scan"], "No such option '--bogus'"),
     ("inspect-no-model", ["inspect"], "give MODEL"),
     ("train-config-not-json", ["train", "sr", "--config", "{F}/notjson.json", "--iters", "1", "--out", "{OUT}"],
      "--config {F}/notjson.json: not JSON"),
