@@ -11,6 +11,7 @@ Options every command shares live in :mod:`.cli_options`; ``train`` and
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -297,4 +298,14 @@ cli.add_command(data)
 
 def main() -> None:
     install_signal_handlers()
-    cli(prog_name="flowaudit")
+    try:
+        cli(prog_name="flowaudit")
+    except SystemExit as exc:
+        if exc.code != EXIT_INTERRUPTED:
+            raise
+        # The writers have cleaned up and the message is out. Leave with 130 as said: CPython would turn this
+        # exit into a death by SIGINT when the KeyboardInterrupt had crossed an exec() of source text
+        # (e.g. inside dataclasses), a flag a Python program cannot clear.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
