@@ -282,3 +282,8 @@ def test_cli_attack_exit_codes(toy_file, tmp_path):
     assert again.exit_code == 2  # the folder exists and no --overwrite
     scan_bad = run(cli, ["-q", "scan", "toy-affine", "--data", toy_file, "--attack", "box:3,1", "--out", str(tmp_path / "d")])
     assert scan_bad.exit_code == 2 and not (tmp_path / "d").exists()
+    scanned = run(cli, ["-q", "scan", "toy-affine", "--data", toy_file, "-k", "2", "--attack", "linf:0.1", "--out", str(tmp_path / "e")])
+    assert scanned.exit_code == 0, scanned.output
+    data = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert data["attack"]["budget"]["spec"] == "linf:0.1"
+    assert all(s["remark2"]["worst_case"]["budget"] == "linf:0.1" for s in data["model"]["sites"])
