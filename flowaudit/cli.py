@@ -22,6 +22,7 @@ from ._version import __version__
 from .cli_options import (
     EXIT_INTERRUPTED, Settings, UserError, batch_option, claim_output, device_option, estimator_option, install_signal_handlers,
     interrupted, json_option, layers_option, max_parameters_option, overwrite_option, pooling_option, threshold_option,
+    was_interrupted,
 )
 from .cli_reference import data, train
 
@@ -68,6 +69,9 @@ class FlowauditGroup(click.Group):
             click.echo(interrupted(ctx), err=True)
             ctx.exit(EXIT_INTERRUPTED)
         except Exception as exc:
+            if was_interrupted():  # a library turned our KeyboardInterrupt into its own error on the way up
+                click.echo(interrupted(ctx), err=True)
+                ctx.exit(EXIT_INTERRUPTED)
             if isinstance(exc, _user_errors()):
                 click.echo(f"flowaudit: error: {_one_line(exc)}", err=True)
                 ctx.exit(2)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import click
 
-__all__ = ["Settings", "UserError", "claim_output", "install_signal_handlers", "interrupted", "max_parameters_option", "device_option", "json_option", "overwrite_option", "batch_option", "layers_option",
+__all__ = ["Settings", "UserError", "claim_output", "was_interrupted", "install_signal_handlers", "interrupted", "max_parameters_option", "device_option", "json_option", "overwrite_option", "batch_option", "layers_option",
            "pooling_option", "estimator_option", "threshold_option"]
 
 
@@ -72,18 +72,30 @@ max_parameters_option = click.option("--max-parameters", type=click.FloatRange(1
                                      help="Refuse a checkpoint whose model has more parameters (checked before allocating).")
 
 EXIT_INTERRUPTED = 130
-_SIGNAL = {"name": "SIGINT"}
+_SIGNAL: dict = {"name": "SIGINT", "received": False}
 
 
 def install_signal_handlers() -> None:
-    """SIGTERM raises ``KeyboardInterrupt`` (as SIGINT does), so both unwind through the same cleanup."""
+    """SIGTERM raises ``KeyboardInterrupt`` (as SIGINT does), so both unwind through the same cleanup.
 
-    def on_term(signum, frame):
-        _SIGNAL["name"] = "SIGTERM"
+    Both handlers also note that a signal came (:func:`was_interrupted`): library code that turns the
+    ``KeyboardInterrupt`` into another exception on its way up is still an interruption, not a bug.
+    SIGINT keeps Python's behaviour (and stays ignored where the shell made it so).
+    """
+
+    def on_signal(signum, frame):
+        _SIGNAL.update(name=signal.Signals(signum).name, received=True)
         raise KeyboardInterrupt
 
     with contextlib.suppress(ValueError):  # not the main thread: leave the handlers alone
-        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGTERM, on_signal)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, on_signal)
+
+
+def was_interrupted() -> bool:
+    """Whether SIGINT or SIGTERM arrived since :func:`install_signal_handlers`."""
+    return bool(_SIGNAL["received"])
 
 
 def interrupted(ctx: click.Context) -> str:
