@@ -263,7 +263,7 @@ def _budget(ctx: click.Context, param: click.Parameter, value: str):
               help="Maximise the inverse log-determinant, the largest log inverse gain, or the largest |sample value|.")
 @click.option("--steps", type=click.IntRange(0), default=50, show_default=True, help="Gradient steps per start.")
 @click.option("--step-size", type=click.FloatRange(0, min_open=True), help="Step length in the budget's norm (default 2.5·EPS/steps; "
-              "none: the first of geometrically growing steps, 1 %% of the conditions' spread).")
+              "none: the first of geometrically growing steps, 1 % of the conditions' spread).")
 @click.option("--step-rule", type=click.Choice(["adam", "sign"]), default="adam", show_default=True,
               help="Step direction: Adam's m̂/√v̂ (sign with momentum) or the sign of the gradient (PGD).")
 @click.option("--starts", type=click.IntRange(1), default=16, show_default=True, help="Attack the first N conditions of --data.")
