@@ -56,11 +56,15 @@ from .budget import Budget
 from .errors import AuditError
 from .layout import Sampling
 
-__all__ = ["OBJECTIVES", "RULES", "Search", "GainKeeper", "search", "default_step"]
+__all__ = ["OBJECTIVES", "RULES", "DetachedGains", "Search", "GainKeeper", "search", "default_step"]
 
 OBJECTIVES = ("logdet", "max-gain", "max-abs")
 RULES = ("sign", "adam")
 ADAM_BETAS = (0.9, 0.999)
+
+
+class DetachedGains(AuditError):
+    """The adapter passes detached inverse gains: gain objectives cannot be differentiated (``max-abs`` may)."""
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,7 @@ def _objective(adapter: Adapter, keeper: GainKeeper, x: Tensor, name: str, check
     if value is None:
         raise AuditError(f"{adapter.name}: no site reported an inverse gain, so --objective {name} has nothing to maximise (use max-abs)")
     if check and not keeper.attached:
-        raise AuditError(f"the {adapter.family} adapter passes detached inverse gains, so --objective {name} cannot be "
+        raise DetachedGains(f"the {adapter.family} adapter passes detached inverse gains, so --objective {name} cannot be "
                          "differentiated w.r.t. the condition (use --objective max-abs)")
     return value
 

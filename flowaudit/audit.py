@@ -9,6 +9,7 @@ from :mod:`.sampling`, per-site entries from :mod:`.sites`, the layer trace from
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ import torch
 
 from ._version import __version__
 from .adapters import Adapter, adapt
-from .attack import Search
+from .attack import DetachedGains, Search
 from .budget import Budget, parse_budget
 from .datasets import ConditionSet, load_conditions, nonfinite_records
 from .device import auditing, resolve_device
@@ -146,7 +147,7 @@ def scan(
             tracers.append(tracer)
             records += recs
             scores[name] = s
-        hit = _attack_set(adapter, sets[0][1], attack_starts, how, run, batch_size=64) if how is not None else None
+        hit = _attack_set(adapter, sets[0][1], attack_starts, how, run, batch_size=64, fallback=True) if how is not None else None
         sites = site_entries(adapter, tracers, remark2_threshold, **({"worst_case": hit.worst_case} if hit else {}))
     risk = aggregate(records, samples, temperature)
     risk["by_set"] = {name: {k: v for k, v in aggregate([dict(r) for r in records if r["set"] == name], samples, temperature).items() if k != "ranked"}
@@ -223,10 +224,21 @@ def _search(budget: str | Budget, objective: str, steps: int, step_size: float |
     return Search(b, objective=objective, steps=steps, step_size=step_size, rule=rule)
 
 
-def _attack_set(adapter: Adapter, cs: ConditionSet, starts: int | None, how: Search, run: Run, batch_size: int | None = None):
+def _attack_set(adapter: Adapter, cs: ConditionSet, starts: int | None, how: Search, run: Run, batch_size: int | None = None,
+                fallback: bool = False):
+    """Attack the first ``starts`` conditions; with ``fallback`` (scan --attack), an adapter that passes
+    detached gains is attacked on ``max-abs`` instead, and the entry says why."""
     n = len(cs.y) if starts is None else min(starts, len(cs.y))
     sub = ConditionSet(y=cs.y[:n], x=None, ids=cs.ids[:n], description=cs.description)
-    return run_attack(adapter, sub, how, run.sampling, batch_size=batch_size or run.batch_size, device=run.device, progress=run.progress)
+    kw = dict(batch_size=batch_size or run.batch_size, device=run.device, progress=run.progress)
+    try:
+        return run_attack(adapter, sub, how, run.sampling, **kw)
+    except DetachedGains as exc:
+        if not fallback or how.objective == "max-abs":
+            raise
+        hit = run_attack(adapter, sub, dataclasses.replace(how, objective="max-abs"), run.sampling, **kw)
+        hit.entry["fallback"] = f"{how.objective} → max-abs: {exc}"
+        return hit
 
 
 # -- pieces of the report -----------------------------------------------------------------------

@@ -161,6 +161,8 @@ def attack_lines(data: dict, max_starts: int = 5) -> list[str]:
              f"{s['n_broken']}/{s['n_starts']} broken ({_pct(100 * num(s['broken_rate']))}), "
              f"median distance to break {fmt(s['median_distance_to_break'])} ({a['budget']['norm']}), "
              f"worst max|x| {fmt(s['worst_max_abs'])}, worst 1/c' {fmt(s['worst_inverse_gain'])}"]
+    if a.get("fallback"):
+        lines.append(f"  objective {a['fallback']}")
     by_id = {r["id"]: r for r in a["starts"]}
     rows = [(r["id"], fmt(r["objective_before"]), fmt(r["objective_after"]), fmt(r["max_abs"]), fmt(r["max_inverse_gain"]),
              "yes" if r["broken"] else "no", fmt(r.get("distance_to_break")), fmt(r["distance"]), r["layer"] or "–")

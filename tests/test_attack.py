@@ -216,6 +216,24 @@ def test_an_adapter_that_cannot_differentiate_says_so():
         attack(Detached(Fragile()), _starts(2), budget="linf:0.1", steps=2, samples=1, device="cpu", objective="max-abs")
 
 
+def test_scan_attack_falls_back_to_max_abs_on_detached_gains():
+    class Detached(ReferenceAdapter):
+        def sample(self, y, latents, observer=None):
+            class Strip:  # passes the gains on detached, like an adapter that cannot keep their graph
+                def layer(self, name, x):
+                    observer.layer(name, x)
+
+                def site(self, name, gain, params):
+                    observer.site(name, gain.detach(), params)
+
+            return super().sample(y, latents, Strip() if observer is not None else None)
+
+    with pytest.raises(AuditError, match="detached inverse gains"):
+        attack(Detached(Fragile()), _starts(2), budget="linf:0.1", steps=2, samples=1, device="cpu")
+    rep = flowaudit.scan(Detached(Fragile()), _starts(), samples=2, device="cpu", attack="linf:1", attack_starts=3, attack_steps=3)
+    assert rep["attack"]["objective"] == "max-abs" and "logdet → max-abs" in rep["attack"]["fallback"]
+
+
 def test_normal_scan_keeps_no_graph():
     ad = adapt(Fragile())
     seen = []
