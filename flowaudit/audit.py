@@ -26,14 +26,16 @@ from .budget import Budget, parse_budget
 from .datasets import ConditionSet, load_conditions, nonfinite_records
 from .device import auditing, resolve_device
 from .errors import AuditError
-from .features import features, fit_spatial
+from .features import fit_spatial
 from .format import jsonable
 from .gaussian import GaussianOOD
 from .layout import Sampling
 from .panel import worst_inputs
 from .report import Report
 from .risk import aggregate
+from .runner import Context, fit_gaussian, run_facts, scan_sets, scan_settings, size_batches
 from .sampling import Run, sample_set
+from .shards import FIT_SHARD_INPUTS, digest
 from .sites import model_evidence, site_entries
 from .trace import layer_table
 from .worst_case import run_attack
@@ -52,10 +54,12 @@ def fit(
     device: str = "auto",
     out: str | Path | None = None,
     progress: bool = False,
+    context: Context | None = None,
 ) -> Report:
     """Fit the encoder-feature Gaussian on ``data``; write ``out`` (stats.h5) when given.
 
-    The report's ``gaussian`` is the fitted :class:`GaussianOOD`.
+    The report's ``gaussian`` is the fitted :class:`GaussianOOD`. ``context`` (:class:`~flowaudit.runner.Context`)
+    keeps completed shards in a work folder (resume) and shares them over ranks.
     """
     adapter = adapt(model)
     cs = _as_set(data, "fit")
@@ -65,12 +69,13 @@ def fit(
     names = _layers(adapter, layers)
     if pooling == "spatial":
         raise AuditError("spatial pooling scores locations, fit the per-input Gaussian with avg or avgstd")
+    ctx = context or Context()
+    dev = ctx.group.device if ctx.group is not None else dev
+    if ctx.work is None and not ctx.opened:
+        ctx.open({"kind": "fit", "fingerprint": adapter.fingerprint(), "data": digest(cs.y), "layers": names, "pooling": pooling,
+                  "estimator": estimator, "fit_shard_inputs": FIT_SHARD_INPUTS, "device": dev.type})
     with auditing(adapter, dev):
-        v = features(adapter, cs.y, names, pooling, batch_size, dev, progress)
-    try:
-        gauss = GaussianOOD(estimator=estimator, device=dev).fit(v)
-    except ValueError as exc:
-        raise AuditError(str(exc)) from None
+        gauss = fit_gaussian(adapter, cs, names, pooling, estimator, batch_size, dev, ctx, progress)
     gauss.n_nonfinite_ += n_bad  # rows skipped for a non-finite value: the conditions' and the features'
     entry = _model_entry(adapter)  # hashes the weights once for the report and the stats file
     meta = {
@@ -81,7 +86,7 @@ def fit(
         gauss.save(out, **meta)
     return Report({
         "flowaudit_version": __version__, "kind": "fit", **_stamp(),
-        "model": entry, "ood": {**meta, "dim": int(v.shape[1]), "n_inputs": int(gauss.n_), "n_nonfinite": int(gauss.n_nonfinite_),
+        "model": entry, "ood": {**meta, "dim": int(gauss.n_features_in_), "n_inputs": int(gauss.n_), "n_nonfinite": int(gauss.n_nonfinite_),
                                 "estimator": estimator, "shrinkage": float(gauss.shrinkage_), "out": str(out) if out else None},
     }, gaussian=gauss)
 
@@ -96,7 +101,7 @@ def scan(
     samples: int = 10,
     temperature: float = 0.9,
     seed: int = 0,
-    batch_size: int = 500,
+    batch_size: int | None = None,
     device: str = "auto",
     layers: Sequence[str] | None = None,
     pooling: str = "avg",
@@ -107,12 +112,16 @@ def scan(
     attack: str | Budget | None = None,
     attack_starts: int = 16,
     attack_steps: int = 50,
+    exact: bool = True,
+    context: Context | None = None,
 ) -> Report:
     """The full audit of ``model`` on conditions ``data`` (and ``ood``); see DESIGN.md §4.
 
     ``stats`` (a stats.h5 path or fitted :class:`GaussianOOD`) or ``fit_data``
     gives ``s_OOD``; with neither, inputs carry no score. ``batch_size``
-    counts samples (inputs × K) per inverse pass. ``attack`` (a budget) also
+    counts samples (inputs × K) per inverse pass (default: what ``context.max_memory``
+    allows); ``exact`` makes each pass one input's K samples, so the figures do not depend
+    on it (:mod:`flowaudit.runner`). ``context`` keeps shards for a resume and shares them over ranks. ``attack`` (a budget) also
     attacks the first ``attack_starts`` in-distribution conditions (:func:`attack`)
     and adds each site's ``worst_case`` evidence and the report's ``attack``.
     """
@@ -122,7 +131,8 @@ def scan(
     if temperature < 0:
         raise AuditError("--temperature must be ≥ 0")
     adapter = adapt(model)
-    dev = resolve_device(device)
+    ctx = context or Context()
+    dev = ctx.group.device if ctx.group is not None else resolve_device(device)
     names = _layers(adapter, layers)
     sets: list[tuple[str, ConditionSet]] = [("in", _as_set(data, "in") if data is not None else _default_conditions(adapter, 64, seed))]
     if ood is not None:
@@ -132,21 +142,21 @@ def scan(
     skipped = [rec for name, cs in sets for rec in nonfinite_records(cs, name)]  # NaN/Inf conditions: reported, not sampled
     sets = [(name, cs.finite()) for name, cs in sets]
     gauss = spatial = None
+    fit_set = _as_set(fit_data, "fit") if fit_data is not None else None
     if stats is not None:
         gauss = _load_stats(adapter, stats, names, pooling)
-    elif fit_data is not None:
-        gauss = fit(adapter, fit_data, layers=names, pooling=pooling, estimator=estimator, device=device).gaussian
-        if names and len(adapter.condition_shape) == 3:
-            spatial = fit_spatial(adapter, _as_set(fit_data, "fit").finite().y, names, estimator, batch_size, dev)
-    run = Run(Sampling(samples, temperature, seed), batch_size, dev, progress)
-    tracers, records, scores = [], [], {}
+    run = Run(Sampling(samples, temperature, seed), batch_size or samples, dev, progress, exact)
     with auditing(adapter, dev):
-        for index, (name, cs) in enumerate(sets):
-            s = gauss.score(features(adapter, cs.y, names, pooling, batch_size, dev)) if gauss is not None else np.full(len(cs.y), np.nan)
-            tracer, recs = sample_set(adapter, cs, index, name, s, run)
-            tracers.append(tracer)
-            records += recs
-            scores[name] = s
+        run, budget = size_batches(adapter, sets[0][1], run, ctx, batch_size)
+    if not ctx.opened:  # the work folder checks everything the shards depend on before the first one
+        ctx.open(scan_settings(adapter, sets, run, layers=names, pooling=pooling, estimator=estimator,
+                               stats=_stats_digest(gauss), fit_data=digest(fit_set.y) if fit_set is not None else None))
+    if fit_set is not None:
+        gauss = fit(adapter, fit_set, layers=names, pooling=pooling, estimator=estimator, device=str(dev), context=ctx).gaussian
+        if names and len(adapter.condition_shape) == 3:
+            spatial = fit_spatial(adapter, fit_set.finite().y, names, estimator, run.batch_size, dev)
+    with auditing(adapter, dev):
+        tracers, records, scores = scan_sets(adapter, sets, gauss, names, pooling, run, ctx)
         hit = _attack_set(adapter, sets[0][1], attack_starts, how, run, batch_size=64, fallback=True) if how is not None else None
         sites = site_entries(adapter, tracers, remark2_threshold, **({"worst_case": hit.worst_case} if hit else {}))
     risk = aggregate(records, samples, temperature)
@@ -158,8 +168,8 @@ def scan(
     model_entry.update(model_evidence(adapter, sites))  # coverage, model verdict, certificate
     report = Report({
         "flowaudit_version": __version__, "kind": "scan", **_stamp(),
-        "settings": {"samples": samples, "temperature": temperature, "seed": seed, "device": str(dev), "batch_size": batch_size,
-                     "remark2_threshold": remark2_threshold, "explosion_threshold": explosion_threshold},
+        "settings": {"samples": samples, "temperature": temperature, "seed": seed, "device": str(dev), "exact": exact,
+                     "remark2_threshold": remark2_threshold, "explosion_threshold": explosion_threshold, **run_facts(run, budget, ctx)},
         "data": {name: cs.description for name, cs in sets},
         "model": model_entry, "ood": _ood_entry(gauss, names, pooling, scores), "risk": risk, "layers": layers_out,
         "explosion_layer": explosion, "inputs": records + skipped,
@@ -191,7 +201,7 @@ def inspect(model: Any, data: Any = None, *, samples: int = 4, temperature: floa
                    "data": {"in": cs.description}})
 
 
-def attack(model: Any, data: Any = None, *, budget: str | Budget = "none", objective: str = "logdet", steps: int = 50,
+def attack(model: Any, data: Any = None, *, budget: str | Budget = "linf:0.03", objective: str = "logdet", steps: int = 50,
            step_size: float | None = None, rule: str = "adam", starts: int | None = 16, samples: int = 4, temperature: float = 0.9,
            seed: int = 0, batch_size: int = 64, device: str = "auto", progress: bool = False) -> Report:
     """The worst case (DESIGN.md §4): projected gradient ascent on the first ``starts`` conditions of ``data``.
@@ -309,6 +319,10 @@ def _default_conditions(adapter: Adapter, n: int, seed: int) -> ConditionSet:
     else:
         y = torch.randn((n, *shape), generator=g)
     return ConditionSet(y=y, x=None, ids=[f"drawn{i}" for i in range(n)], description={"kind": "drawn", "n": n, "shape": list(shape)})
+
+
+def _stats_digest(gauss: GaussianOOD | None) -> str | None:
+    return None if gauss is None else digest(np.concatenate([gauss.location_, gauss.cholesky_.ravel()]))
 
 
 def _load_stats(adapter: Adapter, stats: Any, names: list[str], pooling: str) -> GaussianOOD:

@@ -24,6 +24,7 @@ from .cli_options import (
     interrupted, json_option, layers_option, max_parameters_option, overwrite_option, pooling_option, threshold_option,
     was_interrupted,
 )
+from .cli_options import finish_run, run_context, run_options
 from .cli_reference import data, train
 
 __all__ = ["cli", "main"]
@@ -169,18 +170,23 @@ def inspect(obj: Settings, model_spec, factory, weights, trust_checkpoint, max_p
 @pooling_option
 @estimator_option
 @batch_option
+@run_options
 @device_option
 @json_option
 @click.pass_obj
-def fit(obj: Settings, model_spec, factory, weights, trust_checkpoint, max_parameters, data, out, overwrite, layers, pooling, estimator, batch_size):
+def fit(obj: Settings, model_spec, factory, weights, trust_checkpoint, max_parameters, data, out, overwrite, layers, pooling, estimator, batch_size,
+        resume, max_memory, batched, distributed):
     """Fit the encoder-feature Gaussian of MODEL on --data and write stats.h5."""
     from .audit import fit as run_fit
 
-    _refuse_existing(out, overwrite)
+    run, out = run_context(click.get_current_context(), out, overwrite, resume, max_memory, distributed)
+    leader = run.group is None or run.group.leader
     adapter = _adapter(model_spec, factory, weights, trust_checkpoint, max_parameters)
-    report = run_fit(adapter, data, layers=_layers(layers), pooling=pooling, estimator=estimator,
-                     batch_size=batch_size, device=obj.device, out=out, progress=obj.progress)
-    _emit(obj, report)
+    report = run_fit(adapter, data, layers=_layers(layers), pooling=pooling, estimator=estimator, batch_size=batch_size or 256,
+                     device=obj.device, out=out if leader else None, progress=obj.progress and leader, context=run)
+    finish_run(run)
+    if leader:
+        _emit(obj, report)
 
 
 @cli.command()
@@ -203,22 +209,29 @@ def fit(obj: Settings, model_spec, factory, weights, trust_checkpoint, max_param
 @batch_option
 @click.option("--attack", "attack_budget", metavar="BUDGET", callback=lambda c, p, v: _budget(c, p, v) if v else None,
               help="Also attack 16 in-distribution conditions within BUDGET (see `flowaudit attack`): worst-case evidence per site.")
+@run_options
 @device_option
 @json_option
 @click.pass_obj
 def scan(obj: Settings, model_spec, factory, weights, trust_checkpoint, max_parameters, data, ood_data, stats, fit_data, out, overwrite, samples,
-         temperature, seed, fail_on, layers, pooling, estimator, threshold, batch_size, attack_budget):
+         temperature, seed, fail_on, layers, pooling, estimator, threshold, batch_size, attack_budget, resume, max_memory, batched, distributed):
     """The full audit of MODEL: traces, Remark 2, s_OOD and exploding-inverse risk."""
     from .audit import scan as run_scan
 
     if stats and fit_data:
         raise click.UsageError("give --stats or --fit-data, not both")
-    _refuse_existing(out, overwrite)
+    run, out = run_context(click.get_current_context(), out, overwrite, resume, max_memory, distributed)
+    leader = run.group is None or run.group.leader
     adapter = _adapter(model_spec, factory, weights, trust_checkpoint, max_parameters)
     report = run_scan(adapter, data, ood=ood_data, stats=stats, fit_data=fit_data, samples=samples, temperature=temperature,
                       seed=seed, batch_size=batch_size, device=obj.device, layers=_layers(layers), pooling=pooling,
-                      estimator=estimator, remark2_threshold=threshold, progress=obj.progress, attack=attack_budget)
-    report.save(out, overwrite=overwrite)
+                      estimator=estimator, remark2_threshold=threshold, progress=obj.progress and leader, attack=attack_budget,
+                      exact=not batched, context=run)
+    if leader:
+        report.save(out, overwrite=overwrite)
+    finish_run(run)
+    if not leader:
+        return
     _emit(obj, report)
     if not obj.json:
         click.echo(f"report: {Path(out) / 'report.html'}")

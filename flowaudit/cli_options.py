@@ -23,7 +23,7 @@ from pathlib import Path
 
 import click
 
-__all__ = ["Settings", "UserError", "claim_output", "was_interrupted", "install_signal_handlers", "interrupted", "max_parameters_option", "device_option", "json_option", "overwrite_option", "batch_option", "layers_option",
+__all__ = ["Settings", "UserError", "claim_output", "was_interrupted", "run_options", "run_context", "finish_run", "install_signal_handlers", "interrupted", "max_parameters_option", "device_option", "json_option", "overwrite_option", "batch_option", "layers_option",
            "pooling_option", "estimator_option", "threshold_option"]
 
 
@@ -38,6 +38,7 @@ class Settings:
     command: str | None = None  # "flowaudit scan", "flowaudit train sr": set when a command claims its output
     out: str | None = None  # what the running command writes (claimed), for the interruption message
     keeps_partial: bool = False  # ``train``: a periodic checkpoint at ``out`` is complete, not partial
+    work: str | None = None  # ``fit`` / ``scan``: the work folder of completed shards (``--resume`` continues from it)
 
     @property
     def progress(self) -> bool:
@@ -60,7 +61,8 @@ device_option = click.option("--device", default="auto", show_default=True, expo
                              help="auto, cpu, cuda or cuda:N.")
 json_option = click.option("--json", is_flag=True, expose_value=False, callback=_setting("json"),
                            help="Print machine-readable JSON on stdout.")
-batch_option = click.option("--batch-size", type=click.IntRange(1), default=500, show_default=True, help="Samples per inverse pass.")
+batch_option = click.option("--batch-size", type=click.IntRange(1), default=None,
+                            help="Samples per inverse pass (default: as many as --max-memory allows; exact passes: K).")
 layers_option = click.option("--layers", help="Comma-separated encoder module names to hook (default: the adapter's).")
 pooling_option = click.option("--pooling", type=click.Choice(["avg", "avgstd"]), default="avg", show_default=True, help="Per-channel pooling of hooked features.")
 estimator_option = click.option("--estimator", type=click.Choice(["ledoit-wolf", "oas", "empirical"]), default="ledoit-wolf", show_default=True, help="Covariance estimator.")
@@ -108,6 +110,8 @@ def interrupted(ctx: click.Context) -> str:
         left = f"{obj.out} keeps its last complete checkpoint (--resume continues from it)"
     else:
         left = f"nothing was written to {obj.out}"
+    if obj.work is not None and Path(obj.work).exists():
+        left += f"; completed shards are kept in {obj.work}: rerun the same command with --resume {obj.work} to finish"
     return f"flowaudit: interrupted ({_SIGNAL['name']}): {what} stopped; {left}"
 
 
@@ -125,3 +129,75 @@ def claim_output(ctx: click.Context, out: str, overwrite: bool = True, *, keeps_
         obj.command, obj.out, obj.keeps_partial = ctx.command_path, str(out), keeps_partial
     if not overwrite and os.path.lexists(out):
         raise FileExistsError(f"{out} exists (use --overwrite)")
+
+
+# -- long runs: shards, resume, memory, ranks (flowaudit.runner) ----------------------------------
+
+def run_options(f):
+    """``--resume``, ``--max-memory``, ``--batched`` and ``--distributed`` of ``fit`` and ``scan``."""
+    f = click.option("--distributed", is_flag=True, help="Share the inputs over the ranks of a torchrun "
+                     "(gloo on CPU, NCCL on GPU); rank 0 writes the output.")(f)
+    f = click.option("--batched", is_flag=True, help="Several inputs per inverse pass (faster on small models; the "
+                     "figures may then change in the last bits with --batch-size on kernels that are not batch-invariant).")(f)
+    f = click.option("--max-memory", metavar="SIZE", help="Memory budget that sizes the batches, e.g. 2GB "
+                     "(default: half the available RAM, or 80 %% of the free GPU memory).")(f)
+    f = click.option("--resume", metavar="WORK", type=click.Path(), help="Finish an interrupted run from its work folder "
+                     "(.<out>.work beside --out); the options must be the original ones.")(f)
+    return f
+
+
+def run_context(ctx: click.Context, out: str | None, overwrite: bool, resume: str | None, max_memory: str | None,
+                distributed: bool) -> tuple[Any, str]:
+    """Join the ranks, claim ``out`` (rank 0) and name the work folder; ``(runner.Context, out)``.
+
+    ``--resume`` takes the work folder (or the output it belongs to); ``--out`` may then be left out.
+    """
+    from .memory import steady_allocator
+    from .runner import Context
+    from .shards import work_path
+
+    steady_allocator()  # the CLI owns its process: keep freed tensors from staying resident (flowaudit.memory)
+    if resume is not None:
+        work = Path(resume)
+        owner = work.with_name(work.name[1:-len(".work")]) if work.name.startswith(".") and work.name.endswith(".work") else work
+        if out is not None and Path(os.path.abspath(out)) != Path(os.path.abspath(owner)):
+            raise UserError(f"--resume {resume} is the work folder of {owner}, not of --out {out}")
+        out = str(owner)
+    if out is None:
+        raise click.UsageError("give --out (or --resume WORK of an interrupted run)")
+    group = None
+    if distributed:
+        from .distributed import init_group
+
+        obj = ctx.find_object(Settings)
+        group = init_group(obj.device if obj is not None else "auto")
+        ctx.call_on_close(group.close)
+    work = work_path(out)
+    refused = None
+    if group is None or group.leader:
+        try:
+            claim_output(ctx, out, overwrite)
+        except FileExistsError as exc:
+            refused = exc
+        if refused is None and overwrite and resume is None and work.exists():
+            import shutil
+
+            shutil.rmtree(work)  # --overwrite starts again
+    if group is not None:  # every rank stops when rank 0 may not write --out
+        said = next((m for m in group.all_gather(None if refused is None else str(refused)) if m), None)
+        if said is not None and refused is None:
+            refused = FileExistsError(said)
+    if refused is not None:
+        raise refused
+    obj = ctx.find_object(Settings)
+    if obj is not None:
+        obj.work = str(work)
+    return Context(work_dir=work, resume=resume is not None, group=group, max_memory=max_memory), out
+
+
+def finish_run(run: Any) -> None:
+    """The output is in place: drop the work folder (rank 0, after every rank is done)."""
+    if run.group is not None:
+        run.group.barrier()
+    if run.work is not None and (run.group is None or run.group.leader):
+        run.work.remove()

@@ -21,6 +21,7 @@ the report's ``layers`` rows and names the explosion layer.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,6 +46,24 @@ def _bin_index(g: Tensor, edges: np.ndarray) -> Tensor:
     return pos.floor().clamp(0, len(edges) - 2).long()
 
 
+_CHUNK = 4096
+
+
+def _row_sums(v: Tensor) -> Tensor:
+    r"""Sum of each row of ``v`` (n, m), the same bits for any ``n`` and any thread count.
+
+    A reduction with one output and many values may be split over threads (a different
+    association per thread count); one with several outputs gives each output to one thread.
+    Rows longer than a chunk are therefore summed as zero-padded chunks of 4096 values
+    (several outputs per row) and then the chunk sums, recursively; zeros add exactly.
+    """
+    n, m = v.shape
+    if m <= _CHUNK:
+        return v.sum(1)
+    v = torch.nn.functional.pad(v, (0, (-m) % _CHUNK)).reshape(n, -1, _CHUNK)
+    return _row_sums(v.sum(2))
+
+
 class LayerStats:
     """Running statistics of one layer's output values.
 
@@ -55,17 +74,48 @@ class LayerStats:
     def __init__(self) -> None:
         self._acc: Tensor | None = None
 
-    def add(self, x: Tensor) -> None:
+    def add(self, x: Tensor, n_inputs: int = 1) -> None:
+        """Add the values of ``x`` (input-major rows of ``n_inputs`` inputs), folded input by input.
+
+        Each input's partial sums come from :func:`_row_sums` and are added to the running sums in
+        input order, so the result does not depend on how inputs were grouped into passes.
+        """
         x = x.detach()
+        if x.numel() == 0:
+            return
+        if n_inputs < 1 or x.shape[0] % n_inputs:
+            n_inputs = 1
+        x = x.reshape(n_inputs, -1)
         finite = torch.isfinite(x)
         v = torch.where(finite, x, torch.zeros_like(x)).to(torch.float64)
-        top = torch.where(torch.isinf(x), torch.full_like(v, math.inf), v.abs()).amax() if x.numel() else v.new_zeros(())
-        row = torch.stack([finite.sum().to(torch.float64), v.sum(), (v * v).sum(), top, (~finite).sum().to(torch.float64)])
+        top = torch.where(torch.isinf(x), torch.full_like(v, math.inf), v.abs()).amax(1)
+        parts = torch.stack([finite.sum(1).to(torch.float64), _row_sums(v), _row_sums(v * v), top,
+                             (~finite).sum(1).to(torch.float64)], 1)
+        for row in parts:  # input order: a fixed sequence of float64 additions
+            self._fold(row)
+
+    def _fold(self, row: Tensor) -> None:
         if self._acc is None:
-            self._acc = row
+            self._acc = row.clone()
         else:
             a = self._acc
             self._acc = torch.stack([a[0] + row[0], a[1] + row[1], a[2] + row[2], torch.maximum(a[3], row[3]), a[4] + row[4]])
+
+    def merge(self, other: "LayerStats") -> "LayerStats":
+        """Fold ``other``'s sums (a later shard) into these; returns ``self``."""
+        if other._acc is not None:
+            self._fold(other._acc.to(self._acc.device) if self._acc is not None else other._acc)
+        return self
+
+    def state(self) -> Tensor | None:
+        """The five running numbers (float64, CPU), or ``None`` before any value."""
+        return None if self._acc is None else self._acc.cpu()
+
+    @classmethod
+    def from_state(cls, acc: Tensor | None, device: torch.device | str = "cpu") -> "LayerStats":
+        out = cls()
+        out._acc = None if acc is None else acc.to(device, torch.float64)
+        return out
 
     def _values(self) -> list[float]:
         return [0.0, 0.0, 0.0, 0.0, 0.0] if self._acc is None else self._acc.tolist()
@@ -128,6 +178,17 @@ class GainStats:
                 out._merge(part._counts, part._ext)
         return out
 
+    def state(self) -> dict | None:
+        """Histogram counts and extremes (CPU), or ``None`` before any point; exact to merge in any order."""
+        return None if self._counts is None else {"counts": self._counts.cpu(), "ext": self._ext.cpu()}
+
+    @classmethod
+    def from_state(cls, state: dict | None, device: torch.device | str = "cpu") -> "GainStats":
+        out = cls()
+        if state is not None:
+            out._counts, out._ext = state["counts"].to(device), state["ext"].to(device)
+        return out
+
     @property
     def counts(self) -> np.ndarray:
         return np.zeros(len(GAIN_EDGES) - 1, dtype=np.int64) if self._counts is None else self._counts.cpu().numpy()
@@ -180,6 +241,24 @@ def histogram_quantile(counts: np.ndarray, log_edges: np.ndarray, q: float) -> f
     return float(10 ** (log_edges[i] + frac * (log_edges[i + 1] - log_edges[i])))
 
 
+def _uniform_keys(row: Tensor, salt: int) -> Tensor:
+    """A uniform number in [0, 1) per row id: SplitMix64 of (salt, row), on the rows' device."""
+    mask = (1 << 64) - 1
+    golden, m1, m2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+    def signed(c: int) -> int:
+        return c - (1 << 64) if c >= 1 << 63 else c
+
+    def shr(z: Tensor, k: int) -> Tensor:  # logical shift of int64 bits
+        return (z >> k) & ((1 << (64 - k)) - 1)
+
+    z = row.to(torch.int64) * signed(golden) + signed((salt * golden) & mask)  # int64 arithmetic wraps
+    z = (z ^ shr(z, 30)) * signed(m1)
+    z = (z ^ shr(z, 27)) * signed(m2)
+    z = z ^ shr(z, 31)
+    return shr(z, 11).to(torch.float64) * 2.0**-53
+
+
 class ParamReservoir:
     """Parameter rows of one site kept for the Remark 2 probe, drawn from every batch (module docstring).
 
@@ -191,8 +270,8 @@ class ParamReservoir:
     inputs and batches the kept points come from.
     """
 
-    def __init__(self, budget: int, generator: torch.Generator):
-        self.budget, self.generator = budget, generator
+    def __init__(self, budget: int, generator: torch.Generator | None = None, salt: int = 0):
+        self.budget, self.generator, self.salt = budget, generator, salt
         self.rows_seen = self.skipped = 0
         self._top: tuple[Tensor, Tensor, Tensor] | None = None  # rows, gain, ids
         self._rand: tuple[Tensor, Tensor, Tensor] | None = None  # rows, key, ids
@@ -204,12 +283,17 @@ class ParamReservoir:
 
     @staticmethod
     def _merge(old: tuple[Tensor, Tensor, Tensor] | None, new: tuple[Tensor, Tensor, Tensor], k: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Keep the ``k`` rows with the largest score (rows, score, ids)."""
+        """Keep the ``k`` rows with the largest score (rows, score, ids), ties to the smaller row id.
+
+        A strict total order, so the kept rows are the same however the rows arrived
+        (batch sizes, shards, ranks): top-k of a union is top-k of the parts' top-k.
+        """
         if old is not None:
             new = tuple(torch.cat([a, b.to(a.device)]) for a, b in zip(old, new))
         if new[1].shape[0] <= k:
             return new
-        idx = torch.topk(new[1], k, sorted=False).indices
+        by_id = torch.argsort(new[2][:, 0], stable=True)
+        idx = by_id.index_select(0, torch.argsort(new[1].index_select(0, by_id), descending=True, stable=True)[:k])
         return tuple(t.index_select(0, idx) for t in new)
 
     def add(self, params: Tensor, row_gain: Tensor, first_input: int, samples: int, batch: int) -> None:
@@ -220,13 +304,43 @@ class ParamReservoir:
             return
         dev = rows.device
         r = torch.arange(n, device=dev)
-        ids = torch.stack([r + self.rows_seen, r // max(samples, 1) + first_input, torch.full_like(r, batch)], 1)
+        ids = torch.stack([r + first_input * max(samples, 1), r // max(samples, 1) + first_input, torch.full_like(r, batch)], 1)
         self.rows_seen += n
         gain = row_gain.to(dev, torch.float64) if row_gain.shape[0] == n else torch.zeros(n, dtype=torch.float64, device=dev)
         k_top, k_rand = self.capacity(rows[0].numel() if n else 1)
         self._top = self._merge(self._top, (rows, gain, ids), k_top)
-        key = torch.rand(n, generator=self.generator, device=dev, dtype=torch.float64)
+        key = _uniform_keys(ids[:, 0], self.salt)  # a function of the row, not of the batch it came in
         self._rand = self._merge(self._rand, (rows, -key, ids), k_rand)  # smallest keys: a uniform sample
+
+    # -- mergeable state (shards, resume, ranks) ----------------------------------------------
+    def state(self) -> dict:
+        cpu = (lambda t: None if t is None else tuple(x.cpu() for x in t))
+        return {"budget": self.budget, "salt": self.salt, "rows_seen": self.rows_seen, "skipped": self.skipped,
+                "top": cpu(self._top), "rand": cpu(self._rand)}
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device | str = "cpu") -> "ParamReservoir":
+        out = cls(state["budget"], salt=state["salt"])
+        out.rows_seen, out.skipped = state["rows_seen"], state["skipped"]
+        out._top, out._rand = (None if state[k] is None else tuple(x.to(device) for x in state[k]) for k in ("top", "rand"))
+        return out
+
+    def merge(self, other: "ParamReservoir") -> "ParamReservoir":
+        """The reservoir over the rows of both (``other`` from later inputs); returns ``self``."""
+        self.rows_seen += other.rows_seen
+        self.skipped += other.skipped
+        if other._top is None:
+            return self
+        if self._top is None:
+            self._top, self._rand = other._top, other._rand
+            return self
+        if tuple(self._top[0].shape[1:]) != tuple(other._top[0].shape[1:]):
+            self.skipped += other.rows_seen
+            return self
+        k_top, k_rand = self.capacity(self._top[0][0].numel() if len(self._top[0]) else 1)
+        self._top = self._merge(self._top, other._top, k_top)
+        self._rand = self._merge(self._rand, other._rand, k_rand)
+        return self
 
     def kept(self) -> tuple[Tensor, Tensor] | None:
         """(rows, ids) of the union of both halves, each row once, in row order."""
@@ -288,7 +402,7 @@ class Tracer:
 
     # -- Observer -------------------------------------------------------------
     def layer(self, name: str, x: Tensor) -> None:
-        self.layers.setdefault(name, LayerStats()).add(x)
+        self.layers.setdefault(name, LayerStats()).add(x, max(1, x.shape[0] // self.sampling.samples) if x.dim() else 1)
 
     def site(self, name: str, gain: Tensor, params: Any) -> None:
         self.gains.setdefault(name, GainStats()).add(gain)
@@ -308,11 +422,8 @@ class Tracer:
         if not isinstance(params, Tensor) or params.dim() == 0 or params.shape[0] == 0:
             return
         r = self.reservoirs.get(name)
-        if r is None:
-            dev = params.device
-            if dev not in self._generators:
-                self._generators[dev] = torch.Generator(device=dev).manual_seed(self.sampling.seed)
-            r = self.reservoirs[name] = ParamReservoir(self.param_budget, self._generators[dev])
+        if r is None:  # keys drawn from (seed, site, row): the same rows whatever the batches, shards or ranks
+            r = self.reservoirs[name] = ParamReservoir(self.param_budget, salt=self.sampling.seed * 1_000_003 + zlib.crc32(name.encode()))
         r.add(params, row_gain, self._inputs_seen, self.sampling.samples, self._batches_seen)
 
     def end_batch(self, n_inputs: int) -> None:
@@ -327,6 +438,45 @@ class Tracer:
         for lo, hi, h in zip(b["min"].cpu().tolist(), b["max"].cpu().tolist(), hist):
             q = [min(max(histogram_quantile(h, INPUT_EDGES, p), lo), hi) for p in (0.5, 0.99)]
             self.input_gain.append({"min": lo, "p50": q[0], "p99": q[1], "max": hi})
+
+    # -- mergeable state (shards, resume, ranks) -------------------------------------------------
+    def start_at(self, first_input: int, first_pass: int) -> "Tracer":
+        """Number inputs and passes from ``first_input`` / ``first_pass`` (a shard's place in its set)."""
+        self._inputs_seen, self._batches_seen = first_input, first_pass
+        return self
+
+    def state(self) -> dict:
+        """Everything :meth:`merge` needs, on the CPU (``torch.save``-able with ``weights_only``)."""
+        return {"layers": {k: v.state() for k, v in self.layers.items()}, "gains": {k: v.state() for k, v in self.gains.items()},
+                "reservoirs": {k: v.state() for k, v in self.reservoirs.items()}, "input_gain": list(self.input_gain)}
+
+    @classmethod
+    def from_state(cls, sampling: Sampling, state: dict, device: torch.device | str = "cpu", param_budget: int = 65536) -> "Tracer":
+        out = cls(sampling, param_budget)
+        out.layers = {k: LayerStats.from_state(v, device) for k, v in state["layers"].items()}
+        out.gains = {k: GainStats.from_state(v, device) for k, v in state["gains"].items()}
+        out.reservoirs = {k: ParamReservoir.from_state(v, device) for k, v in state["reservoirs"].items()}
+        out.input_gain = list(state["input_gain"])
+        return out
+
+    def merge(self, other: "Tracer") -> "Tracer":
+        """Add ``other`` (the next inputs of the same set) to this tracer; returns ``self``.
+
+        Layer sums fold in call order (call in shard order), histograms and extremes are exact,
+        reservoirs keep the same rows as one pass over all inputs would.
+        """
+        for k, v in other.layers.items():
+            self.layers[k] = self.layers[k].merge(v) if k in self.layers else LayerStats.from_state(v.state(), _device(v))
+        for k, v in other.gains.items():
+            self.gains[k] = self.gains[k].merge(v) if k in self.gains else v
+        for k, v in other.reservoirs.items():
+            self.reservoirs[k] = self.reservoirs[k].merge(v) if k in self.reservoirs else v
+        self.input_gain += other.input_gain
+        return self
+
+
+def _device(stats: LayerStats) -> torch.device:
+    return stats._acc.device if stats._acc is not None else torch.device("cpu")
 
 
 def layer_table(names: Sequence[str], tracers: Sequence[Tracer], threshold: float) -> tuple[list[dict], str | None]:
