@@ -22,7 +22,8 @@ from flowaudit.adapters import load_model
 from flowaudit.gaussian import GaussianOOD
 from flowaudit.runner import RUN_FACTS
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# PYTHONSAFEPATH: a child started in the repository root must import the installed flowaudit, not the source folder
+ENV = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def _free_port() -> int:

@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 import torch
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# PYTHONSAFEPATH: a child started in the repository root must import the installed flowaudit, not the source folder
+ENV = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TINY_SR = {"L": 3, "K": 1, "nf": 8, "nb": 2, "gc": 4, "hidden_channels": 8}
 
 

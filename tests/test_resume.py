@@ -20,7 +20,8 @@ import pytest
 
 from flowaudit.runner import RUN_FACTS
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# PYTHONSAFEPATH: a child started in the repository root must import the installed flowaudit, not the source folder
+ENV = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
