@@ -47,7 +47,7 @@ def conditions(n: int, size: int, path: Path) -> Path:
 def scan(model: str, data: Path, out: Path, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "flowaudit", "-q", "scan", model, "--data", str(data), "--out", str(out), "-k", "10",
            "--device", "cpu", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # the installed flowaudit
     t = time.perf_counter()
     res = json.loads(subprocess.run([sys.executable, "-c", WATCH, *cmd], env=env, capture_output=True, text=True, check=True).stdout)
     res["wall_s"] = time.perf_counter() - t
