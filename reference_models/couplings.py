@@ -409,7 +409,7 @@ class ModifiedRQSpline(_SplineWithTails):
         inner = (d1 * xi2).add_((two_s * xi).mul_(one_m)).add_(d0 * one_m2)  # d1ξ² + 2sξ(1 − ξ) + d0(1 − ξ)²
         deriv_num = (s**2).mul_(inner)
         parts = dict(one_m=one_m, xi2=xi2, two_s=two_s, den=den, one_m2=one_m2, inner=inner)
-        return torch.log(deriv_num).sub_(torch.log(den).mul_(2)), parts
+        return deriv_num.log_().sub_(torch.log(den).mul_(2)), parts
 
     def _log_derivative(self, x: Tensor, xm: Tensor, ym: Tensor, dm: Tensor) -> Tensor:
         zc, inside = self._clamped(x)
@@ -454,13 +454,13 @@ class ModifiedRQSpline(_SplineWithTails):
         a = (hgt * s).sub_(e).add_(f)
         b = e.sub_(f)
         c = (s * dy).neg_()
-        root = torch.sqrt((b * b).sub_((4 * a).mul_(c)).clamp_min_(0))  # √(b² − 4ac)
+        root = (b * b).sub_((4 * a).mul_(c)).clamp_min_(0).sqrt_()  # √(b² − 4ac)
         first = _flag(torch.ge, b, 0.0)
         minus_b = -b
         num = _pick(first, 2 * c, minus_b + root)
         den = _pick(first, minus_b.sub_(root), a.mul_(2))
         den = den.add_(_flag(torch.eq, den, 0.0))  # den = 0 only where num = 0: divide by 1 there
-        xi = (num / den).clamp_(0, 1)
+        xi = num.div_(den).clamp_(0, 1)
         x = xi.mul_(w).add_(x0)
         out = (x * inside).addcmul_(z, 1 - inside)  # x0 + ξw inside, z on the tails
         if not with_ladj:
