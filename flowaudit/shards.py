@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -126,8 +127,10 @@ class WorkFolder:
         """Write shard ``key`` atomically (the folder and its settings are created with the first shard)."""
         if not (self.path / "settings.json").exists():
             self.path.mkdir(parents=True, exist_ok=True)
-            with atomic_path(self.path / "settings.json") as tmp:  # ranks may race here: same bytes
-                Path(tmp).write_text(json.dumps(self.settings, indent=1))
+            # ranks may race here, writing the same bytes: each its own temporary file, then one rename
+            tmp = self.path / f".settings.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(self.settings, indent=1))
+            os.replace(tmp, self.path / "settings.json")
         with atomic_path(self._file(key)) as tmp:
             torch.save(payload, tmp)
 
