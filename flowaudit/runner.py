@@ -138,6 +138,8 @@ def size_batches(adapter: Adapter, cs: ConditionSet, run: Run, ctx: Context, bat
         return run, budget
     per_sample, base = probe_pass(adapter, cs.y, run.sampling, run.device)
     size = batch_for(budget, base, per_sample, run.sampling.samples, run.exact)
+    if ctx.group is not None:  # one batch size for every rank: the same passes as one process
+        size = min(ctx.group.all_gather(size))
     return Run(run.sampling, size, run.device, run.progress, run.exact), budget
 
 
