@@ -201,7 +201,7 @@ def inspect(model: Any, data: Any = None, *, samples: int = 4, temperature: floa
                    "data": {"in": cs.description}})
 
 
-def attack(model: Any, data: Any = None, *, budget: str | Budget = "linf:0.03", objective: str = "logdet", steps: int = 50,
+def attack(model: Any, data: Any = None, *, budget: str | Budget = "none", objective: str = "logdet", steps: int = 50,
            step_size: float | None = None, rule: str = "adam", starts: int | None = 16, samples: int = 4, temperature: float = 0.9,
            seed: int = 0, batch_size: int = 64, device: str = "auto", progress: bool = False) -> Report:
     """The worst case (DESIGN.md §4): projected gradient ascent on the first ``starts`` conditions of ``data``.
