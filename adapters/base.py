@@ -220,6 +220,11 @@ class Adapter(ABC):
                 digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return digest.hexdigest()[:16]
 
+    def describe(self) -> dict[str, Any]:
+        """What the adapter read or assumed about the model, merged into the report's ``model`` entry
+        (an official checkpoint's inferred configuration, for example); empty by default."""
+        return {}
+
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 

@@ -355,6 +355,9 @@ class OfficialAdapter(ReferenceAdapter):
         self.layout = layout
         self.inferred = dict(inferred or {})
 
+    def describe(self) -> dict[str, Any]:
+        return {"layout": self.layout, "inferred": self.inferred}
+
     def from_official_latents(self, y: Tensor, epses: list[Tensor]) -> list[Tensor]:
         """Official ``epses`` (split latents first, top latent last, heat applied) → this adapter's latents."""
         epses = list(epses)

@@ -263,6 +263,7 @@ def _model_entry(adapter: Adapter) -> dict:
         "n_parameters": adapter.n_parameters(), "fingerprint": adapter.fingerprint(),
         "condition_shape": list(adapter.condition_shape), "output_range": list(adapter.output_range),
         "error_band": list(adapter.error_band), "encoder_layers": adapter.feature_layers() or ["<condition>"],
+        **adapter.describe(),
     }
 
 

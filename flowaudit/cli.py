@@ -95,8 +95,29 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 # -- shared options ------------------------------------------------------------------------------
 
+def _official(name: str, convert=lambda v: v):
+    def store(ctx: click.Context, param: click.Parameter, value):
+        if value:
+            ctx.ensure_object(Settings).official[name] = convert(value)
+        return value
+
+    return store
+
+
+def _blocks(value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated block indices, e.g. 1,8,15,22") from None
+
+
 def model_options(f):
-    """MODEL argument, or --model module:factory with --weights."""
+    """MODEL argument, or --model module:factory with --weights; options for official checkpoints."""
+    f = click.option("--stack-blocks", metavar="I,J,…", expose_value=False, callback=_official("stack_blocks", _blocks),
+                     help="Official SR checkpoints: trunk blocks whose outputs condition the flow (not in the weights; "
+                          "default: the released configuration's).")(f)
+    f = click.option("--fs-ncsr", is_flag=True, expose_value=False, callback=_official("fs_ncsr"),
+                     help="Official NCSR checkpoint trained as FS-NCSR (same keys; models HR minus bicubic LR).")(f)
     f = max_parameters_option(f)
     f = click.option("--trust-checkpoint", is_flag=True, help="Allow pickled code in checkpoints (only for sources you trust).")(f)
     f = click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Weights for --model (state dict, .pt or .safetensors).")(f)
@@ -111,7 +132,8 @@ def _adapter(model_spec: str | None, factory: str | None, weights: str | None, t
     if bool(model_spec) == bool(factory):
         both = ", not both" if model_spec else ""
         raise click.UsageError(f"give MODEL (a bundled name or a checkpoint) or --model MODULE:FACTORY{both}")
-    return load_model(factory or model_spec, weights=weights, trust=trust, max_parameters=max_parameters)
+    official = click.get_current_context().find_object(Settings).official
+    return load_model(factory or model_spec, weights=weights, trust=trust, max_parameters=max_parameters, official=official or None)
 
 
 def _layers(value: str | None) -> list[str] | None:

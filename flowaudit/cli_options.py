@@ -13,7 +13,7 @@ released, and the group prints :func:`interrupted` (one line) and exits 130
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import contextlib
@@ -39,6 +39,7 @@ class Settings:
     out: str | None = None  # what the running command writes (claimed), for the interruption message
     keeps_partial: bool = False  # ``train``: a periodic checkpoint at ``out`` is complete, not partial
     work: str | None = None  # ``fit`` / ``scan``: the work folder of completed shards (``--resume`` continues from it)
+    official: dict = field(default_factory=dict)  # what an official checkpoint's weights cannot say (--fs-ncsr, …)
 
     @property
     def progress(self) -> bool:

@@ -217,3 +217,29 @@ def test_bundled_checkpoints_keep_pre_activation_features_new_models_read_the_of
     assert rm.load("lowlight-affine").RRDB.official_features is False
     assert SRFlow(nf=4, nb=2, gc=2, hidden_channels=4, K=1, patch=16).config["official_features"] is True
     assert LLFlow(nf=4, nb=2, gc=2, hidden_channels=4, K=1, patch=16).RRDB.official_features is True
+
+
+def test_cli_reports_what_it_inferred(tmp_path):
+    """`flowaudit inspect CHECKPOINT --json`: the model entry says the layout and the inferred configuration;
+    --fs-ncsr and --stack-blocks reach the recogniser."""
+    import json
+
+    from click.testing import CliRunner
+
+    from flowaudit.cli import cli
+
+    fx = fixture("ncsr-x4")
+    path = tmp_path / "ncsr.pth"
+    torch.save(fx["state_dict"], path)
+    blocks = ",".join(str(b) for b in fx["config"]["blocks"])
+    runner = CliRunner()
+    plain = runner.invoke(cli, ["inspect", str(path), "--json", "--device", "cpu", "--stack-blocks", blocks])
+    assert plain.exit_code == 0, plain.output
+    model = json.loads(plain.output)["model"]
+    assert model["adapter"] == "official" and model["layout"] == "ncsr" and model["inferred"]["fs_ncsr"] is False
+    assert model["inferred"]["source"]["stack_blocks"] == "option"
+    fs = runner.invoke(cli, ["inspect", str(path), "--json", "--device", "cpu", "--fs-ncsr", "--stack-blocks", blocks])
+    assert fs.exit_code == 0, fs.output
+    assert json.loads(fs.output)["model"]["inferred"]["fs_ncsr"] is True
+    bad = runner.invoke(cli, ["inspect", str(path), "--stack-blocks", "one,two"])
+    assert bad.exit_code == 2
