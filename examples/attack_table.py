@@ -21,7 +21,7 @@ import time
 import torch
 
 from flowaudit.adapters import load_model
-from flowaudit.audit import attack
+from flowaudit import attack
 from flowaudit.demo import demo_sets
 from flowaudit.format import fmt
 from flowaudit.reference_models import bundled

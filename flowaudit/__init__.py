@@ -6,13 +6,13 @@ The Python API is the engine behind the CLI::
     report = flowaudit.scan(model, data, ood=ood_data, fit_data=train_conditions)
     report.to_json(); report.to_html()
 
-``adapt``, ``fit``, ``scan`` and ``inspect`` are imported lazily so that
+``adapt``, ``fit``, ``scan``, ``inspect`` and ``attack`` are imported lazily so that
 ``import flowaudit`` (and ``flowaudit --help``) stays fast.
 """
 
 from ._version import __version__
 
-__all__ = ["__version__", "adapt", "fit", "scan", "inspect", "Report"]
+__all__ = ["__version__", "adapt", "fit", "scan", "inspect", "attack", "Report"]
 
 
 def __getattr__(name: str):
@@ -20,7 +20,7 @@ def __getattr__(name: str):
         from .adapters import adapt
 
         return adapt
-    if name in ("fit", "scan", "inspect"):
+    if name in ("fit", "scan", "inspect", "attack"):
         from . import audit as _audit
 
         return getattr(_audit, name)

@@ -21,7 +21,7 @@ import torch
 
 from ._version import __version__
 from .adapters import Adapter, adapt
-from .attack import DetachedGains, Search
+from .search import DetachedGains, Search
 from .budget import Budget, parse_budget
 from .datasets import ConditionSet, load_conditions, nonfinite_records
 from .device import auditing, resolve_device
@@ -206,7 +206,7 @@ def attack(model: Any, data: Any = None, *, budget: str | Budget = "none", objec
            seed: int = 0, batch_size: int = 64, device: str = "auto", progress: bool = False) -> Report:
     """The worst case (DESIGN.md §4): projected gradient ascent on the first ``starts`` conditions of ``data``.
 
-    See :mod:`flowaudit.attack` for the search and :mod:`flowaudit.worst_case` for the report's
+    See :mod:`flowaudit.search` for the search and :mod:`flowaudit.worst_case` for the report's
     ``attack`` entry; ``report.files`` holds the worst conditions and samples that :meth:`Report.save` writes.
     """
     if samples < 1:

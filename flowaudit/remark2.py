@@ -25,7 +25,7 @@ of evidence, labelled as such in the report:
   decades; the ratio is then taken over those last two decades and
   ``settled`` says whether they agreed (at most ``max_decades`` decades).
 * ``worst_case`` — what an attack on the condition reached (``None`` until one
-  ran; :mod:`flowaudit.attack` passes one dict per site, see :func:`probe_site`).
+  ran; :mod:`flowaudit.worst_case` passes one dict per site, see :func:`probe_site`).
 
 **Verdict rule** (``threshold`` τ, default 0.5; ``rests_on`` names the evidence):
 

@@ -1,6 +1,6 @@
 r"""The attack as an audit: batches of starts, per-start records, summary, per-site evidence, saved worst cases.
 
-:func:`run_attack` runs :func:`~flowaudit.attack.search` over a condition set in batches of
+:func:`run_attack` runs :func:`~flowaudit.search.search` over a condition set in batches of
 starts (each start's latents seeded as the scan seeds input :math:`i` of set 0, so a start's
 result does not depend on the batch it ran in) and builds
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .adapters import Adapter
-from .attack import Search, default_step, search
+from .search import Search, default_step, search
 from .datasets import ConditionSet
 from .layout import Sampling, batches, progress_bar
 

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 import flowaudit
-from flowaudit.audit import attack  # the function; flowaudit.attack is the search's module
+from flowaudit import attack
 from flowaudit.adapters import adapt
 from flowaudit.adapters.reference import ReferenceAdapter
 from flowaudit.budget import parse_budget
