@@ -184,19 +184,27 @@ class Adapter(ABC):
     def sites(self) -> list[Site]:
         """The conditional elementwise sites, in forward (encode) order; may be empty (see :meth:`coverage`)."""
 
+    def unread(self) -> list[str]:
+        """Parts of the model that may be conditional but that no site reads (code the adapter does not
+        know): names for the report. Empty by default."""
+        return []
+
     def coverage(self) -> dict:
         """What the adapter saw of the model's sites, for the report: an audit that saw nothing must not look clean.
 
         ``{"n_sites": int, "complete": bool, "reason": str | None}``: ``complete`` is false and
-        ``reason`` one line starting ``"no sites found: "`` when :meth:`sites` is empty (adapters
-        may override to say more, or to flag a partial view). JSON-ready.
+        ``reason`` one line starting ``"no sites found: "`` when :meth:`sites` is empty, or naming the
+        parts no site reads (:meth:`unread`): a partial view. JSON-ready.
         """
         n = len(self.sites())
-        if n:
-            return {"n_sites": n, "complete": True, "reason": None}
-        return {"n_sites": 0, "complete": False,
-                "reason": f"no sites found: the {self.family} adapter recognises no module of {self.name} as a conditional "
-                          "elementwise site (couplings of one's own code: declare them with flowaudit.adapters.custom)"}
+        if not n:
+            return {"n_sites": 0, "complete": False,
+                    "reason": f"no sites found: the {self.family} adapter recognises no part of {self.name} as a conditional "
+                              "elementwise site (couplings of one's own code: declare them with flowaudit.adapters.custom)"}
+        unread = self.unread()
+        if unread:
+            return {"n_sites": n, "complete": False, "reason": f"parts not read as sites: {', '.join(unread)}"}
+        return {"n_sites": n, "complete": True, "reason": None}
 
     def encoder(self) -> nn.Module | None:
         """The conditioning network ``g_θ``; ``None`` when the condition itself is the feature."""

@@ -298,14 +298,9 @@ class FrEIAAdapter(Adapter):
     def sites(self) -> list[Site]:
         return list(self._sites)
 
-    def coverage(self) -> dict:
-        """Flags blocks no site reads whose Jacobian may depend on the input (unknown or nonlinear)."""
-        n = len(self._sites)
-        if not n:
-            return {"n_sites": 0, "complete": False, "reason": f"no sites found: the freia adapter recognises no block of {self.name}"}
-        if self._unseen:
-            return {"n_sites": n, "complete": False, "reason": f"blocks not read as sites: {', '.join(self._unseen)}"}
-        return {"n_sites": n, "complete": True, "reason": None}
+    def unread(self) -> list[str]:
+        """Blocks no site reads whose Jacobian may depend on the input (unknown or nonlinear)."""
+        return list(self._unseen)
 
     def layer_names(self) -> list[str]:
         return [n for n, _ in reversed(self._blocks)]

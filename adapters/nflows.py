@@ -369,14 +369,9 @@ class NflowsAdapter(Adapter):
         found: list[Site] = [s for _, _, s, _ in self._steps if s is not None]
         return found + ([self._prior] if self._prior is not None else [])
 
-    def coverage(self) -> dict:
-        """Flags transforms of unknown code (not nflows' unconditional ones): they might be conditional."""
-        n = len(self.sites())
-        if not n:
-            return {"n_sites": 0, "complete": False, "reason": f"no sites found: the nflows adapter recognises no transform of {self.name}"}
-        if self._unseen:
-            return {"n_sites": n, "complete": False, "reason": f"transforms not read as sites: {', '.join(self._unseen)}"}
-        return {"n_sites": n, "complete": True, "reason": None}
+    def unread(self) -> list[str]:
+        """Transforms of unknown code (not nflows' unconditional ones): they might be conditional."""
+        return list(self._unseen)
 
     def encoder(self) -> nn.Module | None:
         emb = self.model._embedding_net

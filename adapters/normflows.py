@@ -358,14 +358,9 @@ class NormflowsAdapter(Adapter):
     def sites(self) -> list[Site]:
         return list(self._sites)
 
-    def coverage(self) -> dict:
-        """Flags flows no site reads whose Jacobian may depend on the input (unknown or non-elementwise)."""
-        n = len(self._sites)
-        if not n:
-            return {"n_sites": 0, "complete": False, "reason": f"no sites found: the normflows adapter recognises no flow of {self.name}"}
-        if self._unseen:
-            return {"n_sites": n, "complete": False, "reason": f"flows not read as sites: {', '.join(self._unseen)}"}
-        return {"n_sites": n, "complete": True, "reason": None}
+    def unread(self) -> list[str]:
+        """Flows no site reads whose Jacobian may depend on the input (unknown or non-elementwise)."""
+        return list(self._unseen)
 
     def layer_names(self) -> list[str]:
         return ["q0", *self._flow_names]

@@ -283,14 +283,9 @@ class ZukoAdapter(Adapter):
         found: list[Site] = [s for _, _, s in self._steps if s is not None]
         return found + ([self._prior] if self._prior is not None else [])
 
-    def coverage(self) -> dict:
-        """Flags lazy transforms of kinds this adapter does not read (they might be conditional)."""
-        n = len(self.sites())
-        if not n:
-            return {"n_sites": 0, "complete": False, "reason": f"no sites found: the zuko adapter recognises no transform of {self.name}"}
-        if self._unseen:
-            return {"n_sites": n, "complete": False, "reason": f"transforms not read as sites: {', '.join(self._unseen)}"}
-        return {"n_sites": n, "complete": True, "reason": None}
+    def unread(self) -> list[str]:
+        """Lazy transforms of kinds this adapter does not read (they might be conditional)."""
+        return list(self._unseen)
 
     def layer_names(self) -> list[str]:
         return [self._base_name] + [n for n, _, _ in reversed(self._steps)]
