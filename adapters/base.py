@@ -173,7 +173,9 @@ class Adapter(ABC):
 
     @property
     def output_range(self) -> tuple[float, float]:
-        return (0.0, 1.0)
+        """The valid range of a sample's values: the model's ``output_range`` attribute when it has one
+        (libraries know nothing of data ranges; a user may state one on the model), else [0, 1]."""
+        return tuple(getattr(self.model, "output_range", (0.0, 1.0)))
 
     @property
     def error_band(self) -> tuple[float, float]:

@@ -290,11 +290,6 @@ class FrEIAAdapter(Adapter):
     def condition_shape(self) -> tuple[int, ...]:
         return self._condition_shape
 
-    @property
-    def output_range(self) -> tuple[float, float]:
-        # FrEIA knows nothing of data ranges; a user may state one on the model
-        return tuple(getattr(self.model, "output_range", (0.0, 1.0)))
-
     def sites(self) -> list[Site]:
         return list(self._sites)
 

@@ -361,10 +361,6 @@ class NflowsAdapter(Adapter):
                 return (m.in_features,)
         raise ValueError("cannot tell this nflows flow's condition shape: set `model.condition_shape = (C,)`")
 
-    @property
-    def output_range(self) -> tuple[float, float]:
-        return tuple(getattr(self.model, "output_range", (0.0, 1.0)))
-
     def sites(self) -> list[Site]:
         found: list[Site] = [s for _, _, s, _ in self._steps if s is not None]
         return found + ([self._prior] if self._prior is not None else [])

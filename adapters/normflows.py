@@ -351,10 +351,6 @@ class NormflowsAdapter(Adapter):
     def condition_shape(self) -> tuple[int, ...]:
         return self._condition_shape
 
-    @property
-    def output_range(self) -> tuple[float, float]:
-        return tuple(getattr(self.model, "output_range", (0.0, 1.0)))
-
     def sites(self) -> list[Site]:
         return list(self._sites)
 
