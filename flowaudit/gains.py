@@ -1,0 +1,198 @@
+r"""Statistics of a site's inverse gain :math:`g = 1/c'`, one pass over the gains of a call.
+
+:func:`summarize` reads the gains of one site call (rows = samples, input-major) once and
+returns what the tracer keeps of them, all on the gains' device and without a host sync:
+
+* the site histogram over :data:`~flowaudit.binning.GAIN_EDGES` of the finite positive gains,
+  their number, the number of the others (:math:`g \le 0`, ±inf, NaN) and their exact extremes;
+* per row (sample) the largest and smallest gain, NaN counted as +inf (as bad as it gets);
+* per input (K rows) a coarser histogram over :data:`~flowaudit.binning.INPUT_EDGES` of all its
+  gains, :math:`g \le 0` in the first bin and +inf / NaN in the last.
+
+Float32 gains (and float16 / bfloat16, widened exactly) are binned by the bit tables of
+:class:`~flowaudit.binning.GainBins` and counted with ``bincount`` (``index_add_`` off the CPU,
+whose ``bincount`` reads its maximum back to the host); the extremes of the finite positive
+gains come from order-preserving integer keys of their bits (positive float32 bits order like
+the values; ``(bits − 1) ^ 2^{31}`` puts +0, −0 and the negatives above +inf), so no mask and no
+``where`` over the values is needed. Other dtypes take the float64 reference path; both give
+the same bins (:func:`~flowaudit.binning.bin_index`). :class:`GainStats` accumulates the site
+figures and turns them into the report's min / p50 / p99 / max.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .binning import GAIN_EDGES, INPUT_EDGES, GainBins, bin_index, high_bits, histogram_quantile
+
+__all__ = ["GainPass", "GainStats", "summarize"]
+
+_NB, _NI = len(GAIN_EDGES) - 1, len(INPUT_EDGES) - 1
+_SIGN = -(2**31)
+_KEY_INF = (0x7F800000 - 1) ^ _SIGN  # the key of +inf: keys below it are finite positive gains
+
+
+@dataclass
+class GainPass:
+    """What one site call contributes (see module docstring); float64 extremes, int64 counts."""
+
+    counts: Tensor  # (B,) site histogram of the finite positive gains
+    ext: Tensor  # n finite positive, n others, their min, their max
+    row_max: Tensor  # (rows,)
+    input_max: Tensor | None = None  # (inputs,)
+    input_min: Tensor | None = None
+    input_counts: Tensor | None = None  # (inputs, 120)
+
+
+def _count(idx: Tensor, n: int) -> Tensor:
+    """Occurrences of 0…n−1 in the flat int tensor ``idx`` (int64), without a host sync."""
+    if idx.device.type == "cpu":
+        return torch.bincount(idx, minlength=n)
+    return torch.zeros(n, dtype=torch.int64, device=idx.device).index_add_(0, idx, torch.ones_like(idx, dtype=torch.int64))
+
+
+def summarize(gain: Tensor, samples: int | None = None) -> GainPass:
+    """The statistics of one call's gains (batch first); per input too when ``samples`` (K) is given."""
+    g = gain.detach()
+    g = g.reshape(g.shape[0], -1) if g.dim() else g.reshape(1, 1)
+    if g.dtype in (torch.float16, torch.bfloat16):
+        g = g.float()
+    if g.dtype != torch.float32 or g.numel() == 0:
+        return _summarize_reference(g, samples)
+    dev = g.device
+    inf = math.inf
+    gs = torch.nan_to_num(g, nan=inf, posinf=inf, neginf=-inf).contiguous()
+    bits = gs.view(torch.int32).reshape(-1)
+    hi = high_bits(bits)
+    every = _count(GainBins(GAIN_EDGES, dev).index(bits, hi), _NB + 2)  # 0: g ≤ 0, 1…B: bins, B+1: +inf
+    counts = every[1 : _NB + 1]
+    key = ((bits - 1) ^ _SIGN).amin()  # int32 arithmetic wraps (−0 → 2^31 − 1): two's complement everywhere
+    low = ((key.long() ^ _SIGN) + 1).to(torch.int32).view(torch.float32)
+    low = torch.where(key < _KEY_INF, low, torch.full_like(low, inf))
+    top = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0).amax()
+    top = torch.where(top > 0, top, torch.full_like(top, -inf))
+    ext = torch.stack([counts.sum().double(), (every[0] + every[_NB + 1]).double(), low.double(), top.double()])
+    row_max = gs.amax(1).double()
+    out = GainPass(counts, ext, row_max)
+    if samples:
+        rows = gs.reshape(-1, samples * gs.shape[1])
+        n = rows.shape[0]
+        coarse = GainBins(INPUT_EDGES, dev).index(bits, hi).view(n, -1)
+        coarse = coarse + (torch.arange(n, device=dev, dtype=torch.int32) * (_NI + 2))[:, None]
+        c = _count(coarse.reshape(-1), n * (_NI + 2)).view(n, _NI + 2)
+        hist = c[:, 1 : _NI + 1].clone()
+        hist[:, 0] += c[:, 0]
+        hist[:, -1] += c[:, _NI + 1]
+        out.input_max, out.input_min, out.input_counts = row_max.view(n, -1).amax(1), gs.amin(1).double().view(n, -1).amin(1), hist
+    return out
+
+
+def _summarize_reference(g: Tensor, samples: int | None) -> GainPass:
+    """:func:`summarize` by the float64 definition (any dtype, empty tensors)."""
+    flat = g.reshape(-1)
+    ok = torch.isfinite(flat) & (flat > 0)
+    idx = bin_index(torch.where(ok, flat, torch.ones_like(flat)), GAIN_EDGES)
+    counts = torch.zeros(_NB, dtype=torch.int64, device=g.device).scatter_add_(0, idx, ok.to(torch.int64))
+    f = flat.to(torch.float64)
+    inf = torch.full_like(f, math.inf)
+    ext = torch.stack([ok.sum().to(torch.float64), (~ok).sum().to(torch.float64),
+                       torch.where(ok, f, inf).min() if f.numel() else f.new_tensor(math.inf),
+                       torch.where(ok, f, -inf).max() if f.numel() else f.new_tensor(-math.inf)])
+    g64 = g.to(torch.float64)
+    g64 = torch.where(torch.isnan(g64), torch.full_like(g64, math.inf), g64)  # NaN gain: as bad as it gets
+    out = GainPass(counts, ext, g64.amax(1) if g64.shape[1] else g64.new_zeros(g64.shape[0]))
+    if samples:
+        rows = g64.reshape(-1, samples * g64.shape[1])
+        idx = bin_index(rows.clamp_min(1e-300), INPUT_EDGES)
+        out.input_counts = torch.zeros(rows.shape[0], _NI, dtype=torch.int64, device=g.device).scatter_add_(
+            1, idx, torch.ones_like(idx))
+        out.input_max, out.input_min = rows.amax(1), rows.amin(1)
+    return out
+
+
+class GainStats:
+    """Distribution of a site's inverse gain over the visited points (accumulated on the device)."""
+
+    def __init__(self) -> None:
+        self._counts: Tensor | None = None
+        self._ext: Tensor | None = None  # n, n_nonfinite, min, max (float64)
+
+    def add(self, gain: Tensor) -> None:
+        self.add_pass(summarize(gain))
+
+    def add_pass(self, p: GainPass) -> None:
+        """Add a call's :class:`GainPass` (the tracer summarizes once for all its statistics)."""
+        self._merge(p.counts, p.ext)
+
+    def _merge(self, counts: Tensor, ext: Tensor) -> None:
+        if self._counts is None:
+            self._counts, self._ext = counts, ext
+            return
+        a = self._ext
+        self._counts = self._counts + counts.to(self._counts.device)
+        ext = ext.to(a.device)
+        self._ext = torch.stack([a[0] + ext[0], a[1] + ext[1], torch.minimum(a[2], ext[2]), torch.maximum(a[3], ext[3])])
+
+    def merge(self, other: "GainStats") -> "GainStats":
+        """A new GainStats over the points of both."""
+        out = GainStats()
+        for part in (self, other):
+            if part._counts is not None:
+                out._merge(part._counts, part._ext)
+        return out
+
+    def state(self) -> dict | None:
+        """Histogram counts and extremes (CPU), or ``None`` before any point; exact to merge in any order."""
+        return None if self._counts is None else {"counts": self._counts.cpu(), "ext": self._ext.cpu()}
+
+    @classmethod
+    def from_state(cls, state: dict | None, device: torch.device | str = "cpu") -> "GainStats":
+        out = cls()
+        if state is not None:
+            out._counts, out._ext = state["counts"].to(device), state["ext"].to(device)
+        return out
+
+    @property
+    def counts(self) -> np.ndarray:
+        return np.zeros(_NB, dtype=np.int64) if self._counts is None else self._counts.cpu().numpy()
+
+    def _ext_values(self) -> list[float]:
+        return [0.0, 0.0, math.inf, -math.inf] if self._ext is None else self._ext.tolist()
+
+    @property
+    def n(self) -> int:
+        return int(self._ext_values()[0])
+
+    @property
+    def n_nonfinite(self) -> int:
+        return int(self._ext_values()[1])
+
+    @property
+    def min(self) -> float:
+        return self._ext_values()[2]
+
+    @property
+    def max(self) -> float:
+        return self._ext_values()[3]
+
+    def quantile(self, q: float) -> float:
+        """Quantile from the histogram, clipped to the exact extremes."""
+        n, _, lo, hi = self._ext_values()
+        if not n:
+            return math.nan
+        return min(max(histogram_quantile(self.counts, GAIN_EDGES, q), lo), hi)
+
+    def to_dict(self) -> dict:
+        n, bad, lo, hi = self._ext_values()
+        if n == 0:
+            return {"min": math.nan, "p50": math.nan, "p99": math.nan, "max": math.nan, "n": 0, "n_nonfinite": int(bad)}
+        return {
+            "min": lo, "p50": self.quantile(0.5), "p99": self.quantile(0.99), "max": hi,
+            "n": int(n), "n_nonfinite": int(bad),
+            "histogram": {"log10_edges": GAIN_EDGES.tolist(), "counts": self.counts.tolist()},
+        }

@@ -1,0 +1,158 @@
+r"""The parameter reservoir of one site: a fixed budget of parameter rows for the Remark 2 probe.
+
+Every site call hands the tracer the parameters the conditioner produced (one row per sample)
+and each row's largest inverse gain :math:`g_r`. :class:`ParamReservoir` keeps at most
+``budget`` parameter numbers, i.e. :math:`k = \max(2, \lfloor \text{budget} / m \rfloor)` rows of
+:math:`m` numbers:
+
+* :math:`\lfloor k/2 \rfloor` rows with the largest :math:`g_r` (the tails Remark 2 is about);
+* :math:`\lceil k/2 \rceil` rows with the smallest keys :math:`u_r = \text{SplitMix64}(\text{salt}, r) / 2^{64}`,
+  :math:`r` the row's global index (input × K + sample): a uniform sample of all rows seen,
+  the same rows whatever the batches, shards or ranks they came in.
+
+Both halves order rows by (score, row id), a strict total order, so the top-k of a union is the
+top-k of the parts' top-k: merging shards or updating once per call gives the same rows as one
+pass over everything. The order is found on scores and ids (a few numbers a row) and only the
+kept rows are gathered, on the rows' device, with no host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["ParamReservoir", "uniform_keys"]
+
+
+def uniform_keys(row: Tensor, salt: int) -> Tensor:
+    """A uniform number in [0, 1) per row id: SplitMix64 of (salt, row), on the rows' device."""
+    mask = (1 << 64) - 1
+    golden, m1, m2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+    def signed(c: int) -> int:
+        return c - (1 << 64) if c >= 1 << 63 else c
+
+    def shr(z: Tensor, k: int) -> Tensor:  # logical shift of int64 bits
+        return (z >> k) & ((1 << (64 - k)) - 1)
+
+    z = row.to(torch.int64) * signed(golden) + signed((salt * golden) & mask)  # int64 arithmetic wraps
+    z = (z ^ shr(z, 30)) * signed(m1)
+    z = (z ^ shr(z, 27)) * signed(m2)
+    z = z ^ shr(z, 31)
+    return shr(z, 11).to(torch.float64) * 2.0**-53
+
+
+class ParamReservoir:
+    """Parameter rows of one site kept for the Remark 2 probe, drawn from every batch (module docstring).
+
+    Args:
+        budget: parameter numbers kept (rows × numbers per row; at least 2 rows).
+        generator: the seeded generator of the random keys, on the parameters' device.
+
+    Row ids (global row, input, batch) travel with the rows so the report can say how many
+    inputs and batches the kept points come from.
+    """
+
+    def __init__(self, budget: int, generator: torch.Generator | None = None, salt: int = 0):
+        self.budget, self.generator, self.salt = budget, generator, salt
+        self.rows_seen = self.skipped = 0
+        self._top: tuple[Tensor, Tensor, Tensor] | None = None  # rows, gain, ids
+        self._rand: tuple[Tensor, Tensor, Tensor] | None = None  # rows, key, ids
+
+    def capacity(self, per_row: int) -> tuple[int, int]:
+        """(rows kept by gain, rows kept at random) for rows of ``per_row`` numbers."""
+        rows = max(2, self.budget // max(per_row, 1))
+        return rows // 2, rows - rows // 2
+
+    @staticmethod
+    def _merge(old: tuple[Tensor, Tensor, Tensor] | None, new: tuple[Tensor, Tensor, Tensor], k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Keep the ``k`` rows with the largest score (rows, score, ids), ties to the smaller row id.
+
+        A strict total order, so the kept rows are the same however the rows arrived
+        (batch sizes, shards, ranks): top-k of a union is top-k of the parts' top-k. The order
+        is found on the scores and ids alone; only the ``k`` kept rows are copied.
+        """
+        if old is None:
+            old = tuple(t[:0] for t in new)
+        new = tuple(b.to(a.device) for a, b in zip(old, new))
+        score, ids = torch.cat([old[1], new[1]]), torch.cat([old[2], new[2]])
+        n_old = old[0].shape[0]
+        if score.shape[0] <= k:
+            return torch.cat([old[0], new[0]]), score, ids
+        by_id = torch.argsort(ids[:, 0], stable=True)
+        idx = by_id.index_select(0, torch.argsort(score.index_select(0, by_id), descending=True, stable=True)[:k])
+        if n_old:
+            from_old = (idx < n_old).view(-1, *[1] * (new[0].dim() - 1))
+            rows = torch.where(from_old, old[0].index_select(0, idx.clamp_max(n_old - 1)), new[0].index_select(0, (idx - n_old).clamp_min(0)))
+        else:
+            rows = new[0].index_select(0, idx)
+        return rows, score.index_select(0, idx), ids.index_select(0, idx)
+
+    def add(self, params: Tensor, row_gain: Tensor, first_input: int, samples: int, batch: int) -> None:
+        rows = params.detach()
+        n = rows.shape[0]
+        if self._top is not None and tuple(self._top[0].shape[1:]) != tuple(rows.shape[1:]):
+            self.skipped += n  # a different parameter shape in the same set: not mixed into one probe tensor
+            return
+        dev = rows.device
+        r = torch.arange(n, device=dev)
+        ids = torch.stack([r + first_input * max(samples, 1), r // max(samples, 1) + first_input, torch.full_like(r, batch)], 1)
+        self.rows_seen += n
+        gain = row_gain.to(dev, torch.float64) if row_gain.shape[0] == n else torch.zeros(n, dtype=torch.float64, device=dev)
+        k_top, k_rand = self.capacity(rows[0].numel() if n else 1)
+        self._top = self._merge(self._top, (rows, gain, ids), k_top)
+        key = uniform_keys(ids[:, 0], self.salt)  # a function of the row, not of the batch it came in
+        self._rand = self._merge(self._rand, (rows, -key, ids), k_rand)  # smallest keys: a uniform sample
+
+    # -- mergeable state (shards, resume, ranks) ----------------------------------------------
+    def state(self) -> dict:
+        cpu = (lambda t: None if t is None else tuple(x.cpu() for x in t))
+        return {"budget": self.budget, "salt": self.salt, "rows_seen": self.rows_seen, "skipped": self.skipped,
+                "top": cpu(self._top), "rand": cpu(self._rand)}
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device | str = "cpu") -> "ParamReservoir":
+        out = cls(state["budget"], salt=state["salt"])
+        out.rows_seen, out.skipped = state["rows_seen"], state["skipped"]
+        out._top, out._rand = (None if state[k] is None else tuple(x.to(device) for x in state[k]) for k in ("top", "rand"))
+        return out
+
+    def merge(self, other: "ParamReservoir") -> "ParamReservoir":
+        """The reservoir over the rows of both (``other`` from later inputs); returns ``self``."""
+        self.rows_seen += other.rows_seen
+        self.skipped += other.skipped
+        if other._top is None:
+            return self
+        if self._top is None:
+            self._top, self._rand = other._top, other._rand
+            return self
+        if tuple(self._top[0].shape[1:]) != tuple(other._top[0].shape[1:]):
+            self.skipped += other.rows_seen
+            return self
+        k_top, k_rand = self.capacity(self._top[0][0].numel() if len(self._top[0]) else 1)
+        self._top = self._merge(self._top, other._top, k_top)
+        self._rand = self._merge(self._rand, other._rand, k_rand)
+        return self
+
+    def kept(self) -> tuple[Tensor, Tensor] | None:
+        """(rows, ids) of the union of both halves, each row once, in row order."""
+        if self._top is None:
+            return None
+        rows = torch.cat([self._top[0], self._rand[0]])
+        ids = torch.cat([self._top[2], self._rand[2]])
+        uniq, inv = torch.unique(ids[:, 0], return_inverse=True)
+        first = torch.full((len(uniq),), len(inv), dtype=torch.long, device=inv.device).scatter_reduce(
+            0, inv, torch.arange(len(inv), device=inv.device), reduce="amin")
+        return rows.index_select(0, first), ids.index_select(0, first)
+
+    def info(self) -> dict:
+        """What the reservoir holds, for the report."""
+        kept = self.kept()
+        per_row = int(self._top[0][0].numel()) if self._top is not None and len(self._top[0]) else 0
+        k_top, k_rand = self.capacity(per_row) if per_row else (0, 0)
+        ids = kept[1].cpu() if kept is not None else torch.zeros(0, 3, dtype=torch.long)
+        return {"budget": self.budget, "rows_capacity": k_top + k_rand, "rows": int(len(ids)),
+                "rows_by_gain": int(len(self._top[0])) if self._top is not None else 0,
+                "points": int(len(ids)) * per_row, "inputs": int(ids[:, 1].unique().numel()),
+                "batches": int(ids[:, 2].unique().numel()), "rows_seen": self.rows_seen, "rows_skipped": self.skipped,
+                "largest_gain_kept": float(self._top[1].max()) if self._top is not None and len(self._top[1]) else None}
