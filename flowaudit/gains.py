@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .scratch import Scratch
 from .binning import GAIN_EDGES, INPUT_EDGES, GainBins, bin_index, high_bits, histogram_quantile
 
 __all__ = ["GainPass", "GainStats", "summarize"]
@@ -56,8 +57,11 @@ def _count(idx: Tensor, n: int) -> Tensor:
     return torch.zeros(n, dtype=torch.int64, device=idx.device).index_add_(0, idx, torch.ones_like(idx, dtype=torch.int64))
 
 
-def summarize(gain: Tensor, samples: int | None = None) -> GainPass:
-    """The statistics of one call's gains (batch first); per input too when ``samples`` (K) is given."""
+def summarize(gain: Tensor, samples: int | None = None, work: Scratch | None = None) -> GainPass:
+    """The statistics of one call's gains (batch first); per input too when ``samples`` (K) is given.
+
+    Temporaries go to ``work`` (:class:`~flowaudit.scratch.Scratch`), reused from call to call.
+    """
     g = gain.detach()
     g = g.reshape(g.shape[0], -1) if g.dim() else g.reshape(1, 1)
     if g.dtype in (torch.float16, torch.bfloat16):
@@ -66,29 +70,35 @@ def summarize(gain: Tensor, samples: int | None = None) -> GainPass:
         return _summarize_reference(g, samples)
     dev = g.device
     inf = math.inf
-    gs = torch.nan_to_num(g, nan=inf, posinf=inf, neginf=-inf).contiguous()
+    work = work or Scratch()
+    m = g.numel()
+    gs = torch.nan_to_num(g, nan=inf, posinf=inf, neginf=-inf, out=work.get("gain", g.shape, torch.float32, dev))
     bits = gs.view(torch.int32).reshape(-1)
-    hi = high_bits(bits)
-    every = _count(GainBins(GAIN_EDGES, dev).index(bits, hi), _NB + 2)  # 0: g ≤ 0, 1…B: bins, B+1: +inf
+    hi = torch.bitwise_right_shift(bits, 16, out=work.get("hi", (m,), torch.int32, dev)).bitwise_and_(0xFFFF)
+    low = torch.bitwise_and(bits, 0xFFFF, out=work.get("low", (m,), torch.int32, dev))
+    idx = torch.index_select(GainBins(GAIN_EDGES, dev).table, 0, hi, out=work.get("idx", (m,), torch.int32, dev))
+    idx.add_(low).bitwise_right_shift_(16)
+    every = _count(idx, _NB + 2)  # 0: g ≤ 0, 1…B: bins, B+1: +inf
     counts = every[1 : _NB + 1]
-    key = ((bits - 1) ^ _SIGN).amin()  # int32 arithmetic wraps (−0 → 2^31 − 1): two's complement everywhere
-    low = ((key.long() ^ _SIGN) + 1).to(torch.int32).view(torch.float32)
-    low = torch.where(key < _KEY_INF, low, torch.full_like(low, inf))
-    top = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0).amax()
-    top = torch.where(top > 0, top, torch.full_like(top, -inf))
-    ext = torch.stack([counts.sum().double(), (every[0] + every[_NB + 1]).double(), low.double(), top.double()])
     row_max = gs.amax(1).double()
-    out = GainPass(counts, ext, row_max)
+    out = GainPass(counts, None, row_max)
     if samples:
-        rows = gs.reshape(-1, samples * gs.shape[1])
-        n = rows.shape[0]
-        coarse = GainBins(INPUT_EDGES, dev).index(bits, hi).view(n, -1)
-        coarse = coarse + (torch.arange(n, device=dev, dtype=torch.int32) * (_NI + 2))[:, None]
-        c = _count(coarse.reshape(-1), n * (_NI + 2)).view(n, _NI + 2)
+        n = gs.shape[0] // samples
+        torch.index_select(GainBins(INPUT_EDGES, dev).table, 0, hi, out=idx)
+        idx.add_(low).bitwise_right_shift_(16)
+        if n > 1:
+            idx.view(n, -1).add_((torch.arange(n, device=dev, dtype=torch.int32) * (_NI + 2))[:, None])
+        c = _count(idx, n * (_NI + 2)).view(n, _NI + 2)
         hist = c[:, 1 : _NI + 1].clone()
         hist[:, 0] += c[:, 0]
         hist[:, -1] += c[:, _NI + 1]
         out.input_max, out.input_min, out.input_counts = row_max.view(n, -1).amax(1), gs.amin(1).double().view(n, -1).amin(1), hist
+    key = torch.sub(bits, 1, out=hi).bitwise_xor_(_SIGN).amin()  # int32 wraps (−0 → 2^31 − 1): two's complement everywhere
+    low_ok = ((key.long() ^ _SIGN) + 1).to(torch.int32).view(torch.float32)
+    low_ok = torch.where(key < _KEY_INF, low_ok, torch.full_like(low_ok, inf))
+    top = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0, out=low.view(torch.float32).view_as(g)).amax()
+    top = torch.where(top > 0, top, torch.full_like(top, -inf))
+    out.ext = torch.stack([counts.sum().double(), (every[0] + every[_NB + 1]).double(), low_ok.double(), top.double()])
     return out
 
 

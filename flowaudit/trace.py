@@ -41,6 +41,7 @@ from .binning import GAIN_EDGES, INPUT_EDGES, histogram_quantile
 from .gains import GainStats, summarize
 from .layout import Sampling
 from .reservoir import ParamReservoir
+from .scratch import Scratch
 
 __all__ = ["GAIN_EDGES", "LayerStats", "GainStats", "ParamReservoir", "Tracer", "histogram_quantile", "layer_table"]
 
@@ -60,6 +61,14 @@ def _row_sums(v: Tensor) -> Tensor:
         return v.sum(1)
     v = torch.nn.functional.pad(v, (0, (-m) % _CHUNK)).reshape(n, -1, _CHUNK)
     return _row_sums(v.sum(2))
+
+
+def _count_rows(a: Tensor) -> Tensor:
+    """Row sums (float64) of a 0/1 tensor: chunks of 4096 summed in its own dtype are exact integers."""
+    n, m = a.shape
+    if m > _CHUNK:
+        a = torch.nn.functional.pad(a, (0, (-m) % _CHUNK)).reshape(n, -1, _CHUNK).sum(2)
+    return _row_sums(a.to(torch.float64))
 
 
 def _fold(acc: Tensor | None, parts: Tensor) -> Tensor:
@@ -85,13 +94,13 @@ class LayerStats:
     def __init__(self) -> None:
         self._acc: Tensor | None = None
 
-    def add(self, x: Tensor, n_inputs: int = 1) -> None:
+    def add(self, x: Tensor, n_inputs: int = 1, work: Scratch | None = None) -> None:
         """Add the values of ``x`` (input-major rows of ``n_inputs`` inputs), folded input by input.
 
         Each input's partial sums come from :func:`_row_sums` and are added to the running sums in
         input order (:func:`_fold`), so the result does not depend on how inputs were grouped into passes.
         Non-finite values are zeroed by ``nan_to_num`` (one cheap pass, no mask, no ``where``) and
-        counted by the NaN that ``x * 0`` gives exactly at them.
+        counted by the NaN that ``x * 0`` gives exactly at them. Temporaries go to ``work``.
         """
         x = x.detach()
         if x.numel() == 0:
@@ -99,10 +108,14 @@ class LayerStats:
         if n_inputs < 1 or x.shape[0] % n_inputs:
             n_inputs = 1
         x = x.reshape(n_inputs, -1)
+        work = work or Scratch()
         inf = math.inf
-        top = torch.nan_to_num(x, nan=0.0, posinf=inf, neginf=inf).abs_().amax(1).to(torch.float64)  # Inf counts, NaN not
-        bad = _row_sums(torch.nan_to_num(x * 0, nan=1.0, posinf=1.0, neginf=1.0).to(torch.float64))
-        v = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0).to(torch.float64)
+        a = torch.nan_to_num(x, nan=0.0, posinf=inf, neginf=inf, out=work.get("layer", x.shape, x.dtype, x.device))
+        top = a.abs_().amax(1).to(torch.float64)  # Inf counts, NaN does not
+        torch.mul(x, 0, out=a).nan_to_num_(nan=1.0, posinf=1.0, neginf=1.0)  # 1 exactly at the non-finite values
+        bad = _count_rows(a)
+        torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0, out=a)
+        v = work.get("layer64", x.shape, torch.float64, x.device).copy_(a) if x.dtype != torch.float64 else a
         total = _row_sums(v)
         total_sq = _row_sums(v.mul_(v))
         parts = torch.stack([x.shape[1] - bad, total, total_sq, top, bad], 1)
@@ -166,6 +179,7 @@ class Tracer:
         self.input_gain: list[dict] = []  # per input, over all sites: min, p50, p99, max
         self._batch: dict[str, Tensor] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._work = Scratch()
         self._inputs_seen = self._batches_seen = 0
 
     @property
@@ -185,10 +199,10 @@ class Tracer:
 
     # -- Observer -------------------------------------------------------------
     def layer(self, name: str, x: Tensor) -> None:
-        self.layers.setdefault(name, LayerStats()).add(x, max(1, x.shape[0] // self.sampling.samples) if x.dim() else 1)
+        self.layers.setdefault(name, LayerStats()).add(x, max(1, x.shape[0] // self.sampling.samples) if x.dim() else 1, self._work)
 
     def site(self, name: str, gain: Tensor, params: Any) -> None:
-        p = summarize(gain, self.sampling.samples)  # one read of the gains for every statistic
+        p = summarize(gain, self.sampling.samples, self._work)  # one read of the gains for every statistic
         self.gains.setdefault(name, GainStats()).add_pass(p)
         self._keep_params(name, params, p.row_max)
         b = self._batch
