@@ -31,7 +31,7 @@ from torch import Tensor
 from .scratch import Scratch
 from .binning import GAIN_EDGES, INPUT_EDGES, GainBins, bin_index, high_bits, histogram_quantile
 
-__all__ = ["GainPass", "GainStats", "summarize"]
+__all__ = ["GainPass", "GainStats", "summarize", "settle", "settle_inputs"]
 
 _NB, _NI = len(GAIN_EDGES) - 1, len(INPUT_EDGES) - 1
 _SIGN = -(2**31)
@@ -40,14 +40,42 @@ _KEY_INF = (0x7F800000 - 1) ^ _SIGN  # the key of +inf: keys below it are finite
 
 @dataclass
 class GainPass:
-    """What one site call contributes (see module docstring); float64 extremes, int64 counts."""
+    """What one site call contributes (see module docstring).
 
-    counts: Tensor  # (B,) site histogram of the finite positive gains
-    ext: Tensor  # n finite positive, n others, their min, their max
-    row_max: Tensor  # (rows,)
+    The site figures come either settled (``counts``, ``ext``: the reference path) or raw
+    (``raw``: the fast path's counts with the two junk bins, the smallest order key and the
+    largest finite value), settled by :class:`GainStats` only when read: a few small
+    operations per read instead of per call. ``input_counts`` is (inputs, 120), or
+    (inputs, 122) raw with g ≤ 0 and +inf in the end columns (:func:`settle_inputs`).
+    """
+
+    counts: Tensor | None  # (B,) site histogram of the finite positive gains
+    ext: Tensor | None  # n finite positive, n others, their min, their max (float64)
+    row_max: Tensor  # (rows,) float64
+    raw: tuple[Tensor, Tensor, Tensor] | None = None  # (B + 2,) counts, min key, max finite value
     input_max: Tensor | None = None  # (inputs,)
     input_min: Tensor | None = None
-    input_counts: Tensor | None = None  # (inputs, 120)
+    input_counts: Tensor | None = None
+
+
+def settle(every: Tensor, key: Tensor, top: Tensor) -> tuple[Tensor, Tensor]:
+    """(counts, ext) of a raw pass (:class:`GainPass`)."""
+    inf = math.inf
+    counts = every[1 : _NB + 1]
+    low = ((key.long() ^ _SIGN) + 1).to(torch.int32).view(torch.float32)
+    low = torch.where(key < _KEY_INF, low, torch.full_like(low, inf))
+    top = torch.where(top > 0, top, torch.full_like(top, -inf))
+    return counts, torch.stack([counts.sum().double(), (every[0] + every[_NB + 1]).double(), low.double(), top.double()])
+
+
+def settle_inputs(c: Tensor) -> Tensor:
+    """Per-input counts over the 120 coarse bins: raw (inputs, 122) with g ≤ 0 into the first, +inf into the last."""
+    if c.shape[1] == _NI:
+        return c
+    hist = c[:, 1 : _NI + 1].clone()
+    hist[:, 0] += c[:, 0]
+    hist[:, -1] += c[:, _NI + 1]
+    return hist
 
 
 def _count(idx: Tensor, n: int) -> Tensor:
@@ -79,26 +107,18 @@ def summarize(gain: Tensor, samples: int | None = None, work: Scratch | None = N
     idx = torch.index_select(GainBins(GAIN_EDGES, dev).table, 0, hi, out=work.get("idx", (m,), torch.int32, dev))
     idx.add_(low).bitwise_right_shift_(16)
     every = _count(idx, _NB + 2)  # 0: g ≤ 0, 1…B: bins, B+1: +inf
-    counts = every[1 : _NB + 1]
     row_max = gs.amax(1).double()
-    out = GainPass(counts, None, row_max)
+    out = GainPass(None, None, row_max)
     if samples:
         n = gs.shape[0] // samples
-        torch.index_select(GainBins(INPUT_EDGES, dev).table, 0, hi, out=idx)
-        idx.add_(low).bitwise_right_shift_(16)
+        out.input_max, out.input_min = row_max.view(n, -1).amax(1), gs.amin(1).double().view(n, -1).amin(1)
+        torch.index_select(GainBins(INPUT_EDGES, dev).table, 0, hi, out=idx).add_(low).bitwise_right_shift_(16)
         if n > 1:
             idx.view(n, -1).add_((torch.arange(n, device=dev, dtype=torch.int32) * (_NI + 2))[:, None])
-        c = _count(idx, n * (_NI + 2)).view(n, _NI + 2)
-        hist = c[:, 1 : _NI + 1].clone()
-        hist[:, 0] += c[:, 0]
-        hist[:, -1] += c[:, _NI + 1]
-        out.input_max, out.input_min, out.input_counts = row_max.view(n, -1).amax(1), gs.amin(1).double().view(n, -1).amin(1), hist
+        out.input_counts = _count(idx, n * (_NI + 2)).view(n, _NI + 2)
     key = torch.sub(bits, 1, out=hi).bitwise_xor_(_SIGN).amin()  # int32 wraps (−0 → 2^31 − 1): two's complement everywhere
-    low_ok = ((key.long() ^ _SIGN) + 1).to(torch.int32).view(torch.float32)
-    low_ok = torch.where(key < _KEY_INF, low_ok, torch.full_like(low_ok, inf))
     top = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0, out=low.view(torch.float32).view_as(g)).amax()
-    top = torch.where(top > 0, top, torch.full_like(top, -inf))
-    out.ext = torch.stack([counts.sum().double(), (every[0] + every[_NB + 1]).double(), low_ok.double(), top.double()])
+    out.raw = (every, key, top)
     return out
 
 
@@ -131,13 +151,26 @@ class GainStats:
     def __init__(self) -> None:
         self._counts: Tensor | None = None
         self._ext: Tensor | None = None  # n, n_nonfinite, min, max (float64)
+        self._raw: tuple[Tensor, Tensor, Tensor] | None = None  # raw passes not yet settled
 
     def add(self, gain: Tensor) -> None:
         self.add_pass(summarize(gain))
 
     def add_pass(self, p: GainPass) -> None:
         """Add a call's :class:`GainPass` (the tracer summarizes once for all its statistics)."""
-        self._merge(p.counts, p.ext)
+        if p.raw is None:
+            self._merge(p.counts, p.ext)
+        elif self._raw is None:
+            self._raw = p.raw
+        else:
+            (e, k, t), (e2, k2, t2) = self._raw, p.raw
+            self._raw = (e + e2, torch.minimum(k, k2), torch.maximum(t, t2))
+
+    def _settle(self) -> "GainStats":
+        if self._raw is not None:
+            raw, self._raw = self._raw, None
+            self._merge(*settle(*raw))
+        return self
 
     def _merge(self, counts: Tensor, ext: Tensor) -> None:
         if self._counts is None:
@@ -151,13 +184,14 @@ class GainStats:
     def merge(self, other: "GainStats") -> "GainStats":
         """A new GainStats over the points of both."""
         out = GainStats()
-        for part in (self, other):
+        for part in (self._settle(), other._settle()):
             if part._counts is not None:
                 out._merge(part._counts, part._ext)
         return out
 
     def state(self) -> dict | None:
         """Histogram counts and extremes (CPU), or ``None`` before any point; exact to merge in any order."""
+        self._settle()
         return None if self._counts is None else {"counts": self._counts.cpu(), "ext": self._ext.cpu()}
 
     @classmethod
@@ -169,9 +203,11 @@ class GainStats:
 
     @property
     def counts(self) -> np.ndarray:
+        self._settle()
         return np.zeros(_NB, dtype=np.int64) if self._counts is None else self._counts.cpu().numpy()
 
     def _ext_values(self) -> list[float]:
+        self._settle()
         return [0.0, 0.0, math.inf, -math.inf] if self._ext is None else self._ext.tolist()
 
     @property

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .binning import GAIN_EDGES, INPUT_EDGES, histogram_quantile
-from .gains import GainStats, summarize
+from .gains import GainStats, settle_inputs, summarize
 from .layout import Sampling
 from .reservoir import ParamReservoir
 from .scratch import Scratch
@@ -208,7 +208,8 @@ class Tracer:
         b = self._batch
         b["max"] = p.input_max if "max" not in b else torch.maximum(b["max"], p.input_max)
         b["min"] = p.input_min if "min" not in b else torch.minimum(b["min"], p.input_min)
-        b["hist"] = p.input_counts if "hist" not in b else b["hist"] + p.input_counts
+        h = "raw" if p.input_counts.shape[1] != len(INPUT_EDGES) - 1 else "hist"  # raw: settled once a batch
+        b[h] = p.input_counts if h not in b else b[h] + p.input_counts
 
     # -- bookkeeping ----------------------------------------------------------
     def _keep_params(self, name: str, params: Any, row_gain: Tensor) -> None:
@@ -227,7 +228,7 @@ class Tracer:
         if not b:
             self.input_gain += [{"min": math.nan, "p50": math.nan, "p99": math.nan, "max": math.nan}] * n_inputs
             return
-        hist = b["hist"].cpu().numpy()
+        hist = sum(settle_inputs(b[h]) for h in ("raw", "hist") if h in b).cpu().numpy()
         for lo, hi, h in zip(b["min"].cpu().tolist(), b["max"].cpu().tolist(), hist):
             q = [min(max(histogram_quantile(h, INPUT_EDGES, p), lo), hi) for p in (0.5, 0.99)]
             self.input_gain.append({"min": lo, "p50": q[0], "p99": q[1], "max": hi})
