@@ -58,6 +58,7 @@ class ParamReservoir:
         self.rows_seen = self.skipped = 0
         self._top: tuple[Tensor, Tensor, Tensor] | None = None  # rows, gain, ids
         self._rand: tuple[Tensor, Tensor, Tensor] | None = None  # rows, key, ids
+        self._next_id: int | None = 0  # every kept row id is below it (None: unknown)
 
     def capacity(self, per_row: int) -> tuple[int, int]:
         """(rows kept by gain, rows kept at random) for rows of ``per_row`` numbers."""
@@ -65,12 +66,16 @@ class ParamReservoir:
         return rows // 2, rows - rows // 2
 
     @staticmethod
-    def _merge(old: tuple[Tensor, Tensor, Tensor] | None, new: tuple[Tensor, Tensor, Tensor], k: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _merge(old: tuple[Tensor, Tensor, Tensor] | None, new: tuple[Tensor, Tensor, Tensor], k: int,
+               later: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """Keep the ``k`` rows with the largest score (rows, score, ids), ties to the smaller row id.
 
         A strict total order, so the kept rows are the same however the rows arrived
         (batch sizes, shards, ranks): top-k of a union is top-k of the parts' top-k. The order
-        is found on the scores and ids alone; only the ``k`` kept rows are copied.
+        is found on the scores and ids alone; only the ``k`` kept rows are copied. ``later``: every
+        new id is above every old one and the new ids ascend; kept rows of equal score always lie in
+        id order (a union is kept as concatenated, a cut in sorted order), so one stable sort on the
+        score gives the same order.
         """
         if old is None:
             old = tuple(t[:0] for t in new)
@@ -79,8 +84,11 @@ class ParamReservoir:
         n_old = old[0].shape[0]
         if score.shape[0] <= k:
             return torch.cat([old[0], new[0]]), score, ids
-        by_id = torch.argsort(ids[:, 0], stable=True)
-        idx = by_id.index_select(0, torch.argsort(score.index_select(0, by_id), descending=True, stable=True)[:k])
+        if later:
+            idx = torch.argsort(score, descending=True, stable=True)[:k]
+        else:
+            by_id = torch.argsort(ids[:, 0], stable=True)
+            idx = by_id.index_select(0, torch.argsort(score.index_select(0, by_id), descending=True, stable=True)[:k])
         if n_old:
             from_old = (idx < n_old).view(-1, *[1] * (new[0].dim() - 1))
             rows = torch.where(from_old, old[0].index_select(0, idx.clamp_max(n_old - 1)), new[0].index_select(0, (idx - n_old).clamp_min(0)))
@@ -98,11 +106,14 @@ class ParamReservoir:
         r = torch.arange(n, device=dev)
         ids = torch.stack([r + first_input * max(samples, 1), r // max(samples, 1) + first_input, torch.full_like(r, batch)], 1)
         self.rows_seen += n
+        first = first_input * max(samples, 1)
+        later = self._next_id is not None and first >= self._next_id
+        self._next_id = first + n if later or self._top is None else None
         gain = row_gain.to(dev, torch.float64) if row_gain.shape[0] == n else torch.zeros(n, dtype=torch.float64, device=dev)
         k_top, k_rand = self.capacity(rows[0].numel() if n else 1)
-        self._top = self._merge(self._top, (rows, gain, ids), k_top)
+        self._top = self._merge(self._top, (rows, gain, ids), k_top, later)
         key = uniform_keys(ids[:, 0], self.salt)  # a function of the row, not of the batch it came in
-        self._rand = self._merge(self._rand, (rows, -key, ids), k_rand)  # smallest keys: a uniform sample
+        self._rand = self._merge(self._rand, (rows, -key, ids), k_rand, later)  # smallest keys: a uniform sample
 
     # -- mergeable state (shards, resume, ranks) ----------------------------------------------
     def state(self) -> dict:
@@ -114,11 +125,13 @@ class ParamReservoir:
     def from_state(cls, state: dict, device: torch.device | str = "cpu") -> "ParamReservoir":
         out = cls(state["budget"], salt=state["salt"])
         out.rows_seen, out.skipped = state["rows_seen"], state["skipped"]
+        out._next_id = None  # the ids' order is not known without reading them: the general merge
         out._top, out._rand = (None if state[k] is None else tuple(x.to(device) for x in state[k]) for k in ("top", "rand"))
         return out
 
     def merge(self, other: "ParamReservoir") -> "ParamReservoir":
         """The reservoir over the rows of both (``other`` from later inputs); returns ``self``."""
+        self._next_id = None
         self.rows_seen += other.rows_seen
         self.skipped += other.skipped
         if other._top is None:

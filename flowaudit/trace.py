@@ -59,15 +59,22 @@ def _row_sums(v: Tensor) -> Tensor:
     n, m = v.shape
     if m <= _CHUNK:
         return v.sum(1)
-    v = torch.nn.functional.pad(v, (0, (-m) % _CHUNK)).reshape(n, -1, _CHUNK)
-    return _row_sums(v.sum(2))
+    return _row_sums(_chunked(v).sum(2))
+
+
+def _chunked(v: Tensor) -> Tensor:
+    """``v`` (n, m) as (n, ⌈m/4096⌉, 4096), zero-padded; a view when 4096 divides m."""
+    n, m = v.shape
+    if m % _CHUNK:
+        v = torch.nn.functional.pad(v, (0, (-m) % _CHUNK))
+    return v.reshape(n, -1, _CHUNK)
 
 
 def _count_rows(a: Tensor) -> Tensor:
     """Row sums (float64) of a 0/1 tensor: chunks of 4096 summed in its own dtype are exact integers."""
     n, m = a.shape
     if m > _CHUNK:
-        a = torch.nn.functional.pad(a, (0, (-m) % _CHUNK)).reshape(n, -1, _CHUNK).sum(2)
+        a = _chunked(a).sum(2)
     return _row_sums(a.to(torch.float64))
 
 
