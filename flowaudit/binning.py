@@ -16,7 +16,8 @@ order like their values, and no two thresholds share a cell of :math:`2^{16}` bi
 .. math:: i(g) = \big(\mathrm{lo} + P[\mathrm{hi}]\big) \gg 16, \qquad
           P[c] = 2^{16}\, i(c \cdot 2^{16}) + (2^{16} - \mathrm{lo}(t_k) \text{ if } t_k \text{ lies in } c),
 
-one gather from a 65 536-entry table and four integer operations instead of a float64
+one gather from a 65 536-entry table and three integer operations (the table holds
+:math:`P[c] - c \cdot 2^{16}` modulo :math:`2^{32}`, so adding the whole bits adds ``lo``) instead of a float64
 ``log10`` (~9 ns a value on one CPU thread): the same bin, bit for bit, for every float32.
 The table also sorts out the values that are not in a bin: :class:`GainBins` places
 :math:`g \le 0` (and −0, −inf) at index 0, bins at 1…B, +inf at B + 1 (callers map NaN to
@@ -71,7 +72,10 @@ def _table(edges: np.ndarray, low: int, high: int) -> np.ndarray:
     table[0] = (low << 16) + 0xFFFF  # +0.0 → low, every positive denormal → bin 0 (index low + 1)
     table[_INF_BITS >> 16 : 0x8000] = high << 16  # +inf (and positive NaN bits)
     table[0x8000:] = low << 16  # the sign bit: −0, negatives, −inf
-    return table.astype(np.int32)
+    # minus the cell's own top bits, so that table[hi] + bits = P[hi] + lo; stored modulo 2^32 (int32 addition wraps)
+    cell = np.arange(0x10000, dtype=np.int64)
+    table -= np.where(cell < 0x8000, cell, cell - 0x10000) << 16
+    return ((table + 2**31) % 2**32 - 2**31).astype(np.int32)
 
 
 class GainBins:
@@ -87,9 +91,9 @@ class GainBins:
         self.n_bins = len(edges) - 1
         self.table = GainBins._tables[key].to(device)
 
-    def index(self, bits: Tensor, hi: Tensor) -> Tensor:
+    def index(self, bits: Tensor, hi: Tensor, out: Tensor | None = None) -> Tensor:
         """0 for g ≤ 0, 1 + bin for positive finite g, B + 1 for +inf; ``bits`` the gains as int32, ``hi`` their top 16 bits."""
-        return ((bits & 0xFFFF) + self.table.index_select(0, hi)) >> 16
+        return torch.index_select(self.table, 0, hi, out=out).add_(bits).bitwise_right_shift_(16)
 
 
 def high_bits(bits: Tensor) -> Tensor:

@@ -103,21 +103,19 @@ def summarize(gain: Tensor, samples: int | None = None, work: Scratch | None = N
     gs = torch.nan_to_num(g, nan=inf, posinf=inf, neginf=-inf, out=work.get("gain", g.shape, torch.float32, dev))
     bits = gs.view(torch.int32).reshape(-1)
     hi = torch.bitwise_right_shift(bits, 16, out=work.get("hi", (m,), torch.int32, dev)).bitwise_and_(0xFFFF)
-    low = torch.bitwise_and(bits, 0xFFFF, out=work.get("low", (m,), torch.int32, dev))
-    idx = torch.index_select(GainBins(GAIN_EDGES, dev).table, 0, hi, out=work.get("idx", (m,), torch.int32, dev))
-    idx.add_(low).bitwise_right_shift_(16)
+    idx = GainBins(GAIN_EDGES, dev).index(bits, hi, out=work.get("idx", (m,), torch.int32, dev))
     every = _count(idx, _NB + 2)  # 0: g ≤ 0, 1…B: bins, B+1: +inf
     row_max = gs.amax(1).double()
     out = GainPass(None, None, row_max)
     if samples:
         n = gs.shape[0] // samples
         out.input_max, out.input_min = row_max.view(n, -1).amax(1), gs.amin(1).double().view(n, -1).amin(1)
-        torch.index_select(GainBins(INPUT_EDGES, dev).table, 0, hi, out=idx).add_(low).bitwise_right_shift_(16)
+        GainBins(INPUT_EDGES, dev).index(bits, hi, out=idx)
         if n > 1:
             idx.view(n, -1).add_((torch.arange(n, device=dev, dtype=torch.int32) * (_NI + 2))[:, None])
         out.input_counts = _count(idx, n * (_NI + 2)).view(n, _NI + 2)
     key = torch.sub(bits, 1, out=hi).bitwise_xor_(_SIGN).amin()  # int32 wraps (−0 → 2^31 − 1): two's complement everywhere
-    top = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0, out=low.view(torch.float32).view_as(g)).amax()
+    top = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0, out=work.get("finite", g.shape, torch.float32, dev)).amax()
     out.raw = (every, key, top)
     return out
 
