@@ -3,7 +3,8 @@ r"""Traces of the inverse pass, accumulated on the fly (paper Fig. 3b).
 :class:`Tracer` is the :class:`~flowaudit.adapters.base.Observer` the scan
 hands to an adapter. For every layer it keeps running float64 sums of the
 finite values (count, :math:`\sum v`, :math:`\sum v^2`), the largest
-:math:`|v|` and the number of non-finite values (:class:`LayerStats`); for
+:math:`|v|` and the number of non-finite values
+(:class:`~flowaudit.layer_stats.LayerStats`); for
 every site the inverse-gain histogram and extremes
 (:class:`~flowaudit.gains.GainStats`, one read of the gains per call by
 :func:`~flowaudit.gains.summarize`), per input its gain extremes and a coarse
@@ -13,14 +14,7 @@ budget. Everything stays on the model's device with no host sync until a
 batch ends; nothing grows with the number of inputs except a few numbers per
 input.
 
-Layer sums are batch-invariant: each input's partial sums (:math:`n` values
-:math:`v_j` of one input, summed in fixed chunks by :func:`_row_sums`, the
-same bits for any number of rows or threads) are added to the running sums
-input after input (:func:`_fold`),
-
-.. math:: S \leftarrow (\cdots((S + s_1) + s_2) + \cdots) + s_n ,
-
-so grouping inputs into passes changes nothing.
+Layer sums are batch-invariant (:mod:`flowaudit.layer_stats`).
 
 Rows of a traced batch are input-major (:class:`~flowaudit.layout.Sampling`).
 :func:`layer_table` turns the traces of the in-distribution and OOD sets into
@@ -38,136 +32,13 @@ import torch
 from torch import Tensor
 
 from .binning import GAIN_EDGES, INPUT_EDGES, histogram_quantile
+from .layer_stats import LayerStats, _row_sums, layer_device  # noqa: F401  (_row_sums: imported from here by tests)
 from .gains import GainStats, settle_inputs, summarize
 from .layout import Sampling
 from .reservoir import ParamReservoir
 from .scratch import Scratch
 
 __all__ = ["GAIN_EDGES", "LayerStats", "GainStats", "ParamReservoir", "Tracer", "histogram_quantile", "layer_table"]
-
-_CHUNK = 4096
-
-
-def _row_sums(v: Tensor) -> Tensor:
-    r"""Sum of each row of ``v`` (n, m), the same bits for any ``n`` and any thread count.
-
-    A reduction with one output and many values may be split over threads (a different
-    association per thread count); one with several outputs gives each output to one thread.
-    Rows longer than a chunk are therefore summed as zero-padded chunks of 4096 values
-    (several outputs per row) and then the chunk sums, recursively; zeros add exactly.
-    """
-    n, m = v.shape
-    if m <= _CHUNK:
-        return v.sum(1)
-    return _row_sums(_chunked(v).sum(2))
-
-
-def _chunked(v: Tensor) -> Tensor:
-    """``v`` (n, m) as (n, ⌈m/4096⌉, 4096), zero-padded; a view when 4096 divides m."""
-    n, m = v.shape
-    if m % _CHUNK:
-        v = torch.nn.functional.pad(v, (0, (-m) % _CHUNK))
-    return v.reshape(n, -1, _CHUNK)
-
-
-def _count_rows(a: Tensor) -> Tensor:
-    """Row sums (float64) of a 0/1 tensor: chunks of 4096 summed in its own dtype are exact integers."""
-    n, m = a.shape
-    if m > _CHUNK:
-        a = _chunked(a).sum(2)
-    return _row_sums(a.to(torch.float64))
-
-
-def _fold(acc: Tensor | None, parts: Tensor) -> Tensor:
-    """The running five numbers after adding the rows of ``parts`` (inputs, 5) one after another.
-
-    ``cumsum`` along the rows is a sequential scan on the CPU and, for a scan over a non-last
-    dimension, one sequential loop per column on CUDA: the same float64 additions, in the same
-    order, as folding row by row, with no Python loop. Column 3 (max |v|) takes the maximum.
-    """
-    rows = parts if acc is None else torch.cat([acc[None], parts])
-    out = rows.cumsum(0)[-1]
-    out[3] = rows[:, 3].amax()
-    return out
-
-
-class LayerStats:
-    """Running statistics of one layer's output values.
-
-    The five running numbers (count, sum, sum of squares, max |v|, non-finite count)
-    stay a float64 tensor on the model's device; reading them is the only host sync.
-    """
-
-    def __init__(self) -> None:
-        self._acc: Tensor | None = None
-
-    def add(self, x: Tensor, n_inputs: int = 1, work: Scratch | None = None) -> None:
-        """Add the values of ``x`` (input-major rows of ``n_inputs`` inputs), folded input by input.
-
-        Each input's partial sums come from :func:`_row_sums` and are added to the running sums in
-        input order (:func:`_fold`), so the result does not depend on how inputs were grouped into passes.
-        Non-finite values are zeroed by ``nan_to_num`` (one cheap pass, no mask, no ``where``) and
-        counted by the NaN that ``x * 0`` gives exactly at them. Temporaries go to ``work``.
-        """
-        x = x.detach()
-        if x.numel() == 0:
-            return
-        if n_inputs < 1 or x.shape[0] % n_inputs:
-            n_inputs = 1
-        x = x.reshape(n_inputs, -1)
-        work = work or Scratch()
-        inf = math.inf
-        a = torch.nan_to_num(x, nan=0.0, posinf=inf, neginf=inf, out=work.get("layer", x.shape, x.dtype, x.device))
-        top = a.abs_().amax(1).to(torch.float64)  # Inf counts, NaN does not
-        torch.mul(x, 0, out=a).nan_to_num_(nan=1.0, posinf=1.0, neginf=1.0)  # 1 exactly at the non-finite values
-        bad = _count_rows(a)
-        torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0, out=a)
-        v = work.get("layer64", x.shape, torch.float64, x.device).copy_(a) if x.dtype != torch.float64 else a
-        total = _row_sums(v)
-        total_sq = _row_sums(v.mul_(v))
-        parts = torch.stack([x.shape[1] - bad, total, total_sq, top, bad], 1)
-        self._acc = _fold(self._acc, parts)
-
-    def merge(self, other: "LayerStats") -> "LayerStats":
-        """Fold ``other``'s sums (a later shard) into these; returns ``self``."""
-        if other._acc is not None:
-            self._acc = _fold(self._acc, other._acc.to(self._acc.device if self._acc is not None else other._acc.device)[None])
-        return self
-
-    def state(self) -> Tensor | None:
-        """The five running numbers (float64, CPU), or ``None`` before any value."""
-        return None if self._acc is None else self._acc.cpu()
-
-    @classmethod
-    def from_state(cls, acc: Tensor | None, device: torch.device | str = "cpu") -> "LayerStats":
-        out = cls()
-        out._acc = None if acc is None else acc.to(device, torch.float64)
-        return out
-
-    def _values(self) -> list[float]:
-        return [0.0, 0.0, 0.0, 0.0, 0.0] if self._acc is None else self._acc.tolist()
-
-    @property
-    def n_nonfinite(self) -> int:
-        return int(self._values()[4])
-
-    @property
-    def max_abs(self) -> float:
-        return self._values()[3]
-
-    @property
-    def variance(self) -> float:
-        """Variance of all finite values seen (population form)."""
-        n, total, total_sq, _, _ = self._values()
-        if n == 0:
-            return math.nan
-        mean = total / n
-        return max(total_sq / n - mean * mean, 0.0)
-
-    def to_dict(self) -> dict:
-        n, _, _, top, bad = self._values()
-        return {"variance": self.variance, "max_abs": top, "n_nonfinite": int(bad), "n_values": int(n)}
-
 
 class Tracer:
     """Observer of inverse passes of one input set (see module docstring).
@@ -267,17 +138,13 @@ class Tracer:
         reservoirs keep the same rows as one pass over all inputs would.
         """
         for k, v in other.layers.items():
-            self.layers[k] = self.layers[k].merge(v) if k in self.layers else LayerStats.from_state(v.state(), _device(v))
+            self.layers[k] = self.layers[k].merge(v) if k in self.layers else LayerStats.from_state(v.state(), layer_device(v))
         for k, v in other.gains.items():
             self.gains[k] = self.gains[k].merge(v) if k in self.gains else v
         for k, v in other.reservoirs.items():
             self.reservoirs[k] = self.reservoirs[k].merge(v) if k in self.reservoirs else v
         self.input_gain += other.input_gain
         return self
-
-
-def _device(stats: LayerStats) -> torch.device:
-    return stats._acc.device if stats._acc is not None else torch.device("cpu")
 
 
 def layer_table(names: Sequence[str], tracers: Sequence[Tracer], threshold: float) -> tuple[list[dict], str | None]:
