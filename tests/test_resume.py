@@ -77,7 +77,9 @@ def _kill_halfway(data: Path, out: Path, sig: int, shards: int = 3, tries: int =
     polling may not run before the scan ends: then the run is cleaned up and started again."""
     work = out.with_name(f".{out.name}.work")
     for _ in range(tries):
-        proc = subprocess.Popen(_cmd(data, out), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # a child of a non-interactive shell may inherit SIGINT ignored; give it the default, as a terminal would
+        proc = subprocess.Popen(_cmd(data, out), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 240
         sent = False
         while time.monotonic() < deadline and proc.poll() is None:
