@@ -76,6 +76,29 @@ def _fill(values: Tensor, shape: tuple[int, ...]) -> Tensor:
     return v.expand(len(values), *shape).reshape(len(values) * shape[0], *shape[1:])
 
 
+
+Reading = tuple[str, tuple[float, float] | None, float | None]  # kind, tail bounds of c', tail start
+
+
+def _affine_reading(forward, width: int, mult: int) -> Reading:
+    """Kind and bounds of an affine-type transform whose ``forward(x, params) -> (y, logdet)`` is the live
+    object's own: c' = s over a sweep of raw parameters, whatever the version's scale function."""
+    def scale(u: Tensor) -> Tensor:
+        params = u[:, None].expand(len(u), width * mult).contiguous()
+        return elementwise_derivative(lambda x: forward(x, params.clone())[0], torch.zeros(len(u), width, dtype=u.dtype))
+
+    lo, hi = sweep_bounds(scale)
+    return ("additive" if lo == hi == 1.0 else affine_kind(lo)), (lo, hi), None
+
+
+def _spline_reading(t: nn.Module, is_rq_spline: bool) -> Reading:
+    """An RQ spline with linear tails is the identity beyond ±tail_bound (nflows pins the boundary
+    derivatives to 1); anything else is of unknown kind, with its tail bound when it has one."""
+    tails, bound = getattr(t, "tails", None), getattr(t, "tail_bound", None)
+    if is_rq_spline and tails == "linear":
+        return "rq-spline", (1.0, 1.0), float(bound)
+    return "unknown", None, (float(bound) if tails is not None and bound is not None else None)
+
 class _NflowsSite(Site):
     """Common part: probe evaluation at (V, M) from an elementwise ``derivative(x, params)``/``map(x, params)``."""
 
@@ -117,23 +140,9 @@ class CouplingSite(_NflowsSite):
         from nflows.transforms.coupling import AffineCouplingTransform, PiecewiseRationalQuadraticCouplingTransform
 
         if isinstance(t, AffineCouplingTransform):
-            # c' = s as the live object's forward map computes it, over a sweep of raw parameters
-            # (whatever this nflows version's scale function is: sigmoid(u + 2) + 1e-3 in 0.14)
-            n, mult = t.num_transform_features, t._transform_dim_multiplier()
-
-            def scale(u: Tensor) -> Tensor:
-                params = u[:, None].expand(len(u), n * mult).contiguous()
-                return elementwise_derivative(lambda x: t._coupling_transform_forward(x, params.clone())[0], torch.zeros(len(u), n, dtype=u.dtype))
-
-            lo, hi = sweep_bounds(scale)
-            if lo == hi == 1.0:
-                return "additive", (1.0, 1.0), None
-            return affine_kind(lo), (lo, hi), None
-        tails, bound = getattr(t, "tails", None), getattr(t, "tail_bound", None)
-        if isinstance(t, PiecewiseRationalQuadraticCouplingTransform) and tails == "linear":
-            # nflows pins the boundary derivatives to 1 and passes inputs beyond ±tail_bound unchanged
-            return "rq-spline", (1.0, 1.0), float(bound)
-        return "unknown", None, (float(bound) if tails is not None and bound is not None else None)
+            # whatever this nflows version's scale function is: sigmoid(u + 2) + 1e-3 in 0.14
+            return _affine_reading(t._coupling_transform_forward, t.num_transform_features, t._transform_dim_multiplier())
+        return _spline_reading(t, isinstance(t, PiecewiseRationalQuadraticCouplingTransform))
 
     def _input_shape(self, params: Tensor) -> tuple[int, ...]:
         return (params.shape[0], self.module.num_transform_features, *params.shape[2:])
@@ -201,19 +210,9 @@ class AutoregressiveSite(_NflowsSite):
         )
 
         if isinstance(t, MaskedAffineAutoregressiveTransform):
-            # the scale function is inline in _elementwise_forward (softplus(u) + 1e-3 in 0.14): c' = s by JVP
-            f, mult = t.features, t._output_dim_multiplier()
-
-            def scale(u: Tensor) -> Tensor:
-                params = u[:, None].expand(len(u), f * mult).contiguous()
-                return elementwise_derivative(lambda x: t._elementwise_forward(x, params.clone())[0], torch.zeros(len(u), f, dtype=u.dtype))
-
-            lo, hi = sweep_bounds(scale)
-            return ("additive" if lo == hi == 1.0 else affine_kind(lo)), (lo, hi), None
-        tails, bound = getattr(t, "tails", None), getattr(t, "tail_bound", None)
-        if isinstance(t, MaskedPiecewiseRationalQuadraticAutoregressiveTransform) and tails == "linear":
-            return "rq-spline", (1.0, 1.0), float(bound)
-        return "unknown", None, (float(bound) if tails is not None and bound is not None else None)
+            # the scale function is inline in _elementwise_forward (softplus(u) + 1e-3 in 0.14)
+            return _affine_reading(t._elementwise_forward, t.features, t._output_dim_multiplier())
+        return _spline_reading(t, isinstance(t, MaskedPiecewiseRationalQuadraticAutoregressiveTransform))
 
     def _input_shape(self, params: Tensor) -> tuple[int, ...]:
         return (params.shape[0], params.shape[1] // self.module._output_dim_multiplier())

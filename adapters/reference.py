@@ -108,10 +108,6 @@ class ReferenceAdapter(Adapter):
             raise ValueError(f"{sizes} does not divide by the model's 2^L = {step} squeeze; "
                              f"crop the images to multiples of {need}")
 
-    @property
-    def output_range(self) -> tuple[float, float]:
-        return tuple(self.model.output_range)
-
     def sites(self) -> list[Site]:
         return list(self._sites)
 
