@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .scratch import Scratch
-from .binning import GAIN_EDGES, INPUT_EDGES, GainBins, bin_index, high_bits, histogram_quantile
+from .binning import GAIN_EDGES, INPUT_EDGES, GainBins, bin_index, histogram_quantile
 
 __all__ = ["GainPass", "GainStats", "summarize", "settle", "settle_inputs"]
 

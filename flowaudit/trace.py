@@ -31,14 +31,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .binning import GAIN_EDGES, INPUT_EDGES, histogram_quantile
-from .layer_stats import LayerStats, _row_sums, layer_device  # noqa: F401  (_row_sums: imported from here by tests)
+from .binning import INPUT_EDGES, histogram_quantile
+from .layer_stats import LayerStats, layer_device
 from .gains import GainStats, settle_inputs, summarize
 from .layout import Sampling
 from .reservoir import ParamReservoir
 from .scratch import Scratch
 
-__all__ = ["GAIN_EDGES", "LayerStats", "GainStats", "ParamReservoir", "Tracer", "histogram_quantile", "layer_table"]
+__all__ = ["Tracer", "layer_table"]
 
 class Tracer:
     """Observer of inverse passes of one input set (see module docstring).

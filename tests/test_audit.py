@@ -16,7 +16,8 @@ from flowaudit.reference_models import ReferenceFlow
 from flowaudit.reference_models.couplings import Affine
 from flowaudit.reference_models.toy import Toy2D, toy_data
 from flowaudit.remark2 import probe_values, tail_ratio, verdict
-from flowaudit.trace import GainStats, LayerStats
+from flowaudit.gains import GainStats
+from flowaudit.layer_stats import LayerStats
 
 
 class Rigged(ReferenceFlow):

@@ -20,7 +20,8 @@ import torch
 import flowaudit
 from flowaudit.adapters import load_model
 from flowaudit.runner import RUN_FACTS, Context
-from flowaudit.trace import LayerStats, ParamReservoir, _row_sums
+from flowaudit.layer_stats import LayerStats, _row_sums
+from flowaudit.reservoir import ParamReservoir
 
 
 def _toy_sets():
