@@ -33,7 +33,7 @@ from .layout import Sampling
 from .panel import worst_inputs
 from .report import Report
 from .risk import aggregate
-from .runner import Context, fit_gaussian, run_facts, scan_sets, scan_settings, size_batches
+from .runner import Context, attack_settings, fit_gaussian, run_facts, scan_sets, scan_settings, size_batches
 from .sampling import Run, sample_set
 from .shards import FIT_SHARD_INPUTS, digest
 from .sites import model_evidence, site_entries
@@ -41,6 +41,8 @@ from .trace import layer_table
 from .worst_case import run_attack
 
 __all__ = ["fit", "scan", "inspect", "attack"]
+
+SCAN_ATTACK_BATCH = 64  # samples per pass of scan --attack with --batched (the pass keeps its graph)
 
 
 def fit(
@@ -148,16 +150,18 @@ def scan(
     run = Run(Sampling(samples, temperature, seed), batch_size or samples, dev, progress, exact)
     with auditing(adapter, dev):
         run, budget = size_batches(adapter, sets[0][1], run, ctx, batch_size)
+    attack_run = dataclasses.replace(run, batch_size=SCAN_ATTACK_BATCH)  # the attack's passes keep their graph
     if not ctx.opened:  # the work folder checks everything the shards depend on before the first one
+        more = {"attack": attack_settings(how, len(_first(sets[0][1], attack_starts).y), attack_run)} if how is not None else {}
         ctx.open(scan_settings(adapter, sets, run, layers=names, pooling=pooling, estimator=estimator,
-                               stats=_stats_digest(gauss), fit_data=digest(fit_set.y) if fit_set is not None else None))
+                               stats=_stats_digest(gauss), fit_data=digest(fit_set.y) if fit_set is not None else None, **more))
     if fit_set is not None:
         gauss = fit(adapter, fit_set, layers=names, pooling=pooling, estimator=estimator, device=str(dev), context=ctx).gaussian
         if names and len(adapter.condition_shape) == 3:
             spatial = fit_spatial(adapter, fit_set.finite().y, names, estimator, run.batch_size, dev)
     with auditing(adapter, dev):
         tracers, records, scores = scan_sets(adapter, sets, gauss, names, pooling, run, ctx)
-        hit = _attack_set(adapter, sets[0][1], attack_starts, how, run, batch_size=64, fallback=True) if how is not None else None
+        hit = _attack_set(adapter, sets[0][1], attack_starts, how, attack_run, ctx, fallback=True) if how is not None else None
         sites = site_entries(adapter, tracers, remark2_threshold, **({"worst_case": hit.worst_case} if hit else {}))
     risk = aggregate(records, samples, temperature)
     risk["by_set"] = {name: {k: v for k, v in aggregate([dict(r) for r in records if r["set"] == name], samples, temperature).items() if k != "ranked"}
@@ -203,27 +207,41 @@ def inspect(model: Any, data: Any = None, *, samples: int = 4, temperature: floa
 
 def attack(model: Any, data: Any = None, *, budget: str | Budget = "none", objective: str = "logdet", steps: int = 50,
            step_size: float | None = None, rule: str = "adam", starts: int | None = 16, samples: int = 4, temperature: float = 0.9,
-           seed: int = 0, batch_size: int = 64, device: str = "auto", progress: bool = False) -> Report:
+           seed: int = 0, batch_size: int = 64, device: str = "auto", progress: bool = False, context: Context | None = None,
+           exact: bool = True) -> Report:
     """The worst case (DESIGN.md §4): projected gradient ascent on the first ``starts`` conditions of ``data``.
 
     See :mod:`flowaudit.search` for the search and :mod:`flowaudit.worst_case` for the report's
     ``attack`` entry; ``report.files`` holds the worst conditions and samples that :meth:`Report.save` writes.
+    ``exact`` (the default) makes each inverse pass one start's K samples, so the result does not depend
+    on ``batch_size`` (samples per pass, with its graph, when not ``exact``). ``context``
+    (:class:`~flowaudit.runner.Context`) keeps completed shards of starts for a resume and shares them over ranks.
     """
     if samples < 1:
         raise AuditError("--samples must be at least 1")
     if temperature < 0:
         raise AuditError("--temperature must be ≥ 0")
+    if batch_size < 1:
+        raise AuditError("--batch-size must be at least 1")
     how = _search(budget, objective, steps, step_size, rule)
     adapter = adapt(model)
-    dev = resolve_device(device)
+    ctx = context or Context()
+    dev = ctx.group.device if ctx.group is not None else resolve_device(device)
     cs = _as_set(data, "in") if data is not None else _default_conditions(adapter, starts or 16, seed)
     _check_shape(adapter, cs, "--data")
     cs = cs.finite()  # a NaN condition has no worst case to search for
-    run = Run(Sampling(samples, temperature, seed), batch_size, dev, progress)
+    cs = _first(cs, starts)
+    run = Run(Sampling(samples, temperature, seed), batch_size, dev, progress, exact)
+    memory = ctx.budget(dev)  # a bad --max-memory is refused before any shard
+    if not ctx.opened:  # the work folder checks everything the shards depend on before the first one
+        ctx.open({"kind": "attack", "fingerprint": adapter.fingerprint(), "data": [digest(cs.y)], "samples": samples,
+                  "temperature": temperature, "seed": seed, "exact": exact, "device": dev.type, **attack_settings(how, len(cs.y), run)})
     with auditing(adapter, dev):
-        hit = _attack_set(adapter, cs, starts, how, run)
-    return Report({"flowaudit_version": __version__, "kind": "attack", **_stamp(), "model": _model_entry(adapter),
-                   "data": {"in": cs.description}, "attack": hit.entry}, files=hit.files)
+        hit = _attack_set(adapter, cs, None, how, run, ctx)
+    return Report({"flowaudit_version": __version__, "kind": "attack", **_stamp(),
+                   "settings": {"samples": samples, "temperature": temperature, "seed": seed, "device": str(dev), "exact": exact,
+                                **run_facts(run, memory, ctx)},
+                   "model": _model_entry(adapter), "data": {"in": cs.description}, "attack": hit.entry}, files=hit.files)
 
 
 def _search(budget: str | Budget, objective: str, steps: int, step_size: float | None, rule: str = "adam") -> Search:
@@ -234,19 +252,26 @@ def _search(budget: str | Budget, objective: str, steps: int, step_size: float |
     return Search(b, objective=objective, steps=steps, step_size=step_size, rule=rule)
 
 
-def _attack_set(adapter: Adapter, cs: ConditionSet, starts: int | None, how: Search, run: Run, batch_size: int | None = None,
-                fallback: bool = False):
-    """Attack the first ``starts`` conditions; with ``fallback`` (scan --attack), an adapter that passes
-    detached gains is attacked on ``max-abs`` instead, and the entry says why."""
+def _first(cs: ConditionSet, starts: int | None) -> ConditionSet:
+    """The first ``starts`` conditions of ``cs`` (all with ``None``)."""
     n = len(cs.y) if starts is None else min(starts, len(cs.y))
-    sub = ConditionSet(y=cs.y[:n], x=None, ids=cs.ids[:n], description=cs.description)
-    kw = dict(batch_size=batch_size or run.batch_size, device=run.device, progress=run.progress)
+    return ConditionSet(y=cs.y[:n], x=None, ids=cs.ids[:n], description=cs.description)
+
+
+def _attack_set(adapter: Adapter, cs: ConditionSet, starts: int | None, how: Search, run: Run, ctx: Context | None = None,
+                fallback: bool = False):
+    """Attack the first ``starts`` conditions in shards (``ctx``'s work folder and ranks; ``run``: sampling,
+    samples per pass, exact passes); with ``fallback`` (scan --attack), an adapter that passes
+    detached gains is attacked on ``max-abs`` instead (shards keyed apart), and the entry says why."""
+    sub = _first(cs, starts)
+    ctx = ctx or Context()
+    kw = dict(batch_size=run.batch_size, device=run.device, progress=run.progress, exact=run.exact, work=ctx.work, group=ctx.group)
     try:
-        return run_attack(adapter, sub, how, run.sampling, **kw)
+        return run_attack(adapter, sub, how, run.sampling, key="attack", **kw)
     except DetachedGains as exc:
         if not fallback or how.objective == "max-abs":
             raise
-        hit = run_attack(adapter, sub, dataclasses.replace(how, objective="max-abs"), run.sampling, **kw)
+        hit = run_attack(adapter, sub, dataclasses.replace(how, objective="max-abs"), run.sampling, key="attack-max-abs", **kw)
         hit.entry["fallback"] = f"{how.objective} → max-abs: {exc}"
         return hit
 

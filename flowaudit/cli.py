@@ -309,21 +309,35 @@ def _budget(ctx: click.Context, param: click.Parameter, value: str):
 @overwrite_option
 @click.option("--fail-on", type=click.Choice(["never", "broken"]), default="never", show_default=True,
               help="Exit 1 when the attack broke at least one start.")
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Samples per inverse pass (with its graph).")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True,
+              help="Samples per inverse pass with --batched (the pass keeps its graph, so it costs more memory than a scan's; "
+                   "at most one shard of 16 starts). Exact passes (the default) run one start's K samples, whatever this says.")
+@run_options
 @device_option
 @json_option
 @click.pass_obj
 def attack(obj: Settings, model_spec, factory, weights, trust_checkpoint, max_parameters, data, budget, objective, steps, step_size,
-           step_rule, starts, samples, temperature, seed, out, overwrite, fail_on, batch_size):
-    """The worst case: gradient search on MODEL's conditions, inside a budget, for an exploding inverse."""
+           step_rule, starts, samples, temperature, seed, out, overwrite, fail_on, batch_size, resume, max_memory, batched, distributed):
+    """The worst case: gradient search on MODEL's conditions, inside a budget, for an exploding inverse.
+
+    The starts run in shards of 16 kept in .<out>.work/ (--resume finishes an interrupted attack,
+    --distributed shares them over torchrun ranks); each inverse pass is one start's K samples, so the
+    report does not depend on --batch-size (--batched: several starts per pass). --max-memory is
+    recorded but does not size the attack's passes (they keep their graph: --batch-size does).
+    """
     from .audit import attack as run_attack
 
-    _refuse_existing(out, overwrite)
+    run, out = run_context(click.get_current_context(), out, overwrite, resume, max_memory, distributed)
+    leader = run.group is None or run.group.leader
     adapter = _adapter(model_spec, factory, weights, trust_checkpoint, max_parameters)
     report = run_attack(adapter, data, budget=budget, objective=objective, steps=steps, step_size=step_size, rule=step_rule, starts=starts,
                         samples=samples, temperature=temperature, seed=seed, batch_size=batch_size, device=obj.device,
-                        progress=obj.progress)
-    report.save(out, overwrite=overwrite)
+                        progress=obj.progress and leader, context=run, exact=not batched)
+    if leader:
+        report.save(out, overwrite=overwrite)
+    finish_run(run)
+    if not leader:
+        return
     _emit(obj, report, key="attack")
     if not obj.json:
         click.echo(f"report: {Path(out) / 'report.html'}")

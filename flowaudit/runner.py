@@ -10,6 +10,10 @@ therefore formed in one fixed order, and a run gives the same figures for any
 batch size, thread count, resume or number of ranks (the model's own float32
 arithmetic is made batch-independent by exact passes, :class:`~flowaudit.sampling.Run`).
 
+An attack (:func:`~flowaudit.worst_case.run_attack`) runs on the same engine: shards of
+starts (:data:`~flowaudit.shards.ATTACK_SHARD_STARTS`), exact passes by default, the work
+folder's settings from :func:`attack_settings`.
+
 A :class:`Context` carries the run's work folder, process group and memory
 budget; :data:`RUN_FACTS` names the ``settings`` entries of a report that
 describe the machine rather than the result (they differ between equal runs).
@@ -33,11 +37,12 @@ from .features import features
 from .gaussian import GaussianOOD
 from .memory import batch_for, default_budget, parse_size, peak_rss, probe_pass, release
 from .sampling import Run, sample_range
-from .shards import (FIT_SHARD_INPUTS, SHARD_INPUTS, WorkFolder, digest, gaussian_from_state, gaussian_state, run_folded,
+from .shards import (ATTACK_SHARD_STARTS, FIT_SHARD_INPUTS, SHARD_INPUTS, WorkFolder, digest, gaussian_from_state, gaussian_state, run_folded,
                      shard_slices)
 from .trace import Tracer
 
-__all__ = ["Context", "RUN_FACTS", "fit_gaussian", "scan_sets", "scan_settings", "size_batches", "run_facts"]
+__all__ = ["Context", "RUN_FACTS", "fit_gaussian", "scan_sets", "scan_settings", "attack_settings", "size_batches",
+           "run_facts"]
 
 # settings entries that describe the machine or the course of the run, not its result
 RUN_FACTS = ("batch_size", "max_memory_bytes", "peak_rss_bytes", "peak_gpu_bytes", "ranks", "resumed_shards")
@@ -158,3 +163,11 @@ def scan_settings(adapter: Adapter, sets: Sequence[tuple[str, ConditionSet]], ru
             "data": {name: [digest(cs.y), digest(cs.x)] for name, cs in sets}, "samples": run.sampling.samples,
             "temperature": run.sampling.temperature, "seed": run.sampling.seed, "exact": run.exact,
             "inputs_per_pass": run.inputs_per_pass, "device": run.device.type, **more}
+
+
+def attack_settings(how: Any, starts: int, run: Run) -> dict:
+    """What an attack's shards depend on beside the model, the data and the sampling (``how``: a
+    :class:`~flowaudit.search.Search`; ``starts``: how many are attacked): a resumed run must ask for the same."""
+    return {"budget": how.budget.to_dict(), "objective": how.objective, "steps": how.steps, "step_size": how.step_size,
+            "rule": how.rule, "layer_factor": how.layer_factor, "starts": starts, "attack_shard_starts": ATTACK_SHARD_STARTS,
+            "starts_per_pass": 1 if run.exact else min(run.inputs_per_batch, ATTACK_SHARD_STARTS)}

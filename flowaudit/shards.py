@@ -1,8 +1,9 @@
 r"""Shards of a long run, the work folder that keeps them, and the loop that resumes from it (issue 11).
 
 A run splits each input set into **shards** of a fixed number of inputs
-(:data:`SHARD_INPUTS` for a scan, :data:`FIT_SHARD_INPUTS` for a fit; a setting
-of the run, never derived from the batch size or the memory budget). A shard's
+(:data:`SHARD_INPUTS` for a scan, :data:`FIT_SHARD_INPUTS` for a fit,
+:data:`ATTACK_SHARD_STARTS` starts for an attack; a setting of the run, never
+derived from the batch size or the memory budget). A shard's
 result is a small *payload*: its per-input records and the mergeable state of
 what it accumulated (a :class:`~flowaudit.trace.Tracer`'s sums, a
 :class:`~flowaudit.gaussian.GaussianOOD`'s sums). Payloads are merged in shard
@@ -19,11 +20,14 @@ most the shard in flight. :func:`run_shards` yields payloads in order, loading
 completed ones and computing (and saving) the rest; with a process group it
 spreads the shards over the ranks (:mod:`.distributed`).
 
-Plugging another long loop in (e.g. the attack's starts)::
+Plugging another long loop in (as :func:`~flowaudit.worst_case.run_attack` does with its starts)::
 
-    jobs = [(f"attack-{k:05d}", functools.partial(one_batch, sl)) for k, sl in enumerate(shard_slices(n, 16))]
+    jobs = [(f"attack-{k:05d}", functools.partial(one_shard, sl)) for k, sl in enumerate(shard_slices(n, ATTACK_SHARD_STARTS))]
     for payload in run_shards(jobs, work, group):   # in job order, on every rank
         merge(payload)
+
+An attack shard's payload is its starts' result tensors (CPU) and the layer and site
+names; a scan's ``--attack`` keeps its shards (``attack-<k>``) in the scan's work folder.
 
 A payload is anything ``torch.save`` writes and ``torch.load(weights_only=True)``
 reads back: dicts, lists, str, int, float, bool, None and CPU tensors.
@@ -46,11 +50,12 @@ from .errors import AuditError
 from .format import jsonable
 from .reference_models.atomic import atomic_path
 
-__all__ = ["SHARD_INPUTS", "FIT_SHARD_INPUTS", "WorkFolder", "work_path", "shard_slices", "run_shards", "run_folded", "digest",
+__all__ = ["SHARD_INPUTS", "FIT_SHARD_INPUTS", "ATTACK_SHARD_STARTS", "WorkFolder", "work_path", "shard_slices", "run_shards", "run_folded", "digest",
            "gaussian_state", "gaussian_from_state"]
 
 SHARD_INPUTS = 32
 FIT_SHARD_INPUTS = 512
+ATTACK_SHARD_STARTS = 16  # starts per attack shard (each start runs its whole search inside one shard)
 
 
 def work_path(out: str | Path) -> Path:

@@ -1,8 +1,18 @@
-r"""The attack as an audit: batches of starts, per-start records, summary, per-site evidence, saved worst cases.
+r"""The attack as an audit: shards of starts, per-start records, summary, per-site evidence, saved worst cases.
 
-:func:`run_attack` runs :func:`~flowaudit.search.search` over a condition set in batches of
-starts (each start's latents seeded as the scan seeds input :math:`i` of set 0, so a start's
-result does not depend on the batch it ran in) and builds
+:func:`run_attack` runs :func:`~flowaudit.search.search` over a condition set cut into fixed
+shards of :data:`~flowaudit.shards.ATTACK_SHARD_STARTS` starts (:mod:`.shards`: each completed
+shard is kept in the run's work folder, so an interrupted attack finishes with ``--resume``, and
+with a process group the shards are spread over the ranks, :mod:`.distributed`). Each start's
+latents are seeded as the scan seeds input :math:`i` of set 0, and every step of the search is
+per start, so a start's result depends on nothing but its own condition and latents — and, with
+**exact passes** (the default, as in a scan: :class:`~flowaudit.sampling.Run`), each inverse pass
+of the search is one start's K samples, so not even the model's float32 kernels see which starts
+share a pass: the report is the same for any ``--batch-size``, resume or number of ranks. Without
+them (``--batched``) a pass holds ``batch_size // K`` starts of one shard (at most a shard).
+
+A shard's payload is its per-start result tensors (CPU) and the layer and site names; payloads
+are concatenated in shard order, then the whole set builds
 
 * the report's ``attack`` entry: ``objective``, ``budget``, ``settings``, ``starts`` (one record
   per start) and ``summary`` (``broken_rate``, ``median_distance_to_break`` over the broken
@@ -17,9 +27,12 @@ Call it inside :func:`~flowaudit.device.auditing`.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import io
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +41,7 @@ from .adapters import Adapter
 from .search import Search, default_step, search
 from .datasets import ConditionSet
 from .layout import Sampling, batches, progress_bar
+from .shards import ATTACK_SHARD_STARTS, WorkFolder, run_shards, shard_slices
 
 __all__ = ["AttackResult", "run_attack", "REACH_GAIN"]
 
@@ -45,27 +59,40 @@ class AttackResult:
 
 
 def run_attack(adapter: Adapter, cs: ConditionSet, how: Search, sampling: Sampling, *, batch_size: int, device: torch.device,
-               progress: bool = False, n_worst: int = 8) -> AttackResult:
-    """Attack every condition of ``cs`` (see module docstring)."""
+               progress: bool = False, n_worst: int = 8, exact: bool = True, work: WorkFolder | None = None, group: Any = None,
+               key: str = "attack") -> AttackResult:
+    """Attack every condition of ``cs`` (see module docstring).
+
+    ``batch_size`` counts samples per inverse pass when not ``exact``; ``work`` keeps the completed
+    shards (keyed ``<key>-<k>``), ``group`` spreads them over ranks (every rank returns the whole result).
+    """
     image = len(adapter.condition_shape) == 3
     valid = tuple(adapter.output_range) if image else None
     spread = float(cs.y.max() - cs.y.min()) if len(cs.y) else 1.0
     alpha, rho = default_step(how.budget, how.steps, spread or 1.0)
     if how.step_size is not None:
         alpha = how.step_size
-    per_batch = max(1, batch_size // sampling.samples)
-    parts: list[dict] = []
-    n_batches = math.ceil(len(cs.y) / per_batch)
-    with progress_bar(n_batches * max(how.steps, 1), "attack", progress) as bar:
-        for sl in batches(len(cs.y), per_batch):
-            y0 = cs.y[sl].to(device)
-            latents = sampling.latents(adapter, y0, 0, sl.start, device)
+    per_pass = 1 if exact else max(1, batch_size // sampling.samples)
+    if group is not None and len(cs.y):
+        # a search that cannot run fails on its first pass; find out on every rank before any rank waits for another's shard
+        search(adapter, cs.y[:1].to(device), sampling.latents(adapter, cs.y[:1], 0, 0, device), sampling,
+               dataclasses.replace(how, steps=min(how.steps, 1)), (alpha, rho), valid)
+
+    def shard(sl: slice, bar) -> dict:
+        parts = []
+        for b in batches(sl.stop - sl.start, per_pass):
+            b = slice(sl.start + b.start, sl.start + b.stop)
+            y0 = cs.y[b].to(device)
+            latents = sampling.latents(adapter, y0, 0, b.start, device)
             parts.append(search(adapter, y0, latents, sampling, how, (alpha, rho), valid, bar))
-    res = {k: torch.cat([p[k].cpu() for p in parts]) for k in parts[0] if not k.startswith(("_", "site_gain"))} if parts else {}
-    layers, sites = (parts[0]["_layers"], parts[0]["_sites"]) if parts else ([], [])
-    if parts:
-        res["site_gain"] = torch.cat([p["site_gain"].cpu() for p in parts], 1)
-        res["site_gain_before"] = torch.cat([p["site_gain_before"].cpu() for p in parts], 1)
+        return _concat(parts)
+
+    with progress_bar(len(cs.y) * max(how.steps, 1), "attack", progress) as bar:
+        jobs = [(f"{key}-{k:05d}", functools.partial(shard, sl, bar))
+                for k, sl in enumerate(shard_slices(len(cs.y), ATTACK_SHARD_STARTS))]
+        res = _concat(list(run_shards(jobs, work, group)))
+    parts = bool(res)
+    layers, sites = (res.pop("_layers"), res.pop("_sites")) if parts else ([], [])
     starts = _records(cs, res, layers)
     summary = _summary(starts)
     order = sorted(range(len(starts)), key=lambda i: (-starts[i]["nonfinite"], -starts[i]["broken"], -_f(starts[i]["max_abs"]),
@@ -84,6 +111,17 @@ def run_attack(adapter: Adapter, cs: ConditionSet, how: Search, sampling: Sampli
     files = _files(cs, res, order, image, starts) if parts else {}
     entry["saved"] = sorted(files)
     return AttackResult(entry=entry, worst_case=evidence, files=files)
+
+
+def _concat(parts: list[dict]) -> dict:
+    """Per-start results of consecutive passes or shards as one payload: CPU tensors in start order
+    (``site_gain*`` are (sites, starts)) and the layer and site names; ``{}`` for none."""
+    if not parts:
+        return {}
+    out: dict[str, Any] = {k: torch.cat([p[k].detach().cpu() for p in parts], 1 if k.startswith("site_gain") else 0)
+                           for k in parts[0] if not k.startswith("_")}
+    out["_layers"], out["_sites"] = list(parts[0]["_layers"]), list(parts[0]["_sites"])
+    return out
 
 
 def _f(v: float) -> float:
