@@ -1,7 +1,7 @@
-"""Scale-out (issue 12): ``torchrun --nproc_per_node=2 -m flowaudit fit|scan --distributed`` on 2 CPU ranks (gloo).
+"""Scale-out (issue 12): ``torchrun --nproc_per_node=2 -m flowaudit fit|scan|attack --distributed`` on 2 CPU ranks (gloo).
 
 Shards are spread over the ranks and their payloads all-gathered and merged in shard order, so the
-Gaussian sums and every per-input record equal one process's (the test asks for bit-equality; the
+Gaussian sums, every per-input record and every attack start's record equal one process's (the test asks for bit-equality; the
 issue's bound is 1e-10 on the Gaussian statistics). Rank 0 alone writes the output.
 """
 
@@ -81,3 +81,24 @@ def test_scan_two_ranks_equals_one_process(data, tmp_path):
     assert two["inputs"] == one["inputs"]  # per-input records identical
     assert two == one
     assert not list(tmp_path.glob(".*"))
+
+
+def test_attack_two_ranks_equals_one_process(data, tmp_path):
+    """The attack's shards of starts (3 of 16, 16, 8: ranks 0, 1, 0) give every start the record one process gives it."""
+    out = tmp_path / "attack"
+    np.save(tmp_path / "y.npy", np.load(data / "in.npy")[:40])
+    kw = dict(budget="linf:0.5", starts=40, steps=6, samples=2)
+    r = _torchrun("attack", "toy-affine", "--data", str(tmp_path / "y.npy"), "--budget", kw["budget"], "--starts", "40",
+                  "--steps", "6", "-k", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("report:") == 1  # rank 0 alone reports
+    two = json.loads((out / "report.json").read_text())
+    assert two["settings"]["ranks"] == 2
+    one = json.loads(flowaudit.attack(load_model("toy-affine"), str(tmp_path / "y.npy"), device="cpu", **kw).to_json())
+    for rep in (one, two):
+        rep.pop("created")
+        for k in RUN_FACTS:
+            rep["settings"].pop(k, None)
+    assert two["attack"]["starts"] == one["attack"]["starts"]  # per-start records identical
+    assert two == one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["attack", "y.npy"]  # no work folder, no lock left

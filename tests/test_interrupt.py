@@ -5,8 +5,8 @@ stderr in one line what was stopped, and leave no partial output: no ``--out`` (
 its last *complete* periodic checkpoint), no ``.tmp`` sibling, no lock file. (The hidden work folder
 ``.<out>.work`` of completed shards is kept on purpose: ``--resume`` finishes from it.)
 
-Each test starts Python and torch in a subprocess (5–10 s on a busy CPU); the three longest
-(train past a checkpoint, attack, SIGKILL) are marked ``slow``; in-process tests of the stale
+Each test starts Python and torch in a subprocess (5–10 s on a busy CPU); the two longest
+(train past a checkpoint, SIGKILL) are marked ``slow``; in-process tests of the stale
 lock are in ``test_hostile.py``. Two runs on one
 ``--out`` at once: one writes it, the other exits 2, and what is written is one run's whole result.
 """
@@ -128,18 +128,21 @@ def test_train_interrupted_before_any_checkpoint_writes_nothing(tmp_path: Path) 
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
-@pytest.mark.slow
 def test_attack_interrupted_leaves_nothing(big: Path, tmp_path: Path) -> None:
+    """Interrupted after its first shard of starts, ``attack`` writes nothing to --out and says where its
+    completed shards are (``--resume`` finishes from them: ``tests/test_attack_runs.py``)."""
     from flowaudit.cli import cli
 
     if "attack" not in cli.commands:
         pytest.skip("no attack command in this tree")
     out = tmp_path / "attack"
-    proc = _start(["-q", "attack", "toy-affine", "--data", str(big / "y.npy"), "--starts", "2000", "--steps", "200",
+    work = out.with_name(".attack.work")
+    proc = _start(["-q", "attack", "toy-affine", "--data", str(big / "y.npy"), "--starts", "2000", "--steps", "50",
                    "--device", "cpu", "--out", str(out)], tmp_path)
-    rc, err = _interrupt(proc, signal.SIGINT, _claimed(out), settle=2.0)
+    rc, err = _interrupt(proc, signal.SIGINT, lambda: work.exists() and any(work.glob("attack-*.pt")), settle=0.2)
     assert rc == 130 and err.count("\n") == 1, err
     assert err.startswith(f"flowaudit: interrupted (SIGINT): flowaudit attack stopped; nothing was written to {out}"), err
+    assert f"completed shards are kept in {work}: rerun the same command with --resume {work}" in err, err
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
