@@ -4,9 +4,11 @@ A gain :math:`g = 1/c'` falls in bin
 
 .. math:: i(g) = \min\Big(\max\Big(\Big\lfloor \frac{\log_{10} g - e_0}{\Delta} \Big\rfloor, 0\Big), B - 1\Big)
 
-of :data:`GAIN_EDGES` (:math:`e_0 = -4`, :math:`\Delta = 0.025`, :math:`B = 480`; per input the
-coarser :data:`INPUT_EDGES`, :math:`\Delta = 0.1`), :math:`\log_{10}` taken in float64
-(:func:`bin_index`, the definition). That map is non-decreasing in :math:`g`, so for float32
+of :data:`GAIN_EDGES` (:math:`e_0 = -4`, :math:`\Delta = 0.025`, :math:`B = 480`), :math:`\log_{10}`
+taken in float64 (:func:`bin_index`, the definition). Per input the histogram is coarser: bin
+:math:`\lfloor i(g) / 4 \rfloor` of :data:`INPUT_EDGES` (:math:`\Delta = 0.1`), so that one count
+serves both; unlike :math:`\log_{10}` divided by 0.1 in float64, this puts the powers of ten
+(:math:`g = 1` exactly, for one) in the bin they start. That map is non-decreasing in :math:`g`, so for float32
 gains it is fixed by :math:`B - 1` thresholds :math:`t_k = \min\{g : i(g) \ge k\}`, found once by
 bisection over the float32 bit patterns with :func:`bin_index` itself. Positive float32 bits
 order like their values, and no two thresholds share a cell of :math:`2^{16}` bit patterns
@@ -34,7 +36,7 @@ __all__ = ["GAIN_EDGES", "INPUT_EDGES", "bin_index", "GainBins", "histogram_quan
 
 # log10(1/c') from 1e-4 to 1e8 in 0.025 decades (6 % steps); values beyond land in the end bins
 GAIN_EDGES = np.round(np.arange(-4.0, 8.0 + 1e-9, 0.025), 10)
-# per input a coarser histogram (0.1 decade) keeps memory at 120 counts an input
+# per input a coarser histogram (0.1 decade, four bins of GAIN_EDGES: coarse bin = site bin // 4) keeps 120 counts an input
 INPUT_EDGES = np.round(np.arange(-4.0, 8.0 + 1e-9, 0.1), 10)
 
 _INF_BITS = 0x7F800000

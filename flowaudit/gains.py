@@ -7,14 +7,17 @@ returns what the tracer keeps of them, all on the gains' device and without a ho
   their number, the number of the others (:math:`g \le 0`, ±inf, NaN) and their exact extremes;
 * per row (sample) the largest and smallest gain, NaN counted as +inf (as bad as it gets);
 * per input (K rows) a coarser histogram over :data:`~flowaudit.binning.INPUT_EDGES` of all its
-  gains, :math:`g \le 0` in the first bin and +inf / NaN in the last.
+  gains (four site bins a coarse bin), :math:`g \le 0` in the first bin and +inf / NaN in the last.
 
 Float32 gains (and float16 / bfloat16, widened exactly) are binned by the bit tables of
 :class:`~flowaudit.binning.GainBins` and counted with ``bincount`` (``index_add_`` off the CPU,
 whose ``bincount`` reads its maximum back to the host); the extremes of the finite positive
 gains come from order-preserving integer keys of their bits (positive float32 bits order like
 the values; ``(bits − 1) ^ 2^{31}`` puts +0, −0 and the negatives above +inf), so no mask and no
-``where`` over the values is needed. Other dtypes take the float64 reference path; both give
+``where`` over the values is needed. The site and the per-input counts are one ``bincount``
+(input :math:`i`'s indices shifted by :math:`i(B + 2)`). On the CPU, where reading a value back
+costs nothing, a call whose gains are all finite and positive (read from the row extremes: the
+common case) skips the passes that only sort out the others. Other dtypes take the float64 reference path; both give
 the same bins (:func:`~flowaudit.binning.bin_index`). :class:`GainStats` accumulates the site
 figures and turns them into the report's min / p50 / p99 / max.
 """
@@ -45,8 +48,8 @@ class GainPass:
     The site figures come either settled (``counts``, ``ext``: the reference path) or raw
     (``raw``: the fast path's counts with the two junk bins, the smallest order key and the
     largest finite value), settled by :class:`GainStats` only when read: a few small
-    operations per read instead of per call. ``input_counts`` is (inputs, 120), or
-    (inputs, 122) raw with g ≤ 0 and +inf in the end columns (:func:`settle_inputs`).
+    operations per read instead of per call. ``input_counts`` is (inputs, 120), or raw
+    (inputs, B + 2) over the site bins with g ≤ 0 and +inf in the end columns (:func:`settle_inputs`).
     """
 
     counts: Tensor | None  # (B,) site histogram of the finite positive gains
@@ -69,12 +72,13 @@ def settle(every: Tensor, key: Tensor, top: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def settle_inputs(c: Tensor) -> Tensor:
-    """Per-input counts over the 120 coarse bins: raw (inputs, 122) with g ≤ 0 into the first, +inf into the last."""
+    """Per-input counts over the 120 coarse bins from raw (inputs, B + 2) counts over the site bins:
+    four site bins a coarse bin (:func:`input_bin`), g ≤ 0 into the first, +inf into the last."""
     if c.shape[1] == _NI:
         return c
-    hist = c[:, 1 : _NI + 1].clone()
+    hist = c[:, 1 : _NB + 1].reshape(c.shape[0], _NI, _NB // _NI).sum(2)
     hist[:, 0] += c[:, 0]
-    hist[:, -1] += c[:, _NI + 1]
+    hist[:, -1] += c[:, _NB + 1]
     return hist
 
 
@@ -85,10 +89,20 @@ def _count(idx: Tensor, n: int) -> Tensor:
     return torch.zeros(n, dtype=torch.int64, device=idx.device).index_add_(0, idx, torch.ones_like(idx, dtype=torch.int64))
 
 
-def summarize(gain: Tensor, samples: int | None = None, work: Scratch | None = None) -> GainPass:
+def _positive_and_finite(row_min: Tensor, row_max: Tensor) -> bool:
+    """Whether every gain lies in (0, inf), from the row extremes (NaN fails both comparisons)."""
+    lo, hi = torch.stack([row_min.amin(), row_max.amax()]).tolist()
+    return lo > 0 and hi < math.inf
+
+
+def summarize(gain: Tensor, samples: int | None = None, work: Scratch | None = None, clean: bool | None = None) -> GainPass:
     """The statistics of one call's gains (batch first); per input too when ``samples`` (K) is given.
 
     Temporaries go to ``work`` (:class:`~flowaudit.scratch.Scratch`), reused from call to call.
+    ``clean`` says whether every gain is finite and positive; by default it is read from the row
+    extremes on the CPU, where a read costs nothing (no device to wait for), and taken as ``False``
+    elsewhere (no host sync). Clean gains skip the passes that only sort out the others: the NaN
+    mapping, the sign mask and the order keys (their extremes are the row extremes).
     """
     g = gain.detach()
     g = g.reshape(g.shape[0], -1) if g.dim() else g.reshape(1, 1)
@@ -100,22 +114,34 @@ def summarize(gain: Tensor, samples: int | None = None, work: Scratch | None = N
     inf = math.inf
     work = work or Scratch()
     m = g.numel()
-    gs = torch.nan_to_num(g, nan=inf, posinf=inf, neginf=-inf, out=work.get("gain", g.shape, torch.float32, dev))
-    bits = gs.view(torch.int32).reshape(-1)
-    hi = torch.bitwise_right_shift(bits, 16, out=work.get("hi", (m,), torch.int32, dev)).bitwise_and_(0xFFFF)
-    idx = GainBins(GAIN_EDGES, dev).index(bits, hi, out=work.get("idx", (m,), torch.int32, dev))
-    every = _count(idx, _NB + 2)  # 0: g ≤ 0, 1…B: bins, B+1: +inf
-    row_max = gs.amax(1).double()
-    out = GainPass(None, None, row_max)
+    row_max, row_min = g.amax(1), g.amin(1)  # NaN propagates: a NaN row is not clean
+    if clean is None:  # read on the CPU only: elsewhere the read would wait for the device
+        clean = dev.type == "cpu" and _positive_and_finite(row_min, row_max)
+    if clean:
+        gs = g
+        bits = gs.view(torch.int32).reshape(-1)
+        hi = torch.bitwise_right_shift(bits, 16, out=work.get("hi", (m,), torch.int32, dev))  # sign bit 0: no mask
+    else:
+        gs = torch.nan_to_num(g, nan=inf, posinf=inf, neginf=-inf, out=work.get("gain", g.shape, torch.float32, dev))
+        row_max, row_min = gs.amax(1), gs.amin(1)
+        bits = gs.view(torch.int32).reshape(-1)
+        hi = torch.bitwise_right_shift(bits, 16, out=work.get("hi", (m,), torch.int32, dev)).bitwise_and_(0xFFFF)
+    idx = GainBins(GAIN_EDGES, dev).index(bits, hi, out=work.get("idx", (m,), torch.int32, dev))  # 0: g ≤ 0, 1…B: bins, B+1: +inf
+    n = gs.shape[0] // samples if samples else 1
+    if n > 1:  # one count for the site and its inputs: input i's indices shifted by i (B + 2)
+        idx.view(n, -1).add_((torch.arange(n, device=dev, dtype=torch.int32) * (_NB + 2))[:, None])
+    per_input = _count(idx, n * (_NB + 2)).view(n, _NB + 2)
+    every = per_input.sum(0) if n > 1 else per_input[0]
+    out = GainPass(None, None, row_max.double())
     if samples:
-        n = gs.shape[0] // samples
-        out.input_max, out.input_min = row_max.view(n, -1).amax(1), gs.amin(1).double().view(n, -1).amin(1)
-        GainBins(INPUT_EDGES, dev).index(bits, hi, out=idx)
-        if n > 1:
-            idx.view(n, -1).add_((torch.arange(n, device=dev, dtype=torch.int32) * (_NI + 2))[:, None])
-        out.input_counts = _count(idx, n * (_NI + 2)).view(n, _NI + 2)
-    key = torch.sub(bits, 1, out=hi).bitwise_xor_(_SIGN).amin()  # int32 wraps (−0 → 2^31 − 1): two's complement everywhere
-    top = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0, out=work.get("finite", g.shape, torch.float32, dev)).amax()
+        out.input_max, out.input_min = out.row_max.view(n, -1).amax(1), row_min.double().view(n, -1).amin(1)
+        out.input_counts = per_input
+    if clean:  # every gain finite and positive: the extremes are the rows'
+        key = torch.sub(row_min.amin().view(torch.int32), 1).bitwise_xor_(_SIGN)
+        top = row_max.amax()
+    else:
+        key = torch.sub(bits, 1, out=hi).bitwise_xor_(_SIGN).amin()  # int32 wraps (−0 → 2^31 − 1): two's complement everywhere
+        top = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0, out=work.get("finite", g.shape, torch.float32, dev)).amax()
     out.raw = (every, key, top)
     return out
 
@@ -136,7 +162,7 @@ def _summarize_reference(g: Tensor, samples: int | None) -> GainPass:
     out = GainPass(counts, ext, g64.amax(1) if g64.shape[1] else g64.new_zeros(g64.shape[0]))
     if samples:
         rows = g64.reshape(-1, samples * g64.shape[1])
-        idx = bin_index(rows.clamp_min(1e-300), INPUT_EDGES)
+        idx = bin_index(rows.clamp_min(1e-300), GAIN_EDGES) // (_NB // _NI)  # four site bins a coarse bin
         out.input_counts = torch.zeros(rows.shape[0], _NI, dtype=torch.int64, device=g.device).scatter_add_(
             1, idx, torch.ones_like(idx))
         out.input_max, out.input_min = rows.amax(1), rows.amin(1)

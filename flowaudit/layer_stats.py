@@ -13,8 +13,9 @@ to the running sums input after input,
 .. math:: S \leftarrow (\cdots((S + s_1) + s_2) + \cdots) + s_n ,
 
 by one ``cumsum`` over the (inputs, 5) partials (:func:`_fold`), not a Python loop.
-Non-finite values are zeroed and counted with ``nan_to_num`` (the NaN of ``x * 0`` marks them),
-and temporaries go to a :class:`~flowaudit.scratch.Scratch`.
+Non-finite values are zeroed and counted with ``nan_to_num`` (the NaN of ``x * 0`` marks them);
+on the CPU, where reading a value back costs nothing, rows whose float64 sums come out finite
+have no non-finite value and skip those passes. Temporaries go to a :class:`~flowaudit.scratch.Scratch`.
 """
 
 from __future__ import annotations
@@ -74,6 +75,45 @@ def _fold(acc: Tensor | None, parts: Tensor) -> Tensor:
     return out
 
 
+def _parts(x: Tensor, work: Scratch) -> Tensor:
+    """Per row of ``x``: count of finite values, their sum, sum of squares, max |v| and non-finite count."""
+    inf = math.inf
+    a = torch.nan_to_num(x, nan=0.0, posinf=inf, neginf=inf, out=work.get("layer", x.shape, x.dtype, x.device))
+    top = a.abs_().amax(1).to(torch.float64)  # Inf counts, NaN does not
+    torch.mul(x, 0, out=a).nan_to_num_(nan=1.0, posinf=1.0, neginf=1.0)  # 1 exactly at the non-finite values
+    bad = _count_rows(a)
+    torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0, out=a)
+    total, total_sq = _sums(a, work)
+    return torch.stack([x.shape[1] - bad, total, total_sq, top, bad], 1)
+
+
+def _finite_parts(x: Tensor, n_inputs: int, work: Scratch) -> Tensor | None:
+    """:func:`_parts` of ``x`` as ``n_inputs`` rows when every value is finite, else ``None`` (a read back:
+    use it on the CPU, where that costs nothing).
+
+    ``x`` is copied once, strided or not, into a float64 scratch that the sums are read from.
+    Finite values give finite float64 sums (a float32 squared is below 1.2e77), and a non-finite
+    value makes its row's sums non-finite; so the sums alone tell, and the passes that zero and
+    count non-finite values are skipped. The same numbers, bit for bit, as :func:`_parts`.
+    """
+    per_input = x.unflatten(0, (n_inputs, -1))  # strided or not: reductions read it in place
+    dims = tuple(range(1, per_input.dim()))
+    top = torch.maximum(per_input.amax(dims), per_input.amin(dims).neg_()).to(torch.float64)
+    v = work.get("layer64", x.shape, torch.float64, x.device).copy_(x).view(n_inputs, -1)
+    total = _row_sums(v)
+    total_sq = _row_sums(v.mul_(v))
+    if not bool(torch.isfinite(total + total_sq).all()):
+        return None
+    return torch.stack([total.new_full((n_inputs,), v.shape[1]), total, total_sq, top, total.new_zeros(n_inputs)], 1)
+
+
+def _sums(a: Tensor, work: Scratch) -> tuple[Tensor, Tensor]:
+    """Float64 row sums of ``a`` and of its squares (:func:`_row_sums`); ``a`` may be overwritten."""
+    v = work.get("layer64", a.shape, torch.float64, a.device).copy_(a) if a.dtype != torch.float64 else a
+    total = _row_sums(v)
+    return total, _row_sums(v.mul_(v))
+
+
 class LayerStats:
     """Running statistics of one layer's output values.
 
@@ -90,26 +130,17 @@ class LayerStats:
         Each input's partial sums come from :func:`_row_sums` and are added to the running sums in
         input order (:func:`_fold`), so the result does not depend on how inputs were grouped into passes.
         Non-finite values are zeroed by ``nan_to_num`` (one cheap pass, no mask, no ``where``) and
-        counted by the NaN that ``x * 0`` gives exactly at them. Temporaries go to ``work``.
+        counted by the NaN that ``x * 0`` gives exactly at them; on the CPU, values that are all finite
+        skip that (:func:`_finite_parts`). Temporaries go to ``work``.
         """
         x = x.detach()
         if x.numel() == 0:
             return
         if n_inputs < 1 or x.shape[0] % n_inputs:
             n_inputs = 1
-        x = x.reshape(n_inputs, -1)
         work = work or Scratch()
-        inf = math.inf
-        a = torch.nan_to_num(x, nan=0.0, posinf=inf, neginf=inf, out=work.get("layer", x.shape, x.dtype, x.device))
-        top = a.abs_().amax(1).to(torch.float64)  # Inf counts, NaN does not
-        torch.mul(x, 0, out=a).nan_to_num_(nan=1.0, posinf=1.0, neginf=1.0)  # 1 exactly at the non-finite values
-        bad = _count_rows(a)
-        torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0, out=a)
-        v = work.get("layer64", x.shape, torch.float64, x.device).copy_(a) if x.dtype != torch.float64 else a
-        total = _row_sums(v)
-        total_sq = _row_sums(v.mul_(v))
-        parts = torch.stack([x.shape[1] - bad, total, total_sq, top, bad], 1)
-        self._acc = _fold(self._acc, parts)
+        parts = _finite_parts(x, n_inputs, work) if x.device.type == "cpu" else None
+        self._acc = _fold(self._acc, parts if parts is not None else _parts(x.reshape(n_inputs, -1), work))
 
     def merge(self, other: "LayerStats") -> "LayerStats":
         """Fold ``other``'s sums (a later shard) into these; returns ``self``."""

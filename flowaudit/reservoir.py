@@ -13,11 +13,13 @@ and each row's largest inverse gain :math:`g_r`. :class:`ParamReservoir` keeps a
 Both halves order rows by (score, row id), a strict total order, so the top-k of a union is the
 top-k of the parts' top-k: merging shards or updating once per call gives the same rows as one
 pass over everything. The order is found on scores and ids (a few numbers a row) and only the
-kept rows are gathered, on the rows' device, with no host sync.
+kept rows are gathered, on the rows' device with no host sync; on the CPU, where reading the
+scores costs nothing, the order is found in numpy and only the new rows that enter are copied.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -40,6 +42,37 @@ def uniform_keys(row: Tensor, salt: int) -> Tensor:
     z = (z ^ shr(z, 27)) * signed(m2)
     z = z ^ shr(z, 31)
     return shr(z, 11).to(torch.float64) * 2.0**-53
+
+
+def uniform_keys_host(first_row: int, n: int, salt: int) -> np.ndarray:
+    """:func:`uniform_keys` of rows ``first_row … first_row + n − 1`` in numpy (uint64 wraps like int64): the same bits."""
+    golden, m1, m2 = (np.uint64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+    with np.errstate(over="ignore"):
+        z = np.arange(first_row, first_row + n, dtype=np.uint64) * golden + np.uint64((salt * 0x9E3779B97F4A7C15) & ((1 << 64) - 1))
+        z = (z ^ (z >> np.uint64(30))) * m1
+        z = (z ^ (z >> np.uint64(27))) * m2
+        z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def _keep_host(old: tuple[Tensor, Tensor, Tensor] | None, rows: Tensor, score: np.ndarray, ids: np.ndarray,
+               k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:meth:`ParamReservoir._merge` on the CPU: the order is found in numpy on (score, row id), a few
+    numbers a row, and only the new rows that are kept are copied (none, once the reservoir is full
+    and no new row beats its last). The kept rows are the same; they are stored old first."""
+    n_old = 0 if old is None else len(old[1])
+    all_score = score if old is None else np.concatenate([old[1].numpy(), score])
+    all_ids = ids[:, 0] if old is None else np.concatenate([old[2][:, 0].numpy(), ids[:, 0]])
+    order = np.lexsort((all_ids, -all_score))[:k]  # score descending, ties to the smaller row id
+    from_new = np.sort(order[order >= n_old]) - n_old
+    if old is not None and len(from_new) == 0 and len(order) == n_old:
+        return old
+    pick = torch.from_numpy(from_new)
+    new = (rows.index_select(0, pick), torch.from_numpy(score[from_new]), torch.from_numpy(ids[from_new]))
+    if old is None:
+        return new
+    stay = torch.from_numpy(np.sort(order[order < n_old]))
+    return tuple(torch.cat([a.index_select(0, stay), b]) for a, b in zip(old, new))
 
 
 class ParamReservoir:
@@ -102,7 +135,14 @@ class ParamReservoir:
         if self._top is not None and tuple(self._top[0].shape[1:]) != tuple(rows.shape[1:]):
             self.skipped += n  # a different parameter shape in the same set: not mixed into one probe tensor
             return
-        dev = rows.device
+        if rows.device.type == "cpu":  # reading the scores costs nothing here: select in numpy, copy only kept rows
+            self._add_host(rows, row_gain, first_input, max(samples, 1), batch)
+        else:
+            self._add_device(rows, row_gain, first_input, samples, batch)
+
+    def _add_device(self, rows: Tensor, row_gain: Tensor, first_input: int, samples: int, batch: int) -> None:
+        """:meth:`add` on the rows' device, with no host sync (kept in (score, id) order, :meth:`_merge`)."""
+        n, dev = rows.shape[0], rows.device
         r = torch.arange(n, device=dev)
         ids = torch.stack([r + first_input * max(samples, 1), r // max(samples, 1) + first_input, torch.full_like(r, batch)], 1)
         self.rows_seen += n
@@ -114,6 +154,18 @@ class ParamReservoir:
         self._top = self._merge(self._top, (rows, gain, ids), k_top, later)
         key = uniform_keys(ids[:, 0], self.salt)  # a function of the row, not of the batch it came in
         self._rand = self._merge(self._rand, (rows, -key, ids), k_rand, later)  # smallest keys: a uniform sample
+
+    def _add_host(self, rows: Tensor, row_gain: Tensor, first_input: int, samples: int, batch: int) -> None:
+        """:meth:`add` on the CPU (:func:`_keep_host`): the same rows kept, a fraction of the operations."""
+        n = rows.shape[0]
+        r = np.arange(n)
+        ids = np.stack([r + first_input * samples, r // samples + first_input, np.full(n, batch)], 1)
+        self.rows_seen += n
+        self._next_id = None  # stored old first, not in sorted order: a device path after this sorts by id
+        gain = row_gain.double().numpy() if row_gain.shape[0] == n else np.zeros(n)
+        k_top, k_rand = self.capacity(rows[0].numel() if n else 1)
+        self._top = _keep_host(self._top, rows, gain, ids, k_top)
+        self._rand = _keep_host(self._rand, rows, -uniform_keys_host(first_input * samples, n, self.salt), ids, k_rand)
 
     # -- mergeable state (shards, resume, ranks) ----------------------------------------------
     def state(self) -> dict:

@@ -2,7 +2,10 @@
 
 * float32 gain bins from the bit tables equal the float64 ``log10`` definition for every float32
   tried (random bit patterns, every bin edge ± 2 patterns, the special values);
-* one :func:`~flowaudit.gains.summarize` read equals the float64 reference path, junk included;
+* one :func:`~flowaudit.gains.summarize` read equals the float64 reference path, junk included,
+  with and without the CPU's shortcut for gains that are all finite and positive;
+* a layer's statistics on the CPU's all-finite path equal the general path's, strided input too;
+* the CPU reservoir (selection in numpy) keeps the rows the device path keeps;
 * the per-call loop (layers, sites, reservoir) reads nothing back to the host: it runs on the
   ``meta`` device, where any such read raises.
 """
@@ -11,10 +14,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from flowaudit.binning import GAIN_EDGES, INPUT_EDGES, GainBins, _thresholds, bin_index, high_bits
+from flowaudit.binning import GAIN_EDGES, GainBins, _thresholds, bin_index, high_bits
 from flowaudit.gains import _summarize_reference, settle, settle_inputs, summarize
 from flowaudit.layout import Sampling
 from flowaudit.reservoir import ParamReservoir
@@ -22,7 +26,7 @@ from flowaudit.scratch import Scratch
 from flowaudit.trace import Tracer
 
 
-@pytest.mark.parametrize("edges", [GAIN_EDGES, INPUT_EDGES], ids=["site", "input"])
+@pytest.mark.parametrize("edges", [GAIN_EDGES])
 def test_bit_table_bins_equal_the_float64_definition(edges):
     t = torch.from_numpy(_thresholds(edges))
     g = torch.Generator().manual_seed(0)
@@ -37,11 +41,15 @@ def test_bit_table_bins_equal_the_float64_definition(edges):
 
 
 @pytest.mark.parametrize("shape", [(16, 300), (8, 4100), (4, 1)])
-def test_summarize_equals_the_reference_path(shape):
+@pytest.mark.parametrize("special", [True, False], ids=["junk", "clean"])
+@pytest.mark.parametrize("clean", [None, False], ids=["read", "device"])
+def test_summarize_equals_the_reference_path(shape, special, clean):
     g = (torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 4).exp()
-    g[0, 0], g[1, 0], g[2, 0], g[3, 0] = math.nan, math.inf, 0.0, -2.0
-    g[-1, -1] = -0.0
-    fast, ref = summarize(g, 4, Scratch()), _summarize_reference(g, 4)
+    g[0, -1] = 1.0  # a power of ten: the bin it starts, in both histograms
+    if special:
+        g[0, 0], g[1, 0], g[2, 0], g[3, 0] = math.nan, math.inf, 0.0, -2.0
+        g[-1, -1] = -0.0
+    fast, ref = summarize(g, 4, Scratch(), clean=clean), _summarize_reference(g, 4)
     counts, ext = settle(*fast.raw)
     assert torch.equal(counts, ref.counts) and torch.equal(ext, ref.ext)
     assert torch.equal(settle_inputs(fast.input_counts), ref.input_counts)
@@ -49,14 +57,56 @@ def test_summarize_equals_the_reference_path(shape):
         assert torch.equal(getattr(fast, k), getattr(ref, k)), k
 
 
+def test_input_bins_are_four_site_bins():
+    """Per input, a coarse bin is four site bins: 1.0 lies in [1, 10^0.1), not in the bin below it."""
+    g = torch.tensor([[0.999, 1.0, 1.2, 1.26, 10.0, 1e-5, 2e8]])
+    ref = _summarize_reference(g, 1)
+    site = bin_index(g.double(), GAIN_EDGES)[0]
+    assert torch.equal(ref.input_counts[0].nonzero()[:, 0], torch.unique(site // 4))
+    assert int(ref.input_counts[0, 40]) == 2 and int(ref.input_counts[0, 39]) == 1  # 1.0 and 1.2 in [1, 1.259)
+
+
+@pytest.mark.parametrize("shape,n", [((6, 5000), 3), ((2, 10000), 1), ((8, 3, 4, 4), 4), ((8,), 2)])
+def test_layer_all_finite_path_equals_the_general_path(shape, n):
+    from flowaudit.layer_stats import _finite_parts, _parts
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 100
+    strided = x.transpose(0, -1).contiguous().transpose(0, -1)
+    assert torch.equal(_finite_parts(strided, n, Scratch()), _parts(x.reshape(n, -1).clone(), Scratch()))
+    for bad in (math.inf, -math.inf, math.nan):
+        y = x.clone()
+        y.view(-1)[-1] = bad
+        assert _finite_parts(y, n, Scratch()) is None  # left to the general path
+
+
+@pytest.mark.parametrize("per", [3, 8, 30])
+def test_cpu_reservoir_keeps_the_rows_the_device_path_keeps(per):
+    rows = torch.randn(120, 5, generator=torch.Generator().manual_seed(3))
+    gain = torch.rand(120, generator=torch.Generator().manual_seed(4)).double().round(decimals=1)  # ties
+    host, device = ParamReservoir(40, salt=7), ParamReservoir(40, salt=7)
+    for i in range(0, 120, per):
+        host.add(rows[i : i + per], gain[i : i + per], i // 4, 4, i // per)
+        device._add_device(rows[i : i + per], gain[i : i + per], i // 4, 4, i // per)
+    for a, b in zip(host.kept(), device.kept()):
+        assert torch.equal(a, b)
+    assert host.info() == device.info()
+
+
+def test_reservoir_keys_on_the_host_equal_the_device_keys():
+    from flowaudit.reservoir import uniform_keys, uniform_keys_host
+
+    for salt in (0, 7, -5 * 1_000_003, 2**40 + 3):
+        assert np.array_equal(uniform_keys(torch.arange(1000, 3000), salt).numpy(), uniform_keys_host(1000, 2000, salt))
+
+
 def test_reservoir_in_order_fast_path_keeps_the_general_order():
     rows = torch.randn(120, 5, generator=torch.Generator().manual_seed(3))
     gain = torch.rand(120, generator=torch.Generator().manual_seed(4)).double().round(decimals=1)  # ties
     fast, general = ParamReservoir(40, salt=7), ParamReservoir(40, salt=7)
-    for i in range(0, 120, 8):
-        fast.add(rows[i : i + 8], gain[i : i + 8], i // 4, 4, i // 8)
+    for i in range(0, 120, 8):  # the device path, run here on the CPU
+        fast._add_device(rows[i : i + 8], gain[i : i + 8], i // 4, 4, i // 8)
         general._next_id = None  # force the (score, id) sort
-        general.add(rows[i : i + 8], gain[i : i + 8], i // 4, 4, i // 8)
+        general._add_device(rows[i : i + 8], gain[i : i + 8], i // 4, 4, i // 8)
     for a, b in zip(fast._top + fast._rand, general._top + general._rand):
         assert torch.equal(a, b)
 
