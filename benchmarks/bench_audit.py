@@ -1,20 +1,26 @@
 """Audit overhead: the inverse pass under the scan's tracer over the same pass bare, as ratios within one run.
 
 For each model, bare (``adapter.sample(y, latents)``, no observer) and audited (the same call
-with a fresh :class:`~flowaudit.trace.Tracer` as observer: layer sums, inverse-gain histograms,
-per-input gain figures, parameter reservoir) run alternately on the same latents under
-``no_grad``, after one warm-up each, on one thread; the figure is the best of ``--repeats``
-each and the ratio is audited / bare (goal, issue 12: ≤ 1.05 on SR and low-light).
+with a :class:`~flowaudit.trace.Tracer` as observer — layer sums, inverse-gain histograms,
+per-input gain figures, parameter reservoir — then ``tracer.end_batch``, as a scan does) run
+alternately on the same latents under ``no_grad``, after one warm-up each, on one thread; the
+figure is the best of ``--repeats`` each and the ratio is audited / bare (goal, issue 12:
+≤ 1.05 on SR and low-light). As in a scan, one tracer takes the passes of a shard: it is made
+once per model and mode and sees every audited pass.
 
-Models (K samples per input, inputs per pass):
+Two modes, as a scan runs them:
 
-* toy affine / modified-rq-spline (bundled): 1 000 inputs × K = 10 (10 000 samples), the
-  batched pass of a toy scan;
-* SR affine / modified-rq-spline (built, seed 0, patch 32): 8 LR inputs of 8×8 × K = 8
+* ``exact`` (the scan's default): one input's K samples a pass;
+* ``batched`` (``--batched``): several inputs a pass.
+
+Models (K samples per input; inputs per pass when batched):
+
+* toy affine / modified-rq-spline (bundled): K = 10; 1 000 inputs (10 000 samples);
+* SR affine / modified-rq-spline (built, seed 0, patch 32): LR inputs of 8×8, K = 8; 8 inputs
   (64 samples of 32×32);
-* low-light affine / modified-rq-spline (bundled): 8 inputs of 32×32 × K = 8 (64 samples).
+* low-light affine / modified-rq-spline (bundled): inputs of 32×32, K = 8; 8 inputs (64 samples).
 
-Run: ``python benchmarks/bench_audit.py [--repeats 10] [--runs 2] [--clock cpu]``.
+Run: ``python benchmarks/bench_audit.py [--repeats 10] [--runs 2] [--clock cpu] [--modes exact,batched]``.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ KINDS = ("affine", "modified-rq-spline")
 
 
 def workloads() -> dict[tuple[str, str], tuple[torch.nn.Module, torch.Tensor, int]]:
-    """(model, inputs already repeated K times, K) per (family, coupling)."""
+    """(model, the batched pass's inputs already repeated K times, K) per (family, coupling)."""
     g = torch.Generator().manual_seed(0)
     out = {}
     y_toy = torch.randn(10_000, 2, generator=g)
@@ -51,11 +57,20 @@ def workloads() -> dict[tuple[str, str], tuple[torch.nn.Module, torch.Tensor, in
 
 
 def measure(model, y: torch.Tensor, k: int, repeats: int, clock) -> tuple[float, float]:
-    """Best-of-``repeats`` seconds of bare and audited sampling, run alternately after a warm-up each."""
+    """Best-of-``repeats`` seconds of bare and audited sampling, run alternately after a warm-up each.
+
+    The audited pass is ``sample`` with the tracer as observer plus ``end_batch`` (where the
+    CPU tracer summarizes the pass); one tracer sees every audited pass, as a scan shard's does.
+    """
     adapter = adapt(model)
     latents = adapter.sample_latents(y, 0.9, torch.Generator().manual_seed(0))
-    fns = {"bare": lambda: adapter.sample(y, latents),
-           "audited": lambda: adapter.sample(y, latents, observer=Tracer(Sampling(k, 0.9, 0)))}
+    tracer = Tracer(Sampling(k, 0.9, 0))
+
+    def audited():
+        adapter.sample(y, latents, observer=tracer)
+        tracer.end_batch(len(y) // k)
+
+    fns = {"bare": lambda: adapter.sample(y, latents), "audited": audited}
     best = {name: float("inf") for name in fns}
     with torch.no_grad():
         for fn in fns.values():
@@ -76,6 +91,7 @@ def main() -> None:
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall: perf_counter; cpu: this process's CPU time (on a shared box, leaves out the waits)")
     ap.add_argument("--only", default="", help="comma-separated families to run (toy, sr, lowlight)")
+    ap.add_argument("--modes", default="exact,batched", help="exact (one input a pass, the scan's default), batched")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
@@ -84,11 +100,14 @@ def main() -> None:
     work = workloads()
     if args.only:
         work = {key: w for key, w in work.items() if key[0] in args.only.split(",")}
-    print(f"{'run':>3} {'model':<9} {'coupling':<20} {'bare ms':>9} {'audited ms':>11} {'audit/bare':>11}")
+    print(f"{'run':>3} {'model':<9} {'coupling':<20} {'mode':<8} {'samples':>7} {'bare ms':>9} {'audited ms':>11} {'audit/bare':>11}")
     for run in range(1, args.runs + 1):
         for (family, kind), (model, y, k) in work.items():
-            bare, audited = measure(model, y, k, args.repeats, clock)
-            print(f"{run:>3} {family:<9} {kind:<20} {1e3 * bare:9.1f} {1e3 * audited:11.1f} {audited / bare:11.3f}", flush=True)
+            for mode in args.modes.split(","):
+                ys = y[:k] if mode == "exact" else y
+                bare, audited = measure(model, ys, k, args.repeats, clock)
+                print(f"{run:>3} {family:<9} {kind:<20} {mode:<8} {len(ys):>7} {1e3 * bare:9.1f} {1e3 * audited:11.1f} "
+                      f"{audited / bare:11.3f}", flush=True)
 
 
 if __name__ == "__main__":

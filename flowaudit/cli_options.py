@@ -38,7 +38,7 @@ class Settings:
     command: str | None = None  # "flowaudit scan", "flowaudit train sr": set when a command claims its output
     out: str | None = None  # what the running command writes (claimed), for the interruption message
     keeps_partial: bool = False  # ``train``: a periodic checkpoint at ``out`` is complete, not partial
-    work: str | None = None  # ``fit`` / ``scan``: the work folder of completed shards (``--resume`` continues from it)
+    work: str | None = None  # ``fit`` / ``scan`` / ``attack``: the work folder of completed shards (``--resume`` continues from it)
     official: dict = field(default_factory=dict)  # what an official checkpoint's weights cannot say (--fs-ncsr, …)
 
     @property
@@ -135,7 +135,7 @@ def claim_output(ctx: click.Context, out: str, overwrite: bool = True, *, keeps_
 # -- long runs: shards, resume, memory, ranks (flowaudit.runner) ----------------------------------
 
 def run_options(f):
-    """``--resume``, ``--max-memory``, ``--batched`` and ``--distributed`` of ``fit`` and ``scan``."""
+    """``--resume``, ``--max-memory``, ``--batched`` and ``--distributed`` of ``fit``, ``scan`` and ``attack``."""
     f = click.option("--distributed", is_flag=True, help="Share the inputs over the ranks of a torchrun "
                      "(gloo on CPU, NCCL on GPU); rank 0 writes the output.")(f)
     f = click.option("--batched", is_flag=True, help="Several inputs per inverse pass (faster on small models; the "

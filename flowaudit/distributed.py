@@ -1,6 +1,6 @@
 r"""Scale-out on ``torch.distributed``: the ranks of a ``torchrun`` share the shards of a run (issue 12).
 
-``torchrun --nproc_per_node=W -m flowaudit scan … --distributed`` starts ``W``
+``torchrun --nproc_per_node=W -m flowaudit fit|scan|attack … --distributed`` starts ``W``
 processes with ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` set;
 :func:`init_group` joins them (gloo on CPU, NCCL on GPU, each rank on
 ``cuda:LOCAL_RANK``). Shard ``i`` runs on rank ``i mod W``

@@ -15,9 +15,9 @@ whose ``bincount`` reads its maximum back to the host); the extremes of the fini
 gains come from order-preserving integer keys of their bits (positive float32 bits order like
 the values; ``(bits − 1) ^ 2^{31}`` puts +0, −0 and the negatives above +inf), so no mask and no
 ``where`` over the values is needed. The site and the per-input counts are one ``bincount``
-(input :math:`i`'s indices shifted by :math:`i(B + 2)`). On the CPU, where reading a value back
-costs nothing, a call whose gains are all finite and positive (read from the row extremes: the
-common case) skips the passes that only sort out the others. Other dtypes take the float64 reference path; both give
+(input :math:`i`'s indices shifted by :math:`i(B + 2)`). On the CPU the tracer bins a whole
+pass at once the same way (:mod:`flowaudit.pass_buffer`) and hands :class:`GainStats` the
+counts and extremes (:meth:`GainStats.add_counts`). Other dtypes take the float64 reference path; both give
 the same bins (:func:`~flowaudit.binning.bin_index`). :class:`GainStats` accumulates the site
 figures and turns them into the report's min / p50 / p99 / max.
 """
@@ -89,20 +89,10 @@ def _count(idx: Tensor, n: int) -> Tensor:
     return torch.zeros(n, dtype=torch.int64, device=idx.device).index_add_(0, idx, torch.ones_like(idx, dtype=torch.int64))
 
 
-def _positive_and_finite(row_min: Tensor, row_max: Tensor) -> bool:
-    """Whether every gain lies in (0, inf), from the row extremes (NaN fails both comparisons)."""
-    lo, hi = torch.stack([row_min.amin(), row_max.amax()]).tolist()
-    return lo > 0 and hi < math.inf
-
-
-def summarize(gain: Tensor, samples: int | None = None, work: Scratch | None = None, clean: bool | None = None) -> GainPass:
+def summarize(gain: Tensor, samples: int | None = None, work: Scratch | None = None) -> GainPass:
     """The statistics of one call's gains (batch first); per input too when ``samples`` (K) is given.
 
     Temporaries go to ``work`` (:class:`~flowaudit.scratch.Scratch`), reused from call to call.
-    ``clean`` says whether every gain is finite and positive; by default it is read from the row
-    extremes on the CPU, where a read costs nothing (no device to wait for), and taken as ``False``
-    elsewhere (no host sync). Clean gains skip the passes that only sort out the others: the NaN
-    mapping, the sign mask and the order keys (their extremes are the row extremes).
     """
     g = gain.detach()
     g = g.reshape(g.shape[0], -1) if g.dim() else g.reshape(1, 1)
@@ -114,18 +104,10 @@ def summarize(gain: Tensor, samples: int | None = None, work: Scratch | None = N
     inf = math.inf
     work = work or Scratch()
     m = g.numel()
-    row_max, row_min = g.amax(1), g.amin(1)  # NaN propagates: a NaN row is not clean
-    if clean is None:  # read on the CPU only: elsewhere the read would wait for the device
-        clean = dev.type == "cpu" and _positive_and_finite(row_min, row_max)
-    if clean:
-        gs = g
-        bits = gs.view(torch.int32).reshape(-1)
-        hi = torch.bitwise_right_shift(bits, 16, out=work.get("hi", (m,), torch.int32, dev))  # sign bit 0: no mask
-    else:
-        gs = torch.nan_to_num(g, nan=inf, posinf=inf, neginf=-inf, out=work.get("gain", g.shape, torch.float32, dev))
-        row_max, row_min = gs.amax(1), gs.amin(1)
-        bits = gs.view(torch.int32).reshape(-1)
-        hi = torch.bitwise_right_shift(bits, 16, out=work.get("hi", (m,), torch.int32, dev)).bitwise_and_(0xFFFF)
+    gs = torch.nan_to_num(g, nan=inf, posinf=inf, neginf=-inf, out=work.get("gain", g.shape, torch.float32, dev))
+    row_max, row_min = gs.amax(1), gs.amin(1)
+    bits = gs.view(torch.int32).reshape(-1)
+    hi = torch.bitwise_right_shift(bits, 16, out=work.get("hi", (m,), torch.int32, dev)).bitwise_and_(0xFFFF)
     idx = GainBins(GAIN_EDGES, dev).index(bits, hi, out=work.get("idx", (m,), torch.int32, dev))  # 0: g ≤ 0, 1…B: bins, B+1: +inf
     n = gs.shape[0] // samples if samples else 1
     if n > 1:  # one count for the site and its inputs: input i's indices shifted by i (B + 2)
@@ -136,12 +118,8 @@ def summarize(gain: Tensor, samples: int | None = None, work: Scratch | None = N
     if samples:
         out.input_max, out.input_min = out.row_max.view(n, -1).amax(1), row_min.double().view(n, -1).amin(1)
         out.input_counts = per_input
-    if clean:  # every gain finite and positive: the extremes are the rows'
-        key = torch.sub(row_min.amin().view(torch.int32), 1).bitwise_xor_(_SIGN)
-        top = row_max.amax()
-    else:
-        key = torch.sub(bits, 1, out=hi).bitwise_xor_(_SIGN).amin()  # int32 wraps (−0 → 2^31 − 1): two's complement everywhere
-        top = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0, out=work.get("finite", g.shape, torch.float32, dev)).amax()
+    key = torch.sub(bits, 1, out=hi).bitwise_xor_(_SIGN).amin()  # int32 wraps (−0 → 2^31 − 1): two's complement everywhere
+    top = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0, out=work.get("finite", g.shape, torch.float32, dev)).amax()
     out.raw = (every, key, top)
     return out
 
@@ -176,6 +154,7 @@ class GainStats:
         self._counts: Tensor | None = None
         self._ext: Tensor | None = None  # n, n_nonfinite, min, max (float64)
         self._raw: tuple[Tensor, Tensor, Tensor] | None = None  # raw passes not yet settled
+        self._host: list | None = None  # CPU calls not yet settled: [every, smallest, largest finite positive gain]
 
     def add(self, gain: Tensor) -> None:
         self.add_pass(summarize(gain))
@@ -190,10 +169,23 @@ class GainStats:
             (e, k, t), (e2, k2, t2) = self._raw, p.raw
             self._raw = (e + e2, torch.minimum(k, k2), torch.maximum(t, t2))
 
+    def add_counts(self, every: Tensor, low: float, top: float) -> None:
+        """Add a CPU call: its (B + 2) counts (g ≤ 0, the bins, +inf) and its finite positive extremes (inf / −inf: none)."""
+        if self._host is None:
+            self._host = [every.clone(), low, top]
+        else:
+            h = self._host
+            h[0].add_(every)
+            h[1], h[2] = min(h[1], low), max(h[2], top)
+
     def _settle(self) -> "GainStats":
         if self._raw is not None:
             raw, self._raw = self._raw, None
             self._merge(*settle(*raw))
+        if self._host is not None:
+            (every, low, top), self._host = self._host, None
+            counts = every[1 : _NB + 1]
+            self._merge(counts, torch.tensor([float(counts.sum()), float(every[0] + every[_NB + 1]), low, top], dtype=torch.float64))
         return self
 
     def _merge(self, counts: Tensor, ext: Tensor) -> None:

@@ -13,23 +13,25 @@ to the running sums input after input,
 .. math:: S \leftarrow (\cdots((S + s_1) + s_2) + \cdots) + s_n ,
 
 by one ``cumsum`` over the (inputs, 5) partials (:func:`_fold`), not a Python loop.
-Non-finite values are zeroed and counted with ``nan_to_num`` (the NaN of ``x * 0`` marks them);
-on the CPU, where reading a value back costs nothing, rows whose float64 sums come out finite
-have no non-finite value and skip those passes. Temporaries go to a :class:`~flowaudit.scratch.Scratch`.
+Non-finite values are zeroed and counted with ``nan_to_num`` (the NaN of ``x * 0`` marks them).
+Temporaries go to a :class:`~flowaudit.scratch.Scratch`. On the CPU the tracer computes the
+partials of a whole pass at once (:mod:`flowaudit.pass_buffer`) and folds them here in numpy
+(:meth:`LayerStats.add_parts`): the same sequential float64 additions.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .scratch import Scratch
 
-__all__ = ["LayerStats", "layer_device"]
+__all__ = ["LayerStats", "layer_device", "layer_parts", "CHUNK"]
 
-_CHUNK = 4096
+CHUNK = 4096
 
 
 def _row_sums(v: Tensor) -> Tensor:
@@ -41,7 +43,7 @@ def _row_sums(v: Tensor) -> Tensor:
     (several outputs per row) and then the chunk sums, recursively; zeros add exactly.
     """
     n, m = v.shape
-    if m <= _CHUNK:
+    if m <= CHUNK:
         return v.sum(1)
     return _row_sums(_chunked(v).sum(2))
 
@@ -49,15 +51,15 @@ def _row_sums(v: Tensor) -> Tensor:
 def _chunked(v: Tensor) -> Tensor:
     """``v`` (n, m) as (n, ⌈m/4096⌉, 4096), zero-padded; a view when 4096 divides m."""
     n, m = v.shape
-    if m % _CHUNK:
-        v = torch.nn.functional.pad(v, (0, (-m) % _CHUNK))
-    return v.reshape(n, -1, _CHUNK)
+    if m % CHUNK:
+        v = torch.nn.functional.pad(v, (0, (-m) % CHUNK))
+    return v.reshape(n, -1, CHUNK)
 
 
 def _count_rows(a: Tensor) -> Tensor:
     """Row sums (float64) of a 0/1 tensor: chunks of 4096 summed in its own dtype are exact integers."""
     n, m = a.shape
-    if m > _CHUNK:
+    if m > CHUNK:
         a = _chunked(a).sum(2)
     return _row_sums(a.to(torch.float64))
 
@@ -75,54 +77,38 @@ def _fold(acc: Tensor | None, parts: Tensor) -> Tensor:
     return out
 
 
-def _parts(x: Tensor, work: Scratch) -> Tensor:
-    """Per row of ``x``: count of finite values, their sum, sum of squares, max |v| and non-finite count."""
+def layer_parts(x: Tensor, work: Scratch) -> Tensor:
+    """Per row of ``x`` (inputs, values): count of finite values, their sum, sum of squares, max |v| and non-finite count."""
     inf = math.inf
     a = torch.nan_to_num(x, nan=0.0, posinf=inf, neginf=inf, out=work.get("layer", x.shape, x.dtype, x.device))
     top = a.abs_().amax(1).to(torch.float64)  # Inf counts, NaN does not
     torch.mul(x, 0, out=a).nan_to_num_(nan=1.0, posinf=1.0, neginf=1.0)  # 1 exactly at the non-finite values
     bad = _count_rows(a)
     torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0, out=a)
-    total, total_sq = _sums(a, work)
+    v = work.get("layer64", x.shape, torch.float64, x.device).copy_(a) if x.dtype != torch.float64 else a
+    total = _row_sums(v)
+    total_sq = _row_sums(v.mul_(v))
     return torch.stack([x.shape[1] - bad, total, total_sq, top, bad], 1)
 
 
-def _finite_parts(x: Tensor, n_inputs: int, work: Scratch) -> Tensor | None:
-    """:func:`_parts` of ``x`` as ``n_inputs`` rows when every value is finite, else ``None`` (a read back:
-    use it on the CPU, where that costs nothing).
-
-    ``x`` is copied once, strided or not, into a float64 scratch that the sums are read from.
-    Finite values give finite float64 sums (a float32 squared is below 1.2e77), and a non-finite
-    value makes its row's sums non-finite; so the sums alone tell, and the passes that zero and
-    count non-finite values are skipped. The same numbers, bit for bit, as :func:`_parts`.
-    """
-    per_input = x.unflatten(0, (n_inputs, -1))  # strided or not: reductions read it in place
-    dims = tuple(range(1, per_input.dim()))
-    top = torch.maximum(per_input.amax(dims), per_input.amin(dims).neg_()).to(torch.float64)
-    v = work.get("layer64", x.shape, torch.float64, x.device).copy_(x).view(n_inputs, -1)
-    total = _row_sums(v)
-    total_sq = _row_sums(v.mul_(v))
-    if not bool(torch.isfinite(total + total_sq).all()):
-        return None
-    return torch.stack([total.new_full((n_inputs,), v.shape[1]), total, total_sq, top, total.new_zeros(n_inputs)], 1)
-
-
-def _sums(a: Tensor, work: Scratch) -> tuple[Tensor, Tensor]:
-    """Float64 row sums of ``a`` and of its squares (:func:`_row_sums`); ``a`` may be overwritten."""
-    v = work.get("layer64", a.shape, torch.float64, a.device).copy_(a) if a.dtype != torch.float64 else a
-    total = _row_sums(v)
-    return total, _row_sums(v.mul_(v))
+def _fold_host(acc: np.ndarray | None, parts: np.ndarray) -> np.ndarray:
+    """:func:`_fold` in numpy: ``cumsum`` along the rows is the same sequential float64 additions."""
+    rows = parts if acc is None else np.concatenate([acc[None], parts])
+    out = rows.cumsum(0)[-1]
+    out[3] = rows[:, 3].max()
+    return out
 
 
 class LayerStats:
     """Running statistics of one layer's output values.
 
     The five running numbers (count, sum, sum of squares, max |v|, non-finite count)
-    stay a float64 tensor on the model's device; reading them is the only host sync.
+    stay a float64 tensor on the model's device (reading them is the only host sync), or a
+    numpy array where the CPU's pass buffer folds them (:meth:`add_parts`).
     """
 
     def __init__(self) -> None:
-        self._acc: Tensor | None = None
+        self._acc: Tensor | np.ndarray | None = None
 
     def add(self, x: Tensor, n_inputs: int = 1, work: Scratch | None = None) -> None:
         """Add the values of ``x`` (input-major rows of ``n_inputs`` inputs), folded input by input.
@@ -130,32 +116,48 @@ class LayerStats:
         Each input's partial sums come from :func:`_row_sums` and are added to the running sums in
         input order (:func:`_fold`), so the result does not depend on how inputs were grouped into passes.
         Non-finite values are zeroed by ``nan_to_num`` (one cheap pass, no mask, no ``where``) and
-        counted by the NaN that ``x * 0`` gives exactly at them; on the CPU, values that are all finite
-        skip that (:func:`_finite_parts`). Temporaries go to ``work``.
+        counted by the NaN that ``x * 0`` gives exactly at them. Temporaries go to ``work``.
         """
         x = x.detach()
         if x.numel() == 0:
             return
         if n_inputs < 1 or x.shape[0] % n_inputs:
             n_inputs = 1
-        work = work or Scratch()
-        parts = _finite_parts(x, n_inputs, work) if x.device.type == "cpu" else None
-        self._acc = _fold(self._acc, parts if parts is not None else _parts(x.reshape(n_inputs, -1), work))
+        parts = layer_parts(x.reshape(n_inputs, -1), work or Scratch())
+        if x.device.type == "cpu":
+            self.add_parts(parts.numpy())
+        else:
+            self._acc = _fold(self._acc, parts)
+
+    def add_parts(self, parts: np.ndarray) -> None:
+        """Fold per-input partials (inputs × 5, float64) computed elsewhere (the CPU's pass buffer)."""
+        acc = self._acc.cpu().numpy() if isinstance(self._acc, Tensor) else self._acc
+        self._acc = _fold_host(acc, parts)
 
     def merge(self, other: "LayerStats") -> "LayerStats":
         """Fold ``other``'s sums (a later shard) into these; returns ``self``."""
-        if other._acc is not None:
-            self._acc = _fold(self._acc, other._acc.to(self._acc.device if self._acc is not None else other._acc.device)[None])
+        if other._acc is None:
+            return self
+        if isinstance(self._acc, np.ndarray) or (self._acc is None and isinstance(other._acc, np.ndarray)):
+            self.add_parts(other.state().numpy()[None])
+        else:
+            theirs = other.state() if isinstance(other._acc, np.ndarray) else other._acc
+            self._acc = _fold(self._acc, theirs.to(self._acc.device if self._acc is not None else theirs.device)[None])
         return self
 
     def state(self) -> Tensor | None:
         """The five running numbers (float64, CPU), or ``None`` before any value."""
+        if isinstance(self._acc, np.ndarray):
+            return torch.from_numpy(self._acc.copy())
         return None if self._acc is None else self._acc.cpu()
 
     @classmethod
     def from_state(cls, acc: Tensor | None, device: torch.device | str = "cpu") -> "LayerStats":
         out = cls()
-        out._acc = None if acc is None else acc.to(device, torch.float64)
+        if acc is not None and torch.device(device).type == "cpu":
+            out._acc = acc.to(torch.float64).numpy().copy()  # the CPU folds in numpy
+        else:
+            out._acc = None if acc is None else acc.to(device, torch.float64)
         return out
 
     def _values(self) -> list[float]:
@@ -184,4 +186,4 @@ class LayerStats:
 
 
 def layer_device(stats: LayerStats) -> torch.device:
-    return stats._acc.device if stats._acc is not None else torch.device("cpu")
+    return stats._acc.device if isinstance(stats._acc, Tensor) else torch.device("cpu")

@@ -14,7 +14,8 @@ Both halves order rows by (score, row id), a strict total order, so the top-k of
 top-k of the parts' top-k: merging shards or updating once per call gives the same rows as one
 pass over everything. The order is found on scores and ids (a few numbers a row) and only the
 kept rows are gathered, on the rows' device with no host sync; on the CPU, where reading the
-scores costs nothing, the order is found in numpy and only the new rows that enter are copied.
+scores costs nothing, the order is found in numpy and only the rows that enter are copied, into
+slots of a buffer allocated once (:class:`_Kept`).
 """
 
 from __future__ import annotations
@@ -55,24 +56,60 @@ def uniform_keys_host(first_row: int, n: int, salt: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def _keep_host(old: tuple[Tensor, Tensor, Tensor] | None, rows: Tensor, score: np.ndarray, ids: np.ndarray,
-               k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """:meth:`ParamReservoir._merge` on the CPU: the order is found in numpy on (score, row id), a few
-    numbers a row, and only the new rows that are kept are copied (none, once the reservoir is full
-    and no new row beats its last). The kept rows are the same; they are stored old first."""
-    n_old = 0 if old is None else len(old[1])
-    all_score = score if old is None else np.concatenate([old[1].numpy(), score])
-    all_ids = ids[:, 0] if old is None else np.concatenate([old[2][:, 0].numpy(), ids[:, 0]])
-    order = np.lexsort((all_ids, -all_score))[:k]  # score descending, ties to the smaller row id
-    from_new = np.sort(order[order >= n_old]) - n_old
-    if old is not None and len(from_new) == 0 and len(order) == n_old:
-        return old
-    pick = torch.from_numpy(from_new)
-    new = (rows.index_select(0, pick), torch.from_numpy(score[from_new]), torch.from_numpy(ids[from_new]))
-    if old is None:
-        return new
-    stay = torch.from_numpy(np.sort(order[order < n_old]))
-    return tuple(torch.cat([a.index_select(0, stay), b]) for a, b in zip(old, new))
+class _Kept:
+    """One half of a reservoir on the CPU: up to ``k`` rows in a buffer allocated once, their
+    scores and row ids in numpy. Rows that enter are written into free or evicted slots, so a
+    call copies only them (none, once the half is full and no new row beats its last)."""
+
+    def __init__(self, k: int, like: Tensor):
+        self.k, self.n = k, 0
+        self.low = None  # the lowest kept score, once full (cached)
+        self.rows = like.new_empty((k, *like.shape[1:]))
+        self.score = np.empty(k)
+        self.ids = np.empty((k, 3), dtype=np.int64)
+
+    @classmethod
+    def of(cls, kept: tuple[Tensor, Tensor, Tensor] | None, k: int, like: Tensor) -> "_Kept":
+        out = cls(k, like)
+        if kept is not None:
+            n = out.n = len(kept[1])
+            out.rows[:n], out.score[:n], out.ids[:n] = kept[0], kept[1].numpy(), kept[2].numpy()
+        return out
+
+    def beaten(self, score: np.ndarray) -> bool:
+        """Whether a new row may enter: the half is not full, or some score reaches its lowest."""
+        if self.n < self.k:
+            return True
+        if self.low is None:
+            self.low = self.score.min()
+        return bool(score.max() >= self.low)
+
+    def add(self, rows: Tensor, score: np.ndarray, ids: np.ndarray) -> None:
+        """Keep the ``k`` best of the kept and the new rows by (score descending, row id ascending)."""
+        n, m, k = self.n, len(score), self.k
+        self.low = None
+        if n + m <= k:
+            slots, take = np.arange(n, n + m), None
+            self.n = n + m
+        else:
+            order = np.lexsort((np.concatenate([self.ids[:n, 0], ids[:, 0]]), -np.concatenate([self.score[:n], score])))[:k]
+            take = order[order >= n] - n
+            if not len(take):
+                return
+            kept = np.zeros(n, dtype=bool)
+            kept[order[order < n]] = True
+            slots = np.concatenate([np.arange(n, k), np.flatnonzero(~kept)])[: len(take)]  # free slots, then evicted ones
+            self.n = k
+        if take is None:
+            self.rows[n : n + m].copy_(rows)
+            self.score[slots], self.ids[slots] = score, ids
+        else:
+            self.rows.index_copy_(0, torch.from_numpy(slots), rows.index_select(0, torch.from_numpy(take)))
+            self.score[slots], self.ids[slots] = score[take], ids[take]
+
+    def as_tuple(self) -> tuple[Tensor, Tensor, Tensor]:
+        n = self.n
+        return self.rows[:n].clone(), torch.from_numpy(self.score[:n].copy()), torch.from_numpy(self.ids[:n].copy())
 
 
 class ParamReservoir:
@@ -92,6 +129,8 @@ class ParamReservoir:
         self._top: tuple[Tensor, Tensor, Tensor] | None = None  # rows, gain, ids
         self._rand: tuple[Tensor, Tensor, Tensor] | None = None  # rows, key, ids
         self._next_id: int | None = 0  # every kept row id is below it (None: unknown)
+        self._host: tuple[_Kept, _Kept] | None = None  # the CPU's halves (:meth:`_flush` turns them into _top, _rand)
+        self._key_window: tuple[int, np.ndarray] = (0, np.zeros(0))  # the CPU's keys of the next rows, computed ahead
 
     def capacity(self, per_row: int) -> tuple[int, int]:
         """(rows kept by gain, rows kept at random) for rows of ``per_row`` numbers."""
@@ -129,10 +168,11 @@ class ParamReservoir:
             rows = new[0].index_select(0, idx)
         return rows, score.index_select(0, idx), ids.index_select(0, idx)
 
-    def add(self, params: Tensor, row_gain: Tensor, first_input: int, samples: int, batch: int) -> None:
+    def add(self, params: Tensor, row_gain: Tensor | np.ndarray, first_input: int, samples: int, batch: int) -> None:
         rows = params.detach()
         n = rows.shape[0]
-        if self._top is not None and tuple(self._top[0].shape[1:]) != tuple(rows.shape[1:]):
+        shape = self._row_shape()
+        if shape is not None and shape != tuple(rows.shape[1:]):
             self.skipped += n  # a different parameter shape in the same set: not mixed into one probe tensor
             return
         if rows.device.type == "cpu":  # reading the scores costs nothing here: select in numpy, copy only kept rows
@@ -140,8 +180,20 @@ class ParamReservoir:
         else:
             self._add_device(rows, row_gain, first_input, samples, batch)
 
+    def _row_shape(self) -> tuple[int, ...] | None:
+        if self._host is not None:
+            return tuple(self._host[0].rows.shape[1:])
+        return None if self._top is None else tuple(self._top[0].shape[1:])
+
+    def _flush(self) -> None:
+        """Turn the CPU's halves into the (rows, score, ids) form every other method reads."""
+        if self._host is not None:
+            self._top, self._rand = (h.as_tuple() for h in self._host)
+            self._host = None
+
     def _add_device(self, rows: Tensor, row_gain: Tensor, first_input: int, samples: int, batch: int) -> None:
         """:meth:`add` on the rows' device, with no host sync (kept in (score, id) order, :meth:`_merge`)."""
+        self._flush()
         n, dev = rows.shape[0], rows.device
         r = torch.arange(n, device=dev)
         ids = torch.stack([r + first_input * max(samples, 1), r // max(samples, 1) + first_input, torch.full_like(r, batch)], 1)
@@ -155,20 +207,40 @@ class ParamReservoir:
         key = uniform_keys(ids[:, 0], self.salt)  # a function of the row, not of the batch it came in
         self._rand = self._merge(self._rand, (rows, -key, ids), k_rand, later)  # smallest keys: a uniform sample
 
-    def _add_host(self, rows: Tensor, row_gain: Tensor, first_input: int, samples: int, batch: int) -> None:
-        """:meth:`add` on the CPU (:func:`_keep_host`): the same rows kept, a fraction of the operations."""
+    def _add_host(self, rows: Tensor, row_gain: Tensor | np.ndarray, first_input: int, samples: int, batch: int) -> None:
+        """:meth:`add` on the CPU (:class:`_Kept`): the same rows kept, a fraction of the operations."""
         n = rows.shape[0]
+        self.rows_seen += n
+        if not n:
+            return
+        if self._host is None:
+            k_top, k_rand = self.capacity(rows[0].numel())
+            self._host = (_Kept.of(self._top, k_top, rows), _Kept.of(self._rand, k_rand, rows))
+            self._top = self._rand = None
+            self._next_id = None  # stored in slots, not in sorted order: a device path after this sorts by id
+        top, rand = self._host
+        gain = np.asarray(row_gain, dtype=np.float64) if len(row_gain) == n else np.zeros(n)
+        key = self._host_keys(first_input * samples, n)
+        take_top, take_rand = top.beaten(gain), rand.beaten(key)
+        if not (take_top or take_rand):  # once full, most calls end here
+            return
         r = np.arange(n)
         ids = np.stack([r + first_input * samples, r // samples + first_input, np.full(n, batch)], 1)
-        self.rows_seen += n
-        self._next_id = None  # stored old first, not in sorted order: a device path after this sorts by id
-        gain = row_gain.double().numpy() if row_gain.shape[0] == n else np.zeros(n)
-        k_top, k_rand = self.capacity(rows[0].numel() if n else 1)
-        self._top = _keep_host(self._top, rows, gain, ids, k_top)
-        self._rand = _keep_host(self._rand, rows, -uniform_keys_host(first_input * samples, n, self.salt), ids, k_rand)
+        if take_top:
+            top.add(rows, gain, ids)
+        if take_rand:
+            rand.add(rows, key, ids)
+
+    def _host_keys(self, first_row: int, n: int) -> np.ndarray:
+        """Minus the keys of rows ``first_row …``, from a window computed ahead (rows arrive in order)."""
+        start, keys = self._key_window
+        if not (start <= first_row and first_row + n <= start + len(keys)):
+            start, keys = self._key_window = first_row, -uniform_keys_host(first_row, max(n, 1024), self.salt)
+        return keys[first_row - start : first_row - start + n]
 
     # -- mergeable state (shards, resume, ranks) ----------------------------------------------
     def state(self) -> dict:
+        self._flush()
         cpu = (lambda t: None if t is None else tuple(x.cpu() for x in t))
         return {"budget": self.budget, "salt": self.salt, "rows_seen": self.rows_seen, "skipped": self.skipped,
                 "top": cpu(self._top), "rand": cpu(self._rand)}
@@ -183,6 +255,8 @@ class ParamReservoir:
 
     def merge(self, other: "ParamReservoir") -> "ParamReservoir":
         """The reservoir over the rows of both (``other`` from later inputs); returns ``self``."""
+        self._flush()
+        other._flush()
         self._next_id = None
         self.rows_seen += other.rows_seen
         self.skipped += other.skipped
@@ -201,6 +275,7 @@ class ParamReservoir:
 
     def kept(self) -> tuple[Tensor, Tensor] | None:
         """(rows, ids) of the union of both halves, each row once, in row order."""
+        self._flush()
         if self._top is None:
             return None
         rows = torch.cat([self._top[0], self._rand[0]])
@@ -212,6 +287,7 @@ class ParamReservoir:
 
     def info(self) -> dict:
         """What the reservoir holds, for the report."""
+        self._flush()
         kept = self.kept()
         per_row = int(self._top[0][0].numel()) if self._top is not None and len(self._top[0]) else 0
         k_top, k_rand = self.capacity(per_row) if per_row else (0, 0)

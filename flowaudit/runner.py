@@ -1,4 +1,4 @@
-r"""The run engine of ``fit`` and ``scan``: shards, resume, ranks and the memory budget.
+r"""The run engine of ``fit``, ``scan`` and ``attack``: shards, resume, ranks and the memory budget.
 
 :func:`fit_gaussian` and :func:`scan_sets` cut every input set into shards
 (:mod:`.shards`), compute each shard's payload — a ``fit`` shard's Gaussian

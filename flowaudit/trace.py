@@ -10,9 +10,11 @@ every site the inverse-gain histogram and extremes
 :func:`~flowaudit.gains.summarize`), per input its gain extremes and a coarse
 histogram, and for the Remark 2 probe a
 :class:`~flowaudit.reservoir.ParamReservoir` of parameter rows within a fixed
-budget. Everything stays on the model's device with no host sync until a
-batch ends; nothing grows with the number of inputs except a few numbers per
-input.
+budget. On a GPU everything stays on the model's device with no host sync until a
+batch ends. On the CPU, where the cost is the number of operations, a call is only
+copied and the whole pass is summarized when it ends
+(:class:`~flowaudit.pass_buffer.PassBuffer`); the figures are the same. Nothing
+grows with the number of inputs except a few numbers per input.
 
 Layer sums are batch-invariant (:mod:`flowaudit.layer_stats`).
 
@@ -28,6 +30,7 @@ import zlib
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -35,6 +38,7 @@ from .binning import INPUT_EDGES, histogram_quantile
 from .layer_stats import LayerStats, layer_device
 from .gains import GainStats, settle_inputs, summarize
 from .layout import Sampling
+from .pass_buffer import PassBuffer
 from .reservoir import ParamReservoir
 from .scratch import Scratch
 
@@ -51,14 +55,27 @@ class Tracer:
     def __init__(self, sampling: Sampling, param_budget: int = 65536):
         self.sampling = sampling
         self.param_budget = param_budget
-        self.layers: dict[str, LayerStats] = {}
-        self.gains: dict[str, GainStats] = {}
+        self._layers: dict[str, LayerStats] = {}
+        self._gains: dict[str, GainStats] = {}
         self.reservoirs: dict[str, ParamReservoir] = {}
         self.input_gain: list[dict] = []  # per input, over all sites: min, p50, p99, max
-        self._batch: dict[str, Tensor] = {}
+        self._batch: dict[str, Any] = {}  # the pass in progress: per-input extremes and counts
         self._generators: dict[torch.device, torch.Generator] = {}
         self._work = Scratch()
+        self._pass = PassBuffer()  # the CPU's calls of the pass in progress (:mod:`flowaudit.pass_buffer`)
         self._inputs_seen = self._batches_seen = 0
+
+    @property
+    def layers(self) -> dict[str, LayerStats]:
+        """Per layer, its running statistics (the pass in progress included)."""
+        self._flush()
+        return self._layers
+
+    @property
+    def gains(self) -> dict[str, GainStats]:
+        """Per site, its inverse-gain statistics (the pass in progress included)."""
+        self._flush()
+        return self._gains
 
     @property
     def params(self) -> dict[str, list[Any]]:
@@ -77,21 +94,52 @@ class Tracer:
 
     # -- Observer -------------------------------------------------------------
     def layer(self, name: str, x: Tensor) -> None:
-        self.layers.setdefault(name, LayerStats()).add(x, max(1, x.shape[0] // self.sampling.samples) if x.dim() else 1, self._work)
+        n = max(1, x.shape[0] // self.sampling.samples) if x.dim() else 1
+        if x.dim() and x.shape[0] % n:
+            n = 1
+        if PassBuffer.takes(x):
+            self._pass.layer(name, x, n)
+        elif x.numel():
+            self._layers.setdefault(name, LayerStats()).add(x, n, self._work)
 
     def site(self, name: str, gain: Tensor, params: Any) -> None:
+        rows = params if _param_rows(params) else None
+        if PassBuffer.takes(gain) and gain.dtype == torch.float32 and (rows is None or rows.device.type == "cpu"):
+            self._pass.site(name, gain, rows)  # summarized with the whole pass (end_batch)
+            return
         p = summarize(gain, self.sampling.samples, self._work)  # one read of the gains for every statistic
-        self.gains.setdefault(name, GainStats()).add_pass(p)
+        self._gains.setdefault(name, GainStats()).add_pass(p)
         self._keep_params(name, params, p.row_max)
+        self._add_inputs(p.input_max, p.input_min, p.input_counts)
+
+    def _add_inputs(self, input_max: Any, input_min: Any, counts: Tensor) -> None:
+        """Fold a call's per-input extremes and counts into the batch's (tensors, or numpy on the CPU)."""
         b = self._batch
-        b["max"] = p.input_max if "max" not in b else torch.maximum(b["max"], p.input_max)
-        b["min"] = p.input_min if "min" not in b else torch.minimum(b["min"], p.input_min)
-        h = "raw" if p.input_counts.shape[1] != len(INPUT_EDGES) - 1 else "hist"  # raw: settled once a batch
-        b[h] = p.input_counts if h not in b else b[h] + p.input_counts
+        if "max" in b:
+            lib = np if isinstance(b["max"], np.ndarray) else torch
+            input_max, input_min = (t if lib is torch else np.asarray(t.cpu()) if isinstance(t, Tensor) else t for t in (input_max, input_min))
+            b["max"], b["min"] = lib.maximum(b["max"], input_max), lib.minimum(b["min"], input_min)
+        else:
+            b["max"], b["min"] = input_max, input_min
+        h = "raw" if counts.shape[1] != len(INPUT_EDGES) - 1 else "hist"  # raw: settled once a batch
+        b[h] = counts if h not in b else b[h] + counts
+
+    def _flush(self) -> None:
+        """Summarize the CPU calls of the pass in progress (:class:`~flowaudit.pass_buffer.PassBuffer`)."""
+        if not self._pass:
+            return
+        sites, inputs, layers = self._pass.flush(self.sampling.samples)
+        for s in sites:
+            self._gains.setdefault(s.name, GainStats()).add_counts(s.every, s.low, s.top)
+            self._keep_params(s.name, s.params, s.row_max)
+        if inputs is not None:
+            self._add_inputs(inputs["max"], inputs["min"], inputs["raw"])
+        for l in layers:
+            self._layers.setdefault(l.name, LayerStats()).add_parts(l.parts)
 
     # -- bookkeeping ----------------------------------------------------------
-    def _keep_params(self, name: str, params: Any, row_gain: Tensor) -> None:
-        if not isinstance(params, Tensor) or params.dim() == 0 or params.shape[0] == 0:
+    def _keep_params(self, name: str, params: Any, row_gain: Tensor | np.ndarray) -> None:
+        if not _param_rows(params):
             return
         r = self.reservoirs.get(name)
         if r is None:  # keys drawn from (seed, site, row): the same rows whatever the batches, shards or ranks
@@ -100,6 +148,7 @@ class Tracer:
 
     def end_batch(self, n_inputs: int) -> None:
         """Close a batch of ``n_inputs`` inputs: their inverse-gain min, p50, p99 and max over all sites."""
+        self._flush()
         b, self._batch = self._batch, {}
         self._inputs_seen += n_inputs
         self._batches_seen += 1
@@ -107,7 +156,8 @@ class Tracer:
             self.input_gain += [{"min": math.nan, "p50": math.nan, "p99": math.nan, "max": math.nan}] * n_inputs
             return
         hist = sum(settle_inputs(b[h]) for h in ("raw", "hist") if h in b).cpu().numpy()
-        for lo, hi, h in zip(b["min"].cpu().tolist(), b["max"].cpu().tolist(), hist):
+        host = (lambda t: t.tolist() if isinstance(t, np.ndarray) else t.cpu().tolist())
+        for lo, hi, h in zip(host(b["min"]), host(b["max"]), hist):
             q = [min(max(histogram_quantile(h, INPUT_EDGES, p), lo), hi) for p in (0.5, 0.99)]
             self.input_gain.append({"min": lo, "p50": q[0], "p99": q[1], "max": hi})
 
@@ -125,8 +175,8 @@ class Tracer:
     @classmethod
     def from_state(cls, sampling: Sampling, state: dict, device: torch.device | str = "cpu", param_budget: int = 65536) -> "Tracer":
         out = cls(sampling, param_budget)
-        out.layers = {k: LayerStats.from_state(v, device) for k, v in state["layers"].items()}
-        out.gains = {k: GainStats.from_state(v, device) for k, v in state["gains"].items()}
+        out._layers = {k: LayerStats.from_state(v, device) for k, v in state["layers"].items()}
+        out._gains = {k: GainStats.from_state(v, device) for k, v in state["gains"].items()}
         out.reservoirs = {k: ParamReservoir.from_state(v, device) for k, v in state["reservoirs"].items()}
         out.input_gain = list(state["input_gain"])
         return out
@@ -145,6 +195,11 @@ class Tracer:
             self.reservoirs[k] = self.reservoirs[k].merge(v) if k in self.reservoirs else v
         self.input_gain += other.input_gain
         return self
+
+
+def _param_rows(params: Any) -> bool:
+    """Whether a site call handed parameter rows the reservoir can keep (a tensor, one row per sample)."""
+    return isinstance(params, Tensor) and params.dim() > 0 and params.shape[0] > 0
 
 
 def layer_table(names: Sequence[str], tracers: Sequence[Tracer], threshold: float) -> tuple[list[dict], str | None]:

@@ -1,0 +1,238 @@
+r"""The CPU tracer's pass buffer: a pass's gains and layer values copied as they come, summarized once it ends.
+
+On the CPU much of the tracer's cost is the number of operations it issues: a site or a
+layer read on its own takes some twenty small tensor operations, several microseconds each,
+and an exact pass (one input's K samples) has few values per call. The pass buffer therefore
+takes copies only — a site's float32 gains into one flat buffer and its parameter rows into
+another, a layer's values into a float64 buffer laid out in chunks of 4096 per input (zero
+padded, :mod:`flowaudit.layer_stats`) — and summarizes the whole pass at its end in a few
+operations over the buffers:
+
+* gains: bins from the bit tables (:class:`~flowaudit.binning.GainBins`), shifted by
+  :math:`(c \cdot n + i)(B + 2)` for call :math:`c` and input :math:`i` and counted by one
+  ``bincount``; row extremes by ``reduceat``. The figures equal :func:`~flowaudit.gains.summarize`'s
+  call by call; a pass with a gain that is not finite and positive is summarized call by call
+  by it. Each call's rows and their largest gains then go to the parameter reservoir, as they
+  would have during the pass.
+* layers: chunk sums of the values and of their squares and the chunks' largest square, each
+  one operation over the buffer; per input, the sum of its chunk sums (numpy) and
+  :math:`\max|v| = \sqrt{\max v^2}` (exact: the square of a float32 is exact in float64).
+  The sums of a chunk and of a row do not depend on the other inputs of the pass, so the
+  figures are batch-invariant as the device path's are (the row's last association may differ
+  from it in the last bit). A call with a non-finite value goes the general way
+  (:func:`~flowaudit.layer_stats.layer_parts`).
+
+The buffers are reused from pass to pass (their layout repeats), hold a pass's gains and layer
+values, and are emptied by :meth:`PassBuffer.flush`. Nothing is read from the model's tensors
+after the call that handed them over.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .binning import GAIN_EDGES, GainBins
+from .gains import summarize, settle
+from .layer_stats import CHUNK, layer_parts
+from .scratch import Scratch
+
+__all__ = ["PassBuffer", "SiteSummary", "LayerSummary"]
+
+_NB = len(GAIN_EDGES) - 1
+
+
+@dataclass
+class SiteSummary:
+    """One site call's figures (as :class:`~flowaudit.gains.GainPass`, the site's extremes settled)."""
+
+    name: str
+    every: Tensor  # (B + 2,) counts: g ≤ 0, the B bins, +inf
+    low: float  # smallest finite positive gain (inf: none)
+    top: float  # largest finite positive gain (−inf: none)
+    row_max: np.ndarray  # per row (sample), its largest gain (float64, NaN as +inf)
+    params: Tensor | None  # the call's parameter rows (a view of the buffer: valid until the next pass)
+
+
+@dataclass
+class LayerSummary:
+    """One layer call's per-input parts: count, Σv, Σv², max |v|, non-finite count (float64, inputs × 5)."""
+
+    name: str
+    parts: np.ndarray
+
+
+class _Grow:
+    """A flat buffer handed out in consecutive pieces, grown (zero-filled, contents kept) when a pass needs more."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype, self.used = dtype, 0
+        self.buf = torch.zeros(0, dtype=dtype)
+
+    def take(self, m: int) -> int:
+        if self.used + m > self.buf.numel():
+            grown = torch.zeros(max(2 * self.buf.numel(), self.used + m), dtype=self.dtype)
+            grown[: self.used] = self.buf[: self.used]
+            self.buf = grown
+        off, self.used = self.used, self.used + m
+        return off
+
+
+class PassBuffer:
+    """The pending site and layer calls of one pass on the CPU (module docstring)."""
+
+    def __init__(self) -> None:
+        self._gains = _Grow(torch.float32)
+        self._values = _Grow(torch.float64)
+        self._sites: list[tuple[str, int, int, int]] = []  # name, offset, rows, values per row
+        self._params: dict[torch.dtype, _Grow] = {}
+        self._param_calls: list[tuple[torch.dtype, int, tuple[int, ...]] | None] = []  # per site call
+        self._layers: list[tuple[str, int, int, int, int]] = []  # name, offset, inputs, values per input, chunks per input
+        self._padded: dict[int, tuple[int, int, int]] = {}  # layer offset → (inputs, values, chunks) whose padding is zero
+        self._offsets: tuple[tuple, Tensor] | None = None  # (site layout, per-gain count offsets)
+        self._work = Scratch()
+
+    def __bool__(self) -> bool:
+        return bool(self._sites or self._layers)
+
+    @staticmethod
+    def takes(t: Tensor) -> bool:
+        """Whether the buffer takes this call's tensor (CPU, a non-empty float tensor)."""
+        return t.device.type == "cpu" and t.is_floating_point() and t.numel() > 0
+
+    def site(self, name: str, gain: Tensor, params: Tensor | None) -> None:
+        """Copy a call's gains (rows = samples) and its parameter rows (``None``: none to keep)."""
+        g = gain.detach()
+        g = g.reshape(g.shape[0], -1) if g.dim() else g.reshape(1, 1)
+        rows, per = g.shape
+        off = self._gains.take(rows * per)
+        self._gains.buf[off : off + rows * per].view(rows, per).copy_(g)
+        self._sites.append((name, off, rows, per))
+        if params is None:
+            self._param_calls.append(None)
+            return
+        grow = self._params.setdefault(params.dtype, _Grow(params.dtype))
+        p_off = grow.take(params.numel())
+        grow.buf[p_off : p_off + params.numel()].view(params.shape).copy_(params.detach())
+        self._param_calls.append((params.dtype, p_off, tuple(params.shape)))
+
+    def layer(self, name: str, x: Tensor, n_inputs: int) -> None:
+        """Copy a layer's values, ``n_inputs`` input-major rows, into its chunks (float64)."""
+        x = x.detach()
+        if x.dim() == 0:
+            x = x.reshape(1)
+        m = x.numel() // n_inputs
+        chunks = -(-m // CHUNK)
+        off = self._values.take(n_inputs * chunks * CHUNK)
+        rows = self._values.buf[off : off + n_inputs * chunks * CHUNK].view(n_inputs, chunks * CHUNK)
+        if self._padded.get(off) != (n_inputs, m, chunks):  # squares of zeros stay zero: pad once per layout
+            rows[:, m:].zero_()
+            self._padded[off] = (n_inputs, m, chunks)
+        rows[:, :m].view(x.unflatten(0, (n_inputs, -1)).shape).copy_(x.unflatten(0, (n_inputs, -1)))
+        self._layers.append((name, off, n_inputs, m, chunks))
+
+    # -- the end of a pass -------------------------------------------------------------------
+    def flush(self, samples: int) -> tuple[list[SiteSummary], dict | None, list[LayerSummary]]:
+        """Summarize and forget the pending calls: ``(sites, inputs, layers)``.
+
+        ``inputs`` holds the per-input figures over every site call (``max``, ``min``: numpy;
+        ``raw``: (inputs, B + 2) counts), ``None`` without site calls.
+        """
+        sites, inputs = self._flush_sites(samples) if self._sites else ([], None)
+        layers = self._flush_layers() if self._layers else []
+        self._sites, self._param_calls, self._layers = [], [], []
+        self._gains.used = self._values.used = 0
+        for grow in self._params.values():
+            grow.used = 0
+        return sites, inputs, layers
+
+    def _flush_sites(self, samples: int) -> tuple[list[SiteSummary], dict]:
+        used = self._gains.used
+        gains = self._gains.buf[:used]
+        flat = gains.numpy()
+        starts = np.concatenate([off + per * np.arange(rows) for _, off, rows, per in self._sites])
+        row_min = np.minimum.reduceat(flat, starts).astype(np.float64)
+        row_max = np.maximum.reduceat(flat, starts).astype(np.float64)
+        row_max[np.isnan(row_max)] = math.inf  # a NaN gain: as bad as it gets
+        params = [None if c is None else self._params[c[0]].buf[c[1] : c[1] + math.prod(c[2])].view(c[2]) for c in self._param_calls]
+        n = self._sites[0][2] // samples
+        if not (row_min.min() > 0 and row_max.max() < math.inf) or any(rows != n * samples for _, _, rows, _ in self._sites):
+            return self._sites_one_by_one(gains, samples, params)
+        calls = len(self._sites)
+        counts = torch.bincount(self._bin_indices(gains, n), minlength=calls * n * (_NB + 2)).view(calls, n, _NB + 2)
+        every = counts.sum(1) if n > 1 else counts[:, 0]
+        out, first = [], 0
+        input_max = np.full(n, -math.inf)
+        input_min = np.full(n, math.inf)
+        for c, (name, _, rows, _) in enumerate(self._sites):
+            lo, hi_ = row_min[first : first + rows], row_max[first : first + rows]
+            out.append(SiteSummary(name, every[c], float(lo.min()), float(hi_.max()), hi_, params[c]))
+            np.maximum(input_max, hi_.reshape(n, -1).max(1), out=input_max)
+            np.minimum(input_min, lo.reshape(n, -1).min(1), out=input_min)
+            first += rows
+        return out, {"max": input_max, "min": input_min, "raw": counts.sum(0)}
+
+    def _bin_indices(self, gains: Tensor, n: int) -> Tensor:
+        """Per gain, its bin (0: g ≤ 0, 1…B, B + 1: +inf) shifted by its call and input (:meth:`_count_offsets`)."""
+        bits, work = gains.view(torch.int32), self._work
+        hi = torch.bitwise_right_shift(bits, 16, out=work.get("hi", bits.shape, torch.int32, bits.device))  # positive: no sign bit
+        idx = GainBins(GAIN_EDGES, bits.device).index(bits, hi, out=work.get("idx", bits.shape, torch.int32, bits.device))
+        return idx.add_(self._count_offsets(n))
+
+    def _count_offsets(self, n: int) -> Tensor:
+        """Per gain, the shift of its bin index: (call × inputs + input) × (B + 2); cached per layout."""
+        layout = (n, tuple(self._sites_layout()))
+        if self._offsets is None or self._offsets[0] != layout:
+            parts = [np.repeat((c * n + np.arange(n, dtype=np.int64)) * (_NB + 2), rows * per // n)
+                     for c, (_, _, rows, per) in enumerate(self._sites)]
+            self._offsets = (layout, torch.from_numpy(np.concatenate(parts).astype(np.int32)))
+        return self._offsets[1]
+
+    def _sites_layout(self):
+        return ((off, rows, per) for _, off, rows, per in self._sites)
+
+    def _sites_one_by_one(self, gains: Tensor, samples: int, params: list) -> tuple[list[SiteSummary], dict]:
+        """The general path (:func:`~flowaudit.gains.summarize`), call by call, for a pass with junk gains."""
+        out, inputs = [], {}
+        for (name, off, rows, per), par in zip(self._sites, params):
+            p = summarize(gains[off : off + rows * per].view(rows, per), samples, self._work)
+            every, key, top = p.raw
+            _, ext = settle(every, key, top)
+            lo, hi = ext[2:].tolist()
+            out.append(SiteSummary(name, every, lo, hi, p.row_max.numpy(), par))
+            raw = p.input_counts
+            if not inputs:
+                inputs = {"max": p.input_max.numpy(), "min": p.input_min.numpy(), "raw": raw}
+            else:
+                inputs = {"max": np.maximum(inputs["max"], p.input_max.numpy()), "min": np.minimum(inputs["min"], p.input_min.numpy()),
+                          "raw": inputs["raw"] + raw}
+        return out, inputs
+
+    def _flush_layers(self) -> list[LayerSummary]:
+        buf = self._values.buf
+        values = buf[: self._values.used].view(-1, CHUNK)
+        total = values.sum(1).numpy()
+        ok = np.isfinite(total)  # a non-finite value makes its chunk's sum non-finite (finite float32s cannot overflow it)
+        general = {}
+        for c, (_, off, n, m, chunks) in enumerate(self._layers):
+            if not ok[off // CHUNK : off // CHUNK + n * chunks].all():  # the general path, before the squares overwrite the values
+                rows = buf[off : off + n * chunks * CHUNK].view(n, chunks * CHUNK)[:, :m]
+                general[c] = layer_parts(rows, self._work).numpy()
+        squares = values.mul_(values)
+        total_sq = squares.sum(1).numpy()
+        top_sq = squares.amax(1).numpy()  # max |v| = √(max v²) exactly: v² of a float32 is exact in float64
+        out = []
+        for c, (name, off, n, m, chunks) in enumerate(self._layers):
+            if c in general:
+                out.append(LayerSummary(name, general[c]))
+                continue
+            a, b = off // CHUNK, off // CHUNK + n * chunks
+            top = np.sqrt(top_sq[a:b].reshape(n, chunks).max(1))  # zero padding: |v| ≥ 0 anyway
+            parts = np.stack([np.full(n, float(m)), total[a:b].reshape(n, chunks).sum(1), total_sq[a:b].reshape(n, chunks).sum(1),
+                              top, np.zeros(n)], 1)
+            out.append(LayerSummary(name, parts))
+        return out
