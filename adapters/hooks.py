@@ -38,11 +38,13 @@ def hooked(model: nn.Module, names: Sequence[str], fn: Callable[[str, tuple, dic
     Unknown names raise :class:`KeyError` listing a few valid ones. Handles are
     removed on exit, whatever happens inside the block.
     """
-    modules = dict(model.named_modules())
-    missing = [n for n in names if n not in modules]
-    if missing:
-        some = ", ".join(list(k for k in modules if k)[:8])
-        raise KeyError(f"no module named {missing[0]!r} in the model (some names: {some}, …)")
+    modules = {}
+    for name in names:  # by path: a pass hooks every time, and a large model has many modules to list
+        try:
+            modules[name] = model.get_submodule(name)
+        except AttributeError:
+            some = ", ".join([k for k, _ in model.named_modules() if k][:8])
+            raise KeyError(f"no module named {name!r} in the model (some names: {some}, …)") from None
 
     def make(name: str):
         def hook(module, args, kwargs, output):

@@ -165,15 +165,12 @@ class PassBuffer:
         calls = len(self._sites)
         counts = torch.bincount(self._bin_indices(gains, n), minlength=calls * n * (_NB + 2)).view(calls, n, _NB + 2)
         every = counts.sum(1) if n > 1 else counts[:, 0]
-        out, first = [], 0
-        input_max = np.full(n, -math.inf)
-        input_min = np.full(n, math.inf)
-        for c, (name, _, rows, _) in enumerate(self._sites):
-            lo, hi_ = row_min[first : first + rows], row_max[first : first + rows]
-            out.append(SiteSummary(name, every[c], float(lo.min()), float(hi_.max()), hi_, params[c]))
-            np.maximum(input_max, hi_.reshape(n, -1).max(1), out=input_max)
-            np.minimum(input_min, lo.reshape(n, -1).min(1), out=input_min)
-            first += rows
+        first = np.cumsum([0] + [rows for _, _, rows, _ in self._sites[:-1]])
+        low, top = np.minimum.reduceat(row_min, first), np.maximum.reduceat(row_max, first)
+        out = [SiteSummary(name, every[c], float(low[c]), float(top[c]), row_max[first[c] : first[c] + rows], params[c])
+               for c, (name, _, rows, _) in enumerate(self._sites)]
+        input_max = row_max.reshape(calls, n, samples).max(axis=(0, 2))  # every call: n inputs × K rows
+        input_min = row_min.reshape(calls, n, samples).min(axis=(0, 2))
         return out, {"max": input_max, "min": input_min, "raw": counts.sum(0)}
 
     def _bin_indices(self, gains: Tensor, n: int) -> Tensor:
