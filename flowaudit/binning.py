@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["GAIN_EDGES", "INPUT_EDGES", "bin_index", "GainBins", "histogram_quantile"]
+__all__ = ["GAIN_EDGES", "INPUT_EDGES", "bin_index", "GainBins", "histogram_quantile", "histogram_quantiles"]
 
 # log10(1/c') from 1e-4 to 1e8 in 0.025 decades (6 % steps); values beyond land in the end bins
 GAIN_EDGES = np.round(np.arange(-4.0, 8.0 + 1e-9, 0.025), 10)
@@ -113,3 +113,15 @@ def histogram_quantile(counts: np.ndarray, log_edges: np.ndarray, q: float) -> f
     frac = (target - before) / counts[i] if counts[i] else 0.0
     return float(10 ** (log_edges[i] + frac * (log_edges[i + 1] - log_edges[i])))
 
+
+
+def histogram_quantiles(counts: np.ndarray, log_edges: np.ndarray, q: float) -> np.ndarray:
+    """:func:`histogram_quantile` of every row of ``counts`` (rows, bins) at once: the same arithmetic, row by row."""
+    cum = np.cumsum(counts, axis=1)
+    target = q * cum[:, -1]
+    i = np.minimum((cum < target[:, None]).sum(1), counts.shape[1] - 1)  # searchsorted(cum, target, "left") per row
+    rows = np.arange(len(counts))
+    before = np.where(i > 0, cum[rows, np.maximum(i - 1, 0)], 0)
+    c = counts[rows, i]
+    frac = np.divide(target - before, c, out=np.zeros(len(counts)), where=c != 0)
+    return np.array([10 ** e for e in (log_edges[i] + frac * (log_edges[i + 1] - log_edges[i])).tolist()])

@@ -72,13 +72,17 @@ def settle(every: Tensor, key: Tensor, top: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def settle_inputs(c: Tensor) -> Tensor:
-    """Per-input counts over the 120 coarse bins from raw (inputs, B + 2) counts over the site bins:
-    four site bins a coarse bin (:func:`input_bin`), g ≤ 0 into the first, +inf into the last."""
+    """Per-input counts over the 120 coarse bins from raw counts: (inputs, B + 2) over the site bins
+    (four site bins a coarse bin) or (inputs, 122) over the coarse bins, with g ≤ 0 and +inf in the
+    end columns (into the first and last bin); settled (inputs, 120) counts are returned as they are."""
     if c.shape[1] == _NI:
         return c
-    hist = c[:, 1 : _NB + 1].reshape(c.shape[0], _NI, _NB // _NI).sum(2)
+    if c.shape[1] == _NI + 2:
+        hist = c[:, 1 : _NI + 1].clone()
+    else:
+        hist = c[:, 1 : _NB + 1].reshape(c.shape[0], _NI, _NB // _NI).sum(2)
     hist[:, 0] += c[:, 0]
-    hist[:, -1] += c[:, _NB + 1]
+    hist[:, -1] += c[:, -1]
     return hist
 
 

@@ -10,7 +10,8 @@ operations over the buffers:
 
 * gains: bins from the bit tables (:class:`~flowaudit.binning.GainBins`), shifted by
   :math:`(c \cdot n + i)(B + 2)` for call :math:`c` and input :math:`i` and counted by one
-  ``bincount``; row extremes by ``reduceat``. The figures equal :func:`~flowaudit.gains.summarize`'s
+  ``bincount`` (when a pass has more bins than gains — many inputs with few gains each — the
+  calls' counts and the inputs' coarse counts are two); row extremes by ``reduceat``. The figures equal :func:`~flowaudit.gains.summarize`'s
   call by call; a pass with a gain that is not finite and positive is summarized call by call
   by it. Each call's rows and their largest gains then go to the parameter reservoir, as they
   would have during the pass.
@@ -36,14 +37,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .binning import GAIN_EDGES, GainBins
+from .binning import GAIN_EDGES, INPUT_EDGES, GainBins
 from .gains import summarize, settle
 from .layer_stats import CHUNK, layer_parts
 from .scratch import Scratch
 
 __all__ = ["PassBuffer", "SiteSummary", "LayerSummary"]
 
-_NB = len(GAIN_EDGES) - 1
+_NB, _NI = len(GAIN_EDGES) - 1, len(INPUT_EDGES) - 1
 
 
 @dataclass
@@ -88,12 +89,13 @@ class PassBuffer:
     def __init__(self) -> None:
         self._gains = _Grow(torch.float32)
         self._values = _Grow(torch.float64)
+        self._short = _Grow(torch.float64)
         self._sites: list[tuple[str, int, int, int]] = []  # name, offset, rows, values per row
         self._params: dict[torch.dtype, _Grow] = {}
         self._param_calls: list[tuple[torch.dtype, int, tuple[int, ...]] | None] = []  # per site call
-        self._layers: list[tuple[str, int, int, int, int]] = []  # name, offset, inputs, values per input, chunks per input
+        self._layers: list[tuple[str, bool, int, int, int, int]] = []  # name, chunked, offset, inputs, values per input, chunks
         self._padded: dict[int, tuple[int, int, int]] = {}  # layer offset → (inputs, values, chunks) whose padding is zero
-        self._offsets: tuple[tuple, Tensor] | None = None  # (site layout, per-gain count offsets)
+        self._offset_cache: dict[tuple, Tensor] = {}  # per site layout: each gain's shift into the counts
         self._work = Scratch()
 
     def __bool__(self) -> bool:
@@ -121,19 +123,26 @@ class PassBuffer:
         self._param_calls.append((params.dtype, p_off, tuple(params.shape)))
 
     def layer(self, name: str, x: Tensor, n_inputs: int) -> None:
-        """Copy a layer's values, ``n_inputs`` input-major rows, into its chunks (float64)."""
+        """Copy a layer's values, ``n_inputs`` input-major rows, into chunks of 4096 (float64); rows of
+        at most 4096 values (a chunk already) go unpadded to a second buffer."""
         x = x.detach()
         if x.dim() == 0:
             x = x.reshape(1)
         m = x.numel() // n_inputs
+        values = x.unflatten(0, (n_inputs, -1))
+        if m <= CHUNK:
+            off = self._short.take(n_inputs * m)
+            self._short.buf[off : off + n_inputs * m].view(values.shape).copy_(values)
+            self._layers.append((name, False, off, n_inputs, m, 1))
+            return
         chunks = -(-m // CHUNK)
         off = self._values.take(n_inputs * chunks * CHUNK)
         rows = self._values.buf[off : off + n_inputs * chunks * CHUNK].view(n_inputs, chunks * CHUNK)
         if self._padded.get(off) != (n_inputs, m, chunks):  # squares of zeros stay zero: pad once per layout
             rows[:, m:].zero_()
             self._padded[off] = (n_inputs, m, chunks)
-        rows[:, :m].view(x.unflatten(0, (n_inputs, -1)).shape).copy_(x.unflatten(0, (n_inputs, -1)))
-        self._layers.append((name, off, n_inputs, m, chunks))
+        rows[:, :m].view(values.shape).copy_(values)
+        self._layers.append((name, True, off, n_inputs, m, chunks))
 
     # -- the end of a pass -------------------------------------------------------------------
     def flush(self, samples: int) -> tuple[list[SiteSummary], dict | None, list[LayerSummary]]:
@@ -145,7 +154,7 @@ class PassBuffer:
         sites, inputs = self._flush_sites(samples) if self._sites else ([], None)
         layers = self._flush_layers() if self._layers else []
         self._sites, self._param_calls, self._layers = [], [], []
-        self._gains.used = self._values.used = 0
+        self._gains.used = self._values.used = self._short.used = 0
         for grow in self._params.values():
             grow.used = 0
         return sites, inputs, layers
@@ -163,31 +172,43 @@ class PassBuffer:
         if not (row_min.min() > 0 and row_max.max() < math.inf) or any(rows != n * samples for _, _, rows, _ in self._sites):
             return self._sites_one_by_one(gains, samples, params)
         calls = len(self._sites)
-        counts = torch.bincount(self._bin_indices(gains, n), minlength=calls * n * (_NB + 2)).view(calls, n, _NB + 2)
-        every = counts.sum(1) if n > 1 else counts[:, 0]
+        idx = self._bin_indices(gains)
+        if calls * n * (_NB + 2) <= used:  # one count for every call and input
+            counts = torch.bincount(idx.add_(self._offsets(n, _NB + 2, True)), minlength=calls * n * (_NB + 2)).view(calls, n, _NB + 2)
+            every, per_input = (counts.sum(1) if n > 1 else counts[:, 0]), counts.sum(0)
+        else:  # more bins than gains (many inputs, few gains each): the calls' counts, then the inputs' coarse ones
+            every = torch.bincount(torch.add(idx, self._offsets(n, _NB + 2, False), out=self._work.get("site", idx.shape, torch.int32, idx.device)),
+                                   minlength=calls * (_NB + 2)).view(calls, _NB + 2)
+            coarse = idx.add_(_NB // _NI - 1).div_(_NB // _NI, rounding_mode="floor")  # 0 → 0, site bin j ≥ 1 → 1 + (j − 1) // 4, +inf → 121
+            per_input = torch.bincount(coarse.add_(self._offsets(n, _NI + 2, None)), minlength=n * (_NI + 2)).view(n, _NI + 2)
         first = np.cumsum([0] + [rows for _, _, rows, _ in self._sites[:-1]])
         low, top = np.minimum.reduceat(row_min, first), np.maximum.reduceat(row_max, first)
         out = [SiteSummary(name, every[c], float(low[c]), float(top[c]), row_max[first[c] : first[c] + rows], params[c])
                for c, (name, _, rows, _) in enumerate(self._sites)]
         input_max = row_max.reshape(calls, n, samples).max(axis=(0, 2))  # every call: n inputs × K rows
         input_min = row_min.reshape(calls, n, samples).min(axis=(0, 2))
-        return out, {"max": input_max, "min": input_min, "raw": counts.sum(0)}
+        return out, {"max": input_max, "min": input_min, "raw": per_input}
 
-    def _bin_indices(self, gains: Tensor, n: int) -> Tensor:
-        """Per gain, its bin (0: g ≤ 0, 1…B, B + 1: +inf) shifted by its call and input (:meth:`_count_offsets`)."""
+    def _bin_indices(self, gains: Tensor) -> Tensor:
+        """Per gain, its bin: 0 for g ≤ 0, 1…B, B + 1 for +inf (:class:`~flowaudit.binning.GainBins`)."""
         bits, work = gains.view(torch.int32), self._work
         hi = torch.bitwise_right_shift(bits, 16, out=work.get("hi", bits.shape, torch.int32, bits.device))  # positive: no sign bit
-        idx = GainBins(GAIN_EDGES, bits.device).index(bits, hi, out=work.get("idx", bits.shape, torch.int32, bits.device))
-        return idx.add_(self._count_offsets(n))
+        return GainBins(GAIN_EDGES, bits.device).index(bits, hi, out=work.get("idx", bits.shape, torch.int32, bits.device))
 
-    def _count_offsets(self, n: int) -> Tensor:
-        """Per gain, the shift of its bin index: (call × inputs + input) × (B + 2); cached per layout."""
-        layout = (n, tuple(self._sites_layout()))
-        if self._offsets is None or self._offsets[0] != layout:
-            parts = [np.repeat((c * n + np.arange(n, dtype=np.int64)) * (_NB + 2), rows * per // n)
-                     for c, (_, _, rows, per) in enumerate(self._sites)]
-            self._offsets = (layout, torch.from_numpy(np.concatenate(parts).astype(np.int32)))
-        return self._offsets[1]
+    def _offsets(self, n: int, width: int, by_call: bool | None) -> Tensor:
+        """Per gain, the shift of its index into a count of ``width`` bins per segment, a segment being
+        (call, input) (``by_call`` True), a call (False) or an input (None); cached per layout."""
+        key = (n, width, by_call, tuple(self._sites_layout()))
+        if key not in self._offset_cache:
+            parts = []
+            for c, (_, _, rows, per) in enumerate(self._sites):
+                inputs = np.arange(n, dtype=np.int64)
+                seg = c * n + inputs if by_call else (np.full(n, c) if by_call is False else inputs)
+                parts.append(np.repeat(seg * width, rows * per // n))
+            if len(self._offset_cache) > 8:  # layouts change rarely (another set, another shape)
+                self._offset_cache.clear()
+            self._offset_cache[key] = torch.from_numpy(np.concatenate(parts).astype(np.int32))
+        return self._offset_cache[key]
 
     def _sites_layout(self):
         return ((off, rows, per) for _, off, rows, per in self._sites)
@@ -210,26 +231,33 @@ class PassBuffer:
         return out, inputs
 
     def _flush_layers(self) -> list[LayerSummary]:
+        """Layer parts: the chunked buffer in a few whole-buffer operations, short rows call by call."""
         buf = self._values.buf
         values = buf[: self._values.used].view(-1, CHUNK)
         total = values.sum(1).numpy()
         ok = np.isfinite(total)  # a non-finite value makes its chunk's sum non-finite (finite float32s cannot overflow it)
-        general = {}
-        for c, (_, off, n, m, chunks) in enumerate(self._layers):
-            if not ok[off // CHUNK : off // CHUNK + n * chunks].all():  # the general path, before the squares overwrite the values
-                rows = buf[off : off + n * chunks * CHUNK].view(n, chunks * CHUNK)[:, :m]
-                general[c] = layer_parts(rows, self._work).numpy()
+        out: list[LayerSummary | None] = [None] * len(self._layers)
+        for c, (name, chunked, off, n, m, chunks) in enumerate(self._layers):
+            if not chunked:
+                out[c] = LayerSummary(name, self._short_parts(self._short.buf[off : off + n * m].view(n, m)))
+            elif not ok[off // CHUNK : off // CHUNK + n * chunks].all():  # before the squares overwrite the values
+                out[c] = LayerSummary(name, layer_parts(buf[off : off + n * chunks * CHUNK].view(n, -1)[:, :m], self._work).numpy())
         squares = values.mul_(values)
         total_sq = squares.sum(1).numpy()
         top_sq = squares.amax(1).numpy()  # max |v| = √(max v²) exactly: v² of a float32 is exact in float64
-        out = []
-        for c, (name, off, n, m, chunks) in enumerate(self._layers):
-            if c in general:
-                out.append(LayerSummary(name, general[c]))
-                continue
-            a, b = off // CHUNK, off // CHUNK + n * chunks
-            top = np.sqrt(top_sq[a:b].reshape(n, chunks).max(1))  # zero padding: |v| ≥ 0 anyway
-            parts = np.stack([np.full(n, float(m)), total[a:b].reshape(n, chunks).sum(1), total_sq[a:b].reshape(n, chunks).sum(1),
-                              top, np.zeros(n)], 1)
-            out.append(LayerSummary(name, parts))
+        for c, (name, chunked, off, n, m, chunks) in enumerate(self._layers):
+            if out[c] is None:
+                a, b = off // CHUNK, off // CHUNK + n * chunks
+                top = np.sqrt(top_sq[a:b].reshape(n, chunks).max(1))  # zero padding: |v| ≥ 0 anyway
+                out[c] = LayerSummary(name, np.stack([np.full(n, float(m)), total[a:b].reshape(n, chunks).sum(1),
+                                                      total_sq[a:b].reshape(n, chunks).sum(1), top, np.zeros(n)], 1))
         return out
+
+    def _short_parts(self, v: Tensor) -> np.ndarray:
+        """Parts of rows of at most one chunk (float64 ``v``, overwritten), as the device path sums them."""
+        total = v.sum(1)
+        if not bool(torch.isfinite(total).all()):
+            return layer_parts(v, self._work).numpy()
+        squares = v.mul_(v)
+        n, m = v.shape
+        return np.stack([np.full(n, float(m)), total.numpy(), squares.sum(1).numpy(), np.sqrt(squares.amax(1).numpy()), np.zeros(n)], 1)

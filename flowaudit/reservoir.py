@@ -56,6 +56,18 @@ def uniform_keys_host(first_row: int, n: int, salt: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
+def _best(score: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` best by (score descending, id ascending), in linear time: a partition
+    finds the k-th best score; ties at it go to the smaller ids."""
+    part = np.argpartition(-score, k - 1)[:k]
+    cut = score[part].min()
+    above = np.flatnonzero(score > cut)
+    tied = np.flatnonzero(score == cut)
+    if len(above) + len(tied) > k:
+        tied = tied[np.argsort(ids[tied], kind="stable")[: k - len(above)]]
+    return np.concatenate([above, tied])
+
+
 class _Kept:
     """One half of a reservoir on the CPU: up to ``k`` rows in a buffer allocated once, their
     scores and row ids in numpy. Rows that enter are written into free or evicted slots, so a
@@ -87,12 +99,19 @@ class _Kept:
     def add(self, rows: Tensor, score: np.ndarray, ids: np.ndarray) -> None:
         """Keep the ``k`` best of the kept and the new rows by (score descending, row id ascending)."""
         n, m, k = self.n, len(score), self.k
+        if n == k:  # full: only rows that reach the lowest kept score can enter
+            self.low = self.score.min() if self.low is None else self.low
+            cand = np.flatnonzero(score >= self.low)
+            if not len(cand):
+                return
+            if len(cand) < m:
+                rows, score, ids, m = rows.index_select(0, torch.from_numpy(cand)), score[cand], ids[cand], len(cand)
         self.low = None
         if n + m <= k:
             slots, take = np.arange(n, n + m), None
             self.n = n + m
         else:
-            order = np.lexsort((np.concatenate([self.ids[:n, 0], ids[:, 0]]), -np.concatenate([self.score[:n], score])))[:k]
+            order = _best(np.concatenate([self.score[:n], score]), np.concatenate([self.ids[:n, 0], ids[:, 0]]), k)
             take = order[order >= n] - n
             if not len(take):
                 return

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .binning import INPUT_EDGES, histogram_quantile
+from .binning import INPUT_EDGES, histogram_quantiles
 from .layer_stats import LayerStats, layer_device
 from .gains import GainStats, settle_inputs, summarize
 from .layout import Sampling
@@ -121,7 +121,7 @@ class Tracer:
             b["max"], b["min"] = lib.maximum(b["max"], input_max), lib.minimum(b["min"], input_min)
         else:
             b["max"], b["min"] = input_max, input_min
-        h = "raw" if counts.shape[1] != len(INPUT_EDGES) - 1 else "hist"  # raw: settled once a batch
+        h = ("counts", counts.shape[1])  # raw (site bins or coarse bins with their two junk columns) or settled: settled once a batch
         b[h] = counts if h not in b else b[h] + counts
 
     def _flush(self) -> None:
@@ -155,11 +155,10 @@ class Tracer:
         if not b:
             self.input_gain += [{"min": math.nan, "p50": math.nan, "p99": math.nan, "max": math.nan}] * n_inputs
             return
-        hist = sum(settle_inputs(b[h]) for h in ("raw", "hist") if h in b).cpu().numpy()
-        host = (lambda t: t.tolist() if isinstance(t, np.ndarray) else t.cpu().tolist())
-        for lo, hi, h in zip(host(b["min"]), host(b["max"]), hist):
-            q = [min(max(histogram_quantile(h, INPUT_EDGES, p), lo), hi) for p in (0.5, 0.99)]
-            self.input_gain.append({"min": lo, "p50": q[0], "p99": q[1], "max": hi})
+        hist = sum(settle_inputs(v) for h, v in b.items() if h[0] == "counts").cpu().numpy()
+        lo, hi = (np.asarray(b[k] if isinstance(b[k], np.ndarray) else b[k].cpu().numpy(), dtype=np.float64) for k in ("min", "max"))
+        p50, p99 = (np.minimum(np.maximum(histogram_quantiles(hist, INPUT_EDGES, p), lo), hi) for p in (0.5, 0.99))
+        self.input_gain += [{"min": a, "p50": b_, "p99": c, "max": d} for a, b_, c, d in zip(lo.tolist(), p50.tolist(), p99.tolist(), hi.tolist())]
 
     # -- mergeable state (shards, resume, ranks) -------------------------------------------------
     def start_at(self, first_input: int, first_pass: int) -> "Tracer":

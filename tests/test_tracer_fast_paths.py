@@ -78,6 +78,7 @@ def _traced(pass_buffer: bool, passes: list, monkeypatch) -> Tracer:
             tracer.site("s", gain, params)
             tracer.layer("b", x[:, :2].transpose(1, 2))  # strided
             tracer.site("t", gain[:, :3] * 2, params[:, :5])
+            tracer.layer("c", x[:, 0, :5, :5])  # rows of one chunk or less
             tracer.end_batch(x.shape[0] // 4)
         tracer.state()  # flushes
     return tracer
@@ -89,9 +90,9 @@ def test_pass_buffer_equals_call_by_call(junk, monkeypatch):
     exactly, layer sums to the last bit or two (the last association of a row's sum differs)."""
     g = torch.Generator().manual_seed(5)
     passes = []
-    for n in (2, 1, 3):  # inputs per pass
+    for n in (2, 1, 3, 40):  # inputs per pass (40: more count bins than gains, the inputs counted apart)
         x = torch.randn(4 * n, 3, 70, 30, generator=g) * 3 + 1
-        gain = (torch.randn(4 * n, 6, 10, generator=g) * 3).exp()
+        gain = (torch.randn(4 * n, 6, 10 if n == 40 else 100, generator=g) * 3).exp()  # n = 40: fewer gains than bins
         gain[0, 0, 0] = 1.0
         if junk and n == 1:
             gain[1, 2, 3], gain[2, 0, 0], gain[3, 1, 1] = math.nan, math.inf, -1.0
@@ -104,7 +105,7 @@ def test_pass_buffer_equals_call_by_call(junk, monkeypatch):
         for u, v in zip(buffered.reservoirs[name].kept(), by_call.reservoirs[name].kept()):
             assert torch.equal(u, v)
     assert buffered.input_gain == by_call.input_gain
-    for name in ("a", "b"):
+    for name in ("a", "b", "c"):
         a, b = buffered.layers[name].state(), by_call.layers[name].state()
         assert torch.equal(a[[0, 3, 4]], b[[0, 3, 4]])
         assert torch.allclose(a, b, rtol=1e-14, atol=0)
@@ -148,3 +149,13 @@ def test_tracer_loop_reads_nothing_back_to_the_host():
         tracer.layer("layer", torch.empty(16, 3, 8, 8, device="meta"))
         tracer.site("site", torch.empty(16, 6, 4, 4, device="meta"), torch.empty(16, 12, 4, 4, device="meta"))
     assert tracer.reservoirs["site"].rows_seen == 48
+
+
+def test_per_input_quantiles_equal_the_one_row_definition():
+    from flowaudit.binning import INPUT_EDGES, histogram_quantile, histogram_quantiles
+
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 5, size=(300, 120)) * (rng.random((300, 120)) < 0.1)
+    counts[0], counts[1, 5], counts[2, -1], counts[3, 0] = 0, 7, 3, 1  # empty, one bin, the end bins
+    for q in (0.0, 0.5, 0.99, 1.0):
+        assert np.array_equal(histogram_quantiles(counts, INPUT_EDGES, q), [histogram_quantile(c, INPUT_EDGES, q) for c in counts])
