@@ -109,11 +109,10 @@ class PassBuffer:
     def site(self, name: str, gain: Tensor, params: Tensor | None) -> None:
         """Copy a call's gains (rows = samples) and its parameter rows (``None``: none to keep)."""
         g = gain.detach()
-        g = g.reshape(g.shape[0], -1) if g.dim() else g.reshape(1, 1)
-        rows, per = g.shape
-        off = self._gains.take(rows * per)
-        self._gains.buf[off : off + rows * per].view(rows, per).copy_(g)
-        self._sites.append((name, off, rows, per))
+        m, rows = g.numel(), (g.shape[0] if g.dim() else 1)
+        off = self._gains.take(m)
+        self._gains.buf[off : off + m].view(g.shape).copy_(g)
+        self._sites.append((name, off, rows, m // rows))
         if params is None:
             self._param_calls.append(None)
             return
@@ -129,12 +128,12 @@ class PassBuffer:
         if x.dim() == 0:
             x = x.reshape(1)
         m = x.numel() // n_inputs
-        values = x.unflatten(0, (n_inputs, -1))
-        if m <= CHUNK:
+        if m <= CHUNK:  # the rows back to back, in x's element order
             off = self._short.take(n_inputs * m)
-            self._short.buf[off : off + n_inputs * m].view(values.shape).copy_(values)
+            self._short.buf[off : off + n_inputs * m].view(x.shape).copy_(x)
             self._layers.append((name, False, off, n_inputs, m, 1))
             return
+        values = x.unflatten(0, (n_inputs, -1))
         chunks = -(-m // CHUNK)
         off = self._values.take(n_inputs * chunks * CHUNK)
         rows = self._values.buf[off : off + n_inputs * chunks * CHUNK].view(n_inputs, chunks * CHUNK)
