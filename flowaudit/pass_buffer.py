@@ -23,8 +23,10 @@ operations over the buffers:
   from it in the last bit). A call with a non-finite value goes the general way
   (:func:`~flowaudit.layer_stats.layer_parts`).
 
-The buffers are reused from pass to pass (their layout repeats), hold a pass's gains and layer
-values, and are emptied by :meth:`PassBuffer.flush`. Nothing is read from the model's tensors
+The buffers are reused from pass to pass (their layout repeats) and emptied by
+:meth:`PassBuffer.flush`, at the end of a pass or once they hold :data:`CAPACITY` bytes (a large
+pass is summarized in parts, with the same figures: every statistic folds call after call), so
+what they add to a pass's memory is bounded whatever the image size. Nothing is read from the model's tensors
 after the call that handed them over.
 """
 
@@ -45,6 +47,7 @@ from .scratch import Scratch
 __all__ = ["PassBuffer", "SiteSummary", "LayerSummary"]
 
 _NB, _NI = len(GAIN_EDGES) - 1, len(INPUT_EDGES) - 1
+CAPACITY = 64 << 20  # bytes of pending calls after which the pass is summarized so far: memory stays bounded
 
 
 @dataclass
@@ -100,6 +103,12 @@ class PassBuffer:
 
     def __bool__(self) -> bool:
         return bool(self._sites or self._layers)
+
+    @property
+    def full(self) -> bool:
+        """Whether the pending calls hold :data:`CAPACITY` bytes or more (the tracer then flushes mid-pass)."""
+        held = self._gains.used * 4 + (self._values.used + self._short.used) * 8
+        return held + sum(g.used * g.buf.element_size() for g in self._params.values()) >= CAPACITY
 
     @staticmethod
     def takes(t: Tensor) -> bool:

@@ -99,6 +99,8 @@ class Tracer:
             n = 1
         if PassBuffer.takes(x):
             self._pass.layer(name, x, n)
+            if self._pass.full:
+                self._flush()
         elif x.numel():
             self._layers.setdefault(name, LayerStats()).add(x, n, self._work)
 
@@ -106,6 +108,8 @@ class Tracer:
         rows = params if _param_rows(params) else None
         if PassBuffer.takes(gain) and gain.dtype == torch.float32 and (rows is None or rows.device.type == "cpu"):
             self._pass.site(name, gain, rows)  # summarized with the whole pass (end_batch)
+            if self._pass.full:
+                self._flush()
             return
         p = summarize(gain, self.sampling.samples, self._work)  # one read of the gains for every statistic
         self._gains.setdefault(name, GainStats()).add_pass(p)

@@ -84,10 +84,14 @@ def _traced(pass_buffer: bool, passes: list, monkeypatch) -> Tracer:
     return tracer
 
 
+@pytest.mark.parametrize("capacity", [None, 10_000], ids=["whole-pass", "in-parts"])
 @pytest.mark.parametrize("junk", [False, True], ids=["clean", "junk"])
-def test_pass_buffer_equals_call_by_call(junk, monkeypatch):
+def test_pass_buffer_equals_call_by_call(junk, capacity, monkeypatch):
     """The CPU's pass buffer gives the figures of the call-by-call path: counts, extremes and kept rows
-    exactly, layer sums to the last bit or two (the last association of a row's sum differs)."""
+    exactly, layer sums to the last bit or two (the last association of a row's sum differs); also
+    when a small capacity makes it summarize a pass in parts."""
+    if capacity is not None:
+        monkeypatch.setattr("flowaudit.pass_buffer.CAPACITY", capacity)
     g = torch.Generator().manual_seed(5)
     passes = []
     for n in (2, 1, 3, 40):  # inputs per pass (40: more count bins than gains, the inputs counted apart)
