@@ -47,7 +47,7 @@ from .scratch import Scratch
 __all__ = ["PassBuffer", "SiteSummary", "LayerSummary"]
 
 _NB, _NI = len(GAIN_EDGES) - 1, len(INPUT_EDGES) - 1
-CAPACITY = 64 << 20  # bytes of pending calls after which the pass is summarized so far: memory stays bounded
+CAPACITY = 32 << 20  # bytes of pending calls after which the pass is summarized so far: memory stays bounded
 
 
 @dataclass
@@ -79,7 +79,7 @@ class _Grow:
 
     def take(self, m: int) -> int:
         if self.used + m > self.buf.numel():
-            grown = torch.zeros(max(2 * self.buf.numel(), self.used + m), dtype=self.dtype)
+            grown = torch.zeros(max(self.buf.numel() * 5 // 4, self.used + m), dtype=self.dtype)  # sized by the first passes
             grown[: self.used] = self.buf[: self.used]
             self.buf = grown
         off, self.used = self.used, self.used + m
@@ -213,7 +213,7 @@ class PassBuffer:
                 inputs = np.arange(n, dtype=np.int64)
                 seg = c * n + inputs if by_call else (np.full(n, c) if by_call is False else inputs)
                 parts.append(np.repeat(seg * width, rows * per // n))
-            if len(self._offset_cache) > 8:  # layouts change rarely (another set, another shape)
+            if len(self._offset_cache) >= 4:  # a pass in a few parts, repeated pass after pass
                 self._offset_cache.clear()
             self._offset_cache[key] = torch.from_numpy(np.concatenate(parts).astype(np.int32))
         return self._offset_cache[key]
