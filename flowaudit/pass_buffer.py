@@ -97,7 +97,6 @@ class PassBuffer:
         self._params: dict[torch.dtype, _Grow] = {}
         self._param_calls: list[tuple[torch.dtype, int, tuple[int, ...]] | None] = []  # per site call
         self._layers: list[tuple[str, bool, int, int, int, int]] = []  # name, chunked, offset, inputs, values per input, chunks
-        self._padded: dict[int, tuple[int, int, int]] = {}  # layer offset → (inputs, values, chunks) whose padding is zero
         self._offset_cache: dict[tuple, Tensor] = {}  # per site layout: each gain's shift into the counts
         self._work = Scratch()
 
@@ -146,9 +145,8 @@ class PassBuffer:
         chunks = -(-m // CHUNK)
         off = self._values.take(n_inputs * chunks * CHUNK)
         rows = self._values.buf[off : off + n_inputs * chunks * CHUNK].view(n_inputs, chunks * CHUNK)
-        if self._padded.get(off) != (n_inputs, m, chunks):  # squares of zeros stay zero: pad once per layout
+        if m % CHUNK:  # the padding of the last chunk: whatever an earlier call or part left there
             rows[:, m:].zero_()
-            self._padded[off] = (n_inputs, m, chunks)
         rows[:, :m].view(values.shape).copy_(values)
         self._layers.append((name, True, off, n_inputs, m, chunks))
 
