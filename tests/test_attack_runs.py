@@ -11,23 +11,17 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from flowaudit.runner import RUN_FACTS
 from flowaudit.shards import ATTACK_SHARD_STARTS
-
-# PYTHONSAFEPATH: a child started in the repository root must import the installed flowaudit, not the source folder
-ENV = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+from runs import ENV, kill_when, strip_run_facts
 STARTS, STEPS, K = 64, 20, 4  # 4 shards of 16 starts; a few seconds on one busy core
 
 
@@ -58,13 +52,6 @@ def _cli(*args: str):
     return CliRunner().invoke(cli, list(args))
 
 
-def _strip(report: dict) -> dict:
-    report.pop("created")
-    for k in RUN_FACTS:
-        report["settings"].pop(k, None)
-    return report
-
-
 def _worst(folder: Path) -> dict[str, np.ndarray]:
     with np.load(folder / "attack" / "worst.npz") as npz:
         return {k: npz[k] for k in npz.files}
@@ -88,31 +75,13 @@ def uninterrupted(data) -> tuple[dict, dict]:
                               samples=K, device="cpu")
     with np.load(io.BytesIO(report.files["attack/worst.npz"])) as npz:
         worst = {k: npz[k] for k in npz.files}
-    return _strip(json.loads(report.to_json())), worst
+    return strip_run_facts(json.loads(report.to_json())), worst
 
 
-def _kill_after_a_shard(data: Path, out: Path, tries: int = 3) -> subprocess.Popen:
-    """Start the attack and SIGKILL it once a shard is saved. On a loaded machine the test's polling
-    may not run before the attack ends: then the run is cleaned up and started again."""
+def _kill_after_a_shard(data: Path, out: Path) -> subprocess.Popen:
+    """Start the attack and SIGKILL it once a shard is saved (:func:`runs.kill_when`)."""
     work = out.with_name(f".{out.name}.work")
-    for _ in range(tries):
-        # a child of a non-interactive shell may inherit SIGINT ignored; give it the default, as a terminal would
-        proc = subprocess.Popen(_cmd(data, out), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        deadline = time.monotonic() + 240
-        sent = False
-        while time.monotonic() < deadline and proc.poll() is None:
-            if work.exists() and len(_shards(work)) >= 1:
-                proc.send_signal(signal.SIGKILL)
-                sent = True
-                break
-            time.sleep(0.02)
-        proc.wait(timeout=120)
-        if sent:
-            return proc
-        shutil.rmtree(out, ignore_errors=True)  # it finished first: not the case under test
-        shutil.rmtree(work, ignore_errors=True)
-    return proc
+    return kill_when(_cmd(data, out), lambda: work.exists() and len(_shards(work)) >= 1, signal.SIGKILL, [out, work])
 
 
 def test_attack_sigkilled_then_resumed_equals_uninterrupted(data, tmp_path, uninterrupted):
@@ -140,7 +109,7 @@ def test_attack_sigkilled_then_resumed_equals_uninterrupted(data, tmp_path, unin
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["resumed_shards"] == done
     whole, worst = uninterrupted
-    assert _strip(report) == whole
+    assert strip_run_facts(report) == whole
     assert _same_arrays(_worst(out), worst)
 
 
@@ -159,7 +128,7 @@ def test_report_does_not_depend_on_the_batch_size(data, tmp_path, batched):
         assert report["settings"]["batch_size"] == size and report["settings"]["exact"] is not batched
         assert report["attack"]["summary"]["n_starts"] == n
         assert not out.with_name(f".{out.name}.work").exists()
-        reports.append(_strip(report))
+        reports.append(strip_run_facts(report))
         worst.append(_worst(out))
     if not batched:
         assert reports[0] == reports[1] == reports[2]
@@ -186,7 +155,7 @@ def test_scan_attack_resumes_from_its_shards(tmp_path, monkeypatch):
     y = toy_data(40, seed=3)[1]
     kw = dict(samples=2, device="cpu", attack="linf:0.5", attack_starts=20, attack_steps=4)
     model = load_model("toy-affine")
-    whole = _strip(json.loads(flowaudit.scan(model, y, **kw).to_json()))
+    whole = strip_run_facts(json.loads(flowaudit.scan(model, y, **kw).to_json()))
 
     work = tmp_path / ".report.work"
     save = WorkFolder.save
@@ -207,4 +176,4 @@ def test_scan_attack_resumes_from_its_shards(tmp_path, monkeypatch):
         flowaudit.scan(model, y, context=Context(work_dir=work, resume=True), **{**kw, "attack_steps": 5})
     resumed = json.loads(flowaudit.scan(model, y, context=Context(work_dir=work, resume=True), **kw).to_json())
     assert resumed["settings"]["resumed_shards"] >= 2  # the scan's shard and the attack's
-    assert _strip(resumed) == whole
+    assert strip_run_facts(resumed) == whole

@@ -20,7 +20,8 @@ import torch
 
 import flowaudit
 from flowaudit.adapters import load_model
-from flowaudit.runner import RUN_FACTS, Context
+from flowaudit.runner import Context
+from runs import strip_run_facts
 from flowaudit.layer_stats import LayerStats, _row_sums
 from flowaudit.reservoir import ParamReservoir
 
@@ -32,11 +33,7 @@ def _toy_sets():
 
 
 def _result(report) -> dict:
-    data = json.loads(report.to_json())
-    data.pop("created")
-    for k in RUN_FACTS:
-        data["settings"].pop(k, None)
-    return data
+    return strip_run_facts(json.loads(report.to_json()))
 
 
 def _toy_scan(threads: int = 1, **kw) -> dict:

@@ -8,7 +8,6 @@ issue's bound is 1e-10 on the Gaussian statistics). Rank 0 alone writes the outp
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -20,10 +19,8 @@ import pytest
 import flowaudit
 from flowaudit.adapters import load_model
 from flowaudit.gaussian import GaussianOOD
-from flowaudit.runner import RUN_FACTS
+from runs import ENV, strip_run_facts
 
-# PYTHONSAFEPATH: a child started in the repository root must import the installed flowaudit, not the source folder
-ENV = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def _free_port() -> int:
@@ -74,10 +71,7 @@ def test_scan_two_ranks_equals_one_process(data, tmp_path):
     assert two["settings"]["ranks"] == 2
     one = json.loads(flowaudit.scan(load_model("toy-affine"), str(data / "in.npy"), ood=str(data / "ood.npy"),
                                     fit_data=str(data / "fit.npy"), samples=4, device="cpu").to_json())
-    for rep in (one, two):
-        rep.pop("created")
-        for k in RUN_FACTS:
-            rep["settings"].pop(k, None)
+    one, two = strip_run_facts(one), strip_run_facts(two)
     assert two["inputs"] == one["inputs"]  # per-input records identical
     assert two == one
     assert not list(tmp_path.glob(".*"))
@@ -95,10 +89,7 @@ def test_attack_two_ranks_equals_one_process(data, tmp_path):
     two = json.loads((out / "report.json").read_text())
     assert two["settings"]["ranks"] == 2
     one = json.loads(flowaudit.attack(load_model("toy-affine"), str(tmp_path / "y.npy"), device="cpu", **kw).to_json())
-    for rep in (one, two):
-        rep.pop("created")
-        for k in RUN_FACTS:
-            rep["settings"].pop(k, None)
+    one, two = strip_run_facts(one), strip_run_facts(two)
     assert two["attack"]["starts"] == one["attack"]["starts"]  # per-start records identical
     assert two == one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["attack", "y.npy"]  # no work folder, no lock left

@@ -27,16 +27,14 @@ import numpy as np
 import pytest
 import torch
 
-# PYTHONSAFEPATH: a child started in the repository root must import the installed flowaudit, not the source folder
-ENV = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+import runs
+
+ENV = {**runs.ENV, "PYTHONUNBUFFERED": "1"}
 TINY_SR = {"L": 3, "K": 1, "nf": 8, "nb": 2, "gc": 4, "hidden_channels": 8}
 
 
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
-    # a child of a non-interactive shell may inherit SIGINT ignored; give it the default, as a terminal would
-    return subprocess.Popen([sys.executable, "-m", "flowaudit", *args], cwd=cwd, env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return runs.start([sys.executable, "-m", "flowaudit", *args], cwd=cwd, env=ENV)
 
 
 def _wait_for(ready: Callable[[], bool], proc: subprocess.Popen, timeout: float = 120) -> None:

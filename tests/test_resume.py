@@ -8,21 +8,15 @@ work folder ``.<out>.work`` of completed shards; a resumed run must ask for the 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from flowaudit.runner import RUN_FACTS
-
-# PYTHONSAFEPATH: a child started in the repository root must import the installed flowaudit, not the source folder
-ENV = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+from runs import ENV, kill_when, strip_run_facts
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +39,6 @@ def _cmd(data: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "flowaudit", *_args(data, out, *extra)]
 
 
-def _strip(data: dict) -> dict:
-    data.pop("created")
-    for k in RUN_FACTS:
-        data["settings"].pop(k, None)
-    return data
-
-
 def _cli(*args: str):
     """The CLI in this process (refusals exit before any sampling: no process start to pay)."""
     from click.testing import CliRunner
@@ -69,31 +56,13 @@ def uninterrupted(data) -> dict:
 
     report = flowaudit.scan(load_model("toy-affine"), str(data / "in.npy"), ood=str(data / "ood.npy"),
                             fit_data=str(data / "fit.npy"), samples=4, device="cpu")
-    return _strip(json.loads(report.to_json()))
+    return strip_run_facts(json.loads(report.to_json()))
 
 
-def _kill_halfway(data: Path, out: Path, sig: int, shards: int = 3, tries: int = 3) -> subprocess.Popen:
-    """Start the scan and send ``sig`` once ``shards`` shards are saved. On a loaded machine the test's
-    polling may not run before the scan ends: then the run is cleaned up and started again."""
+def _kill_halfway(data: Path, out: Path, sig: int, shards: int = 3) -> subprocess.Popen:
+    """Start the scan and send ``sig`` once ``shards`` shards are saved (:func:`runs.kill_when`)."""
     work = out.with_name(f".{out.name}.work")
-    for _ in range(tries):
-        # a child of a non-interactive shell may inherit SIGINT ignored; give it the default, as a terminal would
-        proc = subprocess.Popen(_cmd(data, out), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        deadline = time.monotonic() + 240
-        sent = False
-        while time.monotonic() < deadline and proc.poll() is None:
-            if work.exists() and len(list(work.glob("in-*.pt"))) >= shards:
-                proc.send_signal(sig)
-                sent = True
-                break
-            time.sleep(0.02)
-        proc.wait(timeout=120)
-        if sent:
-            return proc
-        shutil.rmtree(out, ignore_errors=True)  # it finished first: not the case under test
-        shutil.rmtree(work, ignore_errors=True)
-    return proc
+    return kill_when(_cmd(data, out), lambda: work.exists() and len(list(work.glob("in-*.pt"))) >= shards, sig, [out, work])
 
 
 def test_sigkill_halfway_then_resume_equals_uninterrupted(data, tmp_path, uninterrupted):
@@ -118,7 +87,7 @@ def test_sigkill_halfway_then_resume_equals_uninterrupted(data, tmp_path, uninte
     assert not work.exists()  # the run is complete: shards dropped
     report = json.loads((out / "report.json").read_text())
     assert 0 < report["settings"]["resumed_shards"] <= done  # a shard saved after its set's last fold is computed again
-    assert _strip(report) == uninterrupted
+    assert strip_run_facts(report) == uninterrupted
 
 
 def test_sigint_says_how_to_resume(data, tmp_path):
