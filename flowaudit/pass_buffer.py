@@ -44,7 +44,7 @@ from .gains import summarize, settle
 from .layer_stats import CHUNK, layer_parts
 from .scratch import Scratch
 
-__all__ = ["PassBuffer", "SiteSummary", "LayerSummary"]
+__all__ = ["PassBuffer", "SiteSummary", "InputFigures", "LayerSummary"]
 
 _NB, _NI = len(GAIN_EDGES) - 1, len(INPUT_EDGES) - 1
 CAPACITY = 32 << 20  # bytes of pending calls after which the pass is summarized so far: memory stays bounded
@@ -60,6 +60,15 @@ class SiteSummary:
     top: float  # largest finite positive gain (−inf: none)
     row_max: np.ndarray  # per row (sample), its largest gain (float64, NaN as +inf)
     params: Tensor | None  # the call's parameter rows (a view of the buffer: valid until the next pass)
+
+
+@dataclass
+class InputFigures:
+    """Per input, over the site calls summarized together: largest and smallest gain and the raw counts."""
+
+    max: np.ndarray  # (inputs,) float64
+    min: np.ndarray
+    counts: Tensor  # (inputs, B + 2) over the site bins, or (inputs, 122) over the coarse bins (:func:`~flowaudit.gains.settle_inputs`)
 
 
 @dataclass
@@ -151,13 +160,13 @@ class PassBuffer:
         self._layers.append((name, True, off, n_inputs, m, chunks))
 
     # -- the end of a pass -------------------------------------------------------------------
-    def flush(self, samples: int) -> tuple[list[SiteSummary], dict | None, list[LayerSummary]]:
+    def flush(self, samples: int) -> tuple[list[SiteSummary], list[InputFigures], list[LayerSummary]]:
         """Summarize and forget the pending calls: ``(sites, inputs, layers)``.
 
-        ``inputs`` holds the per-input figures over every site call (``max``, ``min``: numpy;
-        ``raw``: (inputs, B + 2) counts), ``None`` without site calls.
+        ``inputs`` are per-input figures to fold into the batch's (one entry for the whole pass,
+        or one per call where the pass went call by call; none without site calls).
         """
-        sites, inputs = self._flush_sites(samples) if self._sites else ([], None)
+        sites, inputs = self._flush_sites(samples) if self._sites else ([], [])
         layers = self._flush_layers() if self._layers else []
         self._sites, self._param_calls, self._layers = [], [], []
         self._gains.used = self._values.used = self._short.used = 0
@@ -165,7 +174,7 @@ class PassBuffer:
             grow.used = 0
         return sites, inputs, layers
 
-    def _flush_sites(self, samples: int) -> tuple[list[SiteSummary], dict]:
+    def _flush_sites(self, samples: int) -> tuple[list[SiteSummary], list[InputFigures]]:
         used = self._gains.used
         gains = self._gains.buf[:used]
         flat = gains.numpy()
@@ -193,7 +202,7 @@ class PassBuffer:
                for c, (name, _, rows, _) in enumerate(self._sites)]
         input_max = row_max.reshape(calls, n, samples).max(axis=(0, 2))  # every call: n inputs × K rows
         input_min = row_min.reshape(calls, n, samples).min(axis=(0, 2))
-        return out, {"max": input_max, "min": input_min, "raw": per_input}
+        return out, [InputFigures(input_max, input_min, per_input)]
 
     def _bin_indices(self, gains: Tensor) -> Tensor:
         """Per gain, its bin: 0 for g ≤ 0, 1…B, B + 1 for +inf (:class:`~flowaudit.binning.GainBins`)."""
@@ -219,21 +228,15 @@ class PassBuffer:
     def _sites_layout(self):
         return ((off, rows, per) for _, off, rows, per in self._sites)
 
-    def _sites_one_by_one(self, gains: Tensor, samples: int, params: list) -> tuple[list[SiteSummary], dict]:
+    def _sites_one_by_one(self, gains: Tensor, samples: int, params: list) -> tuple[list[SiteSummary], list[InputFigures]]:
         """The general path (:func:`~flowaudit.gains.summarize`), call by call, for a pass with junk gains."""
-        out, inputs = [], {}
+        out, inputs = [], []
         for (name, off, rows, per), par in zip(self._sites, params):
             p = summarize(gains[off : off + rows * per].view(rows, per), samples, self._work)
-            every, key, top = p.raw
-            _, ext = settle(every, key, top)
+            _, ext = settle(*p.raw)
             lo, hi = ext[2:].tolist()
-            out.append(SiteSummary(name, every, lo, hi, p.row_max.numpy(), par))
-            raw = p.input_counts
-            if not inputs:
-                inputs = {"max": p.input_max.numpy(), "min": p.input_min.numpy(), "raw": raw}
-            else:
-                inputs = {"max": np.maximum(inputs["max"], p.input_max.numpy()), "min": np.minimum(inputs["min"], p.input_min.numpy()),
-                          "raw": inputs["raw"] + raw}
+            out.append(SiteSummary(name, p.raw[0], lo, hi, p.row_max.numpy(), par))
+            inputs.append(InputFigures(p.input_max.numpy(), p.input_min.numpy(), p.input_counts))
         return out, inputs
 
     def _flush_layers(self) -> list[LayerSummary]:

@@ -101,7 +101,7 @@ class Tracer:
             self._pass.layer(name, x, n)
             if self._pass.full:
                 self._flush()
-        elif x.numel():
+        else:  # another device, an integer dtype or no values (LayerStats.add skips those)
             self._layers.setdefault(name, LayerStats()).add(x, n, self._work)
 
     def site(self, name: str, gain: Tensor, params: Any) -> None:
@@ -117,11 +117,12 @@ class Tracer:
         self._add_inputs(p.input_max, p.input_min, p.input_counts)
 
     def _add_inputs(self, input_max: Any, input_min: Any, counts: Tensor) -> None:
-        """Fold a call's per-input extremes and counts into the batch's (tensors, or numpy on the CPU)."""
+        """Fold per-input extremes and counts into the batch's: numpy on the CPU (where the pass buffer's
+        come from, and a call by call summary of the same pass may join them), tensors on a device."""
+        input_max, input_min = (t.numpy() if isinstance(t, Tensor) and t.device.type == "cpu" else t for t in (input_max, input_min))
         b = self._batch
         if "max" in b:
-            lib = np if isinstance(b["max"], np.ndarray) else torch
-            input_max, input_min = (t if lib is torch else np.asarray(t.cpu()) if isinstance(t, Tensor) else t for t in (input_max, input_min))
+            lib = np if isinstance(input_max, np.ndarray) else torch
             b["max"], b["min"] = lib.maximum(b["max"], input_max), lib.minimum(b["min"], input_min)
         else:
             b["max"], b["min"] = input_max, input_min
@@ -136,8 +137,8 @@ class Tracer:
         for s in sites:
             self._gains.setdefault(s.name, GainStats()).add_counts(s.every, s.low, s.top)
             self._keep_params(s.name, s.params, s.row_max)
-        if inputs is not None:
-            self._add_inputs(inputs["max"], inputs["min"], inputs["raw"])
+        for i in inputs:
+            self._add_inputs(i.max, i.min, i.counts)
         for l in layers:
             self._layers.setdefault(l.name, LayerStats()).add_parts(l.parts)
 

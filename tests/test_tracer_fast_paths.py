@@ -79,6 +79,7 @@ def _traced(pass_buffer: bool, passes: list, monkeypatch) -> Tracer:
             tracer.layer("b", x[:, :2].transpose(1, 2))  # strided
             tracer.site("t", gain[:, :3] * 2, params[:, :5])
             tracer.layer("c", x[:, 0, :5, :5])  # rows of one chunk or less
+            tracer.site("u", gain[:, :2].double(), params[:, :3])  # float64 gains: call by call in the same pass
             tracer.end_batch(x.shape[0] // 4)
         tracer.state()  # flushes
     return tracer
@@ -103,7 +104,7 @@ def test_pass_buffer_equals_call_by_call(junk, capacity, monkeypatch):
             x[0, 0, 0, 0], x[1, 1, 1, 1] = math.inf, math.nan
         passes.append((x, gain, torch.randn(4 * n, 12, generator=g)))
     buffered, by_call = _traced(True, passes, monkeypatch), _traced(False, passes, monkeypatch)
-    for name in ("s", "t"):
+    for name in ("s", "t", "u"):
         a, b = buffered.gains[name].state(), by_call.gains[name].state()
         assert torch.equal(a["counts"], b["counts"]) and torch.equal(a["ext"], b["ext"])
         for u, v in zip(buffered.reservoirs[name].kept(), by_call.reservoirs[name].kept()):
