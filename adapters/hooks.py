@@ -31,6 +31,18 @@ def first_tensor(output: Any) -> Tensor:
     return output
 
 
+def _find(model: nn.Module, name: str) -> nn.Module:
+    """The sub-module at dotted path ``name``, walked through the children (a pass hooks every time: this is
+    ``get_submodule`` without its checks, which cost more than the hooks); an unknown path raises :class:`KeyError`."""
+    module = model
+    for part in name.split(".") if name else ():
+        module = module._modules.get(part)
+        if module is None:
+            some = ", ".join([k for k, _ in model.named_modules() if k][:8])
+            raise KeyError(f"no module named {name!r} in the model (some names: {some}, …)")
+    return module
+
+
 @contextlib.contextmanager
 def hooked(model: nn.Module, names: Sequence[str], fn: Callable[[str, tuple, dict, Any], None]) -> Iterator[None]:
     """Call ``fn(name, args, kwargs, output)`` after each forward of the named sub-modules.
@@ -38,13 +50,7 @@ def hooked(model: nn.Module, names: Sequence[str], fn: Callable[[str, tuple, dic
     Unknown names raise :class:`KeyError` listing a few valid ones. Handles are
     removed on exit, whatever happens inside the block.
     """
-    modules = {}
-    for name in names:  # by path: a pass hooks every time, and a large model has many modules to list
-        try:
-            modules[name] = model.get_submodule(name)
-        except AttributeError:
-            some = ", ".join([k for k, _ in model.named_modules() if k][:8])
-            raise KeyError(f"no module named {name!r} in the model (some names: {some}, …)") from None
+    modules = {name: _find(model, name) for name in names}
 
     def make(name: str):
         def hook(module, args, kwargs, output):

@@ -68,14 +68,21 @@ def _best(score: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
     return np.concatenate([above, tied])
 
 
+def _row_ids(row0: int, positions: np.ndarray, samples: int, batch: int) -> np.ndarray:
+    """(global row, input, batch) of the rows at ``positions`` of a call whose first row is ``row0``."""
+    row = row0 + positions
+    return np.stack([row, row // samples, np.full(len(row), batch)], 1)
+
+
 class _Kept:
     """One half of a reservoir on the CPU: up to ``k`` rows in a buffer allocated once, their
-    scores and row ids in numpy. Rows that enter are written into free or evicted slots, so a
-    call copies only them (none, once the half is full and no new row beats its last)."""
+    scores and row ids in numpy. Rows that enter are written into free or evicted slots, so an
+    add copies only them (none, once the half is full and no new row beats its last)."""
 
     def __init__(self, k: int, like: Tensor):
         self.k, self.n = k, 0
         self.low = None  # the lowest kept score, once full (cached)
+        self.last = -1  # the largest kept row id: rows that all come later lose every tie
         self.rows = like.new_empty((k, *like.shape[1:]))
         self.score = np.empty(k)
         self.ids = np.empty((k, 3), dtype=np.int64)
@@ -83,52 +90,62 @@ class _Kept:
     @classmethod
     def of(cls, kept: tuple[Tensor, Tensor, Tensor] | None, k: int, like: Tensor) -> "_Kept":
         out = cls(k, like)
-        if kept is not None:
+        if kept is not None and len(kept[1]):
             n = out.n = len(kept[1])
             out.rows[:n], out.score[:n], out.ids[:n] = kept[0], kept[1].numpy(), kept[2].numpy()
+            out.last = int(out.ids[:n, 0].max())
         return out
 
-    def beaten(self, score: np.ndarray) -> bool:
-        """Whether a new row may enter: the half is not full, or some score reaches its lowest."""
-        if self.n < self.k:
-            return True
-        if self.low is None:
-            self.low = self.score.min()
-        return bool(score.max() >= self.low)
-
-    def add(self, rows: Tensor, score: np.ndarray, ids: np.ndarray) -> None:
-        """Keep the ``k`` best of the kept and the new rows by (score descending, row id ascending)."""
-        n, m, k = self.n, len(score), self.k
-        if n == k:  # full: only rows that reach the lowest kept score can enter
-            self.low = self.score.min() if self.low is None else self.low
-            cand = np.flatnonzero(score >= self.low)
+    def add(self, pieces: list[Tensor], score: np.ndarray, row: np.ndarray, batch: np.ndarray, samples: int) -> None:
+        """Keep the ``k`` best of the kept rows and the rows of ``pieces`` (one after another; per row its
+        ``score``, global ``row`` id and ``batch``) by (score descending, row id ascending)."""
+        n, k = self.n, self.k
+        later = row.min() > self.last
+        if n == k:  # full: only rows that beat the lowest kept score can enter (reach it, unless every new id is larger)
+            if self.low is None:
+                self.low = self.score.min()
+            cand = np.flatnonzero(score > self.low if later else score >= self.low)
             if not len(cand):
                 return
-            if len(cand) < m:
-                rows, score, ids, m = rows.index_select(0, torch.from_numpy(cand)), score[cand], ids[cand], len(cand)
-        self.low = None
-        if n + m <= k:
-            slots, take = np.arange(n, n + m), None
-            self.n = n + m
         else:
-            order = _best(np.concatenate([self.score[:n], score]), np.concatenate([self.ids[:n, 0], ids[:, 0]]), k)
-            take = order[order >= n] - n
-            if not len(take):
+            cand = np.arange(len(score))
+        self.low = None
+        if n + len(cand) <= k:  # free slots for all
+            slots, take = np.arange(n, n + len(cand)), cand
+            self.n = n + len(cand)
+        else:
+            order = _best(np.concatenate([self.score[:n], score[cand]]), np.concatenate([self.ids[:n, 0], row[cand]]), k)
+            new = np.sort(order[order >= n] - n)
+            if not len(new):
                 return
             kept = np.zeros(n, dtype=bool)
             kept[order[order < n]] = True
-            slots = np.concatenate([np.arange(n, k), np.flatnonzero(~kept)])[: len(take)]  # free slots, then evicted ones
+            slots = np.concatenate([np.arange(n, k), np.flatnonzero(~kept)])[: len(new)]  # free slots, then evicted ones
+            take = cand[new]
             self.n = k
-        if take is None:
-            self.rows[n : n + m].copy_(rows)
-            self.score[slots], self.ids[slots] = score, ids
+        self.last = max(self.last, int(row[take].max()))
+        self.score[slots] = score[take]
+        self.ids[slots, 0], self.ids[slots, 1], self.ids[slots, 2] = row[take], row[take] // samples, batch[take]
+        if len(take) == len(score) and take[-1] == len(take) - 1 and slots[-1] == slots[0] + len(slots) - 1:  # every row, in order
+            a = int(slots[0])
+            for p in pieces:
+                self.rows[a : a + len(p)].copy_(p)
+                a += len(p)
         else:
-            self.rows.index_copy_(0, torch.from_numpy(slots), rows.index_select(0, torch.from_numpy(take)))
-            self.score[slots], self.ids[slots] = score[take], ids[take]
+            self.rows.index_copy_(0, torch.from_numpy(slots), _gather(pieces, take))
 
     def as_tuple(self) -> tuple[Tensor, Tensor, Tensor]:
         n = self.n
         return self.rows[:n].clone(), torch.from_numpy(self.score[:n].copy()), torch.from_numpy(self.ids[:n].copy())
+
+
+def _gather(pieces: list[Tensor], take: np.ndarray) -> Tensor:
+    """Rows at ascending positions ``take`` of the pieces laid one after another."""
+    if len(pieces) == 1:
+        return pieces[0].index_select(0, torch.from_numpy(take))
+    ends = np.cumsum([len(p) for p in pieces])
+    which = np.searchsorted(ends, take, side="right")
+    return torch.cat([pieces[w].index_select(0, torch.from_numpy(take[which == w] - (ends[w] - len(pieces[w])))) for w in np.unique(which)])
 
 
 class ParamReservoir:
@@ -188,16 +205,52 @@ class ParamReservoir:
         return rows, score.index_select(0, idx), ids.index_select(0, idx)
 
     def add(self, params: Tensor, row_gain: Tensor | np.ndarray, first_input: int, samples: int, batch: int) -> None:
+        """Offer the rows of one call (``first_input``'s K samples first) with their largest gains."""
         rows = params.detach()
-        n = rows.shape[0]
+        if rows.device.type == "cpu":  # reading the scores costs nothing here: select in numpy, copy only kept rows
+            n = rows.shape[0]
+            gain = np.asarray(row_gain, dtype=np.float64) if len(row_gain) == n else np.zeros(n)
+            self.add_calls([rows], gain, [first_input * max(samples, 1)], [batch], max(samples, 1))
+            return
+        if self._wrong_shape(rows):
+            return
+        self._add_device(rows, row_gain, first_input, samples, batch)
+
+    def add_calls(self, pieces: list[Tensor], row_gain: np.ndarray, first_rows: list[int], batches: list[int], samples: int) -> None:
+        """Offer the rows of several CPU calls at once (call ``c``'s rows are global rows ``first_rows[c] …``
+        of pass ``batches[c]``; ``row_gain`` the rows' largest gains, float64, one after another): the
+        rows kept are those one call at a time would keep (a strict total order, module docstring)."""
+        if self._wrong_shape(pieces[0], sum(len(p) for p in pieces)):
+            return
+        n = len(row_gain)
+        self.rows_seen += n
+        if not n:
+            return
+        if self._host is None:
+            k_top, k_rand = self.capacity(pieces[0][0].numel())
+            self._host = (_Kept.of(self._top, k_top, pieces[0]), _Kept.of(self._rand, k_rand, pieces[0]))
+            self._top = self._rand = None
+            self._next_id = None  # stored in slots, not in sorted order: a device path after this sorts by id
+        top, rand = self._host
+        if len(pieces) == 1:
+            row = first_rows[0] + np.arange(n)
+            batch = np.full(n, batches[0])
+            key = self._host_keys(first_rows[0], n)
+        else:
+            sizes = [len(p) for p in pieces]
+            row = np.concatenate([a + np.arange(m) for a, m in zip(first_rows, sizes)])
+            batch = np.repeat(batches, sizes)
+            key = np.concatenate([self._host_keys(a, m) for a, m in zip(first_rows, sizes)])
+        top.add(pieces, row_gain, row, batch, samples)
+        rand.add(pieces, key, row, batch, samples)
+
+    def _wrong_shape(self, rows: Tensor, n: int | None = None) -> bool:
+        """Whether rows of another parameter shape than those kept came (counted as skipped, not mixed into one probe tensor)."""
         shape = self._row_shape()
         if shape is not None and shape != tuple(rows.shape[1:]):
-            self.skipped += n  # a different parameter shape in the same set: not mixed into one probe tensor
-            return
-        if rows.device.type == "cpu":  # reading the scores costs nothing here: select in numpy, copy only kept rows
-            self._add_host(rows, row_gain, first_input, max(samples, 1), batch)
-        else:
-            self._add_device(rows, row_gain, first_input, samples, batch)
+            self.skipped += rows.shape[0] if n is None else n
+            return True
+        return False
 
     def _row_shape(self) -> tuple[int, ...] | None:
         if self._host is not None:
@@ -225,30 +278,6 @@ class ParamReservoir:
         self._top = self._merge(self._top, (rows, gain, ids), k_top, later)
         key = uniform_keys(ids[:, 0], self.salt)  # a function of the row, not of the batch it came in
         self._rand = self._merge(self._rand, (rows, -key, ids), k_rand, later)  # smallest keys: a uniform sample
-
-    def _add_host(self, rows: Tensor, row_gain: Tensor | np.ndarray, first_input: int, samples: int, batch: int) -> None:
-        """:meth:`add` on the CPU (:class:`_Kept`): the same rows kept, a fraction of the operations."""
-        n = rows.shape[0]
-        self.rows_seen += n
-        if not n:
-            return
-        if self._host is None:
-            k_top, k_rand = self.capacity(rows[0].numel())
-            self._host = (_Kept.of(self._top, k_top, rows), _Kept.of(self._rand, k_rand, rows))
-            self._top = self._rand = None
-            self._next_id = None  # stored in slots, not in sorted order: a device path after this sorts by id
-        top, rand = self._host
-        gain = np.asarray(row_gain, dtype=np.float64) if len(row_gain) == n else np.zeros(n)
-        key = self._host_keys(first_input * samples, n)
-        take_top, take_rand = top.beaten(gain), rand.beaten(key)
-        if not (take_top or take_rand):  # once full, most calls end here
-            return
-        r = np.arange(n)
-        ids = np.stack([r + first_input * samples, r // samples + first_input, np.full(n, batch)], 1)
-        if take_top:
-            top.add(rows, gain, ids)
-        if take_rand:
-            rand.add(rows, key, ids)
 
     def _host_keys(self, first_row: int, n: int) -> np.ndarray:
         """Minus the keys of rows ``first_row …``, from a window computed ahead (rows arrive in order)."""

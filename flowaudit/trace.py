@@ -12,8 +12,8 @@ histogram, and for the Remark 2 probe a
 :class:`~flowaudit.reservoir.ParamReservoir` of parameter rows within a fixed
 budget. On a GPU everything stays on the model's device with no host sync until a
 batch ends. On the CPU, where the cost is the number of operations, a call is only
-copied and the whole pass is summarized when it ends
-(:class:`~flowaudit.pass_buffer.PassBuffer`); the figures are the same. Nothing
+copied and a few passes are summarized together (:class:`~flowaudit.pass_buffer.PassBuffer`);
+every reading sees all passes ended so far, and the figures are the same. Nothing
 grows with the number of inputs except a few numbers per input.
 
 Layer sums are batch-invariant (:mod:`flowaudit.layer_stats`).
@@ -58,11 +58,12 @@ class Tracer:
         self._layers: dict[str, LayerStats] = {}
         self._gains: dict[str, GainStats] = {}
         self.reservoirs: dict[str, ParamReservoir] = {}
-        self.input_gain: list[dict] = []  # per input, over all sites: min, p50, p99, max
+        self._input_gain: list[dict] = []  # per input, over all sites: min, p50, p99, max
         self._batch: dict[str, Any] = {}  # the pass in progress: per-input extremes and counts
+        self._ended: list[tuple[int, int, int, dict]] = []  # passes ended with calls still in the pass buffer: first input, pass, inputs, figures so far
         self._generators: dict[torch.device, torch.Generator] = {}
         self._work = Scratch()
-        self._pass = PassBuffer()  # the CPU's calls of the pass in progress (:mod:`flowaudit.pass_buffer`)
+        self._pass = PassBuffer()  # the CPU's calls of the last few passes (:mod:`flowaudit.pass_buffer`)
         self._inputs_seen = self._batches_seen = 0
 
     @property
@@ -78,8 +79,15 @@ class Tracer:
         return self._gains
 
     @property
+    def input_gain(self) -> list[dict]:
+        """Per input, its inverse-gain min, p50, p99 and max over all sites (inputs whose pass has ended)."""
+        self._flush()
+        return self._input_gain
+
+    @property
     def params(self) -> dict[str, list[Any]]:
         """The kept parameter rows per site (one tensor each), for :meth:`Site.derivative_at`."""
+        self._flush()
         out = {}
         for name, r in self.reservoirs.items():
             kept = r.kept()
@@ -89,6 +97,7 @@ class Tracer:
 
     def reservoir_info(self, name: str) -> dict | None:
         """What the reservoir of site ``name`` holds (``None``: the site was never visited)."""
+        self._flush()
         r = self.reservoirs.get(name)
         return None if r is None else r.info()
 
@@ -97,9 +106,8 @@ class Tracer:
         n = max(1, x.shape[0] // self.sampling.samples) if x.dim() else 1
         if x.dim() and x.shape[0] % n:
             n = 1
-        if PassBuffer.takes(x):
-            self._pass.layer(name, x, n)
-            if self._pass.full:
+        if PassBuffer.takes(x) and x.dtype == torch.float32:  # float64 values would lose bits in the buffer's float32
+            if self._pass.layer(name, x.detach(), n):
                 self._flush()
         else:  # another device, an integer dtype or no values (LayerStats.add skips those)
             self._layers.setdefault(name, LayerStats()).add(x, n, self._work)
@@ -107,20 +115,19 @@ class Tracer:
     def site(self, name: str, gain: Tensor, params: Any) -> None:
         rows = params if _param_rows(params) else None
         if PassBuffer.takes(gain) and gain.dtype == torch.float32 and (rows is None or rows.device.type == "cpu"):
-            self._pass.site(name, gain, rows)  # summarized with the whole pass (end_batch)
-            if self._pass.full:
+            if self._pass.site(name, gain.detach(), None if rows is None else rows.detach()):  # summarized with a few passes
                 self._flush()
             return
         p = summarize(gain, self.sampling.samples, self._work)  # one read of the gains for every statistic
         self._gains.setdefault(name, GainStats()).add_pass(p)
-        self._keep_params(name, params, p.row_max)
-        self._add_inputs(p.input_max, p.input_min, p.input_counts)
+        self._keep_params(name, params, p.row_max, self._inputs_seen, self._batches_seen)
+        self._add_inputs(self._batch, p.input_max, p.input_min, p.input_counts)
 
-    def _add_inputs(self, input_max: Any, input_min: Any, counts: Tensor) -> None:
-        """Fold per-input extremes and counts into the batch's: numpy on the CPU (where the pass buffer's
+    @staticmethod
+    def _add_inputs(b: dict, input_max: Any, input_min: Any, counts: Tensor) -> None:
+        """Fold per-input extremes and counts into a pass's ``b``: numpy on the CPU (where the pass buffer's
         come from, and a call by call summary of the same pass may join them), tensors on a device."""
         input_max, input_min = (t.numpy() if isinstance(t, Tensor) and t.device.type == "cpu" else t for t in (input_max, input_min))
-        b = self._batch
         if "max" in b:
             lib = np if isinstance(input_max, np.ndarray) else torch
             b["max"], b["min"] = lib.maximum(b["max"], input_max), lib.minimum(b["min"], input_min)
@@ -130,40 +137,52 @@ class Tracer:
         b[h] = counts if h not in b else b[h] + counts
 
     def _flush(self) -> None:
-        """Summarize the CPU calls of the pass in progress (:class:`~flowaudit.pass_buffer.PassBuffer`)."""
-        if not self._pass:
-            return
-        sites, inputs, layers = self._pass.flush(self.sampling.samples)
-        for s in sites:
-            self._gains.setdefault(s.name, GainStats()).add_counts(s.every, s.low, s.top)
-            self._keep_params(s.name, s.params, s.row_max)
-        for i in inputs:
-            self._add_inputs(i.max, i.min, i.counts)
-        for l in layers:
-            self._layers.setdefault(l.name, LayerStats()).add_parts(l.parts)
+        """Summarize the CPU calls held (:class:`~flowaudit.pass_buffer.PassBuffer`) and close the passes ended since."""
+        if self._pass:
+            sites, inputs, layers = self._pass.flush(self.sampling.samples)
+            ended = self._ended
+
+            def of_pass(p: int) -> tuple[int, int, int, dict]:  # the open pass (index len(ended)) is the one in progress
+                return ended[p] if p < len(ended) else (self._inputs_seen, self._batches_seen, 0, self._batch)
+
+            k = self.sampling.samples
+            for s in sites:
+                self._gains.setdefault(s.name, GainStats()).add_counts(s.every, s.low, s.top)
+                calls = [(of_pass(p), g, rows) for p, g, rows in s.calls if _param_rows(rows)]
+                if calls:  # a site's calls of a few passes offered to its reservoir at once
+                    self._reservoir(s.name).add_calls([rows for _, _, rows in calls],
+                                                      np.concatenate([g if len(g) == len(rows) else np.zeros(len(rows)) for _, g, rows in calls]),
+                                                      [ended[0] * k for ended, _, _ in calls], [ended[1] for ended, _, _ in calls], k)
+            for i in inputs:
+                self._add_inputs(of_pass(i.pass_index)[3], i.max, i.min, i.counts)
+            for l in layers:
+                self._layers.setdefault(l.name, LayerStats()).add_parts(l.parts)
+        else:
+            self._pass.flush(self.sampling.samples)  # forgets the ends of passes it holds no call of
+        for _, _, n, b in self._ended:
+            self._input_gain += _input_figures(b, n)
+        self._ended = []
 
     # -- bookkeeping ----------------------------------------------------------
-    def _keep_params(self, name: str, params: Any, row_gain: Tensor | np.ndarray) -> None:
-        if not _param_rows(params):
-            return
+    def _keep_params(self, name: str, params: Any, row_gain: Tensor | np.ndarray, first_input: int, batch: int) -> None:
+        if _param_rows(params):
+            self._reservoir(name).add(params, row_gain, first_input, self.sampling.samples, batch)
+
+    def _reservoir(self, name: str) -> ParamReservoir:
         r = self.reservoirs.get(name)
         if r is None:  # keys drawn from (seed, site, row): the same rows whatever the batches, shards or ranks
             r = self.reservoirs[name] = ParamReservoir(self.param_budget, salt=self.sampling.seed * 1_000_003 + zlib.crc32(name.encode()))
-        r.add(params, row_gain, self._inputs_seen, self.sampling.samples, self._batches_seen)
+        return r
 
     def end_batch(self, n_inputs: int) -> None:
-        """Close a batch of ``n_inputs`` inputs: their inverse-gain min, p50, p99 and max over all sites."""
-        self._flush()
-        b, self._batch = self._batch, {}
+        """Close a pass of ``n_inputs`` inputs; their inverse-gain min, p50, p99 and max over all sites
+        join :attr:`input_gain` once its calls are summarized (now, or with the next few passes on the CPU)."""
+        self._ended.append((self._inputs_seen, self._batches_seen, n_inputs, self._batch))
+        self._batch = {}
         self._inputs_seen += n_inputs
         self._batches_seen += 1
-        if not b:
-            self.input_gain += [{"min": math.nan, "p50": math.nan, "p99": math.nan, "max": math.nan}] * n_inputs
-            return
-        hist = sum(settle_inputs(v) for h, v in b.items() if h[0] == "counts").cpu().numpy()
-        lo, hi = (np.asarray(b[k] if isinstance(b[k], np.ndarray) else b[k].cpu().numpy(), dtype=np.float64) for k in ("min", "max"))
-        p50, p99 = (np.minimum(np.maximum(histogram_quantiles(hist, INPUT_EDGES, p), lo), hi) for p in (0.5, 0.99))
-        self.input_gain += [{"min": a, "p50": b_, "p99": c, "max": d} for a, b_, c, d in zip(lo.tolist(), p50.tolist(), p99.tolist(), hi.tolist())]
+        if self._pass.end_pass() or not self._pass:
+            self._flush()
 
     # -- mergeable state (shards, resume, ranks) -------------------------------------------------
     def start_at(self, first_input: int, first_pass: int) -> "Tracer":
@@ -182,7 +201,7 @@ class Tracer:
         out._layers = {k: LayerStats.from_state(v, device) for k, v in state["layers"].items()}
         out._gains = {k: GainStats.from_state(v, device) for k, v in state["gains"].items()}
         out.reservoirs = {k: ParamReservoir.from_state(v, device) for k, v in state["reservoirs"].items()}
-        out.input_gain = list(state["input_gain"])
+        out._input_gain = list(state["input_gain"])
         return out
 
     def merge(self, other: "Tracer") -> "Tracer":
@@ -197,8 +216,18 @@ class Tracer:
             self.gains[k] = self.gains[k].merge(v) if k in self.gains else v
         for k, v in other.reservoirs.items():
             self.reservoirs[k] = self.reservoirs[k].merge(v) if k in self.reservoirs else v
-        self.input_gain += other.input_gain
+        self.input_gain.extend(other.input_gain)
         return self
+
+
+def _input_figures(b: dict, n_inputs: int) -> list[dict]:
+    """Per input of a closed pass, from its folded figures ``b``: min, p50, p99, max (NaN: no site)."""
+    if not b:
+        return [{"min": math.nan, "p50": math.nan, "p99": math.nan, "max": math.nan}] * n_inputs
+    hist = sum(settle_inputs(v) for h, v in b.items() if h[0] == "counts").cpu().numpy()
+    lo, hi = (np.asarray(b[k] if isinstance(b[k], np.ndarray) else b[k].cpu().numpy(), dtype=np.float64) for k in ("min", "max"))
+    p50, p99 = (np.minimum(np.maximum(histogram_quantiles(hist, INPUT_EDGES, p), lo), hi) for p in (0.5, 0.99))
+    return [{"min": a, "p50": b_, "p99": c, "max": d} for a, b_, c, d in zip(lo.tolist(), p50.tolist(), p99.tolist(), hi.tolist())]
 
 
 def _param_rows(params: Any) -> bool:

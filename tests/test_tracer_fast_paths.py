@@ -116,6 +116,49 @@ def test_pass_buffer_equals_call_by_call(junk, capacity, monkeypatch):
         assert torch.allclose(a, b, rtol=1e-14, atol=0)
 
 
+@pytest.mark.parametrize("capacity", [None, 120_000, 20_000], ids=["few-passes", "pass-by-pass", "in-parts"])
+def test_pass_buffer_reusing_its_layout_equals_call_by_call(capacity, monkeypatch):
+    """Passes that repeat a layout reuse the buffer's views (its plan) and are summarized a few at a
+    time; layouts that change midway (another number of inputs, then the first again) make it anew.
+    Every figure equals the call-by-call path's, with the buffer holding several passes, one, or parts
+    of one; the reservoir sees rows of several passes at once and keeps the same rows."""
+    if capacity is not None:
+        monkeypatch.setattr("flowaudit.pass_buffer.CAPACITY", capacity)
+    g = torch.Generator().manual_seed(11)
+    passes = []
+    for n in (2, 2, 2, 2, 3, 3, 2, 2, 2, 1):
+        x = torch.randn(4 * n, 3, 40, 40, generator=g)
+        gain = (torch.randn(4 * n, 6, 100, generator=g) * 2).exp()
+        passes.append((x, gain, torch.randn(4 * n, 12, generator=g)))
+    buffered, by_call = _traced(True, passes, monkeypatch), _traced(False, passes, monkeypatch)
+    for name in ("s", "t", "u"):
+        a, b = buffered.gains[name].state(), by_call.gains[name].state()
+        assert torch.equal(a["counts"], b["counts"]) and torch.equal(a["ext"], b["ext"])
+        for u, v in zip(buffered.reservoirs[name].kept(), by_call.reservoirs[name].kept()):
+            assert torch.equal(u, v)
+        assert buffered.reservoir_info(name) == by_call.reservoir_info(name)
+    assert buffered.input_gain == by_call.input_gain and len(buffered.input_gain) == 21
+    for name in ("a", "b", "c"):
+        a, b = buffered.layers[name].state(), by_call.layers[name].state()
+        assert torch.equal(a[[0, 3, 4]], b[[0, 3, 4]])
+        assert torch.allclose(a, b, rtol=1e-14, atol=0)
+
+
+def test_pass_buffer_holds_passes_until_read():
+    """Passes are summarized a few at a time on the CPU, but every reading (input figures, layers,
+    gains, kept rows, state) sees all the passes ended so far."""
+    tracer = Tracer(Sampling(4, 0.9, 0))
+    g = torch.Generator().manual_seed(2)
+    for i in range(3):
+        tracer.layer("a", torch.randn(4, 3, 8, 8, generator=g))
+        tracer.site("s", torch.rand(4, 6, generator=g) + 0.5, torch.randn(4, 12, generator=g))
+        tracer.end_batch(1)
+        assert len(tracer._ended) == i + 1  # held, not summarized
+    assert len(tracer.input_gain) == 3 and not tracer._ended
+    assert int(tracer.layers["a"].state()[0]) == 3 * 4 * 3 * 64
+    assert tracer.reservoir_info("s")["rows_seen"] == 12
+
+
 @pytest.mark.parametrize("per", [4, 8, 28])
 def test_cpu_reservoir_keeps_the_rows_the_device_path_keeps(per):
     rows = torch.randn(120, 5, generator=torch.Generator().manual_seed(3))
