@@ -20,10 +20,11 @@ once for a few passes:
   reservoir together, which keeps the rows one call at a time would (a strict total order).
 * layers: per chunk, the sum of the values and of their squares and the largest square, in
   float64, a block of chunks widened at a time in a scratch buffer that stays in the core's
-  cache; per input, the sum of its chunk sums (one ``reduceat`` over every input's chunks) and :math:`\max|v| = \sqrt{\max v^2}` (exact: the square of a float32 is
-  exact in float64). The sums of a chunk and of an input do not depend on the other inputs, so
-  the figures are batch-invariant as the device path's are (an input's last association may
-  differ from it in the last bit). A call with a non-finite value goes the general way
+  cache; per input, the sum of its chunk sums (one ``reduceat`` over every input's chunks)
+  and :math:`\max|v| = \sqrt{\max v^2}` (exact: the square of a float32 is exact in float64).
+  The sums of a chunk and of an input do not depend on the other inputs, so the figures are
+  batch-invariant as the device path's are (an input's last association may differ from it in
+  the last bit). A call with a non-finite value goes the general way
   (:func:`~flowaudit.layer_stats.layer_parts`); layers of another dtype do not come here.
 
 A pass larger than the capacity is summarized in parts, with the same figures (every statistic
@@ -282,12 +283,12 @@ class PassBuffer:
         used = self._gains.used
         gains = self._gains.buf[:used]
         layout = tuple((s.off, s.rows, s.per, s.pass_index) for s in sites)
-        starts = self._layout(layout, samples)[0]
+        cached = self._layout(layout, samples)
+        starts = cached[0]
         flat = gains.numpy()
         row_min = np.minimum.reduceat(flat, starts).astype(np.float64)
         row_max = np.maximum.reduceat(flat, starts).astype(np.float64)
         row_max[np.isnan(row_max)] = math.inf  # a NaN gain: as bad as it gets
-        cached = self._layout(layout, samples)
         if not (row_min.min() > 0 and row_max.max() < math.inf) or cached[1] is None:
             return self._sites_one_by_one(sites, gains, samples)
         _, n_of_pass, seg, first, target, n_inputs = cached
