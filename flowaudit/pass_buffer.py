@@ -265,8 +265,9 @@ class PassBuffer:
     def flush(self, samples: int) -> tuple[list[SiteSummary], list[InputFigures], list[LayerSummary]]:
         """Summarize and forget the pending calls: ``(sites, inputs, layers)``.
 
-        ``sites`` in call order; ``inputs`` per pass with site calls (one entry per pass, or one per
-        call where the buffer went call by call); ``layers`` one per layer name, in first-call order.
+        ``sites`` one per site name, ``layers`` one per layer name (each in first-call order, its calls in
+        order); ``inputs`` per pass with site calls (one entry per pass, or one per call where the buffer
+        went call by call). With nothing held it only forgets the ends of passes.
         """
         sites = [c for c in self._calls if type(c) is _Site]
         layers = [c for c in self._calls if type(c) is _Layer]

@@ -138,28 +138,24 @@ class Tracer:
 
     def _flush(self) -> None:
         """Summarize the CPU calls held (:class:`~flowaudit.pass_buffer.PassBuffer`) and close the passes ended since."""
-        if self._pass:
-            sites, inputs, layers = self._pass.flush(self.sampling.samples)
-            ended = self._ended
+        sites, inputs, layers = self._pass.flush(self.sampling.samples)  # nothing held: only forgets the ends of passes
+        ended, k = self._ended, self.sampling.samples
 
-            def of_pass(p: int) -> tuple[int, int, int, dict]:  # the open pass (index len(ended)) is the one in progress
-                return ended[p] if p < len(ended) else (self._inputs_seen, self._batches_seen, 0, self._batch)
+        def of_pass(p: int) -> tuple[int, int, int, dict]:  # the open pass (index len(ended)) is the one in progress
+            return ended[p] if p < len(ended) else (self._inputs_seen, self._batches_seen, 0, self._batch)
 
-            k = self.sampling.samples
-            for s in sites:
-                self._gains.setdefault(s.name, GainStats()).add_counts(s.every, s.low, s.top)
-                calls = [(of_pass(p), g, rows) for p, g, rows in s.calls if _param_rows(rows)]
-                if calls:  # a site's calls of a few passes offered to its reservoir at once
-                    self._reservoir(s.name).add_calls([rows for _, _, rows in calls],
-                                                      np.concatenate([g if len(g) == len(rows) else np.zeros(len(rows)) for _, g, rows in calls]),
-                                                      [ended[0] * k for ended, _, _ in calls], [ended[1] for ended, _, _ in calls], k)
-            for i in inputs:
-                self._add_inputs(of_pass(i.pass_index)[3], i.max, i.min, i.counts)
-            for l in layers:
-                self._layers.setdefault(l.name, LayerStats()).add_parts(l.parts)
-        else:
-            self._pass.flush(self.sampling.samples)  # forgets the ends of passes it holds no call of
-        for _, _, n, b in self._ended:
+        for s in sites:
+            self._gains.setdefault(s.name, GainStats()).add_counts(s.every, s.low, s.top)
+            calls = [(of_pass(p), g, rows) for p, g, rows in s.calls if _param_rows(rows)]
+            if calls:  # a site's calls of a few passes offered to its reservoir at once
+                self._reservoir(s.name).add_calls([rows for _, _, rows in calls],
+                                                  np.concatenate([g if len(g) == len(rows) else np.zeros(len(rows)) for _, g, rows in calls]),
+                                                  [where[0] * k for where, _, _ in calls], [where[1] for where, _, _ in calls], k)
+        for i in inputs:
+            self._add_inputs(of_pass(i.pass_index)[3], i.max, i.min, i.counts)
+        for l in layers:
+            self._layers.setdefault(l.name, LayerStats()).add_parts(l.parts)
+        for _, _, n, b in ended:
             self._input_gain += _input_figures(b, n)
         self._ended = []
 
