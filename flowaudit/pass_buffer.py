@@ -273,8 +273,7 @@ class PassBuffer:
         layers = [c for c in self._calls if type(c) is _Layer]
         site_out, inputs = self._flush_sites(sites, samples) if sites else ([], [])
         layer_out = self._flush_layers(layers) if layers else []
-        self._calls, self._passes, self._held = [], 0, 0
-        self._held_at_end = 0
+        self._calls, self._passes, self._held, self._held_at_end = [], 0, 0, 0
         self._gains.used = self._values.used = self._short.used = 0
         for grow in self._params.values():
             grow.used = 0

@@ -68,12 +68,6 @@ def _best(score: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
     return np.concatenate([above, tied])
 
 
-def _row_ids(row0: int, positions: np.ndarray, samples: int, batch: int) -> np.ndarray:
-    """(global row, input, batch) of the rows at ``positions`` of a call whose first row is ``row0``."""
-    row = row0 + positions
-    return np.stack([row, row // samples, np.full(len(row), batch)], 1)
-
-
 class _Kept:
     """One half of a reservoir on the CPU: up to ``k`` rows in a buffer allocated once, their
     scores and row ids in numpy. Rows that enter are written into free or evicted slots, so an
@@ -126,7 +120,7 @@ class _Kept:
         self.last = max(self.last, int(row[take].max()))
         self.score[slots] = score[take]
         self.ids[slots, 0], self.ids[slots, 1], self.ids[slots, 2] = row[take], row[take] // samples, batch[take]
-        if len(take) == len(score) and take[-1] == len(take) - 1 and slots[-1] == slots[0] + len(slots) - 1:  # every row, in order
+        if len(take) == len(score) and slots[-1] == slots[0] + len(slots) - 1:  # every row (take is sorted), into consecutive slots
             a = int(slots[0])
             for p in pieces:
                 self.rows[a : a + len(p)].copy_(p)
@@ -232,15 +226,10 @@ class ParamReservoir:
             self._top = self._rand = None
             self._next_id = None  # stored in slots, not in sorted order: a device path after this sorts by id
         top, rand = self._host
-        if len(pieces) == 1:
-            row = first_rows[0] + np.arange(n)
-            batch = np.full(n, batches[0])
-            key = self._host_keys(first_rows[0], n)
-        else:
-            sizes = [len(p) for p in pieces]
-            row = np.concatenate([a + np.arange(m) for a, m in zip(first_rows, sizes)])
-            batch = np.repeat(batches, sizes)
-            key = np.concatenate([self._host_keys(a, m) for a, m in zip(first_rows, sizes)])
+        sizes = [len(p) for p in pieces]
+        row = np.concatenate([a + np.arange(m) for a, m in zip(first_rows, sizes)])
+        batch = np.repeat(batches, sizes)
+        key = np.concatenate([self._host_keys(a, m) for a, m in zip(first_rows, sizes)])
         top.add(pieces, row_gain, row, batch, samples)
         rand.add(pieces, key, row, batch, samples)
 

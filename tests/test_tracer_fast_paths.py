@@ -85,6 +85,21 @@ def _traced(pass_buffer: bool, passes: list, monkeypatch) -> Tracer:
     return tracer
 
 
+def _assert_same_figures(buffered: Tracer, by_call: Tracer) -> None:
+    """Counts, extremes, kept rows, reservoir info and per-input figures equal; layer sums to the last bit or two."""
+    for name in ("s", "t", "u"):
+        a, b = buffered.gains[name].state(), by_call.gains[name].state()
+        assert torch.equal(a["counts"], b["counts"]) and torch.equal(a["ext"], b["ext"])
+        for u, v in zip(buffered.reservoirs[name].kept(), by_call.reservoirs[name].kept()):
+            assert torch.equal(u, v)
+        assert buffered.reservoir_info(name) == by_call.reservoir_info(name)
+    assert buffered.input_gain == by_call.input_gain
+    for name in ("a", "b", "c"):
+        a, b = buffered.layers[name].state(), by_call.layers[name].state()
+        assert torch.equal(a[[0, 3, 4]], b[[0, 3, 4]])
+        assert torch.allclose(a, b, rtol=1e-14, atol=0)
+
+
 @pytest.mark.parametrize("capacity", [None, 10_000], ids=["whole-pass", "in-parts"])
 @pytest.mark.parametrize("junk", [False, True], ids=["clean", "junk"])
 def test_pass_buffer_equals_call_by_call(junk, capacity, monkeypatch):
@@ -103,45 +118,34 @@ def test_pass_buffer_equals_call_by_call(junk, capacity, monkeypatch):
             gain[1, 2, 3], gain[2, 0, 0], gain[3, 1, 1] = math.nan, math.inf, -1.0
             x[0, 0, 0, 0], x[1, 1, 1, 1] = math.inf, math.nan
         passes.append((x, gain, torch.randn(4 * n, 12, generator=g)))
-    buffered, by_call = _traced(True, passes, monkeypatch), _traced(False, passes, monkeypatch)
-    for name in ("s", "t", "u"):
-        a, b = buffered.gains[name].state(), by_call.gains[name].state()
-        assert torch.equal(a["counts"], b["counts"]) and torch.equal(a["ext"], b["ext"])
-        for u, v in zip(buffered.reservoirs[name].kept(), by_call.reservoirs[name].kept()):
-            assert torch.equal(u, v)
-    assert buffered.input_gain == by_call.input_gain
-    for name in ("a", "b", "c"):
-        a, b = buffered.layers[name].state(), by_call.layers[name].state()
-        assert torch.equal(a[[0, 3, 4]], b[[0, 3, 4]])
-        assert torch.allclose(a, b, rtol=1e-14, atol=0)
+    _assert_same_figures(_traced(True, passes, monkeypatch), _traced(False, passes, monkeypatch))
 
 
-@pytest.mark.parametrize("capacity", [None, 120_000, 20_000], ids=["few-passes", "pass-by-pass", "in-parts"])
+@pytest.mark.parametrize("capacity", [None, 500_000, 250_000, 100_000], ids=["one-part", "two-passes", "pass-by-pass", "in-parts"])
 def test_pass_buffer_reusing_its_layout_equals_call_by_call(capacity, monkeypatch):
     """Passes that repeat a layout reuse the buffer's views (its plan) and are summarized a few at a
     time; layouts that change midway (another number of inputs, then the first again) make it anew.
-    Every figure equals the call-by-call path's, with the buffer holding several passes, one, or parts
-    of one; the reservoir sees rows of several passes at once and keeps the same rows."""
+    Every figure equals the call-by-call path's, with the buffer holding all passes, two, one, or parts
+    of one (~200 kB a pass of two inputs); the reservoir sees rows of several passes at once and keeps
+    the same rows."""
+    from flowaudit.pass_buffer import PassBuffer
+
     if capacity is not None:
         monkeypatch.setattr("flowaudit.pass_buffer.CAPACITY", capacity)
+    made = []
+    for new in ("_new_site", "_new_layer"):  # count the calls whose place is made anew (not taken from the plan)
+        monkeypatch.setattr(PassBuffer, new, lambda self, *a, _f=getattr(PassBuffer, new): made.append(1) or _f(self, *a))
     g = torch.Generator().manual_seed(11)
     passes = []
     for n in (2, 2, 2, 2, 3, 3, 2, 2, 2, 1):
-        x = torch.randn(4 * n, 3, 40, 40, generator=g)
+        x = torch.randn(4 * n, 3, 32, 32, generator=g)
         gain = (torch.randn(4 * n, 6, 100, generator=g) * 2).exp()
         passes.append((x, gain, torch.randn(4 * n, 12, generator=g)))
-    buffered, by_call = _traced(True, passes, monkeypatch), _traced(False, passes, monkeypatch)
-    for name in ("s", "t", "u"):
-        a, b = buffered.gains[name].state(), by_call.gains[name].state()
-        assert torch.equal(a["counts"], b["counts"]) and torch.equal(a["ext"], b["ext"])
-        for u, v in zip(buffered.reservoirs[name].kept(), by_call.reservoirs[name].kept()):
-            assert torch.equal(u, v)
-        assert buffered.reservoir_info(name) == by_call.reservoir_info(name)
-    assert buffered.input_gain == by_call.input_gain and len(buffered.input_gain) == 21
-    for name in ("a", "b", "c"):
-        a, b = buffered.layers[name].state(), by_call.layers[name].state()
-        assert torch.equal(a[[0, 3, 4]], b[[0, 3, 4]])
-        assert torch.allclose(a, b, rtol=1e-14, atol=0)
+    buffered = _traced(True, passes, monkeypatch)
+    if capacity in (500_000, 250_000):  # the plan was reused: fewer places made than the 50 buffered calls
+        assert len(made) < 50
+    _assert_same_figures(buffered, _traced(False, passes, monkeypatch))
+    assert len(buffered.input_gain) == 21
 
 
 def test_pass_buffer_holds_passes_until_read():
@@ -159,12 +163,15 @@ def test_pass_buffer_holds_passes_until_read():
     assert tracer.reservoir_info("s")["rows_seen"] == 12
 
 
+@pytest.mark.parametrize("order", ["later", "earlier"])
 @pytest.mark.parametrize("per", [4, 8, 28])
-def test_cpu_reservoir_keeps_the_rows_the_device_path_keeps(per):
+def test_cpu_reservoir_keeps_the_rows_the_device_path_keeps(per, order):
+    """Ties go to the smaller row id: rows coming after the kept ones lose them, rows coming before win them."""
     rows = torch.randn(120, 5, generator=torch.Generator().manual_seed(3))
     gain = torch.rand(120, generator=torch.Generator().manual_seed(4)).double().round(decimals=1)  # ties
     host, device = ParamReservoir(40, salt=7), ParamReservoir(40, salt=7)
-    for i in range(0, 120, per):
+    starts = range(0, 120, per)
+    for i in starts if order == "later" else reversed(starts):
         host.add(rows[i : i + per], gain[i : i + per], i // 4, 4, i // per)
         device._add_device(rows[i : i + per], gain[i : i + per], i // 4, 4, i // per)
     for a, b in zip(host.kept(), device.kept()):
