@@ -120,26 +120,25 @@ class _Kept:
         self.last = max(self.last, int(row[take].max()))
         self.score[slots] = score[take]
         self.ids[slots, 0], self.ids[slots, 1], self.ids[slots, 2] = row[take], row[take] // samples, batch[take]
-        if len(take) == len(score) and slots[-1] == slots[0] + len(slots) - 1:  # every row (take is sorted), into consecutive slots
-            a = int(slots[0])
-            for p in pieces:
-                self.rows[a : a + len(p)].copy_(p)
-                a += len(p)
-        else:
-            self.rows.index_copy_(0, torch.from_numpy(slots), _gather(pieces, take))
+        _copy_rows(self.rows, slots, pieces, take)
 
     def as_tuple(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The kept rows, scores and ids, sharing this half's memory (the half is dropped once read: :meth:`ParamReservoir._flush`)."""
         n = self.n
-        return self.rows[:n].clone(), torch.from_numpy(self.score[:n].copy()), torch.from_numpy(self.ids[:n].copy())
+        return self.rows[:n], torch.from_numpy(self.score[:n]), torch.from_numpy(self.ids[:n])
 
 
-def _gather(pieces: list[Tensor], take: np.ndarray) -> Tensor:
-    """Rows at ascending positions ``take`` of the pieces laid one after another."""
-    if len(pieces) == 1:
-        return pieces[0].index_select(0, torch.from_numpy(take))
-    ends = np.cumsum([len(p) for p in pieces])
+def _copy_rows(dest: Tensor, slots: np.ndarray, pieces: list[Tensor], take: np.ndarray) -> None:
+    """``dest[slots[i]] =`` row ``take[i]`` (ascending) of the pieces laid one after another: one slice copy per
+    run of rows consecutive in both (a gather and an ``index_copy_`` cost twice as much for the few rows a call brings)."""
+    sizes = np.array([len(p) for p in pieces])
+    ends = np.cumsum(sizes)
     which = np.searchsorted(ends, take, side="right")
-    return torch.cat([pieces[w].index_select(0, torch.from_numpy(take[which == w] - (ends[w] - len(pieces[w])))) for w in np.unique(which)])
+    at = take - (ends - sizes)[which]
+    cut = np.flatnonzero((np.diff(take) != 1) | (np.diff(slots) != 1) | (np.diff(which) != 0)) + 1
+    for a, b in zip([0, *cut.tolist()], [*cut.tolist(), len(take)]):
+        s, o = int(slots[a]), int(at[a])
+        dest[s : s + b - a].copy_(pieces[int(which[a])][o : o + b - a])
 
 
 class ParamReservoir:
