@@ -123,9 +123,12 @@ class _Kept:
         _copy_rows(self.rows, slots, pieces, take)
 
     def as_tuple(self) -> tuple[Tensor, Tensor, Tensor]:
-        """The kept rows, scores and ids, sharing this half's memory (the half is dropped once read: :meth:`ParamReservoir._flush`)."""
+        """The kept rows, scores and ids; a full half hands over its memory (it is dropped once read:
+        :meth:`ParamReservoir._flush`), one with free slots copies what it holds (a saved view would save them too)."""
         n = self.n
-        return self.rows[:n], torch.from_numpy(self.score[:n]), torch.from_numpy(self.ids[:n])
+        if n == self.k:
+            return self.rows, torch.from_numpy(self.score), torch.from_numpy(self.ids)
+        return self.rows[:n].clone(), torch.from_numpy(self.score[:n].copy()), torch.from_numpy(self.ids[:n].copy())
 
 
 def _copy_rows(dest: Tensor, slots: np.ndarray, pieces: list[Tensor], take: np.ndarray) -> None:
