@@ -6,9 +6,11 @@ runs one such shard of 32 distinct inputs: every pass bare (``adapter.sample(y, 
 observer) and audited (the same call with the tracer as observer — layer sums, inverse-gain
 histograms, per-input gain figures, parameter reservoir — then ``tracer.end_batch``), alternately
 pass by pass on the same latents under ``no_grad``, one thread; the shard's audited time also
-counts making the tracer and ``tracer.state()``. A repeat is the whole shard; the figure is the
-best of ``--repeats`` shard totals each, after one warm-up shard, and the ratio is audited / bare
-(goal, issue 12: ≤ 1.05 on SR and low-light).
+counts making the tracer and ``tracer.state()``. A third arm, the *floor*, runs the same passes
+with an observer that takes nothing (:class:`Nothing`): what the hooks and the adapter's reads
+(``exp`` of the log-determinant into gains) cost before the tracer does anything. A repeat is the
+whole shard; the figure is the best of ``--repeats`` shard totals each, after one warm-up shard,
+and the ratios are audited / bare (goal, issue 12: ≤ 1.05 on SR and low-light) and floor / bare.
 
 Two modes, as a scan runs them:
 
@@ -59,16 +61,27 @@ def workloads() -> dict[tuple[str, str], tuple[torch.nn.Module, torch.Tensor, in
     return out
 
 
-def measure(model, y: torch.Tensor, k: int, inputs_per_pass: int, repeats: int, clock) -> tuple[float, float]:
-    """Best-of-``repeats`` seconds of a shard bare and audited, pass by pass alternately, after a warm-up shard."""
+class Nothing:
+    """An observer that takes nothing: the floor of any observer (hooks and the adapter's reads)."""
+
+    def layer(self, name: str, x: torch.Tensor) -> None:
+        pass
+
+    def site(self, name: str, gain: torch.Tensor, params: object) -> None:
+        pass
+
+
+def measure(model, y: torch.Tensor, k: int, inputs_per_pass: int, repeats: int, clock) -> tuple[float, float, float]:
+    """Best-of-``repeats`` seconds of a shard bare, audited and under :class:`Nothing`, pass by pass in turn, after a warm-up shard."""
     adapter = adapt(model)
     latents = adapter.sample_latents(y, 0.9, torch.Generator().manual_seed(0))
     rows = inputs_per_pass * k
     passes = [(y[i : i + rows], [z[i : i + rows] for z in latents]) for i in range(0, len(y), rows)]
     sampling = Sampling(k, 0.9, 0)
 
-    def shard() -> tuple[float, float]:
-        bare = audited = 0.0
+    def shard() -> tuple[float, float, float]:
+        bare = audited = floor = 0.0
+        nothing = Nothing()
         t = clock()
         tracer = Tracer(sampling).start_at(0, 0)
         audited += clock() - t
@@ -80,15 +93,18 @@ def measure(model, y: torch.Tensor, k: int, inputs_per_pass: int, repeats: int, 
             adapter.sample(y_pass, z_pass, observer=tracer)
             tracer.end_batch(inputs_per_pass)
             audited += clock() - t
+            t = clock()
+            adapter.sample(y_pass, z_pass, observer=nothing)
+            floor += clock() - t
         t = clock()
         tracer.state()
         audited += clock() - t
-        return bare, audited
+        return bare, audited, floor
 
     with torch.no_grad():
         shard()
         times = [shard() for _ in range(repeats)]
-    return min(b for b, _ in times), min(a for _, a in times)
+    return tuple(min(t[i] for t in times) for i in range(3))
 
 
 def main() -> None:
@@ -108,14 +124,14 @@ def main() -> None:
     work = workloads()
     if args.only:
         work = {key: w for key, w in work.items() if key[0] in args.only.split(",")}
-    print(f"{'run':>3} {'model':<9} {'coupling':<20} {'mode':<8} {'samples/pass':>12} {'bare shard ms':>14} {'audited ms':>11} {'audit/bare':>11}")
+    print(f"{'run':>3} {'model':<9} {'coupling':<20} {'mode':<8} {'samples/pass':>12} {'bare shard ms':>14} {'audited ms':>11} {'audit/bare':>11} {'floor/bare':>11}")
     for run in range(1, args.runs + 1):
         for (family, kind), (model, y, k) in work.items():
             for mode in args.modes.split(","):
                 per_pass = 1 if mode == "exact" else BATCHED_INPUTS
-                bare, audited = measure(model, y, k, per_pass, args.repeats, clock)
+                bare, audited, floor = measure(model, y, k, per_pass, args.repeats, clock)
                 print(f"{run:>3} {family:<9} {kind:<20} {mode:<8} {per_pass * k:>12} {1e3 * bare:14.1f} {1e3 * audited:11.1f} "
-                      f"{audited / bare:11.3f}", flush=True)
+                      f"{audited / bare:11.3f} {floor / bare:11.3f}", flush=True)
 
 
 if __name__ == "__main__":
