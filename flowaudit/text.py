@@ -35,6 +35,12 @@ def _span(values: list[float]) -> str:
     return fmt(v[0]) if fmt(v[0]) == fmt(v[-1]) else f"{fmt(v[0])}–{fmt(v[-1])}"
 
 
+def _count_span(values: list[int]) -> str:
+    """A range of counts, whole (20,000, not 2e+04)."""
+    lo, hi = min(values), max(values)
+    return f"{lo:,}" if lo == hi else f"{lo:,}–{hi:,}"
+
+
 def evidence_lines(model: dict) -> list[str]:
     """The sites' evidence in words, sites that read alike grouped (their tail ratios as a range)."""
     groups: dict[tuple, list[dict]] = {}
@@ -81,8 +87,8 @@ def reservoir_line(model: dict) -> str | None:
     if not res:
         return None
     return (f"Tail probe: reservoir of {res[0]['budget']:,} parameter numbers per site (half by largest gain, half at random); "
-            f"kept {_span([float(r['rows']) for r in res])} sample rows from {_span([float(r['inputs']) for r in res])} inputs "
-            f"in {_span([float(r['batches']) for r in res])} inverse passes")
+            f"kept {_count_span([r['rows'] for r in res])} sample rows from {_count_span([r['inputs'] for r in res])} inputs "
+            f"in {_count_span([r['batches'] for r in res])} inverse passes")
 
 
 def no_sites_line(model: dict) -> str | None:

@@ -229,3 +229,15 @@ def test_certified_spline_bound_holds_under_large_latents():
     seen = _displacements(model, y, latents)
     assert seen and all(bool(((out - inp).abs() <= 2 * 3.0 + 1e-5 * (1 + inp.abs())).all()) for _, inp, out, _ in seen)
     assert any(bool(((out - inp).abs() > 0.1).any()) for _, inp, out, _ in seen)  # the bins do move values
+
+
+def test_reservoir_line_writes_counts_whole():
+    """Counts of kept rows, inputs and passes read as whole numbers, not in 3-digit scientific notation."""
+    from flowaudit.text import reservoir_line
+
+    def site(rows, inputs, batches):
+        return {"remark2": {"probe": {"reservoir": {"budget": 65536, "rows": rows, "inputs": inputs, "batches": batches}}}}
+
+    line = reservoir_line({"sites": [site(20000, 2000, 2000), site(20000, 1990, 1990)]})
+    assert line.endswith("kept 20,000 sample rows from 1,990–2,000 inputs in 1,990–2,000 inverse passes")
+    assert reservoir_line({"sites": [{"remark2": {}}]}) is None
