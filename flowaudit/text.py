@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from .format import fmt, num, text_table
@@ -28,17 +29,17 @@ def site_table_rows(model: dict) -> list[tuple[str, ...]]:
     return rows
 
 
-def _span(values: list[float]) -> str:
+def _span(values: list[float], form: Callable[[float], str] = fmt) -> str:
+    """The range of ``values`` (NaN left out) as ``form`` writes its ends; one end if they read alike."""
     v = sorted(x for x in values if not math.isnan(x))
     if not v:
         return "–"
-    return fmt(v[0]) if fmt(v[0]) == fmt(v[-1]) else f"{fmt(v[0])}–{fmt(v[-1])}"
+    return form(v[0]) if form(v[0]) == form(v[-1]) else f"{form(v[0])}–{form(v[-1])}"
 
 
-def _count_span(values: list[int]) -> str:
-    """A range of counts, whole (20,000, not 2e+04)."""
-    lo, hi = min(values), max(values)
-    return f"{lo:,}" if lo == hi else f"{lo:,}–{hi:,}"
+def _whole(n: int) -> str:
+    """A count, whole (20,000, not 2e+04)."""
+    return f"{n:,}"
 
 
 def evidence_lines(model: dict) -> list[str]:
@@ -87,8 +88,8 @@ def reservoir_line(model: dict) -> str | None:
     if not res:
         return None
     return (f"Tail probe: reservoir of {res[0]['budget']:,} parameter numbers per site (half by largest gain, half at random); "
-            f"kept {_count_span([r['rows'] for r in res])} sample rows from {_count_span([r['inputs'] for r in res])} inputs "
-            f"in {_count_span([r['batches'] for r in res])} inverse passes")
+            f"kept {_span([r['rows'] for r in res], _whole)} sample rows from {_span([r['inputs'] for r in res], _whole)} inputs "
+            f"in {_span([r['batches'] for r in res], _whole)} inverse passes")
 
 
 def no_sites_line(model: dict) -> str | None:
