@@ -214,3 +214,11 @@ def test_per_input_quantiles_equal_the_one_row_definition():
     counts[0], counts[1, 5], counts[2, -1], counts[3, 0] = 0, 7, 3, 1  # empty, one bin, the end bins
     for q in (0.0, 0.5, 0.99, 1.0):
         assert np.array_equal(histogram_quantiles(counts, INPUT_EDGES, q), [histogram_quantile(c, INPUT_EDGES, q) for c in counts])
+
+
+def test_reservoir_state_holds_only_the_kept_rows():
+    """A half with free slots hands over copies of what it holds, so a saved state carries no unused slots."""
+    r = ParamReservoir(400, salt=7)  # 400 / 5 numbers a row: 40 + 40 slots, 12 rows offered
+    r.add(torch.randn(12, 5), np.arange(12.0), 0, 4, 0)
+    for rows, _, _ in (r.state()["top"], r.state()["rand"]):
+        assert len(rows) == 12 and rows.untyped_storage().nbytes() == rows.numel() * rows.element_size()
