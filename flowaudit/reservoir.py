@@ -204,20 +204,20 @@ class ParamReservoir:
         """Offer the rows of one call (``first_input``'s K samples first) with their largest gains."""
         rows = params.detach()
         if rows.device.type == "cpu":  # reading the scores costs nothing here: select in numpy, copy only kept rows
-            n = rows.shape[0]
-            gain = np.asarray(row_gain, dtype=np.float64) if len(row_gain) == n else np.zeros(n)
-            self.add_calls([rows], gain, [first_input * max(samples, 1)], [batch], max(samples, 1))
+            self.add_calls([rows], [row_gain], [first_input * max(samples, 1)], [batch], max(samples, 1))
             return
         if self._wrong_shape(rows):
             return
         self._add_device(rows, row_gain, first_input, samples, batch)
 
-    def add_calls(self, pieces: list[Tensor], row_gain: np.ndarray, first_rows: list[int], batches: list[int], samples: int) -> None:
+    def add_calls(self, pieces: list[Tensor], row_gains: list[Tensor | np.ndarray], first_rows: list[int], batches: list[int], samples: int) -> None:
         """Offer the rows of several CPU calls at once (call ``c``'s rows are global rows ``first_rows[c] …``
-        of pass ``batches[c]``; ``row_gain`` the rows' largest gains, float64, one after another): the
-        rows kept are those one call at a time would keep (a strict total order, module docstring)."""
+        of pass ``batches[c]``, ``row_gains[c]`` their largest gains; a call without one gain a row offers
+        its rows at gain 0): the rows kept are those one call at a time would keep (a strict total order,
+        module docstring)."""
         if self._wrong_shape(pieces[0], sum(len(p) for p in pieces)):
             return
+        row_gain = np.concatenate([np.asarray(g, dtype=np.float64) if len(g) == len(p) else np.zeros(len(p)) for g, p in zip(row_gains, pieces)])
         n = len(row_gain)
         self.rows_seen += n
         if not n:

@@ -148,8 +148,7 @@ class Tracer:
             self._gains.setdefault(s.name, GainStats()).add_counts(s.every, s.low, s.top)
             calls = [(of_pass(p), g, rows) for p, g, rows in s.calls if _param_rows(rows)]
             if calls:  # a site's calls of a few passes offered to its reservoir at once
-                self._reservoir(s.name).add_calls([rows for _, _, rows in calls],
-                                                  np.concatenate([g if len(g) == len(rows) else np.zeros(len(rows)) for _, g, rows in calls]),
+                self._reservoir(s.name).add_calls([rows for _, _, rows in calls], [g for _, g, _ in calls],
                                                   [where[0] * k for where, _, _ in calls], [where[1] for where, _, _ in calls], k)
         for i in inputs:
             self._add_inputs(of_pass(i.pass_index)[3], i.max, i.min, i.counts)

@@ -222,3 +222,16 @@ def test_reservoir_state_holds_only_the_kept_rows():
     r.add(torch.randn(12, 5), np.arange(12.0), 0, 4, 0)
     for rows, _, _ in (r.state()["top"], r.state()["rand"]):
         assert len(rows) == 12 and rows.untyped_storage().nbytes() == rows.numel() * rows.element_size()
+
+
+def test_rows_without_one_gain_each_are_offered_at_gain_zero():
+    """A call whose gains do not give one largest gain per parameter row offers its rows at gain 0, on the host as on a device."""
+    rows = torch.randn(12, 5, generator=torch.Generator().manual_seed(5))
+    host, device = ParamReservoir(400, salt=7), ParamReservoir(400, salt=7)
+    for r in (host, device):
+        r.add(rows[:4], np.array([3.0, 2.0, 1.0, 0.5]), 0, 4, 0)
+    host.add(rows[4:], np.array([9.0, 9.0]), 1, 4, 1)  # 2 gains for 8 rows
+    device._add_device(rows[4:], torch.tensor([9.0, 9.0], dtype=torch.float64), 1, 4, 1)
+    assert host.state()["top"][1].tolist() == [3.0, 2.0, 1.0, 0.5] + [0.0] * 8
+    for a, b in zip(host.kept(), device.kept()):
+        assert torch.equal(a, b)
