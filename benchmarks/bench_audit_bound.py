@@ -28,14 +28,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import copy
 import platform
 import statistics
 import time
 
-import numba
 import numpy as np
 import torch
+
+try:
+    import numba
+except ImportError:  # an optional tool of this benchmark only
+    print("bench_audit_bound.py: needs numba (pip install numba); flowaudit itself does not", file=sys.stderr)
+    raise SystemExit(2) from None
 
 from flowaudit.adapters import adapt
 from flowaudit.adapters.hooks import first_tensor
@@ -190,12 +196,15 @@ def main() -> None:
     args = ap.parse_args()
     if args.repeats < 2:
         ap.error("--repeats: at least 2 (quartiles)")
+    work = workloads()
+    specs = [tuple(spec.split(":")) for spec in args.only.split(",")]
+    for spec in specs:
+        if len(spec) != 3 or spec[:2] not in work or spec[2] not in ("exact", "batched"):
+            ap.error(f"--only: {':'.join(spec)!r} is not family:coupling:mode (e.g. sr:affine:exact)")
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, numba {numba.__version__}, {platform.processor() or platform.machine()}, 1 thread, "
           f"{args.repeats} shards, cpu clock, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    work = workloads()
-    for spec in args.only.split(","):
-        family, kind, mode = spec.split(":")
+    for family, kind, mode in specs:
         model, y, k = work[family, kind]
         ratios = measure(model, y, k, 1 if mode == "exact" else BATCHED_INPUTS, args.repeats)
         cells = []
