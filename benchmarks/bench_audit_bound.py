@@ -1,4 +1,4 @@
-"""A lower bound of the audit overhead: the least any observer that bins every gain and sums every layer value pays.
+r"""A lower bound of the audit overhead: the least any observer that bins every gain and sums every layer value pays.
 
 ``bench_audit.py`` times the scan's tracer. This benchmark asks what the cheapest observer doing the
 core of the same work would cost on the same passes, to tell how far the tracer is from what is
@@ -7,7 +7,7 @@ possible at all. The *kernels* observer (compiled with numba, which this project
 
 * site: the inverse-gain bin of every gain (the tracer's own lookup, :class:`~flowaudit.binning.GainBins`'s
   table) counted into the site's histogram, and every row's largest and smallest gain;
-* layer: per input, :math:`\\sum v`, :math:`\\sum v^2` and :math:`\\max v^2` in float64, a chunk of 4096 at a time.
+* layer: per input, :math:`\sum v`, :math:`\sum v^2` and :math:`\max v^2` in float64, a chunk of 4096 at a time.
 
 It leaves out what the tracer also does — per-input histograms and figures, the parameter reservoir,
 non-finite values, mergeable state — so it is a bound, not a design. After the timed shards, its
@@ -44,7 +44,7 @@ except ImportError:  # an optional tool of this benchmark only
     raise SystemExit(2) from None
 
 from flowaudit.adapters import adapt
-from flowaudit.adapters.hooks import first_tensor
+from flowaudit.adapters.hooks import first_tensor, hooked
 from flowaudit.binning import GAIN_EDGES, GainBins
 from flowaudit.layout import Sampling
 from flowaudit.trace import Tracer
@@ -111,30 +111,21 @@ class Kernels:
 
 @contextlib.contextmanager
 def hooked_once(model: torch.nn.Module, adapter, target: list):
-    """A copy of ``model`` whose sites and layers report to ``target[0]`` while the block runs (reference flows)."""
+    """A copy of ``model`` whose sites and layers report to ``target[0]`` while the block runs (reference flows),
+    through the adapters' own :func:`~flowaudit.adapters.hooks.hooked`, registered once for the block."""
     twin = copy.deepcopy(model)
     sites = {s.name: s for s in adapter.sites()}
-    handles = []
 
-    def on_site(name):
-        def hook(module, args, kwargs, output):
-            got = sites[name].read(args, kwargs, output)
-            if got is not None:
-                target[0].site(name, *got)
-        return hook
+    def on_site(name, args, kwargs, output):
+        got = sites[name].read(args, kwargs, output)
+        if got is not None:
+            target[0].site(name, *got)
 
-    def on_layer(name):
-        return lambda module, args, kwargs, output: target[0].layer(name, first_tensor(output).detach())
+    def on_layer(name, args, kwargs, output):
+        target[0].layer(name, first_tensor(output).detach())
 
-    try:
-        for name in sites:
-            handles.append(twin.get_submodule(name).register_forward_hook(on_site(name), with_kwargs=True))
-        for name in adapter.layer_names():
-            handles.append(twin.get_submodule(name).register_forward_hook(on_layer(name), with_kwargs=True))
+    with hooked(twin, list(sites), on_site), hooked(twin, adapter.layer_names(), on_layer):
         yield twin
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def measure(model, y: torch.Tensor, k: int, inputs_per_pass: int, repeats: int) -> dict[str, list[float]]:
