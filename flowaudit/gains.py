@@ -15,10 +15,10 @@ whose ``bincount`` reads its maximum back to the host); the extremes of the fini
 gains come from order-preserving integer keys of their bits (positive float32 bits order like
 the values; ``(bits − 1) ^ 2^{31}`` puts +0, −0 and the negatives above +inf), so no mask and no
 ``where`` over the values is needed. The site and the per-input counts are one ``bincount``
-(input :math:`i`'s indices shifted by :math:`i(B + 2)`). On the CPU the tracer bins a whole
-pass at once the same way (:mod:`flowaudit.pass_buffer`) and hands :class:`GainStats` the
-counts and extremes (:meth:`GainStats.add_counts`). Other dtypes take the float64 reference path; both give
-the same bins (:func:`~flowaudit.binning.bin_index`). :class:`GainStats` accumulates the site
+(input :math:`i`'s indices shifted by :math:`i(B + 2)`). On the CPU the tracer's compiled loop
+bins float32 gains by the same table at the call (:func:`~flowaudit.host_kernels.site_counts`)
+into :class:`GainStats`' numpy counts and extremes (:meth:`GainStats.host_arrays`). Other dtypes
+take the float64 reference path; all give the same bins (:func:`~flowaudit.binning.bin_index`). :class:`GainStats` accumulates the site
 figures and turns them into the report's min / p50 / p99 / max.
 """
 
@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .scratch import Scratch
 from .binning import GAIN_EDGES, INPUT_EDGES, GainBins, bin_index, histogram_quantile
+from .host_kernels import KEY_START
 
 __all__ = ["GainPass", "GainStats", "summarize", "settle", "settle_inputs"]
 
@@ -71,19 +72,25 @@ def settle(every: Tensor, key: Tensor, top: Tensor) -> tuple[Tensor, Tensor]:
     return counts, torch.stack([counts.sum().double(), (every[0] + every[_NB + 1]).double(), low.double(), top.double()])
 
 
-def settle_inputs(c: Tensor) -> Tensor:
+def settle_inputs(c: Tensor | np.ndarray) -> Tensor | np.ndarray:
     """Per-input counts over the 120 coarse bins from raw counts: (inputs, B + 2) over the site bins
     (four site bins a coarse bin) or (inputs, 122) over the coarse bins, with g ≤ 0 and +inf in the
-    end columns (into the first and last bin); settled (inputs, 120) counts are returned as they are."""
+    end columns (into the first and last bin); settled (inputs, 120) counts are returned as they are.
+    A tensor or a numpy array, the same kind back."""
     if c.shape[1] == _NI:
         return c
     if c.shape[1] == _NI + 2:
-        hist = c[:, 1 : _NI + 1].clone()
+        hist = c[:, 1 : _NI + 1] + 0  # a copy, in either library
     else:
         hist = c[:, 1 : _NB + 1].reshape(c.shape[0], _NI, _NB // _NI).sum(2)
     hist[:, 0] += c[:, 0]
     hist[:, -1] += c[:, -1]
     return hist
+
+
+def _float32(bits: int) -> float:
+    """The float32 of int32 ``bits``."""
+    return float(np.array(bits, dtype=np.int32).view(np.float32))
 
 
 def _count(idx: Tensor, n: int) -> Tensor:
@@ -158,7 +165,7 @@ class GainStats:
         self._counts: Tensor | None = None
         self._ext: Tensor | None = None  # n, n_nonfinite, min, max (float64)
         self._raw: tuple[Tensor, Tensor, Tensor] | None = None  # raw passes not yet settled
-        self._host: list | None = None  # CPU calls not yet settled: [every, smallest, largest finite positive gain]
+        self._host: tuple[np.ndarray, np.ndarray] | None = None  # the CPU's calls not yet settled (:meth:`host_arrays`)
 
     def add(self, gain: Tensor) -> None:
         self.add_pass(summarize(gain))
@@ -173,22 +180,22 @@ class GainStats:
             (e, k, t), (e2, k2, t2) = self._raw, p.raw
             self._raw = (e + e2, torch.minimum(k, k2), torch.maximum(t, t2))
 
-    def add_counts(self, every: Tensor, low: float, top: float) -> None:
-        """Add a CPU call: its (B + 2) counts (g ≤ 0, the bins, +inf) and its finite positive extremes (inf / −inf: none)."""
+    def host_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The CPU's running figures the compiled loop adds to in place (:func:`~flowaudit.host_kernels.site_counts`):
+        the (B + 2) counts (g ≤ 0, the bins, +inf and NaN) and [smallest order key, largest finite positive bits]."""
         if self._host is None:
-            self._host = [every.clone(), low, top]
-        else:
-            h = self._host
-            h[0].add_(every)
-            h[1], h[2] = min(h[1], low), max(h[2], top)
+            self._host = (np.zeros(_NB + 2, dtype=np.int64), np.array([KEY_START, 0], dtype=np.int64))
+        return self._host
 
     def _settle(self) -> "GainStats":
         if self._raw is not None:
             raw, self._raw = self._raw, None
             self._merge(*settle(*raw))
         if self._host is not None:
-            (every, low, top), self._host = self._host, None
-            counts = every[1 : _NB + 1]
+            (every, (key, top)), self._host = self._host, None
+            low = _float32((int(key) ^ _SIGN) + 1) if key < _KEY_INF else math.inf  # the key's bits, back
+            top = _float32(int(top)) if top > 0 else -math.inf
+            counts = torch.from_numpy(every[1 : _NB + 1].copy())
             self._merge(counts, torch.tensor([float(counts.sum()), float(every[0] + every[_NB + 1]), low, top], dtype=torch.float64))
         return self
 

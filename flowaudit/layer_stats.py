@@ -14,9 +14,10 @@ to the running sums input after input,
 
 by one ``cumsum`` over the (inputs, 5) partials (:func:`_fold`), not a Python loop.
 Non-finite values are zeroed and counted with ``nan_to_num`` (the NaN of ``x * 0`` marks them).
-Temporaries go to a :class:`~flowaudit.scratch.Scratch`. On the CPU the tracer computes the
-partials of a whole pass at once (:mod:`flowaudit.pass_buffer`) and folds them here in numpy
-(:meth:`LayerStats.add_parts`): the same sequential float64 additions.
+Temporaries go to a :class:`~flowaudit.scratch.Scratch`. On the CPU the tracer's compiled loop
+(:func:`~flowaudit.host_kernels.layer_sums`) folds float32 values into the numpy form of the five
+numbers (:meth:`LayerStats.host_acc`): the same sequential float64 additions of each input's
+partials, whose chunk sums associate differently in the last bits.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ class LayerStats:
 
     The five running numbers (count, sum, sum of squares, max |v|, non-finite count)
     stay a float64 tensor on the model's device (reading them is the only host sync), or a
-    numpy array where the CPU's pass buffer folds them (:meth:`add_parts`).
+    numpy array on the CPU (:meth:`add_parts`, :meth:`host_acc`).
     """
 
     def __init__(self) -> None:
@@ -132,6 +133,13 @@ class LayerStats:
             self.add_parts(parts.numpy())
         else:
             self._acc = _fold(self._acc, parts)
+
+    def host_acc(self) -> np.ndarray:
+        """The five running numbers as the numpy array the CPU's compiled loop adds to in place
+        (:func:`~flowaudit.host_kernels.layer_sums`; call it only with values to add)."""
+        if not isinstance(self._acc, np.ndarray):
+            self._acc = np.zeros(5) if self._acc is None else self._acc.cpu().numpy().copy()
+        return self._acc
 
     def add_parts(self, parts: np.ndarray) -> None:
         """Fold per-input partials (inputs × 5, float64) computed elsewhere (the CPU's pass buffer)."""

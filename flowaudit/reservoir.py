@@ -14,8 +14,9 @@ Both halves order rows by (score, row id), a strict total order, so the top-k of
 top-k of the parts' top-k: merging shards or updating once per call gives the same rows as one
 pass over everything. The order is found on scores and ids (a few numbers a row) and only the
 kept rows are gathered, on the rows' device with no host sync; on the CPU, where reading the
-scores costs nothing, the order is found in numpy and only the rows that enter are copied, into
-slots of a buffer allocated once (:class:`_Kept`).
+scores costs nothing, each half is a heap of the slots of a buffer allocated once (:class:`_Half`)
+and a compiled loop offers a call's rows to it, copying only those that enter
+(:func:`~flowaudit.host_kernels.offer`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
+
+from .host_kernels import heapify, offer, salt_mix
 
 __all__ = ["ParamReservoir", "uniform_keys"]
 
@@ -45,103 +48,39 @@ def uniform_keys(row: Tensor, salt: int) -> Tensor:
     return shr(z, 11).to(torch.float64) * 2.0**-53
 
 
-def uniform_keys_host(first_row: int, n: int, salt: int) -> np.ndarray:
-    """:func:`uniform_keys` of rows ``first_row … first_row + n − 1`` in numpy (uint64 wraps like int64): the same bits."""
-    golden, m1, m2 = (np.uint64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
-    with np.errstate(over="ignore"):
-        z = np.arange(first_row, first_row + n, dtype=np.uint64) * golden + np.uint64((salt * 0x9E3779B97F4A7C15) & ((1 << 64) - 1))
-        z = (z ^ (z >> np.uint64(30))) * m1
-        z = (z ^ (z >> np.uint64(27))) * m2
-        z ^= z >> np.uint64(31)
-    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
-
-
-def _best(score: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
-    """Positions of the ``k`` best by (score descending, id ascending), in linear time: a partition
-    finds the k-th best score; ties at it go to the smaller ids."""
-    part = np.argpartition(-score, k - 1)[:k]
-    cut = score[part].min()
-    above = np.flatnonzero(score > cut)
-    tied = np.flatnonzero(score == cut)
-    if len(above) + len(tied) > k:
-        tied = tied[np.argsort(ids[tied], kind="stable")[: k - len(above)]]
-    return np.concatenate([above, tied])
-
-
-class _Kept:
-    """One half of a reservoir on the CPU: up to ``k`` rows in a buffer allocated once, their
-    scores and row ids in numpy. Rows that enter are written into free or evicted slots, so an
-    add copies only them (none, once the half is full and no new row beats its last)."""
+class _Half:
+    """One half of a reservoir on the CPU: up to ``k`` rows in a buffer allocated once, a binary heap
+    of their slots worst first, their scores and row ids in numpy; the compiled
+    :func:`~flowaudit.host_kernels.offer` adds rows to it, copying only the rows that enter."""
 
     def __init__(self, k: int, like: Tensor):
-        self.k, self.n = k, 0
-        self.low = None  # the lowest kept score, once full (cached)
-        self.last = -1  # the largest kept row id: rows that all come later lose every tie
-        self.rows = like.new_empty((k, *like.shape[1:]))
+        self.k = k
+        dtype = torch.float32 if like.dtype == torch.bfloat16 else like.dtype  # numpy has no bfloat16
+        self.rows = torch.empty((k, *like.shape[1:]), dtype=dtype)
+        self.flat = self.rows.numpy().reshape(k, self.rows[0].numel())  # the same memory, a row a line
+        self.heap = np.zeros(k, dtype=np.int64)
+        self.fill = np.zeros(1, dtype=np.int64)
         self.score = np.empty(k)
         self.ids = np.empty((k, 3), dtype=np.int64)
 
     @classmethod
-    def of(cls, kept: tuple[Tensor, Tensor, Tensor] | None, k: int, like: Tensor) -> "_Kept":
+    def of(cls, kept: tuple[Tensor, Tensor, Tensor] | None, k: int, like: Tensor) -> "_Half":
         out = cls(k, like)
         if kept is not None and len(kept[1]):
-            n = out.n = len(kept[1])
+            n = len(kept[1])
             out.rows[:n], out.score[:n], out.ids[:n] = kept[0], kept[1].numpy(), kept[2].numpy()
-            out.last = int(out.ids[:n, 0].max())
+            out.heap[:n] = np.arange(n)
+            out.fill[0] = n
+            heapify(out.heap, n, out.score, out.ids)
         return out
-
-    def add(self, pieces: list[Tensor], score: np.ndarray, row: np.ndarray, batch: np.ndarray, samples: int) -> None:
-        """Keep the ``k`` best of the kept rows and the rows of ``pieces`` (one after another; per row its
-        ``score``, global ``row`` id and ``batch``) by (score descending, row id ascending)."""
-        n, k = self.n, self.k
-        later = row.min() > self.last
-        if n == k:  # full: only rows that beat the lowest kept score can enter (reach it, unless every new id is larger)
-            if self.low is None:
-                self.low = self.score.min()
-            cand = np.flatnonzero(score > self.low if later else score >= self.low)
-            if not len(cand):
-                return
-        else:
-            cand = np.arange(len(score))
-        self.low = None
-        if n + len(cand) <= k:  # free slots for all
-            slots, take = np.arange(n, n + len(cand)), cand
-            self.n = n + len(cand)
-        else:
-            order = _best(np.concatenate([self.score[:n], score[cand]]), np.concatenate([self.ids[:n, 0], row[cand]]), k)
-            new = np.sort(order[order >= n] - n)
-            if not len(new):
-                return
-            kept = np.zeros(n, dtype=bool)
-            kept[order[order < n]] = True
-            slots = np.concatenate([np.arange(n, k), np.flatnonzero(~kept)])[: len(new)]  # free slots, then evicted ones
-            take = cand[new]
-            self.n = k
-        self.last = max(self.last, int(row[take].max()))
-        self.score[slots] = score[take]
-        self.ids[slots, 0], self.ids[slots, 1], self.ids[slots, 2] = row[take], row[take] // samples, batch[take]
-        _copy_rows(self.rows, slots, pieces, take)
 
     def as_tuple(self) -> tuple[Tensor, Tensor, Tensor]:
         """The kept rows, scores and ids; a full half hands over its memory (it is dropped once read:
         :meth:`ParamReservoir._flush`), one with free slots copies what it holds (a saved view would save them too)."""
-        n = self.n
+        n = int(self.fill[0])
         if n == self.k:
             return self.rows, torch.from_numpy(self.score), torch.from_numpy(self.ids)
         return self.rows[:n].clone(), torch.from_numpy(self.score[:n].copy()), torch.from_numpy(self.ids[:n].copy())
-
-
-def _copy_rows(dest: Tensor, slots: np.ndarray, pieces: list[Tensor], take: np.ndarray) -> None:
-    """``dest[slots[i]] =`` row ``take[i]`` (ascending) of the pieces laid one after another: one slice copy per
-    run of rows consecutive in both (a gather and an ``index_copy_`` cost twice as much for the few rows a call brings)."""
-    sizes = np.array([len(p) for p in pieces])
-    ends = np.cumsum(sizes)
-    which = np.searchsorted(ends, take, side="right")
-    at = take - (ends - sizes)[which]
-    cut = np.flatnonzero((np.diff(take) != 1) | (np.diff(slots) != 1) | (np.diff(which) != 0)) + 1
-    for a, b in zip([0, *cut.tolist()], [*cut.tolist(), len(take)]):
-        s, o = int(slots[a]), int(at[a])
-        dest[s : s + b - a].copy_(pieces[int(which[a])][o : o + b - a])
 
 
 class ParamReservoir:
@@ -161,8 +100,9 @@ class ParamReservoir:
         self._top: tuple[Tensor, Tensor, Tensor] | None = None  # rows, gain, ids
         self._rand: tuple[Tensor, Tensor, Tensor] | None = None  # rows, key, ids
         self._next_id: int | None = 0  # every kept row id is below it (None: unknown)
-        self._host: tuple[_Kept, _Kept] | None = None  # the CPU's halves (:meth:`_flush` turns them into _top, _rand)
-        self._key_window: tuple[int, np.ndarray] = (0, np.zeros(0))  # the CPU's keys of the next rows, computed ahead
+        self._host: tuple[_Half, _Half] | None = None  # the CPU's halves (:meth:`_flush` turns them into _top, _rand)
+        self._mix = salt_mix(salt)
+        self._keys = np.empty(0)  # scratch: the random half's scores of a call's rows
 
     def capacity(self, per_row: int) -> tuple[int, int]:
         """(rows kept by gain, rows kept at random) for rows of ``per_row`` numbers."""
@@ -201,39 +141,41 @@ class ParamReservoir:
         return rows, score.index_select(0, idx), ids.index_select(0, idx)
 
     def add(self, params: Tensor, row_gain: Tensor | np.ndarray, first_input: int, samples: int, batch: int) -> None:
-        """Offer the rows of one call (``first_input``'s K samples first) with their largest gains."""
+        """Offer the rows of one call (``first_input``'s K samples first) with their largest gains; a call
+        without one gain a row offers its rows at gain 0."""
         rows = params.detach()
-        if rows.device.type == "cpu":  # reading the scores costs nothing here: select in numpy, copy only kept rows
-            self.add_calls([rows], [row_gain], [first_input * max(samples, 1)], [batch], max(samples, 1))
+        if rows.device.type == "cpu":
+            self.offer_host(rows, row_gain, first_input * max(samples, 1), max(samples, 1), batch)
             return
         if self._wrong_shape(rows):
             return
         self._add_device(rows, row_gain, first_input, samples, batch)
 
-    def add_calls(self, pieces: list[Tensor], row_gains: list[Tensor | np.ndarray], first_rows: list[int], batches: list[int], samples: int) -> None:
-        """Offer the rows of several CPU calls at once (call ``c``'s rows are global rows ``first_rows[c] …``
-        of pass ``batches[c]``, ``row_gains[c]`` their largest gains; a call without one gain a row offers
-        its rows at gain 0): the rows kept are those one call at a time would keep (a strict total order,
-        module docstring)."""
-        if self._wrong_shape(pieces[0], sum(len(p) for p in pieces)):
-            return
-        row_gain = np.concatenate([np.asarray(g, dtype=np.float64) if len(g) == len(p) else np.zeros(len(p)) for g, p in zip(row_gains, pieces)])
-        n = len(row_gain)
-        self.rows_seen += n
-        if not n:
-            return
-        if self._host is None:
-            k_top, k_rand = self.capacity(pieces[0][0].numel())
-            self._host = (_Kept.of(self._top, k_top, pieces[0]), _Kept.of(self._rand, k_rand, pieces[0]))
+    def offer_host(self, rows: Tensor, row_gain: Tensor | np.ndarray, first_row: int, samples: int, batch: int) -> None:
+        """:meth:`add` on the CPU: rows ``first_row …`` (global ids) offered by the compiled loop
+        (:func:`~flowaudit.host_kernels.offer`), which copies only the rows that enter."""
+        n = rows.shape[0]
+        host = self._host
+        if host is None:
+            if self._wrong_shape(rows):
+                return
+            k_top, k_rand = self.capacity(rows[0].numel())
+            host = self._host = (_Half.of(self._top, k_top, rows), _Half.of(self._rand, k_rand, rows))
             self._top = self._rand = None
             self._next_id = None  # stored in slots, not in sorted order: a device path after this sorts by id
-        top, rand = self._host
-        sizes = [len(p) for p in pieces]
-        row = np.concatenate([a + np.arange(m) for a, m in zip(first_rows, sizes)])
-        batch = np.repeat(batches, sizes)
-        key = np.concatenate([self._host_keys(a, m) for a, m in zip(first_rows, sizes)])
-        top.add(pieces, row_gain, row, batch, samples)
-        rand.add(pieces, key, row, batch, samples)
+        elif host[0].rows.shape[1:] != rows.shape[1:]:
+            self.skipped += n
+            return
+        self.rows_seen += n
+        gain = row_gain if isinstance(row_gain, np.ndarray) else np.asarray(row_gain, dtype=np.float64)
+        if len(gain) != n:
+            gain = np.zeros(n)
+        top, rand = host
+        flat = (rows if rows.dtype == top.rows.dtype else rows.to(top.rows.dtype)).numpy().reshape(n, top.flat.shape[1])  # a view where contiguous
+        if len(self._keys) < n:
+            self._keys = np.empty(n)
+        offer(gain.astype(np.float64, copy=False), flat, first_row, samples, batch, self._mix, self._keys[:n],
+              top.heap, top.fill, top.score, top.ids, top.flat, rand.heap, rand.fill, rand.score, rand.ids, rand.flat)
 
     def _wrong_shape(self, rows: Tensor, n: int | None = None) -> bool:
         """Whether rows of another parameter shape than those kept came (counted as skipped, not mixed into one probe tensor)."""
@@ -269,13 +211,6 @@ class ParamReservoir:
         self._top = self._merge(self._top, (rows, gain, ids), k_top, later)
         key = uniform_keys(ids[:, 0], self.salt)  # a function of the row, not of the batch it came in
         self._rand = self._merge(self._rand, (rows, -key, ids), k_rand, later)  # smallest keys: a uniform sample
-
-    def _host_keys(self, first_row: int, n: int) -> np.ndarray:
-        """Minus the keys of rows ``first_row …``, from a window computed ahead (rows arrive in order)."""
-        start, keys = self._key_window
-        if not (start <= first_row and first_row + n <= start + len(keys)):
-            start, keys = self._key_window = first_row, -uniform_keys_host(first_row, max(n, 1024), self.salt)
-        return keys[first_row - start : first_row - start + n]
 
     # -- mergeable state (shards, resume, ranks) ----------------------------------------------
     def state(self) -> dict:

@@ -6,14 +6,15 @@ finite values (count, :math:`\sum v`, :math:`\sum v^2`), the largest
 :math:`|v|` and the number of non-finite values
 (:class:`~flowaudit.layer_stats.LayerStats`); for
 every site the inverse-gain histogram and extremes
-(:class:`~flowaudit.gains.GainStats`, one read of the gains per call by
-:func:`~flowaudit.gains.summarize`), per input its gain extremes and a coarse
+(:class:`~flowaudit.gains.GainStats`), per input its gain extremes and a coarse
 histogram, and for the Remark 2 probe a
 :class:`~flowaudit.reservoir.ParamReservoir` of parameter rows within a fixed
-budget. On a GPU everything stays on the model's device with no host sync until a
-batch ends. On the CPU, where the cost is the number of operations, a call is only
-copied and a few passes are summarized together (:class:`~flowaudit.pass_buffer.PassBuffer`);
-every reading sees all passes ended so far, and the figures are the same. Nothing
+budget. Each call is read once, when it comes, and nothing of it is kept but
+those figures and the reservoir's rows. On a GPU the reads are tensor operations
+(:func:`~flowaudit.gains.summarize`, :meth:`~flowaudit.layer_stats.LayerStats.add`)
+on the model's device with no host sync until a batch ends; on the CPU, where a
+tensor operation costs more than the few values of a call, they are compiled loops
+(:mod:`flowaudit.host_kernels`) with the same bins, extremes and kept rows. Nothing
 grows with the number of inputs except a few numbers per input.
 
 Layer sums are batch-invariant (:mod:`flowaudit.layer_stats`).
@@ -25,6 +26,7 @@ the report's ``layers`` rows and names the explosion layer.
 
 from __future__ import annotations
 
+import itertools
 import math
 import zlib
 from collections.abc import Sequence
@@ -34,15 +36,46 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .binning import INPUT_EDGES, histogram_quantiles
-from .layer_stats import LayerStats, layer_device
+from .binning import GAIN_EDGES, INPUT_EDGES, GainBins, histogram_quantiles
 from .gains import GainStats, settle_inputs, summarize
+from .host_kernels import NB, NI, layer_sums, site_counts
+from .layer_stats import LayerStats, layer_device
 from .layout import Sampling
-from .pass_buffer import PassBuffer
 from .reservoir import ParamReservoir
 from .scratch import Scratch
 
 __all__ = ["Tracer", "layer_table"]
+
+_CLOSE_INPUTS = 32  # inputs of closed passes whose figures are worked out together
+_HOST_GAINS = (torch.float32, torch.float16, torch.bfloat16)  # float32 or widened to it exactly
+_HOST_COUNTS = ("counts", NI + 2)  # a pass's per-input coarse counts from the compiled loop (g ≤ 0 and +inf at the ends)
+
+
+def _compiled(t: Tensor) -> bool:
+    """Whether the CPU's compiled loops read ``t`` (tensor operations read it on any other device)."""
+    return t.is_cpu
+
+
+class _HostScratch:
+    """The compiled loops' temporaries, allocated once a tracer and grown as needed."""
+
+    def __init__(self) -> None:
+        self.table = GainBins(GAIN_EDGES, torch.device("cpu")).table.numpy()  # built once a process
+        self.hist = np.zeros((4, NB + 2), dtype=np.int32)  # a call's counts
+        self.conv = np.zeros(2, dtype=np.int32)
+        self.convf = self.conv.view(np.float32)
+        self._rows = np.empty(0)
+        self._idx = np.empty(0, dtype=np.int32)
+
+    def rows(self, n: int) -> np.ndarray:
+        if len(self._rows) < n:
+            self._rows = np.empty(n)
+        return self._rows[:n]
+
+    def idx(self, n: int) -> np.ndarray:
+        if len(self._idx) < n:
+            self._idx = np.empty(n, dtype=np.int32)
+        return self._idx
 
 class Tracer:
     """Observer of inverse passes of one input set (see module docstring).
@@ -59,35 +92,33 @@ class Tracer:
         self._gains: dict[str, GainStats] = {}
         self.reservoirs: dict[str, ParamReservoir] = {}
         self._input_gain: list[dict] = []  # per input, over all sites: min, p50, p99, max
+        self._closed: list[tuple[dict, int]] = []  # passes ended whose inputs' figures are not read yet: (figures so far, inputs)
         self._batch: dict[str, Any] = {}  # the pass in progress: per-input extremes and counts
-        self._ended: list[tuple[int, int, int, dict]] = []  # passes ended with calls still in the pass buffer: first input, pass, inputs, figures so far
-        self._generators: dict[torch.device, torch.Generator] = {}
         self._work = Scratch()
-        self._pass = PassBuffer()  # the CPU's calls of the last few passes (:mod:`flowaudit.pass_buffer`)
+        self._host = _HostScratch()
         self._inputs_seen = self._batches_seen = 0
 
     @property
     def layers(self) -> dict[str, LayerStats]:
         """Per layer, its running statistics (the pass in progress included)."""
-        self._flush()
         return self._layers
 
     @property
     def gains(self) -> dict[str, GainStats]:
         """Per site, its inverse-gain statistics (the pass in progress included)."""
-        self._flush()
         return self._gains
 
     @property
     def input_gain(self) -> list[dict]:
         """Per input, its inverse-gain min, p50, p99 and max over all sites (inputs whose pass has ended)."""
-        self._flush()
+        if self._closed:
+            self._input_gain += _input_figures(self._closed)
+            self._closed = []
         return self._input_gain
 
     @property
     def params(self) -> dict[str, list[Any]]:
         """The kept parameter rows per site (one tensor each), for :meth:`Site.derivative_at`."""
-        self._flush()
         out = {}
         for name, r in self.reservoirs.items():
             kept = r.kept()
@@ -97,7 +128,6 @@ class Tracer:
 
     def reservoir_info(self, name: str) -> dict | None:
         """What the reservoir of site ``name`` holds (``None``: the site was never visited)."""
-        self._flush()
         r = self.reservoirs.get(name)
         return None if r is None else r.info()
 
@@ -106,27 +136,61 @@ class Tracer:
         n = max(1, x.shape[0] // self.sampling.samples) if x.dim() else 1
         if x.dim() and x.shape[0] % n:
             n = 1
-        if PassBuffer.takes(x) and x.dtype == torch.float32:  # float64 values would lose bits in the buffer's float32
-            if self._pass.layer(name, x.detach(), n):
-                self._flush()
-        else:  # another device, an integer dtype or no values (LayerStats.add skips those)
-            self._layers.setdefault(name, LayerStats()).add(x, n, self._work)
+        stats = self._layers.get(name)
+        if stats is None:
+            stats = self._layers[name] = LayerStats()
+        if _compiled(x) and x.dtype == torch.float32 and x.numel():  # the compiled loop, at the call
+            v = (x.detach() if x.requires_grad else x).reshape(-1).numpy()  # a view where contiguous
+            h = self._host
+            layer_sums(v, v.view(np.int32), n, stats.host_acc(), h.conv, h.convf)
+        else:  # another device or dtype (LayerStats.add skips empty tensors)
+            stats.add(x, n, self._work)
 
     def site(self, name: str, gain: Tensor, params: Any) -> None:
-        rows = params if _param_rows(params) else None
-        if PassBuffer.takes(gain) and gain.dtype == torch.float32 and (rows is None or rows.device.type == "cpu"):
-            if self._pass.site(name, gain.detach(), None if rows is None else rows.detach()):  # summarized with a few passes
-                self._flush()
+        rows = params.detach() if _param_rows(params) else None
+        g = gain.detach()
+        if _compiled(g) and g.dtype in _HOST_GAINS and g.numel() and (rows is None or rows.device.type == "cpu"):
+            self._site_host(name, g, rows)
             return
-        p = summarize(gain, self.sampling.samples, self._work)  # one read of the gains for every statistic
+        p = summarize(g, self.sampling.samples, self._work)  # one read of the gains for every statistic
         self._gains.setdefault(name, GainStats()).add_pass(p)
         self._keep_params(name, params, p.row_max, self._inputs_seen, self._batches_seen)
         self._add_inputs(self._batch, p.input_max, p.input_min, p.input_counts)
 
+    def _site_host(self, name: str, g: Tensor, rows: Tensor | None) -> None:
+        """A CPU call: binned and counted by the compiled loop (:func:`~flowaudit.host_kernels.site_counts`),
+        its rows offered to the reservoir by another (:meth:`ParamReservoir.offer_host`)."""
+        r = g.shape[0] if g.dim() else 1
+        k = self.sampling.samples
+        if not k or r % k or r < k:  # not whole inputs: the call is one input
+            k = r
+        n = r // k
+        flat = g.float().numpy().reshape(-1)  # a view where contiguous
+        stats = self._gains.get(name)
+        if stats is None:
+            stats = self._gains[name] = GainStats()
+        every, ext = stats.host_arrays()
+        h = self._host
+        row_max, idx = h.rows(r), h.idx(flat.size // r)
+        b = self._batch
+        counts = b.get(_HOST_COUNTS)
+        if counts is not None and len(counts) == n and isinstance(counts, np.ndarray) and isinstance(b["max"], np.ndarray):
+            site_counts(flat.view(np.int32), flat, k, h.table, every, ext, counts, b["max"], b["min"], row_max, h.hist, idx, h.conv, h.convf)
+        else:  # the pass's first call, or one whose inputs differ: figures of its own, folded in
+            mine = (np.zeros((n, NI + 2), dtype=np.int64), np.full(n, -math.inf), np.full(n, math.inf))
+            site_counts(flat.view(np.int32), flat, k, h.table, every, ext, *mine, row_max, h.hist, idx, h.conv, h.convf)
+            if "max" in b or _HOST_COUNTS in b:
+                self._add_inputs(b, mine[1], mine[2], torch.from_numpy(mine[0]))
+            else:
+                b[_HOST_COUNTS], b["max"], b["min"] = mine
+        if rows is not None:
+            self._reservoir(name).offer_host(rows, row_max, self._inputs_seen * self.sampling.samples, self.sampling.samples,
+                                             self._batches_seen)
+
     @staticmethod
     def _add_inputs(b: dict, input_max: Any, input_min: Any, counts: Tensor) -> None:
-        """Fold per-input extremes and counts into a pass's ``b``: numpy on the CPU (where the pass buffer's
-        come from, and a call by call summary of the same pass may join them), tensors on a device."""
+        """Fold per-input extremes and counts into a pass's ``b``: numpy on the CPU (where the compiled loop
+        writes them), tensors on a device."""
         input_max, input_min = (t.numpy() if isinstance(t, Tensor) and t.device.type == "cpu" else t for t in (input_max, input_min))
         if "max" in b:
             lib = np if isinstance(input_max, np.ndarray) else torch
@@ -134,29 +198,12 @@ class Tracer:
         else:
             b["max"], b["min"] = input_max, input_min
         h = ("counts", counts.shape[1])  # raw (site bins or coarse bins with their two junk columns) or settled: settled once a batch
-        b[h] = counts if h not in b else b[h] + counts
-
-    def _flush(self) -> None:
-        """Summarize the CPU calls held (:class:`~flowaudit.pass_buffer.PassBuffer`) and close the passes ended since."""
-        sites, inputs, layers = self._pass.flush(self.sampling.samples)  # nothing held: only forgets the ends of passes
-        ended, k = self._ended, self.sampling.samples
-
-        def of_pass(p: int) -> tuple[int, int, int, dict]:  # the open pass (index len(ended)) is the one in progress
-            return ended[p] if p < len(ended) else (self._inputs_seen, self._batches_seen, 0, self._batch)
-
-        for s in sites:
-            self._gains.setdefault(s.name, GainStats()).add_counts(s.every, s.low, s.top)
-            calls = [(of_pass(p), g, rows) for p, g, rows in s.calls if _param_rows(rows)]
-            if calls:  # a site's calls of a few passes offered to its reservoir at once
-                self._reservoir(s.name).add_calls([rows for _, _, rows in calls], [g for _, g, _ in calls],
-                                                  [where[0] * k for where, _, _ in calls], [where[1] for where, _, _ in calls], k)
-        for i in inputs:
-            self._add_inputs(of_pass(i.pass_index)[3], i.max, i.min, i.counts)
-        for l in layers:
-            self._layers.setdefault(l.name, LayerStats()).add_parts(l.parts)
-        for _, _, n, b in ended:
-            self._input_gain += _input_figures(b, n)
-        self._ended = []
+        if h not in b:
+            b[h] = counts
+        elif isinstance(b[h], np.ndarray):
+            b[h] = torch.from_numpy(b[h]) + counts.cpu()
+        else:
+            b[h] = b[h] + counts
 
     # -- bookkeeping ----------------------------------------------------------
     def _keep_params(self, name: str, params: Any, row_gain: Tensor | np.ndarray, first_input: int, batch: int) -> None:
@@ -170,14 +217,14 @@ class Tracer:
         return r
 
     def end_batch(self, n_inputs: int) -> None:
-        """Close a pass of ``n_inputs`` inputs; their inverse-gain min, p50, p99 and max over all sites
-        join :attr:`input_gain` once its calls are summarized (now, or with the next few passes on the CPU)."""
-        self._ended.append((self._inputs_seen, self._batches_seen, n_inputs, self._batch))
+        """Close a pass of ``n_inputs`` inputs; their inverse-gain min, p50, p99 and max over all sites join
+        :attr:`input_gain`, worked out for a few passes at once (a few operations for all their inputs)."""
+        self._closed.append((self._batch, n_inputs))
+        if sum(n for _, n in self._closed) >= _CLOSE_INPUTS:
+            self.input_gain
         self._batch = {}
         self._inputs_seen += n_inputs
         self._batches_seen += 1
-        if self._pass.end_pass() or not self._pass:
-            self._flush()
 
     # -- mergeable state (shards, resume, ranks) -------------------------------------------------
     def start_at(self, first_input: int, first_pass: int) -> "Tracer":
@@ -215,14 +262,25 @@ class Tracer:
         return self
 
 
-def _input_figures(b: dict, n_inputs: int) -> list[dict]:
-    """Per input of a closed pass, from its folded figures ``b``: min, p50, p99, max (NaN: no site)."""
-    if not b:
-        return [{"min": math.nan, "p50": math.nan, "p99": math.nan, "max": math.nan}] * n_inputs
-    hist = sum(settle_inputs(v) for h, v in b.items() if h[0] == "counts").cpu().numpy()
-    lo, hi = (np.asarray(b[k] if isinstance(b[k], np.ndarray) else b[k].cpu().numpy(), dtype=np.float64) for k in ("min", "max"))
-    p50, p99 = (np.minimum(np.maximum(histogram_quantiles(hist, INPUT_EDGES, p), lo), hi) for p in (0.5, 0.99))
-    return [{"min": a, "p50": b_, "p99": c, "max": d} for a, b_, c, d in zip(lo.tolist(), p50.tolist(), p99.tolist(), hi.tolist())]
+def _input_figures(closed: list[tuple[dict, int]]) -> list[dict]:
+    """Per input of the closed passes ``closed`` (folded figures, inputs): min, p50, p99, max (NaN: no site)."""
+    full = [b for b, _ in closed if b]
+    if full:
+        hist = np.concatenate([sum(settle_inputs(_host(v)) for h, v in b.items() if h[0] == "counts") for b in full])
+        lo, hi = (np.concatenate([_host(b[k]) for b in full]).astype(np.float64) for k in ("min", "max"))
+        p50, p99 = (np.minimum(np.maximum(histogram_quantiles(hist, INPUT_EDGES, p), lo), hi) for p in (0.5, 0.99))
+        rows = iter(zip(lo.tolist(), p50.tolist(), p99.tolist(), hi.tolist()))
+    out: list[dict] = []
+    for b, n in closed:
+        if b:
+            out += [{"min": a, "p50": m, "p99": c, "max": d} for a, m, c, d in itertools.islice(rows, n)]
+        else:
+            out += [{"min": math.nan, "p50": math.nan, "p99": math.nan, "max": math.nan}] * n
+    return out
+
+
+def _host(v: Tensor | np.ndarray) -> np.ndarray:
+    return v.cpu().numpy() if isinstance(v, Tensor) else v
 
 
 def _param_rows(params: Any) -> bool:

@@ -1,0 +1,286 @@
+r"""The CPU tracer's statistics: compiled loops that read a call's values once, at the call.
+
+On the CPU the cost of a tensor operation is mostly its fixed cost (several microseconds), and an
+exact pass (one input's K samples) hands the tracer some fifty small tensors; a statistic built
+from twenty tensor operations a call costs more than reading the values. These loops, compiled
+by numba for the machine they run on, read a call's values in place (no copy) and add to the
+tracer's running figures in place:
+
+* :func:`site_counts`, per row of gains: each gain's bin from the bit table of
+  :class:`~flowaudit.binning.GainBins` (``g ≤ 0`` at 0, bins at 1…B, +inf and NaN at B + 1) and the
+  row's extremes in one loop, the counts in a second (four interleaved histograms, so that equal
+  bins in a row do not wait on each other). Positive float32 bits order like the values and
+  :math:`o = b \oplus ((b \gg 31) \wedge (2^{31} - 1))` orders every float32 (NaN above +inf), so the
+  extremes are integer extremes; a row with a gain that is not finite and positive is read
+  again by the definition (NaN counts as +inf in the row's largest gain and not in its
+  smallest). Per input the site counts and the coarse counts (four site bins a coarse bin,
+  :data:`~flowaudit.binning.INPUT_EDGES`) and its extremes; per site the smallest finite
+  positive gain as the order key :math:`(b - 1) \oplus 2^{31}` of its bits (every other value's
+  key is above +inf's) and the largest as its bits.
+* :func:`layer_sums`, per input in chunks of 4096 (:mod:`flowaudit.layer_stats`): the count of
+  finite values, :math:`\sum v`, :math:`\sum v^2` in float64 and :math:`\max |v|` from the bits
+  (:math:`|v|` clears the sign bit), folded into the running five numbers one input after another.
+  The sums are the only loop compiled with re-association allowed, so that it runs on vector
+  registers: a chunk's sum is the same bits for the same values on one machine (the tree of a
+  machine's vector width), whatever the batch — batch-invariant, as the device path's (whose
+  association differs in the last bits). A chunk whose sum of squares is not finite holds Inf or
+  NaN and is summed again by the definition: finite values only, non-finite ones counted, +inf
+  in :math:`\max |v|`, NaN not.
+* :func:`offer`: the two halves of a parameter reservoir (:mod:`flowaudit.reservoir`), each a
+  binary heap of its slots with the worst kept row (smallest score, then largest row id) at the
+  root. A row enters when it beats the root, so the rows kept are the top k of all rows offered
+  by (score descending, row id ascending), the reservoir's strict total order, however the calls
+  came; a row that enters is copied into its slot there and then. The random half's scores are
+  minus :func:`~flowaudit.reservoir.uniform_keys` (:func:`split_mix`, the same bits).
+
+The loops are compiled once and cached beside this file (or in numba's user cache).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .binning import GAIN_EDGES, INPUT_EDGES
+
+__all__ = ["site_counts", "layer_sums", "offer", "heapify", "split_mix", "salt_mix", "NB", "NI", "KEY_START"]
+
+NB, NI = len(GAIN_EDGES) - 1, len(INPUT_EDGES) - 1
+_PER_COARSE = NB // NI
+_SIGN = np.int64(-(2**31))
+_INF_BITS = 0x7F800000
+KEY_START = 2**31 - 1  # a site's smallest order key before any gain: above every key
+_CHUNK = 4096
+_GOLDEN = 0x9E3779B97F4A7C15
+
+_jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+
+
+# -- gains -------------------------------------------------------------------------------------------
+@_jit
+def _bins(bits, table, idx):  # pragma: no cover - compiled
+    """Bin indices of one row's gains into ``idx`` (a NaN with the sign bit set lands at 0: see
+    :func:`site_counts`); the row's largest and smallest bits (its extremes if every gain is positive)."""
+    top, low = bits[0], bits[0]
+    for j in range(len(bits)):
+        b = bits[j]
+        idx[j] = np.int32(table[(b >> 16) & 0xFFFF] + b) >> 16  # int32 addition wraps (binning.py)
+        top, low = max(top, b), min(low, b)
+    return top, low
+
+
+@_jit
+def _count(idx, n, hist):  # pragma: no cover - compiled
+    j = 0
+    while j + 4 <= n:
+        hist[0, idx[j]] += 1
+        hist[1, idx[j + 1]] += 1
+        hist[2, idx[j + 2]] += 1
+        hist[3, idx[j + 3]] += 1
+        j += 4
+    while j < n:
+        hist[0, idx[j]] += 1
+        j += 1
+
+
+@_jit
+def _ends(hist):  # pragma: no cover - compiled
+    """Counts of g ≤ 0 and of +inf / NaN so far."""
+    return hist[0, 0] + hist[1, 0] + hist[2, 0] + hist[3, 0], hist[0, NB + 1] + hist[1, NB + 1] + hist[2, NB + 1] + hist[3, NB + 1]
+
+
+@_jit
+def site_counts(bits, g, k, table, every, ext, in_counts, in_max, in_min, row_max, hist, idx, conv, convf):  # pragma: no cover - compiled
+    """Bin and count one call's gains (module docstring).
+
+    ``bits`` / ``g``: the gains, flat, as int32 and float32 (one memory), ``len(row_max)`` rows of
+    which ``k`` an input; ``table``: :class:`~flowaudit.binning.GainBins`' table. Adds to ``every``
+    (B + 2) and ``in_counts`` (inputs, NI + 2), takes the extremes into ``ext`` ([smallest order
+    key, largest finite positive bits], int64), ``in_max`` and ``in_min`` (inputs), writes
+    ``row_max``. Scratch: ``hist`` (4, B + 2), ``idx`` (a row), ``conv`` / ``convf`` (two int32
+    and their float32 view).
+    """
+    rows = len(row_max)
+    per = len(bits) // rows
+    kmin, tmax = ext[0], ext[1]
+    for i in range(rows // k):
+        hist[:, :] = 0
+        imax, imin = in_max[i], in_min[i]
+        for r in range(i * k, (i + 1) * k):
+            low0, high0 = _ends(hist)
+            top, low = _bins(bits[r * per : (r + 1) * per], table, idx)
+            _count(idx, per, hist)
+            low1, high1 = _ends(hist)
+            if low1 == low0 and high1 == high0:  # every gain finite and positive: their bits order like the values
+                conv[0], conv[1] = top, low
+                rmax, rmin = np.float64(convf[0]), np.float64(convf[1])
+                kmin = min(kmin, np.int64(np.int32(low - 1)) ^ _SIGN)
+                tmax = max(tmax, np.int64(top))
+            else:  # the definition
+                rmax, rmin = -np.inf, np.inf
+                for j in range(r * per, (r + 1) * per):
+                    b = bits[j]
+                    if b < 0 and (b & 0x7FFFFFFF) > _INF_BITS:  # a NaN with the sign bit set: at +inf, not at g ≤ 0
+                        hist[0, 0] -= 1
+                        hist[0, NB + 1] += 1
+                        high1 += 1
+                    kmin = min(kmin, np.int64(np.int32(b - 1)) ^ _SIGN)
+                    tmax = max(tmax, b if b < _INF_BITS else 0)
+                    v = g[j]
+                    if v > rmax:
+                        rmax = v
+                    if v < rmin:
+                        rmin = v
+                if high1 > high0:  # +inf or NaN in the row: as bad as it gets
+                    rmax = np.inf
+            row_max[r] = rmax
+            imax, imin = max(imax, rmax), min(imin, rmin)
+        in_max[i], in_min[i] = imax, imin
+        for c in range(NB + 2):
+            every[c] += hist[0, c] + hist[1, c] + hist[2, c] + hist[3, c]
+        low1, high1 = _ends(hist)
+        in_counts[i, 0] += low1
+        in_counts[i, NI + 1] += high1
+        for c in range(1, NB + 1):
+            in_counts[i, 1 + (c - 1) // _PER_COARSE] += hist[0, c] + hist[1, c] + hist[2, c] + hist[3, c]
+    ext[0], ext[1] = kmin, tmax
+
+
+# -- layers ------------------------------------------------------------------------------------------
+@numba.njit(cache=True, nogil=True, boundscheck=False, fastmath={"reassoc"})
+def _chunk(x, xi):  # pragma: no cover - compiled
+    """Σv, Σv² (float64, on vector registers) and the largest |v| bits of one chunk."""
+    s = q = 0.0
+    for j in range(len(x)):
+        v = np.float64(x[j])
+        s += v
+        q += v * v
+    top = np.int32(0)
+    for j in range(len(xi)):
+        top = max(top, xi[j] & 0x7FFFFFFF)
+    return s, q, top
+
+
+@_jit
+def layer_sums(x, xi, n, acc, conv, convf):  # pragma: no cover - compiled
+    """Fold float32 ``x`` (flat, ``n`` inputs one after another; ``xi`` its int32 view) into ``acc``:
+    count of finite values, Σv, Σv², max |v|, non-finite count (float64), input after input."""
+    m = len(x) // n
+    for i in range(n):
+        s = q = top = 0.0
+        bad = 0
+        for c0 in range(i * m, (i + 1) * m, _CHUNK):
+            end = min(c0 + _CHUNK, (i + 1) * m)
+            cs, cq, ct = _chunk(x[c0:end], xi[c0:end])
+            if cq - cq == 0.0:  # finite: no Inf or NaN in the chunk
+                conv[0] = ct
+                top = max(top, np.float64(convf[0]))
+            else:  # the definition
+                cs = cq = 0.0
+                for j in range(c0, end):
+                    v = np.float64(x[j])
+                    if v - v == 0.0:
+                        cs += v
+                        cq += v * v
+                    else:
+                        bad += 1
+                    if abs(v) > top:  # NaN compares false: it does not count
+                        top = abs(v)
+            s += cs
+            q += cq
+        acc[0] += m - bad
+        acc[1] += s
+        acc[2] += q
+        acc[3] = max(acc[3], top)
+        acc[4] += bad
+
+
+# -- parameter reservoir ---------------------------------------------------------------------------------
+def salt_mix(salt: int) -> np.uint64:
+    """The salt's term of :func:`split_mix` (salt × golden ratio, modulo 2^64)."""
+    return np.uint64((salt * _GOLDEN) & ((1 << 64) - 1))
+
+
+@_jit
+def split_mix(mix, row):  # pragma: no cover - compiled
+    """:func:`~flowaudit.reservoir.uniform_keys` of one row id (``mix``: :func:`salt_mix`)."""
+    z = np.uint64(row) * np.uint64(_GOLDEN) + mix
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return np.float64(z >> np.uint64(11)) * 2.0**-53
+
+
+@_jit
+def _worse(score, ids, a, b):  # pragma: no cover - compiled
+    """Whether slot ``a`` ranks below slot ``b``: a smaller score, or the same and a larger row id."""
+    return score[a] < score[b] or (score[a] == score[b] and ids[a, 0] > ids[b, 0])
+
+
+@_jit
+def _sift_down(heap, n, score, ids, at):  # pragma: no cover - compiled
+    while True:
+        low, left = at, 2 * at + 1
+        if left < n and _worse(score, ids, heap[left], heap[low]):
+            low = left
+        if left + 1 < n and _worse(score, ids, heap[left + 1], heap[low]):
+            low = left + 1
+        if low == at:
+            return
+        heap[at], heap[low] = heap[low], heap[at]
+        at = low
+
+
+@_jit
+def _sift_up(heap, score, ids, at):  # pragma: no cover - compiled
+    while at:
+        up = (at - 1) // 2
+        if not _worse(score, ids, heap[at], heap[up]):
+            return
+        heap[at], heap[up] = heap[up], heap[at]
+        at = up
+
+
+@_jit
+def heapify(heap, n, score, ids):  # pragma: no cover - compiled
+    """Order ``heap[:n]`` (slot numbers) worst first."""
+    for at in range(n // 2 - 1, -1, -1):
+        _sift_down(heap, n, score, ids, at)
+
+
+@_jit
+def _offer_half(new_score, params, first_row, samples, batch, heap, fill, score, ids, rows):  # pragma: no cover - compiled
+    k, n, took = len(heap), fill[0], 0
+    for r in range(len(new_score)):
+        row = first_row + r
+        s = new_score[r]
+        if n < k:
+            slot = n
+            heap[n] = slot
+        else:
+            slot = heap[0]
+            if s < score[slot] or (s == score[slot] and row > ids[slot, 0]):
+                continue
+        score[slot] = s
+        ids[slot, 0], ids[slot, 1], ids[slot, 2] = row, row // samples, batch
+        rows[slot, :] = params[r, :]
+        took += 1
+        if n < k:
+            _sift_up(heap, score, ids, n)
+            n += 1
+        else:
+            _sift_down(heap, n, score, ids, 0)
+    fill[0] = n
+    return took
+
+
+@_jit
+def offer(row_gain, params, first_row, samples, batch, mix, keys,
+          t_heap, t_fill, t_score, t_ids, t_rows, r_heap, r_fill, r_score, r_ids, r_rows):  # pragma: no cover - compiled
+    """Offer one call's rows (``params`` (rows, m), global ids ``first_row …`` of pass ``batch``) to
+    both halves: by ``row_gain`` to the first, by minus their uniform keys (into ``keys``) to the
+    second. Returns how many rows entered either."""
+    for r in range(len(keys)):
+        keys[r] = -split_mix(mix, first_row + r)
+    took = _offer_half(row_gain, params, first_row, samples, batch, t_heap, t_fill, t_score, t_ids, t_rows)
+    return took + _offer_half(keys, params, first_row, samples, batch, r_heap, r_fill, r_score, r_ids, r_rows)
