@@ -18,10 +18,11 @@ the model's ``training`` flag.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import torch
@@ -251,6 +252,14 @@ class Adapter(ABC):
     @abstractmethod
     def sample(self, y: Tensor, latents: list[Tensor], observer: Observer | None = None) -> Tensor:
         """The inverse pass ``x = f⁻¹(z; y)``, reporting to ``observer`` when given."""
+
+    @contextlib.contextmanager
+    def observing(self, observer: Observer) -> Iterator[None]:
+        """A block of :meth:`sample` calls that report to ``observer``: an adapter whose reporting has a
+        set-up cost a call (forward hooks to register and remove) may pay it once for the block. Calls
+        with no observer or another one see nothing of it; everything is removed when the block ends.
+        By default nothing is held."""
+        yield
 
     @abstractmethod
     def forward(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:

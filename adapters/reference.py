@@ -5,13 +5,16 @@ Their sites are the parameter-free
 ``out, ladj = site(inp, h, reverse=...)``; on the inverse pass
 ``exp(ladj)`` is the inverse gain ``1/c'`` at the visited point and ``h`` the
 parameters the conditioner produced there. One forward hook per site and per
-traced layer reads both; no model code knows it is being audited.
+traced layer reads both, registered for an observed pass or once for an
+:meth:`~ReferenceAdapter.observing` block of them; no model code knows it is
+being audited.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -89,6 +92,7 @@ class ReferenceAdapter(Adapter):
         self.task = model.task
         self.scale = int(model.config.get("scale", 1))
         self._sites = [ElementwiseSite(n, m) for n, m in model.named_modules() if isinstance(m, Elementwise)]
+        self._held: tuple[Observer, list[bool]] | None = None  # the observer of an :meth:`observing` block, and whether a call of it runs
 
     @property
     def condition_shape(self) -> tuple[int, ...]:
@@ -127,23 +131,53 @@ class ReferenceAdapter(Adapter):
         return self.model.sample_latents(y, temperature, generator)
 
     def sample(self, y: Tensor, latents: list[Tensor], observer: Observer | None = None) -> Tensor:
-        if observer is None:
+        held = self._held
+        if observer is None or (held is not None and held[0] is observer):
+            if observer is not None:  # the hooks of the observing block report this call
+                held[1][0] = True
+            try:
+                return self.model.reverse(latents, y)
+            finally:
+                if held is not None:
+                    held[1][0] = False
+        live = [True]
+        with self._hooks(observer, live):
             return self.model.reverse(latents, y)
+
+    @contextlib.contextmanager
+    def observing(self, observer: Observer) -> Iterator[None]:
+        """Hooks registered once for the block; they report only :meth:`sample` calls that name ``observer``."""
+        if self._held is not None:  # already holding one: calls with this observer hook themselves
+            yield
+            return
+        live = [False]
+        with self._hooks(observer, live):
+            self._held = (observer, live)
+            try:
+                yield
+            finally:
+                self._held = None
+
+    def _hooks(self, observer: Observer, live: list[bool]) -> contextlib.ExitStack:
+        """The hooks of every site and traced layer, reporting to ``observer`` while ``live[0]``."""
         by_name = {s.name: s for s in self._sites}
         keep = keeps_graph(observer)
 
         def on_site(name, args, kwargs, output):
-            got = by_name[name].read(args, kwargs, output, keep)
-            if got is not None:
-                observer.site(name, *got)
+            if live[0]:
+                got = by_name[name].read(args, kwargs, output, keep)
+                if got is not None:
+                    observer.site(name, *got)
 
         def on_layer(name, args, kwargs, output):
-            observer.layer(name, first_tensor(output).detach())
+            if live[0]:
+                observer.layer(name, first_tensor(output).detach())
 
-        with contextlib.ExitStack() as stack:
+        stack = contextlib.ExitStack()
+        with stack:  # a failed registration removes those made
             stack.enter_context(hooked(self.model, list(by_name), on_site))
             stack.enter_context(hooked(self.model, self.layer_names(), on_layer))
-            return self.model.reverse(latents, y)
+            return stack.pop_all()
 
     def forward(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
         return self.model(x, y)

@@ -2,15 +2,17 @@
 
 A scan audits its inputs in shards of :data:`~flowaudit.shards.SHARD_INPUTS` (32), each with a
 fresh :class:`~flowaudit.trace.Tracer` whose state is saved when the shard ends. This benchmark
-runs one such shard of 32 distinct inputs: every pass bare (``adapter.sample(y, latents)``, no
-observer) and audited (the same call with the tracer as observer — layer sums, inverse-gain
-histograms, per-input gain figures, parameter reservoir — then ``tracer.end_batch``), alternately
-pass by pass on the same latents under ``no_grad``, one thread; the shard's audited time also
-counts making the tracer and ``tracer.state()``. A third arm, the *floor*, runs the same passes
-with an observer that takes nothing (:class:`Nothing`): what the hooks and the adapter's reads
-(``exp`` of the log-determinant into gains) cost before the tracer does anything. A repeat is the
-whole shard; the figure is the best of ``--repeats`` shard totals each, after one warm-up shard,
-and the ratios are audited / bare (goal, issue 12: ≤ 1.05 on SR and low-light) and floor / bare.
+runs one such shard of 32 distinct inputs three ways on the same latents under ``no_grad``, one
+thread: *bare* (every pass ``adapter.sample(y, latents)``, no observer, no hook), *audited* (as
+:mod:`flowaudit.sampling` runs it: a tracer, the adapter's ``observing`` block around the shard —
+the hooks registered once — every pass reporting to the tracer, ``tracer.end_batch`` after each, and
+``tracer.state()`` at the end: layer sums, inverse-gain histograms, per-input gain figures,
+parameter reservoir) and the *floor* (the same with an observer that takes nothing,
+:class:`Nothing`: what the hooks and the adapter's reads — ``exp`` of the log-determinant into
+gains — cost before the tracer does anything). A round runs the shard once each way, the order
+rotating from round to round; the figure is the best of ``--repeats`` rounds' shard times each,
+after one warm-up round, and the ratios are audited / bare (goal, issue 12: ≤ 1.05 on SR and
+low-light) and floor / bare.
 
 Two modes, as a scan runs them:
 
@@ -72,39 +74,42 @@ class Nothing:
 
 
 def measure(model, y: torch.Tensor, k: int, inputs_per_pass: int, repeats: int, clock) -> tuple[float, float, float]:
-    """Best-of-``repeats`` seconds of a shard bare, audited and under :class:`Nothing`, pass by pass in turn, after a warm-up shard."""
+    """Best-of-``repeats`` seconds of a shard bare, audited and under :class:`Nothing`, after a warm-up round;
+    a round runs the whole shard once per arm, the arms' order rotating from round to round."""
     adapter = adapt(model)
     latents = adapter.sample_latents(y, 0.9, torch.Generator().manual_seed(0))
     rows = inputs_per_pass * k
     passes = [(y[i : i + rows], [z[i : i + rows] for z in latents]) for i in range(0, len(y), rows)]
     sampling = Sampling(k, 0.9, 0)
 
-    def shard() -> tuple[float, float, float]:
-        bare = audited = floor = 0.0
-        nothing = Nothing()
-        t = clock()
-        tracer = Tracer(sampling).start_at(0, 0)
-        audited += clock() - t
+    def bare() -> None:
         for y_pass, z_pass in passes:
-            t = clock()
             adapter.sample(y_pass, z_pass)
-            bare += clock() - t
-            t = clock()
-            adapter.sample(y_pass, z_pass, observer=tracer)
-            tracer.end_batch(inputs_per_pass)
-            audited += clock() - t
-            t = clock()
-            adapter.sample(y_pass, z_pass, observer=nothing)
-            floor += clock() - t
-        t = clock()
-        tracer.state()
-        audited += clock() - t
-        return bare, audited, floor
 
+    def audited() -> None:  # as a scan runs a shard (flowaudit/sampling.py)
+        tracer = Tracer(sampling).start_at(0, 0)
+        with adapter.observing(tracer):
+            for y_pass, z_pass in passes:
+                adapter.sample(y_pass, z_pass, observer=tracer)
+                tracer.end_batch(inputs_per_pass)
+        tracer.state()
+
+    def floor() -> None:
+        nothing = Nothing()
+        with adapter.observing(nothing):
+            for y_pass, z_pass in passes:
+                adapter.sample(y_pass, z_pass, observer=nothing)
+
+    arms = [bare, audited, floor]
+    times: list[list[float]] = [[] for _ in arms]
     with torch.no_grad():
-        shard()
-        times = [shard() for _ in range(repeats)]
-    return tuple(min(t[i] for t in times) for i in range(3))
+        for round_ in range(repeats + 1):
+            for i in [(round_ + j) % len(arms) for j in range(len(arms))]:
+                t = clock()
+                arms[i]()
+                if round_:  # the first round warms up
+                    times[i].append(clock() - t)
+    return tuple(min(t) for t in times)
 
 
 def main() -> None:

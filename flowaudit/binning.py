@@ -98,11 +98,6 @@ class GainBins:
         return torch.index_select(self.table, 0, hi, out=out).add_(bits).bitwise_right_shift_(16)
 
 
-def high_bits(bits: Tensor) -> Tensor:
-    """The top 16 bits of int32 ``bits``, as a non-negative index (flat)."""
-    return ((bits >> 16) & 0xFFFF).reshape(-1)
-
-
 def histogram_quantile(counts: np.ndarray, log_edges: np.ndarray, q: float) -> float:
     """Quantile ``q`` from a histogram over log10 values (linear within a bin), back in linear units."""
     cum = np.cumsum(counts)

@@ -142,7 +142,7 @@ class LayerStats:
         return self._acc
 
     def add_parts(self, parts: np.ndarray) -> None:
-        """Fold per-input partials (inputs × 5, float64) computed elsewhere (the CPU's pass buffer)."""
+        """Fold per-input partials (inputs × 5, float64): the CPU's tensor path and merges."""
         acc = self._acc.cpu().numpy() if isinstance(self._acc, Tensor) else self._acc
         self._acc = _fold_host(acc, parts)
 

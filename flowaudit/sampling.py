@@ -69,7 +69,7 @@ def sample_range(adapter: Adapter, cs: ConditionSet, set_index: int, set_name: s
     tracer = Tracer(run.sampling).start_at(rows.start, rows.start // per if first_pass is None else first_pass)
     band = adapter.error_band
     records: list[dict] = []
-    with progress_bar(rows.stop - rows.start, f"scan {set_name}", run.progress) as bar:
+    with progress_bar(rows.stop - rows.start, f"scan {set_name}", run.progress) as bar, adapter.observing(tracer):
         for sl in batches(rows.stop - rows.start, per):
             sl = slice(rows.start + sl.start, rows.start + sl.stop)
             y = cs.y[sl].to(run.device)
