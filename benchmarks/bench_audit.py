@@ -31,8 +31,11 @@ Run: ``python benchmarks/bench_audit.py [--repeats 5] [--runs 2] [--clock cpu] [
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import platform
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -73,43 +76,56 @@ class Nothing:
         pass
 
 
-def measure(model, y: torch.Tensor, k: int, inputs_per_pass: int, repeats: int, clock) -> tuple[float, float, float]:
-    """Best-of-``repeats`` seconds of a shard bare, audited and under :class:`Nothing`, after a warm-up round;
-    a round runs the whole shard once per arm, the arms' order rotating from round to round."""
-    adapter = adapt(model)
-    latents = adapter.sample_latents(y, 0.9, torch.Generator().manual_seed(0))
+def shard_rounds(model, y: torch.Tensor, k: int, inputs_per_pass: int, repeats: int, clock,
+                 arms: dict[str, Callable[[], object] | None]) -> tuple[dict[str, list[float]], dict[str, object]]:
+    """Per arm, its shard time in each of ``repeats`` rounds after a warm-up round, and the last round's observers.
+
+    ``arms[name]`` makes the arm's observer for a shard (``None``: bare passes). Every arm runs on its own
+    copy of the model, so that an arm's ``observing`` block (its hooks held for the shard, as a scan holds
+    them) leaves the other arms' passes unhooked; the arms take turns pass by pass, the order rotating.
+    An arm's time counts making its observer, entering its block, its passes (and ``end_batch``) and
+    ``state()`` for a tracer.
+    """
+    copies = {name: adapt(copy.deepcopy(model)) for name in arms}
+    names = list(arms)
+    latents = copies[names[0]].sample_latents(y, 0.9, torch.Generator().manual_seed(0))
     rows = inputs_per_pass * k
     passes = [(y[i : i + rows], [z[i : i + rows] for z in latents]) for i in range(0, len(y), rows)]
-    sampling = Sampling(k, 0.9, 0)
-
-    def bare() -> None:
-        for y_pass, z_pass in passes:
-            adapter.sample(y_pass, z_pass)
-
-    def audited() -> None:  # as a scan runs a shard (flowaudit/sampling.py)
-        tracer = Tracer(sampling).start_at(0, 0)
-        with adapter.observing(tracer):
-            for y_pass, z_pass in passes:
-                adapter.sample(y_pass, z_pass, observer=tracer)
-                tracer.end_batch(inputs_per_pass)
-        tracer.state()
-
-    def floor() -> None:
-        nothing = Nothing()
-        with adapter.observing(nothing):
-            for y_pass, z_pass in passes:
-                adapter.sample(y_pass, z_pass, observer=nothing)
-
-    arms = [bare, audited, floor]
-    times: list[list[float]] = [[] for _ in arms]
+    times: dict[str, list[float]] = {name: [] for name in names}
     with torch.no_grad():
         for round_ in range(repeats + 1):
-            for i in [(round_ + j) % len(arms) for j in range(len(arms))]:
-                t = clock()
-                arms[i]()
-                if round_:  # the first round warms up
-                    times[i].append(clock() - t)
-    return tuple(min(t) for t in times)
+            total, obs = dict.fromkeys(names, 0.0), {}
+            with contextlib.ExitStack() as held:
+                for name, make in arms.items():
+                    t = clock()
+                    obs[name] = None if make is None else make()
+                    if obs[name] is not None:
+                        held.enter_context(copies[name].observing(obs[name]))
+                    total[name] += clock() - t
+                for i, (y_pass, z_pass) in enumerate(passes):
+                    for name in names[i % len(names) :] + names[: i % len(names)]:
+                        t = clock()
+                        copies[name].sample(y_pass, z_pass, observer=obs[name])
+                        if isinstance(obs[name], Tracer):
+                            obs[name].end_batch(inputs_per_pass)
+                        total[name] += clock() - t
+            for name, o in obs.items():
+                if isinstance(o, Tracer):
+                    t = clock()
+                    o.state()
+                    total[name] += clock() - t
+            if round_:  # the first round warms up
+                for name in names:
+                    times[name].append(total[name])
+    return times, obs
+
+
+def measure(model, y: torch.Tensor, k: int, inputs_per_pass: int, repeats: int, clock) -> tuple[float, float, float, float]:
+    """Best-of-``repeats`` shard seconds: bare, audited, floor and bare again (an A/A check of the protocol)."""
+    sampling = Sampling(k, 0.9, 0)
+    arms = {"bare": None, "audited": lambda: Tracer(sampling).start_at(0, 0), "floor": Nothing, "bare again": None}
+    times, _ = shard_rounds(model, y, k, inputs_per_pass, repeats, clock, arms)
+    return tuple(min(times[name]) for name in arms)
 
 
 def main() -> None:
@@ -129,14 +145,15 @@ def main() -> None:
     work = workloads()
     if args.only:
         work = {key: w for key, w in work.items() if key[0] in args.only.split(",")}
-    print(f"{'run':>3} {'model':<9} {'coupling':<20} {'mode':<8} {'samples/pass':>12} {'bare shard ms':>14} {'audited ms':>11} {'audit/bare':>11} {'floor/bare':>11}")
+    print(f"{'run':>3} {'model':<9} {'coupling':<20} {'mode':<8} {'samples/pass':>12} {'bare shard ms':>14} {'audited ms':>11} "
+          f"{'audit/bare':>11} {'floor/bare':>11} {'bare/bare':>10}")
     for run in range(1, args.runs + 1):
         for (family, kind), (model, y, k) in work.items():
             for mode in args.modes.split(","):
                 per_pass = 1 if mode == "exact" else BATCHED_INPUTS
-                bare, audited, floor = measure(model, y, k, per_pass, args.repeats, clock)
+                bare, audited, floor, again = measure(model, y, k, per_pass, args.repeats, clock)
                 print(f"{run:>3} {family:<9} {kind:<20} {mode:<8} {per_pass * k:>12} {1e3 * bare:14.1f} {1e3 * audited:11.1f} "
-                      f"{audited / bare:11.3f} {floor / bare:11.3f}", flush=True)
+                      f"{audited / bare:11.3f} {floor / bare:11.3f} {again / bare:10.3f}", flush=True)
 
 
 if __name__ == "__main__":

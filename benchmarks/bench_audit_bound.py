@@ -14,11 +14,11 @@ It leaves out what the tracer also does — the parameter reservoir, per-input f
 bookkeeping of a call, mergeable state — so it is a bound, not a design. After the timed shards, its
 site histograms are checked against the tracer's (equal counts, or the script fails).
 
-Arms, one thread, on the workloads of ``bench_audit.py``, each a whole shard of 32 inputs as
-:mod:`flowaudit.sampling` runs it (the adapter's hooks held for the shard), the order rotating from
-round to round: ``bare``; ``floor`` (an observer that takes nothing: hooks and the adapter's reads);
-``tracer``; ``kernels``. Per round each arm's shard time over bare's; the median over rounds and its
-quartiles.
+Arms, one thread, on the workloads and protocol of ``bench_audit.py`` (``shard_rounds``: each arm on its
+own copy of the model with its hooks held for the shard, as a scan holds them; turns pass by pass):
+``bare``; ``floor`` (an observer that takes nothing: hooks and the adapter's reads); ``tracer``;
+``kernels``. Per round (a shard of 32 inputs) each arm's time over bare's; the median over rounds and
+its quartiles.
 
 Run: ``python benchmarks/bench_audit_bound.py [--only sr:affine:exact,…] [--repeats 10]``.
 """
@@ -33,13 +33,12 @@ import time
 import numpy as np
 import torch
 
-from flowaudit.adapters import adapt
 from flowaudit.binning import GAIN_EDGES, GainBins
 from flowaudit.host_kernels import NB, NI, layer_sums, site_counts
 from flowaudit.layout import Sampling
 from flowaudit.trace import Tracer
 
-from bench_audit import BATCHED_INPUTS, Nothing, workloads
+from bench_audit import BATCHED_INPUTS, Nothing, shard_rounds, workloads
 
 
 class Kernels:
@@ -77,49 +76,16 @@ class Kernels:
 
 
 def measure(model, y: torch.Tensor, k: int, inputs_per_pass: int, repeats: int) -> dict[str, list[float]]:
-    """Per arm, its shard time over bare's per round (process CPU time), after a warm-up round."""
-    adapter = adapt(model)
-    latents = adapter.sample_latents(y, 0.9, torch.Generator().manual_seed(0))
-    rows = inputs_per_pass * k
-    passes = [(y[i : i + rows], [z[i : i + rows] for z in latents]) for i in range(0, len(y), rows)]
+    """Per arm, its shard time over bare's in each round (process CPU time; ``bench_audit.shard_rounds``)."""
     sampling = Sampling(k, 0.9, 0)
-    clock = time.process_time
-    kept: dict[str, object] = {}
-
-    def shard(observer) -> None:  # as flowaudit/sampling.py runs one: hooks held for the shard
-        if observer is None:
-            for yp, zp in passes:
-                adapter.sample(yp, zp)
-            return
-        with adapter.observing(observer):
-            for yp, zp in passes:
-                adapter.sample(yp, zp, observer=observer)
-                if isinstance(observer, Tracer):
-                    observer.end_batch(inputs_per_pass)
-        if isinstance(observer, Tracer):
-            kept["state"] = observer.state()
-        else:
-            kept[type(observer).__name__] = observer
-
-    arms = {"bare": lambda: None, "floor": Nothing, "tracer": lambda: Tracer(sampling).start_at(0, 0), "kernels": lambda: Kernels(k)}
-    names = list(arms)
-    ratios: dict[str, list[float]] = {v: [] for v in names}
-    with torch.no_grad():
-        for round_ in range(repeats + 1):
-            total = {}
-            for v in names[round_ % len(names) :] + names[: round_ % len(names)]:
-                t = clock()
-                shard(arms[v]())
-                total[v] = clock() - t
-            if round_:  # the first round warms up
-                for v in names:
-                    ratios[v].append(total[v] / total["bare"])
-    state, kernels = kept["state"], kept["Kernels"]
-    for name, every in kernels.every.items():  # the bound did the tracer's binning: the same counts per site
+    arms = {"bare": None, "floor": Nothing, "tracer": lambda: Tracer(sampling).start_at(0, 0), "kernels": lambda: Kernels(k)}
+    times, obs = shard_rounds(model, y, k, inputs_per_pass, repeats, time.process_time, arms)
+    state = obs["tracer"].state()
+    for name, every in obs["kernels"].every.items():  # the bound did the tracer's binning: the same counts per site
         counts = state["gains"][name]  # bins 1…B, and g ≤ 0 or +inf counted among the non-finite
         if not (np.array_equal(every[1:-1], counts["counts"].numpy()) and every[0] + every[-1] == counts["ext"][1]):
             raise AssertionError(f"site {name}'s histogram differs from the tracer's")
-    return ratios
+    return {name: [t / b for t, b in zip(times[name], times["bare"])] for name in arms}
 
 
 def main() -> None:
