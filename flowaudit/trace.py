@@ -111,10 +111,14 @@ class Tracer:
     @property
     def input_gain(self) -> list[dict]:
         """Per input, its inverse-gain min, p50, p99 and max over all sites (inputs whose pass has ended)."""
+        self._figure_closed()
+        return self._input_gain
+
+    def _figure_closed(self) -> None:
+        """Work out the per-input figures of the passes closed since the last time, all at once."""
         if self._closed:
             self._input_gain += _input_figures(self._closed)
             self._closed = []
-        return self._input_gain
 
     @property
     def params(self) -> dict[str, list[Any]]:
@@ -221,7 +225,7 @@ class Tracer:
         :attr:`input_gain`, worked out for a few passes at once (a few operations for all their inputs)."""
         self._closed.append((self._batch, n_inputs))
         if sum(n for _, n in self._closed) >= _CLOSE_INPUTS:
-            self.input_gain
+            self._figure_closed()
         self._batch = {}
         self._inputs_seen += n_inputs
         self._batches_seen += 1
