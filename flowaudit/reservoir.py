@@ -48,6 +48,14 @@ def uniform_keys(row: Tensor, salt: int) -> Tensor:
     return shr(z, 11).to(torch.float64) * 2.0**-53
 
 
+def _host_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a CPU half keeps rows of ``dtype`` in: float32 and float64 as they are, the narrower floats
+    widened to float32 and anything else to float64 (exactly either way; the compiled loop copies these two)."""
+    if dtype in (torch.float32, torch.float64):
+        return dtype
+    return torch.float32 if dtype.is_floating_point and dtype.itemsize < 4 else torch.float64
+
+
 class _Half:
     """One half of a reservoir on the CPU: up to ``k`` rows in a buffer allocated once, a binary heap
     of their slots worst first, their scores and row ids in numpy; the compiled
@@ -55,7 +63,7 @@ class _Half:
 
     def __init__(self, k: int, like: Tensor):
         self.k = k
-        dtype = torch.float32 if like.dtype == torch.bfloat16 else like.dtype  # numpy has no bfloat16
+        dtype = _host_dtype(like.dtype)
         self.rows = torch.empty((k, *like.shape[1:]), dtype=dtype)
         self.flat = self.rows.numpy().reshape(k, self.rows[0].numel())  # the same memory, a row a line
         self.heap = np.zeros(k, dtype=np.int64)

@@ -151,6 +151,21 @@ def test_cpu_reservoir_keeps_the_rows_the_device_path_keeps(per, order):
     assert host.info() == device.info()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64, torch.int32])
+def test_cpu_reservoir_keeps_rows_of_any_dtype(dtype):
+    """Rows the compiled loop cannot copy as they are (numba has no 16-bit floats) are kept widened, exactly:
+    the same rows and values as the device path, in float32 (narrow floats) or float64 (the rest)."""
+    rows = (torch.randn(40, 5, generator=torch.Generator().manual_seed(3)) * 5).to(dtype)
+    gain = torch.rand(40, generator=torch.Generator().manual_seed(4)).double()
+    host, device = ParamReservoir(40, salt=3), ParamReservoir(40, salt=3)
+    for i in range(0, 40, 8):
+        host.add(rows[i : i + 8], gain[i : i + 8], i // 4, 4, i // 8)
+        device._add_device(rows[i : i + 8], gain[i : i + 8], i // 4, 4, i // 8)
+    (a, ids), (b, ids_device) = host.kept(), device.kept()
+    assert torch.equal(ids, ids_device) and torch.equal(a.double(), b.double())
+    assert a.dtype == (dtype if dtype == torch.float64 else torch.float32 if dtype.is_floating_point else torch.float64)
+
+
 def test_reservoir_keys_on_the_host_equal_the_device_keys():
     from flowaudit.host_kernels import salt_mix, split_mix
     from flowaudit.reservoir import uniform_keys
