@@ -131,17 +131,16 @@ class ReferenceAdapter(Adapter):
         return self.model.sample_latents(y, temperature, generator)
 
     def sample(self, y: Tensor, latents: list[Tensor], observer: Observer | None = None) -> Tensor:
+        if observer is None:
+            return self.model.reverse(latents, y)
         held = self._held
-        if observer is None or (held is not None and held[0] is observer):
-            if observer is not None:  # the hooks of the observing block report this call
-                held[1][0] = True
+        if held is not None and held[0] is observer:  # the hooks of the observing block report this call
+            held[1][0] = True
             try:
                 return self.model.reverse(latents, y)
             finally:
-                if held is not None:
-                    held[1][0] = False
-        live = [True]
-        with self._hooks(observer, live):
+                held[1][0] = False
+        with self._hooks(observer, [True]):
             return self.model.reverse(latents, y)
 
     @contextlib.contextmanager

@@ -136,13 +136,10 @@ def site_counts(bits, g, k, table, every, ext, in_counts, in_max, in_min, row_ma
             row_max[r] = rmax
             imax, imin = max(imax, rmax), min(imin, rmin)
         in_max[i], in_min[i] = imax, imin
-        for c in range(NB + 2):
-            every[c] += hist[0, c] + hist[1, c] + hist[2, c] + hist[3, c]
-        low1, high1 = _ends(hist)
-        in_counts[i, 0] += low1
-        in_counts[i, NI + 1] += high1
-        for c in range(1, NB + 1):
-            in_counts[i, 1 + (c - 1) // _PER_COARSE] += hist[0, c] + hist[1, c] + hist[2, c] + hist[3, c]
+        for c in range(NB + 2):  # g ≤ 0 and +inf keep their end columns; bin c − 1 is coarse bin (c − 1) // 4
+            h = hist[0, c] + hist[1, c] + hist[2, c] + hist[3, c]
+            every[c] += h
+            in_counts[i, 0 if c == 0 else (NI + 1 if c == NB + 1 else 1 + (c - 1) // _PER_COARSE)] += h
     ext[0], ext[1] = kmin, tmax
 
 

@@ -152,37 +152,31 @@ class ParamReservoir:
         """Offer the rows of one call (``first_input``'s K samples first) with their largest gains; a call
         without one gain a row offers its rows at gain 0."""
         rows = params.detach()
-        if rows.device.type == "cpu":
-            self.offer_host(rows, row_gain, first_input * max(samples, 1), max(samples, 1), batch)
-            return
         if self._wrong_shape(rows):
             return
-        self._add_device(rows, row_gain, first_input, samples, batch)
+        if rows.device.type == "cpu":
+            self._add_host(rows, row_gain, first_input * max(samples, 1), max(samples, 1), batch)
+        else:
+            self._add_device(rows, row_gain, first_input, samples, batch)
 
-    def offer_host(self, rows: Tensor, row_gain: Tensor | np.ndarray, first_row: int, samples: int, batch: int) -> None:
+    def _add_host(self, rows: Tensor, row_gain: Tensor | np.ndarray, first_row: int, samples: int, batch: int) -> None:
         """:meth:`add` on the CPU: rows ``first_row …`` (global ids) offered by the compiled loop
         (:func:`~flowaudit.host_kernels.offer`), which copies only the rows that enter."""
         n = rows.shape[0]
-        host = self._host
-        if host is None:
-            if self._wrong_shape(rows):
-                return
+        if self._host is None:
             k_top, k_rand = self.capacity(rows[0].numel())
-            host = self._host = (_Half.of(self._top, k_top, rows), _Half.of(self._rand, k_rand, rows))
+            self._host = (_Half.of(self._top, k_top, rows), _Half.of(self._rand, k_rand, rows))
             self._top = self._rand = None
             self._next_id = None  # stored in slots, not in sorted order: a device path after this sorts by id
-        elif host[0].rows.shape[1:] != rows.shape[1:]:
-            self.skipped += n
-            return
         self.rows_seen += n
-        gain = row_gain if isinstance(row_gain, np.ndarray) else np.asarray(row_gain, dtype=np.float64)
+        gain = np.asarray(row_gain, dtype=np.float64)
         if len(gain) != n:
             gain = np.zeros(n)
-        top, rand = host
+        top, rand = self._host
         flat = (rows if rows.dtype == top.rows.dtype else rows.to(top.rows.dtype)).numpy().reshape(n, top.flat.shape[1])  # a view where contiguous
         if len(self._keys) < n:
             self._keys = np.empty(n)
-        offer(gain.astype(np.float64, copy=False), flat, first_row, samples, batch, self._mix, self._keys[:n],
+        offer(gain, flat, first_row, samples, batch, self._mix, self._keys[:n],
               top.heap, top.fill, top.score, top.ids, top.flat, rand.heap, rand.fill, rand.score, rand.ids, rand.flat)
 
     def _wrong_shape(self, rows: Tensor, n: int | None = None) -> bool:

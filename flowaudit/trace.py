@@ -163,7 +163,7 @@ class Tracer:
 
     def _site_host(self, name: str, g: Tensor, rows: Tensor | None) -> None:
         """A CPU call: binned and counted by the compiled loop (:func:`~flowaudit.host_kernels.site_counts`),
-        its rows offered to the reservoir by another (:meth:`ParamReservoir.offer_host`)."""
+        its rows offered to the reservoir by another (:meth:`ParamReservoir.add`)."""
         r = g.shape[0] if g.dim() else 1
         k = self.sampling.samples
         if not k or r % k or r < k:  # not whole inputs: the call is one input
@@ -187,9 +187,7 @@ class Tracer:
                 self._add_inputs(b, mine[1], mine[2], torch.from_numpy(mine[0]))
             else:
                 b[_HOST_COUNTS], b["max"], b["min"] = mine
-        if rows is not None:
-            self._reservoir(name).offer_host(rows, row_max, self._inputs_seen * self.sampling.samples, self.sampling.samples,
-                                             self._batches_seen)
+        self._keep_params(name, rows, row_max, self._inputs_seen, self._batches_seen)
 
     @staticmethod
     def _add_inputs(b: dict, input_max: Any, input_min: Any, counts: Tensor) -> None:
