@@ -2,17 +2,19 @@
 
 A scan audits its inputs in shards of :data:`~flowaudit.shards.SHARD_INPUTS` (32), each with a
 fresh :class:`~flowaudit.trace.Tracer` whose state is saved when the shard ends. This benchmark
-runs one such shard of 32 distinct inputs three ways on the same latents under ``no_grad``, one
+runs one such shard of 32 distinct inputs four ways on the same latents under ``no_grad``, one
 thread: *bare* (every pass ``adapter.sample(y, latents)``, no observer, no hook), *audited* (as
 :mod:`flowaudit.sampling` runs it: a tracer, the adapter's ``observing`` block around the shard —
 the hooks registered once — every pass reporting to the tracer, ``tracer.end_batch`` after each, and
 ``tracer.state()`` at the end: layer sums, inverse-gain histograms, per-input gain figures,
-parameter reservoir) and the *floor* (the same with an observer that takes nothing,
-:class:`Nothing`: what the hooks and the adapter's reads — ``exp`` of the log-determinant into
-gains — cost before the tracer does anything). A round runs the shard once each way, the order
-rotating from round to round; the figure is the best of ``--repeats`` rounds' shard times each,
-after one warm-up round, and the ratios are audited / bare (goal, issue 12: ≤ 1.05 on SR and
-low-light) and floor / bare.
+parameter reservoir), the *floor* (the same with an observer that takes nothing, :class:`Nothing`:
+what the hooks and the adapter's reads — ``exp`` of the log-determinant into gains — cost before
+the tracer does anything) and *bare again* (an A/A check of the protocol). Each way runs on its own
+copy of the model (:func:`shard_rounds`), so that one way's held hooks leave the others' passes
+unhooked, and the ways take turns pass by pass, the order rotating. A round is the whole shard each
+way; the figure is the best of ``--repeats`` rounds' shard times each, after one warm-up round, and
+the ratios are audited / bare (goal, issue 12: ≤ 1.05 on SR and low-light), floor / bare and bare
+again / bare.
 
 Two modes, as a scan runs them:
 

@@ -33,10 +33,9 @@ import time
 import numpy as np
 import torch
 
-from flowaudit.binning import GAIN_EDGES, GainBins
-from flowaudit.host_kernels import NB, NI, layer_sums, site_counts
+from flowaudit.host_kernels import KEY_START, NB, NI, layer_sums, site_counts
 from flowaudit.layout import Sampling
-from flowaudit.trace import Tracer
+from flowaudit.trace import Tracer, _HostScratch
 
 from bench_audit import BATCHED_INPUTS, Nothing, shard_rounds, workloads
 
@@ -49,22 +48,16 @@ class Kernels:
         self.every: dict[str, np.ndarray] = {}
         self.ext: dict[str, np.ndarray] = {}
         self.acc: dict[str, np.ndarray] = {}
-        self.table = GainBins(GAIN_EDGES, torch.device("cpu")).table.numpy()
-        self.hist = np.zeros((4, NB + 2), dtype=np.int32)
-        self.conv = np.zeros(2, dtype=np.int32)
-        self.convf = self.conv.view(np.float32)
+        self.work = _HostScratch()  # the tracer's own temporaries and bit table
         self.inputs = (np.zeros((1, NI + 2), dtype=np.int64), np.full(1, -np.inf), np.full(1, np.inf))
-        self.rows, self.idx = np.empty(0), np.empty(0, dtype=np.int32)
 
     def site(self, name: str, gain: torch.Tensor, params: object) -> None:
         g = gain.reshape(-1).numpy()
-        rows = gain.shape[0]
+        rows, w = gain.shape[0], self.work
         if name not in self.every:
-            self.every[name], self.ext[name] = np.zeros(NB + 2, dtype=np.int64), np.array([2**31 - 1, 0], dtype=np.int64)
-        if len(self.rows) < rows or len(self.idx) < g.size // rows:
-            self.rows, self.idx = np.empty(max(rows, len(self.rows))), np.empty(max(g.size // rows, len(self.idx)), dtype=np.int32)
-        site_counts(g.view(np.int32), g, rows, self.table, self.every[name], self.ext[name], *self.inputs, self.rows[:rows],
-                    self.hist, self.idx, self.conv, self.convf)
+            self.every[name], self.ext[name] = np.zeros(NB + 2, dtype=np.int64), np.array([KEY_START, 0], dtype=np.int64)
+        site_counts(g.view(np.int32), g, rows, w.table, self.every[name], self.ext[name], *self.inputs, w.rows(rows),
+                    w.hist, w.idx(g.size // rows), w.conv, w.convf)
 
     def layer(self, name: str, x: torch.Tensor) -> None:
         n = max(1, x.shape[0] // self.samples)
@@ -72,7 +65,7 @@ class Kernels:
         if acc is None:
             acc = self.acc[name] = np.zeros(5)
         v = x.reshape(-1).numpy()
-        layer_sums(v, v.view(np.int32), n, acc, self.conv, self.convf)
+        layer_sums(v, v.view(np.int32), n, acc, self.work.conv, self.work.convf)
 
 
 def measure(model, y: torch.Tensor, k: int, inputs_per_pass: int, repeats: int) -> dict[str, list[float]]:
