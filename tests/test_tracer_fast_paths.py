@@ -124,7 +124,8 @@ def test_compiled_loops_equal_tensor_operations(junk, monkeypatch):
 
 
 def test_compiled_bins_equal_the_definition():
-    """Every gain's bin from the compiled loop is :func:`bin_index`'s, counted per input in coarse bins of four."""
+    """Every gain's bin from the compiled loop is :func:`bin_index`'s: every bin edge ± 2 bit patterns, gains
+    beyond both ends, denormals."""
     edges = torch.from_numpy(_thresholds(GAIN_EDGES))[:, None] + torch.arange(-2, 3)  # every bin edge ± 2 patterns
     g = torch.cat([torch.logspace(-6, 10, 19_950), torch.tensor([1.0, 10.0, 1e-4, 1e8, 3.4e38, 1e-45, 1e-40]),
                    edges.reshape(-1).to(torch.int32).view(torch.float32)])
