@@ -43,7 +43,7 @@ import torch
 
 from flowaudit.adapters import adapt
 from flowaudit.layout import Sampling
-from flowaudit.reference_models import build, load
+from flowaudit.reference_models import load
 from flowaudit.shards import SHARD_INPUTS
 from flowaudit.trace import Tracer
 
@@ -60,8 +60,7 @@ def workloads() -> dict[tuple[str, str], tuple[torch.nn.Module, torch.Tensor, in
         out["toy", k] = (load(f"toy-{k}"), y_toy, 10)
     y_sr = torch.rand(SHARD_INPUTS, 3, 8, 8, generator=g).repeat_interleave(8, 0)
     for k in KINDS:
-        torch.manual_seed(0)
-        out["sr", k] = (build("sr", dict(coupling=k, patch=32)).eval(), y_sr, 8)
+        out["sr", k] = (load(f"sr-{k}"), y_sr, 8)
     y_ll = torch.rand(SHARD_INPUTS, 3, 32, 32, generator=g).repeat_interleave(8, 0)
     for k in KINDS:
         out["lowlight", k] = (load(f"lowlight-{k}"), y_ll, 8)

@@ -57,7 +57,7 @@ class Kernels:
         if name not in self.every:
             self.every[name], self.ext[name] = np.zeros(NB + 2, dtype=np.int64), np.array([KEY_START, 0], dtype=np.int64)
         site_counts(g.view(np.int32), g, rows, w.table, self.every[name], self.ext[name], *self.inputs, w.rows(rows),
-                    w.hist, w.idx(g.size // rows), w.conv, w.convf)
+                    w.hist, w.idx(g.size // rows), w.first, w.conv, w.convf)
 
     def layer(self, name: str, x: torch.Tensor) -> None:
         n = max(1, x.shape[0] // self.samples)

@@ -40,10 +40,11 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+import torch
 
 from .binning import GAIN_EDGES, INPUT_EDGES
 
-__all__ = ["site_counts", "layer_sums", "offer", "heapify", "split_mix", "salt_mix", "NB", "NI", "KEY_START"]
+__all__ = ["host_array", "site_counts", "layer_sums", "offer", "heapify", "split_mix", "salt_mix", "NB", "NI", "KEY_START"]
 
 NB, NI = len(GAIN_EDGES) - 1, len(INPUT_EDGES) - 1
 _PER_COARSE = NB // NI
@@ -54,6 +55,22 @@ _CHUNK = 4096
 _GOLDEN = 0x9E3779B97F4A7C15
 
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+
+
+def host_array(t: torch.Tensor) -> np.ndarray | None:
+    """A CPU tensor's values as numpy for these loops: its memory where numpy has its dtype (one call, the
+    usual case), bfloat16 widened to float32 (exactly); ``None`` for a tensor off the CPU or of a dtype numpy
+    cannot hold (tensor operations read those)."""
+    if not t.is_cpu:
+        return None
+    try:
+        return t.numpy()
+    except (RuntimeError, TypeError):  # it requires grad, or has no numpy dtype
+        t = t.detach()
+        try:
+            return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+        except TypeError:
+            return None
 
 
 # -- gains -------------------------------------------------------------------------------------------
@@ -90,15 +107,31 @@ def _ends(hist):  # pragma: no cover - compiled
 
 
 @_jit
-def site_counts(bits, g, k, table, every, ext, in_counts, in_max, in_min, row_max, hist, idx, conv, convf):  # pragma: no cover - compiled
+def _same(bits, a, b, n):  # pragma: no cover - compiled
+    """Whether ``bits[a : a + n]`` and ``bits[b : b + n]`` are the same bits (in blocks that run on vector registers)."""
+    for j0 in range(0, n, 256):
+        d = np.int32(0)
+        for j in range(j0, min(j0 + 256, n)):
+            d |= bits[a + j] ^ bits[b + j]
+        if d:
+            return False
+    return True
+
+
+@_jit
+def site_counts(bits, g, k, table, every, ext, in_counts, in_max, in_min, row_max, hist, idx, first_counts, conv, convf):  # pragma: no cover - compiled
     """Bin and count one call's gains (module docstring).
 
     ``bits`` / ``g``: the gains, flat, as int32 and float32 (one memory), ``len(row_max)`` rows of
     which ``k`` an input; ``table``: :class:`~flowaudit.binning.GainBins`' table. Adds to ``every``
     (B + 2) and ``in_counts`` (inputs, NI + 2), takes the extremes into ``ext`` ([smallest order
     key, largest finite positive bits], int64), ``in_max`` and ``in_min`` (inputs), writes
-    ``row_max``. Scratch: ``hist`` (4, B + 2), ``idx`` (a row), ``conv`` / ``convf`` (two int32
-    and their float32 view).
+    ``row_max``. Scratch: ``hist`` (4, B + 2), ``idx`` (a row), ``first_counts`` (B + 2), ``conv`` /
+    ``convf`` (two int32 and their float32 view).
+
+    An input whose rows repeat its first row bit for bit (a site whose parameters come from the
+    condition alone, the same for its K samples: SRFlow's affine injector) counts them as the first
+    row again, without binning them: the same counts, extremes and row maxima.
     """
     rows = len(row_max)
     per = len(bits) // rows
@@ -106,7 +139,15 @@ def site_counts(bits, g, k, table, every, ext, in_counts, in_max, in_min, row_ma
     for i in range(rows // k):
         hist[:, :] = 0
         imax, imin = in_max[i], in_min[i]
-        for r in range(i * k, (i + 1) * k):
+        first, repeats = i * k, 0
+        for r in range(first, (i + 1) * k):
+            if r > first and (repeats or r == first + 1) and _same(bits, first * per, r * per, per):
+                if not repeats:  # the input's first row is all hist holds: its counts, once
+                    for c in range(NB + 2):
+                        first_counts[c] = hist[0, c] + hist[1, c] + hist[2, c] + hist[3, c]
+                repeats += 1
+                row_max[r] = row_max[first]
+                continue
             low0, high0 = _ends(hist)
             top, low = _bins(bits[r * per : (r + 1) * per], table, idx)
             _count(idx, per, hist)
@@ -138,6 +179,8 @@ def site_counts(bits, g, k, table, every, ext, in_counts, in_max, in_min, row_ma
         in_max[i], in_min[i] = imax, imin
         for c in range(NB + 2):  # g ≤ 0 and +inf keep their end columns; bin c − 1 is coarse bin (c − 1) // 4
             h = hist[0, c] + hist[1, c] + hist[2, c] + hist[3, c]
+            if repeats:
+                h += repeats * first_counts[c]
             every[c] += h
             in_counts[i, 0 if c == 0 else (NI + 1 if c == NB + 1 else 1 + (c - 1) // _PER_COARSE)] += h
     ext[0], ext[1] = kmin, tmax

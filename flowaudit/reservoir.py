@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .host_kernels import heapify, offer, salt_mix
+from .host_kernels import heapify, host_array, offer, salt_mix
 
 __all__ = ["ParamReservoir", "uniform_keys"]
 
@@ -109,6 +109,7 @@ class ParamReservoir:
         self._rand: tuple[Tensor, Tensor, Tensor] | None = None  # rows, key, ids
         self._next_id: int | None = 0  # every kept row id is below it (None: unknown)
         self._host: tuple[_Half, _Half] | None = None  # the CPU's halves (:meth:`_flush` turns them into _top, _rand)
+        self._offer_args: tuple = ()  # with the halves: their row shape, dtype and arrays (:meth:`_start_host`)
         self._mix = salt_mix(salt)
         self._keys = np.empty(0)  # scratch: the random half's scores of a call's rows
 
@@ -152,38 +153,48 @@ class ParamReservoir:
         """Offer the rows of one call (``first_input``'s K samples first) with their largest gains; a call
         without one gain a row offers its rows at gain 0."""
         rows = params.detach()
-        if self._wrong_shape(rows):
-            return
         if rows.device.type == "cpu":
-            self._add_host(rows, row_gain, first_input * max(samples, 1), max(samples, 1), batch)
-        else:
+            self.add_host(host_array(rows), np.asarray(row_gain, dtype=np.float64), first_input, samples, batch)
+        elif not self._wrong_shape(tuple(rows.shape[1:]), rows.shape[0]):
             self._add_device(rows, row_gain, first_input, samples, batch)
 
-    def _add_host(self, rows: Tensor, row_gain: Tensor | np.ndarray, first_row: int, samples: int, batch: int) -> None:
-        """:meth:`add` on the CPU: rows ``first_row …`` (global ids) offered by the compiled loop
-        (:func:`~flowaudit.host_kernels.offer`), which copies only the rows that enter."""
-        n = rows.shape[0]
+    def add_host(self, rows: np.ndarray, row_gain: np.ndarray, first_input: int, samples: int, batch: int) -> None:
+        """:meth:`add` on the CPU, the rows as numpy (:func:`~flowaudit.host_kernels.host_array`) and their
+        gains as float64: offered by
+        the compiled loop (:func:`~flowaudit.host_kernels.offer`), which copies only the rows that enter."""
+        n = len(rows)
+        if not n:
+            return
         if self._host is None:
-            k_top, k_rand = self.capacity(rows[0].numel())
-            self._host = (_Half.of(self._top, k_top, rows), _Half.of(self._rand, k_rand, rows))
-            self._top = self._rand = None
-            self._next_id = None  # stored in slots, not in sorted order: a device path after this sorts by id
+            self._start_host(rows)
+        shape, dtype, args = self._offer_args
+        if rows.shape[1:] != shape:  # rows of another shape than those kept: counted, not mixed into one probe tensor
+            self.skipped += n
+            return
         self.rows_seen += n
-        gain = np.asarray(row_gain, dtype=np.float64)
-        if len(gain) != n:
-            gain = np.zeros(n)
-        top, rand = self._host
-        flat = (rows if rows.dtype == top.rows.dtype else rows.to(top.rows.dtype)).numpy().reshape(n, top.flat.shape[1])  # a view where contiguous
-        if len(self._keys) < n:
-            self._keys = np.empty(n)
-        offer(gain, flat, first_row, samples, batch, self._mix, self._keys[:n],
-              top.heap, top.fill, top.score, top.ids, top.flat, rand.heap, rand.fill, rand.score, rand.ids, rand.flat)
+        keys = self._keys
+        if len(keys) < n:
+            keys = self._keys = np.empty(n)
+        samples = max(samples, 1)
+        offer(row_gain if len(row_gain) == n else np.zeros(n), rows.astype(dtype, copy=False).reshape(n, -1),  # a view where contiguous, widened exactly where narrow
+              first_input * samples, samples, batch, self._mix, keys[:n], *args)
 
-    def _wrong_shape(self, rows: Tensor, n: int | None = None) -> bool:
-        """Whether rows of another parameter shape than those kept came (counted as skipped, not mixed into one probe tensor)."""
+    def _start_host(self, rows: np.ndarray) -> None:
+        """The CPU's halves, holding what the reservoir kept so far (rows of the kept shape, else of ``rows``')."""
+        like = torch.from_numpy(rows[:1])
+        shape = self._row_shape() or tuple(like.shape[1:])
+        like = like.new_empty((1, *shape))
+        k_top, k_rand = self.capacity(like.numel())
+        self._host = top, rand = _Half.of(self._top, k_top, like), _Half.of(self._rand, k_rand, like)
+        self._offer_args = (shape, top.flat.dtype, (top.heap, top.fill, top.score, top.ids, top.flat, rand.heap, rand.fill, rand.score, rand.ids, rand.flat))
+        self._top = self._rand = None
+        self._next_id = None  # stored in slots, not in sorted order: a device path after this sorts by id
+
+    def _wrong_shape(self, row_shape: tuple[int, ...], n: int) -> bool:
+        """Whether ``n`` rows of another parameter shape than those kept came (counted as skipped, not mixed into one probe tensor)."""
         shape = self._row_shape()
-        if shape is not None and shape != tuple(rows.shape[1:]):
-            self.skipped += rows.shape[0] if n is None else n
+        if shape is not None and shape != tuple(row_shape):
+            self.skipped += n
             return True
         return False
 

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .binning import GAIN_EDGES, INPUT_EDGES, GainBins, histogram_quantiles
 from .gains import GainStats, settle_inputs, summarize
-from .host_kernels import NB, NI, layer_sums, site_counts
+from .host_kernels import NB, NI, host_array, layer_sums, site_counts
 from .layer_stats import LayerStats, layer_device
 from .layout import Sampling
 from .reservoir import ParamReservoir
@@ -47,13 +47,16 @@ from .scratch import Scratch
 __all__ = ["Tracer", "layer_table"]
 
 _CLOSE_INPUTS = 32  # inputs of closed passes whose figures are worked out together
-_HOST_GAINS = (torch.float32, torch.float16, torch.bfloat16)  # float32 or widened to it exactly
+_HOST_GAINS = (np.dtype(np.float32), np.dtype(np.float16))  # float32 or widened to it exactly (bfloat16 is, by host_array)
 _HOST_COUNTS = ("counts", NI + 2)  # a pass's per-input coarse counts from the compiled loop (g ≤ 0 and +inf at the ends)
 
 
-def _compiled(t: Tensor) -> bool:
-    """Whether the CPU's compiled loops read ``t`` (tensor operations read it on any other device)."""
-    return t.is_cpu
+def _inputs(shape: torch.Size, samples: int) -> int:
+    """Inputs in a layer's batch of ``shape`` (rows input-major, K a input; a batch that is not whole inputs is one)."""
+    if not shape:
+        return 1
+    n = max(1, shape[0] // samples)
+    return 1 if shape[0] % n else n
 
 
 class _HostScratch:
@@ -62,6 +65,7 @@ class _HostScratch:
     def __init__(self) -> None:
         self.table = GainBins(GAIN_EDGES, torch.device("cpu")).table.numpy()  # built once a process
         self.hist = np.zeros((4, NB + 2), dtype=np.int32)  # a call's counts
+        self.first = np.zeros(NB + 2, dtype=np.int64)  # an input's first row's counts, when its rows repeat it
         self.conv = np.zeros(2, dtype=np.int32)
         self.convf = self.conv.view(np.float32)
         self._rows = np.empty(0)
@@ -94,6 +98,7 @@ class Tracer:
         self._input_gain: list[dict] = []  # per input, over all sites: min, p50, p99, max
         self._closed: list[tuple[dict, int]] = []  # passes ended whose inputs' figures are not read yet: (figures so far, inputs)
         self._batch: dict[str, Any] = {}  # the pass in progress: per-input extremes and counts
+        self._pass_host: tuple[np.ndarray, ...] | None = None  # those of _batch the compiled loop adds to
         self._work = Scratch()
         self._host = _HostScratch()
         self._inputs_seen = self._batches_seen = 0
@@ -137,57 +142,65 @@ class Tracer:
 
     # -- Observer -------------------------------------------------------------
     def layer(self, name: str, x: Tensor) -> None:
-        n = max(1, x.shape[0] // self.sampling.samples) if x.dim() else 1
-        if x.dim() and x.shape[0] % n:
-            n = 1
         stats = self._layers.get(name)
         if stats is None:
             stats = self._layers[name] = LayerStats()
-        if _compiled(x) and x.dtype == torch.float32 and x.numel():  # the compiled loop, at the call
-            v = (x.detach() if x.requires_grad else x).reshape(-1).numpy()  # a view where contiguous
+        v = host_array(x)
+        if v is not None and v.dtype == np.float32 and v.size:  # the compiled loop, at the call
+            n = _inputs(v.shape, self.sampling.samples)
+            v = v.reshape(-1)  # a view where contiguous
             h = self._host
             layer_sums(v, v.view(np.int32), n, stats.host_acc(), h.conv, h.convf)
         else:  # another device or dtype (LayerStats.add skips empty tensors)
-            stats.add(x, n, self._work)
+            stats.add(x, _inputs(x.shape, self.sampling.samples), self._work)
 
     def site(self, name: str, gain: Tensor, params: Any) -> None:
-        rows = params.detach() if _param_rows(params) else None
+        g = host_array(gain)
+        if g is not None and g.dtype in _HOST_GAINS and g.size:
+            rows = host_array(params) if isinstance(params, Tensor) else None
+            if rows is not None or not isinstance(params, Tensor):  # parameters on the CPU too, or none
+                self._site_host(name, g, rows if rows is not None and rows.ndim and len(rows) else None)
+                return
         g = gain.detach()
-        if _compiled(g) and g.dtype in _HOST_GAINS and g.numel() and (rows is None or rows.device.type == "cpu"):
-            self._site_host(name, g, rows)
-            return
         p = summarize(g, self.sampling.samples, self._work)  # one read of the gains for every statistic
         self._gains.setdefault(name, GainStats()).add_pass(p)
-        self._keep_params(name, params, p.row_max, self._inputs_seen, self._batches_seen)
+        if _param_rows(params):
+            self._reservoir(name).add(params, p.row_max, self._inputs_seen, self.sampling.samples, self._batches_seen)
         self._add_inputs(self._batch, p.input_max, p.input_min, p.input_counts)
 
-    def _site_host(self, name: str, g: Tensor, rows: Tensor | None) -> None:
+    def _site_host(self, name: str, g: np.ndarray, rows: np.ndarray | None) -> None:
         """A CPU call: binned and counted by the compiled loop (:func:`~flowaudit.host_kernels.site_counts`),
-        its rows offered to the reservoir by another (:meth:`ParamReservoir.add`)."""
-        r = g.shape[0] if g.dim() else 1
+        its rows offered to the reservoir by another (:meth:`ParamReservoir.add_host`)."""
+        r = len(g) if g.ndim else 1
         k = self.sampling.samples
         if not k or r % k or r < k:  # not whole inputs: the call is one input
             k = r
-        n = r // k
-        flat = g.float().numpy().reshape(-1)  # a view where contiguous
+        flat = g.reshape(-1)  # a view where contiguous
+        if flat.dtype != np.float32:
+            flat = flat.astype(np.float32)  # float16, widened exactly
         stats = self._gains.get(name)
         if stats is None:
             stats = self._gains[name] = GainStats()
-        every, ext = stats.host_arrays()
         h = self._host
         row_max, idx = h.rows(r), h.idx(flat.size // r)
+        mine = self._pass_host
+        if mine is None or len(mine[1]) != r // k or mine[1] is not self._batch.get("max"):  # the pass's first call, or other inputs
+            mine = self._start_pass_host(r // k)
+        site_counts(flat.view(np.int32), flat, k, h.table, *stats.host_arrays(), *mine, row_max, h.hist, idx, h.first, h.conv, h.convf)
+        if mine is not self._pass_host:  # figures of its own, folded in
+            self._add_inputs(self._batch, mine[1], mine[2], torch.from_numpy(mine[0]))
+        if rows is not None:
+            self._reservoir(name).add_host(rows, row_max, self._inputs_seen, self.sampling.samples, self._batches_seen)
+
+    def _start_pass_host(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-input coarse counts and extremes of ``n`` inputs for the compiled loop to add to: the pass's own
+        when it has none yet (:attr:`_pass_host`), else a call's own, folded in after it."""
+        mine = (np.zeros((n, NI + 2), dtype=np.int64), np.full(n, -math.inf), np.full(n, math.inf))
         b = self._batch
-        counts = b.get(_HOST_COUNTS)
-        if counts is not None and len(counts) == n and isinstance(counts, np.ndarray) and isinstance(b["max"], np.ndarray):
-            site_counts(flat.view(np.int32), flat, k, h.table, every, ext, counts, b["max"], b["min"], row_max, h.hist, idx, h.conv, h.convf)
-        else:  # the pass's first call, or one whose inputs differ: figures of its own, folded in
-            mine = (np.zeros((n, NI + 2), dtype=np.int64), np.full(n, -math.inf), np.full(n, math.inf))
-            site_counts(flat.view(np.int32), flat, k, h.table, every, ext, *mine, row_max, h.hist, idx, h.conv, h.convf)
-            if "max" in b or _HOST_COUNTS in b:
-                self._add_inputs(b, mine[1], mine[2], torch.from_numpy(mine[0]))
-            else:
-                b[_HOST_COUNTS], b["max"], b["min"] = mine
-        self._keep_params(name, rows, row_max, self._inputs_seen, self._batches_seen)
+        if "max" not in b and _HOST_COUNTS not in b:
+            b[_HOST_COUNTS], b["max"], b["min"] = mine
+            self._pass_host = mine
+        return mine
 
     @staticmethod
     def _add_inputs(b: dict, input_max: Any, input_min: Any, counts: Tensor) -> None:
@@ -208,10 +221,6 @@ class Tracer:
             b[h] = b[h] + counts
 
     # -- bookkeeping ----------------------------------------------------------
-    def _keep_params(self, name: str, params: Any, row_gain: Tensor | np.ndarray, first_input: int, batch: int) -> None:
-        if _param_rows(params):
-            self._reservoir(name).add(params, row_gain, first_input, self.sampling.samples, batch)
-
     def _reservoir(self, name: str) -> ParamReservoir:
         r = self.reservoirs.get(name)
         if r is None:  # keys drawn from (seed, site, row): the same rows whatever the batches, shards or ranks
@@ -224,7 +233,7 @@ class Tracer:
         self._closed.append((self._batch, n_inputs))
         if sum(n for _, n in self._closed) >= _CLOSE_INPUTS:
             self._figure_closed()
-        self._batch = {}
+        self._batch, self._pass_host = {}, None
         self._inputs_seen += n_inputs
         self._batches_seen += 1
 

@@ -72,7 +72,7 @@ def _traced(compiled: bool, passes: list, monkeypatch) -> Tracer:
     """A tracer fed ``passes`` of (layer values, gains, params): by the CPU's compiled loops or by tensor operations."""
     with monkeypatch.context() as m:
         if not compiled:
-            m.setattr("flowaudit.trace._compiled", lambda t: False)
+            m.setattr("flowaudit.trace.host_array", lambda t: None)
         tracer = Tracer(Sampling(4, 0.9, 0), param_budget=200)
         for x, gain, params in passes:
             tracer.layer("a", x)
@@ -120,6 +120,23 @@ def test_compiled_loops_equal_tensor_operations(junk, monkeypatch):
             gain[-1, 0] = math.nan  # a row of NaN where the float16 site reads
             x[0, 0, 0, 0], x[1, 1, 1, 1], x[2, 0, 3, 3] = math.inf, math.nan, -math.inf
         passes.append((x, gain, torch.randn(4 * n, 12, generator=g)))
+    _assert_same_figures(_traced(True, passes, monkeypatch), _traced(False, passes, monkeypatch))
+
+
+def test_rows_that_repeat_their_input_s_first_count_as_it(monkeypatch):
+    """Rows equal bit for bit to their input's first row (a site whose parameters come from the condition alone)
+    are counted as that row without being binned again: the figures of the tensor operations, also where only some
+    rows repeat, where the first repeat comes late, and where the repeated row holds Inf, NaN of either sign and 0."""
+    g = torch.Generator().manual_seed(6)
+    passes = []
+    for n in (1, 4):
+        x = torch.randn(4 * n, 3, 70, 30, generator=g)
+        gain = (torch.randn(n, 1, 6, 100, generator=g) * 3).exp().repeat(1, 4, 1, 1)  # every row repeats the first
+        if n == 4:
+            gain[1, 2] *= 1.5  # the third row differs
+            gain[2, 1] *= 2  # the second differs: the third and fourth, equal to the first, are binned
+            gain[3, :, 0, :4] = torch.tensor([math.inf, math.nan, -math.nan, 0.0])  # a repeated row of junk
+        passes.append((x, gain.reshape(4 * n, 6, 100), torch.randn(4 * n, 12, generator=g)))
     _assert_same_figures(_traced(True, passes, monkeypatch), _traced(False, passes, monkeypatch))
 
 
