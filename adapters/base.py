@@ -272,3 +272,42 @@ class Adapter(ABC):
     def layer_names(self) -> list[str]:
         """Names of the inverse pass's layers, in the order :meth:`sample` reports them."""
         return []
+
+
+class HookedAdapter(Adapter):
+    """An adapter whose observed passes report through hooks (or wrapped methods): :meth:`_hooks` puts them on
+    the model. A pass with an observer puts them on for itself; an :meth:`observing` block puts them on once
+    for all its passes, and they report only the passes that name the block's observer (``live``)."""
+
+    _held: tuple[Observer, list[bool]] | None = None  # the observer of an observing block, and whether a pass of it runs
+
+    @abstractmethod
+    def _hooks(self, observer: Observer, live: list[bool]) -> contextlib.AbstractContextManager:
+        """The hooks of an observed pass, reporting to ``observer`` while ``live[0]``; removed on exit."""
+
+    def _observed(self, observer: Observer, run: Callable[[], Tensor]) -> Tensor:
+        """``run()``, an inverse pass, reporting to ``observer``: through the block's hooks if it is the block's."""
+        held = self._held
+        if held is not None and held[0] is observer:
+            held[1][0] = True
+            try:
+                return run()
+            finally:
+                held[1][0] = False
+        with self._hooks(observer, [True]):
+            return run()
+
+    @contextlib.contextmanager
+    def observing(self, observer: Observer) -> Iterator[None]:
+        """Hooks put on once for the block; they report only :meth:`sample` calls that name ``observer``."""
+        if self._held is not None:  # already holding one: calls with this observer hook themselves
+            yield
+            return
+        live = [False]
+        with self._hooks(observer, live):
+            self._held = (observer, live)
+            try:
+                yield
+            finally:
+                self._held = None
+

@@ -89,7 +89,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, Observer, Site, elementwise_derivative
+from .base import Adapter, HookedAdapter, Observer, Site, elementwise_derivative
 from .hooks import HookError, first_tensor
 
 __all__ = ["site", "CustomSite", "CustomAdapter", "KINDS", "matches", "make"]
@@ -291,13 +291,13 @@ def _watching(sites: Sequence[CustomSite], fn: Callable[[CustomSite, tuple, Any]
                 signature = None
             if s.method == "forward":
                 stack.callback(s.module.register_forward_hook(hook(s, signature), with_kwargs=True).remove)
-            else:  # a method the hooks never see: wrapped on this instance, for this pass only
+            else:  # a method the hooks never see: wrapped on this instance while watched
                 stack.callback(restore, s.module, s.method, s.method in vars(s.module), vars(s.module).get(s.method))
                 object.__setattr__(s.module, s.method, wrap(s, method, signature))
         yield
 
 
-class CustomAdapter(Adapter):
+class CustomAdapter(HookedAdapter):
     """Adapter of a flow of one's own, from its declarations (see the module docstring).
 
     Args:
@@ -429,23 +429,27 @@ class CustomAdapter(Adapter):
         with _preserved_training(self.model):
             if observer is None:
                 return self._inverse(z, y)
+            return self._observed(observer, lambda: self._inverse(z, y))
 
-            called = self._called = self._called if self._called is not None else set()
+    def _hooks(self, observer: Observer, live: list[bool]) -> contextlib.AbstractContextManager:
+        """Every site's target watched (:func:`_watching`), reporting to ``observer`` while ``live[0]``."""
+        called = self._called = self._called if self._called is not None else set()
 
-            def on_call(s: CustomSite, args: tuple, output: Any) -> None:
-                got = s.read(s.module, args, output)
-                if got is None:
-                    return
-                called.add(s.name)
-                x, params = got
-                x = x.detach()
-                packed = s._pack(x, params)
-                gain = 1.0 / s.c_prime(x, s._unpack(packed)).abs()
-                observer.site(s.name, gain, packed)
-                observer.layer(s.name, first_tensor(output).detach())
+        def on_call(s: CustomSite, args: tuple, output: Any) -> None:
+            if not live[0]:
+                return
+            got = s.read(s.module, args, output)
+            if got is None:
+                return
+            called.add(s.name)
+            x, params = got
+            x = x.detach()
+            packed = s._pack(x, params)
+            gain = 1.0 / s.c_prime(x, s._unpack(packed)).abs()
+            observer.site(s.name, gain, packed)
+            observer.layer(s.name, first_tensor(output).detach())
 
-            with _watching(self._sites, on_call):
-                return self._inverse(z, y)
+        return _watching(self._sites, on_call)
 
     def forward(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
         with _preserved_training(self.model):

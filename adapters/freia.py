@@ -57,7 +57,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, Observer, Site, affine_kind
+from .base import HookedAdapter, Observer, Site, affine_kind
 from .hooks import first_tensor, hooked
 
 __all__ = ["AffineHalfSite", "UnknownSite", "FrEIAAdapter", "matches", "make"]
@@ -246,7 +246,7 @@ _CONSTANT_JACOBIAN = frozenset({
 })
 
 
-class FrEIAAdapter(Adapter):
+class FrEIAAdapter(HookedAdapter):
     """Adapter of a FrEIA ``SequenceINN`` or ``GraphINN`` with one condition, standard-normal latents."""
 
     family = "freia"
@@ -312,24 +312,35 @@ class FrEIAAdapter(Adapter):
     def sample(self, y: Tensor, latents: list[Tensor], observer: Observer | None = None) -> Tensor:
         if observer is None:
             return self._run(latents, y, rev=True)[0][0]
+
+        def run() -> Tensor:
+            for s in self._sites:
+                if isinstance(s, AffineHalfSite):
+                    s._pending = {}
+            return self._run(latents, y, rev=True)[0][0]
+
+        return self._observed(observer, run)
+
+    def _hooks(self, observer: Observer, live: list[bool]) -> contextlib.ExitStack:
+        """Hooks on every site's subnetworks and every block, reporting to ``observer`` while ``live[0]``."""
         owner = {m: s for s in self._sites if isinstance(s, AffineHalfSite) for m in s.roles}
-        for s in self._sites:
-            if isinstance(s, AffineHalfSite):
-                s._pending = {}
 
         def on_subnet(name: str, args: tuple, kwargs: dict, output: Any) -> None:
-            site = owner[name]
-            got = site.feed(name, first_tensor(output))
-            if got is not None:
-                observer.site(site.name, *got)
+            if live[0]:
+                site = owner[name]
+                got = site.feed(name, first_tensor(output))
+                if got is not None:
+                    observer.site(site.name, *got)
 
         def on_layer(name: str, args: tuple, kwargs: dict, output: Any) -> None:
-            observer.layer(name, first_tensor(output).detach())
+            if live[0]:
+                observer.layer(name, first_tensor(output).detach())
 
-        with contextlib.ExitStack() as stack:
+        stack = contextlib.ExitStack()
+        with stack:  # a failed registration removes those made
             stack.enter_context(hooked(self.model, list(owner), on_subnet))
             stack.enter_context(hooked(self.model, self.layer_names(), on_layer))
-            return self._run(latents, y, rev=True)[0][0]
+            return stack.pop_all()
 
     def forward(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
         return self._run([x], y, rev=False)

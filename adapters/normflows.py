@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, Observer, Site, affine_kind
+from .base import HookedAdapter, Observer, Site, affine_kind
 from .hooks import first_tensor, hooked
 
 __all__ = ["AutoregressiveAffineSite", "CouplingSplineSite", "AutoregressiveSplineSite", "ConstantSplineSite",
@@ -316,7 +316,7 @@ def _condition_shape(model: nn.Module) -> tuple[int, ...]:
     raise TypeError("cannot tell the condition shape of this ConditionalNormalizingFlow: set model.condition_shape")
 
 
-class NormflowsAdapter(Adapter):
+class NormflowsAdapter(HookedAdapter):
     """Adapter of a normflows ``ConditionalNormalizingFlow`` with a ``DiagGaussian`` or ``ConditionalDiagGaussian`` base."""
 
     family = "normflows"
@@ -379,30 +379,40 @@ class NormflowsAdapter(Adapter):
         if observer is None:
             mu, log_sigma = self._base(y)
             return self.model.forward(mu + torch.exp(log_sigma) * eps, context=y)
-        net_sites = {s.net: s for s in self._sites if isinstance(s, _NetSite) and s.net}
-        for s in net_sites.values():
-            s.start()
+        return self._observed(observer, lambda: self._observed_pass(y, eps, observer))
+
+    def _hooks(self, observer: Observer, live: list[bool]) -> contextlib.AbstractContextManager:
+        """Hooks on the sites' parameter networks, keeping their last output while ``live[0]``."""
+        net_sites = self._net_sites()
 
         def on_net(name: str, args: tuple, kwargs: dict, output: Any) -> None:
-            net_sites[name].on_net(first_tensor(output))
+            if live[0]:
+                net_sites[name].on_net(first_tensor(output))
 
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(hooked(self.model, list(net_sites), on_net))
-            mu, log_sigma = self._base(y)
-            z = mu + torch.exp(log_sigma) * eps
-            if self._prior is not None:
-                observer.site(self._prior.name, torch.exp(log_sigma).detach().expand_as(z),
-                              torch.stack([mu, log_sigma], 1).detach())
-            observer.layer("q0", z.detach())
-            for name, flow in zip(self._flow_names, self.model.flows):
-                z_in = z
-                z, _ = flow(z, context=y)  # normflows' forward: the sampling direction
-                for site in reversed(self._by_flow[name]):  # sampling visits a flow's sites in reverse
-                    if isinstance(site, _NetSite):
-                        gain, params = site.read(z_in, z)
-                        observer.site(site.name, gain.detach(), params.detach())
-                observer.layer(name, z.detach())
-            return z
+        return hooked(self.model, list(net_sites), on_net)
+
+    def _net_sites(self) -> dict[str, _NetSite]:
+        return {s.net: s for s in self._sites if isinstance(s, _NetSite) and s.net}
+
+    def _observed_pass(self, y: Tensor, eps: Tensor, observer: Observer) -> Tensor:
+        """The sampling pass reporting to ``observer``, under the hooks of :meth:`_hooks`."""
+        for s in self._net_sites().values():
+            s.start()
+        mu, log_sigma = self._base(y)
+        z = mu + torch.exp(log_sigma) * eps
+        if self._prior is not None:
+            observer.site(self._prior.name, torch.exp(log_sigma).detach().expand_as(z),
+                          torch.stack([mu, log_sigma], 1).detach())
+        observer.layer("q0", z.detach())
+        for name, flow in zip(self._flow_names, self.model.flows):
+            z_in = z
+            z, _ = flow(z, context=y)  # normflows' forward: the sampling direction
+            for site in reversed(self._by_flow[name]):  # sampling visits a flow's sites in reverse
+                if isinstance(site, _NetSite):
+                    gain, params = site.read(z_in, z)
+                    observer.site(site.name, gain.detach(), params.detach())
+            observer.layer(name, z.detach())
+        return z
 
     def forward(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
         """Encode x → ε: the flows' ``inverse`` (normflows' encode direction), then the base's affine map."""

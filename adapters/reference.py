@@ -6,15 +6,14 @@ Their sites are the parameter-free
 ``exp(ladj)`` is the inverse gain ``1/c'`` at the visited point and ``h`` the
 parameters the conditioner produced there. One forward hook per site and per
 traced layer reads both, registered for an observed pass or once for an
-:meth:`~ReferenceAdapter.observing` block of them; no model code knows it is
-being audited.
+observing block of them (:class:`~flowaudit.adapters.base.HookedAdapter`); no
+model code knows it is being audited.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -24,7 +23,7 @@ from .hooks import first_tensor, hooked
 from flowaudit.reference_models import ReferenceFlow
 from flowaudit.reference_models.couplings import Elementwise
 
-from .base import Adapter, Observer, Site, keeps_graph
+from .base import HookedAdapter, Observer, Site, keeps_graph
 
 __all__ = ["ElementwiseSite", "ReferenceAdapter", "matches", "make"]
 
@@ -82,7 +81,7 @@ class ElementwiseSite(Site):
         return ladj.exp(), h.detach()
 
 
-class ReferenceAdapter(Adapter):
+class ReferenceAdapter(HookedAdapter):
     """Adapter of a :class:`ReferenceFlow`."""
 
     family = "reference"
@@ -92,7 +91,6 @@ class ReferenceAdapter(Adapter):
         self.task = model.task
         self.scale = int(model.config.get("scale", 1))
         self._sites = [ElementwiseSite(n, m) for n, m in model.named_modules() if isinstance(m, Elementwise)]
-        self._held: tuple[Observer, list[bool]] | None = None  # the observer of an :meth:`observing` block, and whether a call of it runs
 
     @property
     def condition_shape(self) -> tuple[int, ...]:
@@ -133,29 +131,7 @@ class ReferenceAdapter(Adapter):
     def sample(self, y: Tensor, latents: list[Tensor], observer: Observer | None = None) -> Tensor:
         if observer is None:
             return self.model.reverse(latents, y)
-        held = self._held
-        if held is not None and held[0] is observer:  # the hooks of the observing block report this call
-            held[1][0] = True
-            try:
-                return self.model.reverse(latents, y)
-            finally:
-                held[1][0] = False
-        with self._hooks(observer, [True]):
-            return self.model.reverse(latents, y)
-
-    @contextlib.contextmanager
-    def observing(self, observer: Observer) -> Iterator[None]:
-        """Hooks registered once for the block; they report only :meth:`sample` calls that name ``observer``."""
-        if self._held is not None:  # already holding one: calls with this observer hook themselves
-            yield
-            return
-        live = [False]
-        with self._hooks(observer, live):
-            self._held = (observer, live)
-            try:
-                yield
-            finally:
-                self._held = None
+        return self._observed(observer, lambda: self.model.reverse(latents, y))
 
     def _hooks(self, observer: Observer, live: list[bool]) -> contextlib.ExitStack:
         """The hooks of every site and traced layer, reporting to ``observer`` while ``live[0]``."""

@@ -12,9 +12,10 @@ what the hooks and the adapter's reads — ``exp`` of the log-determinant into g
 the tracer does anything) and *bare again* (an A/A check of the protocol). Each way runs on its own
 copy of the model (:func:`shard_rounds`), so that one way's held hooks leave the others' passes
 unhooked, and the ways take turns pass by pass, the order rotating. A round is the whole shard each
-way; the figure is the best of ``--repeats`` rounds' shard times each, after one warm-up round, and
-the ratios are audited / bare (goal, issue 12: ≤ 1.05 on SR and low-light), floor / bare and bare
-again / bare.
+way, after one warm-up round. Two figures per ratio: the best of ``--repeats`` rounds' shard times
+each, and the median [quartiles] over rounds of the ratio within a round (the ways' passes
+interleave, so a round's ratio cancels a drift of the machine the bests do not). The ratios are
+audited / bare (goal, issue 12: ≤ 1.05 on SR and low-light), floor / bare and bare again / bare.
 
 Two modes, as a scan runs them:
 
@@ -24,7 +25,8 @@ Two modes, as a scan runs them:
 Models (K samples per input):
 
 * toy affine / modified-rq-spline (bundled): K = 10;
-* SR affine / modified-rq-spline (built, seed 0, patch 32): LR inputs of 8×8, K = 8 (samples of 32×32);
+* SR affine / modified-rq-spline (bundled, trained): LR inputs of 8×8, K = 8 (samples of 32×32) — until
+  2026-12-03 an untrained model of the same architecture, whose every site had a single gain value;
 * low-light affine / modified-rq-spline (bundled): inputs of 32×32, K = 8.
 
 Run: ``python benchmarks/bench_audit.py [--repeats 5] [--runs 2] [--clock cpu] [--modes exact,batched]``.
@@ -36,6 +38,7 @@ import argparse
 import contextlib
 import copy
 import platform
+import statistics
 import time
 from collections.abc import Callable
 
@@ -121,17 +124,22 @@ def shard_rounds(model, y: torch.Tensor, k: int, inputs_per_pass: int, repeats: 
     return times, obs
 
 
-def measure(model, y: torch.Tensor, k: int, inputs_per_pass: int, repeats: int, clock) -> tuple[float, float, float, float]:
-    """Best-of-``repeats`` shard seconds: bare, audited, floor and bare again (an A/A check of the protocol)."""
+def measure(model, y: torch.Tensor, k: int, inputs_per_pass: int, repeats: int, clock) -> dict[str, list[float]]:
+    """Per way (bare, audited, floor and bare again, an A/A check of the protocol), its shard seconds in each round."""
     sampling = Sampling(k, 0.9, 0)
     arms = {"bare": None, "audited": lambda: Tracer(sampling).start_at(0, 0), "floor": Nothing, "bare again": None}
-    times, _ = shard_rounds(model, y, k, inputs_per_pass, repeats, clock, arms)
-    return tuple(min(times[name]) for name in arms)
+    return shard_rounds(model, y, k, inputs_per_pass, repeats, clock, arms)[0]
+
+
+def paired(times: dict[str, list[float]], name: str) -> str:
+    """Median [quartiles] over rounds of ``name``'s shard time over bare's in the same round."""
+    q1, med, q3 = statistics.quantiles([a / b for a, b in zip(times[name], times["bare"])], n=4)
+    return f"{med:.3f} [{q1:.3f}, {q3:.3f}]"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=5, help="timed shards of each (best of)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed rounds (best of; and the median of per-round ratios)")
     ap.add_argument("--runs", type=int, default=1, help="repeat the whole benchmark to show the spread")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -147,14 +155,17 @@ def main() -> None:
     if args.only:
         work = {key: w for key, w in work.items() if key[0] in args.only.split(",")}
     print(f"{'run':>3} {'model':<9} {'coupling':<20} {'mode':<8} {'samples/pass':>12} {'bare shard ms':>14} {'audited ms':>11} "
-          f"{'audit/bare':>11} {'floor/bare':>11} {'bare/bare':>10}")
+          f"{'audit/bare':>11} {'floor/bare':>11} {'bare/bare':>10}   per round, median [quartiles]: {'audit/bare':<22} "
+          f"{'floor/bare':<22} bare/bare")
     for run in range(1, args.runs + 1):
         for (family, kind), (model, y, k) in work.items():
             for mode in args.modes.split(","):
                 per_pass = 1 if mode == "exact" else BATCHED_INPUTS
-                bare, audited, floor, again = measure(model, y, k, per_pass, args.repeats, clock)
+                times = measure(model, y, k, per_pass, args.repeats, clock)
+                bare, audited, floor, again = (min(t) for t in times.values())
                 print(f"{run:>3} {family:<9} {kind:<20} {mode:<8} {per_pass * k:>12} {1e3 * bare:14.1f} {1e3 * audited:11.1f} "
-                      f"{audited / bare:11.3f} {floor / bare:11.3f} {again / bare:10.3f}", flush=True)
+                      f"{audited / bare:11.3f} {floor / bare:11.3f} {again / bare:10.3f}   {'':<31}"
+                      f"{paired(times, 'audited'):<22} {paired(times, 'floor'):<22} {paired(times, 'bare again')}", flush=True)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ _HOST_COUNTS = ("counts", NI + 2)  # a pass's per-input coarse counts from the c
 
 
 def _inputs(shape: torch.Size, samples: int) -> int:
-    """Inputs in a layer's batch of ``shape`` (rows input-major, K a input; a batch that is not whole inputs is one)."""
+    """Inputs in a batch of ``shape`` (rows input-major, K an input; a batch that is not whole inputs is one)."""
     if not shape:
         return 1
     n = max(1, shape[0] // samples)

@@ -118,48 +118,6 @@ def test_failure_leaves_no_hook_and_restores_training_flag():
         assert not m._forward_hooks and not m._forward_hooks_with_kwargs
 
 
-def test_an_observing_block_hooks_once_and_reports_only_its_observer(monkeypatch):
-    """Within ``adapter.observing(obs)`` the hooks are registered once: calls naming ``obs`` report what a call
-    that hooks itself reports, bare calls and another observer's calls report nothing to it, and the hooks are
-    gone when the block ends."""
-    from flowaudit.adapters import adapt
-    from flowaudit.layout import Sampling
-    from flowaudit.trace import Tracer
-
-    torch.manual_seed(0)
-    model = Toy2D(coupling="affine", hidden=16, depth=2, zero_init=False).eval()
-    adapter = adapt(model)
-    y = toy_data(16, seed=3)[1]
-    z = adapter.sample_latents(y, 0.9, torch.Generator().manual_seed(0))
-    passes = [(y[i : i + 4], [t[i : i + 4] for t in z]) for i in range(0, 16, 4)]
-    registered = []
-    register = nn.Module.register_forward_hook
-    monkeypatch.setattr(nn.Module, "register_forward_hook", lambda self, *a, **k: registered.append(1) or register(self, *a, **k))
-    by_call, held, other = (Tracer(Sampling(4, 0.9, 0)) for _ in range(3))
-    with torch.no_grad():
-        for yp, zp in passes:
-            adapter.sample(yp, zp, observer=by_call)
-            by_call.end_batch(1)
-        per_pass = len(registered) // len(passes)
-        registered.clear()
-        with adapter.observing(held):
-            for yp, zp in passes:
-                adapter.sample(yp, zp, observer=held)
-                held.end_batch(1)
-                adapter.sample(yp, zp)
-                adapter.sample(yp, zp, observer=other)
-    assert per_pass > 0 and len(registered) == per_pass * (1 + len(passes))  # once for the block, every call of the other
-    a, b = by_call.state(), held.state()
-    assert a["input_gain"] == b["input_gain"] and a["layers"].keys() == b["layers"].keys()
-    for name in a["layers"]:
-        assert torch.equal(a["layers"][name], b["layers"][name])
-    for name in a["gains"]:
-        assert torch.equal(a["gains"][name]["counts"], b["gains"][name]["counts"])
-    assert other.layers.keys() == by_call.layers.keys()
-    for m in model.modules():
-        assert not m._forward_hooks and not m._forward_hooks_with_kwargs
-
-
 @pytest.fixture(scope="module")
 def toys():
     torch.manual_seed(0)

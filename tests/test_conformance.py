@@ -184,6 +184,43 @@ def test_observer_sees_every_sites_true_gain(case: Case):
     assert float(spread) < 1e-3, f"logdet + Σ log gain varies by {float(spread):.2e} along the batch"
 
 
+@pytest.mark.parametrize("case", PARAMS)
+def test_an_observing_block_reports_what_a_pass_reports(case: Case, monkeypatch):
+    """Inside ``adapter.observing(obs)`` a pass naming ``obs`` reports what a pass on its own reports (the same calls
+    in the same order, gains and parameters equal), bare passes and another observer's passes report nothing to it,
+    the samples are unchanged, the hooks are put on once for the block, and nothing is left after it."""
+    model = _model(case)
+    adapter = flowaudit.adapt(model)
+    y = _conditions(4)
+    latents = _latents(adapter, y)
+    hooks = _n_hooks(model)
+    registered = []
+    register = nn.Module.register_forward_hook
+    monkeypatch.setattr(nn.Module, "register_forward_hook", lambda self, *a, **k: registered.append(1) or register(self, *a, **k))
+    alone, held, other = Recorder(), Recorder(), Recorder()
+    with torch.no_grad():
+        x = adapter.sample(y, latents, observer=alone)
+        per_pass = len(registered)
+        registered.clear()
+        adapter.sample(y, latents)
+        per_bare = len(registered)  # hooks a library's own pass puts on (zuko's hyper-networks), observed or not
+        registered.clear()
+        with adapter.observing(held):
+            bare = adapter.sample(y, latents)
+            assert not held.layers and not held.gains
+            observed = adapter.sample(y, latents, observer=held)
+            adapter.sample(y, latents, observer=other)
+            adapter.sample(y, latents)
+    assert len(registered) == 2 * per_bare + 2 * per_pass  # two bare passes, the block's hooks once, the other observer's pass
+    assert torch.equal(bare, x) and torch.equal(observed, x)
+    assert held.layers == alone.layers == other.layers and held.gains.keys() == alone.gains.keys()
+    for name, gains in alone.gains.items():
+        assert len(held.gains[name]) == len(gains) == len(other.gains[name])
+        for a, b, pa, pb in zip(gains, held.gains[name], alone.params[name], held.params[name]):
+            assert torch.equal(a, b) and (torch.equal(pa, pb) if isinstance(pa, Tensor) else pa == pb), name
+    assert _n_hooks(model) == hooks
+
+
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("case", PARAMS)
 def test_no_trace_left(case: Case, training: bool):
