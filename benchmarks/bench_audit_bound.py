@@ -6,7 +6,8 @@ with these loops. The *kernels* observer calls the tracer's own compiled loops
 (:mod:`flowaudit.host_kernels`) at each call, with no copy, and nothing else:
 
 * site: :func:`~flowaudit.host_kernels.site_counts` — every gain binned and counted into the site's
-  histogram, the call's rows counted as one input, every row's largest and smallest gain;
+  histogram and its input's, every row's largest and smallest gain (rows that repeat their input's
+  first counted as it, as the tracer counts them);
 * layer: :func:`~flowaudit.host_kernels.layer_sums` — per input, the count of finite values,
   :math:`\sum v`, :math:`\sum v^2`, :math:`\max |v|` and the non-finite count, in chunks of 4096.
 
@@ -49,14 +50,17 @@ class Kernels:
         self.ext: dict[str, np.ndarray] = {}
         self.acc: dict[str, np.ndarray] = {}
         self.work = _HostScratch()  # the tracer's own temporaries and bit table
-        self.inputs = (np.zeros((1, NI + 2), dtype=np.int64), np.full(1, -np.inf), np.full(1, np.inf))
+        self.inputs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # per-input counts and extremes, by inputs a call
 
     def site(self, name: str, gain: torch.Tensor, params: object) -> None:
         g = gain.reshape(-1).numpy()
         rows, w = gain.shape[0], self.work
+        n = rows // self.samples
+        if n not in self.inputs:
+            self.inputs[n] = (np.zeros((n, NI + 2), dtype=np.int64), np.full(n, -np.inf), np.full(n, np.inf))
         if name not in self.every:
             self.every[name], self.ext[name] = np.zeros(NB + 2, dtype=np.int64), np.array([KEY_START, 0], dtype=np.int64)
-        site_counts(g.view(np.int32), g, rows, w.table, self.every[name], self.ext[name], *self.inputs, w.rows(rows),
+        site_counts(g.view(np.int32), g, self.samples, w.table, self.every[name], self.ext[name], *self.inputs[n], w.rows(rows),
                     w.hist, w.idx(g.size // rows), w.first, w.conv, w.convf)
 
     def layer(self, name: str, x: torch.Tensor) -> None:

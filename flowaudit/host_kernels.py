@@ -110,11 +110,14 @@ def _ends(hist):  # pragma: no cover - compiled
 
 @_jit
 def _same(bits, a, b, n):  # pragma: no cover - compiled
-    """Whether ``bits[a : a + n]`` and ``bits[b : b + n]`` are the same bits (in blocks that run on vector registers)."""
+    """Whether ``bits[a : a + n]`` and ``bits[b : b + n]`` are the same bits (in blocks that run on vector
+    registers: slices indexed from 0, which the compiler knows are in range)."""
+    x, y = bits[a : a + n], bits[b : b + n]
     for j0 in range(0, n, 256):
-        d = np.int32(0)
-        for j in range(j0, min(j0 + 256, n)):
-            d |= bits[a + j] ^ bits[b + j]
+        xs, ys = x[j0 : j0 + 256], y[j0 : j0 + 256]
+        d = 0
+        for j in range(len(xs)):
+            d |= xs[j] ^ ys[j]
         if d:
             return False
     return True
