@@ -16,9 +16,10 @@ tracer's running figures in place:
   smallest). Per input the site counts and the coarse counts (four site bins a coarse bin,
   :data:`~flowaudit.binning.INPUT_EDGES`) and its extremes; per site the smallest finite
   positive gain as the order key :math:`(b - 1) \oplus 2^{31}` of its bits (every other value's
-  key is above +inf's) and the largest as its bits.  Rows that repeat their input's first row bit for bit — a site whose
-  parameters come from the condition alone, the same for the input's K samples (SRFlow's affine
-  injector, its conditional prior) — are counted as that row again without being binned.
+  key is above +inf's) and the largest as its bits. Rows that repeat their input's first row bit
+  for bit — a site whose parameters come from the condition alone, the same for the input's K
+  samples (SRFlow's affine injector, its conditional prior) — are counted as that row again
+  without being binned.
 * :func:`layer_sums`, per input in chunks of 4096 (:mod:`flowaudit.layer_stats`): the count of
   finite values, :math:`\sum v`, :math:`\sum v^2` in float64 and :math:`\max |v|` from the bits
   (:math:`|v|` clears the sign bit), folded into the running five numbers one input after another.

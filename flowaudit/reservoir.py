@@ -159,9 +159,9 @@ class ParamReservoir:
             self._add_device(rows, row_gain, first_input, samples, batch)
 
     def add_host(self, rows: np.ndarray, row_gain: np.ndarray, first_input: int, samples: int, batch: int) -> None:
-        """:meth:`add` on the CPU, the rows as numpy (:func:`~flowaudit.host_kernels.host_array`) and their
-        gains as float64: offered by
-        the compiled loop (:func:`~flowaudit.host_kernels.offer`), which copies only the rows that enter."""
+        """:meth:`add` on the CPU, the rows as numpy (:func:`~flowaudit.host_kernels.host_array`) and their gains
+        as float64: offered by the compiled loop (:func:`~flowaudit.host_kernels.offer`), which copies only the
+        rows that enter."""
         n = len(rows)
         if not n:
             return
