@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -321,7 +321,8 @@ class FrEIAAdapter(HookedAdapter):
 
         return self._observed(observer, run)
 
-    def _hooks(self, observer: Observer, live: list[bool]) -> contextlib.ExitStack:
+    @contextlib.contextmanager
+    def _hooks(self, observer: Observer, live: list[bool]) -> Iterator[None]:
         """Hooks on every site's subnetworks and every block, reporting to ``observer`` while ``live[0]``."""
         owner = {m: s for s in self._sites if isinstance(s, AffineHalfSite) for m in s.roles}
 
@@ -336,11 +337,8 @@ class FrEIAAdapter(HookedAdapter):
             if live[0]:
                 observer.layer(name, first_tensor(output).detach())
 
-        stack = contextlib.ExitStack()
-        with stack:  # a failed registration removes those made
-            stack.enter_context(hooked(self.model, list(owner), on_subnet))
-            stack.enter_context(hooked(self.model, self.layer_names(), on_layer))
-            return stack.pop_all()
+        with hooked(self.model, list(owner), on_subnet), hooked(self.model, self.layer_names(), on_layer):
+            yield
 
     def forward(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
         return self._run([x], y, rev=False)

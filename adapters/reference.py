@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -133,7 +134,8 @@ class ReferenceAdapter(HookedAdapter):
             return self.model.reverse(latents, y)
         return self._observed(observer, lambda: self.model.reverse(latents, y))
 
-    def _hooks(self, observer: Observer, live: list[bool]) -> contextlib.ExitStack:
+    @contextlib.contextmanager
+    def _hooks(self, observer: Observer, live: list[bool]) -> Iterator[None]:
         """The hooks of every site and traced layer, reporting to ``observer`` while ``live[0]``."""
         by_name = {s.name: s for s in self._sites}
         keep = keeps_graph(observer)
@@ -148,11 +150,8 @@ class ReferenceAdapter(HookedAdapter):
             if live[0]:
                 observer.layer(name, first_tensor(output).detach())
 
-        stack = contextlib.ExitStack()
-        with stack:  # a failed registration removes those made
-            stack.enter_context(hooked(self.model, list(by_name), on_site))
-            stack.enter_context(hooked(self.model, self.layer_names(), on_layer))
-            return stack.pop_all()
+        with hooked(self.model, list(by_name), on_site), hooked(self.model, self.layer_names(), on_layer):
+            yield
 
     def forward(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
         return self.model(x, y)

@@ -109,7 +109,7 @@ class ParamReservoir:
         self._rand: tuple[Tensor, Tensor, Tensor] | None = None  # rows, key, ids
         self._next_id: int | None = 0  # every kept row id is below it (None: unknown)
         self._host: tuple[_Half, _Half] | None = None  # the CPU's halves (:meth:`_flush` turns them into _top, _rand)
-        self._offer_args: tuple = ()  # with the halves: their row shape, dtype and arrays (:meth:`_start_host`)
+        self._offer_args: tuple = ()  # with the halves: their dtype and arrays (:meth:`_start_host`)
         self._mix = salt_mix(salt)
         self._keys = np.empty(0)  # scratch: the random half's scores of a call's rows
 
@@ -167,10 +167,9 @@ class ParamReservoir:
             return
         if self._host is None:
             self._start_host(rows)
-        shape, dtype, args = self._offer_args
-        if rows.shape[1:] != shape:  # rows of another shape than those kept: counted, not mixed into one probe tensor
-            self.skipped += n
+        if self._wrong_shape(rows.shape[1:], n):
             return
+        dtype, args = self._offer_args
         self.rows_seen += n
         keys = self._keys
         if len(keys) < n:
@@ -186,14 +185,14 @@ class ParamReservoir:
         like = like.new_empty((1, *shape))
         k_top, k_rand = self.capacity(like.numel())
         self._host = top, rand = _Half.of(self._top, k_top, like), _Half.of(self._rand, k_rand, like)
-        self._offer_args = (shape, top.flat.dtype, (top.heap, top.fill, top.score, top.ids, top.flat, rand.heap, rand.fill, rand.score, rand.ids, rand.flat))
+        self._offer_args = (top.flat.dtype, (top.heap, top.fill, top.score, top.ids, top.flat, rand.heap, rand.fill, rand.score, rand.ids, rand.flat))
         self._top = self._rand = None
         self._next_id = None  # stored in slots, not in sorted order: a device path after this sorts by id
 
     def _wrong_shape(self, row_shape: tuple[int, ...], n: int) -> bool:
         """Whether ``n`` rows of another parameter shape than those kept came (counted as skipped, not mixed into one probe tensor)."""
         shape = self._row_shape()
-        if shape is not None and shape != tuple(row_shape):
+        if shape is not None and shape != tuple(row_shape):  # counted, not mixed into one probe tensor
             self.skipped += n
             return True
         return False

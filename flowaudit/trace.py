@@ -159,7 +159,7 @@ class Tracer:
         if g is not None and g.dtype in _HOST_GAINS and g.size:
             rows = host_array(params) if isinstance(params, Tensor) else None
             if rows is not None or not isinstance(params, Tensor):  # parameters on the CPU too, or none
-                self._site_host(name, g, rows if rows is not None and rows.ndim and len(rows) else None)
+                self._site_host(name, g, rows if _param_rows(rows) else None)
                 return
         g = gain.detach()
         p = summarize(g, self.sampling.samples, self._work)  # one read of the gains for every statistic
@@ -295,8 +295,8 @@ def _host(v: Tensor | np.ndarray) -> np.ndarray:
 
 
 def _param_rows(params: Any) -> bool:
-    """Whether a site call handed parameter rows the reservoir can keep (a tensor, one row per sample)."""
-    return isinstance(params, Tensor) and params.dim() > 0 and params.shape[0] > 0
+    """Whether a site call handed parameter rows the reservoir can keep (a tensor or its numpy view, one row per sample)."""
+    return isinstance(params, (Tensor, np.ndarray)) and params.ndim > 0 and params.shape[0] > 0
 
 
 def layer_table(names: Sequence[str], tracers: Sequence[Tracer], threshold: float) -> tuple[list[dict], str | None]:

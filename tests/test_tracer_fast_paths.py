@@ -184,6 +184,27 @@ def test_cpu_reservoir_keeps_rows_of_any_dtype(dtype):
     assert a.dtype == (dtype if dtype == torch.float64 else torch.float32 if dtype.is_floating_point else torch.float64)
 
 
+def test_rows_of_another_shape_are_counted_not_kept():
+    """On the CPU, rows whose shape differs from the rows kept are counted as skipped and never mixed in: the kept
+    rows are those of the right-shaped rows alone, also when the CPU's halves start from rows a device path kept."""
+    g = torch.Generator().manual_seed(5)
+    rows, other = torch.randn(16, 5, generator=g), torch.randn(8, 3, generator=g)
+    gain = torch.rand(16, generator=g).double()
+    host, alone, mixed = (ParamReservoir(40, salt=2) for _ in range(3))
+    host.add(rows[:8], gain[:8], 0, 4, 0)
+    host.add(other, gain[:8], 2, 4, 1)
+    host.add(rows[8:], gain[8:], 4, 4, 2)
+    alone.add(rows[:8], gain[:8], 0, 4, 0)
+    alone.add(rows[8:], gain[8:], 4, 4, 2)
+    mixed._add_device(rows[:8], gain[:8], 0, 4, 0)
+    mixed.add(other, gain[:8], 2, 4, 1)  # the CPU's halves start from the device path's rows: other's are skipped
+    assert host.skipped == mixed.skipped == 8 and alone.skipped == 0
+    assert host.rows_seen == alone.rows_seen == 16 and mixed.rows_seen == 8
+    for a, b in zip(host.kept(), alone.kept()):
+        assert torch.equal(a, b)
+    assert mixed.kept()[0].shape[1:] == (5,)
+
+
 def test_reservoir_keys_on_the_host_equal_the_device_keys():
     from flowaudit.host_kernels import salt_mix, split_mix
     from flowaudit.reservoir import uniform_keys
