@@ -12,8 +12,8 @@ tracer's running figures in place:
   bins in a row do not wait on each other). Positive float32 bits order like the values and
   :math:`o = b \oplus ((b \gg 31) \wedge (2^{31} - 1))` orders every float32 (NaN above +inf), so the
   extremes are integer extremes; a row with a gain that is not finite and positive is read
-  again by the definition (NaN counts as +inf in the row's largest gain and not in its
-  smallest). Per input the site counts and the coarse counts (four site bins a coarse bin,
+  again for the extremes of :math:`o` with selects, on vector registers (NaN counts as +inf in
+  the row's largest gain and not in its smallest). Per input the site counts and the coarse counts (four site bins a coarse bin,
   :data:`~flowaudit.binning.INPUT_EDGES`) and its extremes; per site the smallest finite
   positive gain as the order key :math:`(b - 1) \oplus 2^{31}` of its bits (every other value's
   key is above +inf's) and the largest as its bits. Rows that repeat their input's first row bit
@@ -27,8 +27,9 @@ tracer's running figures in place:
   registers: a chunk's sum is the same bits for the same values on one machine (the tree of a
   machine's vector width), whatever the batch — batch-invariant, as the device path's (whose
   association differs in the last bits). A chunk whose sum of squares is not finite holds Inf or
-  NaN and is summed again by the definition: finite values only, non-finite ones counted, +inf
-  in :math:`\max |v|`, NaN not.
+  NaN and is summed again with a select (on vector registers too, so that a pass that explodes
+  costs the audit no more than one that does not): finite values only, non-finite ones counted,
+  +inf in :math:`\max |v|`, NaN not.
 * :func:`offer`: the two halves of a parameter reservoir (:mod:`flowaudit.reservoir`), each a
   binary heap of its slots with the worst kept row (smallest score, then largest row id) at the
   root. A row enters when it beats the root, so the rows kept are the top k of all rows offered
@@ -124,11 +125,31 @@ def _same(bits, a, b, n):  # pragma: no cover - compiled
     return True
 
 
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _junk_row(bits, kmin, tmax):  # pragma: no cover - compiled
+    """A row's figures where not every gain is finite and positive: the NaNs with the sign bit set, the site's
+    smallest order key and largest finite positive bits so far, and the row's largest and smallest gain as
+    order keys :math:`o` (a NaN at +inf in the largest, left out of the smallest)."""
+    neg_nan = 0
+    k32, t32 = np.int32(2**31 - 1), np.int32(0)
+    omax, omin = np.int32(-(2**31)), np.int32(2**31 - 1)
+    for j in range(len(bits)):
+        b = bits[j]
+        nan = (b & 0x7FFFFFFF) > _INF_BITS
+        neg_nan += 1 if nan and b < 0 else 0
+        k32 = min(k32, np.int32(b - 1) ^ np.int32(-(2**31)))  # (b − 1) ⊕ 2^31, in int32
+        t32 = max(t32, b if b < _INF_BITS else np.int32(0))
+        o = b ^ ((b >> 31) & 0x7FFFFFFF)
+        omax = max(omax, np.int32(_INF_BITS) if nan else o)
+        omin = min(omin, np.int32(2**31 - 1) if nan else o)
+    return neg_nan, min(kmin, np.int64(k32)), max(tmax, np.int64(t32)), omax, omin
+
+
 @_jit
-def site_counts(bits, g, k, table, every, ext, in_counts, in_max, in_min, row_max, hist, idx, first_counts, conv, convf):  # pragma: no cover - compiled
+def site_counts(bits, k, table, every, ext, in_counts, in_max, in_min, row_max, hist, idx, first_counts, conv, convf):  # pragma: no cover - compiled
     """Bin and count one call's gains (module docstring).
 
-    ``bits`` / ``g``: the gains, flat, as int32 and float32 (one memory), ``len(row_max)`` rows of
+    ``bits``: the gains' float32 bits, flat, as int32, ``len(row_max)`` rows of
     which ``k`` an input; ``table``: :class:`~flowaudit.binning.GainBins`' table. Adds to ``every``
     (B + 2) and ``in_counts`` (inputs, NI + 2), takes the extremes into ``ext`` ([smallest order
     key, largest finite positive bits], int64), ``in_max`` and ``in_min`` (inputs), writes
@@ -163,23 +184,13 @@ def site_counts(bits, g, k, table, every, ext, in_counts, in_max, in_min, row_ma
                 rmax, rmin = np.float64(convf[0]), np.float64(convf[1])
                 kmin = min(kmin, np.int64(np.int32(low - 1)) ^ _SIGN)
                 tmax = max(tmax, np.int64(top))
-            else:  # the definition
-                rmax, rmin = -np.inf, np.inf
-                for j in range(r * per, (r + 1) * per):
-                    b = bits[j]
-                    if b < 0 and (b & 0x7FFFFFFF) > _INF_BITS:  # a NaN with the sign bit set: at +inf, not at g ≤ 0
-                        hist[0, 0] -= 1
-                        hist[0, NB + 1] += 1
-                        high1 += 1
-                    kmin = min(kmin, np.int64(np.int32(b - 1)) ^ _SIGN)
-                    tmax = max(tmax, b if b < _INF_BITS else 0)
-                    v = g[j]
-                    if v > rmax:
-                        rmax = v
-                    if v < rmin:
-                        rmin = v
-                if high1 > high0:  # +inf or NaN in the row: as bad as it gets
-                    rmax = np.inf
+            else:  # the definition, as selects (on vector registers)
+                neg_nan, kmin, tmax, omax, omin = _junk_row(bits[r * per : (r + 1) * per], kmin, tmax)
+                hist[0, 0] -= neg_nan  # a NaN with the sign bit set: at +inf, not at g ≤ 0
+                hist[0, NB + 1] += neg_nan
+                conv[0], conv[1] = omax ^ ((omax >> 31) & 0x7FFFFFFF), omin ^ ((omin >> 31) & 0x7FFFFFFF)
+                rmax = np.inf if high1 + neg_nan > high0 else np.float64(convf[0])  # +inf or NaN in the row: as bad as it gets
+                rmin = np.inf if omin > _INF_BITS else np.float64(convf[1])  # NaN only: no smallest
             row_max[r] = rmax
             imax, imin = max(imax, rmax), min(imin, rmin)
         in_max[i], in_min[i] = imax, imin
@@ -207,6 +218,24 @@ def _chunk(x, xi):  # pragma: no cover - compiled
     return s, q, top
 
 
+@numba.njit(cache=True, nogil=True, boundscheck=False, fastmath={"reassoc"})
+def _chunk_masked(x, xi):  # pragma: no cover - compiled
+    """:func:`_chunk` of a chunk holding Inf or NaN: finite values only (a select, so still on vector
+    registers), the non-finite ones counted, +inf in the largest |v| bits and NaN not."""
+    s = q = 0.0
+    bad = 0
+    top = np.int32(0)
+    for j in range(len(x)):
+        a = xi[j] & 0x7FFFFFFF
+        finite = a < _INF_BITS
+        v = np.float64(x[j]) if finite else 0.0
+        s += v
+        q += v * v
+        bad += 0 if finite else 1
+        top = max(top, a if a <= _INF_BITS else np.int32(0))
+    return s, q, top, bad
+
+
 @_jit
 def layer_sums(x, xi, n, acc, conv, convf):  # pragma: no cover - compiled
     """Fold float32 ``x`` (flat, ``n`` inputs one after another; ``xi`` its int32 view) into ``acc``:
@@ -218,20 +247,11 @@ def layer_sums(x, xi, n, acc, conv, convf):  # pragma: no cover - compiled
         for c0 in range(i * m, (i + 1) * m, _CHUNK):
             end = min(c0 + _CHUNK, (i + 1) * m)
             cs, cq, ct = _chunk(x[c0:end], xi[c0:end])
-            if cq - cq == 0.0:  # finite: no Inf or NaN in the chunk
-                conv[0] = ct
-                top = max(top, np.float64(convf[0]))
-            else:  # the definition
-                cs = cq = 0.0
-                for j in range(c0, end):
-                    v = np.float64(x[j])
-                    if v - v == 0.0:
-                        cs += v
-                        cq += v * v
-                    else:
-                        bad += 1
-                    if abs(v) > top:  # NaN compares false: it does not count
-                        top = abs(v)
+            if cq - cq != 0.0:  # Inf or NaN in the chunk
+                cs, cq, ct, cb = _chunk_masked(x[c0:end], xi[c0:end])
+                bad += cb
+            conv[0] = ct
+            top = max(top, np.float64(convf[0]))
             s += cs
             q += cq
         acc[0] += m - bad

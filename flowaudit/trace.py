@@ -186,7 +186,7 @@ class Tracer:
         mine = self._pass_host
         if mine is None or len(mine[1]) != r // k or mine[1] is not self._batch.get("max"):  # the pass's first call, or other inputs
             mine = self._start_pass_host(r // k)
-        site_counts(flat.view(np.int32), flat, k, h.table, *stats.host_arrays(), *mine, row_max, h.hist, idx, h.first, h.conv, h.convf)
+        site_counts(flat.view(np.int32), k, h.table, *stats.host_arrays(), *mine, row_max, h.hist, idx, h.first, h.conv, h.convf)
         if mine is not self._pass_host:  # figures of its own, folded in
             self._add_inputs(self._batch, mine[1], mine[2], torch.from_numpy(mine[0]))
         if rows is not None:
