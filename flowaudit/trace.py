@@ -51,12 +51,11 @@ _HOST_GAINS = (np.dtype(np.float32), np.dtype(np.float16))  # float32 or widened
 _HOST_COUNTS = ("counts", NI + 2)  # a pass's per-input coarse counts from the compiled loop (g ≤ 0 and +inf at the ends)
 
 
-def _inputs(shape: torch.Size, samples: int) -> int:
-    """Inputs in a batch of ``shape`` (rows input-major, K an input; a batch that is not whole inputs is one)."""
-    if not shape:
-        return 1
-    n = max(1, shape[0] // samples)
-    return 1 if shape[0] % n else n
+def _inputs(shape: tuple[int, ...], samples: int) -> int:
+    """Inputs in a call of ``shape`` (rows input-major, K = ``samples`` rows an input); a call that is not
+    whole inputs is one. The one rule of layers and sites, on every device."""
+    rows = shape[0] if shape else 1
+    return rows // samples if samples and rows >= samples and rows % samples == 0 else 1
 
 
 class _HostScratch:
@@ -162,7 +161,8 @@ class Tracer:
                 self._site_host(name, g, rows if _param_rows(rows) else None)
                 return
         g = gain.detach()
-        p = summarize(g, self.sampling.samples, self._work)  # one read of the gains for every statistic
+        rows = g.shape[0] if g.dim() else 1
+        p = summarize(g, rows // _inputs(g.shape, self.sampling.samples), self._work)  # one read of the gains for every statistic
         self._gains.setdefault(name, GainStats()).add_pass(p)
         if _param_rows(params):
             self._reservoir(name).add(params, p.row_max, self._inputs_seen, self.sampling.samples, self._batches_seen)
@@ -172,9 +172,7 @@ class Tracer:
         """A CPU call: binned and counted by the compiled loop (:func:`~flowaudit.host_kernels.site_counts`),
         its rows offered to the reservoir by another (:meth:`ParamReservoir.add_host`)."""
         r = len(g) if g.ndim else 1
-        k = self.sampling.samples
-        if not k or r % k or r < k:  # not whole inputs: the call is one input
-            k = r
+        k = r // _inputs(g.shape, self.sampling.samples)
         flat = g.reshape(-1)  # a view where contiguous
         if flat.dtype != np.float32:
             flat = flat.astype(np.float32)  # float16, widened exactly

@@ -23,6 +23,7 @@ import torch
 
 from flowaudit.binning import GAIN_EDGES, GainBins, _thresholds, bin_index
 from flowaudit.gains import _summarize_reference, settle, settle_inputs, summarize
+from flowaudit.layer_stats import LayerStats
 from flowaudit.layout import Sampling
 from flowaudit.reservoir import ParamReservoir
 from flowaudit.scratch import Scratch
@@ -87,16 +88,20 @@ def _traced(compiled: bool, passes: list, monkeypatch) -> Tracer:
 
 
 def _assert_same_figures(compiled: Tracer, tensors: Tracer) -> None:
+    _assert_same_figures_of(compiled, tensors, sites=("s", "t", "u", "v"), layers=("a", "b", "c"))
+
+
+def _assert_same_figures_of(compiled: Tracer, tensors: Tracer, sites: tuple[str, ...], layers: tuple[str, ...]) -> None:
     """Counts, extremes, kept rows, reservoir info and per-input figures equal; layer sums to the last bits."""
-    for name in ("s", "t", "u", "v"):
+    for name in sites:
         a, b = compiled.gains[name].state(), tensors.gains[name].state()
         assert torch.equal(a["counts"], b["counts"]) and torch.equal(a["ext"], b["ext"])
-        if name != "v":
+        if name in compiled.reservoirs or name in tensors.reservoirs:
             for u, v in zip(compiled.reservoirs[name].kept(), tensors.reservoirs[name].kept()):
                 assert torch.equal(u, v)
             assert compiled.reservoir_info(name) == tensors.reservoir_info(name)
     assert compiled.input_gain == tensors.input_gain
-    for name in ("a", "b", "c"):
+    for name in layers:
         a, b = compiled.layers[name].state(), tensors.layers[name].state()
         assert torch.equal(a[[0, 3, 4]], b[[0, 3, 4]])
         assert torch.allclose(a, b, rtol=1e-13, atol=0)
@@ -138,6 +143,36 @@ def test_rows_that_repeat_their_input_s_first_count_as_it(monkeypatch):
             gain[3, :, 0, :4] = torch.tensor([math.inf, math.nan, -math.nan, 0.0])  # a repeated row of junk
         passes.append((x, gain.reshape(4 * n, 6, 100), torch.randn(4 * n, 12, generator=g)))
     _assert_same_figures(_traced(True, passes, monkeypatch), _traced(False, passes, monkeypatch))
+
+
+def test_calls_that_are_not_whole_inputs_count_as_one_input_everywhere(monkeypatch):
+    """A call whose rows are not whole inputs (32 rows, K = 12; 5 rows, K = 12) is one input for layers and sites,
+    on the CPU's compiled loops as in the tensor operations: the same figures, its extremes charged to every input
+    of the pass, its layer sums those of one input."""
+    g = torch.Generator().manual_seed(8)
+    odd = {"layer": torch.randn(32, 50, generator=g) * 1e3, "gain": (torch.randn(32, 9, generator=g) * 3).exp(),
+           "short": (torch.randn(5, 9, generator=g) * 3).exp()}
+    whole = (torch.randn(36, 4, generator=g) * 2).exp()
+
+    def traced(compiled: bool) -> Tracer:
+        with monkeypatch.context() as m:
+            if not compiled:
+                m.setattr("flowaudit.trace.host_array", lambda t: None)
+            tracer = Tracer(Sampling(12, 0.9, 0), param_budget=100)
+            tracer.site("whole", whole, torch.randn(36, 3, generator=torch.Generator().manual_seed(1)))
+            tracer.site("odd", odd["gain"], torch.randn(32, 3, generator=torch.Generator().manual_seed(2)))
+            tracer.site("short", odd["short"], None)
+            tracer.layer("odd", odd["layer"])
+            tracer.end_batch(3)
+        return tracer
+
+    compiled, tensors = traced(True), traced(False)
+    _assert_same_figures_of(compiled, tensors, sites=("whole", "odd", "short"), layers=("odd",))
+    one = LayerStats()
+    one.add(odd["layer"], 1)
+    assert torch.allclose(compiled.layers["odd"].state(), one.state(), rtol=1e-13, atol=0)
+    top = max(float(odd["gain"].max()), float(odd["short"].max()))
+    assert [f["max"] for f in compiled.input_gain] == [max(top, float(w.max())) for w in whole.view(3, -1)]
 
 
 def test_compiled_bins_equal_the_definition():
