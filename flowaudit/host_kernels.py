@@ -13,8 +13,8 @@ tracer's running figures in place:
   :math:`o = b \oplus ((b \gg 31) \wedge (2^{31} - 1))` orders every float32 (NaN above +inf), so the
   extremes are integer extremes; a row with a gain that is not finite and positive is read
   again for the extremes of :math:`o` with selects, on vector registers (NaN counts as +inf in
-  the row's largest gain and not in its smallest). Per input the site counts and the coarse counts (four site bins a coarse bin,
-  :data:`~flowaudit.binning.INPUT_EDGES`) and its extremes; per site the smallest finite
+  the row's largest gain and not in its smallest). Per input the site counts and the coarse
+  counts (four site bins a coarse bin, :data:`~flowaudit.binning.INPUT_EDGES`) and its extremes; per site the smallest finite
   positive gain as the order key :math:`(b - 1) \oplus 2^{31}` of its bits (every other value's
   key is above +inf's) and the largest as its bits. Rows that repeat their input's first row bit
   for bit — a site whose parameters come from the condition alone, the same for the input's K

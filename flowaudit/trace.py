@@ -58,6 +58,11 @@ def _inputs(shape: tuple[int, ...], samples: int) -> int:
     return rows // samples if samples and rows >= samples and rows % samples == 0 else 1
 
 
+def _rows_per_input(shape: tuple[int, ...], samples: int) -> int:
+    """Rows an input in a call of ``shape`` (:func:`_inputs`: K, or every row of a call that is not whole inputs)."""
+    return (shape[0] if shape else 1) // _inputs(shape, samples)
+
+
 class _HostScratch:
     """The compiled loops' temporaries, allocated once a tracer and grown as needed."""
 
@@ -161,8 +166,7 @@ class Tracer:
                 self._site_host(name, g, rows if _param_rows(rows) else None)
                 return
         g = gain.detach()
-        rows = g.shape[0] if g.dim() else 1
-        p = summarize(g, rows // _inputs(g.shape, self.sampling.samples), self._work)  # one read of the gains for every statistic
+        p = summarize(g, _rows_per_input(g.shape, self.sampling.samples), self._work)  # one read of the gains for every statistic
         self._gains.setdefault(name, GainStats()).add_pass(p)
         if _param_rows(params):
             self._reservoir(name).add(params, p.row_max, self._inputs_seen, self.sampling.samples, self._batches_seen)
@@ -172,7 +176,7 @@ class Tracer:
         """A CPU call: binned and counted by the compiled loop (:func:`~flowaudit.host_kernels.site_counts`),
         its rows offered to the reservoir by another (:meth:`ParamReservoir.add_host`)."""
         r = len(g) if g.ndim else 1
-        k = r // _inputs(g.shape, self.sampling.samples)
+        k = _rows_per_input(g.shape, self.sampling.samples)
         flat = g.reshape(-1)  # a view where contiguous
         if flat.dtype != np.float32:
             flat = flat.astype(np.float32)  # float16, widened exactly
