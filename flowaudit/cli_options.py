@@ -75,19 +75,21 @@ max_parameters_option = click.option("--max-parameters", type=click.FloatRange(1
                                      help="Refuse a checkpoint whose model has more parameters (checked before allocating).")
 
 EXIT_INTERRUPTED = 130
-_SIGNAL: dict = {"name": "SIGINT", "received": False}
 
 
 def install_signal_handlers() -> None:
     """SIGTERM raises ``KeyboardInterrupt`` (as SIGINT does), so both unwind through the same cleanup.
 
-    Both handlers also note that a signal came (:func:`was_interrupted`): library code that turns the
-    ``KeyboardInterrupt`` into another exception on its way up is still an interruption, not a bug.
-    SIGINT keeps Python's behaviour (and stays ignored where the shell made it so).
+    Both handlers also note that a signal came (:func:`was_interrupted`, kept by the atomic writers, which then
+    publish nothing more: :func:`~flowaudit.reference_models.atomic.request_stop`): library code that turns
+    the ``KeyboardInterrupt`` into another exception on its way up is still an interruption, not a bug, and one
+    that swallows it does not let the command write its output. SIGINT keeps Python's behaviour (and stays
+    ignored where the shell made it so).
     """
+    from .reference_models.atomic import request_stop
 
     def on_signal(signum, frame):
-        _SIGNAL.update(name=signal.Signals(signum).name, received=True)
+        request_stop(signal.Signals(signum).name)
         raise KeyboardInterrupt
 
     with contextlib.suppress(ValueError):  # not the main thread: leave the handlers alone
@@ -98,7 +100,9 @@ def install_signal_handlers() -> None:
 
 def was_interrupted() -> bool:
     """Whether SIGINT or SIGTERM arrived since :func:`install_signal_handlers`."""
-    return bool(_SIGNAL["received"])
+    from .reference_models.atomic import stop_requested
+
+    return stop_requested() is not None
 
 
 def interrupted(ctx: click.Context) -> str:
@@ -113,7 +117,9 @@ def interrupted(ctx: click.Context) -> str:
         left = f"nothing was written to {obj.out}"
     if obj.work is not None and Path(obj.work).exists():
         left += f"; completed shards are kept in {obj.work}: rerun the same command with --resume {obj.work} to finish"
-    return f"flowaudit: interrupted ({_SIGNAL['name']}): {what} stopped; {left}"
+    from .reference_models.atomic import stop_requested
+
+    return f"flowaudit: interrupted ({stop_requested() or 'SIGINT'}): {what} stopped; {left}"
 
 
 def claim_output(ctx: click.Context, out: str, overwrite: bool = True, *, keeps_partial: bool = False) -> None:

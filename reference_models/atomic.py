@@ -13,6 +13,11 @@ pid. A second writer, in this or another process, gets :class:`TargetBusy` (a
 however it dies, so a lock file left by a SIGKILLed run is stale and is simply
 taken over. Claims are re-entrant within a process: the CLI claims ``--out``
 for the whole command, and the writers inside re-use that claim.
+
+A signal that asked the process to stop (:func:`request_stop`, called by the CLI's handlers) stops every
+write that has not committed yet, also where the ``KeyboardInterrupt`` it raised was swallowed on the way
+(a finaliser such as tqdm's ``__del__`` ignores it): the rename that would publish the result raises
+``KeyboardInterrupt`` again instead.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_dir", "claim", "TargetBusy"]
+__all__ = ["atomic_path", "atomic_dir", "claim", "TargetBusy", "request_stop", "stop_requested"]
 
 try:
     import fcntl
@@ -33,6 +38,24 @@ except ImportError:  # pragma: no cover - not POSIX: claims fall back to O_EXCL 
     fcntl = None  # type: ignore[assignment]
 
 _HELD: dict[Path, tuple[int, int]] = {}  # claimed target -> (lock fd, depth)
+_STOP: list[str] = []  # the name of the signal that asked the process to stop, once one did
+
+
+def request_stop(signal_name: str) -> None:
+    """Note that ``signal_name`` asked the process to stop: no write commits after this (module docstring)."""
+    if not _STOP:
+        _STOP.append(signal_name)
+
+
+def stop_requested() -> str | None:
+    """The signal that asked the process to stop, or ``None``."""
+    return _STOP[0] if _STOP else None
+
+
+def _commit_allowed() -> None:
+    """Raise ``KeyboardInterrupt`` where a stop was asked for, so that nothing is published after it."""
+    if _STOP:
+        raise KeyboardInterrupt
 
 
 class TargetBusy(FileExistsError):
@@ -152,6 +175,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         tmp = _sibling(target, "tmp")
         try:
             yield tmp
+            _commit_allowed()
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
@@ -182,6 +206,7 @@ def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterato
         tmp.mkdir()
         try:
             yield tmp
+            _commit_allowed()
             if target.exists():
                 old = _sibling(target, "old")
                 os.rename(target, old)

@@ -371,3 +371,36 @@ def test_train_resume_from_a_broken_checkpoint(files: Path, tmp_path: Path, name
     assert res.exit_code == 2 and res.stderr.count("\n") == 1, (res.exit_code, res.stderr)
     assert res.stderr.startswith(f"flowaudit: error: {out}: {expected}"), res.stderr
     assert out.read_bytes() == (files / name).read_bytes() and sorted(p.name for p in tmp_path.iterdir()) == ["toy.pt"]
+
+
+def test_a_swallowed_interrupt_still_stops_the_writes(tmp_path: Path, monkeypatch) -> None:
+    """SIGTERM whose ``KeyboardInterrupt`` a finaliser swallows (tqdm's ``__del__`` did, in a real ``fit``) still
+    stops the command: no atomic write commits after it, file or folder, and the CLI says it was interrupted."""
+    import signal
+    import sys
+
+    from flowaudit import cli_options
+    from flowaudit.reference_models import atomic
+
+    monkeypatch.setattr(atomic, "_STOP", [])
+    swallowed: list[type] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: swallowed.append(u.exc_type))
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        cli_options.install_signal_handlers()
+
+        class Finalised:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGTERM)  # the handler's KeyboardInterrupt is raised here and ignored
+
+        Finalised()
+        assert swallowed == [KeyboardInterrupt]  # swallowed: the code below runs on
+        assert cli_options.was_interrupted()
+        with pytest.raises(KeyboardInterrupt), atomic.atomic_path(tmp_path / "stats.h5") as tmp:
+            tmp.write_text("complete, but asked to stop")
+        with pytest.raises(KeyboardInterrupt), atomic.atomic_dir(tmp_path / "report") as tmp:
+            (tmp / "report.json").write_text("{}")
+        assert sorted(p.name for p in tmp_path.iterdir()) == []
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
