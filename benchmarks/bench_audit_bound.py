@@ -60,7 +60,7 @@ class Kernels:
             self.inputs[n] = (np.zeros((n, NI + 2), dtype=np.int64), np.full(n, -np.inf), np.full(n, np.inf))
         if name not in self.every:
             self.every[name], self.ext[name] = np.zeros(NB + 2, dtype=np.int64), np.array([KEY_START, 0], dtype=np.int64)
-        site_counts(g.view(np.int32), self.samples, w.table, self.every[name], self.ext[name], *self.inputs[n], w.rows(rows),
+        site_counts(g.view(np.int32), self.samples, w.table, w.first_bits, self.every[name], self.ext[name], *self.inputs[n], w.rows(rows),
                     w.hist, w.idx(g.size // rows), w.first, w.conv, w.convf)
 
     def layer(self, name: str, x: torch.Tensor) -> None:

@@ -83,15 +83,21 @@ def _table(edges: np.ndarray, low: int, high: int) -> np.ndarray:
 class GainBins:
     """Bin lookup of float32 gains (module docstring); one instance per device, tables built once."""
 
-    _tables: dict[tuple, Tensor] = {}
+    _tables: dict[tuple, tuple[Tensor, np.ndarray]] = {}
 
     def __init__(self, edges: np.ndarray, device: torch.device):
         key = (len(edges), float(edges[0]), float(edges[1]))
         if key not in GainBins._tables:
             n = len(edges) - 1  # B bins: index 0 ≤ 0, 1…B bins, B + 1 +inf
-            GainBins._tables[key] = torch.from_numpy(_table(edges, 0, n + 1))
+            first = np.concatenate([[-(2**31), 1], _thresholds(edges), [_INF_BITS]]).astype(np.int32)
+            GainBins._tables[key] = torch.from_numpy(_table(edges, 0, n + 1)), first
         self.n_bins = len(edges) - 1
-        self.table = GainBins._tables[key].to(device)
+        table, self.first_bits = GainBins._tables[key]
+        self.table = table.to(device)
+
+    #: Per index 1…B + 1, the bits of the smallest float32 at it or above (a positive denormal's 1 for bin 0, then
+    #: the bins' lower edges, +inf's for B + 1); index 0's entry is the smallest int32.
+    first_bits: np.ndarray
 
     def index(self, bits: Tensor, hi: Tensor, out: Tensor | None = None) -> Tensor:
         """0 for g ≤ 0, 1 + bin for positive finite g, B + 1 for +inf; ``bits`` the gains as int32, ``hi`` their top 16 bits."""

@@ -6,10 +6,15 @@ from twenty tensor operations a call costs more than reading the values. These l
 by numba for the machine they run on, read a call's values in place (no copy) and add to the
 tracer's running figures in place:
 
-* :func:`site_counts`, per row of gains: each gain's bin from the bit table of
-  :class:`~flowaudit.binning.GainBins` (``g ≤ 0`` at 0, bins at 1…B, +inf and NaN at B + 1) and the
-  row's extremes in one loop, the counts in a second (four interleaved histograms, so that equal
-  bins in a row do not wait on each other). Positive float32 bits order like the values and
+* :func:`site_counts`, per row of gains: the row's largest and smallest bits first. The bin index
+  of :class:`~flowaudit.binning.GainBins` (``g ≤ 0`` at 0, bins at 1…B, +inf and NaN at B + 1) is
+  non-decreasing in a float32's bits read as an int32, so the row's indices lie between those of
+  its extremes. A row of finite positive gains spanning a few indices only (a trained coupling's
+  rows span about ten) is counted by compares: per index above the lowest, how many bits reach
+  its first bits (:attr:`~flowaudit.binning.GainBins.first_bits`), on vector registers; any other
+  row bins every gain from the bit table and counts into four interleaved histograms (so that
+  equal bins in a row do not wait on each other). Only the indices met are added up and zeroed
+  after an input. Positive float32 bits order like the values and
   :math:`o = b \oplus ((b \gg 31) \wedge (2^{31} - 1))` orders every float32 (NaN above +inf), so the
   extremes are integer extremes; a row with a gain that is not finite and positive is read
   again for the extremes of :math:`o` with selects, on vector registers (NaN counts as +inf in
@@ -56,6 +61,7 @@ _SIGN = np.int64(-(2**31))
 _INF_BITS = 0x7F800000
 KEY_START = 2**31 - 1  # a site's smallest order key before any gain: above every key
 _CHUNK = 4096
+_NARROW = 24  # a row spanning at most this many bins is counted by compares (_count_narrow), a wider one by a table and a scatter
 _GOLDEN = 0x9E3779B97F4A7C15
 
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
@@ -80,14 +86,10 @@ def host_array(t: torch.Tensor) -> np.ndarray | None:
 # -- gains -------------------------------------------------------------------------------------------
 @_jit
 def _bins(bits, table, idx):  # pragma: no cover - compiled
-    """Bin indices of one row's gains into ``idx`` (a NaN with the sign bit set lands at 0: see
-    :func:`site_counts`); the row's largest and smallest bits (its extremes if every gain is positive)."""
-    top, low = bits[0], bits[0]
+    """Bin indices of one row's gains into ``idx`` (a NaN with the sign bit set lands at 0: see :func:`site_counts`)."""
     for j in range(len(bits)):
         b = bits[j]
         idx[j] = np.int32(table[(b >> 16) & 0xFFFF] + b) >> 16  # int32 addition wraps (binning.py)
-        top, low = max(top, b), min(low, b)
-    return top, low
 
 
 @_jit
@@ -105,9 +107,26 @@ def _count(idx, n, hist):  # pragma: no cover - compiled
 
 
 @_jit
-def _ends(hist):  # pragma: no cover - compiled
-    """Counts of g ≤ 0 and of +inf / NaN so far."""
-    return hist[0, 0] + hist[1, 0] + hist[2, 0] + hist[3, 0], hist[0, NB + 1] + hist[1, NB + 1] + hist[2, NB + 1] + hist[3, NB + 1]
+def _extremes(bits):  # pragma: no cover - compiled
+    """A row's largest and smallest bits (on vector registers)."""
+    top, low = bits[0], bits[0]
+    for j in range(len(bits)):
+        top, low = max(top, bits[j]), min(low, bits[j])
+    return top, low
+
+
+@_jit
+def _count_narrow(bits, thr, lo, hi, hist):  # pragma: no cover - compiled
+    """Count a row whose gains are finite, positive and span bin indices ``lo … hi`` only: per index c above ``lo``
+    the gains at or above its first bits ``thr[c]``, a compare a value on vector registers (no table, no scatter)."""
+    above = len(bits)
+    for c in range(lo + 1, hi + 1):
+        t, n = thr[c], 0
+        for j in range(len(bits)):
+            n += np.int32(1) if bits[j] >= t else np.int32(0)
+        hist[0, c - 1] += above - n
+        above = n
+    hist[0, hi] += above
 
 
 @_jit
@@ -146,14 +165,15 @@ def _junk_row(bits, kmin, tmax):  # pragma: no cover - compiled
 
 
 @_jit
-def site_counts(bits, k, table, every, ext, in_counts, in_max, in_min, row_max, hist, idx, first_counts, conv, convf):  # pragma: no cover - compiled
+def site_counts(bits, k, table, thr, every, ext, in_counts, in_max, in_min, row_max, hist, idx, first_counts, conv, convf):  # pragma: no cover - compiled
     """Bin and count one call's gains (module docstring).
 
     ``bits``: the gains' float32 bits, flat, as int32, ``len(row_max)`` rows of
-    which ``k`` an input; ``table``: :class:`~flowaudit.binning.GainBins`' table. Adds to ``every``
+    which ``k`` an input; ``table`` and ``thr``: :class:`~flowaudit.binning.GainBins`' table and first
+    bits of each index. Adds to ``every``
     (B + 2) and ``in_counts`` (inputs, NI + 2), takes the extremes into ``ext`` ([smallest order
     key, largest finite positive bits], int64), ``in_max`` and ``in_min`` (inputs), writes
-    ``row_max``. Scratch: ``hist`` (4, B + 2), ``idx`` (a row), ``first_counts`` (B + 2), ``conv`` /
+    ``row_max``. Scratch: ``hist`` (4, B + 2; zeros, left zeros), ``idx`` (a row), ``first_counts`` (B + 2), ``conv`` /
     ``convf`` (two int32 and their float32 view).
 
     An input whose rows repeat its first row bit for bit (a site whose parameters come from the
@@ -164,38 +184,49 @@ def site_counts(bits, k, table, every, ext, in_counts, in_max, in_min, row_max, 
     per = len(bits) // rows
     kmin, tmax = ext[0], ext[1]
     for i in range(rows // k):
-        hist[:, :] = 0
         imax, imin = in_max[i], in_min[i]
         first, repeats = i * k, 0
+        cmin, cmax = NB + 1, 0  # the indices hist holds counts at
         for r in range(first, (i + 1) * k):
             if r > first and (repeats or r == first + 1) and _same(bits, first * per, r * per, per):
                 if not repeats:  # the input's first row is all hist holds: its counts, once
-                    for c in range(NB + 2):
+                    for c in range(cmin, cmax + 1):
                         first_counts[c] = hist[0, c] + hist[1, c] + hist[2, c] + hist[3, c]
                 repeats += 1
                 row_max[r] = row_max[first]
                 continue
-            low0, high0 = _ends(hist)
-            top, low = _bins(bits[r * per : (r + 1) * per], table, idx)
-            _count(idx, per, hist)
-            low1, high1 = _ends(hist)
-            if low1 == low0 and high1 == high0:  # every gain finite and positive: their bits order like the values
+            row = bits[r * per : (r + 1) * per]
+            top, low = _extremes(row)
+            lo = np.int32(table[(low >> 16) & 0xFFFF] + low) >> 16  # the index is non-decreasing in the int32 bits:
+            hi = np.int32(table[(top >> 16) & 0xFFFF] + top) >> 16  # the row's indices lie in lo … hi
+            cmin, cmax = min(cmin, lo), max(cmax, hi)
+            if low > 0 and top < _INF_BITS:  # every gain finite and positive: their bits order like the values
+                if hi - lo <= _NARROW:
+                    _count_narrow(row, thr, lo, hi, hist)
+                else:
+                    _bins(row, table, idx)
+                    _count(idx, per, hist)
                 conv[0], conv[1] = top, low
                 rmax, rmin = np.float64(convf[0]), np.float64(convf[1])
                 kmin = min(kmin, np.int64(np.int32(low - 1)) ^ _SIGN)
                 tmax = max(tmax, np.int64(top))
             else:  # the definition, as selects (on vector registers)
-                neg_nan, kmin, tmax, omax, omin = _junk_row(bits[r * per : (r + 1) * per], kmin, tmax)
-                hist[0, 0] -= neg_nan  # a NaN with the sign bit set: at +inf, not at g ≤ 0
-                hist[0, NB + 1] += neg_nan
+                _bins(row, table, idx)
+                _count(idx, per, hist)
+                neg_nan, kmin, tmax, omax, omin = _junk_row(row, kmin, tmax)
+                if neg_nan:  # a NaN with the sign bit set: at +inf, not at g ≤ 0
+                    hist[0, 0] -= neg_nan
+                    hist[0, NB + 1] += neg_nan
+                    cmax = NB + 1
                 conv[0], conv[1] = omax ^ ((omax >> 31) & 0x7FFFFFFF), omin ^ ((omin >> 31) & 0x7FFFFFFF)
-                rmax = np.inf if high1 + neg_nan > high0 else np.float64(convf[0])  # +inf or NaN in the row: as bad as it gets
+                rmax = np.inf if top >= _INF_BITS or neg_nan else np.float64(convf[0])  # +inf or NaN in the row: as bad as it gets
                 rmin = np.inf if omin > _INF_BITS else np.float64(convf[1])  # NaN only: no smallest
             row_max[r] = rmax
             imax, imin = max(imax, rmax), min(imin, rmin)
         in_max[i], in_min[i] = imax, imin
-        for c in range(NB + 2):  # g ≤ 0 and +inf keep their end columns; bin c − 1 is coarse bin (c − 1) // 4
+        for c in range(cmin, cmax + 1):  # g ≤ 0 and +inf keep their end columns; bin c − 1 is coarse bin (c − 1) // 4
             h = hist[0, c] + hist[1, c] + hist[2, c] + hist[3, c]
+            hist[0, c] = hist[1, c] = hist[2, c] = hist[3, c] = 0  # left zero for the next input
             if repeats:
                 h += repeats * first_counts[c]
             every[c] += h

@@ -67,8 +67,9 @@ class _HostScratch:
     """The compiled loops' temporaries, allocated once a tracer and grown as needed."""
 
     def __init__(self) -> None:
-        self.table = GainBins(GAIN_EDGES, torch.device("cpu")).table.numpy()  # built once a process
-        self.hist = np.zeros((4, NB + 2), dtype=np.int32)  # a call's counts
+        bins = GainBins(GAIN_EDGES, torch.device("cpu"))  # built once a process
+        self.table, self.first_bits = bins.table.numpy(), bins.first_bits
+        self.hist = np.zeros((4, NB + 2), dtype=np.int32)  # an input's counts (the compiled loop leaves it zeros)
         self.first = np.zeros(NB + 2, dtype=np.int64)  # an input's first row's counts, when its rows repeat it
         self.conv = np.zeros(2, dtype=np.int32)
         self.convf = self.conv.view(np.float32)
@@ -188,7 +189,7 @@ class Tracer:
         mine = self._pass_host
         if mine is None or len(mine[1]) != r // k or mine[1] is not self._batch.get("max"):  # the pass's first call, or other inputs
             mine = self._start_pass_host(r // k)
-        site_counts(flat.view(np.int32), k, h.table, *stats.host_arrays(), *mine, row_max, h.hist, idx, h.first, h.conv, h.convf)
+        site_counts(flat.view(np.int32), k, h.table, h.first_bits, *stats.host_arrays(), *mine, row_max, h.hist, idx, h.first, h.conv, h.convf)
         if mine is not self._pass_host:  # figures of its own, folded in
             self._add_inputs(self._batch, mine[1], mine[2], torch.from_numpy(mine[0]))
         if rows is not None:

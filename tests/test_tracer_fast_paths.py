@@ -128,6 +128,39 @@ def test_compiled_loops_equal_tensor_operations(junk, monkeypatch):
     _assert_same_figures(_traced(True, passes, monkeypatch), _traced(False, passes, monkeypatch))
 
 
+def test_first_bits_start_each_index_of_the_bit_table():
+    """``GainBins.first_bits[c]`` is the smallest float32 at index c: the table puts it at c and the float32 below it at c − 1."""
+    bins = GainBins(GAIN_EDGES, torch.device("cpu"))
+    first = torch.from_numpy(bins.first_bits[1:].astype(np.int64))
+    for bits, want in ((first, torch.arange(1, len(first) + 1)), (first - 1, torch.arange(len(first)))):
+        b = bits.to(torch.int32)
+        assert torch.equal(bins.index(b, (b >> 16) & 0xFFFF).long(), want)
+
+
+def test_rows_spanning_few_bins_are_counted_as_every_row(monkeypatch):
+    """Rows of finite positive gains spanning a few bin indices (counted by compares, not by the table) give the
+    figures of the tensor operations: gains at each bin's first bits and just below, rows spanning the most
+    indices counted that way and one more, rows of a single bin, beside wide rows and rows with junk."""
+    from flowaudit.host_kernels import _NARROW
+
+    first = GainBins(GAIN_EDGES, torch.device("cpu")).first_bits.astype(np.int64)
+    g = torch.Generator().manual_seed(9)
+    passes = []
+    for n, start in ((1, 200), (3, 150), (2, 330)):  # inputs per pass, the lowest index of its narrow rows
+        rows = []
+        for r in range(4 * n):
+            span = (0, 1, _NARROW, _NARROW + 1, 3, 40)[r % 6]
+            lo, hi = first[start + r], first[start + r + span + 1]  # indices start + r … start + r + span
+            b = torch.randint(int(lo), int(hi), (6 * 100,), generator=g)
+            b[:4] = torch.tensor([lo, hi - 1, first[start + r + span // 2], first[start + r + span // 2] - 1 if span else lo])
+            rows.append(b.to(torch.int32).view(torch.float32))
+        gain = torch.stack(rows).reshape(4 * n, 6, 100)
+        if n == 3:
+            gain[5, 0, 0], gain[9, 1, 1] = math.inf, -math.nan  # a NaN with the sign bit in an input without +inf
+        passes.append((torch.randn(4 * n, 3, 70, 30, generator=g), gain, torch.randn(4 * n, 12, generator=g)))
+    _assert_same_figures(_traced(True, passes, monkeypatch), _traced(False, passes, monkeypatch))
+
+
 def test_rows_that_repeat_their_input_s_first_count_as_it(monkeypatch):
     """Rows equal bit for bit to their input's first row (a site whose parameters come from the condition alone)
     are counted as that row without being binned again: the figures of the tensor operations, also where only some
