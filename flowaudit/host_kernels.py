@@ -187,10 +187,12 @@ def site_counts(bits, k, table, thr, every, ext, in_counts, in_max, in_min, row_
         imax, imin = in_max[i], in_min[i]
         first, repeats = i * k, 0
         cmin, cmax = NB + 1, 0  # the indices hist holds counts at
+        fmin, fmax = NB + 1, 0  # those of the first row's counts (a repeated first row)
         for r in range(first, (i + 1) * k):
             if r > first and (repeats or r == first + 1) and _same(bits, first * per, r * per, per):
-                if not repeats:  # the input's first row is all hist holds: its counts, once
-                    for c in range(cmin, cmax + 1):
+                if not repeats:  # the input's first row is all hist holds: its counts (at fmin … fmax), once
+                    fmin, fmax = cmin, cmax
+                    for c in range(fmin, fmax + 1):
                         first_counts[c] = hist[0, c] + hist[1, c] + hist[2, c] + hist[3, c]
                 repeats += 1
                 row_max[r] = row_max[first]
@@ -227,7 +229,7 @@ def site_counts(bits, k, table, thr, every, ext, in_counts, in_max, in_min, row_
         for c in range(cmin, cmax + 1):  # g ≤ 0 and +inf keep their end columns; bin c − 1 is coarse bin (c − 1) // 4
             h = hist[0, c] + hist[1, c] + hist[2, c] + hist[3, c]
             hist[0, c] = hist[1, c] = hist[2, c] = hist[3, c] = 0  # left zero for the next input
-            if repeats:
+            if repeats and fmin <= c <= fmax:
                 h += repeats * first_counts[c]
             every[c] += h
             in_counts[i, 0 if c == 0 else (NI + 1 if c == NB + 1 else 1 + (c - 1) // _PER_COARSE)] += h

@@ -178,6 +178,21 @@ def test_rows_that_repeat_their_input_s_first_count_as_it(monkeypatch):
     _assert_same_figures(_traced(True, passes, monkeypatch), _traced(False, passes, monkeypatch))
 
 
+def test_repeated_rows_add_their_first_row_s_counts_only(monkeypatch):
+    """An input whose first row repeats and whose other rows reach bins the first row does not: the repeats add the
+    first row's counts there and nothing at the other bins, also after an input whose first row filled those."""
+    first = GainBins(GAIN_EDGES, torch.device("cpu")).first_bits.astype(np.int64)
+    g = torch.Generator().manual_seed(10)
+
+    def row(index: int) -> torch.Tensor:  # 600 gains within bin indices index … index + 3
+        return torch.randint(int(first[index]), int(first[index + 4]), (600,), generator=g).to(torch.int32).view(torch.float32)
+
+    wide, narrow = row(300), row(100)
+    rows = [wide] * 4 + [narrow, narrow, row(298), narrow]  # input 0 repeats a row at 300…303; input 1 reaches 298…301
+    passes = [(torch.randn(8, 3, 70, 30, generator=g), torch.stack(rows).reshape(8, 6, 100), torch.randn(8, 12, generator=g))]
+    _assert_same_figures(_traced(True, passes, monkeypatch), _traced(False, passes, monkeypatch))
+
+
 def test_calls_that_are_not_whole_inputs_count_as_one_input_everywhere(monkeypatch):
     """A call whose rows are not whole inputs (32 rows, K = 12; 5 rows, K = 12) is one input for layers and sites,
     on the CPU's compiled loops as in the tensor operations: the same figures, its extremes charged to every input
