@@ -144,7 +144,7 @@ def _same(bits, a, b, n):  # pragma: no cover - compiled
     return True
 
 
-@numba.njit(cache=True, nogil=True, boundscheck=False)
+@_jit
 def _junk_row(bits, kmin, tmax):  # pragma: no cover - compiled
     """A row's figures where not every gain is finite and positive: the NaNs with the sign bit set, the site's
     smallest order key and largest finite positive bits so far, and the row's largest and smallest gain as
@@ -202,19 +202,18 @@ def site_counts(bits, k, table, thr, every, ext, in_counts, in_max, in_min, row_
             lo = np.int32(table[(low >> 16) & 0xFFFF] + low) >> 16  # the index is non-decreasing in the int32 bits:
             hi = np.int32(table[(top >> 16) & 0xFFFF] + top) >> 16  # the row's indices lie in lo … hi
             cmin, cmax = min(cmin, lo), max(cmax, hi)
-            if low > 0 and top < _INF_BITS:  # every gain finite and positive: their bits order like the values
-                if hi - lo <= _NARROW:
-                    _count_narrow(row, thr, lo, hi, hist)
-                else:
-                    _bins(row, table, idx)
-                    _count(idx, per, hist)
+            plain = low > 0 and top < _INF_BITS  # every gain finite and positive: their bits order like the values
+            if plain and hi - lo <= _NARROW:
+                _count_narrow(row, thr, lo, hi, hist)
+            else:
+                _bins(row, table, idx)
+                _count(idx, per, hist)
+            if plain:
                 conv[0], conv[1] = top, low
                 rmax, rmin = np.float64(convf[0]), np.float64(convf[1])
                 kmin = min(kmin, np.int64(np.int32(low - 1)) ^ _SIGN)
                 tmax = max(tmax, np.int64(top))
             else:  # the definition, as selects (on vector registers)
-                _bins(row, table, idx)
-                _count(idx, per, hist)
                 neg_nan, kmin, tmax, omax, omin = _junk_row(row, kmin, tmax)
                 if neg_nan:  # a NaN with the sign bit set: at +inf, not at g ≤ 0
                     hist[0, 0] -= neg_nan
