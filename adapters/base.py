@@ -146,11 +146,16 @@ class Adapter(ABC):
         condition_shape: shape of one condition ``y``, no batch axis.
         output_range: valid range of a sample's values.
         scale: SR factor (``task == "sr"`` only).
+        tensors_stay_intact: whether every tensor an observed pass hands its observer keeps its values
+            until the pass returns (no in-place write of the model reaches it), so that an observer may
+            read it then (:class:`~flowaudit.trace.Tracer`'s ``hold``). Claimed only where the code of
+            the whole pass is known: the bundled flows (tested on each).
     """
 
     family: str = "generic"
     task: str = "generic"
     scale: int = 1
+    tensors_stay_intact: bool = False
 
     def __init__(self, model: nn.Module, name: str | None = None):
         self.model = model

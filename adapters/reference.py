@@ -86,6 +86,7 @@ class ReferenceAdapter(HookedAdapter):
     """Adapter of a :class:`ReferenceFlow`."""
 
     family = "reference"
+    tensors_stay_intact = True  # no bundled flow writes a hooked tensor in place (tests/test_tracer_fast_paths.py)
 
     def __init__(self, model: ReferenceFlow, name: str | None = None):
         super().__init__(model, name)

@@ -4,7 +4,8 @@ A scan audits its inputs in shards of :data:`~flowaudit.shards.SHARD_INPUTS` (32
 fresh :class:`~flowaudit.trace.Tracer` whose state is saved when the shard ends. This benchmark
 runs one such shard of 32 distinct inputs four ways on the same latents under ``no_grad``, one
 thread: *bare* (every pass ``adapter.sample(y, latents)``, no observer, no hook), *audited* (as
-:mod:`flowaudit.sampling` runs it: a tracer, the adapter's ``observing`` block around the shard —
+:mod:`flowaudit.sampling` runs it: a tracer — holding a pass's calls for its end, as the bundled flows'
+adapter allows (``tensors_stay_intact``) —, the adapter's ``observing`` block around the shard —
 the hooks registered once — every pass reporting to the tracer, ``tracer.end_batch`` after each, and
 ``tracer.state()`` at the end: layer sums, inverse-gain histograms, per-input gain figures,
 parameter reservoir), the *floor* (the same with an observer that takes nothing, :class:`Nothing`:
@@ -87,8 +88,8 @@ def shard_rounds(model, y: torch.Tensor, k: int, inputs_per_pass: int, repeats: 
     ``arms[name]`` makes the arm's observer for a shard (``None``: bare passes). Every arm runs on its own
     copy of the model, so that an arm's ``observing`` block (its hooks held for the shard, as a scan holds
     them) leaves the other arms' passes unhooked; the arms take turns pass by pass, the order rotating.
-    An arm's time counts making its observer, entering its block, its passes (and ``end_batch``) and
-    ``state()`` for a tracer.
+    An arm's time counts making its observer, entering its block, its passes (and ``end_batch``, for an observer
+    that has one) and ``state()`` for a tracer.
     """
     copies = {name: adapt(copy.deepcopy(model)) for name in arms}
     names = list(arms)
@@ -110,7 +111,7 @@ def shard_rounds(model, y: torch.Tensor, k: int, inputs_per_pass: int, repeats: 
                     for name in names[i % len(names) :] + names[: i % len(names)]:
                         t = clock()
                         copies[name].sample(y_pass, z_pass, observer=obs[name])
-                        if isinstance(obs[name], Tracer):
+                        if hasattr(obs[name], "end_batch"):  # a tracer (or a bound's observer) closes the pass
                             obs[name].end_batch(inputs_per_pass)
                         total[name] += clock() - t
             for name, o in obs.items():
@@ -127,7 +128,8 @@ def shard_rounds(model, y: torch.Tensor, k: int, inputs_per_pass: int, repeats: 
 def measure(model, y: torch.Tensor, k: int, inputs_per_pass: int, repeats: int, clock) -> dict[str, list[float]]:
     """Per way (bare, audited, floor and bare again, an A/A check of the protocol), its shard seconds in each round."""
     sampling = Sampling(k, 0.9, 0)
-    arms = {"bare": None, "audited": lambda: Tracer(sampling).start_at(0, 0), "floor": Nothing, "bare again": None}
+    hold = adapt(model).tensors_stay_intact  # as flowaudit/sampling.py makes its tracer
+    arms = {"bare": None, "audited": lambda: Tracer(sampling, hold=hold).start_at(0, 0), "floor": Nothing, "bare again": None}
     return shard_rounds(model, y, k, inputs_per_pass, repeats, clock, arms)[0]
 
 

@@ -11,14 +11,17 @@ with these loops. The *kernels* observer calls the tracer's own compiled loops
 * layer: :func:`~flowaudit.host_kernels.layer_sums` — per input, the count of finite values,
   :math:`\sum v`, :math:`\sum v^2`, :math:`\max |v|` and the non-finite count, in chunks of 4096.
 
+The *kernels held* observer runs the same loops on the same calls when the pass ends, back to back, as
+the tracer with ``hold`` (the scan's, for the bundled flows) reads them.
+
 It leaves out what the tracer also does — the parameter reservoir, per-input figures, the checks and
 bookkeeping of a call, mergeable state — so it is a bound, not a design. After the timed shards, its
 site histograms are checked against the tracer's (equal counts, or the script fails).
 
 Arms, one thread, on the workloads and protocol of ``bench_audit.py`` (``shard_rounds``: each arm on its
 own copy of the model with its hooks held for the shard, as a scan holds them; turns pass by pass):
-``bare``; ``floor`` (an observer that takes nothing: hooks and the adapter's reads); ``tracer``;
-``kernels``. Per round (a shard of 32 inputs) each arm's time over bare's; the median over rounds and
+``bare``; ``floor`` (an observer that takes nothing: hooks and the adapter's reads); ``tracer`` (as the
+scan makes it: held, for these bundled flows); ``kernels``; ``kernels held``. Per round (a shard of 32 inputs) each arm's time over bare's; the median over rounds and
 its quartiles.
 
 Run: ``python benchmarks/bench_audit_bound.py [--only sr:affine:exact,…] [--repeats 10]``.
@@ -34,6 +37,7 @@ import time
 import numpy as np
 import torch
 
+from flowaudit.adapters import adapt
 from flowaudit.host_kernels import KEY_START, NB, NI, layer_sums, site_counts
 from flowaudit.layout import Sampling
 from flowaudit.trace import Tracer, _HostScratch
@@ -46,6 +50,7 @@ class Kernels:
 
     def __init__(self, samples: int):
         self.samples = samples
+        self.held: list | None = None  # a held pass's calls (:class:`HeldKernels`)
         self.every: dict[str, np.ndarray] = {}
         self.ext: dict[str, np.ndarray] = {}
         self.acc: dict[str, np.ndarray] = {}
@@ -53,6 +58,18 @@ class Kernels:
         self.inputs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # per-input counts and extremes, by inputs a call
 
     def site(self, name: str, gain: torch.Tensor, params: object) -> None:
+        if self.held is not None:
+            self.held.append((self._site, name, gain))
+        else:
+            self._site(name, gain)
+
+    def layer(self, name: str, x: torch.Tensor) -> None:
+        if self.held is not None:
+            self.held.append((self._layer, name, x))
+        else:
+            self._layer(name, x)
+
+    def _site(self, name: str, gain: torch.Tensor) -> None:
         g = gain.reshape(-1).numpy()
         rows, w = gain.shape[0], self.work
         n = rows // self.samples
@@ -63,7 +80,7 @@ class Kernels:
         site_counts(g.view(np.int32), self.samples, w.table, w.first_bits, self.every[name], self.ext[name], *self.inputs[n], w.rows(rows),
                     w.hist, w.idx(g.size // rows), w.first, w.conv, w.convf)
 
-    def layer(self, name: str, x: torch.Tensor) -> None:
+    def _layer(self, name: str, x: torch.Tensor) -> None:
         n = max(1, x.shape[0] // self.samples)
         acc = self.acc.get(name)
         if acc is None:
@@ -72,16 +89,32 @@ class Kernels:
         layer_sums(v, v.view(np.int32), n, acc, self.work.conv, self.work.convf)
 
 
+class HeldKernels(Kernels):
+    """:class:`Kernels` on a pass's calls when it ends, in call order."""
+
+    def __init__(self, samples: int):
+        super().__init__(samples)
+        self.held = []
+
+    def end_batch(self, n_inputs: int) -> None:
+        calls, self.held = self.held, []
+        for read, name, t in calls:
+            read(name, t)
+
+
 def measure(model, y: torch.Tensor, k: int, inputs_per_pass: int, repeats: int) -> dict[str, list[float]]:
     """Per arm, its shard time over bare's in each round (process CPU time; ``bench_audit.shard_rounds``)."""
     sampling = Sampling(k, 0.9, 0)
-    arms = {"bare": None, "floor": Nothing, "tracer": lambda: Tracer(sampling).start_at(0, 0), "kernels": lambda: Kernels(k)}
+    hold = adapt(model).tensors_stay_intact  # as flowaudit/sampling.py makes its tracer
+    arms = {"bare": None, "floor": Nothing, "tracer": lambda: Tracer(sampling, hold=hold).start_at(0, 0), "kernels": lambda: Kernels(k),
+            "kernels held": lambda: HeldKernels(k)}
     times, obs = shard_rounds(model, y, k, inputs_per_pass, repeats, time.process_time, arms)
     state = obs["tracer"].state()
-    for name, every in obs["kernels"].every.items():  # the bound did the tracer's binning: the same counts per site
-        counts = state["gains"][name]  # bins 1…B, and g ≤ 0 or +inf counted among the non-finite
-        if not (np.array_equal(every[1:-1], counts["counts"].numpy()) and every[0] + every[-1] == counts["ext"][1]):
-            raise AssertionError(f"site {name}'s histogram differs from the tracer's")
+    for arm in ("kernels", "kernels held"):
+        for name, every in obs[arm].every.items():  # the bound did the tracer's binning: the same counts per site
+            counts = state["gains"][name]  # bins 1…B, and g ≤ 0 or +inf counted among the non-finite
+            if not (np.array_equal(every[1:-1], counts["counts"].numpy()) and every[0] + every[-1] == counts["ext"][1]):
+                raise AssertionError(f"{arm}: site {name}'s histogram differs from the tracer's")
     return {name: [t / b for t, b in zip(times[name], times["bare"])] for name in arms}
 
 

@@ -17,6 +17,13 @@ tensor operation costs more than the few values of a call, they are compiled loo
 (:mod:`flowaudit.host_kernels`) with the same bins, extremes and kept rows. Nothing
 grows with the number of inputs except a few numbers per input.
 
+With ``hold`` (for adapters whose tensors stay intact until a pass returns,
+:attr:`~flowaudit.adapters.base.Adapter.tensors_stay_intact`), the CPU calls of a pass are
+held, by reference, and read back to back when the pass ends or once :data:`HOLD_BYTES` of
+their tensors are held: the same figures bit for bit, at about half the cost in a pass
+(read between the model's layers, the compiled loops run cold and slow the layers after
+them; benchmarks/README.md). A held tensor written in place before it is read raises.
+
 Layer sums are batch-invariant (:mod:`flowaudit.layer_stats`).
 
 Rows of a traced batch are input-major (:class:`~flowaudit.layout.Sampling`).
@@ -49,6 +56,7 @@ __all__ = ["Tracer", "layer_table"]
 _CLOSE_INPUTS = 32  # inputs of closed passes whose figures are worked out together
 _HOST_GAINS = (np.dtype(np.float32), np.dtype(np.float16))  # float32 or widened to it exactly (bfloat16 is, by host_array)
 _HOST_COUNTS = ("counts", NI + 2)  # a pass's per-input coarse counts from the compiled loop (g ≤ 0 and +inf at the ends)
+HOLD_BYTES = 16 << 20  # a held tracer's tensors of a pass, at most: an exact pass of the bundled SR / low-light flows holds 5–9 MB
 
 
 def _inputs(shape: tuple[int, ...], samples: int) -> int:
@@ -92,11 +100,16 @@ class Tracer:
     Args:
         sampling: the batch layout (K rows per input, input-major).
         param_budget: points of parameters kept per site for the Remark 2 probe.
+        hold: read a pass's CPU calls when it ends (module docstring); only for an adapter whose
+            :attr:`~flowaudit.adapters.base.Adapter.tensors_stay_intact`.
     """
 
-    def __init__(self, sampling: Sampling, param_budget: int = 65536):
+    def __init__(self, sampling: Sampling, param_budget: int = 65536, hold: bool = False):
         self.sampling = sampling
         self.param_budget = param_budget
+        self.hold = hold
+        self._held: list[tuple[tuple, list[int]]] = []  # calls of the pass not read yet, and their tensors' versions
+        self._held_bytes = 0
         self._layers: dict[str, LayerStats] = {}
         self._gains: dict[str, GainStats] = {}
         self.reservoirs: dict[str, ParamReservoir] = {}
@@ -111,16 +124,19 @@ class Tracer:
     @property
     def layers(self) -> dict[str, LayerStats]:
         """Per layer, its running statistics (the pass in progress included)."""
+        self._read_held()
         return self._layers
 
     @property
     def gains(self) -> dict[str, GainStats]:
         """Per site, its inverse-gain statistics (the pass in progress included)."""
+        self._read_held()
         return self._gains
 
     @property
     def input_gain(self) -> list[dict]:
         """Per input, its inverse-gain min, p50, p99 and max over all sites (inputs whose pass has ended)."""
+        self._read_held()
         self._figure_closed()
         return self._input_gain
 
@@ -133,6 +149,7 @@ class Tracer:
     @property
     def params(self) -> dict[str, list[Any]]:
         """The kept parameter rows per site (one tensor each), for :meth:`Site.derivative_at`."""
+        self._read_held()
         out = {}
         for name, r in self.reservoirs.items():
             kept = r.kept()
@@ -142,11 +159,43 @@ class Tracer:
 
     def reservoir_info(self, name: str) -> dict | None:
         """What the reservoir of site ``name`` holds (``None``: the site was never visited)."""
+        self._read_held()
         r = self.reservoirs.get(name)
         return None if r is None else r.info()
 
     # -- Observer -------------------------------------------------------------
     def layer(self, name: str, x: Tensor) -> None:
+        if not self._holds(("layer", name, x)):
+            self._layer(name, x)
+
+    def site(self, name: str, gain: Tensor, params: Any) -> None:
+        if not self._holds(("site", name, gain, params)):
+            self._site(name, gain, params)
+
+    def _holds(self, call: tuple) -> bool:
+        """Hold ``call`` for later (:attr:`hold`, CPU tensors in no-grad or plain mode); ``False``: read it now,
+        after the calls held before it, so that every layer and site is read in call order."""
+        tensors = [t for t in call[2:] if t is not None]
+        if self.hold and all(isinstance(t, Tensor) and t.device.type == "cpu" and not t.requires_grad
+                             and not t.is_inference() for t in tensors):
+            self._held.append((call, [t._version for t in tensors]))
+            self._held_bytes += sum(t.nbytes for t in tensors)
+            if self._held_bytes > HOLD_BYTES:
+                self._read_held()
+            return True
+        self._read_held()
+        return False
+
+    def _read_held(self) -> None:
+        """Read the held calls, in call order."""
+        held, self._held, self._held_bytes = self._held, [], 0
+        for call, versions in held:
+            if [t._version for t in call[2:] if t is not None] != versions:
+                raise RuntimeError(f"{call[1]}: a tensor it handed the tracer was written in place before the pass ended; "
+                                   "its adapter's tensors do not stay intact (trace it without hold)")
+            (self._layer if call[0] == "layer" else self._site)(*call[1:])
+
+    def _layer(self, name: str, x: Tensor) -> None:
         stats = self._layers.get(name)
         if stats is None:
             stats = self._layers[name] = LayerStats()
@@ -159,7 +208,7 @@ class Tracer:
         else:  # another device or dtype (LayerStats.add skips empty tensors)
             stats.add(x, _inputs(x.shape, self.sampling.samples), self._work)
 
-    def site(self, name: str, gain: Tensor, params: Any) -> None:
+    def _site(self, name: str, gain: Tensor, params: Any) -> None:
         g = host_array(gain)
         if g is not None and g.dtype in _HOST_GAINS and g.size:
             rows = host_array(params) if isinstance(params, Tensor) else None
@@ -233,6 +282,7 @@ class Tracer:
     def end_batch(self, n_inputs: int) -> None:
         """Close a pass of ``n_inputs`` inputs; their inverse-gain min, p50, p99 and max over all sites join
         :attr:`input_gain`, worked out for a few passes at once (a few operations for all their inputs)."""
+        self._read_held()
         self._closed.append((self._batch, n_inputs))
         if sum(n for _, n in self._closed) >= _CLOSE_INPUTS:
             self._figure_closed()
