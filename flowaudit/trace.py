@@ -108,7 +108,7 @@ class Tracer:
         self.sampling = sampling
         self.param_budget = param_budget
         self.hold = hold
-        self._held: list[tuple[tuple, list[int]]] = []  # calls of the pass not read yet, and their tensors' versions
+        self._held: list[tuple] = []  # calls of the pass not read yet: (is a site, name, tensor, its version, params, their version)
         self._held_bytes = 0
         self._layers: dict[str, LayerStats] = {}
         self._gains: dict[str, GainStats] = {}
@@ -165,35 +165,38 @@ class Tracer:
 
     # -- Observer -------------------------------------------------------------
     def layer(self, name: str, x: Tensor) -> None:
-        if not self._holds(("layer", name, x)):
-            self._layer(name, x)
-
-    def site(self, name: str, gain: Tensor, params: Any) -> None:
-        if not self._holds(("site", name, gain, params)):
-            self._site(name, gain, params)
-
-    def _holds(self, call: tuple) -> bool:
-        """Hold ``call`` for later (:attr:`hold`, CPU tensors in no-grad or plain mode); ``False``: read it now,
-        after the calls held before it, so that every layer and site is read in call order."""
-        tensors = [t for t in call[2:] if t is not None]
-        if self.hold and all(isinstance(t, Tensor) and t.device.type == "cpu" and not t.requires_grad
-                             and not t.is_inference() for t in tensors):
-            self._held.append((call, [t._version for t in tensors]))
-            self._held_bytes += sum(t.nbytes for t in tensors)
+        if self.hold and _holdable(x):  # kept short: it runs between the model's layers
+            self._held.append((False, name, x, x._version, None, None))
+            self._held_bytes += x.nbytes
             if self._held_bytes > HOLD_BYTES:
                 self._read_held()
-            return True
-        self._read_held()
-        return False
+            return
+        if self._held:  # read in call order
+            self._read_held()
+        self._layer(name, x)
+
+    def site(self, name: str, gain: Tensor, params: Any) -> None:
+        if self.hold and _holdable(gain) and (params is None or _holdable(params)):
+            self._held.append((True, name, gain, gain._version, params, None if params is None else params._version))
+            self._held_bytes += gain.nbytes + (0 if params is None else params.nbytes)
+            if self._held_bytes > HOLD_BYTES:
+                self._read_held()
+            return
+        if self._held:
+            self._read_held()
+        self._site(name, gain, params)
 
     def _read_held(self) -> None:
         """Read the held calls, in call order."""
         held, self._held, self._held_bytes = self._held, [], 0
-        for call, versions in held:
-            if [t._version for t in call[2:] if t is not None] != versions:
-                raise RuntimeError(f"{call[1]}: a tensor it handed the tracer was written in place before the pass ended; "
+        for site, name, a, va, b, vb in held:
+            if a._version != va or (b is not None and b._version != vb):
+                raise RuntimeError(f"{name}: a tensor it handed the tracer was written in place before the pass ended; "
                                    "its adapter's tensors do not stay intact (trace it without hold)")
-            (self._layer if call[0] == "layer" else self._site)(*call[1:])
+            if site:
+                self._site(name, a, b)
+            else:
+                self._layer(name, a)
 
     def _layer(self, name: str, x: Tensor) -> None:
         stats = self._layers.get(name)
@@ -316,6 +319,8 @@ class Tracer:
         Layer sums fold in call order (call in shard order), histograms and extremes are exact,
         reservoirs keep the same rows as one pass over all inputs would.
         """
+        self._read_held()
+        other._read_held()
         for k, v in other.layers.items():
             self.layers[k] = self.layers[k].merge(v) if k in self.layers else LayerStats.from_state(v.state(), layer_device(v))
         for k, v in other.gains.items():
@@ -341,6 +346,11 @@ def _input_figures(closed: list[tuple[dict, int]]) -> list[dict]:
         else:
             out += [{"min": math.nan, "p50": math.nan, "p99": math.nan, "max": math.nan}] * n
     return out
+
+
+def _holdable(t: Any) -> bool:
+    """Whether a tracer may hold ``t`` for later: a CPU tensor out of autograd, whose in-place writes its version counts."""
+    return isinstance(t, Tensor) and t.is_cpu and not t.requires_grad and not t.is_inference()
 
 
 def _host(v: Tensor | np.ndarray) -> np.ndarray:
