@@ -20,9 +20,9 @@ grows with the number of inputs except a few numbers per input.
 With ``hold`` (for adapters whose tensors stay intact until a pass returns,
 :attr:`~flowaudit.adapters.base.Adapter.tensors_stay_intact`), the CPU calls of a pass are
 held, by reference, and read back to back when the pass ends or once :data:`HOLD_BYTES` of
-their tensors are held: the same figures bit for bit, at about half the cost in a pass
-(read between the model's layers, the compiled loops run cold and slow the layers after
-them; benchmarks/README.md). A held tensor written in place before it is read raises.
+their tensors are held: the same figures bit for bit, for less time in a pass (read between
+the model's layers, the compiled loops run cold and slow the layers after them;
+benchmarks/README.md). A held tensor written in place before it is read raises.
 
 Layer sums are batch-invariant (:mod:`flowaudit.layer_stats`).
 
