@@ -50,7 +50,6 @@ class Kernels:
 
     def __init__(self, samples: int):
         self.samples = samples
-        self.held: list | None = None  # a held pass's calls (:class:`HeldKernels`)
         self.every: dict[str, np.ndarray] = {}
         self.ext: dict[str, np.ndarray] = {}
         self.acc: dict[str, np.ndarray] = {}
@@ -58,18 +57,6 @@ class Kernels:
         self.inputs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # per-input counts and extremes, by inputs a call
 
     def site(self, name: str, gain: torch.Tensor, params: object) -> None:
-        if self.held is not None:
-            self.held.append((self._site, name, gain))
-        else:
-            self._site(name, gain)
-
-    def layer(self, name: str, x: torch.Tensor) -> None:
-        if self.held is not None:
-            self.held.append((self._layer, name, x))
-        else:
-            self._layer(name, x)
-
-    def _site(self, name: str, gain: torch.Tensor) -> None:
         g = gain.reshape(-1).numpy()
         rows, w = gain.shape[0], self.work
         n = rows // self.samples
@@ -80,7 +67,7 @@ class Kernels:
         site_counts(g.view(np.int32), self.samples, w.table, w.first_bits, self.every[name], self.ext[name], *self.inputs[n], w.rows(rows),
                     w.hist, w.idx(g.size // rows), w.first, w.conv, w.convf)
 
-    def _layer(self, name: str, x: torch.Tensor) -> None:
+    def layer(self, name: str, x: torch.Tensor) -> None:
         n = max(1, x.shape[0] // self.samples)
         acc = self.acc.get(name)
         if acc is None:
@@ -94,12 +81,18 @@ class HeldKernels(Kernels):
 
     def __init__(self, samples: int):
         super().__init__(samples)
-        self.held = []
+        self.held: list[tuple] = []  # the pass's calls: (Kernels.site or Kernels.layer, its arguments)
+
+    def site(self, name: str, gain: torch.Tensor, params: object) -> None:
+        self.held.append((super().site, (name, gain, params)))
+
+    def layer(self, name: str, x: torch.Tensor) -> None:
+        self.held.append((super().layer, (name, x)))
 
     def end_batch(self, n_inputs: int) -> None:
         calls, self.held = self.held, []
-        for read, name, t in calls:
-            read(name, t)
+        for read, args in calls:
+            read(*args)
 
 
 def measure(model, y: torch.Tensor, k: int, inputs_per_pass: int, repeats: int) -> dict[str, list[float]]:

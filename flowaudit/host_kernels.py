@@ -85,11 +85,16 @@ def host_array(t: torch.Tensor) -> np.ndarray | None:
 
 # -- gains -------------------------------------------------------------------------------------------
 @_jit
+def _index(table, b):  # pragma: no cover - compiled
+    """The bin index of a gain's float32 bits ``b`` (as int32) from :class:`~flowaudit.binning.GainBins`' table."""
+    return np.int32(table[(b >> 16) & 0xFFFF] + b) >> 16  # int32 addition wraps (binning.py)
+
+
+@_jit
 def _bins(bits, table, idx):  # pragma: no cover - compiled
     """Bin indices of one row's gains into ``idx`` (a NaN with the sign bit set lands at 0: see :func:`site_counts`)."""
     for j in range(len(bits)):
-        b = bits[j]
-        idx[j] = np.int32(table[(b >> 16) & 0xFFFF] + b) >> 16  # int32 addition wraps (binning.py)
+        idx[j] = _index(table, bits[j])
 
 
 @_jit
@@ -199,8 +204,7 @@ def site_counts(bits, k, table, thr, every, ext, in_counts, in_max, in_min, row_
                 continue
             row = bits[r * per : (r + 1) * per]
             top, low = _extremes(row)
-            lo = np.int32(table[(low >> 16) & 0xFFFF] + low) >> 16  # the index is non-decreasing in the int32 bits:
-            hi = np.int32(table[(top >> 16) & 0xFFFF] + top) >> 16  # the row's indices lie in lo … hi
+            lo, hi = _index(table, low), _index(table, top)  # the index is non-decreasing in the int32 bits: the row's lie in lo … hi
             cmin, cmax = min(cmin, lo), max(cmax, hi)
             plain = low > 0 and top < _INF_BITS  # every gain finite and positive: their bits order like the values
             if plain and hi - lo <= _NARROW:
