@@ -28,6 +28,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from .hooks import HeldReports
+
 __all__ = ["Observer", "keeps_graph", "Site", "Adapter", "widen", "AFFINE_BOUNDED_FLOOR", "affine_kind", "elementwise_derivative", "sweep_bounds"]
 
 
@@ -146,10 +148,10 @@ class Adapter(ABC):
         condition_shape: shape of one condition ``y``, no batch axis.
         output_range: valid range of a sample's values.
         scale: SR factor (``task == "sr"`` only).
-        tensors_stay_intact: whether every tensor an observed pass hands its observer keeps its values
-            until the pass returns (no in-place write of the model reaches it), so that an observer may
-            read it then (:class:`~flowaudit.trace.Tracer`'s ``hold``). Claimed only where the code of
-            the whole pass is known: the bundled flows (tested on each).
+        tensors_stay_intact: whether every tensor an observed pass's hooks see keeps its values until the
+            pass returns (no in-place write of the model reaches it), so that the adapter may hold its
+            reports for then (:class:`~flowaudit.adapters.hooks.HeldReports`). Claimed only where the code
+            of the whole pass is known: the bundled flows (tested on each).
     """
 
     family: str = "generic"
@@ -282,25 +284,23 @@ class Adapter(ABC):
 class HookedAdapter(Adapter):
     """An adapter whose observed passes report through hooks (or wrapped methods): :meth:`_hooks` puts them on
     the model. A pass with an observer puts them on for itself; an :meth:`observing` block puts them on once
-    for all its passes, and they report only the passes that name the block's observer (``live``)."""
+    for all its passes, and they report only the passes that name the block's observer (``live``). Hooks
+    that hold a pass's reports (:class:`~flowaudit.adapters.hooks.HeldReports`) have them made when it returns."""
 
-    _held: tuple[Observer, list[bool]] | None = None  # the observer of an observing block, and whether a pass of it runs
+    _held: tuple[Observer, list[bool], HeldReports | None] | None = None  # an observing block's observer, whether a pass of it runs, its held reports
 
     @abstractmethod
-    def _hooks(self, observer: Observer, live: list[bool]) -> contextlib.AbstractContextManager:
-        """The hooks of an observed pass, reporting to ``observer`` while ``live[0]``; removed on exit."""
+    def _hooks(self, observer: Observer, live: list[bool]) -> contextlib.AbstractContextManager[HeldReports | None]:
+        """The hooks of an observed pass, reporting to ``observer`` while ``live[0]``; removed on exit. The
+        context's value: the reports they hold for the end of each pass, or ``None``."""
 
     def _observed(self, observer: Observer, run: Callable[[], Tensor]) -> Tensor:
         """``run()``, an inverse pass, reporting to ``observer``: through the block's hooks if it is the block's."""
         held = self._held
         if held is not None and held[0] is observer:
-            held[1][0] = True
-            try:
-                return run()
-            finally:
-                held[1][0] = False
-        with self._hooks(observer, [True]):
-            return run()
+            return _reported(run, held[1], held[2])
+        with self._hooks(observer, [True]) as later:
+            return _reported(run, [True], later)
 
     @contextlib.contextmanager
     def observing(self, observer: Observer) -> Iterator[None]:
@@ -309,10 +309,26 @@ class HookedAdapter(Adapter):
             yield
             return
         live = [False]
-        with self._hooks(observer, live):
-            self._held = (observer, live)
+        with self._hooks(observer, live) as later:
+            self._held = (observer, live, later)
             try:
                 yield
             finally:
                 self._held = None
+
+
+def _reported(run: Callable[[], Tensor], live: list[bool], later: HeldReports | None) -> Tensor:
+    """``run()`` with the hooks live, then the reports they held (dropped if it raised)."""
+    live[0] = True
+    try:
+        out = run()
+    except BaseException:
+        if later is not None:
+            later.drop()
+        raise
+    finally:
+        live[0] = False
+    if later is not None:
+        later.flush()
+    return out
 

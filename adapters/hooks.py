@@ -5,6 +5,13 @@ it (an :class:`~contextlib.ExitStack` of handles), also when the forward pass
 raises. A failure inside a hook names the layer. Adapters use :func:`hooked`
 to report sites and layers to an observer; the engine uses it to capture
 encoder features.
+
+An adapter whose tensors stay intact until a pass returns
+(:attr:`~flowaudit.adapters.base.Adapter.tensors_stay_intact`) may hold a pass's
+reports in :class:`HeldReports`, by reference, and make them when the pass returns:
+the observer gets the same calls in the same order, and nothing of the audit (the
+gain's ``exp``, the observer's reading) runs between the model's layers, where it
+costs most (it leaves the model's next layers to run cold; benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -15,7 +22,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["HookError", "hooked", "first_tensor"]
+__all__ = ["HookError", "HeldReports", "HOLD_BYTES", "hooked", "first_tensor"]
+
+
+HOLD_BYTES = 16 << 20  # a pass's held tensors, at most: an exact pass of the bundled SR / low-light flows holds 5–9 MB
 
 
 class HookError(RuntimeError):
@@ -68,3 +78,48 @@ def hooked(model: nn.Module, names: Sequence[str], fn: Callable[[str, tuple, dic
         yield
 
 
+
+
+class HeldReports:
+    """The reports of an observed pass, held by reference and made once it returns (module docstring).
+
+    :meth:`hold` keeps ``report(name, a, b)`` with the version counters of tensors ``a`` and ``b``
+    (``b`` may be ``None``); :meth:`flush` makes the held reports in call order, first checking that
+    no tensor was written in place since (else it raises: the adapter's claim was wrong). A call that
+    cannot be held (off the CPU's or any other device's plain tensors: one in autograd or an inference
+    tensor, which counts no versions) flushes what is held and is left to the caller to make now;
+    so does holding more than :data:`HOLD_BYTES`.
+    """
+
+    def __init__(self) -> None:
+        self._calls: list[tuple] = []
+        self._bytes = 0
+
+    def hold(self, report: Callable[[str, Tensor, Any], None], name: str, a: Tensor, b: Tensor | None = None) -> bool:
+        """Hold a report; ``False`` (after a flush) where ``a`` or ``b`` cannot be held: make it now."""
+        if not (_holdable(a) and (b is None or _holdable(b))):
+            self.flush()
+            return False
+        self._calls.append((report, name, a, a._version, b, None if b is None else b._version))
+        self._bytes += a.nbytes + (0 if b is None else b.nbytes)
+        if self._bytes > HOLD_BYTES:
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        """Make the held reports, in call order."""
+        calls, self._calls, self._bytes = self._calls, [], 0
+        for report, name, a, va, b, vb in calls:
+            if a._version != va or (b is not None and b._version != vb):
+                raise RuntimeError(f"{name}: a tensor held for its report was written in place before the pass returned; "
+                                   "its adapter's tensors do not stay intact")
+            report(name, a, b)
+
+    def drop(self) -> None:
+        """Forget the held reports (a pass that raised)."""
+        self._calls, self._bytes = [], 0
+
+
+def _holdable(t: Tensor) -> bool:
+    """Whether ``t`` may be held for a later report: out of autograd, and counting its in-place writes."""
+    return not t.requires_grad and not t.is_inference()

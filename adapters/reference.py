@@ -7,7 +7,10 @@ Their sites are the parameter-free
 parameters the conditioner produced there. One forward hook per site and per
 traced layer reads both, registered for an observed pass or once for an
 observing block of them (:class:`~flowaudit.adapters.base.HookedAdapter`); no
-model code knows it is being audited.
+model code knows it is being audited. No bundled flow writes in place a tensor
+these hooks see (``tensors_stay_intact``), so they hold the ``ladj``, ``h`` and
+layer outputs of a pass by reference and report them, gains and all, when the
+pass returns (:class:`~flowaudit.adapters.hooks.HeldReports`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .hooks import first_tensor, hooked
+from .hooks import HeldReports, first_tensor, hooked
 from flowaudit.reference_models import ReferenceFlow
 from flowaudit.reference_models.couplings import Elementwise
 
@@ -69,24 +72,30 @@ class ElementwiseSite(Site):
             return 0.0
         return None
 
+    def visited(self, args: tuple, kwargs: dict, output: Any) -> tuple[Tensor, Tensor] | None:
+        """(``ladj``, params) of a hooked reverse call as the model made them, ``None`` for a forward call."""
+        reverse = kwargs.get("reverse", args[2] if len(args) > 2 else False)
+        if not reverse:
+            return None
+        return output[1], args[1] if len(args) > 1 else kwargs["h"]
+
     def read(self, args: tuple, kwargs: dict, output: Any, keep_graph: bool = False) -> tuple[Tensor, Tensor] | None:
         """(inverse gain, params) of a hooked reverse call, ``None`` for a forward call.
 
         The gain is detached unless ``keep_graph`` (the attack differentiates through it); the
         params always are (they feed the Remark 2 probe only)."""
-        reverse = kwargs.get("reverse", args[2] if len(args) > 2 else False)
-        if not reverse:
+        got = self.visited(args, kwargs, output)
+        if got is None:
             return None
-        h = args[1] if len(args) > 1 else kwargs["h"]
-        ladj = output[1] if keep_graph else output[1].detach()
-        return ladj.exp(), h.detach()
+        ladj, h = got
+        return (ladj if keep_graph else ladj.detach()).exp(), h.detach()
 
 
 class ReferenceAdapter(HookedAdapter):
     """Adapter of a :class:`ReferenceFlow`."""
 
     family = "reference"
-    tensors_stay_intact = True  # no bundled flow writes a hooked tensor in place (tests/test_tracer_fast_paths.py)
+    tensors_stay_intact = True  # no bundled flow writes a hooked tensor in place (tests/test_held_reports.py)
 
     def __init__(self, model: ReferenceFlow, name: str | None = None):
         super().__init__(model, name)
@@ -136,23 +145,37 @@ class ReferenceAdapter(HookedAdapter):
         return self._observed(observer, lambda: self.model.reverse(latents, y))
 
     @contextlib.contextmanager
-    def _hooks(self, observer: Observer, live: list[bool]) -> Iterator[None]:
-        """The hooks of every site and traced layer, reporting to ``observer`` while ``live[0]``."""
+    def _hooks(self, observer: Observer, live: list[bool]) -> Iterator[HeldReports | None]:
+        """The hooks of every site and traced layer, reporting to ``observer`` while ``live[0]``; held for the
+        pass's end (its gains' ``exp`` too) unless the observer keeps the graph."""
         by_name = {s.name: s for s in self._sites}
         keep = keeps_graph(observer)
+        later = HeldReports() if self.tensors_stay_intact and not keep else None
+
+        def report_site(name, ladj, h):
+            observer.site(name, ladj.exp(), h)
+
+        def report_layer(name, x, _):
+            observer.layer(name, x)
 
         def on_site(name, args, kwargs, output):
             if live[0]:
+                if later is not None:
+                    got = by_name[name].visited(args, kwargs, output)
+                    if got is None or later.hold(report_site, name, *got):
+                        return
                 got = by_name[name].read(args, kwargs, output, keep)
                 if got is not None:
                     observer.site(name, *got)
 
         def on_layer(name, args, kwargs, output):
             if live[0]:
-                observer.layer(name, first_tensor(output).detach())
+                x = first_tensor(output)
+                if later is None or not later.hold(report_layer, name, x):
+                    observer.layer(name, x.detach())
 
         with hooked(self.model, list(by_name), on_site), hooked(self.model, self.layer_names(), on_layer):
-            yield
+            yield later
 
     def forward(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
         return self.model(x, y)

@@ -4,13 +4,13 @@ A scan audits its inputs in shards of :data:`~flowaudit.shards.SHARD_INPUTS` (32
 fresh :class:`~flowaudit.trace.Tracer` whose state is saved when the shard ends. This benchmark
 runs one such shard of 32 distinct inputs four ways on the same latents under ``no_grad``, one
 thread: *bare* (every pass ``adapter.sample(y, latents)``, no observer, no hook), *audited* (as
-:mod:`flowaudit.sampling` runs it: a tracer — holding a pass's calls for its end, as the bundled flows'
-adapter allows (``tensors_stay_intact``) —, the adapter's ``observing`` block around the shard —
+:mod:`flowaudit.sampling` runs it: a tracer, the adapter's ``observing`` block around the shard —
 the hooks registered once — every pass reporting to the tracer, ``tracer.end_batch`` after each, and
 ``tracer.state()`` at the end: layer sums, inverse-gain histograms, per-input gain figures,
-parameter reservoir), the *floor* (the same with an observer that takes nothing, :class:`Nothing`:
-what the hooks and the adapter's reads — ``exp`` of the log-determinant into gains — cost before
-the tracer does anything) and *bare again* (an A/A check of the protocol). Each way runs on its own
+parameter reservoir; the bundled flows' adapter holds a pass's reports for its end,
+:class:`~flowaudit.adapters.hooks.HeldReports`), the *floor* (the same with an observer that takes
+nothing, :class:`Nothing`: what the hooks and the adapter's reads — ``exp`` of the log-determinant
+into gains — cost before the tracer does anything) and *bare again* (an A/A check of the protocol). Each way runs on its own
 copy of the model (:func:`shard_rounds`), so that one way's held hooks leave the others' passes
 unhooked, and the ways take turns pass by pass, the order rotating. A round is the whole shard each
 way, after one warm-up round. Two figures per ratio: the best of ``--repeats`` rounds' shard times
@@ -128,8 +128,7 @@ def shard_rounds(model, y: torch.Tensor, k: int, inputs_per_pass: int, repeats: 
 def measure(model, y: torch.Tensor, k: int, inputs_per_pass: int, repeats: int, clock) -> dict[str, list[float]]:
     """Per way (bare, audited, floor and bare again, an A/A check of the protocol), its shard seconds in each round."""
     sampling = Sampling(k, 0.9, 0)
-    hold = adapt(model).tensors_stay_intact  # as flowaudit/sampling.py makes its tracer
-    arms = {"bare": None, "audited": lambda: Tracer(sampling, hold=hold).start_at(0, 0), "floor": Nothing, "bare again": None}
+    arms = {"bare": None, "audited": lambda: Tracer(sampling).start_at(0, 0), "floor": Nothing, "bare again": None}
     return shard_rounds(model, y, k, inputs_per_pass, repeats, clock, arms)[0]
 
 

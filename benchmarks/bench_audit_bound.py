@@ -11,8 +11,9 @@ with these loops. The *kernels* observer calls the tracer's own compiled loops
 * layer: :func:`~flowaudit.host_kernels.layer_sums` — per input, the count of finite values,
   :math:`\sum v`, :math:`\sum v^2`, :math:`\max |v|` and the non-finite count, in chunks of 4096.
 
-The *kernels held* observer runs the same loops on the same calls when the pass ends, back to back, as
-the tracer with ``hold`` (the scan's, for the bundled flows) reads them.
+For the bundled flows every observer gets a pass's calls when the pass returns
+(:class:`~flowaudit.adapters.hooks.HeldReports`), so these loops run back to back after it, as the
+tracer's do.
 
 It leaves out what the tracer also does — the parameter reservoir, per-input figures, the checks and
 bookkeeping of a call, mergeable state — so it is a bound, not a design. After the timed shards, its
@@ -21,7 +22,7 @@ site histograms are checked against the tracer's (equal counts, or the script fa
 Arms, one thread, on the workloads and protocol of ``bench_audit.py`` (``shard_rounds``: each arm on its
 own copy of the model with its hooks held for the shard, as a scan holds them; turns pass by pass):
 ``bare``; ``floor`` (an observer that takes nothing: hooks and the adapter's reads); ``tracer`` (as the
-scan makes it: held, for these bundled flows); ``kernels``; ``kernels held``. Per round (a shard of 32 inputs) each arm's time over bare's; the median over rounds and
+scan makes it); ``kernels``. Per round (a shard of 32 inputs) each arm's time over bare's; the median over rounds and
 its quartiles.
 
 Run: ``python benchmarks/bench_audit_bound.py [--only sr:affine:exact,…] [--repeats 10]``.
@@ -37,7 +38,6 @@ import time
 import numpy as np
 import torch
 
-from flowaudit.adapters import adapt
 from flowaudit.host_kernels import KEY_START, NB, NI, layer_sums, site_counts
 from flowaudit.layout import Sampling
 from flowaudit.trace import Tracer, _HostScratch
@@ -76,38 +76,16 @@ class Kernels:
         layer_sums(v, v.view(np.int32), n, acc, self.work.conv, self.work.convf)
 
 
-class HeldKernels(Kernels):
-    """:class:`Kernels` on a pass's calls when it ends, in call order."""
-
-    def __init__(self, samples: int):
-        super().__init__(samples)
-        self.held: list[tuple] = []  # the pass's calls: (Kernels.site or Kernels.layer, its arguments)
-
-    def site(self, name: str, gain: torch.Tensor, params: object) -> None:
-        self.held.append((super().site, (name, gain, params)))
-
-    def layer(self, name: str, x: torch.Tensor) -> None:
-        self.held.append((super().layer, (name, x)))
-
-    def end_batch(self, n_inputs: int) -> None:
-        calls, self.held = self.held, []
-        for read, args in calls:
-            read(*args)
-
-
 def measure(model, y: torch.Tensor, k: int, inputs_per_pass: int, repeats: int) -> dict[str, list[float]]:
     """Per arm, its shard time over bare's in each round (process CPU time; ``bench_audit.shard_rounds``)."""
     sampling = Sampling(k, 0.9, 0)
-    hold = adapt(model).tensors_stay_intact  # as flowaudit/sampling.py makes its tracer
-    arms = {"bare": None, "floor": Nothing, "tracer": lambda: Tracer(sampling, hold=hold).start_at(0, 0), "kernels": lambda: Kernels(k),
-            "kernels held": lambda: HeldKernels(k)}
+    arms = {"bare": None, "floor": Nothing, "tracer": lambda: Tracer(sampling).start_at(0, 0), "kernels": lambda: Kernels(k)}
     times, obs = shard_rounds(model, y, k, inputs_per_pass, repeats, time.process_time, arms)
     state = obs["tracer"].state()
-    for arm in ("kernels", "kernels held"):
-        for name, every in obs[arm].every.items():  # the bound did the tracer's binning: the same counts per site
-            counts = state["gains"][name]  # bins 1…B, and g ≤ 0 or +inf counted among the non-finite
-            if not (np.array_equal(every[1:-1], counts["counts"].numpy()) and every[0] + every[-1] == counts["ext"][1]):
-                raise AssertionError(f"{arm}: site {name}'s histogram differs from the tracer's")
+    for name, every in obs["kernels"].every.items():  # the bound did the tracer's binning: the same counts per site
+        counts = state["gains"][name]  # bins 1…B, and g ≤ 0 or +inf counted among the non-finite
+        if not (np.array_equal(every[1:-1], counts["counts"].numpy()) and every[0] + every[-1] == counts["ext"][1]):
+            raise AssertionError(f"kernels: site {name}'s histogram differs from the tracer's")
     return {name: [t / b for t, b in zip(times[name], times["bare"])] for name in arms}
 
 

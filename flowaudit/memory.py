@@ -106,7 +106,7 @@ def probe_pass(adapter: Any, y: torch.Tensor, sampling: Any, device: torch.devic
 
     y = y[:1].to(device)
     latents = sampling.latents(adapter, y, 0, 0, device)
-    tracer = Tracer(sampling, hold=adapter.tensors_stay_intact)  # as the scan's: held tensors count
+    tracer = Tracer(sampling)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)

@@ -66,7 +66,7 @@ def sample_range(adapter: Adapter, cs: ConditionSet, set_index: int, set_name: s
     numbers the passes for the tracer (default: the pass index the range starts at).
     """
     per = run.inputs_per_pass
-    tracer = Tracer(run.sampling, hold=adapter.tensors_stay_intact).start_at(rows.start, rows.start // per if first_pass is None else first_pass)
+    tracer = Tracer(run.sampling).start_at(rows.start, rows.start // per if first_pass is None else first_pass)
     band = adapter.error_band
     records: list[dict] = []
     with progress_bar(rows.stop - rows.start, f"scan {set_name}", run.progress) as bar, adapter.observing(tracer):

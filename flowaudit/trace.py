@@ -17,12 +17,9 @@ tensor operation costs more than the few values of a call, they are compiled loo
 (:mod:`flowaudit.host_kernels`) with the same bins, extremes and kept rows. Nothing
 grows with the number of inputs except a few numbers per input.
 
-With ``hold`` (for adapters whose tensors stay intact until a pass returns,
-:attr:`~flowaudit.adapters.base.Adapter.tensors_stay_intact`), the CPU calls of a pass are
-held, by reference, and read back to back when the pass ends or once :data:`HOLD_BYTES` of
-their tensors are held: the same figures bit for bit, for less time in a pass (read between
-the model's layers, the compiled loops run cold and slow the layers after them;
-benchmarks/README.md). A held tensor written in place before it is read raises.
+An adapter whose tensors stay intact until a pass returns reports the pass when it has
+returned (:class:`~flowaudit.adapters.hooks.HeldReports`), so that the tracer's reads do not
+run between the model's layers; the tracer reads every call as it comes either way.
 
 Layer sums are batch-invariant (:mod:`flowaudit.layer_stats`).
 
@@ -56,7 +53,6 @@ __all__ = ["Tracer", "layer_table"]
 _CLOSE_INPUTS = 32  # inputs of closed passes whose figures are worked out together
 _HOST_GAINS = (np.dtype(np.float32), np.dtype(np.float16))  # float32 or widened to it exactly (bfloat16 is, by host_array)
 _HOST_COUNTS = ("counts", NI + 2)  # a pass's per-input coarse counts from the compiled loop (g ≤ 0 and +inf at the ends)
-HOLD_BYTES = 16 << 20  # a held tracer's tensors of a pass, at most: an exact pass of the bundled SR / low-light flows holds 5–9 MB
 
 
 def _inputs(shape: tuple[int, ...], samples: int) -> int:
@@ -100,16 +96,11 @@ class Tracer:
     Args:
         sampling: the batch layout (K rows per input, input-major).
         param_budget: points of parameters kept per site for the Remark 2 probe.
-        hold: read a pass's CPU calls when it ends (module docstring); only for an adapter whose
-            :attr:`~flowaudit.adapters.base.Adapter.tensors_stay_intact`.
     """
 
-    def __init__(self, sampling: Sampling, param_budget: int = 65536, hold: bool = False):
+    def __init__(self, sampling: Sampling, param_budget: int = 65536):
         self.sampling = sampling
         self.param_budget = param_budget
-        self.hold = hold
-        self._held: list[tuple] = []  # calls of the pass not read yet: (is a site, name, tensor, its version, params, their version)
-        self._held_bytes = 0
         self._layers: dict[str, LayerStats] = {}
         self._gains: dict[str, GainStats] = {}
         self.reservoirs: dict[str, ParamReservoir] = {}
@@ -124,19 +115,16 @@ class Tracer:
     @property
     def layers(self) -> dict[str, LayerStats]:
         """Per layer, its running statistics (the pass in progress included)."""
-        self._read_held()
         return self._layers
 
     @property
     def gains(self) -> dict[str, GainStats]:
         """Per site, its inverse-gain statistics (the pass in progress included)."""
-        self._read_held()
         return self._gains
 
     @property
     def input_gain(self) -> list[dict]:
         """Per input, its inverse-gain min, p50, p99 and max over all sites (inputs whose pass has ended)."""
-        self._read_held()
         self._figure_closed()
         return self._input_gain
 
@@ -149,7 +137,6 @@ class Tracer:
     @property
     def params(self) -> dict[str, list[Any]]:
         """The kept parameter rows per site (one tensor each), for :meth:`Site.derivative_at`."""
-        self._read_held()
         out = {}
         for name, r in self.reservoirs.items():
             kept = r.kept()
@@ -159,46 +146,11 @@ class Tracer:
 
     def reservoir_info(self, name: str) -> dict | None:
         """What the reservoir of site ``name`` holds (``None``: the site was never visited)."""
-        self._read_held()
         r = self.reservoirs.get(name)
         return None if r is None else r.info()
 
     # -- Observer -------------------------------------------------------------
     def layer(self, name: str, x: Tensor) -> None:
-        if self.hold and _holdable(x):  # kept short: it runs between the model's layers
-            self._held.append((False, name, x, x._version, None, None))
-            self._held_bytes += x.nbytes
-            if self._held_bytes > HOLD_BYTES:
-                self._read_held()
-            return
-        if self._held:  # read in call order
-            self._read_held()
-        self._layer(name, x)
-
-    def site(self, name: str, gain: Tensor, params: Any) -> None:
-        if self.hold and _holdable(gain) and (params is None or _holdable(params)):
-            self._held.append((True, name, gain, gain._version, params, None if params is None else params._version))
-            self._held_bytes += gain.nbytes + (0 if params is None else params.nbytes)
-            if self._held_bytes > HOLD_BYTES:
-                self._read_held()
-            return
-        if self._held:
-            self._read_held()
-        self._site(name, gain, params)
-
-    def _read_held(self) -> None:
-        """Read the held calls, in call order."""
-        held, self._held, self._held_bytes = self._held, [], 0
-        for site, name, a, va, b, vb in held:
-            if a._version != va or (b is not None and b._version != vb):
-                raise RuntimeError(f"{name}: a tensor it handed the tracer was written in place before the pass ended; "
-                                   "its adapter's tensors do not stay intact (trace it without hold)")
-            if site:
-                self._site(name, a, b)
-            else:
-                self._layer(name, a)
-
-    def _layer(self, name: str, x: Tensor) -> None:
         stats = self._layers.get(name)
         if stats is None:
             stats = self._layers[name] = LayerStats()
@@ -211,7 +163,7 @@ class Tracer:
         else:  # another device or dtype (LayerStats.add skips empty tensors)
             stats.add(x, _inputs(x.shape, self.sampling.samples), self._work)
 
-    def _site(self, name: str, gain: Tensor, params: Any) -> None:
+    def site(self, name: str, gain: Tensor, params: Any) -> None:
         g = host_array(gain)
         if g is not None and g.dtype in _HOST_GAINS and g.size:
             rows = host_array(params) if isinstance(params, Tensor) else None
@@ -285,7 +237,6 @@ class Tracer:
     def end_batch(self, n_inputs: int) -> None:
         """Close a pass of ``n_inputs`` inputs; their inverse-gain min, p50, p99 and max over all sites join
         :attr:`input_gain`, worked out for a few passes at once (a few operations for all their inputs)."""
-        self._read_held()
         self._closed.append((self._batch, n_inputs))
         if sum(n for _, n in self._closed) >= _CLOSE_INPUTS:
             self._figure_closed()
@@ -319,8 +270,6 @@ class Tracer:
         Layer sums fold in call order (call in shard order), histograms and extremes are exact,
         reservoirs keep the same rows as one pass over all inputs would.
         """
-        self._read_held()
-        other._read_held()
         for k, v in other.layers.items():
             self.layers[k] = self.layers[k].merge(v) if k in self.layers else LayerStats.from_state(v.state(), layer_device(v))
         for k, v in other.gains.items():
@@ -346,11 +295,6 @@ def _input_figures(closed: list[tuple[dict, int]]) -> list[dict]:
         else:
             out += [{"min": math.nan, "p50": math.nan, "p99": math.nan, "max": math.nan}] * n
     return out
-
-
-def _holdable(t: Any) -> bool:
-    """Whether a tracer may hold ``t`` for later: a CPU tensor out of autograd, whose in-place writes its version counts."""
-    return isinstance(t, Tensor) and t.is_cpu and not t.requires_grad and not t.is_inference()
 
 
 def _host(v: Tensor | np.ndarray) -> np.ndarray:

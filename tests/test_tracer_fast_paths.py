@@ -10,10 +10,7 @@
 * the CPU reservoir (a heap a half, compiled) keeps the rows the device path keeps, and its keys
   are the device's bits;
 * the per-call loop (layers, sites, reservoir) reads nothing back to the host: it runs on the
-  ``meta`` device, where any such read raises;
-* a tracer that holds a pass's calls (``hold``) gives the figures of one that reads them as they come,
-  bit for bit, and raises on a held tensor written in place; the bundled flows, whose adapter claims
-  their tensors stay intact, write none of them in place.
+  ``meta`` device, where any such read raises.
 """
 
 from __future__ import annotations
@@ -73,12 +70,12 @@ def test_input_bins_are_four_site_bins():
     assert int(ref.input_counts[0, 40]) == 2 and int(ref.input_counts[0, 39]) == 1  # 1.0 and 1.2 in [1, 1.259)
 
 
-def _traced(compiled: bool, passes: list, monkeypatch, hold: bool = False) -> Tracer:
+def _traced(compiled: bool, passes: list, monkeypatch) -> Tracer:
     """A tracer fed ``passes`` of (layer values, gains, params): by the CPU's compiled loops or by tensor operations."""
     with monkeypatch.context() as m:
         if not compiled:
             m.setattr("flowaudit.trace.host_array", lambda t: None)
-        tracer = Tracer(Sampling(4, 0.9, 0), param_budget=200, hold=hold)
+        tracer = Tracer(Sampling(4, 0.9, 0), param_budget=200)
         for x, gain, params in passes:
             tracer.layer("a", x)
             tracer.site("s", gain, params)
@@ -350,115 +347,3 @@ def test_rows_without_one_gain_each_are_offered_at_gain_zero():
     assert host.state()["top"][1].tolist() == [3.0, 2.0, 1.0, 0.5] + [0.0] * 8
     for a, b in zip(host.kept(), device.kept()):
         assert torch.equal(a, b)
-
-
-def _junk_passes() -> list:
-    g = torch.Generator().manual_seed(6)
-    passes = []
-    for n in (2, 1, 3):
-        x = torch.randn(4 * n, 3, 70, 30, generator=g) * 3 + 1
-        gain = (torch.randn(4 * n, 6, 100, generator=g) * 3).exp()
-        gain[1, 2, 3], gain[2, 0, 0], gain[3, 1, 1], x[0, 0, 0, 0] = math.nan, math.inf, -1.0, math.inf
-        passes.append((x, gain, torch.randn(4 * n, 12, generator=g)))
-    return passes
-
-
-def _all_state(t: Tracer) -> list:
-    st = t.state()
-    flat = [st["input_gain"]]
-    for part in ("layers", "gains"):
-        for name, v in sorted(st[part].items()):
-            flat += [name, *(v.values() if isinstance(v, dict) else [v])]
-    for name in sorted(t.reservoirs):
-        flat += [name, t.reservoir_info(name), *t.reservoirs[name].kept()]
-    return flat
-
-
-def _equal(a: list, b: list) -> bool:
-    return len(a) == len(b) and all(torch.equal(u, v) if isinstance(u, Tensor) else u == v for u, v in zip(a, b))
-
-
-@pytest.mark.parametrize("hold_bytes", [16 << 20, 100_000], ids=["pass", "mid-pass"])
-def test_held_calls_give_the_figures_of_calls_read_as_they_come(hold_bytes, monkeypatch):
-    """Held to the pass's end, or read whenever ``HOLD_BYTES`` are held: every figure equal, layer sums to the bit
-    (the calls are read in call order); a call the tracer cannot hold (an inference tensor) reads the held ones first."""
-    passes = _junk_passes()
-    monkeypatch.setattr("flowaudit.trace.HOLD_BYTES", hold_bytes)
-    held = _traced(True, passes, monkeypatch, hold=True)
-    assert not held._held
-    assert _equal(_all_state(held), _all_state(_traced(True, passes, monkeypatch)))
-    x, gain, params = passes[0]
-    with torch.inference_mode():
-        late = x + 1
-    order = []
-    for t in (Tracer(Sampling(4, 0.9, 0), hold=True), Tracer(Sampling(4, 0.9, 0))):
-        t.layer("a", x)
-        t.layer("a", x[:, :, :7] * 3.1)
-        t.layer("a", late)  # not holdable: read after the two held ("a"'s float64 sums associate in call order)
-        t.site("s", gain, params)
-        t.end_batch(2)
-        order.append(_all_state(t))
-    assert _equal(*order)
-
-
-def test_a_held_tensor_written_in_place_raises():
-    x, gain, params = _junk_passes()[0]
-    t = Tracer(Sampling(4, 0.9, 0), hold=True)
-    t.layer("a", x)
-    t.site("s", gain, params)
-    assert len(t._held) == 2  # nothing read yet
-    gain.mul_(2)
-    with pytest.raises(RuntimeError, match="s: a tensor it handed the tracer was written in place"):
-        t.end_batch(2)
-
-
-def _bundled_flows():
-    from flowaudit.reference_models import build
-    from flowaudit.reference_models.couplings import KINDS
-
-    tiny = dict(nf=8, nb=2, gc=4, hidden_channels=8)
-    for kind in KINDS:
-        yield f"toy-{kind}", build("toy", {"coupling": kind, "hidden": 8}), torch.randn(2, 2)
-        yield f"sr-{kind}", build("sr", {**tiny, "scale": 4, "L": 2, "K": 2, "patch": 16, "coupling": kind}), torch.rand(2, 3, 4, 4)
-        yield f"lowlight-{kind}", build("lowlight", {**tiny, "L": 2, "K": 2, "patch": 16, "coupling": kind}), torch.rand(2, 3, 16, 16)
-    yield "sr-ncsr", build("sr", {**tiny, "scale": 4, "L": 2, "K": 2, "patch": 16, "residual": True, "std_channels": 3,
-                                  "std_steps": [0, 1]}), torch.rand(2, 3, 4, 4)
-
-
-def test_bundled_flows_leave_the_tensors_they_hand_an_observer_intact():
-    """The claim behind the scan's held tracer (``tensors_stay_intact``): no bundled flow, whatever its couplings,
-    writes in place a tensor its adapter handed the observer before the pass returns; and on each, a held
-    tracer's figures equal those of one that reads every call as it comes."""
-    from flowaudit.adapters import adapt
-
-    class Versions:
-        def __init__(self):
-            self.seen = []
-
-        def layer(self, name, x):
-            self.seen.append((name, x, x._version))
-
-        def site(self, name, gain, params):
-            self.seen += [(name, gain, gain._version), (name, params, params._version)]
-
-    for name, model, y in _bundled_flows():
-        torch.manual_seed(0)
-        for p in model.parameters():  # no zero-initialised output layer: every site non-trivial
-            if p.dim() and not p.abs().sum():
-                p.data.normal_(0, 0.05)
-        a = adapt(model.eval())
-        assert a.tensors_stay_intact, name
-        y = y.repeat_interleave(4, 0)
-        z = a.sample_latents(y, 0.9, torch.Generator().manual_seed(0))
-        v, traced = Versions(), []
-        with torch.no_grad():
-            a.sample(y, z, observer=v)
-            for hold in (True, False):
-                t = Tracer(Sampling(4, 0.9, 0), hold=hold)
-                a.sample(y, z, observer=t)
-                t.end_batch(2)
-                traced.append(_all_state(t))
-        assert len(v.seen) > 10, name
-        changed = [n for n, t, version in v.seen if t._version != version]
-        assert not changed, (name, changed)
-        assert _equal(*traced), name
