@@ -78,17 +78,15 @@ def hooked(model: nn.Module, names: Sequence[str], fn: Callable[[str, tuple, dic
         yield
 
 
-
-
 class HeldReports:
     """The reports of an observed pass, held by reference and made once it returns (module docstring).
 
     :meth:`hold` keeps ``report(name, a, b)`` with the version counters of tensors ``a`` and ``b``
     (``b`` may be ``None``); :meth:`flush` makes the held reports in call order, first checking that
     no tensor was written in place since (else it raises: the adapter's claim was wrong). A call that
-    cannot be held (off the CPU's or any other device's plain tensors: one in autograd or an inference
-    tensor, which counts no versions) flushes what is held and is left to the caller to make now;
-    so does holding more than :data:`HOLD_BYTES`.
+    cannot be held (a tensor in autograd, or an inference tensor, which counts no versions) flushes
+    what is held and is left to the caller to make now. Past :data:`HOLD_BYTES` held, they are made
+    at once (the memory a pass holds stays bounded).
     """
 
     def __init__(self) -> None:
