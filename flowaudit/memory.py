@@ -17,8 +17,10 @@ Records go to the run's shards; nothing else grows with the number of inputs.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import resource
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -82,25 +84,38 @@ def peak_rss() -> int:
 
 
 class _Watch:
-    """An observer that passes everything on to a tracer and reads the resident size after each call."""
+    """An observer that passes everything on to a tracer and reads the resident size after each call, and after
+    every module's forward while :meth:`watching` (a pass's reports may come only once it has returned:
+    :class:`~flowaudit.adapters.hooks.HeldReports`)."""
 
     def __init__(self, tracer: Any) -> None:
         self.tracer, self.top = tracer, resident()
 
+    def look(self, *_: Any) -> None:
+        self.top = max(self.top, resident())
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        handle = torch.nn.modules.module.register_module_forward_hook(self.look)
+        try:
+            yield
+        finally:
+            handle.remove()
+
     def layer(self, name: str, x: Any) -> None:
         self.tracer.layer(name, x)
-        self.top = max(self.top, resident())
+        self.look()
 
     def site(self, name: str, gain: Any, params: Any) -> None:
         self.tracer.site(name, gain, params)
-        self.top = max(self.top, resident())
+        self.look()
 
 
 def probe_pass(adapter: Any, y: torch.Tensor, sampling: Any, device: torch.device) -> tuple[int, int]:
     """(bytes per sample, bytes resident before) of one traced pass of ``y[:1]``'s K samples.
 
-    CPU: the larger of the resident size read at every layer and site and the growth of the
-    process's peak, times 1.25 for the temporaries inside a layer that neither sees.
+    CPU: the larger of the resident size read after every module's forward and every report and the growth
+    of the process's peak, times 1.25 for the temporaries inside a module that neither sees.
     """
     from .trace import Tracer
 
@@ -119,7 +134,8 @@ def probe_pass(adapter: Any, y: torch.Tensor, sampling: Any, device: torch.devic
         peak0 = peak_rss()
         watch = _Watch(tracer)
         base = watch.top
-        x = adapter.sample(sampling.repeat(y), latents, observer=watch)
+        with watch.watching():
+            x = adapter.sample(sampling.repeat(y), latents, observer=watch)
         watch.layer("output", x)
         tracer.end_batch(1)
         used = int(1.25 * max(watch.top - base, peak_rss() - max(peak0, base)))
