@@ -79,17 +79,6 @@ class ElementwiseSite(Site):
             return None
         return output[1], args[1] if len(args) > 1 else kwargs["h"]
 
-    def read(self, args: tuple, kwargs: dict, output: Any, keep_graph: bool = False) -> tuple[Tensor, Tensor] | None:
-        """(inverse gain, params) of a hooked reverse call, ``None`` for a forward call.
-
-        The gain is detached unless ``keep_graph`` (the attack differentiates through it); the
-        params always are (they feed the Remark 2 probe only)."""
-        got = self.visited(args, kwargs, output)
-        if got is None:
-            return None
-        ladj, h = got
-        return (ladj if keep_graph else ladj.detach()).exp(), h.detach()
-
 
 class ReferenceAdapter(HookedAdapter):
     """Adapter of a :class:`ReferenceFlow`."""
@@ -152,21 +141,17 @@ class ReferenceAdapter(HookedAdapter):
         keep = keeps_graph(observer)
         later = HeldReports() if self.tensors_stay_intact and not keep else None
 
-        def report_site(name, ladj, h):
+        def report_site(name, ladj, h):  # exp(ladj): the inverse gain at the visited point
             observer.site(name, ladj.exp(), h)
 
         def report_layer(name, x, _):
             observer.layer(name, x)
 
         def on_site(name, args, kwargs, output):
-            if live[0]:
-                if later is not None:
-                    got = by_name[name].visited(args, kwargs, output)
-                    if got is None or later.hold(report_site, name, *got):
-                        return
-                got = by_name[name].read(args, kwargs, output, keep)
-                if got is not None:
-                    observer.site(name, *got)
+            got = by_name[name].visited(args, kwargs, output) if live[0] else None
+            if got is not None and (later is None or not later.hold(report_site, name, *got)):
+                ladj, h = got  # reported now: detached unless the observer differentiates through the gain (the attack)
+                report_site(name, ladj if keep else ladj.detach(), h.detach())
 
         def on_layer(name, args, kwargs, output):
             if live[0]:
