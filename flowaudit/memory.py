@@ -3,9 +3,11 @@ r"""The memory budget of a run (``--max-memory``) and the batch size it allows (
 The budget :math:`M` defaults to half of the memory the machine has available
 now (``MemAvailable`` on Linux; on a GPU, 80 % of the device's free memory).
 Before sampling, :func:`probe_pass` runs one input's :math:`K` samples and
-measures what a pass costs on top of what is already resident :math:`R`
-(model, data): on a GPU the allocator's peak, on the CPU the largest resident
-size read at every layer of the pass. With :math:`b` bytes per sample,
+measures what a pass costs on top of what stays resident :math:`R` (model,
+data, what a first pass sets up once): on a GPU the allocator's peak, on the
+CPU the peak of tensor storage alive during the pass (:class:`LiveTensors`),
+so that the same model and input size give the same :math:`b` in every process.
+With :math:`b` bytes per sample,
 
 .. math:: \text{batch} = K \,\Big\lfloor \frac{M - R}{b K} \Big\rfloor \quad (\ge K),
 
@@ -17,17 +19,20 @@ Records go to the run's shards; nothing else grows with the number of inputs.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import re
 import resource
-from collections.abc import Iterator
+import weakref
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import AuditError
 
-__all__ = ["parse_size", "default_budget", "resident", "peak_rss", "probe_pass", "batch_for", "steady_allocator", "release"]
+__all__ = ["parse_size", "default_budget", "resident", "peak_rss", "LiveTensors", "probe_pass", "batch_for", "steady_allocator", "release"]
 
 _UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -83,39 +88,59 @@ def peak_rss() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-class _Watch:
-    """An observer that passes everything on to a tracer and reads the resident size after each call, and after
-    every module's forward while :meth:`watching` (a pass's reports may come only once it has returned:
-    :class:`~flowaudit.adapters.hooks.HeldReports`)."""
+class LiveTensors(TorchFunctionMode):
+    """Bytes of tensor storage made inside the block by torch functions called from Python and still
+    alive, counted call by call; ``peak_`` is the largest count. The CPU allocator keeps no such
+    statistic (on a GPU: ``max_memory_allocated``).
 
-    def __init__(self, tracer: Any) -> None:
-        self.tracer, self.top = tracer, resident()
+    A storage a call returns is new unless one of the call's arguments holds it (a view, an in-place
+    op); it is counted until its last reference dies (a weak reference's callback). What a kernel or a
+    composite function makes and frees inside one call is not seen. Unlike the resident size, the
+    count is the same in every process for the same calls. (A function mode, not a dispatch mode: the
+    latter imports torch's compiler stack, some 80 MB resident.)
+    """
 
-    def look(self, *_: Any) -> None:
-        self.top = max(self.top, resident())
+    def __init__(self) -> None:
+        super().__init__()
+        self.live_ = self.peak_ = 0
+        self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
-    @contextlib.contextmanager
-    def watching(self) -> Iterator[None]:
-        handle = torch.nn.modules.module.register_module_forward_hook(self.look)
-        try:
-            yield
-        finally:
-            handle.remove()
+    def _freed(self, nbytes: int, _: Any) -> None:
+        self.live_ -= nbytes
 
-    def layer(self, name: str, x: Any) -> None:
-        self.tracer.layer(name, x)
-        self.look()
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        for t in tree_leaves((args, kwargs)):
+            storage = _storage(t)
+            if storage is not None:
+                self._seen.setdefault(storage, None)
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            storage = _storage(t)
+            if storage is not None and storage not in self._seen:
+                nbytes = storage.nbytes()
+                self._seen[storage] = weakref.ref(storage, functools.partial(self._freed, nbytes))
+                self.live_ += nbytes
+                self.peak_ = max(self.peak_, self.live_)
+        return out
 
-    def site(self, name: str, gain: Any, params: Any) -> None:
-        self.tracer.site(name, gain, params)
-        self.look()
+
+def _storage(t: Any) -> torch.UntypedStorage | None:
+    """``t``'s storage; ``None`` for anything else and for tensors without one (sparse, nested)."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def probe_pass(adapter: Any, y: torch.Tensor, sampling: Any, device: torch.device) -> tuple[int, int]:
-    """(bytes per sample, bytes resident before) of one traced pass of ``y[:1]``'s K samples.
+    """(bytes per sample, bytes resident beside a pass) from one traced pass of ``y[:1]``'s K samples.
 
-    CPU: the larger of the resident size read after every module's forward and every report and the growth
-    of the process's peak, times 1.25 for the temporaries inside a module that neither sees.
+    GPU: the allocator's peak over what was allocated before. CPU: 1.25 × the peak of
+    :class:`LiveTensors` (the 0.25 for what it does not see: a call's own temporaries, allocator slack),
+    and the resident size after the pass, which holds what a first pass sets up once (compiled
+    kernels, caches).
     """
     from .trace import Tracer
 
@@ -131,15 +156,11 @@ def probe_pass(adapter: Any, y: torch.Tensor, sampling: Any, device: torch.devic
         torch.cuda.synchronize(device)
         used = torch.cuda.max_memory_allocated(device) - base
     else:
-        peak0 = peak_rss()
-        watch = _Watch(tracer)
-        base = watch.top
-        with watch.watching():
-            x = adapter.sample(sampling.repeat(y), latents, observer=watch)
-        watch.layer("output", x)
+        with LiveTensors() as live:
+            adapter.sample(sampling.repeat(y), latents, observer=tracer)
         tracer.end_batch(1)
-        used = int(1.25 * max(watch.top - base, peak_rss() - max(peak0, base)))
-        del x
+        release()
+        used, base = int(1.25 * live.peak_), resident()
     floor = 8 * 4 * max(int(y[0].numel()) * adapter_scale(adapter) ** 2, 1)  # a few copies of one float32 sample
     return max(used // sampling.samples, floor), base
 

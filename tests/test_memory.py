@@ -1,0 +1,99 @@
+"""The memory budget (issue 12): sizes, the batch a budget allows, the probe that counts a pass's tensors,
+and the command line's answer to a budget too small."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from flowaudit.adapters import load_model
+from flowaudit.cli import cli
+from flowaudit.errors import AuditError
+from flowaudit.layout import Sampling
+from flowaudit.memory import LiveTensors, batch_for, parse_size, probe_pass
+
+
+@pytest.mark.parametrize("text, size", [("2GB", 2 * 10**9), ("512MiB", 512 * 2**20), ("1.5G", 1_500_000_000),
+                                        ("300", 300), (" 4 kb ", 4000), (7, 7)])
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["lots", "2 parsecs", "-1GB", "0MB", ""])
+def test_parse_size_refuses(text):
+    with pytest.raises(ValueError, match="memory size"):
+        parse_size(text)
+
+
+def test_batch_for_whole_inputs_under_the_budget():
+    # room 800, one input's 10 samples need 100 → 8 inputs a pass
+    assert batch_for(1000, 200, 10, 10, exact=False) == 80
+    assert batch_for(1000, 200, 11, 10, exact=False) == 70  # 800 // 110 = 7
+    assert batch_for(1000, 200, 10, 10, exact=True) == 10
+    assert batch_for(300, 200, 10, 10, exact=False) == 10  # exactly one input fits
+    with pytest.raises(AuditError, match="leaves 100 MB beside the 200 MB already resident.*need about 110 MB"):
+        batch_for(300 * 10**6, 200 * 10**6, 11 * 10**6, 10, exact=False)
+
+
+def test_live_tensors_counts_storages_until_they_die():
+    with LiveTensors() as live:
+        a = torch.ones(1000)  # 4000 B
+        b = a * 2  # 8000
+        c = b.view(-1)  # a view: same storage
+        b.add_(1)  # in place: same storage
+        del a
+        gc.collect()  # 4000
+        d = torch.zeros(500, dtype=torch.float64)  # 8000
+        e = torch.ones(1500)  # 14000: the peak
+        del b, e
+        gc.collect()  # c still holds b's storage: 4000 + 4000
+        assert live.live_ == 8000
+    assert live.peak_ == 14000
+    assert float(c.sum()) == 3000.0 and float(d.sum()) == 0.0
+
+
+def test_live_tensors_ignore_what_existed_before():
+    w = torch.ones(256)
+    with LiveTensors() as live:
+        w.mul_(2)  # in place on an outside tensor
+        v = w[:128]  # a view of it
+        u = w + 1  # new: 1024 B
+    assert live.peak_ == 1024 and live.live_ == 1024
+    assert float(v.sum() + u.sum()) == 128 * 2 + 256 * 3
+
+
+def test_probe_pass_is_the_same_in_every_pass_and_holds_a_sample():
+    """The CPU probe counts tensors, not the resident size: the same model and input give the same bytes."""
+    torch.manual_seed(0)
+    adapter = load_model("sr-affine")
+    sampling = Sampling(samples=3, temperature=0.8, seed=0)
+    y = torch.rand(2, 3, 8, 8)
+    first, _ = probe_pass(adapter, y, sampling, torch.device("cpu"))
+    second, resident = probe_pass(adapter, y, sampling, torch.device("cpu"))
+    assert first == second
+    assert first >= 1.25 * 3 * 32 * 32 * 4  # at least one ×4 sample in float32
+    assert resident > 0
+
+
+def test_cli_refuses_a_budget_one_input_does_not_fit(tmp_path):
+    data = tmp_path / "lr.npy"
+    np.save(data, np.random.default_rng(0).random((2, 3, 8, 8), dtype=np.float32))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["-q", "scan", "sr-affine", "--data", str(data), "-k", "2", "--batched",
+                                   "--max-memory", "1MB", "--out", str(out)])
+    assert res.exit_code == 2
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and "--max-memory 0.00 GB leaves 0 MB" in lines[0] and "raise --max-memory" in lines[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_live_tensors_pass_over_tensors_without_storage():
+    i = torch.tensor([[0, 1], [1, 0]])
+    with LiveTensors() as live:
+        sparse = torch.sparse_coo_tensor(i, torch.ones(2), (2, 2), check_invariants=True)
+        dense = sparse.to_dense()  # 16 B
+    assert live.peak_ >= 16 and float(dense.sum()) == 2.0  # the sparse tensor is passed over, not an error
