@@ -6,7 +6,8 @@ Before sampling, :func:`probe_pass` runs one input's :math:`K` samples and
 measures what a pass costs on top of what stays resident :math:`R` (model,
 data, what a first pass sets up once): on a GPU the allocator's peak, on the
 CPU the peak of tensor storage alive during the pass (:class:`LiveTensors`),
-so that the same model and input size give the same :math:`b` in every process.
+so that the same model and input size give the same :math:`b` in every process
+(:func:`pass_bytes`).
 With :math:`b` bytes per sample,
 
 .. math:: \text{batch} = K \,\Big\lfloor \frac{M - R}{b K} \Big\rfloor \quad (\ge K),
@@ -19,10 +20,12 @@ Records go to the run's shards; nothing else grows with the number of inputs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import resource
 import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -32,7 +35,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import AuditError
 
-__all__ = ["parse_size", "default_budget", "resident", "peak_rss", "LiveTensors", "probe_pass", "batch_for", "steady_allocator", "release"]
+__all__ = ["parse_size", "default_budget", "resident", "peak_rss", "LiveTensors", "pass_bytes", "probe_pass", "batch_for", "steady_allocator", "release"]
 
 _UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -134,13 +137,47 @@ def _storage(t: Any) -> torch.UntypedStorage | None:
         return None
 
 
+class _Watch:
+    """The largest resident size read after every module's forward while :meth:`watching`."""
+
+    def __init__(self) -> None:
+        self.top_ = resident()
+
+    def look(self, *_: Any) -> None:
+        self.top_ = max(self.top_, resident())
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        handle = torch.nn.modules.module.register_module_forward_hook(self.look)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def pass_bytes(run: Callable[[], Any]) -> tuple[int, int]:
+    """(bytes a CPU pass ``run()`` needs, bytes resident after it).
+
+    The larger of 1.25 × the peak of :class:`LiveTensors` (the 0.25 for what it does not see: a
+    call's own temporaries, allocator slack) and the resident size read after every module's forward
+    over the resident size after the pass (which holds what a first pass sets up once: compiled
+    kernels, caches). The count decides for an eager model and is the same in every process; the
+    reads catch what calls from Python do not show (a scripted or compiled module).
+    """
+    release()
+    watch = _Watch()
+    with watch.watching(), LiveTensors() as live:
+        run()
+        watch.look()
+    release()
+    base = resident()
+    return max(int(1.25 * live.peak_), watch.top_ - base), base
+
+
 def probe_pass(adapter: Any, y: torch.Tensor, sampling: Any, device: torch.device) -> tuple[int, int]:
     """(bytes per sample, bytes resident beside a pass) from one traced pass of ``y[:1]``'s K samples.
 
-    GPU: the allocator's peak over what was allocated before. CPU: 1.25 × the peak of
-    :class:`LiveTensors` (the 0.25 for what it does not see: a call's own temporaries, allocator slack),
-    and the resident size after the pass, which holds what a first pass sets up once (compiled
-    kernels, caches).
+    GPU: the allocator's peak over what was allocated before; CPU: :func:`pass_bytes`.
     """
     from .trace import Tracer
 
@@ -156,11 +193,8 @@ def probe_pass(adapter: Any, y: torch.Tensor, sampling: Any, device: torch.devic
         torch.cuda.synchronize(device)
         used = torch.cuda.max_memory_allocated(device) - base
     else:
-        with LiveTensors() as live:
-            adapter.sample(sampling.repeat(y), latents, observer=tracer)
+        used, base = pass_bytes(lambda: adapter.sample(sampling.repeat(y), latents, observer=tracer))
         tracer.end_batch(1)
-        release()
-        used, base = int(1.25 * live.peak_), resident()
     floor = 8 * 4 * max(int(y[0].numel()) * adapter_scale(adapter) ** 2, 1)  # a few copies of one float32 sample
     return max(used // sampling.samples, floor), base
 

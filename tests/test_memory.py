@@ -14,7 +14,7 @@ from flowaudit.adapters import load_model
 from flowaudit.cli import cli
 from flowaudit.errors import AuditError
 from flowaudit.layout import Sampling
-from flowaudit.memory import LiveTensors, batch_for, parse_size, probe_pass
+from flowaudit.memory import LiveTensors, batch_for, parse_size, pass_bytes, probe_pass
 
 
 @pytest.mark.parametrize("text, size", [("2GB", 2 * 10**9), ("512MiB", 512 * 2**20), ("1.5G", 1_500_000_000),
@@ -97,3 +97,19 @@ def test_live_tensors_pass_over_tensors_without_storage():
         sparse = torch.sparse_coo_tensor(i, torch.ones(2), (2, 2), check_invariants=True)
         dense = sparse.to_dense()  # 16 B
     assert live.peak_ >= 16 and float(dense.sum()) == 2.0  # the sparse tensor is passed over, not an error
+
+
+class _Big(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.expand(8, 1 << 22).clone()  # 128 MB
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_pass_bytes_sees_what_the_count_cannot():
+    """A scripted module's calls do not reach the function mode; the resident read after its forward does."""
+    scripted = torch.jit.script(_Big())
+    x = torch.ones(1)
+    eager, _ = pass_bytes(lambda: _Big()(x).sum())
+    hidden, _ = pass_bytes(lambda: scripted(x).sum())
+    assert eager == int(1.25 * ((8 << 22) * 4 + 4))  # the count: 1.25 × (128 MiB and the 4-byte sum, alive together)
+    assert hidden >= 0.9 * (8 << 22) * 4  # the resident read: the 128 MiB while the module's output lives
