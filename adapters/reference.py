@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .hooks import HeldReports, first_tensor, hooked
+from .hooks import HeldReports, first_tensor, wrapped
 from flowaudit.reference_models import ReferenceFlow
 from flowaudit.reference_models.couplings import Elementwise
 
@@ -159,7 +159,7 @@ class ReferenceAdapter(HookedAdapter):
                 if later is None or not later.hold(report_layer, name, x):
                     observer.layer(name, x.detach())
 
-        with hooked(self.model, list(by_name), on_site), hooked(self.model, self.layer_names(), on_layer):
+        with wrapped(self.model, list(by_name), on_site), wrapped(self.model, self.layer_names(), on_layer):
             yield later
 
     def forward(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:

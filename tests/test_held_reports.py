@@ -171,3 +171,64 @@ def test_held_reports_are_made_when_the_pass_returns_and_dropped_if_it_raises():
                 a.sample(y, z, observer=seen)
             assert one > 10 and len(seen.during) == (2 if intact else 3) * one
             assert set(seen.during) == {not intact}
+
+
+class _Count:
+    def __init__(self, fail: bool = False):
+        self.sites, self.layers, self.fail = 0, 0, fail
+
+    def site(self, name, gain, params):
+        if self.fail:
+            raise ValueError("observer failed")
+        self.sites += 1
+
+    def layer(self, name, x):
+        self.layers += 1
+
+
+def _wrapped_modules(adapter) -> list[str]:
+    return [n for n, m in adapter.model.named_modules() if "forward" in vars(m)]
+
+
+def test_the_bundled_flows_forward_is_wrapped_only_while_observed_and_put_back():
+    """The reference adapter wraps its modules' ``forward`` (:func:`~flowaudit.adapters.hooks.wrapped`), not
+    forward hooks: nothing is left on the model after a pass, a block, a nested pass for another observer, or
+    a pass whose observer raised; the bare pass is the same before and after."""
+    from flowaudit.adapters import load_model
+
+    torch.manual_seed(0)
+    a = load_model("toy-affine")
+    y = torch.randn(6, 2)
+    z = a.sample_latents(y, 0.8, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = a.sample(y, z)
+        outer, inner = _Count(), _Count()
+        with a.observing(outer):
+            assert len(_wrapped_modules(a)) == len(a.sites()) + len(a.layer_names())
+            a.sample(y, z, observer=outer)
+            a.sample(y, z, observer=inner)  # another observer: wrapped again inside, put back after
+            assert len(_wrapped_modules(a)) == len(a.sites()) + len(a.layer_names())
+        assert _wrapped_modules(a) == []
+        assert outer.sites == inner.sites == len(a.sites()) and outer.layers == inner.layers == len(a.layer_names())
+        assert all(not m._forward_hooks and not m._forward_hooks_with_kwargs for m in a.model.modules())
+        with pytest.raises(ValueError, match="observer failed"):  # raised when the held reports are made
+            a.sample(y, z, observer=_Count(fail=True))
+        assert _wrapped_modules(a) == []
+        assert torch.equal(a.sample(y, z), before)
+
+
+def test_wrapped_names_the_module_whose_call_failed_and_unwraps():
+    from flowaudit.adapters.hooks import HookError, wrapped
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    seen = []
+    with wrapped(model, ["0", "1"], lambda name, args, kwargs, out: seen.append((name, out.shape))):
+        model(torch.ones(3, 2))
+    assert seen == [("0", (3, 2)), ("1", (3, 2))] and "forward" not in vars(model[0])
+
+    def fail(name, args, kwargs, out):
+        raise ValueError("boom")
+
+    with pytest.raises(HookError, match="hook on '1' failed: boom"), wrapped(model, ["1"], fail):
+        model(torch.ones(3, 2))
+    assert all("forward" not in vars(m) for m in model)
