@@ -54,6 +54,14 @@ def _find(model: nn.Module, name: str) -> nn.Module:
     return module
 
 
+def _after(fn: Callable[[str, tuple, dict, Any], None], name: str, args: tuple, kwargs: dict, output: Any) -> None:
+    """``fn(name, args, kwargs, output)`` after a forward of module ``name``; a failure names the module."""
+    try:
+        fn(name, args, kwargs, output)
+    except Exception as exc:
+        raise HookError(f"hook on {name!r} failed: {exc}") from exc
+
+
 @contextlib.contextmanager
 def hooked(model: nn.Module, names: Sequence[str], fn: Callable[[str, tuple, dict, Any], None]) -> Iterator[None]:
     """Call ``fn(name, args, kwargs, output)`` after each forward of the named sub-modules.
@@ -65,10 +73,7 @@ def hooked(model: nn.Module, names: Sequence[str], fn: Callable[[str, tuple, dic
 
     def make(name: str):
         def hook(module, args, kwargs, output):
-            try:
-                fn(name, args, kwargs, output)
-            except Exception as exc:  # name the layer where it happened
-                raise HookError(f"hook on {name!r} failed: {exc}") from exc
+            _after(fn, name, args, kwargs, output)
 
         return hook
 
@@ -102,10 +107,7 @@ def _wrap(module: nn.Module, name: str, fn: Callable[[str, tuple, dict, Any], No
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         output = inner(*args, **kwargs)
-        try:
-            fn(name, args, kwargs, output)
-        except Exception as exc:  # name the layer where it happened
-            raise HookError(f"hook on {name!r} failed: {exc}") from exc
+        _after(fn, name, args, kwargs, output)
         return output
 
     def unwrap() -> None:
