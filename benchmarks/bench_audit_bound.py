@@ -38,7 +38,7 @@ import time
 import numpy as np
 import torch
 
-from flowaudit.host_kernels import KEY_START, NB, NI, layer_sums, site_counts
+from flowaudit.host_kernels import KEY_START, NB, NI, layer_sums, memory_rows, site_counts
 from flowaudit.layout import Sampling
 from flowaudit.trace import Tracer, _HostScratch
 
@@ -72,8 +72,8 @@ class Kernels:
         acc = self.acc.get(name)
         if acc is None:
             acc = self.acc[name] = np.zeros(5)
-        v = x.reshape(-1).numpy()
-        layer_sums(v, v.view(np.int32), n, acc, self.work.conv, self.work.convf)
+        v, rows = memory_rows(x.numpy(), x.shape[0] // n)
+        layer_sums(v, v.view(np.int32), rows, n, acc, self.work.conv, self.work.convf)
 
 
 def measure(model, y: torch.Tensor, k: int, inputs_per_pass: int, repeats: int) -> dict[str, list[float]]:

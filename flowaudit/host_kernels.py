@@ -34,7 +34,11 @@ tracer's running figures in place:
   association differs in the last bits). A chunk whose sum of squares is not finite holds Inf or
   NaN and is summed again with a select (on vector registers too, so that a pass that explodes
   costs the audit no more than one that does not): finite values only, non-finite ones counted,
-  +inf in :math:`\max |v|`, NaN not.
+  +inf in :math:`\max |v|`, NaN not. An input's values are read where they lie, in memory order:
+  a layer output that is a view in another order (a Glow step's channel-major output) is not
+  copied but read as rows, each holding every input's piece (:func:`memory_rows`); an input's
+  pieces lie the same way whatever the batch, so its sums are the same bits in an exact pass and
+  a batched one.
 * :func:`offer`: the two halves of a parameter reservoir (:mod:`flowaudit.reservoir`), each a
   binary heap of its slots with the worst kept row (smallest score, then largest row id) at the
   root. A row enters when it beats the root, so the rows kept are the top k of all rows offered
@@ -53,7 +57,7 @@ import torch
 
 from .binning import GAIN_EDGES, INPUT_EDGES
 
-__all__ = ["host_array", "site_counts", "layer_sums", "offer", "heapify", "split_mix", "salt_mix", "NB", "NI", "KEY_START"]
+__all__ = ["host_array", "site_counts", "layer_sums", "memory_rows", "offer", "heapify", "split_mix", "salt_mix", "NB", "NI", "KEY_START"]
 
 NB, NI = len(GAIN_EDGES) - 1, len(INPUT_EDGES) - 1
 _PER_COARSE = NB // NI
@@ -273,28 +277,47 @@ def _chunk_masked(x, xi):  # pragma: no cover - compiled
 
 
 @_jit
-def layer_sums(x, xi, n, acc, conv, convf):  # pragma: no cover - compiled
-    """Fold float32 ``x`` (flat, ``n`` inputs one after another; ``xi`` its int32 view) into ``acc``:
-    count of finite values, Σv, Σv², max |v|, non-finite count (float64), input after input."""
-    m = len(x) // n
+def layer_sums(x, xi, rows, n, acc, conv, convf):  # pragma: no cover - compiled
+    """Fold float32 ``x`` (flat; ``xi`` its int32 view) into ``acc``: count of finite values, Σv, Σv²,
+    max |v|, non-finite count (float64), input after input. ``x`` is ``rows`` equal rows, each holding
+    the ``n`` inputs' values one input after another (``rows`` = 1: the inputs one after another);
+    an input's values are its piece of each row in turn, each piece in chunks of 4096."""
+    width = len(x) // rows
+    m = width // n
     for i in range(n):
         s = q = top = 0.0
         bad = 0
-        for c0 in range(i * m, (i + 1) * m, _CHUNK):
-            end = min(c0 + _CHUNK, (i + 1) * m)
-            cs, cq, ct = _chunk(x[c0:end], xi[c0:end])
-            if cq - cq != 0.0:  # Inf or NaN in the chunk
-                cs, cq, ct, cb = _chunk_masked(x[c0:end], xi[c0:end])
-                bad += cb
-            conv[0] = ct
-            top = max(top, np.float64(convf[0]))
-            s += cs
-            q += cq
-        acc[0] += m - bad
+        for r in range(rows):
+            a = r * width + i * m
+            for c0 in range(a, a + m, _CHUNK):
+                end = min(c0 + _CHUNK, a + m)
+                cs, cq, ct = _chunk(x[c0:end], xi[c0:end])
+                if cq - cq != 0.0:  # Inf or NaN in the chunk
+                    cs, cq, ct, cb = _chunk_masked(x[c0:end], xi[c0:end])
+                    bad += cb
+                conv[0] = ct
+                top = max(top, np.float64(convf[0]))
+                s += cs
+                q += cq
+        acc[0] += rows * m - bad
         acc[1] += s
         acc[2] += q
         acc[3] = max(acc[3], top)
         acc[4] += bad
+
+
+def memory_rows(v: np.ndarray, rows_per_input: int) -> tuple[np.ndarray, int]:
+    """``v`` (batch first) flat in memory order, and the number of rows it is then laid out in for
+    :func:`layer_sums`: 1 where ``v`` is contiguous; for a dense view in another order (no copy) the
+    product of the dimensions laid out outside the batch. Anything else (an expanded or sliced view,
+    or one row an input, whose batch stride says nothing about the layout of a batch) is copied
+    and read in its logical order."""
+    if v.flags.c_contiguous:
+        return v.reshape(-1), 1
+    flat = v.ravel("K")  # a view in memory order where v is dense
+    if flat.flags.owndata or rows_per_input < 2:
+        return np.ascontiguousarray(v).reshape(-1), 1
+    return flat, v.size // (len(v) * (v.strides[0] // v.itemsize))  # the batch's stride spans what lies inside it
 
 
 # -- parameter reservoir ---------------------------------------------------------------------------------

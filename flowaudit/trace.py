@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .binning import GAIN_EDGES, INPUT_EDGES, GainBins, histogram_quantiles
 from .gains import GainStats, settle_inputs, summarize
-from .host_kernels import NB, NI, host_array, layer_sums, site_counts
+from .host_kernels import NB, NI, host_array, layer_sums, memory_rows, site_counts
 from .layer_stats import LayerStats, layer_device
 from .layout import Sampling
 from .reservoir import ParamReservoir
@@ -157,9 +157,9 @@ class Tracer:
         v = host_array(x)
         if v is not None and v.dtype == np.float32 and v.size:  # the compiled loop, at the call
             n = _inputs(v.shape, self.sampling.samples)
-            v = v.reshape(-1)  # a view where contiguous
+            flat, rows = memory_rows(v, len(v) // n)  # read where it lies, no copy
             h = self._host
-            layer_sums(v, v.view(np.int32), n, stats.host_acc(), h.conv, h.convf)
+            layer_sums(flat, flat.view(np.int32), rows, n, stats.host_acc(), h.conv, h.convf)
         else:  # another device or dtype (LayerStats.add skips empty tensors)
             stats.add(x, _inputs(x.shape, self.sampling.samples), self._work)
 

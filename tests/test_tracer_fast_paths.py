@@ -24,6 +24,7 @@ from torch import Tensor
 
 from flowaudit.binning import GAIN_EDGES, GainBins, _thresholds, bin_index
 from flowaudit.gains import _summarize_reference, settle, settle_inputs, summarize
+from flowaudit.host_kernels import layer_sums, memory_rows
 from flowaudit.layer_stats import LayerStats
 from flowaudit.layout import Sampling
 from flowaudit.reservoir import ParamReservoir
@@ -82,6 +83,7 @@ def _traced(compiled: bool, passes: list, monkeypatch) -> Tracer:
             tracer.layer("b", x[:, :2].transpose(1, 2))  # strided
             tracer.site("t", gain[:, :3] * 2, params[:, :5])
             tracer.layer("c", x[:, 0, :5, :5])  # rows of one chunk or less
+            tracer.layer("d", x.transpose(0, 1).contiguous().transpose(0, 1))  # channel-major, dense: read where it lies
             tracer.site("u", gain[:, :2].double(), params[:, :3])  # float64 gains: tensor operations in the same pass
             tracer.site("v", gain[:, :1, :7].half(), None)  # float16, widened; no parameter rows
             tracer.end_batch(x.shape[0] // 4)
@@ -89,7 +91,7 @@ def _traced(compiled: bool, passes: list, monkeypatch) -> Tracer:
 
 
 def _assert_same_figures(compiled: Tracer, tensors: Tracer) -> None:
-    _assert_same_figures_of(compiled, tensors, sites=("s", "t", "u", "v"), layers=("a", "b", "c"))
+    _assert_same_figures_of(compiled, tensors, sites=("s", "t", "u", "v"), layers=("a", "b", "c", "d"))
 
 
 def _assert_same_figures_of(compiled: Tracer, tensors: Tracer, sites: tuple[str, ...], layers: tuple[str, ...]) -> None:
@@ -222,6 +224,38 @@ def test_calls_that_are_not_whole_inputs_count_as_one_input_everywhere(monkeypat
     assert torch.allclose(compiled.layers["odd"].state(), one.state(), rtol=1e-13, atol=0)
     top = max(float(odd["gain"].max()), float(odd["short"].max()))
     assert [f["max"] for f in compiled.input_gain] == [max(top, float(w.max())) for w in whole.view(3, -1)]
+
+
+def test_a_channel_major_layer_is_read_where_it_lies_the_same_bits_in_any_batch():
+    """A dense view in another order (a Glow step's channel-major output) is read in memory order with no copy,
+    as rows of every input's piece; an input's sums are the same bits in an exact pass (K rows) and in a batched
+    one (8 inputs), and equal the logical order's to the last bits. An expanded view and one row an input are
+    copied and read in logical order."""
+    g = torch.Generator().manual_seed(11)
+    k, n = 8, 5
+    batch = torch.randn(12, n * k, 4, 6, generator=g) * torch.randn(12, n * k, 4, 6, generator=g).mul(12).exp()
+    batch = batch.transpose(0, 1)  # (40, 12, 4, 6), channel-major; magnitudes far apart, so that the order of a sum shows
+    batch[3, 2, 1, 1], batch[17, 0, 0, 5] = math.inf, math.nan
+    v = batch.numpy()
+    flat, rows = memory_rows(v, k)
+    assert rows == 12 and np.shares_memory(flat, v)
+    conv = np.zeros(2, dtype=np.int32)
+    batched = np.zeros(5)
+    layer_sums(flat, flat.view(np.int32), rows, n, batched, conv, conv.view(np.float32))
+    exact = np.zeros(5)
+    for i in range(n):  # each input's pass hands over its own channel-major tensor
+        one = batch[i * k : (i + 1) * k].transpose(0, 1).contiguous().transpose(0, 1).numpy()
+        f, r = memory_rows(one, k)
+        assert r == 12 and np.shares_memory(f, one)
+        layer_sums(f, f.view(np.int32), r, 1, exact, conv, conv.view(np.float32))
+    assert np.array_equal(batched, exact)
+    logical = LayerStats()
+    logical.add(batch.contiguous(), n)
+    assert np.array_equal(batched[[0, 3, 4]], logical.state().numpy()[[0, 3, 4]]) and batched[4] == 2
+    assert np.allclose(batched, logical.state().numpy(), rtol=1e-13, atol=0)
+    for odd, per in ((torch.randn(12, 1, 4, generator=g).expand(12, 40, 4).transpose(0, 1), k), (batch[:n], 1)):
+        f, r = memory_rows(odd.numpy(), per)
+        assert r == 1 and np.array_equal(f, odd.contiguous().numpy().reshape(-1))
 
 
 def test_compiled_bins_equal_the_definition():
