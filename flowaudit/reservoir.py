@@ -109,7 +109,7 @@ class ParamReservoir:
         self._rand: tuple[Tensor, Tensor, Tensor] | None = None  # rows, key, ids
         self._next_id: int | None = 0  # every kept row id is below it (None: unknown)
         self._host: tuple[_Half, _Half] | None = None  # the CPU's halves (:meth:`_flush` turns them into _top, _rand)
-        self._offer_args: tuple = ()  # with the halves: their dtype and arrays (:meth:`_start_host`)
+        self._offer_args: tuple = ()  # with the halves: their row shape, dtype and arrays (:meth:`_start_host`)
         self._mix = salt_mix(salt)
         self._keys = np.empty(0)  # scratch: the random half's scores of a call's rows
 
@@ -167,16 +167,16 @@ class ParamReservoir:
             return
         if self._host is None:
             self._start_host(rows)
-        if self._wrong_shape(rows.shape[1:], n):
+        shape, dtype, arrays = self._offer_args
+        if rows.shape[1:] != shape:  # another parameter shape: counted, not mixed into one probe tensor
+            self.skipped += n
             return
-        dtype, args = self._offer_args
         self.rows_seen += n
-        keys = self._keys
-        if len(keys) < n:
-            keys = self._keys = np.empty(n)
+        if len(self._keys) < n:
+            self._keys = np.empty(n)
         samples = max(samples, 1)
         offer(row_gain if len(row_gain) == n else np.zeros(n), rows.astype(dtype, copy=False).reshape(n, -1),  # a view where contiguous, widened exactly where narrow
-              first_input * samples, samples, batch, self._mix, keys[:n], *args)
+              first_input * samples, samples, batch, self._mix, self._keys[:n], *arrays)
 
     def _start_host(self, rows: np.ndarray) -> None:
         """The CPU's halves, holding what the reservoir kept so far (rows of the kept shape, else of ``rows``')."""
@@ -185,7 +185,7 @@ class ParamReservoir:
         like = like.new_empty((1, *shape))
         k_top, k_rand = self.capacity(like.numel())
         self._host = top, rand = _Half.of(self._top, k_top, like), _Half.of(self._rand, k_rand, like)
-        self._offer_args = (top.flat.dtype, (top.heap, top.fill, top.score, top.ids, top.flat, rand.heap, rand.fill, rand.score, rand.ids, rand.flat))
+        self._offer_args = (shape, top.flat.dtype, (top.heap, top.fill, top.score, top.ids, top.flat, rand.heap, rand.fill, rand.score, rand.ids, rand.flat))
         self._top = self._rand = None
         self._next_id = None  # stored in slots, not in sorted order: a device path after this sorts by id
 

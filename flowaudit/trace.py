@@ -77,13 +77,7 @@ class _HostScratch:
         self.first = np.zeros(NB + 2, dtype=np.int64)  # an input's first row's counts, when its rows repeat it
         self.conv = np.zeros(2, dtype=np.int32)
         self.convf = self.conv.view(np.float32)
-        self._rows = np.empty(0)
         self._idx = np.empty(0, dtype=np.int32)
-
-    def rows(self, n: int) -> np.ndarray:
-        if len(self._rows) < n:
-            self._rows = np.empty(n)
-        return self._rows[:n]
 
     def idx(self, n: int) -> np.ndarray:
         if len(self._idx) < n:
@@ -110,6 +104,7 @@ class Tracer:
         self._pass_host: tuple[np.ndarray, ...] | None = None  # those of _batch the compiled loop adds to
         self._work = Scratch()
         self._host = _HostScratch()
+        self._plans: dict[str, tuple] = {}  # per site, what its CPU calls of one shape need (:meth:`_plan`)
         self._inputs_seen = self._batches_seen = 0
 
     @property
@@ -180,24 +175,31 @@ class Tracer:
     def _site_host(self, name: str, g: np.ndarray, rows: np.ndarray | None) -> None:
         """A CPU call: binned and counted by the compiled loop (:func:`~flowaudit.host_kernels.site_counts`),
         its rows offered to the reservoir by another (:meth:`ParamReservoir.add_host`)."""
-        r = len(g) if g.ndim else 1
-        k = _rows_per_input(g.shape, self.sampling.samples)
+        plan = self._plans.get(name)
+        if plan is None or plan[0] != g.shape:
+            plan = self._plans[name] = self._plan(name, g.shape)
+        _, k, inputs, scratch = plan
         flat = g.reshape(-1)  # a view where contiguous
         if flat.dtype != np.float32:
             flat = flat.astype(np.float32)  # float16, widened exactly
-        stats = self._gains.get(name)
-        if stats is None:
-            stats = self._gains[name] = GainStats()
-        h = self._host
-        row_max, idx = h.rows(r), h.idx(flat.size // r)
         mine = self._pass_host
-        if mine is None or len(mine[1]) != r // k or mine[1] is not self._batch.get("max"):  # the pass's first call, or other inputs
-            mine = self._start_pass_host(r // k)
-        site_counts(flat.view(np.int32), k, h.table, h.first_bits, *stats.host_arrays(), *mine, row_max, h.hist, idx, h.first, h.conv, h.convf)
+        if mine is None or len(mine[1]) != inputs or mine[1] is not self._batch.get("max"):  # the pass's first call, or other inputs
+            mine = self._start_pass_host(inputs)
+        h = self._host
+        site_counts(flat.view(np.int32), k, h.table, h.first_bits, *self._gains[name].host_arrays(), *mine, *scratch)
         if mine is not self._pass_host:  # figures of its own, folded in
             self._add_inputs(self._batch, mine[1], mine[2], torch.from_numpy(mine[0]))
         if rows is not None:
-            self._reservoir(name).add_host(rows, row_max, self._inputs_seen, self.sampling.samples, self._batches_seen)
+            self._reservoir(name).add_host(rows, scratch[0], self._inputs_seen, self.sampling.samples, self._batches_seen)
+
+    def _plan(self, name: str, shape: tuple[int, ...]) -> tuple:
+        """What a CPU call of site ``name`` with gains of ``shape`` needs besides its values, worked out once a
+        shape (its :class:`GainStats` made if new): (shape, K, inputs, the compiled loop's row maxima and scratch)."""
+        r = shape[0] if shape else 1
+        k = _rows_per_input(shape, self.sampling.samples)
+        self._gains.setdefault(name, GainStats())
+        h = self._host
+        return shape, k, r // k, (np.empty(r), h.hist, h.idx(math.prod(shape) // r), h.first, h.conv, h.convf)
 
     def _start_pass_host(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per-input coarse counts and extremes of ``n`` inputs for the compiled loop to add to: the pass's own
