@@ -258,6 +258,12 @@ def test_a_channel_major_layer_is_read_where_it_lies_the_same_bits_in_any_batch(
         assert r == 1 and np.array_equal(f, odd.contiguous().numpy().reshape(-1))
 
 
+def test_a_scalar_layer_output_is_one_value():
+    tracer = Tracer(Sampling(4, 0.9, 0))
+    tracer.layer("scalar", torch.tensor(-3.0))
+    assert tracer.layers["scalar"].to_dict() == {"variance": 0.0, "max_abs": 3.0, "n_nonfinite": 0, "n_values": 1}
+
+
 def test_compiled_bins_equal_the_definition():
     """Every gain's bin from the compiled loop is :func:`bin_index`'s: every bin edge ± 2 bit patterns, gains
     beyond both ends, denormals."""
