@@ -72,7 +72,7 @@ class Kernels:
         acc = self.acc.get(name)
         if acc is None:
             acc = self.acc[name] = np.zeros(5)
-        v, rows = memory_rows(x.numpy(), x.shape[0] // n)
+        v, rows = memory_rows(x.numpy(), n)
         layer_sums(v, v.view(np.int32), rows, n, acc, self.work.conv, self.work.convf)
 
 

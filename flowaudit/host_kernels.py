@@ -306,16 +306,16 @@ def layer_sums(x, xi, rows, n, acc, conv, convf):  # pragma: no cover - compiled
         acc[4] += bad
 
 
-def memory_rows(v: np.ndarray, rows_per_input: int) -> tuple[np.ndarray, int]:
-    """``v`` (batch first) flat in memory order, and the number of rows it is then laid out in for
-    :func:`layer_sums`: 1 where ``v`` is contiguous; for a dense view in another order (no copy) the
-    product of the dimensions laid out outside the batch. Anything else (an expanded or sliced view,
+def memory_rows(v: np.ndarray, inputs: int) -> tuple[np.ndarray, int]:
+    """``v`` (batch first, ``inputs`` inputs) flat in memory order, and the number of rows it is then laid
+    out in for :func:`layer_sums`: 1 where ``v`` is contiguous; for a dense view in another order (no copy)
+    the product of the dimensions laid out outside the batch. Anything else (an expanded or sliced view,
     or one row an input, whose batch stride says nothing about the layout of a batch) is copied
     and read in its logical order."""
-    if v.flags.c_contiguous:
+    if v.flags.c_contiguous:  # a 0-d array too
         return v.reshape(-1), 1
     flat = v.ravel("K")  # a view in memory order where v is dense
-    if flat.flags.owndata or rows_per_input < 2:
+    if flat.flags.owndata or len(v) // inputs < 2:
         return np.ascontiguousarray(v).reshape(-1), 1
     return flat, v.size // (len(v) * (v.strides[0] // v.itemsize))  # the batch's stride spans what lies inside it
 

@@ -167,10 +167,9 @@ class ParamReservoir:
             return
         if self._host is None:
             self._start_host(rows)
-        shape, dtype, arrays = self._offer_args
-        if rows.shape[1:] != shape:  # another parameter shape: counted, not mixed into one probe tensor
-            self.skipped += n
+        if self._wrong_shape(rows.shape[1:], n):
             return
+        _, dtype, arrays = self._offer_args
         self.rows_seen += n
         if len(self._keys) < n:
             self._keys = np.empty(n)
@@ -199,7 +198,7 @@ class ParamReservoir:
 
     def _row_shape(self) -> tuple[int, ...] | None:
         if self._host is not None:
-            return tuple(self._host[0].rows.shape[1:])
+            return self._offer_args[0]
         return None if self._top is None else tuple(self._top[0].shape[1:])
 
     def _flush(self) -> None:

@@ -152,7 +152,7 @@ class Tracer:
         v = host_array(x)
         if v is not None and v.dtype == np.float32 and v.size:  # the compiled loop, at the call
             n = _inputs(v.shape, self.sampling.samples)
-            flat, rows = memory_rows(v, _rows_per_input(v.shape, self.sampling.samples))  # read where it lies, no copy
+            flat, rows = memory_rows(v, n)  # read where it lies, no copy
             h = self._host
             layer_sums(flat, flat.view(np.int32), rows, n, stats.host_acc(), h.conv, h.convf)
         else:  # another device or dtype (LayerStats.add skips empty tensors)

@@ -237,7 +237,7 @@ def test_a_channel_major_layer_is_read_where_it_lies_the_same_bits_in_any_batch(
     batch = batch.transpose(0, 1)  # (40, 12, 4, 6), channel-major; magnitudes far apart, so that the order of a sum shows
     batch[3, 2, 1, 1], batch[17, 0, 0, 5] = math.inf, math.nan
     v = batch.numpy()
-    flat, rows = memory_rows(v, k)
+    flat, rows = memory_rows(v, n)
     assert rows == 12 and np.shares_memory(flat, v)
     conv = np.zeros(2, dtype=np.int32)
     batched = np.zeros(5)
@@ -245,7 +245,7 @@ def test_a_channel_major_layer_is_read_where_it_lies_the_same_bits_in_any_batch(
     exact = np.zeros(5)
     for i in range(n):  # each input's pass hands over its own channel-major tensor
         one = batch[i * k : (i + 1) * k].transpose(0, 1).contiguous().transpose(0, 1).numpy()
-        f, r = memory_rows(one, k)
+        f, r = memory_rows(one, 1)
         assert r == 12 and np.shares_memory(f, one)
         layer_sums(f, f.view(np.int32), r, 1, exact, conv, conv.view(np.float32))
     assert np.array_equal(batched, exact)
@@ -253,8 +253,9 @@ def test_a_channel_major_layer_is_read_where_it_lies_the_same_bits_in_any_batch(
     logical.add(batch.contiguous(), n)
     assert np.array_equal(batched[[0, 3, 4]], logical.state().numpy()[[0, 3, 4]]) and batched[4] == 2
     assert np.allclose(batched, logical.state().numpy(), rtol=1e-13, atol=0)
-    for odd, per in ((torch.randn(12, 1, 4, generator=g).expand(12, 40, 4).transpose(0, 1), k), (batch[:n], 1)):
-        f, r = memory_rows(odd.numpy(), per)
+    for odd in (torch.randn(12, 1, 4, generator=g).expand(12, 40, 4).transpose(0, 1),  # 5 inputs of 8 rows, expanded
+                torch.randn(12, n, 4, generator=g).transpose(0, 1)):  # 5 inputs of 1 row, dense channel-major
+        f, r = memory_rows(odd.numpy(), n)
         assert r == 1 and np.array_equal(f, odd.contiguous().numpy().reshape(-1))
 
 
