@@ -35,8 +35,10 @@ def adapt(model: Any, name: str | None = None) -> Adapter:
         module = importlib.import_module(f".{family}", __name__)
         if module.matches(model):
             return module.make(model, name)
-    raise TypeError(f"no flowaudit adapter for {type(model).__module__}.{type(model).__name__} "
-                    "(a flow of one's own: declare it with flowaudit.adapters.custom.CustomAdapter)")
+    raise TypeError(
+        f"no flowaudit adapter for {type(model).__module__}.{type(model).__name__} "
+        "(a flow of one's own: declare it with flowaudit.adapters.custom.CustomAdapter)"
+    )
 
 
 def _import_factory(spec: str):
@@ -70,9 +72,14 @@ def _apply_weights(target: nn.Module, weights: str, spec: str, trust: bool) -> N
         raise ModelError(f"--weights {weights}: holds a {type(state).__name__}, not a state dict of tensors")
     own = target.state_dict()
     missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
-    shapes = [k for k in own if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
-    problems = [f"{what} {', '.join(keys[:3])}{', …' if len(keys) > 3 else ''} ({len(keys)})"
-                for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch at", shapes)) if keys]
+    shapes = [
+        k for k in own if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    problems = [
+        f"{what} {', '.join(keys[:3])}{', …' if len(keys) > 3 else ''} ({len(keys)})"
+        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch at", shapes))
+        if keys
+    ]
     if problems:
         raise ModelError(f"--weights {weights}: does not fit {spec}: {'; '.join(problems)}")
     try:
@@ -81,8 +88,14 @@ def _apply_weights(target: nn.Module, weights: str, spec: str, trust: bool) -> N
         raise ModelError(f"--weights {weights}: does not fit {spec}: {first_line(exc)}") from None
 
 
-def load_model(spec: str, *, weights: str | None = None, trust: bool = False, official: dict | None = None,
-               max_parameters: int | float = DEFAULT_MAX_PARAMETERS) -> Adapter:
+def load_model(
+    spec: str,
+    *,
+    weights: str | None = None,
+    trust: bool = False,
+    official: dict | None = None,
+    max_parameters: int | float = DEFAULT_MAX_PARAMETERS,
+) -> Adapter:
     """Adapter for a bundled name, a checkpoint path, or ``package.module:factory`` (+ ``weights``).
 
     ``weights`` (a state dict: ``.pt`` or ``.safetensors``) goes only with a factory: into the
@@ -97,14 +110,16 @@ def load_model(spec: str, *, weights: str | None = None, trust: bool = False, of
     Every file is untrusted (:mod:`.checkpoint`): a checkpoint's model is first built on the
     ``meta`` device and refused above ``max_parameters`` before anything is allocated.
     """
-    from flowaudit import reference_models as rm
+    from .. import reference_models as rm
 
     names = {b["name"] for b in rm.bundled()}
     is_factory = ":" in spec and not Path(spec).exists()
     if weights is not None and not is_factory:
         what = "bundled model" if spec in names else "checkpoint"
-        raise ModelError(f"--weights {weights}: cannot be used with the {what} {spec!r}, which carries its own weights "
-                         "(--weights goes with --model package.module:factory)")
+        raise ModelError(
+            f"--weights {weights}: cannot be used with the {what} {spec!r}, which carries its own weights "
+            "(--weights goes with --model package.module:factory)"
+        )
     if spec in names:
         path = rm.CHECKPOINT_DIR / f"{spec}.pt"
         if not path.exists():
@@ -119,7 +134,11 @@ def load_model(spec: str, *, weights: str | None = None, trust: bool = False, of
         if weights is not None:
             target = model.model if isinstance(model, Adapter) else model
             if not isinstance(target, nn.Module):
-                got = f"an adapter whose model is a {type(target).__name__}" if isinstance(model, Adapter) else f"a {type(model).__name__}"
+                got = (
+                    f"an adapter whose model is a {type(target).__name__}"
+                    if isinstance(model, Adapter)
+                    else f"a {type(model).__name__}"
+                )
                 raise ModelError(f"--weights {weights}: cannot be loaded: {spec} returned {got}, not an nn.Module")
             _apply_weights(target, weights, spec, trust)
         try:
@@ -146,7 +165,7 @@ def load_model(spec: str, *, weights: str | None = None, trust: bool = False, of
 
 def _reference_model(path: Path, state: dict, max_parameters: int | float) -> nn.Module:
     """A flowaudit reference checkpoint rebuilt, its keys and configuration checked before anything is allocated."""
-    from flowaudit import reference_models as rm
+    from .. import reference_models as rm
 
     missing = [k for k in ("task", "config", "state_dict") if k not in state]
     if missing:
@@ -179,8 +198,10 @@ def _state_budget(path: Path, state: dict, max_parameters: int | float) -> None:
     """Refuse a state dict whose tensors alone hold more than ``max_parameters`` values."""
     n = sum(int(v.numel()) for v in _tensors(state))
     if n > max_parameters:
-        raise ModelError(f"{path}: holds {n:,} values, more than --max-parameters {int(max_parameters):,}; "
-                         "raise the limit only if you trust this checkpoint")
+        raise ModelError(
+            f"{path}: holds {n:,} values, more than --max-parameters {int(max_parameters):,}; "
+            "raise the limit only if you trust this checkpoint"
+        )
 
 
 def _tensors(obj: Any, depth: int = 0):

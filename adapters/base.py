@@ -30,7 +30,17 @@ from torch import Tensor, nn
 
 from .hooks import HeldReports
 
-__all__ = ["Observer", "keeps_graph", "Site", "Adapter", "widen", "AFFINE_BOUNDED_FLOOR", "affine_kind", "elementwise_derivative", "sweep_bounds"]
+__all__ = [
+    "Observer",
+    "keeps_graph",
+    "Site",
+    "Adapter",
+    "widen",
+    "AFFINE_BOUNDED_FLOOR",
+    "affine_kind",
+    "elementwise_derivative",
+    "sweep_bounds",
+]
 
 
 class Observer(Protocol):
@@ -208,9 +218,12 @@ class Adapter(ABC):
         """
         n = len(self.sites())
         if not n:
-            return {"n_sites": 0, "complete": False,
-                    "reason": f"no sites found: the {self.family} adapter recognises no part of {self.name} as a conditional "
-                              "elementwise site (couplings of one's own code: declare them with flowaudit.adapters.custom)"}
+            return {
+                "n_sites": 0,
+                "complete": False,
+                "reason": f"no sites found: the {self.family} adapter recognises no part of {self.name} as a conditional "
+                "elementwise site (couplings of one's own code: declare them with flowaudit.adapters.custom)",
+            }
         unread = self.unread()
         if unread:
             return {"n_sites": n, "complete": False, "reason": f"parts not read as sites: {', '.join(unread)}"}
@@ -287,7 +300,9 @@ class HookedAdapter(Adapter):
     for all its passes, and they report only the passes that name the block's observer (``live``). Hooks
     that hold a pass's reports (:class:`~flowaudit.adapters.hooks.HeldReports`) have them made when it returns."""
 
-    _held: tuple[Observer, list[bool], HeldReports | None] | None = None  # an observing block's observer, whether a pass of it runs, its held reports
+    _held: tuple[Observer, list[bool], HeldReports | None] | None = (
+        None  # an observing block's observer, whether a pass of it runs, its held reports
+    )
 
     @abstractmethod
     def _hooks(self, observer: Observer, live: list[bool]) -> contextlib.AbstractContextManager[HeldReports | None]:
@@ -331,4 +346,3 @@ def _reported(run: Callable[[], Tensor], live: list[bool], later: HeldReports | 
     if later is not None:
         later.flush()
     return out
-

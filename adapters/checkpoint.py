@@ -27,7 +27,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelError", "DEFAULT_MAX_PARAMETERS", "MAX_MODULES", "read_weights", "check_budget", "first_line", "fit_problems"]
+__all__ = [
+    "ModelError",
+    "DEFAULT_MAX_PARAMETERS",
+    "MAX_MODULES",
+    "read_weights",
+    "check_budget",
+    "first_line",
+    "fit_problems",
+]
 
 #: Default of ``--max-parameters``: 2·10⁹ parameters (8 GB of float32), far above any flow audited so far.
 DEFAULT_MAX_PARAMETERS = 2_000_000_000
@@ -79,7 +87,11 @@ def _read_torch(path: Path, trust: bool, what: str) -> Any:
         head = f.read(4)
     try:
         is_zip = zipfile.is_zipfile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:  # e.g. "zipfiles that span multiple disks are not supported"
+    except (
+        zipfile.BadZipFile,
+        OSError,
+        ValueError,
+    ) as exc:  # e.g. "zipfiles that span multiple disks are not supported"
         raise ModelError(f"{path}: corrupt or truncated {what} ({first_line(exc)})") from None
     if not is_zip and head[:2] == b"PK":
         raise ModelError(f"{path}: corrupt or truncated {what} (a zip archive without its central directory)")
@@ -93,10 +105,14 @@ def _read_torch(path: Path, trust: bool, what: str) -> Any:
         text = str(exc)
         if not trust and "Unsupported global" in text:
             name = _global_name(text)
-            raise ModelError(f"{path}: holds pickled code{name}; pass --trust-checkpoint only if you trust its source") from None
+            raise ModelError(
+                f"{path}: holds pickled code{name}; pass --trust-checkpoint only if you trust its source"
+            ) from None
         raise ModelError(f"{path}: corrupt or truncated {what} ({_torch_reason(text)})") from None
     except Exception as exc:  # torch's readers fail on hostile bytes in many ways (RuntimeError, AssertionError, …)
-        raise ModelError(f"{path}: corrupt or truncated {what} ({_torch_reason(str(exc)) or type(exc).__name__})") from None
+        raise ModelError(
+            f"{path}: corrupt or truncated {what} ({_torch_reason(str(exc)) or type(exc).__name__})"
+        ) from None
 
 
 def _global_name(text: str) -> str:
@@ -105,7 +121,7 @@ def _global_name(text: str) -> str:
     at = text.find(marker)
     if at < 0:
         return ""
-    name = text[at + len(marker):].split()[0].rstrip(".,:;")
+    name = text[at + len(marker) :].split()[0].rstrip(".,:;")
     return f" ({name})" if name else ""
 
 
@@ -134,16 +150,20 @@ def _counting(budget: int, source: str) -> Iterator[dict]:
         if param is not None:
             seen["parameters"] += param.numel()
             if seen["parameters"] > budget:
-                raise _Refused(f"{source}: the model needs more than {budget:,} parameters (--max-parameters); "
-                               "raise the limit only if you trust this configuration")
+                raise _Refused(
+                    f"{source}: the model needs more than {budget:,} parameters (--max-parameters); "
+                    "raise the limit only if you trust this configuration"
+                )
 
     def on_module(module, name, sub):
         seen["modules"] += 1
         if seen["modules"] > MAX_MODULES:
             raise _Refused(f"{source}: the configuration asks for more than {MAX_MODULES:,} modules; refused as absurd")
 
-    handles = [nn_module.register_module_parameter_registration_hook(on_parameter),
-               nn_module.register_module_module_registration_hook(on_module)]
+    handles = [
+        nn_module.register_module_parameter_registration_hook(on_parameter),
+        nn_module.register_module_module_registration_hook(on_module),
+    ]
     try:
         with torch.device("meta"):
             yield seen
@@ -179,5 +199,8 @@ def fit_problems(own: dict, state: dict) -> str:
     """What keeps ``state`` from loading into a model whose state dict is ``own``, in one line ("" when it fits)."""
     missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
     shapes = [k for k in own if k in state and tuple(getattr(state[k], "shape", ())) != tuple(own[k].shape)]
-    return "; ".join(f"{what} {', '.join(keys[:3])}{', …' if len(keys) > 3 else ''} ({len(keys)})"
-                     for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch at", shapes)) if keys)
+    return "; ".join(
+        f"{what} {', '.join(keys[:3])}{', …' if len(keys) > 3 else ''} ({len(keys)})"
+        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch at", shapes))
+        if keys
+    )

@@ -113,7 +113,10 @@ def _prior(x: Tensor, p: tuple[Tensor, Tensor]) -> Tensor:
 
 
 DEFAULT_MAPS: dict[str, Callable[[Tensor, Any], Tensor]] = {
-    "affine": _affine, "affine-bounded": _affine, "additive": _additive, "prior": _prior,
+    "affine": _affine,
+    "affine-bounded": _affine,
+    "additive": _additive,
+    "prior": _prior,
 }
 
 
@@ -176,7 +179,9 @@ class CustomSite(Site):
             if t.dim() == 0 or (t.shape[0] == 1 and len(x) != 1):
                 t = t.expand(len(x), *t.shape[1:]) if t.dim() else t.expand(len(x))
             elif t.shape[0] != len(x):
-                raise ValueError(f"site {self.name!r}: parameter {i} has batch size {t.shape[0]}, the visited points {len(x)}")
+                raise ValueError(
+                    f"site {self.name!r}: parameter {i} has batch size {t.shape[0]}, the visited points {len(x)}"
+                )
             rows.append(t.to(x.dtype if x.is_floating_point() else torch.float32))
         layout = (isinstance(params, (tuple, list)), [tuple(t.shape[1:]) for t in rows], tuple(x.shape[1:]))
         self._layout = layout
@@ -226,8 +231,16 @@ def site(
         if kind not in DEFAULT_MAPS:
             raise ValueError(f"a site of kind {kind!r} needs map=c(x, params)")
         map = DEFAULT_MAPS[kind]
-    return CustomSite(target=target, read=read, kind=kind, map=map, derivative=derivative,
-                      bounds=tail_bounds, start=tail_start, name=name or "")
+    return CustomSite(
+        target=target,
+        read=read,
+        kind=kind,
+        map=map,
+        derivative=derivative,
+        bounds=tail_bounds,
+        start=tail_start,
+        name=name or "",
+    )
 
 
 def _common_parent(names: Sequence[str]) -> str:
@@ -396,14 +409,20 @@ class CustomAdapter(HookedAdapter):
     def coverage(self) -> dict:
         """As :meth:`Adapter.coverage`; after sampling, declared sites the flow never called also make it incomplete."""
         if not self._sites:
-            return {"n_sites": 0, "complete": False,
-                    "reason": f"no sites found: the custom adapter of {self.name} declares none "
-                              "(declare each coupling, injector and conditional prior with sites=[site(...)])"}
+            return {
+                "n_sites": 0,
+                "complete": False,
+                "reason": f"no sites found: the custom adapter of {self.name} declares none "
+                "(declare each coupling, injector and conditional prior with sites=[site(...)])",
+            }
         silent = [s.name for s in self._sites if self._called is not None and s.name not in self._called]
         if silent:
-            return {"n_sites": len(self._sites), "complete": False,
-                    "reason": f"sites never called while sampling: {', '.join(silent)} "
-                              "(their target is not what the flow runs when it samples)"}
+            return {
+                "n_sites": len(self._sites),
+                "complete": False,
+                "reason": f"sites never called while sampling: {', '.join(silent)} "
+                "(their target is not what the flow runs when it samples)",
+            }
         return super().coverage()
 
     def encoder(self) -> nn.Module | None:

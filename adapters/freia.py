@@ -72,8 +72,14 @@ class AffineHalfSite(Site):
     (after the block's clamp), so the Remark 2 probe sees exactly the scales met while sampling.
     """
 
-    def __init__(self, name: str, kind: str, bounds: tuple[float, float] | None,
-                 roles: dict[str, str], to_params: Callable[[dict[str, Tensor]], Tensor]):
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        bounds: tuple[float, float] | None,
+        roles: dict[str, str],
+        to_params: Callable[[dict[str, Tensor]], Tensor],
+    ):
         self.name, self.kind, self._bounds = name, kind, bounds
         self.roles = roles  # submodule name -> role ("a": [s, t] stacked, "s", "t")
         self._to_params = to_params
@@ -209,8 +215,10 @@ def _block_sites(name: str, block: nn.Module) -> list[Site]:
         kind, bounds = _extremes(slope, n)
         return [AffineHalfSite(sub("x2"), kind, bounds, {sub("subnet"): "a"}, to_params)]
     if isinstance(block, Fm.NICECouplingBlock):
-        return [AffineHalfSite(sub("x1"), "additive", (1.0, 1.0), {sub("F"): "t"}, _additive),
-                AffineHalfSite(sub("x2"), "additive", (1.0, 1.0), {sub("G"): "t"}, _additive)]
+        return [
+            AffineHalfSite(sub("x1"), "additive", (1.0, 1.0), {sub("F"): "t"}, _additive),
+            AffineHalfSite(sub("x2"), "additive", (1.0, 1.0), {sub("G"): "t"}, _additive),
+        ]
     if not hasattr(block, "f_clamp"):
         return [UnknownSite(name, type(block).__name__)] if block.dims_c else []
 
@@ -225,11 +233,15 @@ def _block_sites(name: str, block: nn.Module) -> list[Site]:
 
     if isinstance(block, (Fm.GLOWCouplingBlock, Fm.GINCouplingBlock)):
         # coupling1 transforms x1 with subnet2([x2, c]); coupling2 transforms x2 with subnet1([y1, c])
-        return [half("x1", n1, {sub("subnet2"): "a"}, _stacked(soft, n1)),
-                half("x2", n2, {sub("subnet1"): "a"}, _stacked(soft, n2))]
+        return [
+            half("x1", n1, {sub("subnet2"): "a"}, _stacked(soft, n1)),
+            half("x2", n2, {sub("subnet1"): "a"}, _stacked(soft, n2)),
+        ]
     if isinstance(block, Fm.RNVPCouplingBlock):
-        return [half("x1", n1, {sub("subnet_s2"): "s", sub("subnet_t2"): "t"}, _separate(soft)),
-                half("x2", n2, {sub("subnet_s1"): "s", sub("subnet_t1"): "t"}, _separate(soft))]
+        return [
+            half("x1", n1, {sub("subnet_s2"): "s", sub("subnet_t2"): "t"}, _separate(soft)),
+            half("x2", n2, {sub("subnet_s1"): "s", sub("subnet_t1"): "t"}, _separate(soft)),
+        ]
     if isinstance(block, Fm.AffineCouplingOneSided):
         return [half("x2", n2, {sub("subnet"): "a"}, _stacked(soft, n2))]
     if isinstance(block, Fm.ConditionalAffineTransform):
@@ -239,11 +251,27 @@ def _block_sites(name: str, block: nn.Module) -> list[Site]:
 
 # FrEIA blocks whose Jacobian does not depend on the input (permutations, fixed or learned linear maps,
 # ActNorm, reshapes, splits): layers, never sites
-_CONSTANT_JACOBIAN = frozenset({
-    "PermuteRandom", "FixedLinearTransform", "Fixed1x1Conv", "IRevNetDownsampling", "IRevNetUpsampling",
-    "HaarDownsampling", "HaarUpsampling", "Flatten", "Reshape", "Split", "Concat", "OrthogonalTransform",
-    "HouseholderPerm", "ActNorm", "LearnedElementwiseScaling", "InvAutoFC", "InvAutoConv2D",
-})
+_CONSTANT_JACOBIAN = frozenset(
+    {
+        "PermuteRandom",
+        "FixedLinearTransform",
+        "Fixed1x1Conv",
+        "IRevNetDownsampling",
+        "IRevNetUpsampling",
+        "HaarDownsampling",
+        "HaarUpsampling",
+        "Flatten",
+        "Reshape",
+        "Split",
+        "Concat",
+        "OrthogonalTransform",
+        "HouseholderPerm",
+        "ActNorm",
+        "LearnedElementwiseScaling",
+        "InvAutoFC",
+        "InvAutoConv2D",
+    }
+)
 
 
 class FrEIAAdapter(HookedAdapter):
@@ -266,8 +294,10 @@ class FrEIAAdapter(HookedAdapter):
             self._graph = False
         elif isinstance(model, Ff.GraphINN):
             if len(model.condition_nodes) > 1 or len(model.in_nodes) != 1:
-                raise TypeError(f"GraphINN with {len(model.in_nodes)} inputs and {len(model.condition_nodes)} "
-                                "condition nodes: flowaudit needs one input and at most one condition")
+                raise TypeError(
+                    f"GraphINN with {len(model.in_nodes)} inputs and {len(model.condition_nodes)} "
+                    "condition nodes: flowaudit needs one input and at most one condition"
+                )
             self._blocks = [(modules[id(n.module)], n.module) for n in model.node_list if n.module is not None]
             cond = model.condition_nodes[0].dims if model.condition_nodes else None
             self._latent_shapes = [tuple(s) for s in model.global_out_shapes]
@@ -351,7 +381,9 @@ class FrEIAAdapter(HookedAdapter):
 
 def matches(model: Any) -> bool:
     # cheap and import-free: the class (or a base, for user subclasses) is FrEIA's SequenceINN/GraphINN
-    return any(c.__module__.split(".")[0] == "FrEIA" and c.__name__ in ("SequenceINN", "GraphINN") for c in type(model).__mro__)
+    return any(
+        c.__module__.split(".")[0] == "FrEIA" and c.__name__ in ("SequenceINN", "GraphINN") for c in type(model).__mro__
+    )
 
 
 def make(model: nn.Module, name: str | None = None) -> FrEIAAdapter:

@@ -151,8 +151,10 @@ class HeldReports:
         calls, self._calls, self._bytes = self._calls, [], 0
         for report, name, a, va, b, vb in calls:
             if a._version != va or (b is not None and b._version != vb):
-                raise RuntimeError(f"{name}: a tensor held for its report was written in place before the pass returned; "
-                                   "its adapter's tensors do not stay intact")
+                raise RuntimeError(
+                    f"{name}: a tensor held for its report was written in place before the pass returned; "
+                    "its adapter's tensors do not stay intact"
+                )
             report(name, a, b)
 
     def drop(self) -> None:

@@ -61,8 +61,22 @@ __all__ = ["NflowsAdapter", "CouplingSite", "AutoregressiveSite", "InvertedSite"
 
 
 # nflows modules whose transforms never read the context (permutations, linear maps, normalisation, reshapes, …).
-_UNCONDITIONAL = tuple(f"nflows.transforms.{m}" for m in (
-    "permutations", "linear", "lu", "qr", "svd", "orthogonal", "normalization", "reshape", "conv", "nonlinearities", "standard"))
+_UNCONDITIONAL = tuple(
+    f"nflows.transforms.{m}"
+    for m in (
+        "permutations",
+        "linear",
+        "lu",
+        "qr",
+        "svd",
+        "orthogonal",
+        "normalization",
+        "reshape",
+        "conv",
+        "nonlinearities",
+        "standard",
+    )
+)
 
 
 def _repeat_rows(t: Tensor, v: int) -> Tensor:
@@ -76,16 +90,18 @@ def _fill(values: Tensor, shape: tuple[int, ...]) -> Tensor:
     return v.expand(len(values), *shape).reshape(len(values) * shape[0], *shape[1:])
 
 
-
 Reading = tuple[str, tuple[float, float] | None, float | None]  # kind, tail bounds of c', tail start
 
 
 def _affine_reading(forward, width: int, mult: int) -> Reading:
     """Kind and bounds of an affine-type transform whose ``forward(x, params) -> (y, logdet)`` is the live
     object's own: c' = s over a sweep of raw parameters, whatever the version's scale function."""
+
     def scale(u: Tensor) -> Tensor:
         params = u[:, None].expand(len(u), width * mult).contiguous()
-        return elementwise_derivative(lambda x: forward(x, params.clone())[0], torch.zeros(len(u), width, dtype=u.dtype))
+        return elementwise_derivative(
+            lambda x: forward(x, params.clone())[0], torch.zeros(len(u), width, dtype=u.dtype)
+        )
 
     lo, hi = sweep_bounds(scale)
     return ("additive" if lo == hi == 1.0 else affine_kind(lo)), (lo, hi), None
@@ -98,6 +114,7 @@ def _spline_reading(t: nn.Module, is_rq_spline: bool) -> Reading:
     if is_rq_spline and tails == "linear":
         return "rq-spline", (1.0, 1.0), float(bound)
     return "unknown", None, (float(bound) if tails is not None and bound is not None else None)
+
 
 class _NflowsSite(Site):
     """Common part: probe evaluation at (V, M) from an elementwise ``derivative(x, params)``/``map(x, params)``."""
@@ -141,7 +158,9 @@ class CouplingSite(_NflowsSite):
 
         if isinstance(t, AffineCouplingTransform):
             # whatever this nflows version's scale function is: sigmoid(u + 2) + 1e-3 in 0.14
-            return _affine_reading(t._coupling_transform_forward, t.num_transform_features, t._transform_dim_multiplier())
+            return _affine_reading(
+                t._coupling_transform_forward, t.num_transform_features, t._transform_dim_multiplier()
+            )
         return _spline_reading(t, isinstance(t, PiecewiseRationalQuadraticCouplingTransform))
 
     def _input_shape(self, params: Tensor) -> tuple[int, ...]:
@@ -259,7 +278,9 @@ class InvertedSite(_NflowsSite):
         super().__init__(name, inner.module)
         self.inner = inner
         b = inner.tail_bounds()
-        self._bounds = None if b is None else (1.0 / b[1] if b[1] > 0 else math.inf, 1.0 / b[0] if b[0] > 0 else math.inf)
+        self._bounds = (
+            None if b is None else (1.0 / b[1] if b[1] > 0 else math.inf, 1.0 / b[0] if b[0] > 0 else math.inf)
+        )
         self.kind = affine_kind(self._bounds[0]) if inner.kind in ("affine", "affine-bounded") else inner.kind
 
     def _input_shape(self, params: Tensor) -> tuple[int, ...]:
@@ -318,16 +339,24 @@ class NflowsAdapter(Adapter):
         def walk(t: nn.Module, inverted: bool = False) -> None:
             """Leaves in forward order; inside an ``InverseTransform`` the order and direction flip."""
             if isinstance(t, CompositeTransform):
-                for sub in (reversed(t._transforms) if inverted else t._transforms):
+                for sub in reversed(t._transforms) if inverted else t._transforms:
                     walk(sub, inverted)
                 return
             if isinstance(t, InverseTransform):
                 walk(t._transform, not inverted)
                 return
             name = names[id(t)]
-            if not isinstance(t, (CouplingTransform, AutoregressiveTransform)) and not type(t).__module__.startswith(_UNCONDITIONAL):
+            if not isinstance(t, (CouplingTransform, AutoregressiveTransform)) and not type(t).__module__.startswith(
+                _UNCONDITIONAL
+            ):
                 self._unseen.append(name)  # a transform of unknown code: it may read the context
-            site = CouplingSite(name, t) if isinstance(t, CouplingTransform) else AutoregressiveSite(name, t) if isinstance(t, AutoregressiveTransform) else None
+            site = (
+                CouplingSite(name, t)
+                if isinstance(t, CouplingTransform)
+                else AutoregressiveSite(name, t)
+                if isinstance(t, AutoregressiveTransform)
+                else None
+            )
             if site is not None and inverted:
                 site = InvertedSite(name, site)
             self._steps.append((name, t, site, inverted))
@@ -335,7 +364,9 @@ class NflowsAdapter(Adapter):
         walk(model._transform)
         base = model._distribution
         if not isinstance(base, (StandardNormal, DiagonalNormal, ConditionalDiagonalNormal)):
-            raise TypeError(f"nflows base distribution {type(base).__name__} is not supported (StandardNormal, DiagonalNormal, ConditionalDiagonalNormal)")
+            raise TypeError(
+                f"nflows base distribution {type(base).__name__} is not supported (StandardNormal, DiagonalNormal, ConditionalDiagonalNormal)"
+            )
         self._base_name = names[id(base)]
         self._prior = PriorSite(self._base_name, base) if isinstance(base, ConditionalDiagonalNormal) else None
         self._event_shape = tuple(base._shape)
@@ -383,7 +414,12 @@ class NflowsAdapter(Adapter):
 
     # -- what the model does ----------------------------------------------------
     def sample_latents(self, y: Tensor, temperature: float, generator: torch.Generator | None) -> list[Tensor]:
-        eps = torch.randn((y.shape[0], *self._event_shape), generator=generator, dtype=y.dtype, device=y.device if generator is None else "cpu")
+        eps = torch.randn(
+            (y.shape[0], *self._event_shape),
+            generator=generator,
+            dtype=y.dtype,
+            device=y.device if generator is None else "cpu",
+        )
         return [temperature * eps.to(y.device)]
 
     def _base_params(self, context: Tensor | None) -> tuple[Tensor, Tensor] | None:
@@ -406,7 +442,11 @@ class NflowsAdapter(Adapter):
             x = mean + torch.exp(log_std) * x
             if observer is not None:
                 if self._prior is not None:
-                    observer.site(self._prior.name, torch.exp(log_std).expand_as(x).detach(), torch.cat([mean, log_std], dim=1).detach())
+                    observer.site(
+                        self._prior.name,
+                        torch.exp(log_std).expand_as(x).detach(),
+                        torch.cat([mean, log_std], dim=1).detach(),
+                    )
         if observer is not None:
             observer.layer(self._base_name, x.detach())
         for name, t, site, inverted in reversed(self._steps):
@@ -438,7 +478,11 @@ class NflowsAdapter(Adapter):
 
 def matches(model: Any) -> bool:
     """An ``nflows.flows.*`` flow (checked by module name: nflows is not imported here)."""
-    return isinstance(model, nn.Module) and any(c.__module__.startswith("nflows.flows") for c in type(model).__mro__) and hasattr(model, "_transform")
+    return (
+        isinstance(model, nn.Module)
+        and any(c.__module__.startswith("nflows.flows") for c in type(model).__mro__)
+        and hasattr(model, "_transform")
+    )
 
 
 def make(model: nn.Module, name: str | None = None) -> NflowsAdapter:

@@ -53,8 +53,17 @@ from torch import Tensor, nn
 from .base import HookedAdapter, Observer, Site, affine_kind
 from .hooks import first_tensor, hooked
 
-__all__ = ["AutoregressiveAffineSite", "CouplingSplineSite", "AutoregressiveSplineSite", "ConstantSplineSite",
-           "PriorSite", "UnknownSite", "NormflowsAdapter", "matches", "make"]
+__all__ = [
+    "AutoregressiveAffineSite",
+    "CouplingSplineSite",
+    "AutoregressiveSplineSite",
+    "ConstantSplineSite",
+    "PriorSite",
+    "UnknownSite",
+    "NormflowsAdapter",
+    "matches",
+    "make",
+]
 
 _LOG2PI = math.log(2 * math.pi)
 
@@ -226,10 +235,22 @@ class ConstantSplineSite(_SplineSite):
 
         c, k = self.cdf, self._k
         kwargs = {"tails": c.tails, "tail_bound": c.tail_bound} if c.tails is not None else {}
-        fn = splines.unconstrained_rational_quadratic_spline if c.tails is not None else splines.rational_quadratic_spline
-        return fn(inputs=x, unnormalized_widths=params[..., :k], unnormalized_heights=params[..., k:2 * k],
-                  unnormalized_derivatives=params[..., 2 * k:], inverse=False, min_bin_width=c.min_bin_width,
-                  min_bin_height=c.min_bin_height, min_derivative=c.min_derivative, **kwargs)
+        fn = (
+            splines.unconstrained_rational_quadratic_spline
+            if c.tails is not None
+            else splines.rational_quadratic_spline
+        )
+        return fn(
+            inputs=x,
+            unnormalized_widths=params[..., :k],
+            unnormalized_heights=params[..., k : 2 * k],
+            unnormalized_derivatives=params[..., 2 * k :],
+            inverse=False,
+            min_bin_width=c.min_bin_width,
+            min_bin_height=c.min_bin_height,
+            min_derivative=c.min_derivative,
+            **kwargs,
+        )
 
     def read(self, z_in: Tensor, x_out: Tensor) -> tuple[Tensor, Tensor]:
         params = self._params(x_out.shape[0])
@@ -333,7 +354,9 @@ class NormflowsAdapter(HookedAdapter):
         elif isinstance(q0, nf_base.DiagGaussian):
             self._prior = None
         else:
-            raise TypeError(f"normflows base {type(q0).__name__} is not supported (DiagGaussian, ConditionalDiagGaussian)")
+            raise TypeError(
+                f"normflows base {type(q0).__name__} is not supported (DiagGaussian, ConditionalDiagGaussian)"
+            )
         self._shape = tuple(q0.shape)
         self._flow_names = [f"flows.{i}" for i in range(len(model.flows))]
         self._by_flow = {n: _flow_sites(n, f) for n, f in zip(self._flow_names, model.flows)}
@@ -342,9 +365,12 @@ class NormflowsAdapter(HookedAdapter):
             self._sites.append(self._prior)
         # flows no site reads whose Jacobian may vary with the input (unknown code, planar/radial/residual
         # flows): the view is partial, and coverage() says so
-        self._unseen = [n for n, f in zip(self._flow_names, model.flows)
-                        if any(isinstance(s, UnknownSite) for s in self._by_flow[n])
-                        or (not self._by_flow[n] and type(f).__module__ not in _UNCONDITIONAL)]
+        self._unseen = [
+            n
+            for n, f in zip(self._flow_names, model.flows)
+            if any(isinstance(s, UnknownSite) for s in self._by_flow[n])
+            or (not self._by_flow[n] and type(f).__module__ not in _UNCONDITIONAL)
+        ]
         self._condition_shape = _condition_shape(model)
 
     @property
@@ -401,8 +427,9 @@ class NormflowsAdapter(HookedAdapter):
         mu, log_sigma = self._base(y)
         z = mu + torch.exp(log_sigma) * eps
         if self._prior is not None:
-            observer.site(self._prior.name, torch.exp(log_sigma).detach().expand_as(z),
-                          torch.stack([mu, log_sigma], 1).detach())
+            observer.site(
+                self._prior.name, torch.exp(log_sigma).detach().expand_as(z), torch.stack([mu, log_sigma], 1).detach()
+            )
         observer.layer("q0", z.detach())
         for name, flow in zip(self._flow_names, self.model.flows):
             z_in = z
@@ -432,8 +459,10 @@ class NormflowsAdapter(HookedAdapter):
 
 def matches(model: Any) -> bool:
     # cheap and import-free: the class (or a base, for user subclasses) is normflows' ConditionalNormalizingFlow
-    return any(c.__module__.split(".")[0] == "normflows" and c.__name__ == "ConditionalNormalizingFlow"
-               for c in type(model).__mro__)
+    return any(
+        c.__module__.split(".")[0] == "normflows" and c.__name__ == "ConditionalNormalizingFlow"
+        for c in type(model).__mro__
+    )
 
 
 def make(model: nn.Module, name: str | None = None) -> NormflowsAdapter:

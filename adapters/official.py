@@ -51,10 +51,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flowaudit.reference_models.couplings import Affine
-from flowaudit.reference_models.glow import ActNorm
-from flowaudit.reference_models.rrdb import spaced_blocks
-
+from ..reference_models.couplings import Affine
+from ..reference_models.glow import ActNorm
+from ..reference_models.rrdb import spaced_blocks
 from .reference import ReferenceAdapter
 
 __all__ = ["LAYOUTS", "LayoutError", "unwrap", "infer", "recognise", "OfficialAdapter", "build", "matches", "make"]
@@ -65,10 +64,15 @@ _UNUSED = ("flowUpsamplerNet.f.",)  # the official net builds this conv but neve
 
 # Released configurations (confs/*.yml) for what the weights cannot say: stacked blocks, NCSR's S.
 _BLOCKS = {  # (layout, scale, nb, number of stacked blocks) -> blocks
-    ("srflow", 4, 23, 4): [1, 8, 15, 22], ("srflow", 8, 23, 4): [1, 3, 5, 7], ("srflow", 8, 8, 4): [1, 3, 5, 7],
-    ("ncsr", 4, 23, 4): [1, 8, 15, 22], ("ncsr", 8, 23, 4): [1, 8, 15, 22],
-    ("spline", 4, 23, 4): [1, 8, 15, 22], ("spline", 8, 23, 4): [1, 8, 15, 22],
-    ("llflow", 1, 24, 4): [1, 3, 5, 7], ("llflow", 1, 4, 1): [1],
+    ("srflow", 4, 23, 4): [1, 8, 15, 22],
+    ("srflow", 8, 23, 4): [1, 3, 5, 7],
+    ("srflow", 8, 8, 4): [1, 3, 5, 7],
+    ("ncsr", 4, 23, 4): [1, 8, 15, 22],
+    ("ncsr", 8, 23, 4): [1, 8, 15, 22],
+    ("spline", 4, 23, 4): [1, 8, 15, 22],
+    ("spline", 8, 23, 4): [1, 8, 15, 22],
+    ("llflow", 1, 24, 4): [1, 3, 5, 7],
+    ("llflow", 1, 4, 1): [1],
 }
 _STD_STEPS = {(4, 3, 16): [0, 16, 16], (8, 4, 20): [0, 0, 16, 16]}  # (scale, L, K) -> S
 
@@ -89,7 +93,7 @@ def unwrap(obj: Any) -> dict[str, Tensor]:
         raise LayoutError(f"not a state dict (a {type(obj).__name__})")
     state = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     if not state:
         raise LayoutError("no tensors in the checkpoint")
     return state
@@ -139,9 +143,15 @@ def _levels(kinds: list[str]) -> list[list[str]]:
     return levels
 
 
-def infer(state: dict[str, Tensor], *, fs_ncsr: bool = False, stack_blocks: list[int] | None = None,
-          std_steps: list[int] | None = None, affine_eps: float | None = None,
-          scale: int | None = None) -> tuple[str, dict, dict]:
+def infer(
+    state: dict[str, Tensor],
+    *,
+    fs_ncsr: bool = False,
+    stack_blocks: list[int] | None = None,
+    std_steps: list[int] | None = None,
+    affine_eps: float | None = None,
+    scale: int | None = None,
+) -> tuple[str, dict, dict]:
     """``(layout, constructor config, inferred)`` read off an official state dict's keys and shapes.
 
     ``inferred`` lists every value with where it came from (``weights``, ``released config``,
@@ -185,9 +195,20 @@ def infer(state: dict[str, Tensor], *, fs_ncsr: bool = False, stack_blocks: list
         raise LayoutError(f"conditioning width {cond} is not a multiple of the encoder width nf = {nf}")
     n_blocks = cond // nf - 1
     fixed = any(k.endswith("invconv.weight_transpose") for k in state)
-    inferred: dict[str, Any] = {"layout": layout, "L": L, "K": K, "n_transition": n_transition, "nf": nf, "nb": nb,
-                                "gc": gc, "hidden_channels": hidden, "conditioning_channels": cond,
-                                "stacked_blocks": n_blocks, "fixed_invconv": fixed, "split_after_levels": split_after}
+    inferred: dict[str, Any] = {
+        "layout": layout,
+        "L": L,
+        "K": K,
+        "n_transition": n_transition,
+        "nf": nf,
+        "nb": nb,
+        "gc": gc,
+        "hidden_channels": hidden,
+        "conditioning_channels": cond,
+        "stacked_blocks": n_blocks,
+        "fixed_invconv": fixed,
+        "split_after_levels": split_after,
+    }
     source = {k: "weights" for k in inferred}
 
     if llflow:
@@ -201,12 +222,16 @@ def infer(state: dict[str, Tensor], *, fs_ncsr: bool = False, stack_blocks: list
             raise LayoutError("×16 SRFlow (RRDB.upconv4) is not supported")
         weights_scale = 8 if "RRDB.upconv3.weight" in state else 4  # ×2 nets have upconv1/2 too: an option
         if scale is not None and (scale == 8) != (weights_scale == 8):
-            raise LayoutError(f"scale {scale} does not fit the weights (RRDB.upconv3 {'present' if weights_scale == 8 else 'absent'})")
+            raise LayoutError(
+                f"scale {scale} does not fit the weights (RRDB.upconv3 {'present' if weights_scale == 8 else 'absent'})"
+            )
         scale = scale if scale is not None else weights_scale
         cs = L - 1 in split_after
         expected = [lv for lv in range(1, L + 1) if lv < L - (0 if cs else 1)]
         if split_after != expected:
-            raise LayoutError(f"splits after levels {split_after}; SRFlow splits after {expected} (correct_splits={cs})")
+            raise LayoutError(
+                f"splits after levels {split_after}; SRFlow splits after {expected} (correct_splits={cs})"
+            )
         inferred["correct_splits"], source["correct_splits"] = cs, "weights"
     inferred["scale"] = scale
     source["scale"] = "option" if options_scale is not None else "weights"
@@ -224,8 +249,19 @@ def infer(state: dict[str, Tensor], *, fs_ncsr: bool = False, stack_blocks: list
     inferred["stack_blocks"] = blocks
 
     patch = 160 if 160 % (2**L) == 0 and 160 % max(scale, 1) == 0 else 2**L * max(scale, 1)
-    common = dict(L=L, K=K, nf=nf, nb=nb, gc=gc, stack_blocks=blocks, hidden_channels=hidden, patch=patch,
-                  fixed_invconv=fixed, n_transition=n_transition, official_features=True)
+    common = dict(
+        L=L,
+        K=K,
+        nf=nf,
+        nb=nb,
+        gc=gc,
+        stack_blocks=blocks,
+        hidden_channels=hidden,
+        patch=patch,
+        fixed_invconv=fixed,
+        n_transition=n_transition,
+        official_features=True,
+    )
     if spline:
         common["coupling"] = "modified-rq-spline"
     elif affine_eps is not None and affine_eps != 1e-4:
@@ -241,8 +277,13 @@ def infer(state: dict[str, Tensor], *, fs_ncsr: bool = False, stack_blocks: list
         if ncsr or spline:
             std_ch = need(f"{pre}.{sub}_std.0.weight")[1] - c_level1 // 2
             S = list(std_steps) if std_steps is not None else _STD_STEPS.get((scale, L, K), [0] + [K] * (L - 1))
-            source["std_steps"] = ("option" if std_steps is not None else
-                                   "released config" if (scale, L, K) in _STD_STEPS else "assumed (not stored in the weights)")
+            source["std_steps"] = (
+                "option"
+                if std_steps is not None
+                else "released config"
+                if (scale, L, K) in _STD_STEPS
+                else "assumed (not stored in the weights)"
+            )
             config.update(std_channels=std_ch, std_steps=S)
             inferred.update(std_channels=std_ch, std_steps=S)
             source["std_channels"] = "weights"
@@ -256,10 +297,10 @@ def infer(state: dict[str, Tensor], *, fs_ncsr: bool = False, stack_blocks: list
 
 def _build_model(layout: str, config: dict):
     if layout == "llflow":
-        from flowaudit.reference_models.lowlight import LLFlow
+        from ..reference_models.lowlight import LLFlow
 
         return LLFlow(**config)
-    from flowaudit.reference_models.sr import SRFlow
+    from ..reference_models.sr import SRFlow
 
     return SRFlow(**config)
 
@@ -273,7 +314,9 @@ def _to_ours(state: dict[str, Tensor], model) -> dict[str, Tensor]:
             continue
         if k.endswith("invconv.weight_transpose"):
             w = state.get(k[: -len("_transpose")])
-            if w is None or not torch.allclose(v.reshape(w.shape[0], -1).float(), w.reshape(w.shape[0], -1).t().float(), atol=1e-6):
+            if w is None or not torch.allclose(
+                v.reshape(w.shape[0], -1).float(), w.reshape(w.shape[0], -1).t().float(), atol=1e-6
+            ):
                 raise LayoutError(f"{k} is not the transpose of its weight; the fixed 1×1 would not invert")
             continue
         if k.endswith("invconv.weight") and v.dim() == 4:
@@ -288,14 +331,15 @@ def _mismatches(state: dict[str, Tensor], model) -> list[str]:
     theirs = {k: tuple(v.shape) for k, v in state.items()}
     out = [f"missing {k} {s}" for k, s in ours.items() if k not in theirs]
     out += [f"unexpected {k} {s}" for k, s in theirs.items() if k not in ours]
-    out += [f"shape of {k}: {theirs[k]} where {s} was expected" for k, s in ours.items() if k in theirs and theirs[k] != s]
+    out += [
+        f"shape of {k}: {theirs[k]} where {s} was expected" for k, s in ours.items() if k in theirs and theirs[k] != s
+    ]
     return out
 
 
 def _reference_keys(layout: str) -> set[str]:
     """The key *patterns* (layer indices and block numbers replaced by #) of a released-style layout."""
-    config = dict(L=3, K=2, nf=4, nb=2, gc=2, stack_blocks=[0, 1], hidden_channels=4, patch=16,
-                  official_features=True)
+    config = dict(L=3, K=2, nf=4, nb=2, gc=2, stack_blocks=[0, 1], hidden_channels=4, patch=16, official_features=True)
     if layout == "llflow":
         model = _build_model(layout, config)
     else:
@@ -305,8 +349,11 @@ def _reference_keys(layout: str) -> set[str]:
         if layout == "spline":
             extra.update(coupling="modified-rq-spline", fixed_invconv=True)
         model = _build_model("srflow", dict(config, **extra))
-    keys = {re.sub(r"\.\d+\.", ".#.", re.sub(r"\.\d+\.", ".#.", k)) for k in model.state_dict()
-            if not k.endswith(".initialized")}
+    keys = {
+        re.sub(r"\.\d+\.", ".#.", re.sub(r"\.\d+\.", ".#.", k))
+        for k in model.state_dict()
+        if not k.endswith(".initialized")
+    }
     if layout == "spline":
         keys |= {k + "_transpose" for k in keys if k.endswith("invconv.weight")}
     return keys
@@ -320,8 +367,9 @@ def _closest(state: dict[str, Tensor]) -> str:
         scores.append((len(ref & pats) / max(1, len(ref | pats)), layout, sorted(ref - pats), sorted(pats - ref)))
     score, layout, missing, extra = max(scores)
     first = [f"missing {k}" for k in missing[:3]] + [f"unexpected {k}" for k in extra[:3]]
-    return f"closest layout: {layout} ({100 * score:.0f}% of key patterns shared); first mismatching keys: " + \
-        (", ".join(first) if first else "none")
+    return f"closest layout: {layout} ({100 * score:.0f}% of key patterns shared); first mismatching keys: " + (
+        ", ".join(first) if first else "none"
+    )
 
 
 def recognise(obj: Any, **options) -> tuple[str, dict, dict, dict[str, Tensor]]:
@@ -335,8 +383,9 @@ def recognise(obj: Any, **options) -> tuple[str, dict, dict, dict[str, Tensor]]:
     except LayoutError as exc:
         raise LayoutError(f"not an official SRFlow/NCSR/spline/LLFlow checkpoint: {exc}; {_closest(state)}") from None
     if bad:
-        raise LayoutError(f"looks like {layout} {_brief(inferred)} but {len(bad)} key(s) do not fit; first: "
-                          + "; ".join(bad[:4]))
+        raise LayoutError(
+            f"looks like {layout} {_brief(inferred)} but {len(bad)} key(s) do not fit; first: " + "; ".join(bad[:4])
+        )
     return layout, config, inferred, state
 
 

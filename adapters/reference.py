@@ -23,11 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .hooks import HeldReports, first_tensor, wrapped
-from flowaudit.reference_models import ReferenceFlow
-from flowaudit.reference_models.couplings import Elementwise
-
+from ..reference_models import ReferenceFlow
+from ..reference_models.couplings import Elementwise
 from .base import HookedAdapter, Observer, Site, keeps_graph
+from .hooks import HeldReports, first_tensor, wrapped
 
 __all__ = ["ElementwiseSite", "ReferenceAdapter", "matches", "make"]
 
@@ -106,9 +105,14 @@ class ReferenceAdapter(HookedAdapter):
         step = 2**levels
         if h % step or w % step:
             need = step // math.gcd(step, self.scale)
-            sizes = f"an LR size {shape[1]}×{shape[2]} (×{self.scale} = {h}×{w})" if self.scale > 1 else f"a size {shape[1]}×{shape[2]}"
-            raise ValueError(f"{sizes} does not divide by the model's 2^L = {step} squeeze; "
-                             f"crop the images to multiples of {need}")
+            sizes = (
+                f"an LR size {shape[1]}×{shape[2]} (×{self.scale} = {h}×{w})"
+                if self.scale > 1
+                else f"a size {shape[1]}×{shape[2]}"
+            )
+            raise ValueError(
+                f"{sizes} does not divide by the model's 2^L = {step} squeeze; crop the images to multiples of {need}"
+            )
 
     def sites(self) -> list[Site]:
         return list(self._sites)

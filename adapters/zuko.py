@@ -140,7 +140,11 @@ class UnivariateSite(_ZukoSite):
             return "additive", (1.0, 1.0), None
         if isinstance(u0, MonotonicAffineTransform):
             # c' over built objects for a sweep of raw parameters: the bounds the object allows
-            lo, hi = sweep_bounds(lambda u: self.derivative(torch.zeros(len(u), 1, dtype=dtype), u.to(dtype)[:, None, None].expand(len(u), 1, self.lazy.total)))
+            lo, hi = sweep_bounds(
+                lambda u: self.derivative(
+                    torch.zeros(len(u), 1, dtype=dtype), u.to(dtype)[:, None, None].expand(len(u), 1, self.lazy.total)
+                )
+            )
             return ("additive" if lo == hi == 1.0 else affine_kind(lo)), (lo, hi), None
         if isinstance(u0, MonotonicRQSTransform):
             # knots span [-B, B] on both axes; outside, the library returns x itself (identity tails)
@@ -301,7 +305,9 @@ class ZukoAdapter(Adapter):
     def sample_latents(self, y: Tensor, temperature: float, generator: torch.Generator | None) -> list[Tensor]:
         with torch.no_grad():
             mean, _ = self._base(y.to(self.device))
-        eps = torch.randn(mean.shape, generator=generator, dtype=y.dtype, device="cpu" if generator is not None else y.device)
+        eps = torch.randn(
+            mean.shape, generator=generator, dtype=y.dtype, device="cpu" if generator is not None else y.device
+        )
         return [temperature * eps.to(y.device)]
 
     def sample(self, y: Tensor, latents: list[Tensor], observer: Observer | None = None) -> Tensor:
@@ -339,7 +345,12 @@ class ZukoAdapter(Adapter):
 
 def matches(model: Any) -> bool:
     """A ``zuko`` lazy flow (checked by module name: zuko is not imported here)."""
-    return isinstance(model, nn.Module) and any(c.__module__.startswith("zuko.") for c in type(model).__mro__) and hasattr(model, "transform") and hasattr(model, "base")
+    return (
+        isinstance(model, nn.Module)
+        and any(c.__module__.startswith("zuko.") for c in type(model).__mro__)
+        and hasattr(model, "transform")
+        and hasattr(model, "base")
+    )
 
 
 def make(model: nn.Module, name: str | None = None) -> ZukoAdapter:

@@ -1,10 +1,10 @@
 """Audit overhead: a scan shard's inverse passes under the scan's tracer over the same passes bare, as ratios within one run.
 
-A scan audits its inputs in shards of :data:`~flowaudit.shards.SHARD_INPUTS` (32), each with a
-fresh :class:`~flowaudit.trace.Tracer` whose state is saved when the shard ends. This benchmark
+A scan audits its inputs in shards of :data:`~flowaudit.runs.shards.SHARD_INPUTS` (32), each with a
+fresh :class:`~flowaudit.tracing.trace.Tracer` whose state is saved when the shard ends. This benchmark
 runs one such shard of 32 distinct inputs four ways on the same latents under ``no_grad``, one
 thread: *bare* (every pass ``adapter.sample(y, latents)``, no observer, no hook), *audited* (as
-:mod:`flowaudit.sampling` runs it: a tracer, the adapter's ``observing`` block around the shard —
+:mod:`flowaudit.runs.passes` runs it: a tracer, the adapter's ``observing`` block around the shard —
 the hooks registered once — every pass reporting to the tracer, ``tracer.end_batch`` after each, and
 ``tracer.state()`` at the end: layer sums, inverse-gain histograms, per-input gain figures,
 parameter reservoir; the bundled flows' adapter holds a pass's reports for its end,
@@ -44,12 +44,12 @@ import time
 from collections.abc import Callable
 
 import torch
-
 from flowaudit.adapters import adapt
-from flowaudit.layout import Sampling
 from flowaudit.reference_models import load
-from flowaudit.shards import SHARD_INPUTS
-from flowaudit.trace import Tracer
+
+from flowaudit.config.sampling import Sampling
+from flowaudit.runs.shards import SHARD_INPUTS
+from flowaudit.tracing.trace import Tracer
 
 KINDS = ("affine", "modified-rq-spline")
 BATCHED_INPUTS = 8  # inputs a batched pass
@@ -81,8 +81,15 @@ class Nothing:
         pass
 
 
-def shard_rounds(model, y: torch.Tensor, k: int, inputs_per_pass: int, repeats: int, clock,
-                 arms: dict[str, Callable[[], object] | None]) -> tuple[dict[str, list[float]], dict[str, object]]:
+def shard_rounds(
+    model,
+    y: torch.Tensor,
+    k: int,
+    inputs_per_pass: int,
+    repeats: int,
+    clock,
+    arms: dict[str, Callable[[], object] | None],
+) -> tuple[dict[str, list[float]], dict[str, object]]:
     """Per arm, its shard time in each of ``repeats`` rounds after a warm-up round, and the last round's observers.
 
     ``arms[name]`` makes the arm's observer for a shard (``None``: bare passes). Every arm runs on its own
@@ -143,30 +150,41 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds (best of; and the median of per-round ratios)")
     ap.add_argument("--runs", type=int, default=1, help="repeat the whole benchmark to show the spread")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="wall: perf_counter; cpu: this process's CPU time (on a shared box, leaves out the waits)")
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: perf_counter; cpu: this process's CPU time (on a shared box, leaves out the waits)",
+    )
     ap.add_argument("--only", default="", help="comma-separated families to run (toy, sr, lowlight)")
     ap.add_argument("--modes", default="exact,batched", help="exact (one input a pass, the scan's default), batched")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} thread(s), "
-          f"best of {args.repeats}, {args.clock} clock, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} thread(s), "
+        f"best of {args.repeats}, {args.clock} clock, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
     work = workloads()
     if args.only:
         work = {key: w for key, w in work.items() if key[0] in args.only.split(",")}
-    print(f"{'run':>3} {'model':<9} {'coupling':<20} {'mode':<8} {'samples/pass':>12} {'bare shard ms':>14} {'audited ms':>11} "
-          f"{'audit/bare':>11} {'floor/bare':>11} {'bare/bare':>10}   per round, median [quartiles]: {'audit/bare':<22} "
-          f"{'floor/bare':<22} bare/bare")
+    print(
+        f"{'run':>3} {'model':<9} {'coupling':<20} {'mode':<8} {'samples/pass':>12} {'bare shard ms':>14} {'audited ms':>11} "
+        f"{'audit/bare':>11} {'floor/bare':>11} {'bare/bare':>10}   per round, median [quartiles]: {'audit/bare':<22} "
+        f"{'floor/bare':<22} bare/bare"
+    )
     for run in range(1, args.runs + 1):
         for (family, kind), (model, y, k) in work.items():
             for mode in args.modes.split(","):
                 per_pass = 1 if mode == "exact" else BATCHED_INPUTS
                 times = measure(model, y, k, per_pass, args.repeats, clock)
                 bare, audited, floor, again = (min(t) for t in times.values())
-                print(f"{run:>3} {family:<9} {kind:<20} {mode:<8} {per_pass * k:>12} {1e3 * bare:14.1f} {1e3 * audited:11.1f} "
-                      f"{audited / bare:11.3f} {floor / bare:11.3f} {again / bare:10.3f}   {'':<31}"
-                      f"{paired(times, 'audited'):<22} {paired(times, 'floor'):<22} {paired(times, 'bare again')}", flush=True)
+                print(
+                    f"{run:>3} {family:<9} {kind:<20} {mode:<8} {per_pass * k:>12} {1e3 * bare:14.1f} {1e3 * audited:11.1f} "
+                    f"{audited / bare:11.3f} {floor / bare:11.3f} {again / bare:10.3f}   {'':<31}"
+                    f"{paired(times, 'audited'):<22} {paired(times, 'floor'):<22} {paired(times, 'bare again')}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

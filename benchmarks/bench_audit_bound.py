@@ -3,12 +3,12 @@ r"""A lower bound of the audit overhead: what the tracer's compiled loops cost w
 ``bench_audit.py`` times the scan's tracer. This benchmark asks what the cheapest observer doing the
 core of the same work costs on the same passes, to tell how far the tracer is from what is possible
 with these loops. The *kernels* observer calls the tracer's own compiled loops
-(:mod:`flowaudit.host_kernels`) at each call, with no copy, and nothing else:
+(:mod:`flowaudit.tracing.host_kernels`) at each call, with no copy, and nothing else:
 
-* site: :func:`~flowaudit.host_kernels.site_counts` — every gain binned and counted into the site's
+* site: :func:`~flowaudit.tracing.host_kernels.site_counts` — every gain binned and counted into the site's
   histogram and its input's, every row's largest and smallest gain (rows that repeat their input's
   first counted as it, as the tracer counts them);
-* layer: :func:`~flowaudit.host_kernels.layer_sums` — per input, the count of finite values,
+* layer: :func:`~flowaudit.tracing.host_kernels.layer_sums` — per input, the count of finite values,
   :math:`\sum v`, :math:`\sum v^2`, :math:`\max |v|` and the non-finite count, in chunks of 4096.
 
 For the bundled flows every observer gets a pass's calls when the pass returns
@@ -37,12 +37,11 @@ import time
 
 import numpy as np
 import torch
-
-from flowaudit.host_kernels import KEY_START, NB, NI, layer_sums, memory_rows, site_counts
-from flowaudit.layout import Sampling
-from flowaudit.trace import Tracer, _HostScratch
-
 from bench_audit import BATCHED_INPUTS, Nothing, shard_rounds, workloads
+
+from flowaudit.config.sampling import Sampling
+from flowaudit.tracing.host_kernels import KEY_START, NB, NI, layer_sums, memory_rows, site_counts
+from flowaudit.tracing.trace import Tracer, _HostScratch
 
 
 class Kernels:
@@ -54,7 +53,9 @@ class Kernels:
         self.ext: dict[str, np.ndarray] = {}
         self.acc: dict[str, np.ndarray] = {}
         self.work = _HostScratch()  # the tracer's own temporaries and bit table
-        self.inputs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # per-input counts and extremes, by inputs a call
+        self.inputs: dict[
+            int, tuple[np.ndarray, np.ndarray, np.ndarray]
+        ] = {}  # per-input counts and extremes, by inputs a call
 
     def site(self, name: str, gain: torch.Tensor, params: object) -> None:
         g = gain.reshape(-1).numpy()
@@ -63,9 +64,25 @@ class Kernels:
         if n not in self.inputs:
             self.inputs[n] = (np.zeros((n, NI + 2), dtype=np.int64), np.full(n, -np.inf), np.full(n, np.inf))
         if name not in self.every:
-            self.every[name], self.ext[name] = np.zeros(NB + 2, dtype=np.int64), np.array([KEY_START, 0], dtype=np.int64)
-        site_counts(g.view(np.int32), self.samples, w.table, w.first_bits, self.every[name], self.ext[name], *self.inputs[n], w.rows(rows),
-                    w.hist, w.idx(g.size // rows), w.first, w.conv, w.convf)
+            self.every[name], self.ext[name] = (
+                np.zeros(NB + 2, dtype=np.int64),
+                np.array([KEY_START, 0], dtype=np.int64),
+            )
+        site_counts(
+            g.view(np.int32),
+            self.samples,
+            w.table,
+            w.first_bits,
+            self.every[name],
+            self.ext[name],
+            *self.inputs[n],
+            w.rows(rows),
+            w.hist,
+            w.idx(g.size // rows),
+            w.first,
+            w.conv,
+            w.convf,
+        )
 
     def layer(self, name: str, x: torch.Tensor) -> None:
         n = max(1, x.shape[0] // self.samples)
@@ -79,7 +96,12 @@ class Kernels:
 def measure(model, y: torch.Tensor, k: int, inputs_per_pass: int, repeats: int) -> dict[str, list[float]]:
     """Per arm, its shard time over bare's in each round (process CPU time; ``bench_audit.shard_rounds``)."""
     sampling = Sampling(k, 0.9, 0)
-    arms = {"bare": None, "floor": Nothing, "tracer": lambda: Tracer(sampling).start_at(0, 0), "kernels": lambda: Kernels(k)}
+    arms = {
+        "bare": None,
+        "floor": Nothing,
+        "tracer": lambda: Tracer(sampling).start_at(0, 0),
+        "kernels": lambda: Kernels(k),
+    }
     times, obs = shard_rounds(model, y, k, inputs_per_pass, repeats, time.process_time, arms)
     state = obs["tracer"].state()
     for name, every in obs["kernels"].every.items():  # the bound did the tracer's binning: the same counts per site
@@ -92,8 +114,11 @@ def measure(model, y: torch.Tensor, k: int, inputs_per_pass: int, repeats: int) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=10, help="timed shards (median and quartiles over them)")
-    ap.add_argument("--only", default="sr:affine:exact,lowlight:affine:exact,sr:affine:batched",
-                    help="comma-separated family:coupling:mode")
+    ap.add_argument(
+        "--only",
+        default="sr:affine:exact,lowlight:affine:exact,sr:affine:batched",
+        help="comma-separated family:coupling:mode",
+    )
     args = ap.parse_args()
     if args.repeats < 2:
         ap.error("--repeats: at least 2 (quartiles)")
@@ -105,8 +130,10 @@ def main() -> None:
     torch.set_num_threads(1)
     import numba  # a dependency of flowaudit's CPU tracer
 
-    print(f"torch {torch.__version__}, numba {numba.__version__}, {platform.processor() or platform.machine()}, 1 thread, "
-          f"{args.repeats} shards, cpu clock, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(
+        f"torch {torch.__version__}, numba {numba.__version__}, {platform.processor() or platform.machine()}, 1 thread, "
+        f"{args.repeats} shards, cpu clock, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
     for family, kind, mode in specs:
         model, y, k = work[family, kind]
         ratios = measure(model, y, k, 1 if mode == "exact" else BATCHED_INPUTS, args.repeats)

@@ -1,4 +1,4 @@
-"""Benchmark :class:`flowaudit.gaussian.GaussianOOD` against :mod:`sklearn.covariance`.
+"""Benchmark :class:`flowaudit.stats.gaussian.GaussianOOD` against :mod:`sklearn.covariance`.
 
 For each feature dimension D and estimator (empirical / Ledoit–Wolf / OAS), fits
 both on the same N float64 rows of a synthetic correlated Gaussian, then scores
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from sklearn.covariance import OAS, EmpiricalCovariance, LedoitWolf
 
-from flowaudit.gaussian import GaussianOOD
+from flowaudit.stats.gaussian import GaussianOOD
 
 SKLEARN = {"empirical": EmpiricalCovariance, "ledoit-wolf": LedoitWolf, "oas": OAS}
 

@@ -45,11 +45,33 @@ def conditions(n: int, size: int, path: Path) -> Path:
 
 
 def scan(model: str, data: Path, out: Path, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "flowaudit", "-q", "scan", model, "--data", str(data), "--out", str(out), "-k", "10",
-           "--device", "cpu", *extra]
-    env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # the installed flowaudit
+    cmd = [
+        sys.executable,
+        "-m",
+        "flowaudit",
+        "-q",
+        "scan",
+        model,
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "-k",
+        "10",
+        "--device",
+        "cpu",
+        *extra,
+    ]
+    env = {
+        **os.environ,
+        "PYTHONSAFEPATH": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }  # the installed flowaudit
     t = time.perf_counter()
-    res = json.loads(subprocess.run([sys.executable, "-c", WATCH, *cmd], env=env, capture_output=True, text=True, check=True).stdout)
+    res = json.loads(
+        subprocess.run([sys.executable, "-c", WATCH, *cmd], env=env, capture_output=True, text=True, check=True).stdout
+    )
     res["wall_s"] = time.perf_counter() - t
     if res["rc"] != 0:
         raise SystemExit(f"scan failed ({res['rc']}): {res['err']}")
@@ -78,7 +100,9 @@ def main() -> None:
             for n in args.inputs:
                 r = scan(args.model, data[n], tmp / f"out-{len(peaks)}-{mode[:5]}", extra)
                 peaks.append(r["peak"])
-                print(f"{mode:<32} {n:>6} {r['peak'] / 1e6:>14.0f} {r['peak_rss_bytes'] / 1e6:>12.0f} {r['batch_size']:>6} {r['wall_s']:>9.1f}")
+                print(
+                    f"{mode:<32} {n:>6} {r['peak'] / 1e6:>14.0f} {r['peak_rss_bytes'] / 1e6:>12.0f} {r['batch_size']:>6} {r['wall_s']:>9.1f}"
+                )
             ratio = peaks[1] / peaks[0]
             print(f"{'':<32} {'ratio':>6} {ratio:>14.3f}  (goal ≤ 1.10: {'met' if ratio <= 1.1 else 'NOT met'})")
 

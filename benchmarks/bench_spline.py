@@ -31,7 +31,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-
 from flowaudit.reference_models import CHECKPOINT_DIR, build, load, load_checkpoint
 from flowaudit.reference_models.couplings import make_elementwise
 from flowaudit.reference_models.toy import toy_data
@@ -140,13 +139,19 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2, help="repeat the whole benchmark to show the spread")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sites", action="store_true", help="also time the elementwise maps alone")
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="wall: perf_counter; cpu: this process's CPU time (on a shared box, leaves out the waits)")
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: perf_counter; cpu: this process's CPU time (on a shared box, leaves out the waits)",
+    )
     ap.add_argument("--only", default="", help="comma-separated MODEL:WORKLOAD rows to run, e.g. sr:training")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{args.threads} thread(s), best of {args.repeats}, {args.clock} clock, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{args.threads} thread(s), best of {args.repeats}, {args.clock} clock, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
     work = workloads()
     if args.sites:
         work.update(site_workloads())
@@ -159,8 +164,11 @@ def main() -> None:
         for (family, what), fns in work.items():
             best = interleaved(fns, args.repeats, time.perf_counter if args.clock == "wall" else time.process_time)
             ms = " ".join(f"{1e3 * best[k]:21.2f}" for k in KINDS)
-            print(f"{run:>3} {family:<5} {what:<9} {ms} {best['modified-rq-spline'] / best['affine']:16.2f}"
-                  f" {best['rq-spline'] / best['affine']:10.2f}", flush=True)
+            print(
+                f"{run:>3} {family:<5} {what:<9} {ms} {best['modified-rq-spline'] / best['affine']:16.2f}"
+                f" {best['rq-spline'] / best['affine']:10.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -19,12 +19,12 @@ from __future__ import annotations
 import time
 
 import torch
-
 from flowaudit.adapters import load_model
+from flowaudit.reference_models import bundled
+
 from flowaudit import attack
 from flowaudit.demo import demo_sets
-from flowaudit.format import fmt
-from flowaudit.reference_models import bundled
+from flowaudit.utils.format import fmt
 
 TOY = dict(starts=16, samples=4, steps=100)
 TOY_NONE_STEPS = 200
@@ -43,10 +43,25 @@ def main() -> None:
     torch.set_num_threads(1)
     started = time.time()
     sets = {}
-    print(f"# flowaudit attack on every bundled model (step rule adam, seed 0, τ = 0.9, CPU, torch {torch.__version__})")
-    print(f"# toy: {TOY['starts']} test conditions × K = {TOY['samples']}, {TOY['steps']} steps ({TOY_NONE_STEPS} for none); "
-          f"images: {IMAGE['starts']} test conditions × K = {IMAGE['samples']}, {IMAGE['steps']} steps; default step sizes")
-    header = ("model", "objective", "budget", "spec", "broken", "non-finite", "worst max|x|", "worst 1/c'", "median dist. to break", "seconds")
+    print(
+        f"# flowaudit attack on every bundled model (step rule adam, seed 0, τ = 0.9, CPU, torch {torch.__version__})"
+    )
+    print(
+        f"# toy: {TOY['starts']} test conditions × K = {TOY['samples']}, {TOY['steps']} steps ({TOY_NONE_STEPS} for none); "
+        f"images: {IMAGE['starts']} test conditions × K = {IMAGE['samples']}, {IMAGE['steps']} steps; default step sizes"
+    )
+    header = (
+        "model",
+        "objective",
+        "budget",
+        "spec",
+        "broken",
+        "non-finite",
+        "worst max|x|",
+        "worst 1/c'",
+        "median dist. to break",
+        "seconds",
+    )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header), flush=True)
     for entry in bundled():
@@ -66,9 +81,18 @@ def main() -> None:
             if budget == "none":
                 opts["steps"] = TOY_NONE_STEPS
             s = attack(model, cs, budget=budget, objective=objective, device="cpu", **opts)["attack"]["summary"]
-            row = (name, objective, label, budget, f"{s['n_broken']}/{s['n_starts']}", f"{s['n_nonfinite_starts']}/{s['n_starts']}",
-                   fmt(s["worst_max_abs"]), fmt(s["worst_inverse_gain"]),
-                   fmt(s["median_distance_to_break"]), f"{time.time() - t0:.0f}")
+            row = (
+                name,
+                objective,
+                label,
+                budget,
+                f"{s['n_broken']}/{s['n_starts']}",
+                f"{s['n_nonfinite_starts']}/{s['n_starts']}",
+                fmt(s["worst_max_abs"]),
+                fmt(s["worst_inverse_gain"]),
+                fmt(s["median_distance_to_break"]),
+                f"{time.time() - t0:.0f}",
+            )
             print("| " + " | ".join(row) + " |", flush=True)
     print(f"# total {time.time() - started:.0f} s")
 

@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from flowaudit.adapters.custom import CustomAdapter, site
+from torch import Tensor, nn
 
 __all__ = ["Encoder", "AffineCoupling", "ToyFlow", "auditable", "build", "build_adapter", "train"]
 
@@ -107,6 +106,7 @@ class ToyFlow(nn.Module):
 
 # -- what makes it auditable ---------------------------------------------------------------------
 
+
 def read_coupling(coupling: AffineCoupling, args: tuple, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """One ``coupling.inverse(z, h)`` call that returned ``x``: the site mapped ``x_b`` with ``(s, t)``."""
     xa, xb = coupling.split(x)
@@ -115,14 +115,19 @@ def read_coupling(coupling: AffineCoupling, args: tuple, x: Tensor) -> tuple[Ten
 
 def auditable(flow: ToyFlow) -> CustomAdapter:
     return CustomAdapter(
-        flow, condition_shape=(2,), latent_shape=(2,), output_range=(-0.5, 0.5),
-        inverse=flow.inverse, forward=flow,
+        flow,
+        condition_shape=(2,),
+        latent_shape=(2,),
+        output_range=(-0.5, 0.5),
+        inverse=flow.inverse,
+        forward=flow,
         encoder=["encoder.net.1", "encoder.net.3"],
         sites=[site(c.inverse, read=read_coupling, kind="affine") for c in flow.couplings],
     )
 
 
 # -- factories for the CLI (`--model examples.custom_flow:build --weights w.pt`) -----------------
+
 
 def build() -> ToyFlow:
     torch.manual_seed(0)
@@ -151,15 +156,22 @@ def train(flow: ToyFlow, iters: int = 400, seed: int = 0) -> ToyFlow:
 
 
 if __name__ == "__main__":
-    import flowaudit
     from flowaudit.reference_models.toy import toy_data
+
+    import flowaudit
 
     torch.set_num_threads(1)
     flow = train(build())
     torch.save(flow.state_dict(), "w.pt")
     print(flowaudit.inspect(flow, device="cpu").summary())
-    report = flowaudit.scan(flow, toy_data(200, seed=1)[1], ood=toy_data(200, seed=1, ood=True)[1],
-                            fit_data=toy_data(2000, seed=0)[1], samples=10, device="cpu")
+    report = flowaudit.scan(
+        flow,
+        toy_data(200, seed=1)[1],
+        ood=toy_data(200, seed=1, ood=True)[1],
+        fit_data=toy_data(2000, seed=0)[1],
+        samples=10,
+        device="cpu",
+    )
     print(report.summary())
     print("Remark 2 violations:", report.violations())
     print("wrote w.pt: flowaudit inspect --model examples.custom_flow:build --weights w.pt")

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from flowaudit.adapters import load_model
+from flowaudit.reference_models import bundled
 
 import flowaudit
-from flowaudit.adapters import load_model
 from flowaudit.demo import demo_sets
-from flowaudit.reference_models import bundled
 
 
 def lowlight_quality(adapter, cs, samples: int = 10, temperature: float = 0.9, seed: int = 0) -> tuple[float, float]:
@@ -64,18 +64,26 @@ def main() -> None:
                 p, s = lowlight_quality(adapter, cs)
                 row += f" – | – | {p:.2f} | {s:.3f} |"
             lines.append(row)
-    head = ["| model | test set | %Inf | %PixelErr | LR-PSNR min | LR-PSNR σ | PSNR (mean of 10) | SSIM |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    head = [
+        "| model | test set | %Inf | %PixelErr | LR-PSNR min | LR-PSNR σ | PSNR (mean of 10) | SSIM |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     extra = []
     for name, rep in fits.items():
         fit = rep["risk"]["logistic"]
         ood = rep["ood"]
         ratios = [r["variance_ratio"] for r in rep["layers"] if "variance_ratio" in r]
         gains = [s["inverse_gain"]["max"] for s in rep["model"]["sites"] if "inverse_gain" in s]
-        extra.append(f"- {name}: mean s_OOD in {ood['mean']['in']:.2f}, OOD {ood['mean']['ood']:.2f} "
-                     f"(AUROC {ood['auroc_in_vs_ood']:.3f}); largest 1/c' {max(gains):.3g}; largest OOD/in variance ratio "
-                     f"{max(ratios):.3g}, explosion layer (×100) {rep['explosion_layer'] or 'none'}; "
-                     + (f"P(pixel error) = σ({fit['intercept']:.3f} + {fit['coef']:.4f}·s_OOD)" if fit else "no logistic fit (one class only)"))
+        extra.append(
+            f"- {name}: mean s_OOD in {ood['mean']['in']:.2f}, OOD {ood['mean']['ood']:.2f} "
+            f"(AUROC {ood['auroc_in_vs_ood']:.3f}); largest 1/c' {max(gains):.3g}; largest OOD/in variance ratio "
+            f"{max(ratios):.3g}, explosion layer (×100) {rep['explosion_layer'] or 'none'}; "
+            + (
+                f"P(pixel error) = σ({fit['intercept']:.3f} + {fit['coef']:.4f}·s_OOD)"
+                if fit
+                else "no logistic fit (one class only)"
+            )
+        )
     text = "\n".join(head + lines) + "\n\n" + "\n".join(extra) + "\n"
     (args.out / "table.md").write_text(text)
     print(text)
@@ -93,7 +101,14 @@ def _figure(fits: dict, path: Path) -> None:
         k = rep["risk"]["samples_per_input"]
         for set_name, colour in (("in", "tab:blue"), ("ood", "tab:red")):
             rs = [r for r in rep["inputs"] if r["set"] == set_name and r["s_ood"] is not None]
-            ax.scatter([r["s_ood"] for r in rs], [r["n_pixel_err"] / k for r in rs], s=8, color=colour, alpha=0.6, label=set_name)
+            ax.scatter(
+                [r["s_ood"] for r in rs],
+                [r["n_pixel_err"] / k for r in rs],
+                s=8,
+                color=colour,
+                alpha=0.6,
+                label=set_name,
+            )
         fit = rep["risk"]["logistic"]
         s = np.array([r["s_ood"] for r in rep["inputs"] if r["s_ood"] is not None and np.isfinite(r["s_ood"])])
         if fit and len(s):

@@ -6,10 +6,10 @@ modified-RQ-spline toy passes and the affine toy is shown to fail the Remark 2 g
 """
 
 import pytest
-
-import flowaudit
 from flowaudit.reference_models import load
 from flowaudit.reference_models.toy import toy_data
+
+import flowaudit
 
 
 @pytest.fixture(scope="module")

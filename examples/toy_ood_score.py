@@ -7,13 +7,13 @@ histogram). Run: ``python examples/toy_ood_score.py``.
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
-
-import flowaudit
-from flowaudit.features import features
 from flowaudit.reference_models import load
 from flowaudit.reference_models.recipes import TOY_SEED_TEST
 from flowaudit.reference_models.toy import toy_data
+from sklearn.metrics import roc_auc_score
+
+import flowaudit
+from flowaudit.stats.features import features
 
 
 def text_hist(a: np.ndarray, b: np.ndarray, bins: int = 16) -> str:
@@ -21,8 +21,10 @@ def text_hist(a: np.ndarray, b: np.ndarray, bins: int = 16) -> str:
     edges = np.geomspace(both.min(), both.max(), bins + 1)  # log-spaced: the two sets differ by decades
     ha, hb = np.histogram(a, edges)[0], np.histogram(b, edges)[0]
     top = max(ha.max(), hb.max())
-    rows = [f"  {lo:9.2f}–{hi:<9.2f} in  {'#' * round(30 * x / top):<30} ood {'#' * round(30 * y / top)}"
-            for lo, hi, x, y in zip(edges[:-1], edges[1:], ha, hb)]
+    rows = [
+        f"  {lo:9.2f}–{hi:<9.2f} in  {'#' * round(30 * x / top):<30} ood {'#' * round(30 * y / top)}"
+        for lo, hi, x, y in zip(edges[:-1], edges[1:], ha, hb)
+    ]
     return "\n".join(rows)
 
 
@@ -38,7 +40,9 @@ def main() -> None:
         s_ood = gauss.score(features(adapter, y_ood, layers, "avg", 1000, dev))
         auroc = roc_auc_score(np.r_[np.zeros(1000), np.ones(1000)], np.r_[s_in, s_ood])
         q = lambda s: " ".join(f"{v:7.2f}" for v in np.quantile(s, [0.05, 0.5, 0.95]))  # noqa: E731
-        print(f"{name}: features {layers} (D = {gauss.n_features_in_}), {gauss.estimator}, fitted on 5000 training conditions")
+        print(
+            f"{name}: features {layers} (D = {gauss.n_features_in_}), {gauss.estimator}, fitted on 5000 training conditions"
+        )
         print(f"  s_OOD quantiles 5/50/95 %   in: {q(s_in)}   ood: {q(s_ood)}")
         print(f"  AUROC(in vs OOD) = {auroc:.4f}")
         print(text_hist(s_in, s_ood))

@@ -43,12 +43,11 @@ import argparse
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
-
 from flowaudit.reference_models import build, load_checkpoint
 from flowaudit.reference_models.recipes import TOY_SEED_TEST, TOY_TRAIN_SIZE
 from flowaudit.reference_models.toy import Toy2D, toy_data
 from flowaudit.reference_models.training import train
+from torch import Tensor, nn
 
 VARIANTS = ("default", "official", "official-zeroout")
 COUPLINGS = ("affine", "modified-rq-spline")
@@ -95,7 +94,9 @@ class LinearZeros(nn.Module):
         return self.linear(x) * torch.exp(3 * self.logs)
 
 
-def official_conditioner(d_in: int, d_out: int, hidden: int = 64, extra_hidden: int = 4, zero_out: bool = False) -> nn.Sequential:
+def official_conditioner(
+    d_in: int, d_out: int, hidden: int = 64, extra_hidden: int = 4, zero_out: bool = False
+) -> nn.Sequential:
     """Linear+ActNorm → ReLU, then ``extra_hidden`` × (Linear+ActNorm → ReLU), then the output layer."""
     layers: list[nn.Module] = [LinearActNorm(d_in, hidden), nn.ReLU()]
     for _ in range(extra_hidden):
@@ -133,7 +134,9 @@ def train_or_load(variant: str, coupling: str, seed: int, iters: int, out_dir: P
         return x_all[idx], y_all[idx]
 
     print(f"training {path.name} ...", flush=True)
-    train(model, batches, iters=iters, lr=5e-4, out=path, seed=seed, milestones=(), checkpoint_every=iters, progress=False)
+    train(
+        model, batches, iters=iters, lr=5e-4, out=path, seed=seed, milestones=(), checkpoint_every=iters, progress=False
+    )
     return model.eval()
 
 
@@ -166,8 +169,11 @@ def evaluate(model: Toy2D, n: int = 1000) -> dict:
     x_ood, _, var_ood, gains_ood = inverse_pass(model, y_ood, z)
     outside = lambda x: 100 * (x.abs() > 1).any(1).float().mean().item()  # noqa: E731
     return dict(
-        out_in=outside(x_in), out_ood=outside(x_ood), max_gain=max(gains_ood),
-        names=names, ratio=[o / i for o, i in zip(var_ood, var_in)],
+        out_in=outside(x_in),
+        out_ood=outside(x_ood),
+        max_gain=max(gains_ood),
+        names=names,
+        ratio=[o / i for o, i in zip(var_ood, var_in)],
     )
 
 

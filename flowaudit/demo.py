@@ -14,13 +14,15 @@ from pathlib import Path
 
 import torch
 
-from .datasets import ConditionSet
-from .format import fmt, jsonable, text_table
+from .io.datasets import ConditionSet
+from .utils.format import fmt, jsonable, text_table
 
 __all__ = ["run_demo", "demo_sets"]
 
 
-def _set(y: torch.Tensor, name: str, x: torch.Tensor | None = None, ids: list[str] | None = None, **desc) -> ConditionSet:
+def _set(
+    y: torch.Tensor, name: str, x: torch.Tensor | None = None, ids: list[str] | None = None, **desc
+) -> ConditionSet:
     ids = ids if ids is not None else [f"{name}{i}" for i in range(len(y))]
     return ConditionSet(y=y, x=x, ids=ids, description={"kind": "bundled", "name": name, "n": len(y), **desc})
 
@@ -47,27 +49,42 @@ def demo_sets(task: str, n_fit: int = 128, n_test: int = 32) -> tuple[ConditionS
         _, y_fit = toy_data(5000, seed=0)
         x_in, y_in = toy_data(1000, seed=TOY_SEED_TEST)
         x_ood, y_ood = toy_data(1000, seed=TOY_SEED_TEST, ood=True)
-        return (_set(y_fit, "train", seed=0), _set(y_in, "test", x_in, seed=TOY_SEED_TEST),
-                _set(y_ood, "ood", x_ood, seed=TOY_SEED_TEST, shift=[0.8, -0.8]))
+        return (
+            _set(y_fit, "train", seed=0),
+            _set(y_in, "test", x_in, seed=TOY_SEED_TEST),
+            _set(y_ood, "ood", x_ood, seed=TOY_SEED_TEST, shift=[0.8, -0.8]),
+        )
     from .reference_models import data as d
 
     if task == "sr":
         test = d.corpus("test")
-        enhanced = [(n, d.eurban(torch.from_numpy(a.copy()).permute(2, 0, 1)).permute(1, 2, 0).numpy()) for n, a in test]
+        enhanced = [
+            (n, d.eurban(torch.from_numpy(a.copy()).permute(2, 0, 1)).permute(1, 2, 0).numpy()) for n, a in test
+        ]
 
         def sr(images, n, seed, name, **desc):
-            return _patch_set(d.SRPatches(images, patch=32, scale=4, n=n, seed=seed, augment=False), "lr", "hr", name, **desc)
+            return _patch_set(
+                d.SRPatches(images, patch=32, scale=4, n=n, seed=seed, augment=False), "lr", "hr", name, **desc
+            )
 
-        return (sr(d.corpus("train"), n_fit, 101, "train", split="train"), sr(test, n_test, 102, "test", split="test"),
-                sr(enhanced, n_test, 102, "eurban", split="test", transform="eurban (eq. S1)"))
+        return (
+            sr(d.corpus("train"), n_fit, 101, "train", split="train"),
+            sr(test, n_test, 102, "test", split="test"),
+            sr(enhanced, n_test, 102, "eurban", split="test", transform="eurban (eq. S1)"),
+        )
     if task == "lowlight":
+
         def ll(images, darkening, n, seed, name, **desc):
             pairs = d.lowlight_pairs(images, darkening, seed=seed)
-            return _patch_set(d.LowLightPatches(pairs, patch=32, n=n, seed=seed, augment=False), "low", "high", name, **desc)
+            return _patch_set(
+                d.LowLightPatches(pairs, patch=32, n=n, seed=seed, augment=False), "low", "high", name, **desc
+            )
 
-        return (ll(d.corpus("train"), d.LOL_LIKE, n_fit, 101, "train", preset="LOL_LIKE"),
-                ll(d.corpus("test"), d.LOL_LIKE, n_test, 102, "test", preset="LOL_LIKE"),
-                ll(d.corpus("test"), d.VELOL_LIKE, n_test, 102, "velol", preset="VELOL_LIKE"))
+        return (
+            ll(d.corpus("train"), d.LOL_LIKE, n_fit, 101, "train", preset="LOL_LIKE"),
+            ll(d.corpus("test"), d.LOL_LIKE, n_test, 102, "test", preset="LOL_LIKE"),
+            ll(d.corpus("test"), d.VELOL_LIKE, n_test, 102, "velol", preset="VELOL_LIKE"),
+        )
     raise ValueError(f"no demo data for task {task!r}")
 
 
@@ -92,10 +109,29 @@ def _row(name: str, report) -> dict:
 
 
 def _text(rows: list[dict]) -> str:
-    head = ("model", "Remark 2", "min tail", "max 1/c'", "%PixErr in→OOD", "%Inf in→OOD", "AUROC s_OOD", "explosion layer")
-    body = [(r["model"], f"{r['violating']}/{r['sites']} violate", fmt(r["min_tail_ratio"]), fmt(r["max_inverse_gain"]),
-             f"{r['pct_pixel_err_in']:.1f} → {r['pct_pixel_err_ood']:.1f}", f"{r['pct_inf_in']:.1f} → {r['pct_inf_ood']:.1f}",
-             fmt(r["auroc_s_ood"]), r["explosion_layer"] or "none") for r in rows]
+    head = (
+        "model",
+        "Remark 2",
+        "min tail",
+        "max 1/c'",
+        "%PixErr in→OOD",
+        "%Inf in→OOD",
+        "AUROC s_OOD",
+        "explosion layer",
+    )
+    body = [
+        (
+            r["model"],
+            f"{r['violating']}/{r['sites']} violate",
+            fmt(r["min_tail_ratio"]),
+            fmt(r["max_inverse_gain"]),
+            f"{r['pct_pixel_err_in']:.1f} → {r['pct_pixel_err_ood']:.1f}",
+            f"{r['pct_inf_in']:.1f} → {r['pct_inf_ood']:.1f}",
+            fmt(r["auroc_s_ood"]),
+            r["explosion_layer"] or "none",
+        )
+        for r in rows
+    ]
     return "\n".join(text_table(body, head))
 
 
@@ -104,7 +140,7 @@ def run_demo(out: str | Path, device: str = "auto", progress: bool = True, overw
     from . import reference_models as rm
     from .adapters import load_model
     from .audit import scan
-    from .reference_models.atomic import atomic_dir
+    from .utils.atomic import atomic_dir
 
     rows, reports = [], {}
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -122,6 +158,8 @@ def run_demo(out: str | Path, device: str = "auto", progress: bool = True, overw
         text = f"{table}\n\n{details}\n\nreports: {out}/index.html"
         (tmp / "summary.txt").write_text(text + "\n")
         links = "".join(f"<li><a href='{html.escape(n)}/report.html'>{html.escape(n)}</a></li>" for n in reports)
-        (tmp / "index.html").write_text(f"<!doctype html><meta charset='utf-8'><title>flowaudit demo</title><h1>flowaudit demo</h1>"
-                                        f"<pre>{html.escape(table)}</pre><ul>{links}</ul>")
+        (tmp / "index.html").write_text(
+            f"<!doctype html><meta charset='utf-8'><title>flowaudit demo</title><h1>flowaudit demo</h1>"
+            f"<pre>{html.escape(table)}</pre><ul>{links}</ul>"
+        )
     return {"text": text, "json": jsonable({"models": rows, "out": str(out)})}

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .format import flat, jsonable
-from .reference_models.atomic import atomic_dir, atomic_path
+from .utils.atomic import atomic_dir, atomic_path
+from .utils.format import flat, jsonable
 
 if TYPE_CHECKING:
-    from .gaussian import GaussianOOD
-    from .panel import PanelItem
+    from .render.panel import PanelItem
+    from .stats.gaussian import GaussianOOD
 
 __all__ = ["Report"]
 
@@ -64,12 +64,12 @@ class Report:
         return json.dumps(jsonable(self.data), indent=indent, allow_nan=False)
 
     def summary(self) -> str:
-        from .text import terminal_summary
+        from .render.text import terminal_summary
 
         return terminal_summary(self.data)
 
     def to_html(self) -> str:
-        from .html import html_report
+        from .render.html import html_report
 
         return html_report(self.data, self.panel, files=self.files)
 

@@ -15,8 +15,17 @@ import torch
 
 from .base import ReferenceFlow
 
-__all__ = ["ReferenceFlow", "CheckpointError", "CHECKPOINT_DIR", "model_class", "build", "load", "load_checkpoint", "upgrade_config",
-           "bundled"]
+__all__ = [
+    "ReferenceFlow",
+    "CheckpointError",
+    "CHECKPOINT_DIR",
+    "model_class",
+    "build",
+    "load",
+    "load_checkpoint",
+    "upgrade_config",
+    "bundled",
+]
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 
@@ -70,13 +79,17 @@ def load_checkpoint(path: str | Path) -> dict:
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, random bytes, pickled code: never loaded, never our bug
-        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__).split(". ")[0]
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__).split(". ")[
+            0
+        ]
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {reason[:160]})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a flowaudit reference checkpoint")
     missing = [k for k in ("task", "config", "state_dict") if k not in state]
     if missing or not isinstance(state["config"], dict):
-        raise CheckpointError(f"{path}: reference checkpoint without {', '.join(map(repr, missing)) or 'a config dict'}")
+        raise CheckpointError(
+            f"{path}: reference checkpoint without {', '.join(map(repr, missing)) or 'a config dict'}"
+        )
     try:
         return upgrade_config(state)
     except ValueError as exc:  # unknown task
@@ -106,6 +119,11 @@ def load(path_or_name: str | Path) -> ReferenceFlow:
 def bundled() -> list[dict]:
     """The bundled checkpoints: name, description and whether the file is present."""
     return [
-        {"name": n, "description": d, "path": str(CHECKPOINT_DIR / f"{n}.pt"), "available": (CHECKPOINT_DIR / f"{n}.pt").exists()}
+        {
+            "name": n,
+            "description": d,
+            "path": str(CHECKPOINT_DIR / f"{n}.pt"),
+            "available": (CHECKPOINT_DIR / f"{n}.pt").exists(),
+        }
         for n, d in _BUNDLED.items()
     ]

@@ -89,7 +89,9 @@ class ReferenceFlow(nn.Module):
         latents, logdet = self(x, y)
         return self.base_log_prob(latents, y) + logdet
 
-    def sample_latents(self, y: Tensor, temperature: float = 0.9, generator: torch.Generator | None = None) -> list[Tensor]:
+    def sample_latents(
+        self, y: Tensor, temperature: float = 0.9, generator: torch.Generator | None = None
+    ) -> list[Tensor]:
         """Standard-normal latents scaled by the temperature (τ scales ε only)."""
         return [
             temperature * torch.randn(shape, generator=generator, device=y.device, dtype=y.dtype)

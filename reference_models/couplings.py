@@ -163,9 +163,7 @@ class Additive(Elementwise):
         return (1.0, 1.0)
 
 
-def rational_quadratic(
-    inp: Tensor, xk: Tensor, yk: Tensor, dk: Tensor, inverse: bool = False
-) -> tuple[Tensor, Tensor]:
+def rational_quadratic(inp: Tensor, xk: Tensor, yk: Tensor, dk: Tensor, inverse: bool = False) -> tuple[Tensor, Tensor]:
     r"""Monotone rational-quadratic spline through knots (Durkan et al. 2019, eq. 4–6).
 
     Knots ``xk``, ``yk`` (increasing) and derivatives ``dk`` have shape
@@ -282,8 +280,25 @@ class _ModifiedRQForward(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True
             return _ModifiedRQForward._differentiable_backward(ctx, g_out, g_ladj)
         site, v = ctx.site, ctx.saved
-        inside, xi, xi2, one_m, one_m2, w, hgt, s, two_s, d0, d1, num, den, inner = (v[k] for k in (
-            "inside", "xi", "xi2", "one_m", "one_m2", "w", "hgt", "s", "two_s", "d0", "d1", "num", "den", "inner"))
+        inside, xi, xi2, one_m, one_m2, w, hgt, s, two_s, d0, d1, num, den, inner = (
+            v[k]
+            for k in (
+                "inside",
+                "xi",
+                "xi2",
+                "one_m",
+                "one_m2",
+                "w",
+                "hgt",
+                "s",
+                "two_s",
+                "d0",
+                "d1",
+                "num",
+                "den",
+                "inner",
+            )
+        )
         # no graph is recorded here (create_graph went the other way), so temporaries update in place,
         # each in place only by tensors made of the same incoming gradients: under vmap (as
         # jacobian(vectorize=True) runs it) one of g_out, g_ladj may be batched and the other not
@@ -421,8 +436,11 @@ class ModifiedRQSpline(_SplineWithTails):
         return self._log_derivative(x, *self._interior(x, h)[:3])
 
     def _forward(self, x, h):
-        if (torch.is_grad_enabled() and (x.requires_grad or h.requires_grad)
-                and not torch._C._are_functorch_transforms_active()):  # torch.func: plain autograd below
+        if (
+            torch.is_grad_enabled()
+            and (x.requires_grad or h.requires_grad)
+            and not torch._C._are_functorch_transforms_active()
+        ):  # torch.func: plain autograd below
             return _ModifiedRQForward.apply(self, x, h)
         return self._evaluate(x, h)[:2]
 
@@ -438,12 +456,27 @@ class ModifiedRQSpline(_SplineWithTails):
         out = (hgt * num).div_(parts["den"]).add_(y0)
         # x itself on the tails; products by 0/1 keep both exact (x may be ±inf there, out never is)
         out = out.mul_(inside).addcmul_(x, 1 - inside).add_(t)
-        saved = dict(parts, inside=inside, right=right, xi=xi, w=w, hgt=hgt, s=s, d0=d0, d1=d1, num=num,
-                     sig0=sig0, sig1=sig1, e2=e2, p2=p2)
+        saved = dict(
+            parts,
+            inside=inside,
+            right=right,
+            xi=xi,
+            w=w,
+            hgt=hgt,
+            s=s,
+            d0=d0,
+            d1=d1,
+            num=num,
+            sig0=sig0,
+            sig1=sig1,
+            e2=e2,
+            p2=p2,
+        )
         return out, ladj.mul_(inside), saved
 
-    def _solve(self, y: Tensor, xm: Tensor, ym: Tensor, dm: Tensor, t: Tensor,
-               with_ladj: bool = False) -> tuple[Tensor, Tensor | None]:
+    def _solve(
+        self, y: Tensor, xm: Tensor, ym: Tensor, dm: Tensor, t: Tensor, with_ladj: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
         z = y - t  # the bias acts after the spline
         zc, inside = self._clamped(z)
         x0, w, y0, y1, hgt, s, d0, d1 = self._bin(_flag(torch.ge, zc, ym), xm, ym, dm)

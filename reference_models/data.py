@@ -52,14 +52,25 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .atomic import atomic_dir
+from ..utils.atomic import atomic_dir
 
 __all__ = [
-    "TRAIN_IMAGES", "TEST_IMAGES", "EURBAN_KERNEL",
-    "LowLightPreset", "LOL_LIKE", "VELOL_LIKE",
-    "corpus", "bicubic_down", "bicubic_up", "eurban", "darken", "lowlight_pairs",
-    "SRPatches", "LowLightPatches",
-    "write_sr_set", "write_lowlight_set",
+    "TRAIN_IMAGES",
+    "TEST_IMAGES",
+    "EURBAN_KERNEL",
+    "LowLightPreset",
+    "LOL_LIKE",
+    "VELOL_LIKE",
+    "corpus",
+    "bicubic_down",
+    "bicubic_up",
+    "eurban",
+    "darken",
+    "lowlight_pairs",
+    "SRPatches",
+    "LowLightPatches",
+    "write_sr_set",
+    "write_lowlight_set",
 ]
 
 Named = tuple[str, np.ndarray]  # (name, H×W×3 float32 in [0, 1])
@@ -109,26 +120,33 @@ def _batched(fn: Callable[[Tensor], Tensor], img: Tensor) -> Tensor:
 
 def bicubic_down(hr: Tensor, scale: int, clamp: bool = True) -> Tensor:
     """Antialiased bicubic downscale of (B, C, H, W) or (C, H, W) by ``scale`` (paper S1.3)."""
+
     def f(x: Tensor) -> Tensor:
-        out = F.interpolate(x, size=(x.shape[-2] // scale, x.shape[-1] // scale), mode="bicubic",
-                            align_corners=False, antialias=True)
+        out = F.interpolate(
+            x, size=(x.shape[-2] // scale, x.shape[-1] // scale), mode="bicubic", align_corners=False, antialias=True
+        )
         return out.clamp(0, 1) if clamp else out
+
     return _batched(f, hr)
 
 
 def bicubic_up(lr: Tensor, scale: int, clamp: bool = True) -> Tensor:
     """Bicubic upscale of (B, C, h, w) or (C, h, w) by ``scale`` (no antialias needed)."""
+
     def f(x: Tensor) -> Tensor:
         out = F.interpolate(x, scale_factor=scale, mode="bicubic", align_corners=False)
         return out.clamp(0, 1) if clamp else out
+
     return _batched(f, lr)
 
 
 def eurban(img: Tensor) -> Tensor:
     """EUrban100 enhancement (eq. S1): per-channel 3×3 convolution with H, reflect padding, clipped to [0, 1]."""
+
     def f(x: Tensor) -> Tensor:
         k = EURBAN_KERNEL.to(x).expand(x.shape[1], 1, 3, 3)
         return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), k, groups=x.shape[1]).clamp(0, 1)
+
     return _batched(f, img)
 
 
@@ -136,8 +154,9 @@ def _generator(rng: torch.Generator | int) -> torch.Generator:
     return rng if isinstance(rng, torch.Generator) else torch.Generator().manual_seed(int(rng))
 
 
-def darken(img: Tensor, gamma: float, gain: float, rng: torch.Generator | int,
-           poisson_peak: float, read_noise: float) -> Tensor:
+def darken(
+    img: Tensor, gamma: float, gain: float, rng: torch.Generator | int, poisson_peak: float, read_noise: float
+) -> Tensor:
     r"""Synthetic low-light image (gamma darkening, then Poisson–Gaussian noise):
 
     .. math:: \mathrm{clip}\big(\mathrm{Poisson}(p\, g\, x^\gamma)/p + \mathcal N(0, \sigma^2), 0, 1\big)
@@ -210,7 +229,7 @@ class _Patches(Dataset):
 
     def _crop(self, a: np.ndarray, i: int) -> Tensor:
         _, t, l, flip, k = self.plan[i]
-        x = _chw(a[t:t + self.patch, l:l + self.patch])
+        x = _chw(a[t : t + self.patch, l : l + self.patch])
         x = x.flip(-1) if flip else x
         return x.rot90(k, dims=(-2, -1)).contiguous() if k else x
 
@@ -223,8 +242,16 @@ class SRPatches(_Patches):
     90° rotations (applied to HR before downscaling). Deterministic under ``seed``.
     """
 
-    def __init__(self, images: Sequence[Named], patch: int = 48, scale: int = 4, n: int = 1000,
-                 seed: int = 0, augment: bool = True, residual: bool = False):
+    def __init__(
+        self,
+        images: Sequence[Named],
+        patch: int = 48,
+        scale: int = 4,
+        n: int = 1000,
+        seed: int = 0,
+        augment: bool = True,
+        residual: bool = False,
+    ):
         if patch % scale:
             raise ValueError(f"patch {patch} is not a multiple of scale {scale}")
         super().__init__([(nm, *a.shape[:2]) for nm, a in images], patch, n, seed, augment)
@@ -282,9 +309,16 @@ def _write_set(out_dir: str | Path, ds: _Patches, keys: tuple[str, str], meta: d
     return Path(out_dir)
 
 
-def write_sr_set(out_dir: str | Path, images: Sequence[Named], patch: int = 160, scale: int = 4, n: int = 100,
-                 seed: int = 0, transform: Callable[[Tensor], Tensor] | None = None,
-                 overwrite: bool = False) -> Path:
+def write_sr_set(
+    out_dir: str | Path,
+    images: Sequence[Named],
+    patch: int = 160,
+    scale: int = 4,
+    n: int = 100,
+    seed: int = 0,
+    transform: Callable[[Tensor], Tensor] | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write ``n`` test crops as ``hr/`` and ``lr/`` uint8 PNGs (same stems), plus ``meta.json``.
 
     ``transform`` (e.g. :func:`eurban`) acts on each whole HR image before cropping;
@@ -292,18 +326,38 @@ def write_sr_set(out_dir: str | Path, images: Sequence[Named], patch: int = 160,
     No augmentation. Written to a temporary sibling folder renamed at the end.
     """
     ds = SRPatches(_quantize(images, transform), patch=patch, scale=scale, n=n, seed=seed, augment=False)
-    meta = {"kind": "sr", "images": [nm for nm, _ in images], "patch": patch, "scale": scale, "n": n,
-            "seed": seed, "transform": getattr(transform, "__name__", None if transform is None else repr(transform))}
+    meta = {
+        "kind": "sr",
+        "images": [nm for nm, _ in images],
+        "patch": patch,
+        "scale": scale,
+        "n": n,
+        "seed": seed,
+        "transform": getattr(transform, "__name__", None if transform is None else repr(transform)),
+    }
     return _write_set(out_dir, ds, ("hr", "lr"), meta, overwrite)
 
 
-def write_lowlight_set(out_dir: str | Path, images: Sequence[Named], preset: LowLightPreset = LOL_LIKE,
-                       patch: int = 100, n: int = 90, seed: int = 0, overwrite: bool = False) -> Path:
+def write_lowlight_set(
+    out_dir: str | Path,
+    images: Sequence[Named],
+    preset: LowLightPreset = LOL_LIKE,
+    patch: int = 100,
+    n: int = 90,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
     """Write ``n`` aligned crops of darkened images as ``low/`` + ``high/`` uint8 PNGs, plus ``meta.json``.
 
     Defaults follow S1.1.2 (90 patches of 100×100). Atomic like :func:`write_sr_set`.
     """
     ds = LowLightPatches(lowlight_pairs(images, preset, seed), patch=patch, n=n, seed=seed, augment=False)
-    meta = {"kind": "lowlight", "images": [nm for nm, _ in images], "preset": asdict(preset),
-            "patch": patch, "n": n, "seed": seed}
+    meta = {
+        "kind": "lowlight",
+        "images": [nm for nm, _ in images],
+        "preset": asdict(preset),
+        "patch": patch,
+        "n": n,
+        "seed": seed,
+    }
     return _write_set(out_dir, ds, ("low", "high"), meta, overwrite)

@@ -98,24 +98,56 @@ class LLFlow(ReferenceFlow):
     output_range = (0.0, 1.0)
     LEGACY_CONFIG = {"official_features": False}
 
-    def __init__(self, L: int = 3, K: int = 4, nf: int = 32, nb: int = 4, gc: int = 16,
-                 stack_blocks: list[int] | None = None, hidden_channels: int = 32, coupling: str = "affine",
-                 injector: str | None = None, patch: int = 32, fixed_invconv: bool = False, n_transition: int = 2,
-                 official_features: bool = True):
+    def __init__(
+        self,
+        L: int = 3,
+        K: int = 4,
+        nf: int = 32,
+        nb: int = 4,
+        gc: int = 16,
+        stack_blocks: list[int] | None = None,
+        hidden_channels: int = 32,
+        coupling: str = "affine",
+        injector: str | None = None,
+        patch: int = 32,
+        fixed_invconv: bool = False,
+        n_transition: int = 2,
+        official_features: bool = True,
+    ):
         stack_blocks = list(spaced_blocks(nb) if stack_blocks is None else stack_blocks)
-        super().__init__(L=L, K=K, nf=nf, nb=nb, gc=gc, stack_blocks=stack_blocks, hidden_channels=hidden_channels,
-                         coupling=coupling, injector=injector, patch=patch, fixed_invconv=fixed_invconv,
-                         n_transition=n_transition, official_features=official_features)
+        super().__init__(
+            L=L,
+            K=K,
+            nf=nf,
+            nb=nb,
+            gc=gc,
+            stack_blocks=stack_blocks,
+            hidden_channels=hidden_channels,
+            coupling=coupling,
+            injector=injector,
+            patch=patch,
+            fixed_invconv=fixed_invconv,
+            n_transition=n_transition,
+            official_features=official_features,
+        )
         if not 1 <= L <= 4:
             raise ValueError(f"L must be 1…4 (the encoder has features down to 1/16), not {L}")
         if patch % 2**L:
-            raise ValueError(f"patch {patch} must be divisible by 2^L = {2 ** L}")
+            raise ValueError(f"patch {patch} must be divisible by 2^L = {2**L}")
         self.L, self.stack_blocks = L, stack_blocks
         self.condition_shape = (3, patch, patch)
         self.RRDB = ConEncoder1(6, nf, nb, gc, official_features=official_features)
         self.flowUpsamplerNet = FlowUpsamplerNet(
-            3, L, K, nf * (1 + len(stack_blocks)), hidden_channels, coupling, injector, n_transition,
-            split=False, fixed_invconv=fixed_invconv,
+            3,
+            L,
+            K,
+            nf * (1 + len(stack_blocks)),
+            hidden_channels,
+            coupling,
+            injector,
+            n_transition,
+            split=False,
+            fixed_invconv=fixed_invconv,
         )
         self.prior = GaussianPrior()
 
@@ -159,8 +191,9 @@ class LLFlow(ReferenceFlow):
         """The official LLFlow inference: ``z = μ(y)``, i.e. :meth:`reverse` of a zero latent."""
         return self.reverse([torch.zeros(s, dtype=y.dtype, device=y.device) for s in self.latent_shapes(y)], y)
 
-    def sample_mean(self, y: Tensor, temperature: float = 1.0, n: int = 10,
-                    generator: torch.Generator | None = None) -> Tensor:
+    def sample_mean(
+        self, y: Tensor, temperature: float = 1.0, n: int = 10, generator: torch.Generator | None = None
+    ) -> Tensor:
         r""":math:`\frac1n \sum_i f^{-1}(\tau\varepsilon_i; y)`, the paper's second scheme (S1.4; τ = 1 there).
 
         One non-finite sample makes the mean non-finite, which is the artefact

@@ -13,12 +13,20 @@ from pathlib import Path
 
 import torch
 
-
 from . import CheckpointError, build, load_checkpoint, model_class
 from .toy import toy_data
 from .training import train
 
-__all__ = ["train_toy", "train_sr", "train_lowlight", "transplant", "read_config", "run_info", "TOY_TRAIN_SIZE", "TOY_SEED_TEST"]
+__all__ = [
+    "train_toy",
+    "train_sr",
+    "train_lowlight",
+    "transplant",
+    "read_config",
+    "run_info",
+    "TOY_TRAIN_SIZE",
+    "TOY_SEED_TEST",
+]
 
 TOY_TRAIN_SIZE = 100_000
 TOY_SEED_TEST = 10_001  # the test/OOD conditions use a seed no training run uses
@@ -49,11 +57,24 @@ def train_toy(
         return x_all[idx], y_all[idx]
 
     data = {"name": "toy", "n": TOY_TRAIN_SIZE, "seed": seed, "noise": 0.01}
-    return train(model, batches, iters=iters, lr=lr, out=out, seed=seed, resume=previous, data=data,
-                 milestones=(), checkpoint_every=1000, progress=progress, dims=2)
+    return train(
+        model,
+        batches,
+        iters=iters,
+        lr=lr,
+        out=out,
+        seed=seed,
+        resume=previous,
+        data=data,
+        milestones=(),
+        checkpoint_every=1000,
+        progress=progress,
+        dims=2,
+    )
 
 
 # -- image models --------------------------------------------------------------------------------
+
 
 def _dequantize(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Uniform dequantisation of 8-bit images (Theis et al. 2016), as SRFlow trains."""
@@ -73,8 +94,23 @@ def transplant(source: dict, model: torch.nn.Module) -> tuple[list[str], list[st
     return copied, fresh
 
 
-def _image_training(task: str, batches, *, config: dict, out, iters, lr, seed, resume, from_ckpt, freeze_encoder,
-                    progress, data, pixels, device) -> dict:
+def _image_training(
+    task: str,
+    batches,
+    *,
+    config: dict,
+    out,
+    iters,
+    lr,
+    seed,
+    resume,
+    from_ckpt,
+    freeze_encoder,
+    progress,
+    data,
+    pixels,
+    device,
+) -> dict:
     torch.manual_seed(seed)  # the initial weights come from the seed too
     model = build(task, config)
     previous = load_checkpoint(out) if resume and Path(out).exists() else None
@@ -89,19 +125,55 @@ def _image_training(task: str, batches, *, config: dict, out, iters, lr, seed, r
         enc = model.encoder_module()
         frozen = {id(p) for p in enc.parameters()} if enc is not None else set()
         params = [p for p in model.parameters() if id(p) not in frozen]
-    return train(model, batches, iters=iters, lr=lr, out=out, seed=seed, resume=previous, data=data, params=params,
-                 checkpoint_every=max(50, iters // 20), progress=progress, dims=pixels, bpd_offset=8.0, device=device)
+    return train(
+        model,
+        batches,
+        iters=iters,
+        lr=lr,
+        out=out,
+        seed=seed,
+        resume=previous,
+        data=data,
+        params=params,
+        checkpoint_every=max(50, iters // 20),
+        progress=progress,
+        dims=pixels,
+        bpd_offset=8.0,
+        device=device,
+    )
 
 
-def train_sr(coupling: str = "affine", *, out, iters: int = 3000, batch: int = 8, patch: int = 32, scale: int = 4,
-             lr: float = 2e-4, seed: int = 0, resume: bool = False, from_ckpt=None, freeze_encoder: bool = False,
-             progress: bool = True, n_patches: int = 20000, device: str = "cpu", **config) -> dict:
+def train_sr(
+    coupling: str = "affine",
+    *,
+    out,
+    iters: int = 3000,
+    batch: int = 8,
+    patch: int = 32,
+    scale: int = 4,
+    lr: float = 2e-4,
+    seed: int = 0,
+    resume: bool = False,
+    from_ckpt=None,
+    freeze_encoder: bool = False,
+    progress: bool = True,
+    n_patches: int = 20000,
+    device: str = "cpu",
+    **config,
+) -> dict:
     """Train the SR flow (paper S1.3 recipe, shrunk for 2 CPU cores) on the embedded corpus."""
     from .data import SRPatches, corpus
 
     config = {**config, "coupling": coupling, "scale": scale, "patch": patch}
-    ds = SRPatches(corpus("train"), patch=patch, scale=scale, n=n_patches, seed=seed, augment=True,
-                   residual=bool(config.get("residual", False)))
+    ds = SRPatches(
+        corpus("train"),
+        patch=patch,
+        scale=scale,
+        n=n_patches,
+        seed=seed,
+        augment=True,
+        residual=bool(config.get("residual", False)),
+    )
 
     def batches(step: int, gen: torch.Generator):
         idx = torch.randint(0, len(ds), (batch,), generator=gen).tolist()
@@ -109,14 +181,49 @@ def train_sr(coupling: str = "affine", *, out, iters: int = 3000, batch: int = 8
         hr = torch.stack([it["hr"] for it in items])
         return _dequantize(hr, gen), torch.stack([it["lr"] for it in items])
 
-    data = {"name": "embedded-corpus", "split": "train", "patch": patch, "scale": scale, "n_patches": n_patches, "seed": seed}
-    return _image_training("sr", batches, config=config, out=out, iters=iters, lr=lr, seed=seed, resume=resume,
-                           from_ckpt=from_ckpt, freeze_encoder=freeze_encoder, progress=progress, data=data, pixels=3 * patch * patch, device=device)
+    data = {
+        "name": "embedded-corpus",
+        "split": "train",
+        "patch": patch,
+        "scale": scale,
+        "n_patches": n_patches,
+        "seed": seed,
+    }
+    return _image_training(
+        "sr",
+        batches,
+        config=config,
+        out=out,
+        iters=iters,
+        lr=lr,
+        seed=seed,
+        resume=resume,
+        from_ckpt=from_ckpt,
+        freeze_encoder=freeze_encoder,
+        progress=progress,
+        data=data,
+        pixels=3 * patch * patch,
+        device=device,
+    )
 
 
-def train_lowlight(coupling: str = "affine", *, out, iters: int = 3000, batch: int = 8, patch: int = 32, lr: float = 5e-4,
-                   seed: int = 0, resume: bool = False, from_ckpt=None, freeze_encoder: bool = False, progress: bool = True,
-                   n_patches: int = 20000, device: str = "cpu", **config) -> dict:
+def train_lowlight(
+    coupling: str = "affine",
+    *,
+    out,
+    iters: int = 3000,
+    batch: int = 8,
+    patch: int = 32,
+    lr: float = 5e-4,
+    seed: int = 0,
+    resume: bool = False,
+    from_ckpt=None,
+    freeze_encoder: bool = False,
+    progress: bool = True,
+    n_patches: int = 20000,
+    device: str = "cpu",
+    **config,
+) -> dict:
     """Train the low-light flow on synthetic LOL-like pairs of the embedded corpus."""
     from .data import LOL_LIKE, LowLightPatches, corpus, lowlight_pairs
 
@@ -128,12 +235,34 @@ def train_lowlight(coupling: str = "affine", *, out, iters: int = 3000, batch: i
         items = [ds[i] for i in idx]
         return _dequantize(torch.stack([it["high"] for it in items]), gen), torch.stack([it["low"] for it in items])
 
-    data = {"name": "embedded-corpus", "split": "train", "preset": "LOL_LIKE", "patch": patch, "n_patches": n_patches, "seed": seed}
-    return _image_training("lowlight", batches, config=config, out=out, iters=iters, lr=lr, seed=seed, resume=resume,
-                           from_ckpt=from_ckpt, freeze_encoder=freeze_encoder, progress=progress, data=data, pixels=3 * patch * patch, device=device)
+    data = {
+        "name": "embedded-corpus",
+        "split": "train",
+        "preset": "LOL_LIKE",
+        "patch": patch,
+        "n_patches": n_patches,
+        "seed": seed,
+    }
+    return _image_training(
+        "lowlight",
+        batches,
+        config=config,
+        out=out,
+        iters=iters,
+        lr=lr,
+        seed=seed,
+        resume=resume,
+        from_ckpt=from_ckpt,
+        freeze_encoder=freeze_encoder,
+        progress=progress,
+        data=data,
+        pixels=3 * patch * patch,
+        device=device,
+    )
 
 
 # -- what the command line hands over --------------------------------------------------------------
+
 
 def read_config(task: str, path: str | Path) -> dict:
     """Model constructor options of ``task`` from a JSON file; ``ValueError`` (one line) on anything else.
@@ -155,5 +284,12 @@ def read_config(task: str, path: str | Path) -> dict:
 
 def run_info(state: dict, out: str | Path) -> dict:
     """What a finished training run reports: where, task, config, iterations, final NLL, skipped steps."""
-    return {"out": str(out), "task": state["task"], "config": state["config"], "iters": state["iters"], "seed": state["seed"],
-            "final_nll": state["history"][-1][1] if state["history"] else None, "skipped_steps": state["skipped_steps"]}
+    return {
+        "out": str(out),
+        "task": state["task"],
+        "config": state["config"],
+        "iters": state["iters"],
+        "seed": state["seed"],
+        "final_nll": state["history"][-1][1] if state["history"] else None,
+        "skipped_steps": state["skipped_steps"],
+    }

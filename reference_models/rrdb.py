@@ -66,7 +66,7 @@ def feature_name(factor: float) -> str:
     e = round(math.log2(factor))
     if 2.0**e != factor:
         raise ValueError(f"feature factor {factor} is not a power of two")
-    return f"fea_up{2 ** e}" if e >= 0 else f"fea_up{e + 1}"
+    return f"fea_up{2**e}" if e >= 0 else f"fea_up{e + 1}"
 
 
 def spaced_blocks(nb: int, n: int = 4) -> list[int]:
@@ -162,8 +162,16 @@ class RRDBNet(nn.Module):
             official net does (``False``: before it, our earlier behaviour).
     """
 
-    def __init__(self, in_nc: int = 3, out_nc: int = 3, nf: int = 64, nb: int = 23, gc: int = 32, scale: int = 4,
-                 official_features: bool = True):
+    def __init__(
+        self,
+        in_nc: int = 3,
+        out_nc: int = 3,
+        nf: int = 64,
+        nb: int = 23,
+        gc: int = 32,
+        scale: int = 4,
+        official_features: bool = True,
+    ):
         super().__init__()
         self.official_features = official_features
         if scale not in (2, 4, 8):
@@ -234,8 +242,9 @@ class ConEncoder1(nn.Module):
     official net reads it (``False``: before it, our earlier behaviour).
     """
 
-    def __init__(self, in_nc: int = 6, nf: int = 64, nb: int = 24, gc: int = 32, out_nc: int = 3,
-                 official_features: bool = True):
+    def __init__(
+        self, in_nc: int = 6, nf: int = 64, nb: int = 24, gc: int = 32, out_nc: int = 3, official_features: bool = True
+    ):
         super().__init__()
         self.official_features = official_features
         self.conv_first = nn.Conv2d(in_nc + 6, nf, 3, 1, 1)

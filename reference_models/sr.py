@@ -76,10 +76,28 @@ OFFICIAL = {
     "srflow-df2k-4x": dict(scale=4, L=3, K=16, nb=23, stack_blocks=[1, 8, 15, 22], **_BIG),
     "srflow-df2k-8x": dict(scale=8, L=4, K=16, nb=23, stack_blocks=[1, 3, 5, 7], **_BIG),
     "srflow-celeba-8x": dict(scale=8, L=4, K=16, nb=8, stack_blocks=[1, 3, 5, 7], **_BIG),
-    "fs-ncsr-4x": dict(scale=4, L=3, K=16, nb=23, stack_blocks=[1, 8, 15, 22], residual=True, std_channels=3,
-                       std_steps=[0, 16, 16], **_BIG),
-    "fs-ncsr-8x": dict(scale=8, L=4, K=20, nb=23, stack_blocks=[1, 8, 15, 22], residual=True, std_channels=3,
-                       std_steps=[0, 0, 16, 16], **_BIG),
+    "fs-ncsr-4x": dict(
+        scale=4,
+        L=3,
+        K=16,
+        nb=23,
+        stack_blocks=[1, 8, 15, 22],
+        residual=True,
+        std_channels=3,
+        std_steps=[0, 16, 16],
+        **_BIG,
+    ),
+    "fs-ncsr-8x": dict(
+        scale=8,
+        L=4,
+        K=20,
+        nb=23,
+        stack_blocks=[1, 8, 15, 22],
+        residual=True,
+        std_channels=3,
+        std_steps=[0, 0, 16, 16],
+        **_BIG,
+    ),
 }
 
 
@@ -115,8 +133,10 @@ def conditioner(in_channels: int, out_channels: int, hidden: int) -> nn.Sequenti
     Zero output at initialisation, so every site starts at its kind's ``h = 0`` map.
     """
     return nn.Sequential(
-        Conv2dActNorm(in_channels, hidden, 3), nn.ReLU(),
-        Conv2dActNorm(hidden, hidden, 1), nn.ReLU(),
+        Conv2dActNorm(in_channels, hidden, 3),
+        nn.ReLU(),
+        Conv2dActNorm(hidden, hidden, 1),
+        nn.ReLU(),
         Conv2dZeros(hidden, out_channels),
     )
 
@@ -152,8 +172,16 @@ class CondCoupling(nn.Module):
     ``injector_site``, ``coupling_site`` and ``std_site``.
     """
 
-    def __init__(self, channels: int, cond_channels: int, hidden: int, coupling: str = "affine",
-                 injector: str | None = None, std_channels: int = 0, std_active: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        cond_channels: int,
+        hidden: int,
+        coupling: str = "affine",
+        injector: str | None = None,
+        std_channels: int = 0,
+        std_active: bool = False,
+    ):
         super().__init__()
         self.channels_for_nn = channels // 2
         self.channels_for_co = channels - channels // 2
@@ -197,9 +225,17 @@ class CondCoupling(nn.Module):
 class FlowStep(nn.Module):
     """ActNorm → invertible 1×1 → (optional) :class:`CondCoupling` named ``affine`` or ``rqspline``."""
 
-    def __init__(self, channels: int, cond_channels: int | None = None, hidden: int = 64, coupling: str = "affine",
-                 injector: str | None = None, fixed_invconv: bool = False, std_channels: int = 0,
-                 std_active: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        cond_channels: int | None = None,
+        hidden: int = 64,
+        coupling: str = "affine",
+        injector: str | None = None,
+        fixed_invconv: bool = False,
+        std_channels: int = 0,
+        std_active: bool = False,
+    ):
         super().__init__()
         self.actnorm = ActNorm(channels)
         self.invconv = InvConv1x1(channels, fixed=fixed_invconv)
@@ -215,7 +251,7 @@ class FlowStep(nn.Module):
         if reverse and block is not None:
             z, ld = block(z, ft, reverse=True)
             logdet = logdet + ld
-        for layer in ((self.invconv, self.actnorm) if reverse else (self.actnorm, self.invconv)):
+        for layer in (self.invconv, self.actnorm) if reverse else (self.actnorm, self.invconv):
             z, ld = layer(z, reverse=reverse)
             logdet = logdet + ld
         if not reverse and block is not None:
@@ -252,10 +288,22 @@ class FlowUpsamplerNet(nn.Module):
     split ε first, top latent last.
     """
 
-    def __init__(self, in_channels: int = 3, L: int = 3, K: int = 16, cond_channels: int = 320,
-                 hidden_channels: int = 64, coupling: str = "affine", injector: str | None = None,
-                 n_transition: int = 2, split: bool = True, correct_splits: bool = False,
-                 fixed_invconv: bool = False, std_channels: int = 0, std_steps: list[int] | None = None):
+    def __init__(
+        self,
+        in_channels: int = 3,
+        L: int = 3,
+        K: int = 16,
+        cond_channels: int = 320,
+        hidden_channels: int = 64,
+        coupling: str = "affine",
+        injector: str | None = None,
+        n_transition: int = 2,
+        split: bool = True,
+        correct_splits: bool = False,
+        fixed_invconv: bool = False,
+        std_channels: int = 0,
+        std_steps: list[int] | None = None,
+    ):
         super().__init__()
         self.L, self.in_channels = L, in_channels
         self.layers = nn.ModuleList()
@@ -266,8 +314,16 @@ class FlowUpsamplerNet(nn.Module):
             c *= 4
             new = [Squeeze()] + [FlowStep(c, fixed_invconv=fixed_invconv) for _ in range(n_transition)]
             new += [
-                FlowStep(c, cond_channels, hidden_channels, coupling, injector, fixed_invconv,
-                         std_channels, std_steps[level - 1] >= K - k)
+                FlowStep(
+                    c,
+                    cond_channels,
+                    hidden_channels,
+                    coupling,
+                    injector,
+                    fixed_invconv,
+                    std_channels,
+                    std_steps[level - 1] >= K - k,
+                )
                 for k in range(K)
             ]
             if split and level < L - (0 if correct_splits else 1):
@@ -278,7 +334,7 @@ class FlowUpsamplerNet(nn.Module):
 
     def latent_shapes(self, batch: int, height: int, width: int) -> list[tuple[int, ...]]:
         if height % 2**self.L or width % 2**self.L:
-            raise ValueError(f"image size {height}×{width} is not divisible by 2^L = {2 ** self.L}")
+            raise ValueError(f"image size {height}×{width} is not divisible by 2^L = {2**self.L}")
         shapes, c, h, w = [], self.in_channels, height, width
         for layer in self.layers:
             if isinstance(layer, Squeeze):
@@ -354,31 +410,72 @@ class SRFlow(ReferenceFlow):
     # what a saved config without these keys was built with (``load_checkpoint`` fills them in)
     LEGACY_CONFIG = {"official_features": False}
 
-    def __init__(self, scale: int = 4, L: int = 3, K: int = 4, nf: int = 32, nb: int = 4, gc: int = 16,
-                 stack_blocks: list[int] | None = None, hidden_channels: int = 32, coupling: str = "affine",
-                 injector: str | None = None, residual: bool = False, patch: int = 32, fixed_invconv: bool = False,
-                 correct_splits: bool = False, n_transition: int = 2, std_channels: int = 0,
-                 std_steps: list[int] | None = None, official_features: bool = True):
+    def __init__(
+        self,
+        scale: int = 4,
+        L: int = 3,
+        K: int = 4,
+        nf: int = 32,
+        nb: int = 4,
+        gc: int = 16,
+        stack_blocks: list[int] | None = None,
+        hidden_channels: int = 32,
+        coupling: str = "affine",
+        injector: str | None = None,
+        residual: bool = False,
+        patch: int = 32,
+        fixed_invconv: bool = False,
+        correct_splits: bool = False,
+        n_transition: int = 2,
+        std_channels: int = 0,
+        std_steps: list[int] | None = None,
+        official_features: bool = True,
+    ):
         stack_blocks = list(spaced_blocks(nb) if stack_blocks is None else stack_blocks)
         std_steps = None if not std_channels else list(std_steps if std_steps is not None else [0] + [K] * (L - 1))
-        super().__init__(scale=scale, L=L, K=K, nf=nf, nb=nb, gc=gc, stack_blocks=stack_blocks,
-                         hidden_channels=hidden_channels, coupling=coupling, injector=injector, residual=residual,
-                         patch=patch, fixed_invconv=fixed_invconv, correct_splits=correct_splits,
-                         n_transition=n_transition, std_channels=std_channels, std_steps=std_steps,
-                         official_features=official_features)
+        super().__init__(
+            scale=scale,
+            L=L,
+            K=K,
+            nf=nf,
+            nb=nb,
+            gc=gc,
+            stack_blocks=stack_blocks,
+            hidden_channels=hidden_channels,
+            coupling=coupling,
+            injector=injector,
+            residual=residual,
+            patch=patch,
+            fixed_invconv=fixed_invconv,
+            correct_splits=correct_splits,
+            n_transition=n_transition,
+            std_channels=std_channels,
+            std_steps=std_steps,
+            official_features=official_features,
+        )
         if not 1 <= 2**L <= 4 * scale:  # level features exist from scale/2 down to ¼ of the LR size
             max_l = (4 * scale).bit_length() - 1
             raise ValueError(f"L = {L} needs features at {scale / 2**L} × the LR size; ×{scale} allows L ≤ {max_l}")
         if patch % 2**L or patch % scale:
-            raise ValueError(f"patch {patch} must be divisible by scale {scale} and 2^L = {2 ** L}")
+            raise ValueError(f"patch {patch} must be divisible by scale {scale} and 2^L = {2**L}")
         self.scale, self.L, self.residual = scale, L, residual
         self.stack_blocks = stack_blocks
         self.condition_shape = (3, patch // scale, patch // scale)
         self.RRDB = RRDBNet(3, 3, nf, nb, gc, scale, official_features=official_features)
         self.flowUpsamplerNet = FlowUpsamplerNet(
-            3, L, K, nf * (1 + len(stack_blocks)), hidden_channels, coupling, injector, n_transition,
-            split=True, correct_splits=correct_splits, fixed_invconv=fixed_invconv,
-            std_channels=std_channels, std_steps=std_steps,
+            3,
+            L,
+            K,
+            nf * (1 + len(stack_blocks)),
+            hidden_channels,
+            coupling,
+            injector,
+            n_transition,
+            split=True,
+            correct_splits=correct_splits,
+            fixed_invconv=fixed_invconv,
+            std_channels=std_channels,
+            std_steps=std_steps,
         )
 
     def encoder_module(self) -> nn.Module:

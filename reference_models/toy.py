@@ -113,12 +113,20 @@ class Toy2D(ReferenceFlow):
         feature_dim: int = 16,
         zero_init: bool = True,
     ):
-        super().__init__(coupling=coupling, steps=steps, hidden=hidden, depth=depth, feature_dim=feature_dim, zero_init=zero_init)
+        super().__init__(
+            coupling=coupling, steps=steps, hidden=hidden, depth=depth, feature_dim=feature_dim, zero_init=zero_init
+        )
         self.encoder = _mlp(2, feature_dim, hidden, 2, zero_last=False) if feature_dim else None
         cond_dim = feature_dim or 2
         site_proto = make_elementwise(coupling)
         self.flow = nn.ModuleList(
-            _Step(Coupling(make_elementwise(coupling), _mlp(1 + cond_dim, site_proto.params_per_dim, hidden, depth, zero_init), 1))
+            _Step(
+                Coupling(
+                    make_elementwise(coupling),
+                    _mlp(1 + cond_dim, site_proto.params_per_dim, hidden, depth, zero_init),
+                    1,
+                )
+            )
             for _ in range(steps)
         )
 

@@ -19,8 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .atomic import atomic_path
-
+from ..utils.atomic import atomic_path
 from .base import ReferenceFlow
 
 __all__ = ["CHECKPOINT_FORMAT", "train", "save_checkpoint", "export_checkpoint"]
@@ -32,7 +31,12 @@ Batch = Callable[[int, torch.Generator], tuple[Tensor, Tensor]]
 
 def save_checkpoint(path: str | Path, model: ReferenceFlow, **extra: Any) -> None:
     """Write a checkpoint dict atomically (see module docstring for the keys)."""
-    state = {"format": CHECKPOINT_FORMAT, "task": model.task, "config": dict(model.config), "state_dict": model.state_dict()}
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "task": model.task,
+        "config": dict(model.config),
+        "state_dict": model.state_dict(),
+    }
     state.update(extra)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -92,16 +96,36 @@ def train(
 
     def checkpoint(step: int) -> dict:
         extra = dict(
-            optimizer=opt.state_dict(), rng=gen.get_state(), step=step,
-            iters=iters, seed=seed, lr=lr, data=data or {}, skipped_steps=skipped, history=history,
+            optimizer=opt.state_dict(),
+            rng=gen.get_state(),
+            step=step,
+            iters=iters,
+            seed=seed,
+            lr=lr,
+            data=data or {},
+            skipped_steps=skipped,
+            history=history,
         )
         model.cpu()
         save_checkpoint(out, model, **extra)
         model.to(device)
-        return {"format": CHECKPOINT_FORMAT, "task": model.task, "config": model.config, "state_dict": model.state_dict(), **extra}
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "task": model.task,
+            "config": model.config,
+            "state_dict": model.state_dict(),
+            **extra,
+        }
 
     model.train()
-    bar = tqdm(range(start, iters), initial=start, total=iters, disable=not progress, desc=f"train {model.task}", mininterval=1.0)
+    bar = tqdm(
+        range(start, iters),
+        initial=start,
+        total=iters,
+        disable=not progress,
+        desc=f"train {model.task}",
+        mininterval=1.0,
+    )
     for step in bar:
         for group in opt.param_groups:  # a function of the step alone, so resuming needs no scheduler state
             group["lr"] = lr * 0.5 ** sum(step >= m for m in halvings)

@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
-import flowaudit
-from flowaudit import attack
 from flowaudit.adapters import adapt, load_model
 from flowaudit.adapters.reference import ReferenceAdapter
-from flowaudit.budget import parse_budget
-from flowaudit.cli import cli
-from flowaudit.errors import AuditError
 from flowaudit.reference_models import ReferenceFlow
 from flowaudit.reference_models.couplings import Affine
 from flowaudit.reference_models.toy import toy_data
+
+import flowaudit
+from flowaudit import attack
+from flowaudit.cli.main import cli
+from flowaudit.errors import AuditError
+from flowaudit.evidence.budget import parse_budget
 
 
 class Fragile(ReferenceFlow):
@@ -122,7 +122,15 @@ def test_attack_never_leaves_its_budget(budget):
 
 def test_image_conditions_stay_in_their_range():
     # τ = 0.1 keeps the samples z/s inside the band [-0.5, 1.5] at the start
-    rep = attack(Fragile(image=True), _starts(4, image=True), budget="linf:0.5", steps=10, samples=2, temperature=0.1, device="cpu")
+    rep = attack(
+        Fragile(image=True),
+        _starts(4, image=True),
+        budget="linf:0.5",
+        steps=10,
+        samples=2,
+        temperature=0.1,
+        device="cpu",
+    )
     y0, y, _ = _attacked(rep)
     assert y.min() >= 0.0 and y.max() <= 1.0
     assert np.abs(y - y0).max() <= 0.5 + 1e-6
@@ -177,7 +185,12 @@ def test_inf_is_a_finding_not_a_crash(objective):
     a = rep["attack"]
     json.loads(rep.to_json())  # strict JSON: inf written as "inf"
     for s in a["starts"][:2]:
-        assert s["broken"] and s["broken_at_step"] == 0 and s["distance"] == s["distance_to_break"] == 0 and s["nonfinite"] > 0
+        assert (
+            s["broken"]
+            and s["broken_at_step"] == 0
+            and s["distance"] == s["distance_to_break"] == 0
+            and s["nonfinite"] > 0
+        )
         assert s["layer"] == "site" and math.isinf(s["max_abs"])
     assert a["summary"]["n_nonfinite_starts"] >= 2 and math.isinf(a["summary"]["worst_max_abs"])
     assert all(math.isfinite(s["objective_before"]) for s in a["starts"][2:])
@@ -217,7 +230,9 @@ def test_an_adapter_that_cannot_differentiate_says_so():
             return super().sample(y.detach(), latents, observer)
 
     with pytest.raises(AuditError, match="cannot differentiate"):
-        attack(Detached(Fragile()), _starts(2), budget="linf:0.1", steps=2, samples=1, device="cpu", objective="max-abs")
+        attack(
+            Detached(Fragile()), _starts(2), budget="linf:0.1", steps=2, samples=1, device="cpu", objective="max-abs"
+        )
 
 
 def test_scan_attack_falls_back_to_max_abs_on_detached_gains():
@@ -234,7 +249,9 @@ def test_scan_attack_falls_back_to_max_abs_on_detached_gains():
 
     with pytest.raises(AuditError, match="detached inverse gains"):
         attack(Detached(Fragile()), _starts(2), budget="linf:0.1", steps=2, samples=1, device="cpu")
-    rep = flowaudit.scan(Detached(Fragile()), _starts(), samples=2, device="cpu", attack="linf:1", attack_starts=3, attack_steps=3)
+    rep = flowaudit.scan(
+        Detached(Fragile()), _starts(), samples=2, device="cpu", attack="linf:1", attack_starts=3, attack_steps=3
+    )
     assert rep["attack"]["objective"] == "max-abs" and "logdet → max-abs" in rep["attack"]["fallback"]
 
 
@@ -256,7 +273,9 @@ def test_normal_scan_keeps_no_graph():
 
 
 def test_scan_with_attack_adds_worst_case_evidence():
-    rep = flowaudit.scan(Fragile(), _starts(), samples=2, device="cpu", attack="linf:1", attack_starts=4, attack_steps=5)
+    rep = flowaudit.scan(
+        Fragile(), _starts(), samples=2, device="cpu", attack="linf:1", attack_starts=4, attack_steps=5
+    )
     wc = rep["model"]["sites"][0]["remark2"]["worst_case"]
     assert wc["budget"] == "linf:1" and wc["max_inverse_gain"] >= wc["max_inverse_gain_before"]
     assert rep["attack"]["summary"]["n_starts"] == 4
@@ -293,11 +312,14 @@ def test_attack_never_exceeds_the_certificate():
     assert max(moved) > 0.1  # the bins do move values
     assert rep["attack"]["summary"]["worst_inverse_gain"] > 1  # inner bins: large gains, bounded moves
 
-    bundled = flowaudit.inspect(load_model("toy-modified-rq-spline"), y, device="cpu", samples=2)["model"]["certificate"]
+    bundled = flowaudit.inspect(load_model("toy-modified-rq-spline"), y, device="cpu", samples=2)["model"][
+        "certificate"
+    ]
     assert not bundled["certified"] and any("bias" in b["why"] for b in bundled["blocking"])
 
 
 # -- CLI ------------------------------------------------------------------------------------------
+
 
 @pytest.fixture()
 def toy_file(tmp_path):
@@ -314,9 +336,34 @@ def test_cli_attack_exit_codes(toy_file, tmp_path):
     assert (tmp_path / "a" / "report.json").exists() and (tmp_path / "a" / "attack" / "worst.npz").exists()
     data = json.loads((tmp_path / "a" / "report.json").read_text())
     assert set(data["attack"]) >= {"objective", "budget", "starts", "summary"}
-    assert set(data["attack"]["starts"][0]) >= {"id", "objective_before", "objective_after", "max_abs", "max_inverse_gain",
-                                                "nonfinite", "broken", "distance", "layer"}
-    broken = run(cli, [*base, "--budget", "none", "--step-size", "0.3", "--steps", "20", "--out", str(tmp_path / "b"), "--fail-on", "broken", "--json"])
+    assert set(data["attack"]["starts"][0]) >= {
+        "id",
+        "objective_before",
+        "objective_after",
+        "max_abs",
+        "max_inverse_gain",
+        "nonfinite",
+        "broken",
+        "distance",
+        "layer",
+    }
+    broken = run(
+        cli,
+        [
+            *base,
+            "--budget",
+            "none",
+            "--step-size",
+            "0.3",
+            "--steps",
+            "20",
+            "--out",
+            str(tmp_path / "b"),
+            "--fail-on",
+            "broken",
+            "--json",
+        ],
+    )
     assert broken.exit_code == 1, broken.output
     assert json.loads(broken.stdout)["attack"]["summary"]["n_broken"] > 0
     bad = run(cli, [*base, "--budget", "linf:-2", "--out", str(tmp_path / "c")])
@@ -324,9 +371,26 @@ def test_cli_attack_exit_codes(toy_file, tmp_path):
     assert len(bad.stderr.strip().splitlines()) == 1 and "bad budget" in bad.stderr
     again = run(cli, [*base, "--budget", "linf:0.01", "--steps", "1", "--out", str(tmp_path / "a")])
     assert again.exit_code == 2  # the folder exists and no --overwrite
-    scan_bad = run(cli, ["-q", "scan", "toy-affine", "--data", toy_file, "--attack", "box:3,1", "--out", str(tmp_path / "d")])
+    scan_bad = run(
+        cli, ["-q", "scan", "toy-affine", "--data", toy_file, "--attack", "box:3,1", "--out", str(tmp_path / "d")]
+    )
     assert scan_bad.exit_code == 2 and not (tmp_path / "d").exists()
-    scanned = run(cli, ["-q", "scan", "toy-affine", "--data", toy_file, "-k", "2", "--attack", "linf:0.1", "--out", str(tmp_path / "e")])
+    scanned = run(
+        cli,
+        [
+            "-q",
+            "scan",
+            "toy-affine",
+            "--data",
+            toy_file,
+            "-k",
+            "2",
+            "--attack",
+            "linf:0.1",
+            "--out",
+            str(tmp_path / "e"),
+        ],
+    )
     assert scanned.exit_code == 0, scanned.output
     data = json.loads((tmp_path / "e" / "report.json").read_text())
     assert data["attack"]["budget"]["spec"] == "linf:0.1"

@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from flowaudit.shards import ATTACK_SHARD_STARTS
 from runs import ENV, kill_when, strip_run_facts
+
+from flowaudit.runs.shards import ATTACK_SHARD_STARTS
+
 STARTS, STEPS, K = 64, 20, 4  # 4 shards of 16 starts; a few seconds on one busy core
 
 
@@ -35,8 +36,26 @@ def data(tmp_path_factory) -> Path:
 
 
 def _args(data: Path, out: Path, *extra: str, steps: int = STEPS, starts: int = STARTS) -> list[str]:
-    return ["-q", "attack", "toy-affine", "--data", str(data / "in.npy"), "--budget", "none", "--starts", str(starts),
-            "--steps", str(steps), "-k", str(K), "--device", "cpu", "--out", str(out), *extra]
+    return [
+        "-q",
+        "attack",
+        "toy-affine",
+        "--data",
+        str(data / "in.npy"),
+        "--budget",
+        "none",
+        "--starts",
+        str(starts),
+        "--steps",
+        str(steps),
+        "-k",
+        str(K),
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def _cmd(data: Path, out: Path, *extra: str) -> list[str]:
@@ -47,7 +66,7 @@ def _cli(*args: str):
     """The CLI in this process (refusals exit before any search: no process start to pay)."""
     from click.testing import CliRunner
 
-    from flowaudit.cli import cli
+    from flowaudit.cli.main import cli
 
     return CliRunner().invoke(cli, list(args))
 
@@ -68,11 +87,19 @@ def _shards(work: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def uninterrupted(data) -> tuple[dict, dict]:
     """The same attack in one go, through the Python API (the CLI is a thin wrapper over it)."""
-    import flowaudit
     from flowaudit.adapters import load_model
 
-    report = flowaudit.attack(load_model("toy-affine"), str(data / "in.npy"), budget="none", starts=STARTS, steps=STEPS,
-                              samples=K, device="cpu")
+    import flowaudit
+
+    report = flowaudit.attack(
+        load_model("toy-affine"),
+        str(data / "in.npy"),
+        budget="none",
+        starts=STARTS,
+        steps=STEPS,
+        samples=K,
+        device="cpu",
+    )
     with np.load(io.BytesIO(report.files["attack/worst.npz"])) as npz:
         worst = {k: npz[k] for k in npz.files}
     return strip_run_facts(json.loads(report.to_json())), worst
@@ -99,7 +126,9 @@ def test_attack_sigkilled_then_resumed_equals_uninterrupted(data, tmp_path, unin
     again = _cli(*_args(data, out))  # without --resume: refused, one line, nothing touched
     assert again.exit_code == 2 and "--resume" in again.output and len(again.output.strip().splitlines()) == 1
     other = _cli(*_args(data, out, "--resume", str(work), steps=STEPS + 1))  # other settings: refused, naming the key
-    assert other.exit_code == 2 and f"steps={STEPS}" in other.output and f"steps={STEPS + 1}" in other.output, other.output
+    assert other.exit_code == 2 and f"steps={STEPS}" in other.output and f"steps={STEPS + 1}" in other.output, (
+        other.output
+    )
     assert len(other.output.strip().splitlines()) == 1
     assert not out.exists() and len(_shards(work)) == done
 
@@ -145,12 +174,13 @@ def test_report_does_not_depend_on_the_batch_size(data, tmp_path, batched):
 def test_scan_attack_resumes_from_its_shards(tmp_path, monkeypatch):
     """``scan --attack`` shards its starts in the scan's work folder (``attack-<k>``): interrupted after
     the first one, the resumed scan loads it and equals an uninterrupted scan."""
-    import flowaudit
     from flowaudit.adapters import load_model
-    from flowaudit.errors import AuditError
     from flowaudit.reference_models.toy import toy_data
-    from flowaudit.runner import Context
-    from flowaudit.shards import WorkFolder
+
+    import flowaudit
+    from flowaudit.errors import AuditError
+    from flowaudit.runs.runner import Context
+    from flowaudit.runs.shards import WorkFolder
 
     y = toy_data(40, seed=3)[1]
     kw = dict(samples=2, device="cpu", attack="linf:0.5", attack_starts=20, attack_steps=4)

@@ -8,16 +8,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from flowaudit.reference_models import ReferenceFlow
+from flowaudit.reference_models.couplings import Affine
+from flowaudit.reference_models.toy import Toy2D, toy_data
 from torch import nn
 
 import flowaudit
 from flowaudit.errors import AuditError
-from flowaudit.reference_models import ReferenceFlow
-from flowaudit.reference_models.couplings import Affine
-from flowaudit.reference_models.toy import Toy2D, toy_data
-from flowaudit.remark2 import probe_values, tail_ratio, verdict
-from flowaudit.gains import GainStats
-from flowaudit.layer_stats import LayerStats
+from flowaudit.evidence.remark2 import probe_values, tail_ratio, verdict
+from flowaudit.tracing.gains import GainStats
+from flowaudit.tracing.layer_stats import LayerStats
 
 
 class Rigged(ReferenceFlow):
@@ -105,7 +105,10 @@ def test_explosion_layer_is_the_first_past_the_threshold():
     row = rep["layers"][0]
     assert row["name"] == "site" and rep["explosion_layer"] == "site"
     assert row["variance_ratio"] == pytest.approx(ratio, rel=0.6)  # 160 samples of each
-    assert flowaudit.scan(Rigged(), y_in, ood=y_ood, samples=8, device="cpu", explosion_threshold=1e9)["explosion_layer"] is None
+    assert (
+        flowaudit.scan(Rigged(), y_in, ood=y_ood, samples=8, device="cpu", explosion_threshold=1e9)["explosion_layer"]
+        is None
+    )
 
 
 def test_failure_leaves_no_hook_and_restores_training_flag():
@@ -121,7 +124,10 @@ def test_failure_leaves_no_hook_and_restores_training_flag():
 @pytest.fixture(scope="module")
 def toys():
     torch.manual_seed(0)
-    return {k: Toy2D(coupling=k, hidden=16, depth=2, zero_init=False).eval() for k in ("affine", "modified-rq-spline", "additive")}
+    return {
+        k: Toy2D(coupling=k, hidden=16, depth=2, zero_init=False).eval()
+        for k in ("affine", "modified-rq-spline", "additive")
+    }
 
 
 def test_remark2_verdicts_on_toy_models(toys):
@@ -184,7 +190,7 @@ def test_scan_is_batch_size_independent_and_reproducible(toys):
 def test_report_has_the_contract_keys_and_explosion_layer(toys, tmp_path):
     x, y = toy_data(40, seed=3)
     _, y_ood = toy_data(40, seed=4, ood=True)
-    from flowaudit.datasets import ConditionSet
+    from flowaudit.io.datasets import ConditionSet
 
     data = ConditionSet(y=y, x=x, ids=[f"t{i}" for i in range(40)], description={"kind": "test"})
     rep = flowaudit.scan(toys["affine"], data, ood=y_ood, fit_data=toy_data(300, seed=0)[1], samples=3, device="cpu")
@@ -198,7 +204,16 @@ def test_report_has_the_contract_keys_and_explosion_layer(toys, tmp_path):
     assert {"verdict", "tail_ratio"} <= set(site["remark2"])
     assert {"min", "p50", "p99", "max"} <= set(site["inverse_gain"])
     assert {"layers", "dim", "s_ood"} <= set(d["ood"])
-    for key in ("n_inputs", "samples_per_input", "temperature", "pct_inf", "pct_pixel_err", "auroc", "spearman", "logistic"):
+    for key in (
+        "n_inputs",
+        "samples_per_input",
+        "temperature",
+        "pct_inf",
+        "pct_pixel_err",
+        "auroc",
+        "spearman",
+        "logistic",
+    ):
         assert key in d["risk"]
     for key in ("id", "s_ood", "n_inf", "n_pixel_err", "max_abs", "risk"):
         assert key in d["inputs"][0]
@@ -206,7 +221,7 @@ def test_report_has_the_contract_keys_and_explosion_layer(toys, tmp_path):
     assert max(r["reconstruction_error"] for r in rep["inputs"] if r["set"] == "in") < 1e-4
     assert [r["name"] for r in rep["layers"]] == toys["affine"].trace_layers() + ["output"]
     html = rep.to_html()
-    assert "<img src=\"data:image/png;base64," in html and "http://" not in html and "https://" not in html
+    assert '<img src="data:image/png;base64,' in html and "http://" not in html and "https://" not in html
     out = rep.save(tmp_path / "r")
     assert sorted(p.name for p in out.iterdir()) == ["inputs.csv", "report.html", "report.json"]
     with pytest.raises(FileExistsError):
@@ -225,8 +240,9 @@ def test_stats_must_match_the_model(toys, tmp_path):
 
 
 def test_features_hook_the_encoder_and_leave_nothing(toys):
-    from flowaudit.features import features
     from flowaudit.adapters import adapt
+
+    from flowaudit.stats.features import features
 
     model = toys["affine"]
     y = toy_data(10, seed=0)[1]
@@ -257,7 +273,8 @@ def test_layer_and_gain_statistics_match_numpy():
 
 def test_auditing_restores_every_modules_training_flag():
     from flowaudit.adapters import adapt
-    from flowaudit.device import auditing
+
+    from flowaudit.config.device import auditing
 
     model = Toy2D(coupling="affine")
     model.train()

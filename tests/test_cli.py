@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from flowaudit.cli import cli
+from flowaudit.cli.main import cli
 
 
 @pytest.fixture()
@@ -25,7 +25,11 @@ def run():
 def toy_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("toy")
     runner = CliRunner()
-    for name, extra in (("train", ["--seed", "0", "--n", "400"]), ("test", ["--n", "40"]), ("ood", ["--n", "40", "--ood"])):
+    for name, extra in (
+        ("train", ["--seed", "0", "--n", "400"]),
+        ("test", ["--n", "40"]),
+        ("ood", ["--n", "40", "--ood"]),
+    ):
         res = runner.invoke(cli, ["data", "toy", "--out", str(d / f"{name}.npz"), *extra])
         assert res.exit_code == 0, res.output
     return d
@@ -56,8 +60,20 @@ def test_fit_then_scan_and_fail_on(run, toy_files, tmp_path):
     res = run("fit", "toy-affine", "--data", toy_files / "train.npz", "--out", stats, "--json", "--device", "cpu")
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["ood"]["n_inputs"] == 400
-    args = ["scan", "toy-affine", "--data", toy_files / "test.npz", "--ood-data", toy_files / "ood.npz", "--stats", stats,
-            "--samples", 3, "--device", "cpu"]
+    args = [
+        "scan",
+        "toy-affine",
+        "--data",
+        toy_files / "test.npz",
+        "--ood-data",
+        toy_files / "ood.npz",
+        "--stats",
+        stats,
+        "--samples",
+        3,
+        "--device",
+        "cpu",
+    ]
     res = run(*args, "--out", tmp_path / "r1")
     assert res.exit_code == 0, res.output
     assert (tmp_path / "r1" / "report.json").exists() and (tmp_path / "r1" / "report.html").exists()
@@ -66,8 +82,22 @@ def test_fit_then_scan_and_fail_on(run, toy_files, tmp_path):
     # affine sites violate Remark 2: --fail-on violation exits 1, never exits 0
     assert run(*args, "--out", tmp_path / "r2", "--fail-on", "violation").exit_code == 1
     assert run(*args, "--out", tmp_path / "r3", "--fail-on", "never").exit_code == 0
-    res = run("scan", "toy-modified-rq-spline", "--data", toy_files / "test.npz", "--fit-data", toy_files / "train.npz",
-              "--samples", 3, "--device", "cpu", "--out", tmp_path / "r4", "--fail-on", "violation")
+    res = run(
+        "scan",
+        "toy-modified-rq-spline",
+        "--data",
+        toy_files / "test.npz",
+        "--fit-data",
+        toy_files / "train.npz",
+        "--samples",
+        3,
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "r4",
+        "--fail-on",
+        "violation",
+    )
     assert res.exit_code == 0, res.output
 
 
@@ -96,16 +126,23 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(run, toy_files, tmp_pat
     assert "exists" in line
     stats = tmp_path / "s.h5"
     stats.write_bytes(b"not hdf5")
-    line = _one_line_error(run("scan", "toy-affine", "--data", toy_files / "test.npz", "--stats", stats, "--out", tmp_path / "x"))
+    line = _one_line_error(
+        run("scan", "toy-affine", "--data", toy_files / "test.npz", "--stats", stats, "--out", tmp_path / "x")
+    )
     assert "s.h5" in line and not (tmp_path / "x").exists()
-    line = _one_line_error(run("fit", "toy-affine", "--data", toy_files / "train.npz", "--out", tmp_path / "f.h5", "--layers", "nope"))
+    line = _one_line_error(
+        run("fit", "toy-affine", "--data", toy_files / "train.npz", "--out", tmp_path / "f.h5", "--layers", "nope")
+    )
     assert "nope" in line and not (tmp_path / "f.h5").exists()
     assert not list(tmp_path.glob(".*"))  # no temporary leftovers
 
 
 def test_click_usage_errors_exit_2(run, toy_files, tmp_path):
     assert run("scan", "toy-affine", "--data", toy_files / "test.npz").exit_code == 2  # --out missing
-    assert run("scan", "toy-affine", "--data", toy_files / "test.npz", "--out", tmp_path / "o", "--samples", 0).exit_code == 2
+    assert (
+        run("scan", "toy-affine", "--data", toy_files / "test.npz", "--out", tmp_path / "o", "--samples", 0).exit_code
+        == 2
+    )
     assert run("inspect").exit_code == 2  # neither MODEL nor --model
 
 
@@ -123,14 +160,18 @@ def test_internal_error_exits_3_not_1(run, toy_files, tmp_path, monkeypatch):
 
 def test_model_factory_with_weights(run, toy_files, tmp_path):
     import torch
-
     from flowaudit.reference_models import load
 
     weights = tmp_path / "w.pt"
     torch.save(load("toy-affine").state_dict(), weights)
-    res = run("inspect", "--model", "flowaudit.reference_models.toy:Toy2D", "--weights", weights, "--json", "--device", "cpu")
+    res = run(
+        "inspect", "--model", "flowaudit.reference_models.toy:Toy2D", "--weights", weights, "--json", "--device", "cpu"
+    )
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["model"]["fingerprint"] == json.loads(run("inspect", "toy-affine", "--json", "--device", "cpu").output)["model"]["fingerprint"]
+    assert (
+        json.loads(res.output)["model"]["fingerprint"]
+        == json.loads(run("inspect", "toy-affine", "--json", "--device", "cpu").output)["model"]["fingerprint"]
+    )
     pickled = tmp_path / "p.pt"
     torch.save({"state_dict": load("toy-affine").state_dict(), "fn": np.dtype}, pickled)  # needs unpickling code
     line = _one_line_error(run("inspect", "--model", "flowaudit.reference_models.toy:Toy2D", "--weights", pickled))
@@ -148,8 +189,23 @@ def test_image_pipeline_train_data_scan(run, tmp_path):
     assert run("data", "sr", "--out", tmp_path / "d", "--patch", 16, "--n", 6).exit_code == 0
     assert run("data", "sr", "--out", tmp_path / "o", "--patch", 16, "--n", 6, "--eurban").exit_code == 0
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["hr", "lr", "meta.json"]
-    res = run("scan", ckpt, "--data", tmp_path / "d", "--ood-data", tmp_path / "o", "--fit-data", tmp_path / "d",
-              "--samples", 2, "--device", "cpu", "--out", tmp_path / "r", "--json")
+    res = run(
+        "scan",
+        ckpt,
+        "--data",
+        tmp_path / "d",
+        "--ood-data",
+        tmp_path / "o",
+        "--fit-data",
+        tmp_path / "d",
+        "--samples",
+        2,
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "r",
+        "--json",
+    )
     assert res.exit_code == 0, res.output
     report = json.loads(res.output)
     assert report["model"]["task"] == "sr" and report["risk"]["n_inputs"] == 12

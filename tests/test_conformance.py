@@ -22,18 +22,20 @@ import math
 import pkgutil
 from typing import Any
 
+import conformance
 import pytest
 import torch
+from conformance import Case
+from flowaudit.reference_models.toy import toy_data
 from torch import Tensor, nn
 
 import flowaudit
-from flowaudit.reference_models.toy import toy_data
 
-import conformance
-from conformance import Case
-
-CASES: list[Case] = [case for info in sorted(pkgutil.iter_modules(conformance.__path__), key=lambda i: i.name)
-                     for case in importlib.import_module(f"conformance.{info.name}").CASES]
+CASES: list[Case] = [
+    case
+    for info in sorted(pkgutil.iter_modules(conformance.__path__), key=lambda i: i.name)
+    for case in importlib.import_module(f"conformance.{info.name}").CASES
+]
 PARAMS = [pytest.param(case, id=case.id) for case in CASES]
 _BUILT: dict[str, nn.Module] = {}
 
@@ -196,7 +198,9 @@ def test_an_observing_block_reports_what_a_pass_reports(case: Case, monkeypatch)
     hooks = _n_hooks(model)
     registered = []
     register = nn.Module.register_forward_hook
-    monkeypatch.setattr(nn.Module, "register_forward_hook", lambda self, *a, **k: registered.append(1) or register(self, *a, **k))
+    monkeypatch.setattr(
+        nn.Module, "register_forward_hook", lambda self, *a, **k: registered.append(1) or register(self, *a, **k)
+    )
     alone, held, other = Recorder(), Recorder(), Recorder()
     with torch.no_grad():
         x = adapter.sample(y, latents, observer=alone)
@@ -211,7 +215,9 @@ def test_an_observing_block_reports_what_a_pass_reports(case: Case, monkeypatch)
             observed = adapter.sample(y, latents, observer=held)
             adapter.sample(y, latents, observer=other)
             adapter.sample(y, latents)
-    assert len(registered) == 2 * per_bare + 2 * per_pass  # two bare passes, the block's hooks once, the other observer's pass
+    assert (
+        len(registered) == 2 * per_bare + 2 * per_pass
+    )  # two bare passes, the block's hooks once, the other observer's pass
     assert torch.equal(bare, x) and torch.equal(observed, x)
     assert held.layers == alone.layers == other.layers and held.gains.keys() == alone.gains.keys()
     for name, gains in alone.gains.items():
@@ -277,5 +283,6 @@ def test_inspect_verdicts(case: Case, request):
         request.applymarker(pytest.mark.xfail(reason=case.xfail["verdict"], strict=False))
     got = [s["remark2"]["verdict"] for s in sites]
     want = case.verdicts()
-    assert [g if w is not None else None for g, w in zip(got, want)] == want, \
-        [(s["name"], s["remark2"]["verdict"], s["remark2"]["tail_ratio"]) for s in sites]
+    assert [g if w is not None else None for g, w in zip(got, want)] == want, [
+        (s["name"], s["remark2"]["verdict"], s["remark2"]["tail_ratio"]) for s in sites
+    ]

@@ -24,9 +24,6 @@ import re
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from flowaudit.reference_models.couplings import (
     KINDS,
     Additive,
@@ -39,15 +36,16 @@ from flowaudit.reference_models.couplings import (
     make_elementwise,
 )
 from flowaudit.reference_models.toy import Coupling
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 SITES = KINDS + ("prior",)
 SPLINES = ("rq-spline", "modified-rq-spline")
 DTYPES = {"float64": (torch.float64, 1e-9, 1.0), "float32": (torch.float32, 1e-5, 0.5)}  # dtype, tol, h scale
 
-PROPERTY = settings(max_examples=50, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow])
-
-
+PROPERTY = settings(
+    max_examples=50, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 def site_of(kind: str) -> Elementwise:
@@ -69,8 +67,12 @@ def interval(site: Elementwise) -> tuple[float, float]:
 def random_inputs(shape, dtype, gen) -> torch.Tensor:
     """Half N(0, 2²) (the splines' inner region and tails), half uniform on ±1e3, plus 0 and ±1e3."""
     n = math.prod(shape)
-    x = torch.cat([2 * torch.randn(n // 2, generator=gen, dtype=torch.float64),
-                   torch.empty(n - n // 2, dtype=torch.float64).uniform_(-1e3, 1e3, generator=gen)])
+    x = torch.cat(
+        [
+            2 * torch.randn(n // 2, generator=gen, dtype=torch.float64),
+            torch.empty(n - n // 2, dtype=torch.float64).uniform_(-1e3, 1e3, generator=gen),
+        ]
+    )
     x = x[torch.randperm(n, generator=gen)]
     x[:3] = torch.tensor([0.0, 1e3, -1e3])
     return x.reshape(shape).to(dtype)
@@ -115,8 +117,13 @@ def test_parameter_layout_is_per_element(kind):
 
 
 def test_make_elementwise_builds_every_kind_and_rejects_unknown():
-    expected = {"affine": Affine, "affine-bounded": AffineBounded, "additive": Additive, "rq-spline": RQSpline,
-                "modified-rq-spline": ModifiedRQSpline}
+    expected = {
+        "affine": Affine,
+        "affine-bounded": AffineBounded,
+        "additive": Additive,
+        "rq-spline": RQSpline,
+        "modified-rq-spline": ModifiedRQSpline,
+    }
     assert set(expected) == set(KINDS)
     for kind in KINDS:
         site = make_elementwise(kind)
@@ -180,8 +187,12 @@ def test_round_trip_exactly_on_the_knots(kind, dtype_name):
 
 def _points(site, n, gen):
     """float64 points on both tails and inside the spline interval (away from the knots)."""
-    x = torch.cat([torch.empty(n, dtype=torch.float64).uniform_(-4, 4, generator=gen),
-                   torch.empty(n, dtype=torch.float64).uniform_(-1e3, 1e3, generator=gen)])
+    x = torch.cat(
+        [
+            torch.empty(n, dtype=torch.float64).uniform_(-4, 4, generator=gen),
+            torch.empty(n, dtype=torch.float64).uniform_(-1e3, 1e3, generator=gen),
+        ]
+    )
     if kind_is_spline(site):
         lo, hi = interval(site)
         x = torch.cat([x, torch.empty(n, dtype=torch.float64).uniform_(lo, hi, generator=gen)])
@@ -228,8 +239,9 @@ def test_coupling_logdet_matches_autograd_jacobian(kind, dim):
     torch.manual_seed(4)
     site = site_of(kind)
     cond_dim = 3
-    net = torch.nn.Sequential(torch.nn.Linear(1 + cond_dim, 16), torch.nn.Tanh(),
-                              torch.nn.Linear(16, (dim - 1) * site.params_per_dim))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(1 + cond_dim, 16), torch.nn.Tanh(), torch.nn.Linear(16, (dim - 1) * site.params_per_dim)
+    )
     coupling = Coupling(site, net, split=1).double()
     x = torch.randn(6, dim, dtype=torch.float64) * 0.4  # mostly inside the splines' intervals
     cond = torch.randn(6, cond_dim, dtype=torch.float64)
@@ -320,8 +332,16 @@ def test_rq_spline_is_identity_outside_its_interval(dtype):
     site = RQSpline()
     b = torch.tensor(site.bound, dtype=dtype)
     big = torch.tensor(1e9, dtype=dtype)
-    outside = torch.stack([torch.nextafter(b, big), torch.nextafter(-b, -big), b + 0.5, -b - 0.5,
-                           torch.tensor(1e3, dtype=dtype), torch.tensor(-1e3, dtype=dtype)])[:, None]
+    outside = torch.stack(
+        [
+            torch.nextafter(b, big),
+            torch.nextafter(-b, -big),
+            b + 0.5,
+            -b - 0.5,
+            torch.tensor(1e3, dtype=dtype),
+            torch.tensor(-1e3, dtype=dtype),
+        ]
+    )[:, None]
     h = params(site, outside, 3.0, torch.Generator().manual_seed(5))
     for reverse in (False, True):
         out, ladj = site(outside, h, reverse=reverse)
@@ -335,8 +355,16 @@ def test_modified_spline_is_identity_plus_bias_outside(dtype):
     site = ModifiedRQSpline()
     b1, b2 = torch.tensor(site.b1, dtype=dtype), torch.tensor(site.b2, dtype=dtype)
     big = torch.tensor(1e9, dtype=dtype)
-    outside = torch.stack([torch.nextafter(b2, big), torch.nextafter(b1, -big), b2 + 0.5, b1 - 0.5,
-                           torch.tensor(1e3, dtype=dtype), torch.tensor(-1e3, dtype=dtype)])[:, None]
+    outside = torch.stack(
+        [
+            torch.nextafter(b2, big),
+            torch.nextafter(b1, -big),
+            b2 + 0.5,
+            b1 - 0.5,
+            torch.tensor(1e3, dtype=dtype),
+            torch.tensor(-1e3, dtype=dtype),
+        ]
+    )[:, None]
     h = params(site, outside, 3.0, torch.Generator().manual_seed(6))
     t = h[:, 3:4]  # per-dimension order: width, height, derivative logits, bias
     out, ladj = site(outside, h)
@@ -438,12 +466,16 @@ def test_extreme_parameters_stay_finite_on_the_edges(kind, dtype):
         assert torch.isfinite(xg.grad).all() and torch.isfinite(hg.grad).all()
 
 
-@pytest.mark.parametrize("kind, dtype", [
-    ("rq-spline", torch.float64),
-    ("rq-spline", torch.float32),  # passes: softplus keeps the rq-spline's knot derivatives near 50 at most
-    ("modified-rq-spline", torch.float64),
-    ("modified-rq-spline", torch.float32),
-], ids=["rq-float64", "rq-float32", "modified-float64", "modified-float32"])
+@pytest.mark.parametrize(
+    "kind, dtype",
+    [
+        ("rq-spline", torch.float64),
+        ("rq-spline", torch.float32),  # passes: softplus keeps the rq-spline's knot derivatives near 50 at most
+        ("modified-rq-spline", torch.float64),
+        ("modified-rq-spline", torch.float32),
+    ],
+    ids=["rq-float64", "rq-float32", "modified-float64", "modified-float32"],
+)
 def test_extreme_parameters_inverse_gradients_finite(kind, dtype):
     """The reverse (sampling) pass's gradients at the y-knots (bias included), at ±B and next to it."""
     site, h = _extremes(kind, dtype)
@@ -462,14 +494,21 @@ _RQ_H[3], _RQ_H[8 + 3], _RQ_H[16 + 3] = 20.0, -20.0, 20.0  # a wide, flat bin 3 
 INVERSE_CASES = [
     # kind, dtype, h, x (None: the interior knot), c'(x)
     ("modified-rq-spline", torch.float32, [0.0, -15.0, 12.0, 0.0], 0.5, 1.0),  # x = B2 exactly: got 0.49801
-    ("modified-rq-spline", torch.float32,
-     [2.582368850708008, 10.830577850341797, 18.575218200683594, 14.944267272949219], 0.4288187026977539, 5.33),  # got -0.5
+    (
+        "modified-rq-spline",
+        torch.float32,
+        [2.582368850708008, 10.830577850341797, 18.575218200683594, 14.944267272949219],
+        0.4288187026977539,
+        5.33,
+    ),  # got -0.5
     ("modified-rq-spline", torch.float64, [-50.0, -50.0, 50.0, 50.0], None, 5.2e21),  # x = interior knot: got -0.5
     ("rq-spline", torch.float32, _RQ_H.tolist(), 2.9754, 2.07),  # got 2.97343
 ]
 
 
-@pytest.mark.parametrize("kind, dtype, h, x, slope", INVERSE_CASES, ids=["mod-f32-B2", "mod-f32-inner", "mod-f64-knot", "rq-f32"])
+@pytest.mark.parametrize(
+    "kind, dtype, h, x, slope", INVERSE_CASES, ids=["mod-f32-B2", "mod-f32-inner", "mod-f64-knot", "rq-f32"]
+)
 def test_inverse_accurate_where_well_conditioned(kind, dtype, h, x, slope):
     site = site_of(kind)
     h = torch.tensor([h], dtype=dtype)
@@ -516,7 +555,10 @@ def test_affine_scales_stay_in_their_intervals():
 def test_prior_site_maps_to_standardised_noise():
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(5, 3, generator=gen, dtype=torch.float64)
-    mean, logs = torch.randn(5, 3, generator=gen, dtype=torch.float64), torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    mean, logs = (
+        torch.randn(5, 3, generator=gen, dtype=torch.float64),
+        torch.randn(5, 3, generator=gen, dtype=torch.float64),
+    )
     h = torch.stack([mean, logs], 2).reshape(5, 6)  # cross: mean 0::2, log σ 1::2
     eps, ladj = GaussianPrior()(x, h)
     assert torch.allclose(eps, (x - mean) / logs.exp())
@@ -544,15 +586,30 @@ def _closed_form_cases(dtype):
     gen = torch.Generator().manual_seed(11)
     cases = []
     for scale in (0.5, 3.0, 20.0, None):
-        h = (EXTREME.double() if scale is None else scale * torch.randn(81, 4, generator=gen, dtype=torch.float64)).to(dtype)
+        h = (EXTREME.double() if scale is None else scale * torch.randn(81, 4, generator=gen, dtype=torch.float64)).to(
+            dtype
+        )
         xk, yk, _, t = site._knots(torch.zeros(len(h), 1, dtype=dtype), h)
         b1, b2, big = (torch.tensor(v, dtype=dtype) for v in (site.b1, site.b2, 1e9))
-        edges = [b1, b2, torch.nextafter(b1, big), torch.nextafter(b1, -big), torch.nextafter(b2, big), torch.nextafter(b2, -big)]
-        columns = [xk[..., k] for k in range(3)] + [yk[..., k] + t for k in range(3)] + [e.expand(len(h), 1) for e in edges]
-        columns += [torch.empty(len(h), 1, dtype=torch.float64).uniform_(-0.6, 0.6, generator=gen).to(dtype),
-                    (3 * torch.randn(len(h), 1, generator=gen, dtype=torch.float64)).to(dtype),
-                    torch.full((len(h), 1), 1e3, dtype=dtype), torch.full((len(h), 1), -math.inf, dtype=dtype),
-                    torch.full((len(h), 1), math.inf, dtype=dtype), torch.full((len(h), 1), math.nan, dtype=dtype)]
+        edges = [
+            b1,
+            b2,
+            torch.nextafter(b1, big),
+            torch.nextafter(b1, -big),
+            torch.nextafter(b2, big),
+            torch.nextafter(b2, -big),
+        ]
+        columns = (
+            [xk[..., k] for k in range(3)] + [yk[..., k] + t for k in range(3)] + [e.expand(len(h), 1) for e in edges]
+        )
+        columns += [
+            torch.empty(len(h), 1, dtype=torch.float64).uniform_(-0.6, 0.6, generator=gen).to(dtype),
+            (3 * torch.randn(len(h), 1, generator=gen, dtype=torch.float64)).to(dtype),
+            torch.full((len(h), 1), 1e3, dtype=dtype),
+            torch.full((len(h), 1), -math.inf, dtype=dtype),
+            torch.full((len(h), 1), math.inf, dtype=dtype),
+            torch.full((len(h), 1), math.nan, dtype=dtype),
+        ]
         for x in columns:
             cases.append((x, h))
     return site, cases
@@ -590,9 +647,16 @@ def test_modified_spline_gradients_equal_general_spline(reverse):
     # one-sided derivatives (the general clamp's minimum / maximum split a tie's gradient in half,
     # and log c' has a kink at the interior knot)
     h = torch.cat([scale * torch.randn(200, 4, generator=gen, dtype=torch.float64) for scale in (0.5, 3.0, 20.0)])
-    x = torch.cat([torch.empty(300, 1, dtype=torch.float64).uniform_(-0.6, 0.6, generator=gen),
-                   3 * torch.randn(300, 1, generator=gen, dtype=torch.float64)])
-    wa, wb = torch.randn(x.shape, generator=gen, dtype=torch.float64), torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    x = torch.cat(
+        [
+            torch.empty(300, 1, dtype=torch.float64).uniform_(-0.6, 0.6, generator=gen),
+            3 * torch.randn(300, 1, generator=gen, dtype=torch.float64),
+        ]
+    )
+    wa, wb = (
+        torch.randn(x.shape, generator=gen, dtype=torch.float64),
+        torch.randn(x.shape, generator=gen, dtype=torch.float64),
+    )
 
     def grads(fn):
         xg, hg = x.clone().requires_grad_(True), h.clone().requires_grad_(True)
@@ -600,10 +664,12 @@ def test_modified_spline_gradients_equal_general_spline(reverse):
         return torch.autograd.grad((out * wa).sum() + (ladj * wb).sum(), (xg, hg))
 
     if reverse:
+
         def general(y, hh):
             back = _general(site, y, hh, inverse=True)[0]
             return back, -_general(site, back, hh)[1]
     else:
+
         def general(xx, hh):
             return _general(site, xx, hh)
 
@@ -623,8 +689,13 @@ def test_modified_spline_gradcheck_and_paths_agree():
     x[0, 0, 0] = 3.0  # a tail point
     h = torch.randn(3, 8, 3, generator=gen, dtype=torch.float64)
     for reverse in (False, True):
-        assert torch.autograd.gradcheck(lambda a, b: site(a, b, reverse=reverse), (x.clone().requires_grad_(True), h.clone().requires_grad_(True)))
-        assert torch.autograd.gradgradcheck(lambda a, b: site(a, b, reverse=reverse)[0], (x.clone().requires_grad_(True), h.clone().requires_grad_(True)))
+        assert torch.autograd.gradcheck(
+            lambda a, b: site(a, b, reverse=reverse), (x.clone().requires_grad_(True), h.clone().requires_grad_(True))
+        )
+        assert torch.autograd.gradgradcheck(
+            lambda a, b: site(a, b, reverse=reverse)[0],
+            (x.clone().requires_grad_(True), h.clone().requires_grad_(True)),
+        )
         with torch.no_grad():
             plain = site(x, h, reverse=reverse)
         tracked = site(x.clone().requires_grad_(True), h.clone().requires_grad_(True), reverse=reverse)
@@ -646,5 +717,7 @@ def test_modified_spline_jacobians_under_vmap_and_torch_func():
             fn = (lambda a: site(a, h)[k]) if wrt == "x" else (lambda b: site(x, b)[k])
             at = x if wrt == "x" else h
             loop = torch.autograd.functional.jacobian(fn, at)
-            assert torch.allclose(torch.autograd.functional.jacobian(fn, at, vectorize=True), loop, rtol=1e-12, atol=1e-14)
+            assert torch.allclose(
+                torch.autograd.functional.jacobian(fn, at, vectorize=True), loop, rtol=1e-12, atol=1e-14
+            )
             assert torch.allclose(torch.func.jacrev(fn)(at), loop, rtol=1e-12, atol=1e-14)

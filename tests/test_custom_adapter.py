@@ -17,13 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-
-import flowaudit
-from flowaudit.adapters import Adapter, ModelError, adapt, load_model
-from flowaudit.adapters import custom
+from flowaudit.adapters import Adapter, ModelError, adapt, custom, load_model
 from flowaudit.adapters.custom import CustomAdapter, site
 from flowaudit.adapters.hooks import HookError
-from flowaudit.cli import cli
+
+import flowaudit
+from flowaudit.cli.main import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,8 +159,14 @@ def test_inspect_and_scan_say_violates(flow):
     assert all(s["inverse_gain"]["max"] > 0 for s in sites)
     from flowaudit.reference_models.toy import toy_data
 
-    scan = flowaudit.scan(flow, toy_data(12, seed=1)[1], ood=toy_data(12, seed=1, ood=True)[1],
-                          fit_data=toy_data(200, seed=0)[1], samples=2, device="cpu")
+    scan = flowaudit.scan(
+        flow,
+        toy_data(12, seed=1)[1],
+        ood=toy_data(12, seed=1, ood=True)[1],
+        fit_data=toy_data(200, seed=0)[1],
+        samples=2,
+        device="cpu",
+    )
     assert scan.violations() == [f"couplings.{i}" for i in range(4)]
     assert scan["ood"]["layers"] == ["encoder.net.1", "encoder.net.3"]
 
@@ -190,6 +195,7 @@ def test_docstring_example_runs():
 
 
 # -- the CLI: `--model module:factory --weights FILE` ----------------------------------------------
+
 
 @pytest.fixture()
 def cli_run(monkeypatch):
@@ -247,7 +253,9 @@ def _one_line_error(res, *words):
 @pytest.mark.parametrize("factory", ["build", "build_adapter"])
 def test_cli_factory_with_weights(cli_run, weights, factory):
     path, fingerprint = weights
-    res = cli_run("inspect", "--model", f"examples.custom_flow:{factory}", "--weights", path, "--json", "--device", "cpu")
+    res = cli_run(
+        "inspect", "--model", f"examples.custom_flow:{factory}", "--weights", path, "--json", "--device", "cpu"
+    )
     assert res.exit_code == 0, res.output
     model = json.loads(res.stdout)["model"]
     assert model["fingerprint"] == fingerprint  # the weights were loaded, not ignored
@@ -263,18 +271,36 @@ def test_weights_with_a_bundled_name_or_a_checkpoint_is_exit_2(cli_run, weights)
 
 def test_weights_that_cannot_be_loaded_are_exit_2(cli_run, weights, factories, tmp_path):
     path, _ = weights
-    _one_line_error(cli_run("inspect", "--model", f"{factories}:not_a_module", "--weights", path), str(path), "dict", "not an nn.Module")
-    _one_line_error(cli_run("inspect", "--model", f"{factories}:adapter_of_no_module", "--weights", path),
-                    str(path), "adapter whose model is a object")
-    _one_line_error(cli_run("inspect", "--model", "examples.custom_flow:Encoder", "--weights", path),
-                    str(path), "does not fit", "missing keys net.0.weight")
+    _one_line_error(
+        cli_run("inspect", "--model", f"{factories}:not_a_module", "--weights", path),
+        str(path),
+        "dict",
+        "not an nn.Module",
+    )
+    _one_line_error(
+        cli_run("inspect", "--model", f"{factories}:adapter_of_no_module", "--weights", path),
+        str(path),
+        "adapter whose model is a object",
+    )
+    _one_line_error(
+        cli_run("inspect", "--model", "examples.custom_flow:Encoder", "--weights", path),
+        str(path),
+        "does not fit",
+        "missing keys net.0.weight",
+    )
     tensor = tmp_path / "t.pt"
     torch.save(torch.zeros(3), tensor)
-    _one_line_error(cli_run("inspect", "--model", "examples.custom_flow:build", "--weights", tensor), str(tensor), "not a state dict")
+    _one_line_error(
+        cli_run("inspect", "--model", "examples.custom_flow:build", "--weights", tensor),
+        str(tensor),
+        "not a state dict",
+    )
 
 
 def test_factory_that_raises_or_is_missing_is_exit_2(cli_run, factories):
-    _one_line_error(cli_run("inspect", "--model", f"{factories}:raises"), f"{factories}:raises", "RuntimeError: no GPU here")
+    _one_line_error(
+        cli_run("inspect", "--model", f"{factories}:raises"), f"{factories}:raises", "RuntimeError: no GPU here"
+    )
     _one_line_error(cli_run("inspect", "--model", f"{factories}:nope"), f"{factories}:nope", "has no attribute")
     _one_line_error(cli_run("inspect", "--model", "no_such_module_xyz:build"), "no_such_module_xyz")
     _one_line_error(cli_run("inspect", "--model", f"{factories}:not_a_module"), "no flowaudit adapter", "CustomAdapter")
@@ -290,6 +316,7 @@ def test_load_model_raises_model_error(weights, factories):
 
 
 # -- declared kinds drive the structural view; unknown ones are measured ----------------------------
+
 
 class ShiftFlow(torch.nn.Module):
     """An additive coupling flow of one's own: x_b ↦ x_b + t(x_a, y) (identity tails: Remark 2 compliant)."""

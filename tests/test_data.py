@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from flowaudit.reference_models import data as D
 from PIL import Image
 from scipy import ndimage
 
-from flowaudit.datasets import ConditionSet, DataError, load_conditions
-from flowaudit.images import read_paired_folder
-from flowaudit.reference_models import data as D
+from flowaudit.io.datasets import ConditionSet, DataError, load_conditions
+from flowaudit.io.images import read_paired_folder
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +51,10 @@ def test_corpus_loads_offline_and_splits_by_image(monkeypatch: pytest.MonkeyPatc
         assert img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.float32, name
         assert 0 <= img.min() and img.max() <= 1 and img.std() > 0.02, name
     # the same pixels no image of the other split holds (no near-duplicate across the split)
-    sigs = {n: np.asarray(D.bicubic_down(torch.from_numpy(a.transpose(2, 0, 1).copy()), 8)).mean((1, 2))
-            for n, a in train + test}
+    sigs = {
+        n: np.asarray(D.bicubic_down(torch.from_numpy(a.transpose(2, 0, 1).copy()), 8)).mean((1, 2))
+        for n, a in train + test
+    }
     assert all(np.abs(sigs[a] - sigs[b]).max() > 1e-3 for a in train_names for b in test_names)
 
 
@@ -151,7 +153,7 @@ def test_sr_patches(test_images) -> None:
     assert not torch.equal(_stack(ds, "hr"), _stack(D.SRPatches(test_images, patch=32, n=12, seed=1), "hr"))
     plain = D.SRPatches(test_images, patch=32, n=12, seed=0, augment=False)
     for i, (img, top, left, _, _) in enumerate(plain.plan):  # unaugmented crops are the image's pixels
-        crop = test_images[img][1][top:top + 32, left:left + 32]
+        crop = test_images[img][1][top : top + 32, left : left + 32]
         assert np.array_equal(plain[i]["hr"].permute(1, 2, 0).numpy(), crop)
         assert any(torch.equal(ds[i]["hr"], t) for t in _dihedral(plain[i]["hr"]))  # same crop, flipped/rotated
     assert any(not torch.equal(ds[i]["hr"], plain[i]["hr"]) for i in range(len(ds)))
@@ -185,16 +187,24 @@ def test_sr_set_round_trip(tmp_path: Path, test_images) -> None:
     assert isinstance(cs, ConditionSet) and len(cs) == 5 and cs.ids == stems
     assert cs.y.shape == (5, 3, 8, 8) and cs.x is not None and cs.x.shape == (5, 3, 32, 32)
     assert cs.y.dtype == torch.float32
-    assert cs.description == {"path": str(out), "kind": "paired lr/hr", "n": 5, "shape": [3, 8, 8],
-                              "n_nonfinite": 0, "target_shape": [3, 32, 32]}
+    assert cs.description == {
+        "path": str(out),
+        "kind": "paired lr/hr",
+        "n": 5,
+        "shape": [3, 8, 8],
+        "n_nonfinite": 0,
+        "target_shape": [3, 32, 32],
+    }
     assert (D.bicubic_down(cs.x, 4) - cs.y).abs().max() <= 0.51 / 255  # LR is the downscaled (quantised) HR
     plain = load_conditions(D.write_sr_set(tmp_path / "plain", test_images, patch=32, scale=4, n=5, seed=1))
     assert plain.ids == cs.ids and cs.x.mean() > plain.x.mean()  # same crops, eurban brightened them
     hr_only = load_conditions(out / "hr")
     assert hr_only.description["kind"] == "images" and hr_only.x is None and torch.equal(hr_only.y, cs.x)
     again = D.write_sr_set(tmp_path / "again", test_images, patch=32, scale=4, n=5, seed=1, transform=D.eurban)
-    assert all((out / "lr" / f).read_bytes() == (again / "lr" / f).read_bytes()
-               for f in (p.name for p in (out / "lr").iterdir()))
+    assert all(
+        (out / "lr" / f).read_bytes() == (again / "lr" / f).read_bytes()
+        for f in (p.name for p in (out / "lr").iterdir())
+    )
 
 
 def test_lowlight_set_round_trip_and_overwrite(tmp_path: Path, test_images) -> None:
@@ -238,14 +248,24 @@ def test_array_files(tmp_path: Path) -> None:
         f["y"], f["x"] = y, x
     with h5py.File(tmp_path / "c.hdf5", "w") as f:
         f["y"] = y.astype(np.float16)
-    for name, kind, has_x in (("c.npy", "npy", False), ("c.npz", "npz", True), ("c.h5", "h5", True),
-                              ("c.hdf5", "h5", False)):
+    for name, kind, has_x in (
+        ("c.npy", "npy", False),
+        ("c.npz", "npz", True),
+        ("c.h5", "h5", True),
+        ("c.hdf5", "h5", False),
+    ):
         cs = load_conditions(tmp_path / name)
         assert cs.y.dtype == torch.float32 and cs.y.shape == (6, 2)
         assert np.allclose(cs.y.numpy(), y, atol=1e-2)
         assert (cs.x is not None) == has_x and cs.ids == [f"row{i}" for i in range(6)]
-        assert cs.description == {"path": str(tmp_path / name), "kind": kind, "n": 6, "shape": [2], "n_nonfinite": 0,
-                                  **({"target_shape": [2]} if has_x else {})}
+        assert cs.description == {
+            "path": str(tmp_path / name),
+            "kind": kind,
+            "n": 6,
+            "shape": [2],
+            "n_nonfinite": 0,
+            **({"target_shape": [2]} if has_x else {}),
+        }
 
 
 def test_single_image_and_gray_png(tmp_path: Path) -> None:
@@ -257,6 +277,7 @@ def test_single_image_and_gray_png(tmp_path: Path) -> None:
 
 def _bad_cases(tmp: Path) -> dict[str, Path]:
     """One path per DataError case, built under ``tmp``."""
+
     def png(path: Path, h: int = 8, w: int = 8) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(path)
@@ -297,8 +318,20 @@ def _bad_cases(tmp: Path) -> dict[str, Path]:
         f.create_group("y")
     with h5py.File(tmp / "len.h5", "w") as f:
         f["y"], f["x"] = np.zeros((3, 2)), np.zeros((4, 2))
-    for name in ("noy.npz", "len.npz", "flat.npy", "nanx.npz", "text.npy", "zero.npy", "corrupt.npy", "corrupt.npz",
-                 "corrupt.h5", "noy.h5", "group.h5", "len.h5"):
+    for name in (
+        "noy.npz",
+        "len.npz",
+        "flat.npy",
+        "nanx.npz",
+        "text.npy",
+        "zero.npy",
+        "corrupt.npy",
+        "corrupt.npz",
+        "corrupt.h5",
+        "noy.h5",
+        "group.h5",
+        "len.h5",
+    ):
         cases[name] = tmp / name
     return cases
 

@@ -8,7 +8,9 @@ import torch
 from flowaudit.demo import demo_sets
 
 
-@pytest.mark.parametrize("task, shapes", [("toy", [(2,), (2,), (2,)]), ("sr", [(3, 8, 8)] * 3), ("lowlight", [(3, 32, 32)] * 3)])
+@pytest.mark.parametrize(
+    "task, shapes", [("toy", [(2,), (2,), (2,)]), ("sr", [(3, 8, 8)] * 3), ("lowlight", [(3, 32, 32)] * 3)]
+)
 def test_demo_sets(task: str, shapes: list[tuple[int, ...]]) -> None:
     sets = demo_sets(task, n_fit=8, n_test=4)
     assert [tuple(cs.y.shape[1:]) for cs in sets] == shapes

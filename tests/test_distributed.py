@@ -15,12 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-import flowaudit
 from flowaudit.adapters import load_model
-from flowaudit.gaussian import GaussianOOD
 from runs import ENV, strip_run_facts
 
+import flowaudit
+from flowaudit.stats.gaussian import GaussianOOD
 
 
 def _free_port() -> int:
@@ -30,8 +29,22 @@ def _free_port() -> int:
 
 
 def _torchrun(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "flowaudit", "-q", *args, "--distributed", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "-m",
+        "flowaudit",
+        "-q",
+        *args,
+        "--distributed",
+        "--device",
+        "cpu",
+    ]
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
 
 
@@ -63,14 +76,32 @@ def test_fit_two_ranks_equals_one_process(data, tmp_path):
 
 def test_scan_two_ranks_equals_one_process(data, tmp_path):
     out = tmp_path / "report"
-    args = ["toy-affine", "--data", str(data / "in.npy"), "--ood-data", str(data / "ood.npy"), "--fit-data", str(data / "fit.npy"), "-k", "4"]
+    args = [
+        "toy-affine",
+        "--data",
+        str(data / "in.npy"),
+        "--ood-data",
+        str(data / "ood.npy"),
+        "--fit-data",
+        str(data / "fit.npy"),
+        "-k",
+        "4",
+    ]
     r = _torchrun("scan", *args, "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("report:") == 1  # rank 0 alone reports
     two = json.loads((out / "report.json").read_text())
     assert two["settings"]["ranks"] == 2
-    one = json.loads(flowaudit.scan(load_model("toy-affine"), str(data / "in.npy"), ood=str(data / "ood.npy"),
-                                    fit_data=str(data / "fit.npy"), samples=4, device="cpu").to_json())
+    one = json.loads(
+        flowaudit.scan(
+            load_model("toy-affine"),
+            str(data / "in.npy"),
+            ood=str(data / "ood.npy"),
+            fit_data=str(data / "fit.npy"),
+            samples=4,
+            device="cpu",
+        ).to_json()
+    )
     one, two = strip_run_facts(one), strip_run_facts(two)
     assert two["inputs"] == one["inputs"]  # per-input records identical
     assert two == one
@@ -82,8 +113,22 @@ def test_attack_two_ranks_equals_one_process(data, tmp_path):
     out = tmp_path / "attack"
     np.save(tmp_path / "y.npy", np.load(data / "in.npy")[:40])
     kw = dict(budget="linf:0.5", starts=40, steps=6, samples=2)
-    r = _torchrun("attack", "toy-affine", "--data", str(tmp_path / "y.npy"), "--budget", kw["budget"], "--starts", "40",
-                  "--steps", "6", "-k", "2", "--out", str(out))
+    r = _torchrun(
+        "attack",
+        "toy-affine",
+        "--data",
+        str(tmp_path / "y.npy"),
+        "--budget",
+        kw["budget"],
+        "--starts",
+        "40",
+        "--steps",
+        "6",
+        "-k",
+        "2",
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("report:") == 1  # rank 0 alone reports
     two = json.loads((out / "report.json").read_text())

@@ -7,17 +7,17 @@ import math
 
 import pytest
 import torch
-from torch import Tensor, nn
-
-import flowaudit
 from flowaudit.adapters import adapt
-from flowaudit.certificate import model_certificate, site_certificate
-from flowaudit.layout import Sampling
 from flowaudit.reference_models import load
 from flowaudit.reference_models.couplings import Elementwise, RQSpline
 from flowaudit.reference_models.toy import Toy2D, toy_data
-from flowaudit.sites import site_entries
-from flowaudit.trace import Tracer
+from torch import Tensor, nn
+
+import flowaudit
+from flowaudit.config.sampling import Sampling
+from flowaudit.evidence.certificate import model_certificate, site_certificate
+from flowaudit.evidence.sites import site_entries
+from flowaudit.tracing.trace import Tracer
 
 
 def _spline_toy(bound: float, steps: int = 0, seed: int = 0) -> Toy2D:
@@ -46,7 +46,9 @@ def test_standard_rq_splines_comply(bound, steps):
         r2 = s["remark2"]
         assert r2["verdict"] == "compliant" and r2["rests_on"] == ["structural", "measured"], r2["words"]
         assert r2["tail_ratio"] == 1.0
-        assert r2["probe"]["abs_x_min"] == pytest.approx(10 * bound) and r2["probe"]["abs_x_max"] == pytest.approx(1e4 * bound)
+        assert r2["probe"]["abs_x_min"] == pytest.approx(10 * bound) and r2["probe"]["abs_x_max"] == pytest.approx(
+            1e4 * bound
+        )
         assert r2["structural"]["tail_start"] == bound
     cert = report["model"]["certificate"]
     assert cert["certified"] and cert["bound"] == pytest.approx(2 * 2 * bound)  # two sites, 2B each
@@ -67,7 +69,9 @@ class DriftingSpline(RQSpline):
         k = self.bins
         p = h.reshape(x.shape[0], x.shape[1], self.params_per_dim, *x.shape[2:]).movedim(2, -1)
         scale = 1 + 1e3 * torch.sigmoid(p[..., -1:])
-        d = self.min_derivative + nn.functional.softplus(p[..., 2 * k : -1] + math.log(math.expm1(1 - self.min_derivative)))
+        d = self.min_derivative + nn.functional.softplus(
+            p[..., 2 * k : -1] + math.log(math.expm1(1 - self.min_derivative))
+        )
         one = torch.ones_like(d[..., :1])
         xk, yk = self._cumknots(p[..., :k]) * scale, self._cumknots(p[..., k : 2 * k]) * scale
         return xk, yk, torch.cat([one, d, one], -1), torch.zeros_like(x)
@@ -99,7 +103,9 @@ def test_affine_sites_are_labelled_by_structure_with_real_measured_figures():
     for s in report["model"]["sites"]:
         r2 = s["remark2"]
         assert r2["verdict"] == "violates" and r2["rests_on"] == ["structural"]
-        assert r2["structural"]["verdict"] == "violates" and r2["structural"]["bound_ratio"] == pytest.approx(1e-4, rel=1e-3)
+        assert r2["structural"]["verdict"] == "violates" and r2["structural"]["bound_ratio"] == pytest.approx(
+            1e-4, rel=1e-3
+        )
         m = r2["measured"]
         for key in ("tail_ratio", "derivative_min", "derivative_max"):
             assert isinstance(m[key], float) and math.isfinite(m[key])
@@ -111,17 +117,21 @@ def test_affine_sites_are_labelled_by_structure_with_real_measured_figures():
     # the attack's evidence plugs in per site
     names = [s.name for s in adapter.sites()]
     tracer = Tracer(Sampling(2, 0.9, 0))
-    wc = {names[0]: {"reached": True, "distance": 15.0, "max_inverse_gain": 2e3}, names[1]: {"reached": False, "distance": None}}
+    wc = {
+        names[0]: {"reached": True, "distance": 15.0, "max_inverse_gain": 2e3},
+        names[1]: {"reached": False, "distance": None},
+    }
     entries = site_entries(adapter, [tracer], 0.5, worst_case=wc)
     assert entries[0]["remark2"]["rests_on"] == ["structural", "worst_case"]
-    assert entries[0]["remark2"]["words"] == ("violates by structure; not measured (site not visited); "
-                                              "reached by the attack at distance 15")
+    assert entries[0]["remark2"]["words"] == (
+        "violates by structure; not measured (site not visited); reached by the attack at distance 15"
+    )
     assert entries[1]["remark2"]["words"].endswith("not reached by the attack")
     assert entries[2]["remark2"]["worst_case"] is None
 
 
 def test_an_unknown_map_is_probed_until_c_prime_settles():
-    from flowaudit.remark2 import measured_evidence
+    from flowaudit.evidence.remark2 import measured_evidence
 
     class Site:
         kind = "unknown"
@@ -176,7 +186,9 @@ def test_reservoir_keeps_every_batch_and_the_largest_gains():
 
 
 def test_scan_probes_parameters_from_every_batch():
-    report = flowaudit.scan(load("toy-modified-rq-spline"), toy_data(40, seed=2)[1], samples=2, batch_size=16, device="cpu")
+    report = flowaudit.scan(
+        load("toy-modified-rq-spline"), toy_data(40, seed=2)[1], samples=2, batch_size=16, device="cpu"
+    )
     for s in report["model"]["sites"]:
         res = s["remark2"]["probe"]["reservoir"]
         # rows from every input and every inverse pass (5 passes of 8 inputs, or 40 of one in exact mode)
@@ -191,9 +203,15 @@ def _displacements(model, y: Tensor, latents: list[Tensor]) -> list[tuple[Elemen
 
     def hook(module, args, kwargs, output):
         if kwargs.get("reverse", args[2] if len(args) > 2 else False):
-            seen.append((module, args[0].detach(), output[0].detach(), (args[1] if len(args) > 1 else kwargs["h"]).detach()))
+            seen.append(
+                (module, args[0].detach(), output[0].detach(), (args[1] if len(args) > 1 else kwargs["h"]).detach())
+            )
 
-    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules() if isinstance(m, Elementwise) and m.kind != "prior"]
+    handles = [
+        m.register_forward_hook(hook, with_kwargs=True)
+        for m in model.modules()
+        if isinstance(m, Elementwise) and m.kind != "prior"
+    ]
     try:
         with torch.no_grad():
             model.reverse(latents, y)
@@ -208,7 +226,11 @@ def test_certificate_holds_under_large_latents(name):
     model = load(name).eval()
     adapter = adapt(model)
     certs = {s.name: site_certificate(s) for s in adapter.sites()}
-    y = toy_data(16, seed=5)[1] if name.startswith("toy") else torch.rand(2, *adapter.condition_shape, generator=torch.Generator().manual_seed(5))
+    y = (
+        toy_data(16, seed=5)[1]
+        if name.startswith("toy")
+        else torch.rand(2, *adapter.condition_shape, generator=torch.Generator().manual_seed(5))
+    )
     latents = [z * 50 for z in adapter.sample_latents(y, 1.0, torch.Generator().manual_seed(0))]  # far out in the tails
     names = {m: n for n, m in model.named_modules()}
     seen = _displacements(model, y, latents)
@@ -218,7 +240,9 @@ def test_certificate_holds_under_large_latents(name):
         assert cert["plus_bias"] and cert["displacement"] == pytest.approx(module.b2 - module.b1)
         t = module._interior(inp, h)[3]
         assert bool(((out - inp).abs() <= cert["displacement"] + t.abs() + 1e-4 * (1 + inp.abs())).all())
-    assert not model_certificate([{"name": n, "remark2": {"structural": {"certificate": c}}} for n, c in certs.items()])["certified"]
+    assert not model_certificate(
+        [{"name": n, "remark2": {"structural": {"certificate": c}}} for n, c in certs.items()]
+    )["certified"]
 
 
 def test_certified_spline_bound_holds_under_large_latents():
@@ -233,10 +257,12 @@ def test_certified_spline_bound_holds_under_large_latents():
 
 def test_reservoir_line_writes_counts_whole():
     """Counts of kept rows, inputs and passes read as whole numbers, not in 3-digit scientific notation."""
-    from flowaudit.text import reservoir_line
+    from flowaudit.render.text import reservoir_line
 
     def site(rows, inputs, batches):
-        return {"remark2": {"probe": {"reservoir": {"budget": 65536, "rows": rows, "inputs": inputs, "batches": batches}}}}
+        return {
+            "remark2": {"probe": {"reservoir": {"budget": 65536, "rows": rows, "inputs": inputs, "batches": batches}}}
+        }
 
     line = reservoir_line({"sites": [site(20000, 2000, 2000), site(20000, 1990, 1990)]})
     assert line.endswith("kept 20,000 sample rows from 1,990–2,000 inputs in 1,990–2,000 inverse passes")

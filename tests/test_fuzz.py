@@ -22,22 +22,27 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from flowaudit.adapters import ModelError, load_model
+from flowaudit.adapters.checkpoint import read_weights
+from flowaudit.reference_models import CHECKPOINT_DIR
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from flowaudit.adapters import ModelError, load_model
-from flowaudit.adapters.checkpoint import read_weights
 from flowaudit.audit import _load_stats
-from flowaudit.datasets import load_conditions
 from flowaudit.errors import AuditError, DataError
-from flowaudit.gaussian import GaussianOOD
-from flowaudit.reference_models import CHECKPOINT_DIR
+from flowaudit.io.datasets import load_conditions
+from flowaudit.stats.gaussian import GaussianOOD
 
 EXAMPLES = int(os.environ.get("FLOWAUDIT_FUZZ_EXAMPLES", "40"))
 pytestmark = pytest.mark.filterwarnings("error::UserWarning")  # shown by default: a second line on the CLI's stderr
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("FLOWAUDIT_FUZZ_RANDOM"),
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], database=None)
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=not os.environ.get("FLOWAUDIT_FUZZ_RANDOM"),
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    database=None,
+)
 TMP = Path(tempfile.mkdtemp(prefix="flowaudit-fuzz-"))
 
 
@@ -131,7 +136,11 @@ def _h5_bytes() -> bytes:
 
 
 @FUZZ
-@given(st.sampled_from(["npy", "npz", "h5"]).flatmap(lambda k: st.tuples(st.just(k), mutants({"npy": NPY, "npz": NPZ, "h5": _h5_bytes()}[k]))))
+@given(
+    st.sampled_from(["npy", "npz", "h5"]).flatmap(
+        lambda k: st.tuples(st.just(k), mutants({"npy": NPY, "npz": NPZ, "h5": _h5_bytes()}[k]))
+    )
+)
 def test_fuzz_condition_arrays(case: tuple[str, bytes]) -> None:
     kind, data = case
     path = _write(f"fuzz.{kind}", data)
@@ -145,9 +154,12 @@ def test_fuzz_condition_arrays(case: tuple[str, bytes]) -> None:
 
 # -- stats files -----------------------------------------------------------------------------------
 
+
 def _stats_bytes() -> bytes:
     path = TMP / "seed-stats.h5"
-    GaussianOOD(estimator="empirical").fit(np.random.default_rng(1).normal(size=(50, 3))).save(path, layers=["<condition>"], pooling="avg")
+    GaussianOOD(estimator="empirical").fit(np.random.default_rng(1).normal(size=(50, 3))).save(
+        path, layers=["<condition>"], pooling="avg"
+    )
     return path.read_bytes()
 
 
@@ -195,10 +207,15 @@ def test_fuzz_images(case: tuple[str, bytes]) -> None:
 
 def test_fuzz_regressions(tmp_path: Path) -> None:
     """Inputs the fuzz found: a zip end record claiming several disks; a pickle that trips an assert in torch."""
-    for name, base, at, value in (("disk.pt", SMALL_PT, 1539, 1), ("toy-disk.pt", TOY_BYTES, 268035, 1),
-                                  ("assert.pt", TOY_BYTES, 1642, 75)):
+    for name, base, at, value in (
+        ("disk.pt", SMALL_PT, 1539, 1),
+        ("toy-disk.pt", TOY_BYTES, 268035, 1),
+        ("assert.pt", TOY_BYTES, 1642, 75),
+    ):
         data = bytearray(base)
-        data[at] = value  # found by the fuzz: is_zipfile raising "… span multiple disks"; torch asserting "expected dict"
+        data[at] = (
+            value  # found by the fuzz: is_zipfile raising "… span multiple disks"; torch asserting "expected dict"
+        )
         with pytest.raises(ModelError, match="corrupt or truncated"):
             load_model(str(_write(name, bytes(data))))
 
@@ -211,7 +228,7 @@ def _segfault(path) -> None:
 
 def test_a_crashing_reader_is_refused_not_fatal(tmp_path: Path) -> None:
     """A native reader that segfaults on a file kills only the throwaway child; the file is refused in one line."""
-    from flowaudit.untrusted import ReaderCrashed, survives
+    from flowaudit.io.untrusted import ReaderCrashed, survives
 
     with pytest.raises(ReaderCrashed, match="crashed on it with SIGSEGV"):
         survives(_segfault, tmp_path / "x.h5")

@@ -1,4 +1,4 @@
-"""Tests for flowaudit.gaussian (Mahalanobis s_OOD) and the atomic writer."""
+"""Tests for flowaudit.stats.gaussian (Mahalanobis s_OOD) and the atomic writer."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from sklearn.base import clone
 from sklearn.covariance import OAS, EmpiricalCovariance, LedoitWolf, ledoit_wolf
 from sklearn.exceptions import NotFittedError
 
-from flowaudit.reference_models.atomic import atomic_path, atomic_dir
-from flowaudit.gaussian import ESTIMATORS, GaussianOOD
+from flowaudit.stats.gaussian import ESTIMATORS, GaussianOOD
+from flowaudit.utils.atomic import atomic_dir, atomic_path
 
 SKLEARN = {"empirical": EmpiricalCovariance, "ledoit-wolf": LedoitWolf, "oas": OAS}
 TOL = 1e-8
@@ -135,7 +135,9 @@ def test_few_inputs() -> None:
     for estimator in ("ledoit-wolf", "oas"):
         assert np.isfinite(GaussianOOD(estimator=estimator).fit(X).score(X)).all()
     for n in (30, 50):  # n < D and n = D
-        with pytest.raises(ValueError, match=r"singular: use a shrinkage estimator \(estimator='ledoit-wolf' or 'oas'\)"):
+        with pytest.raises(
+            ValueError, match=r"singular: use a shrinkage estimator \(estimator='ledoit-wolf' or 'oas'\)"
+        ):
             GaussianOOD(estimator="empirical").fit(correlated(n, 50, seed=7))
     for seed in range(6):  # n > D, rank D - 1: round-off makes Cholesky fail or pass with a ~1e-15 pivot
         collinear = correlated(200, 5, seed=seed)
@@ -194,7 +196,9 @@ def test_save_load_roundtrip(tmp_path) -> None:
     X = correlated(400, 9, seed=12)
     X[3] = np.nan
     est = GaussianOOD(estimator="oas").fit(X)
-    meta = dict(layers=["rrdb.1", "rrdb.8"], pooling="avg", fingerprint="ab12", data="train/", model="toy", seed=3, tau=0.9)
+    meta = dict(
+        layers=["rrdb.1", "rrdb.8"], pooling="avg", fingerprint="ab12", data="train/", model="toy", seed=3, tau=0.9
+    )
     path = tmp_path / "stats.h5"
     est.save(path, **meta)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.h5"]

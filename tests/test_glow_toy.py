@@ -13,17 +13,14 @@ import math
 
 import pytest
 import torch
-
 from flowaudit.reference_models import build, load, load_checkpoint, training
 from flowaudit.reference_models.couplings import KINDS, Elementwise
 from flowaudit.reference_models.glow import ActNorm, InvConv1x1
 from flowaudit.reference_models.recipes import TOY_TRAIN_SIZE, train_toy
-from flowaudit.reference_models.toy import A, M, OOD_SHIFT, Toy2D, toy_data
+from flowaudit.reference_models.toy import OOD_SHIFT, A, M, Toy2D, toy_data
 
 SHAPES = {"vector": (6, 3), "image": (3, 3, 2, 4)}  # (B, C, *S)
 TINY = dict(steps=2, hidden=8, depth=1, feature_dim=4)
-
-
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -98,8 +95,9 @@ def _random_invconv(c, fixed=False):
 @pytest.mark.parametrize("which", ["actnorm", "invconv", "invconv-fixed"])
 def test_glow_layer_round_trip_and_logdet_match_autograd(which, shape):
     c = shape[1]
-    layer = (_random_actnorm(c, len(shape) - 2) if which == "actnorm"
-             else _random_invconv(c, fixed=which.endswith("fixed")))
+    layer = (
+        _random_actnorm(c, len(shape) - 2) if which == "actnorm" else _random_invconv(c, fixed=which.endswith("fixed"))
+    )
     x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         y, logdet = layer(x)
@@ -276,8 +274,17 @@ def small_batches(n: int = 512, batch: int = 64, seed: int = 0):
 def run_train(out, iters, batches=None, resume=None, checkpoint_every=1000, kind="rq-spline", init_seed=123):
     torch.manual_seed(init_seed)
     model = Toy2D(kind, **TINY)
-    result = training.train(model, batches or small_batches(), iters=iters, lr=1e-2, out=out, seed=3,
-                            checkpoint_every=checkpoint_every, resume=resume, progress=False)
+    result = training.train(
+        model,
+        batches or small_batches(),
+        iters=iters,
+        lr=1e-2,
+        out=out,
+        seed=3,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        progress=False,
+    )
     return model, result
 
 
@@ -289,8 +296,11 @@ def test_train_toy_writes_a_weights_only_checkpoint_with_its_provenance(tmp_path
     state = load_checkpoint(out)
     assert state.keys() == raw.keys()
     assert state["format"] == training.CHECKPOINT_FORMAT and state["task"] == "toy"
-    assert state["config"] == Toy2D("modified-rq-spline", **TINY).config == {
-        "coupling": "modified-rq-spline", **TINY, "zero_init": True}
+    assert (
+        state["config"]
+        == Toy2D("modified-rq-spline", **TINY).config
+        == {"coupling": "modified-rq-spline", **TINY, "zero_init": True}
+    )
     assert state["seed"] == 3 and state["step"] == state["iters"] == 30 and state["skipped_steps"] == 0
     assert state["data"] == {"name": "toy", "n": TOY_TRAIN_SIZE, "seed": 3, "noise": 0.01}
     assert {"optimizer", "rng", "history", "lr"} <= state.keys()
@@ -333,12 +343,22 @@ def test_train_toy_resume_continues_and_refuses_another_config(tmp_path):
     torch.manual_seed(0)
     train_toy("affine", out=tmp_path / "b.pt", iters=20, batch=64, seed=1, progress=False, **TINY)
     torch.manual_seed(1)  # whatever the global state now, the resumed run continues from the file
-    resumed = train_toy("affine", out=tmp_path / "b.pt", iters=40, batch=64, seed=1, resume=True, progress=False, **TINY)
+    resumed = train_toy(
+        "affine", out=tmp_path / "b.pt", iters=40, batch=64, seed=1, resume=True, progress=False, **TINY
+    )
     assert resumed["step"] == 40
     assert same_state(resumed["state_dict"], straight["state_dict"])
     with pytest.raises(ValueError, match="cannot resume"):
-        train_toy("affine", out=tmp_path / "b.pt", iters=60, batch=64, seed=1, resume=True, progress=False,
-                  **{**TINY, "hidden": 12})
+        train_toy(
+            "affine",
+            out=tmp_path / "b.pt",
+            iters=60,
+            batch=64,
+            seed=1,
+            resume=True,
+            progress=False,
+            **{**TINY, "hidden": 12},
+        )
 
 
 def test_train_toy_is_reproducible_from_its_seed(tmp_path):
@@ -367,8 +387,9 @@ def test_a_nan_batch_is_skipped_counted_and_leaves_the_weights_alone(tmp_path):
     torch.manual_seed(123)
     model = Toy2D("affine", **TINY)
     record: dict[int, dict] = {}
-    result = training.train(model, _nan_at(3, record, [model]), iters=8, lr=1e-2, out=tmp_path / "n.pt",
-                            seed=3, progress=False)
+    result = training.train(
+        model, _nan_at(3, record, [model]), iters=8, lr=1e-2, out=tmp_path / "n.pt", seed=3, progress=False
+    )
     assert result["skipped_steps"] == 1 and load_checkpoint(tmp_path / "n.pt")["skipped_steps"] == 1
     assert same_state(record[4], record[3])  # the NaN step changed nothing
     assert not same_state(record[3], record[2]) and not same_state(record[5], record[4])  # the others did
@@ -380,8 +401,7 @@ def test_a_nan_batch_is_skipped_counted_and_leaves_the_weights_alone(tmp_path):
 def test_a_nan_first_batch_is_skipped_like_any_other(tmp_path):
     torch.manual_seed(123)
     model = Toy2D("affine", **TINY)
-    result = training.train(model, _nan_at(0, {}, []), iters=6, lr=1e-2, out=tmp_path / "n0.pt", seed=3,
-                            progress=False)
+    result = training.train(model, _nan_at(0, {}, []), iters=6, lr=1e-2, out=tmp_path / "n0.pt", seed=3, progress=False)
     assert all(torch.isfinite(v).all() for v in snapshot(model).values())
     assert result["skipped_steps"] == 1
 

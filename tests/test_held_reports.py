@@ -15,11 +15,11 @@ import contextlib
 
 import pytest
 import torch
+from flowaudit.adapters.hooks import HeldReports
 from torch import Tensor
 
-from flowaudit.adapters.hooks import HeldReports
-from flowaudit.layout import Sampling
-from flowaudit.trace import Tracer
+from flowaudit.config.sampling import Sampling
+from flowaudit.tracing.trace import Tracer
 
 
 def _log(calls: list):
@@ -72,10 +72,24 @@ def _bundled_flows():
     tiny = dict(nf=8, nb=2, gc=4, hidden_channels=8)
     for kind in KINDS:
         yield f"toy-{kind}", build("toy", {"coupling": kind, "hidden": 8}), torch.randn(2, 2)
-        yield f"sr-{kind}", build("sr", {**tiny, "scale": 4, "L": 2, "K": 2, "patch": 16, "coupling": kind}), torch.rand(2, 3, 4, 4)
-        yield f"lowlight-{kind}", build("lowlight", {**tiny, "L": 2, "K": 2, "patch": 16, "coupling": kind}), torch.rand(2, 3, 16, 16)
-    yield "sr-ncsr", build("sr", {**tiny, "scale": 4, "L": 2, "K": 2, "patch": 16, "residual": True, "std_channels": 3,
-                                  "std_steps": [0, 1]}), torch.rand(2, 3, 4, 4)
+        yield (
+            f"sr-{kind}",
+            build("sr", {**tiny, "scale": 4, "L": 2, "K": 2, "patch": 16, "coupling": kind}),
+            torch.rand(2, 3, 4, 4),
+        )
+        yield (
+            f"lowlight-{kind}",
+            build("lowlight", {**tiny, "L": 2, "K": 2, "patch": 16, "coupling": kind}),
+            torch.rand(2, 3, 16, 16),
+        )
+    yield (
+        "sr-ncsr",
+        build(
+            "sr",
+            {**tiny, "scale": 4, "L": 2, "K": 2, "patch": 16, "residual": True, "std_channels": 3, "std_steps": [0, 1]},
+        ),
+        torch.rand(2, 3, 4, 4),
+    )
 
 
 def _all_state(t: Tracer) -> list:
@@ -131,7 +145,9 @@ def test_held_reports_are_made_when_the_pass_returns_and_dropped_if_it_raises():
     from flowaudit.adapters import adapt
     from flowaudit.reference_models import build
 
-    a = adapt(build("sr", {"nf": 8, "nb": 2, "gc": 4, "hidden_channels": 8, "scale": 4, "L": 2, "K": 2, "patch": 16}).eval())
+    a = adapt(
+        build("sr", {"nf": 8, "nb": 2, "gc": 4, "hidden_channels": 8, "scale": 4, "L": 2, "K": 2, "patch": 16}).eval()
+    )
     y = torch.rand(4, 3, 4, 4)
     z = a.sample_latents(y, 0.9, torch.Generator().manual_seed(0))
     running, reverse = [False], a.model.reverse

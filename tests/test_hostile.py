@@ -1,6 +1,6 @@
 """The hostile and broken input catalogue (issue 11): every user mistake and bad file → exit 2.
 
-Each case runs the real command line (``CliRunner`` on ``flowaudit.cli:cli``) and asserts the
+Each case runs the real command line (``CliRunner`` on ``flowaudit.cli.main:cli``) and asserts the
 contract of DESIGN.md §4: exit code 2, exactly one line on stderr that starts
 ``flowaudit: error:`` and names the file or option at fault, no traceback, and nothing left where
 the output would have gone (no folder, no file, no ``.tmp`` or ``.lock`` sibling).
@@ -23,16 +23,16 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
-
-from flowaudit.cli import cli
 from flowaudit.reference_models import CHECKPOINT_DIR, build, load_checkpoint
 from flowaudit.reference_models.training import save_checkpoint
+from PIL import Image
+
+from flowaudit.cli.main import cli
 
 TOY = str(CHECKPOINT_DIR / "toy-affine.pt")
 TINY_SR = dict(scale=4, L=3, K=1, nf=8, nb=2, gc=4, hidden_channels=8, patch=16)
 
-FACTORIES = '''
+FACTORIES = """
 import torch
 
 
@@ -46,7 +46,7 @@ def not_a_module():
 
 def linear():
     return torch.nn.Linear(2, 2)
-'''
+"""
 
 
 def _png(path: Path, h: int = 8, w: int = 8, seed: int = 0) -> None:
@@ -68,9 +68,14 @@ def files(tmp_path_factory) -> Path:
     """Every broken input of the catalogue, built once."""
     f = tmp_path_factory.mktemp("hostile")
     runner = CliRunner()
-    assert runner.invoke(cli, ["data", "toy", "--out", str(f / "train.npz"), "--n", "300", "--seed", "0"]).exit_code == 0
+    assert (
+        runner.invoke(cli, ["data", "toy", "--out", str(f / "train.npz"), "--n", "300", "--seed", "0"]).exit_code == 0
+    )
     assert runner.invoke(cli, ["data", "toy", "--out", str(f / "test.npz"), "--n", "20"]).exit_code == 0
-    res = runner.invoke(cli, ["-q", "fit", "toy-affine", "--data", str(f / "train.npz"), "--out", str(f / "stats.h5"), "--device", "cpu"])
+    res = runner.invoke(
+        cli,
+        ["-q", "fit", "toy-affine", "--data", str(f / "train.npz"), "--out", str(f / "stats.h5"), "--device", "cpu"],
+    )
     assert res.exit_code == 0, res.output
     toy_bytes = Path(TOY).read_bytes()
     # checkpoints
@@ -94,8 +99,15 @@ def files(tmp_path_factory) -> Path:
     state["state_dict"].pop(next(iter(state["state_dict"])))
     torch.save(state, f / "missingkey.pt")
     _reference(f, "mismatch.pt", config={**load_checkpoint(TOY)["config"], "hidden": 32})
-    torch.save({"format": "flowaudit-reference/1", "task": "toy", "config": load_checkpoint(TOY)["config"], "state_dict": [1, 2]},
-               f / "statelist.pt")
+    torch.save(
+        {
+            "format": "flowaudit-reference/1",
+            "task": "toy",
+            "config": load_checkpoint(TOY)["config"],
+            "state_dict": [1, 2],
+        },
+        f / "statelist.pt",
+    )
     (f / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
     (f / "hugeheader.safetensors").write_bytes((2**60).to_bytes(8, "little") + b"{}")
     (f / "empty.safetensors").write_bytes(b"")
@@ -138,13 +150,29 @@ def files(tmp_path_factory) -> Path:
     (f / "truncstats.h5").write_bytes(stats_bytes[: len(stats_bytes) // 3])
     with h5py.File(f / "foreign.h5", "w") as h:
         h["data"] = np.zeros(3)
-    for name, edit in (("newer.h5", lambda h: h.attrs.__setitem__("format_version", 99)),
-                       ("nochol.h5", lambda h: h.__delitem__("cholesky"))):
+    for name, edit in (
+        ("newer.h5", lambda h: h.attrs.__setitem__("format_version", 99)),
+        ("nochol.h5", lambda h: h.__delitem__("cholesky")),
+    ):
         (f / name).write_bytes(stats_bytes)
         with h5py.File(f / name, "a") as h:
             edit(h)
-    res = runner.invoke(cli, ["-q", "fit", "toy-affine", "--data", str(f / "train.npz"), "--out", str(f / "avgstd.h5"),
-                              "--pooling", "avgstd", "--device", "cpu"])
+    res = runner.invoke(
+        cli,
+        [
+            "-q",
+            "fit",
+            "toy-affine",
+            "--data",
+            str(f / "train.npz"),
+            "--out",
+            str(f / "avgstd.h5"),
+            "--pooling",
+            "avgstd",
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
     (f / "notjson.json").write_text("{nope")
     (f / "unknownopt.json").write_text(json.dumps({"no_such_option": 1}))
@@ -185,39 +213,99 @@ CASES = [
     ("ckpt-missing-key", scan_model("{F}/missingkey.pt"), "{F}/missingkey.pt: weights do not fit its config"),
     ("ckpt-shape-mismatch", scan_model("{F}/mismatch.pt"), "{F}/mismatch.pt: weights do not fit its config"),
     ("ckpt-state-dict-list", scan_model("{F}/statelist.pt"), "'state_dict' is a list"),
-    ("ckpt-corrupt-safetensors", scan_model("{F}/corrupt.safetensors"), "{F}/corrupt.safetensors: corrupt .safetensors"),
+    (
+        "ckpt-corrupt-safetensors",
+        scan_model("{F}/corrupt.safetensors"),
+        "{F}/corrupt.safetensors: corrupt .safetensors",
+    ),
     ("ckpt-safetensors-huge-header", scan_model("{F}/hugeheader.safetensors"), "corrupt .safetensors"),
     ("ckpt-empty-safetensors", scan_model("{F}/empty.safetensors"), "empty file"),
     ("ckpt-a-folder", scan_model("{F}/ckptdir.pt"), "{F}/ckptdir.pt: is a folder"),
     ("model-unknown-name", scan_model("no-such-model"), "'no-such-model' is neither a bundled model"),
     ("max-parameters-zero", scan_model("toy-affine", "--max-parameters", "0"), "--max-parameters"),
     # -- module:factory and --weights -------------------------------------------------------------
-    ("factory-raises", ["scan", "--model", "factories_hostile:raises", "--data", "{F}/test.npz", "--out", "{OUT}"],
-     "--model factories_hostile:raises: the factory raised RuntimeError: no GPU here"),
-    ("factory-not-importable", ["scan", "--model", "no_such_pkg_xyz:make", "--data", "{F}/test.npz", "--out", "{OUT}"],
-     "cannot import 'no_such_pkg_xyz:make'"),
-    ("factory-not-a-flow", ["scan", "--model", "factories_hostile:not_a_module", "--data", "{F}/test.npz", "--out", "{OUT}"],
-     "--model factories_hostile:not_a_module"),
-    ("factory-spec-malformed", ["scan", "--model", "justamodule:", "--data", "{F}/test.npz", "--out", "{OUT}"],
-     "expected package.module:factory"),
-    ("weights-with-bundled-name", scan_model("toy-affine", "--weights", "{F}/wrongweights.pt"),
-     "--weights {F}/wrongweights.pt: cannot be used with the bundled model 'toy-affine'"),
-    ("weights-do-not-fit", ["scan", "--model", "factories_hostile:linear", "--weights", "{F}/wrongweights.pt",
-                            "--data", "{F}/test.npz", "--out", "{OUT}"], "--weights {F}/wrongweights.pt: does not fit"),
-    ("weights-corrupt", ["scan", "--model", "factories_hostile:linear", "--weights", "{F}/truncated.pt",
-                         "--data", "{F}/test.npz", "--out", "{OUT}"], "{F}/truncated.pt: corrupt or truncated weights file"),
-    ("model-and-factory", ["scan", "toy-affine", "--model", "factories_hostile:linear", "--data", "{F}/test.npz", "--out", "{OUT}"],
-     "give MODEL"),
+    (
+        "factory-raises",
+        ["scan", "--model", "factories_hostile:raises", "--data", "{F}/test.npz", "--out", "{OUT}"],
+        "--model factories_hostile:raises: the factory raised RuntimeError: no GPU here",
+    ),
+    (
+        "factory-not-importable",
+        ["scan", "--model", "no_such_pkg_xyz:make", "--data", "{F}/test.npz", "--out", "{OUT}"],
+        "cannot import 'no_such_pkg_xyz:make'",
+    ),
+    (
+        "factory-not-a-flow",
+        ["scan", "--model", "factories_hostile:not_a_module", "--data", "{F}/test.npz", "--out", "{OUT}"],
+        "--model factories_hostile:not_a_module",
+    ),
+    (
+        "factory-spec-malformed",
+        ["scan", "--model", "justamodule:", "--data", "{F}/test.npz", "--out", "{OUT}"],
+        "expected package.module:factory",
+    ),
+    (
+        "weights-with-bundled-name",
+        scan_model("toy-affine", "--weights", "{F}/wrongweights.pt"),
+        "--weights {F}/wrongweights.pt: cannot be used with the bundled model 'toy-affine'",
+    ),
+    (
+        "weights-do-not-fit",
+        [
+            "scan",
+            "--model",
+            "factories_hostile:linear",
+            "--weights",
+            "{F}/wrongweights.pt",
+            "--data",
+            "{F}/test.npz",
+            "--out",
+            "{OUT}",
+        ],
+        "--weights {F}/wrongweights.pt: does not fit",
+    ),
+    (
+        "weights-corrupt",
+        [
+            "scan",
+            "--model",
+            "factories_hostile:linear",
+            "--weights",
+            "{F}/truncated.pt",
+            "--data",
+            "{F}/test.npz",
+            "--out",
+            "{OUT}",
+        ],
+        "{F}/truncated.pt: corrupt or truncated weights file",
+    ),
+    (
+        "model-and-factory",
+        ["scan", "toy-affine", "--model", "factories_hostile:linear", "--data", "{F}/test.npz", "--out", "{OUT}"],
+        "give MODEL",
+    ),
     # -- data -------------------------------------------------------------------------------------
     ("data-missing", scan_data("{F}/nothere.npz"), "'{F}/nothere.npz' does not exist"),
     ("data-empty-folder", scan_data("{F}/emptydir"), "{F}/emptydir: no PNG/JPEG images"),
     ("data-unreadable-image", scan_data("{F}/unreadable", "{F}/tiny_sr.pt"), "{F}/unreadable/b.png: unreadable image"),
     ("data-truncated-image", scan_data("{F}/trunc", "{F}/tiny_sr.pt"), "{F}/trunc/b.png: unreadable image"),
     ("data-mixed-sizes", scan_data("{F}/sizes", "{F}/tiny_sr.pt"), "differ in size"),
-    ("data-lr-size-vs-squeeze", scan_data("{F}/lr5", "{F}/tiny_sr.pt"), "--data {F}/lr5: an LR size 5×5 (×4 = 20×20) does not divide"),
-    ("data-image-for-vector-model", scan_data("{F}/rgb4"), "--data {F}/rgb4: conditions have shape (3, 4, 4), the model expects (2,)"),
+    (
+        "data-lr-size-vs-squeeze",
+        scan_data("{F}/lr5", "{F}/tiny_sr.pt"),
+        "--data {F}/lr5: an LR size 5×5 (×4 = 20×20) does not divide",
+    ),
+    (
+        "data-image-for-vector-model",
+        scan_data("{F}/rgb4"),
+        "--data {F}/rgb4: conditions have shape (3, 4, 4), the model expects (2,)",
+    ),
     ("data-wrong-channels", scan_data("{F}/onechannel.npy", "{F}/tiny_sr.pt"), "conditions have shape (1, 4, 4)"),
-    ("data-wrong-shape", scan_data("{F}/wrongshape.npy"), "--data {F}/wrongshape.npy: conditions have shape (3,), the model expects (2,)"),
+    (
+        "data-wrong-shape",
+        scan_data("{F}/wrongshape.npy"),
+        "--data {F}/wrongshape.npy: conditions have shape (3,), the model expects (2,)",
+    ),
     ("data-one-dimensional", scan_data("{F}/flat.npy"), "{F}/flat.npy: array 'y' has shape (4,)"),
     ("data-string-dtype", scan_data("{F}/strings.npy"), "not numeric"),
     ("data-complex-dtype", scan_data("{F}/complex.npy"), "{F}/complex.npy: array 'y' has dtype complex64, not numeric"),
@@ -231,28 +319,59 @@ CASES = [
     ("data-unknown-format", scan_data("{F}/data.txt"), "{F}/data.txt: unknown data format"),
     ("ood-data-wrong-shape", [*SCAN, "--ood-data", "{F}/wrongshape.npy"], "--ood-data {F}/wrongshape.npy"),
     ("fit-data-all-nan", [*SCAN, "--fit-data", "{F}/allnan.npy"], "{F}/allnan.npy: every condition"),
-    ("attack-all-nan", ["attack", "toy-affine", "--data", "{F}/allnan.npy", "--device", "cpu", "--out", "{OUT}"],
-     "{F}/allnan.npy: every condition"),
-    ("attack-bad-checkpoint", ["attack", "{F}/noconfig.pt", "--data", "{F}/test.npz", "--device", "cpu", "--out", "{OUT}"],
-     "{F}/noconfig.pt: reference checkpoint without 'config'"),
-    ("attack-bad-budget", ["attack", "toy-affine", "--data", "{F}/test.npz", "--budget", "linf:lots", "--out", "{OUT}"], "--budget"),
-    ("inspect-lr-size", ["inspect", "{F}/tiny_sr.pt", "--data", "{F}/lr5", "--device", "cpu"], "does not divide by the model's 2^L"),
-    ("fit-wrong-shape", ["fit", "toy-affine", "--data", "{F}/wrongshape.npy", "--out", "{OUT}", "--device", "cpu"],
-     "--data {F}/wrongshape.npy: conditions have shape (3,)"),
+    (
+        "attack-all-nan",
+        ["attack", "toy-affine", "--data", "{F}/allnan.npy", "--device", "cpu", "--out", "{OUT}"],
+        "{F}/allnan.npy: every condition",
+    ),
+    (
+        "attack-bad-checkpoint",
+        ["attack", "{F}/noconfig.pt", "--data", "{F}/test.npz", "--device", "cpu", "--out", "{OUT}"],
+        "{F}/noconfig.pt: reference checkpoint without 'config'",
+    ),
+    (
+        "attack-bad-budget",
+        ["attack", "toy-affine", "--data", "{F}/test.npz", "--budget", "linf:lots", "--out", "{OUT}"],
+        "--budget",
+    ),
+    (
+        "inspect-lr-size",
+        ["inspect", "{F}/tiny_sr.pt", "--data", "{F}/lr5", "--device", "cpu"],
+        "does not divide by the model's 2^L",
+    ),
+    (
+        "fit-wrong-shape",
+        ["fit", "toy-affine", "--data", "{F}/wrongshape.npy", "--out", "{OUT}", "--device", "cpu"],
+        "--data {F}/wrongshape.npy: conditions have shape (3,)",
+    ),
     # -- stats files ------------------------------------------------------------------------------
     ("stats-not-hdf5", [*SCAN, "--stats", "{F}/nothdf5.h5"], "{F}/nothdf5.h5"),
     ("stats-truncated", [*SCAN, "--stats", "{F}/truncstats.h5"], "{F}/truncstats.h5"),
     ("stats-foreign-hdf5", [*SCAN, "--stats", "{F}/foreign.h5"], "not a flowaudit stats file"),
     ("stats-newer-version", [*SCAN, "--stats", "{F}/newer.h5"], "newer flowaudit"),
     ("stats-missing-dataset", [*SCAN, "--stats", "{F}/nochol.h5"], "not a valid flowaudit stats file"),
-    ("stats-other-model", scan_model("toy-modified-rq-spline", "--stats", "{F}/stats.h5"), "{F}/stats.h5 was fitted on weights"),
+    (
+        "stats-other-model",
+        scan_model("toy-modified-rq-spline", "--stats", "{F}/stats.h5"),
+        "{F}/stats.h5 was fitted on weights",
+    ),
     ("stats-other-pooling", [*SCAN, "--stats", "{F}/avgstd.h5"], "{F}/avgstd.h5 was fitted on layers"),
-    ("stats-and-fit-data", [*SCAN, "--stats", "{F}/stats.h5", "--fit-data", "{F}/train.npz"], "give --stats or --fit-data"),
+    (
+        "stats-and-fit-data",
+        [*SCAN, "--stats", "{F}/stats.h5", "--fit-data", "{F}/train.npz"],
+        "give --stats or --fit-data",
+    ),
     # -- options and devices ----------------------------------------------------------------------
-    ("device-nonsense", ["scan", "toy-affine", "--data", "{F}/test.npz", "--device", "nonsense", "--out", "{OUT}"],
-     "unknown device 'nonsense'"),
-    ("device-cuda-absent", ["scan", "toy-affine", "--data", "{F}/test.npz", "--device", "cuda", "--out", "{OUT}"],
-     "CUDA is not available"),
+    (
+        "device-nonsense",
+        ["scan", "toy-affine", "--data", "{F}/test.npz", "--device", "nonsense", "--out", "{OUT}"],
+        "unknown device 'nonsense'",
+    ),
+    (
+        "device-cuda-absent",
+        ["scan", "toy-affine", "--data", "{F}/test.npz", "--device", "cuda", "--out", "{OUT}"],
+        "CUDA is not available",
+    ),
     ("samples-zero", [*SCAN, "--samples", "0"], "'--samples'"),
     ("samples-not-a-number", [*SCAN, "--samples", "many"], "'--samples'"),
     ("temperature-negative", [*SCAN, "--temperature", "-1"], "'--temperature'"),
@@ -260,21 +379,40 @@ CASES = [
     ("fail-on-unknown", [*SCAN, "--fail-on", "sometimes"], "'--fail-on'"),
     ("out-missing", ["scan", "toy-affine", "--data", "{F}/test.npz"], "'--out'"),
     ("out-parents-absent", scan_data("{F}/wrongshape.npy")[:-1] + ["{OUT}/a/b/report"], "--data {F}/wrongshape.npy"),
-    ("layers-unknown", ["fit", "toy-affine", "--data", "{F}/train.npz", "--out", "{OUT}", "--layers", "nope", "--device", "cpu"], "nope"),
+    (
+        "layers-unknown",
+        ["fit", "toy-affine", "--data", "{F}/train.npz", "--out", "{OUT}", "--layers", "nope", "--device", "cpu"],
+        "nope",
+    ),
     ("unknown-option", [*SCAN, "--sampels", "3"], "--sampels"),
     ("unknown-command", ["scna", "toy-affine"], "scna"),
     ("unknown-group-option", ["--bogus", "scan"], "No such option '--bogus'"),
     ("inspect-no-model", ["inspect"], "give MODEL"),
-    ("train-config-not-json", ["train", "sr", "--config", "{F}/notjson.json", "--iters", "1", "--out", "{OUT}"],
-     "--config {F}/notjson.json: not JSON"),
-    ("train-config-unknown", ["train", "sr", "--config", "{F}/unknownopt.json", "--iters", "1", "--out", "{OUT}"],
-     "unknown option 'no_such_option'"),
-    ("train-from-truncated", ["train", "sr", "--from", "{F}/truncated.pt", "--iters", "1", "--out", "{OUT}"],
-     "{F}/truncated.pt: unreadable checkpoint"),
-    ("train-from-no-config", ["train", "lowlight", "--from", "{F}/noconfig.pt", "--iters", "1", "--out", "{OUT}"],
-     "{F}/noconfig.pt: reference checkpoint without 'config'"),
-    ("train-from-not-ours", ["train", "sr", "--from", "{F}/layout.pt", "--iters", "1", "--out", "{OUT}"],
-     "{F}/layout.pt: not a flowaudit reference checkpoint"),
+    (
+        "train-config-not-json",
+        ["train", "sr", "--config", "{F}/notjson.json", "--iters", "1", "--out", "{OUT}"],
+        "--config {F}/notjson.json: not JSON",
+    ),
+    (
+        "train-config-unknown",
+        ["train", "sr", "--config", "{F}/unknownopt.json", "--iters", "1", "--out", "{OUT}"],
+        "unknown option 'no_such_option'",
+    ),
+    (
+        "train-from-truncated",
+        ["train", "sr", "--from", "{F}/truncated.pt", "--iters", "1", "--out", "{OUT}"],
+        "{F}/truncated.pt: unreadable checkpoint",
+    ),
+    (
+        "train-from-no-config",
+        ["train", "lowlight", "--from", "{F}/noconfig.pt", "--iters", "1", "--out", "{OUT}"],
+        "{F}/noconfig.pt: reference checkpoint without 'config'",
+    ),
+    (
+        "train-from-not-ours",
+        ["train", "sr", "--from", "{F}/layout.pt", "--iters", "1", "--out", "{OUT}"],
+        "{F}/layout.pt: not a flowaudit reference checkpoint",
+    ),
 ]
 
 
@@ -323,7 +461,10 @@ def test_existing_out_and_busy_out(files: Path, tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert res.exit_code == 2, res.output
-    assert res.stderr.startswith(f"flowaudit: error: {out}: another run (pid 4242) is writing it") and res.stderr.count("\n") == 1
+    assert (
+        res.stderr.startswith(f"flowaudit: error: {out}: another run (pid 4242) is writing it")
+        and res.stderr.count("\n") == 1
+    )
     assert not out.exists() and lock.exists()  # the holder's lock is not ours to remove
     lock.unlink()
 
@@ -344,13 +485,42 @@ def test_nonfinite_conditions_are_counted_not_sampled(files: Path, tmp_path: Pat
     y[3, 0], y[7, 1], y[11] = np.nan, np.inf, -np.inf
     np.save(tmp_path / "nan.npy", y)
     runner = CliRunner()
-    res = runner.invoke(cli, ["-q", "fit", "toy-affine", "--data", str(tmp_path / "nan.npy"), "--out", str(tmp_path / "s.h5"),
-                              "--device", "cpu", "--json"])
+    res = runner.invoke(
+        cli,
+        [
+            "-q",
+            "fit",
+            "toy-affine",
+            "--data",
+            str(tmp_path / "nan.npy"),
+            "--out",
+            str(tmp_path / "s.h5"),
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     fit = json.loads(res.output)
     assert fit["ood"]["n_inputs"] == 37 and fit["ood"]["n_nonfinite"] == 3
-    res = runner.invoke(cli, ["-q", "scan", "toy-affine", "--data", str(tmp_path / "nan.npy"), "--stats", str(tmp_path / "s.h5"),
-                              "--samples", "2", "--device", "cpu", "--out", str(tmp_path / "r")])
+    res = runner.invoke(
+        cli,
+        [
+            "-q",
+            "scan",
+            "toy-affine",
+            "--data",
+            str(tmp_path / "nan.npy"),
+            "--stats",
+            str(tmp_path / "s.h5"),
+            "--samples",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "NaN/Inf conditions, reported but not sampled" in res.output
     report = json.loads((tmp_path / "r" / "report.json").read_text())
@@ -361,8 +531,14 @@ def test_nonfinite_conditions_are_counted_not_sampled(files: Path, tmp_path: Pat
     assert all(r["s_ood"] == "inf" and r["n_inf"] is None and r["risk"] is None for r in flagged)
 
 
-@pytest.mark.parametrize("name, expected", [("truncated.pt", "unreadable checkpoint"), ("empty.pt", "empty file"),
-                                            ("mismatch.pt", "cannot resume, it was trained with config")])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("truncated.pt", "unreadable checkpoint"),
+        ("empty.pt", "empty file"),
+        ("mismatch.pt", "cannot resume, it was trained with config"),
+    ],
+)
 def test_train_resume_from_a_broken_checkpoint(files: Path, tmp_path: Path, name: str, expected: str) -> None:
     """--resume over a checkpoint that cannot be used: exit 2, one line, the file left as it was."""
     out = tmp_path / "toy.pt"
@@ -379,8 +555,8 @@ def test_a_swallowed_interrupt_still_stops_the_writes(tmp_path: Path, monkeypatc
     import signal
     import sys
 
-    from flowaudit import cli_options
-    from flowaudit.reference_models import atomic
+    from flowaudit.cli import options as cli_options
+    from flowaudit.utils import atomic
 
     monkeypatch.setattr(atomic, "_STOP", [])
     swallowed: list[type] = []

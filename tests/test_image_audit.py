@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import torch
-
-import flowaudit
 from flowaudit.reference_models import build
 from flowaudit.reference_models.recipes import transplant
 
+import flowaudit
+
 TINY = dict(L=2, K=1, nf=8, nb=2, gc=4, hidden_channels=8, patch=16)
-
-
 
 
 def _sr(coupling: str):

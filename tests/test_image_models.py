@@ -13,7 +13,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from flowaudit.reference_models import build
 from flowaudit.reference_models.couplings import KINDS, Elementwise
 from flowaudit.reference_models.lowlight import LLFlow, equalize_hist, llflow_input
@@ -21,8 +20,6 @@ from flowaudit.reference_models.rrdb import RRDBNet, spaced_blocks, stack_featur
 from flowaudit.reference_models.sr import Conv2dZeros, SRFlow, squeeze2d, unsqueeze2d
 
 TINY = dict(nf=8, nb=2, gc=4, hidden_channels=8)
-
-
 
 
 def sr(**kw) -> SRFlow:
@@ -123,8 +120,11 @@ def _jacobian_logdet(model, x, y) -> tuple[float, float]:
     sign, value = torch.linalg.slogdet(jac)
     assert sign != 0
     ladj = []  # the sites must actually bend inside the Jacobian, not sit on their identity tails
-    hooks = [m.register_forward_hook(lambda m, a, o: ladj.append(o[1].abs().sum()))
-             for m in model.modules() if isinstance(m, Elementwise) and m.kind != "prior"]
+    hooks = [
+        m.register_forward_hook(lambda m, a, o: ladj.append(o[1].abs().sum()))
+        for m in model.modules()
+        if isinstance(m, Elementwise) and m.kind != "prior"
+    ]
     try:
         with torch.no_grad():
             ours = model(x, y)[1]
@@ -213,9 +213,18 @@ def test_sr_state_dict_layout_affine():
         assert f"flowUpsamplerNet.layers.{i}.invconv.weight" in keys
         assert not any(k.startswith(f"flowUpsamplerNet.layers.{i}.affine") for k in keys)
     for i in (3, 4):
-        for suffix in ("actnorm.bias", "actnorm.logs", "invconv.weight", "affine.fAffine.0.weight",
-                       "affine.fAffine.0.actnorm.bias", "affine.fAffine.2.weight", "affine.fAffine.4.weight",
-                       "affine.fAffine.4.bias", "affine.fAffine.4.logs", "affine.fFeatures.0.weight"):
+        for suffix in (
+            "actnorm.bias",
+            "actnorm.logs",
+            "invconv.weight",
+            "affine.fAffine.0.weight",
+            "affine.fAffine.0.actnorm.bias",
+            "affine.fAffine.2.weight",
+            "affine.fAffine.4.weight",
+            "affine.fAffine.4.bias",
+            "affine.fAffine.4.logs",
+            "affine.fFeatures.0.weight",
+        ):
             assert f"flowUpsamplerNet.layers.{i}.{suffix}" in keys
     assert "flowUpsamplerNet.layers.5.conv.logs" in keys
     assert not any("rqspline" in k or "_std" in k for k in keys)
@@ -276,8 +285,11 @@ def test_rebuild_from_config():
 
 def _site_calls(model, x, y):
     calls = []
-    hooks = [m.register_forward_hook(lambda m, a, o: calls.append((m, a[0], *o)))
-             for m in model.modules() if isinstance(m, Elementwise)]
+    hooks = [
+        m.register_forward_hook(lambda m, a, o: calls.append((m, a[0], *o)))
+        for m in model.modules()
+        if isinstance(m, Elementwise)
+    ]
     try:
         with torch.no_grad():
             model(x, y)

@@ -25,9 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-
 import runs
+import torch
 
 ENV = {**runs.ENV, "PYTHONUNBUFFERED": "1"}
 TINY_SR = {"L": 3, "K": 1, "nf": 8, "nb": 2, "gc": 4, "hidden_channels": 8}
@@ -49,7 +48,9 @@ def _wait_for(ready: Callable[[], bool], proc: subprocess.Popen, timeout: float 
         time.sleep(0.05)
 
 
-def _interrupt(proc: subprocess.Popen, sig: signal.Signals, ready: Callable[[], bool], settle: float) -> tuple[int, str]:
+def _interrupt(
+    proc: subprocess.Popen, sig: signal.Signals, ready: Callable[[], bool], settle: float
+) -> tuple[int, str]:
     _wait_for(ready, proc)
     time.sleep(settle)  # well inside the run
     assert proc.poll() is None, "finished before the signal"
@@ -84,18 +85,36 @@ def _claimed(out: Path) -> Callable[[], bool]:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_scan_interrupted_leaves_nothing(big: Path, tmp_path: Path, sig) -> None:
     out = tmp_path / "report"
-    proc = _start(["-q", "scan", "toy-affine", "--data", str(big / "y.npy"), "--samples", "10", "--device", "cpu", "--out", str(out)],
-                  tmp_path)
+    proc = _start(
+        [
+            "-q",
+            "scan",
+            "toy-affine",
+            "--data",
+            str(big / "y.npy"),
+            "--samples",
+            "10",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+        tmp_path,
+    )
     rc, err = _interrupt(proc, sig, _claimed(out), settle=2.0)
     lines = [line for line in err.splitlines() if line.strip()]
     assert rc == 130, err
-    assert len(lines) == 1 and lines[0].startswith(f"flowaudit: interrupted ({sig.name}): flowaudit scan stopped; nothing was written to {out}"), err
+    assert len(lines) == 1 and lines[0].startswith(
+        f"flowaudit: interrupted ({sig.name}): flowaudit scan stopped; nothing was written to {out}"
+    ), err
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
 def test_fit_interrupted_leaves_nothing(big: Path, tmp_path: Path) -> None:
     out = tmp_path / "stats.h5"
-    proc = _start(["-q", "fit", "toy-affine", "--data", str(big / "fit.npy"), "--device", "cpu", "--out", str(out)], tmp_path)
+    proc = _start(
+        ["-q", "fit", "toy-affine", "--data", str(big / "fit.npy"), "--device", "cpu", "--out", str(out)], tmp_path
+    )
     rc, err = _interrupt(proc, signal.SIGTERM, _claimed(out), settle=2.0)
     assert rc == 130 and err.count("\n") == 1, err
     assert err.startswith(f"flowaudit: interrupted (SIGTERM): flowaudit fit stopped; nothing was written to {out}"), err
@@ -107,12 +126,30 @@ def test_train_interrupted_keeps_only_a_complete_checkpoint(tmp_path: Path) -> N
     """Interrupted after its first periodic checkpoint, ``train`` leaves that checkpoint, whole and resumable."""
     (tmp_path / "tiny.json").write_text(json.dumps(TINY_SR))
     out = tmp_path / "sr.pt"
-    proc = _start(["-q", "train", "sr", "--config", "tiny.json", "--iters", "400", "--batch", "2", "--patch", "16",
-                   "--out", str(out)], tmp_path)
+    proc = _start(
+        [
+            "-q",
+            "train",
+            "sr",
+            "--config",
+            "tiny.json",
+            "--iters",
+            "400",
+            "--batch",
+            "2",
+            "--patch",
+            "16",
+            "--out",
+            str(out),
+        ],
+        tmp_path,
+    )
     rc, err = _interrupt(proc, signal.SIGINT, out.exists, settle=0.5)
     assert rc == 130, err
-    assert err.strip() == (f"flowaudit: interrupted (SIGINT): flowaudit train sr stopped; {out} keeps its last complete "
-                           "checkpoint (--resume continues from it)"), err
+    assert err.strip() == (
+        f"flowaudit: interrupted (SIGINT): flowaudit train sr stopped; {out} keeps its last complete "
+        "checkpoint (--resume continues from it)"
+    ), err
     state = torch.load(out, weights_only=True)
     assert state["step"] % 50 == 0 and 0 < state["step"] < 400
     assert _leftovers(tmp_path) == []
@@ -129,17 +166,35 @@ def test_train_interrupted_before_any_checkpoint_writes_nothing(tmp_path: Path) 
 def test_attack_interrupted_leaves_nothing(big: Path, tmp_path: Path) -> None:
     """Interrupted after its first shard of starts, ``attack`` writes nothing to --out and says where its
     completed shards are (``--resume`` finishes from them: ``tests/test_attack_runs.py``)."""
-    from flowaudit.cli import cli
+    from flowaudit.cli.main import cli
 
     if "attack" not in cli.commands:
         pytest.skip("no attack command in this tree")
     out = tmp_path / "attack"
     work = out.with_name(".attack.work")
-    proc = _start(["-q", "attack", "toy-affine", "--data", str(big / "y.npy"), "--starts", "2000", "--steps", "50",
-                   "--device", "cpu", "--out", str(out)], tmp_path)
+    proc = _start(
+        [
+            "-q",
+            "attack",
+            "toy-affine",
+            "--data",
+            str(big / "y.npy"),
+            "--starts",
+            "2000",
+            "--steps",
+            "50",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+        tmp_path,
+    )
     rc, err = _interrupt(proc, signal.SIGINT, lambda: work.exists() and any(work.glob("attack-*.pt")), settle=0.2)
     assert rc == 130 and err.count("\n") == 1, err
-    assert err.startswith(f"flowaudit: interrupted (SIGINT): flowaudit attack stopped; nothing was written to {out}"), err
+    assert err.startswith(f"flowaudit: interrupted (SIGINT): flowaudit attack stopped; nothing was written to {out}"), (
+        err
+    )
     assert f"completed shards are kept in {work}: rerun the same command with --resume {work}" in err, err
     assert not out.exists() and _leftovers(tmp_path) == []
 
@@ -150,8 +205,25 @@ def test_two_runs_on_one_out(big: Path, tmp_path: Path) -> None:
     y = np.load(big / "y.npy")
     np.save(tmp_path / "a.npy", y[:100])
     np.save(tmp_path / "b.npy", y[100:250])
-    procs = [_start(["-q", "scan", "toy-affine", "--data", str(tmp_path / f"{name}.npy"), "--samples", "2", "--device", "cpu",
-                     "--out", str(out)], tmp_path) for name in ("a", "b")]
+    procs = [
+        _start(
+            [
+                "-q",
+                "scan",
+                "toy-affine",
+                "--data",
+                str(tmp_path / f"{name}.npy"),
+                "--samples",
+                "2",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ],
+            tmp_path,
+        )
+        for name in ("a", "b")
+    ]
     results = [(p.wait(timeout=300), p.communicate()[1]) for p in procs]
     codes = sorted(rc for rc, _ in results)
     assert codes == [0, 2], results
@@ -168,24 +240,49 @@ def test_two_runs_on_one_out(big: Path, tmp_path: Path) -> None:
 def test_sigkilled_run_leaves_a_stale_lock_that_does_not_block(big: Path, tmp_path: Path) -> None:
     """SIGKILL cannot be cleaned up after: the lock file stays, but its flock died with the process."""
     out = tmp_path / "report"
-    proc = _start(["-q", "scan", "toy-affine", "--data", str(big / "y.npy"), "--device", "cpu", "--out", str(out)], tmp_path)
+    proc = _start(
+        ["-q", "scan", "toy-affine", "--data", str(big / "y.npy"), "--device", "cpu", "--out", str(out)], tmp_path
+    )
     _wait_for(_claimed(out), proc)
     proc.kill()
     proc.wait()
     assert out.with_name(".report.lock").exists() and not out.exists()
-    shutil.rmtree(out.with_name(".report.work"), ignore_errors=True)  # shards of the killed run: --resume's business, not the lock's
+    shutil.rmtree(
+        out.with_name(".report.work"), ignore_errors=True
+    )  # shards of the killed run: --resume's business, not the lock's
     np.save(tmp_path / "few.npy", np.load(big / "y.npy")[:20])
-    res = subprocess.run([sys.executable, "-m", "flowaudit", "-q", "scan", "toy-affine", "--data", str(tmp_path / "few.npy"),
-                          "--samples", "2", "--device", "cpu", "--out", str(out)], cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flowaudit",
+            "-q",
+            "scan",
+            "toy-affine",
+            "--data",
+            str(tmp_path / "few.npy"),
+            "--samples",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr
     assert (out / "report.json").exists() and not out.with_name(".report.lock").exists()
 
 
 # -- the writers themselves, in-process ------------------------------------------------------------
 
+
 def test_atomic_writers_leave_nothing_on_keyboard_interrupt(tmp_path: Path) -> None:
     """Ctrl-C (or SIGTERM, which the CLI turns into KeyboardInterrupt) inside a writer: no target, no temporary, no lock."""
-    from flowaudit.reference_models.atomic import atomic_dir, atomic_path
+    from flowaudit.utils.atomic import atomic_dir, atomic_path
 
     with pytest.raises(KeyboardInterrupt):
         with atomic_dir(tmp_path / "report") as tmp:
@@ -200,19 +297,23 @@ def test_atomic_writers_leave_nothing_on_keyboard_interrupt(tmp_path: Path) -> N
         with atomic_path(tmp_path / "old.pt") as tmp:
             tmp.write_bytes(b"half")
             raise KeyboardInterrupt
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.pt"] and (tmp_path / "old.pt").read_bytes() == b"complete"
+    assert (
+        sorted(p.name for p in tmp_path.iterdir()) == ["old.pt"] and (tmp_path / "old.pt").read_bytes() == b"complete"
+    )
 
 
 def test_claims_are_reentrant_and_exclusive(tmp_path: Path) -> None:
     """The command's claim covers the writers inside it; another process's claim on the same target is refused."""
-    from flowaudit.reference_models.atomic import TargetBusy, atomic_dir, claim
+    from flowaudit.utils.atomic import TargetBusy, atomic_dir, claim
 
     target = tmp_path / "deep" / "er" / "report"
     with claim(target):
         with atomic_dir(target) as tmp:
             (tmp / "a").write_text("1")
-        code = ("import sys\nfrom flowaudit.reference_models.atomic import claim, TargetBusy\n"
-                "try:\n    with claim(sys.argv[1]): pass\nexcept TargetBusy as e:\n    print(e); sys.exit(2)\n")
+        code = (
+            "import sys\nfrom flowaudit.utils.atomic import claim, TargetBusy\n"
+            "try:\n    with claim(sys.argv[1]): pass\nexcept TargetBusy as e:\n    print(e); sys.exit(2)\n"
+        )
         res = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, env=ENV)
         assert res.returncode == 2 and f"pid {os.getpid()}" in res.stdout, res
     assert (target / "a").exists() and not target.with_name(".report.lock").exists()

@@ -9,16 +9,18 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
 from flowaudit.adapters import load_model
-from flowaudit.cli import cli
+
+from flowaudit.cli.main import cli
+from flowaudit.config.sampling import Sampling
 from flowaudit.errors import AuditError
-from flowaudit.layout import Sampling
-from flowaudit.memory import LiveTensors, batch_for, parse_size, pass_bytes, probe_pass
+from flowaudit.runs.memory import LiveTensors, batch_for, parse_size, pass_bytes, probe_pass
 
 
-@pytest.mark.parametrize("text, size", [("2GB", 2 * 10**9), ("512MiB", 512 * 2**20), ("1.5G", 1_500_000_000),
-                                        ("300", 300), (" 4 kb ", 4000), (7, 7)])
+@pytest.mark.parametrize(
+    "text, size",
+    [("2GB", 2 * 10**9), ("512MiB", 512 * 2**20), ("1.5G", 1_500_000_000), ("300", 300), (" 4 kb ", 4000), (7, 7)],
+)
 def test_parse_size(text, size):
     assert parse_size(text) == size
 
@@ -83,8 +85,23 @@ def test_cli_refuses_a_budget_one_input_does_not_fit(tmp_path):
     data = tmp_path / "lr.npy"
     np.save(data, np.random.default_rng(0).random((2, 3, 8, 8), dtype=np.float32))
     out = tmp_path / "out"
-    res = CliRunner().invoke(cli, ["-q", "scan", "sr-affine", "--data", str(data), "-k", "2", "--batched",
-                                   "--max-memory", "1MB", "--out", str(out)])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "-q",
+            "scan",
+            "sr-affine",
+            "--data",
+            str(data),
+            "-k",
+            "2",
+            "--batched",
+            "--max-memory",
+            "1MB",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 2
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and "--max-memory 0.00 GB leaves 0 MB" in lines[0] and "raise --max-memory" in lines[0]

@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from flowaudit.adapters import Adapter, adapt
+from flowaudit.adapters.custom import CustomAdapter
 from torch import nn
 
 import flowaudit
-from flowaudit.adapters import Adapter, adapt
-from flowaudit.adapters.custom import CustomAdapter
-from flowaudit.cli import cli
+from flowaudit.cli.main import cli
+
 
 class PlainFlow(nn.Module):
     """A conditional flow with its own couplings and no declarations: x = z·s(y) + t(y)."""
@@ -47,11 +48,19 @@ class PlainFlow(nn.Module):
 def no_site_adapter(flow: PlainFlow | None = None) -> CustomAdapter:
     """The flow declared without sites: it runs, but the audit sees no elementwise map."""
     flow = flow or PlainFlow()
-    return CustomAdapter(flow, condition_shape=(2,), latent_shape=(2,), output_range=(-0.5, 0.5),
-                         inverse=flow.inverse, forward=flow, sites=[])
+    return CustomAdapter(
+        flow,
+        condition_shape=(2,),
+        latent_shape=(2,),
+        output_range=(-0.5, 0.5),
+        inverse=flow.inverse,
+        forward=flow,
+        sites=[],
+    )
 
 
 # -- adapter side ----------------------------------------------------------------------------------
+
 
 def test_custom_adapter_without_sites_is_allowed_and_says_so():
     adapter = no_site_adapter()
@@ -106,6 +115,7 @@ def test_a_scan_without_sites_still_runs():
 
 
 # -- engine side: the report carries coverage and the model verdict -------------------------------
+
 
 def test_inspect_reports_no_sites_found_prominently():
     report = flowaudit.inspect(no_site_adapter(), device="cpu", samples=2)

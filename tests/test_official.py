@@ -14,15 +14,21 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import flowaudit
 from flowaudit.adapters import ModelError, load_model
 from flowaudit.adapters import official as off
 
+import flowaudit
+
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
 NAMES = ("srflow-x4", "srflow-x8", "ncsr-x4", "fs-ncsr-x4", "spline-x4", "llflow")
-LAYOUT = {"srflow-x4": "srflow", "srflow-x8": "srflow", "ncsr-x4": "ncsr", "fs-ncsr-x4": "ncsr",
-          "spline-x4": "spline", "llflow": "llflow"}
+LAYOUT = {
+    "srflow-x4": "srflow",
+    "srflow-x8": "srflow",
+    "ncsr-x4": "ncsr",
+    "fs-ncsr-x4": "ncsr",
+    "spline-x4": "spline",
+    "llflow": "llflow",
+}
 TOL = 1e-5
 
 
@@ -113,8 +119,14 @@ def test_recognised_with_the_inferred_configuration(name, tmp_path):
     adapter = load_model(str(path), official=options(name))
     cfg, inf = fx["config"], adapter.inferred
     assert adapter.family == "official" and adapter.layout == LAYOUT[name] == inf["layout"]
-    assert (inf["L"], inf["K"], inf["nf"], inf["nb"], inf["gc"], inf["hidden_channels"]) == \
-        (cfg["L"], cfg["K"], cfg["nf"], cfg["nb"], cfg["gc"], cfg["hidden"])
+    assert (inf["L"], inf["K"], inf["nf"], inf["nb"], inf["gc"], inf["hidden_channels"]) == (
+        cfg["L"],
+        cfg["K"],
+        cfg["nf"],
+        cfg["nb"],
+        cfg["gc"],
+        cfg["hidden"],
+    )
     assert inf["conditioning_channels"] == cfg["nf"] * (1 + len(cfg["blocks"])) and inf["stack_blocks"] == cfg["blocks"]
     assert inf["scale"] == cfg.get("scale", 1)
     assert inf["n_transition"] == cfg.get("n_transition", 2)
@@ -132,8 +144,9 @@ def test_wrapped_and_prefixed_state_dicts_load_the_same(tmp_path):
     sd = fx["state_dict"]
     unused = {"flowUpsamplerNet.f.0.weight": torch.zeros(96, 12, 3, 3), "flowUpsamplerNet.f.0.bias": torch.zeros(96)}
     want = off.build(sd).fingerprint()
-    for i, obj in enumerate([{"state_dict": sd}, {"params": sd}, {f"module.{k}": v for k, v in sd.items()},
-                             {**sd, **unused}]):
+    for i, obj in enumerate(
+        [{"state_dict": sd}, {"params": sd}, {f"module.{k}": v for k, v in sd.items()}, {**sd, **unused}]
+    ):
         path = tmp_path / f"w{i}.pth"
         torch.save(obj, path)
         assert load_model(str(path)).fingerprint() == want
@@ -152,7 +165,9 @@ def test_x2_is_an_option_the_weights_cannot_tell_from_x4():
     adapter = off.build(sd, scale=2)
     assert adapter.inferred["scale"] == adapter.scale == 2 and adapter.inferred["source"]["scale"] == "option"
     with torch.no_grad():
-        assert adapter.sample(torch.rand(1, 3, 8, 8), adapter.sample_latents(torch.rand(1, 3, 8, 8), 0.5, None)).shape == (1, 3, 16, 16)
+        assert adapter.sample(
+            torch.rand(1, 3, 8, 8), adapter.sample_latents(torch.rand(1, 3, 8, 8), 0.5, None)
+        ).shape == (1, 3, 16, 16)
     with pytest.raises(off.LayoutError, match="does not fit the weights"):
         off.build(sd, scale=8)
 
@@ -209,9 +224,10 @@ def test_loaded_actnorm_is_never_reinitialised_from_data():
 
 
 def test_bundled_checkpoints_keep_pre_activation_features_new_models_read_the_official_ones():
-    from flowaudit import reference_models as rm
     from flowaudit.reference_models.lowlight import LLFlow
     from flowaudit.reference_models.sr import SRFlow
+
+    from flowaudit import reference_models as rm
 
     assert rm.load("sr-affine").config["official_features"] is False
     assert rm.load("lowlight-affine").RRDB.official_features is False
@@ -226,7 +242,7 @@ def test_cli_reports_what_it_inferred(tmp_path):
 
     from click.testing import CliRunner
 
-    from flowaudit.cli import cli
+    from flowaudit.cli.main import cli
 
     fx = fixture("ncsr-x4")
     path = tmp_path / "ncsr.pth"

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from runs import ENV, kill_when, strip_run_facts
 
 
@@ -31,8 +30,24 @@ def data(tmp_path_factory) -> Path:
 
 
 def _args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["-q", "scan", "toy-affine", "--data", str(data / "in.npy"), "--ood-data", str(data / "ood.npy"),
-            "--fit-data", str(data / "fit.npy"), "-k", "4", "--device", "cpu", "--out", str(out), *extra]
+    return [
+        "-q",
+        "scan",
+        "toy-affine",
+        "--data",
+        str(data / "in.npy"),
+        "--ood-data",
+        str(data / "ood.npy"),
+        "--fit-data",
+        str(data / "fit.npy"),
+        "-k",
+        "4",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def _cmd(data: Path, out: Path, *extra: str) -> list[str]:
@@ -43,7 +58,7 @@ def _cli(*args: str):
     """The CLI in this process (refusals exit before any sampling: no process start to pay)."""
     from click.testing import CliRunner
 
-    from flowaudit.cli import cli
+    from flowaudit.cli.main import cli
 
     return CliRunner().invoke(cli, list(args))
 
@@ -51,18 +66,27 @@ def _cli(*args: str):
 @pytest.fixture(scope="module")
 def uninterrupted(data) -> dict:
     """The same scan in one go, through the Python API (the CLI is a thin wrapper over it)."""
-    import flowaudit
     from flowaudit.adapters import load_model
 
-    report = flowaudit.scan(load_model("toy-affine"), str(data / "in.npy"), ood=str(data / "ood.npy"),
-                            fit_data=str(data / "fit.npy"), samples=4, device="cpu")
+    import flowaudit
+
+    report = flowaudit.scan(
+        load_model("toy-affine"),
+        str(data / "in.npy"),
+        ood=str(data / "ood.npy"),
+        fit_data=str(data / "fit.npy"),
+        samples=4,
+        device="cpu",
+    )
     return strip_run_facts(json.loads(report.to_json()))
 
 
 def _kill_halfway(data: Path, out: Path, sig: int, shards: int = 3) -> subprocess.Popen:
     """Start the scan and send ``sig`` once ``shards`` shards are saved (:func:`runs.kill_when`)."""
     work = out.with_name(f".{out.name}.work")
-    return kill_when(_cmd(data, out), lambda: work.exists() and len(list(work.glob("in-*.pt"))) >= shards, sig, [out, work])
+    return kill_when(
+        _cmd(data, out), lambda: work.exists() and len(list(work.glob("in-*.pt"))) >= shards, sig, [out, work]
+    )
 
 
 def test_sigkill_halfway_then_resume_equals_uninterrupted(data, tmp_path, uninterrupted):

@@ -2,9 +2,9 @@
 
 * float32 gain bins from the bit tables equal the float64 ``log10`` definition for every float32
   tried (random bit patterns, every bin edge ± 2 patterns, the special values);
-* one :func:`~flowaudit.gains.summarize` read equals the float64 reference path, junk included,
+* one :func:`~flowaudit.tracing.gains.summarize` read equals the float64 reference path, junk included,
   with and without the CPU's shortcut for gains that are all finite and positive;
-* the CPU's compiled loops (:mod:`flowaudit.host_kernels`) give the tensor operations' figures:
+* the CPU's compiled loops (:mod:`flowaudit.tracing.host_kernels`) give the tensor operations' figures:
   bins, extremes, per-input figures and kept rows exactly, layer sums to the last bits, junk,
   strided layers, float16 and float64 gains included;
 * the CPU reservoir (a heap a half, compiled) keeps the rows the device path keeps, and its keys
@@ -22,14 +22,14 @@ import pytest
 import torch
 from torch import Tensor
 
-from flowaudit.binning import GAIN_EDGES, GainBins, _thresholds, bin_index
-from flowaudit.gains import _summarize_reference, settle, settle_inputs, summarize
-from flowaudit.host_kernels import layer_sums, memory_rows
-from flowaudit.layer_stats import LayerStats
-from flowaudit.layout import Sampling
-from flowaudit.reservoir import ParamReservoir
-from flowaudit.scratch import Scratch
-from flowaudit.trace import Tracer
+from flowaudit.config.sampling import Sampling
+from flowaudit.tracing.binning import GAIN_EDGES, GainBins, _thresholds, bin_index
+from flowaudit.tracing.gains import _summarize_reference, settle, settle_inputs, summarize
+from flowaudit.tracing.host_kernels import layer_sums, memory_rows
+from flowaudit.tracing.layer_stats import LayerStats
+from flowaudit.tracing.reservoir import ParamReservoir
+from flowaudit.tracing.scratch import Scratch
+from flowaudit.tracing.trace import Tracer
 
 
 @pytest.mark.parametrize("edges", [GAIN_EDGES])
@@ -37,12 +37,16 @@ def test_bit_table_bins_equal_the_float64_definition(edges):
     t = torch.from_numpy(_thresholds(edges))
     g = torch.Generator().manual_seed(0)
     special = torch.tensor([0, 1, 2, 0xFFFF, 0x10000, 0x3F800000, 0x7F7FFFFF, 0x7F800000, -(2**31), -1])
-    bits = torch.cat([torch.randint(-(2**31), 2**31 - 1, (400_000,), generator=g), t - 2, t - 1, t, t + 1, t + 2, special])
+    bits = torch.cat(
+        [torch.randint(-(2**31), 2**31 - 1, (400_000,), generator=g), t - 2, t - 1, t, t + 1, t + 2, special]
+    )
     x = torch.nan_to_num(bits.to(torch.int32).view(torch.float32), nan=math.inf, posinf=math.inf, neginf=-math.inf)
     b = x.view(torch.int32)
     got = GainBins(edges, torch.device("cpu")).index(b, ((b >> 16) & 0xFFFF).reshape(-1)).long()
     ok = torch.isfinite(x) & (x > 0)
-    want = torch.where(ok, bin_index(torch.where(ok, x, torch.ones_like(x)), edges) + 1, torch.where(x > 0, len(edges), 0))
+    want = torch.where(
+        ok, bin_index(torch.where(ok, x, torch.ones_like(x)), edges) + 1, torch.where(x > 0, len(edges), 0)
+    )
     assert torch.equal(got, want)
 
 
@@ -75,7 +79,7 @@ def _traced(compiled: bool, passes: list, monkeypatch) -> Tracer:
     """A tracer fed ``passes`` of (layer values, gains, params): by the CPU's compiled loops or by tensor operations."""
     with monkeypatch.context() as m:
         if not compiled:
-            m.setattr("flowaudit.trace.host_array", lambda t: None)
+            m.setattr("flowaudit.tracing.trace.host_array", lambda t: None)
         tracer = Tracer(Sampling(4, 0.9, 0), param_budget=200)
         for x, gain, params in passes:
             tracer.layer("a", x)
@@ -83,7 +87,9 @@ def _traced(compiled: bool, passes: list, monkeypatch) -> Tracer:
             tracer.layer("b", x[:, :2].transpose(1, 2))  # strided
             tracer.site("t", gain[:, :3] * 2, params[:, :5])
             tracer.layer("c", x[:, 0, :5, :5])  # rows of one chunk or less
-            tracer.layer("d", x.transpose(0, 1).contiguous().transpose(0, 1))  # channel-major, dense: read where it lies
+            tracer.layer(
+                "d", x.transpose(0, 1).contiguous().transpose(0, 1)
+            )  # channel-major, dense: read where it lies
             tracer.site("u", gain[:, :2].double(), params[:, :3])  # float64 gains: tensor operations in the same pass
             tracer.site("v", gain[:, :1, :7].half(), None)  # float16, widened; no parameter rows
             tracer.end_batch(x.shape[0] // 4)
@@ -144,7 +150,7 @@ def test_rows_spanning_few_bins_are_counted_as_every_row(monkeypatch):
     """Rows of finite positive gains spanning a few bin indices (counted by compares, not by the table) give the
     figures of the tensor operations: gains at each bin's first bits and just below, rows spanning the most
     indices counted that way and one more, rows of a single bin, beside wide rows and rows with junk."""
-    from flowaudit.host_kernels import _NARROW
+    from flowaudit.tracing.host_kernels import _NARROW
 
     first = GainBins(GAIN_EDGES, torch.device("cpu")).first_bits.astype(np.int64)
     g = torch.Generator().manual_seed(9)
@@ -155,7 +161,9 @@ def test_rows_spanning_few_bins_are_counted_as_every_row(monkeypatch):
             span = (0, 1, _NARROW, _NARROW + 1, 3, 40)[r % 6]
             lo, hi = first[start + r], first[start + r + span + 1]  # indices start + r … start + r + span
             b = torch.randint(int(lo), int(hi), (6 * 100,), generator=g)
-            b[:4] = torch.tensor([lo, hi - 1, first[start + r + span // 2], first[start + r + span // 2] - 1 if span else lo])
+            b[:4] = torch.tensor(
+                [lo, hi - 1, first[start + r + span // 2], first[start + r + span // 2] - 1 if span else lo]
+            )
             rows.append(b.to(torch.int32).view(torch.float32))
         gain = torch.stack(rows).reshape(4 * n, 6, 100)
         if n == 3:
@@ -188,11 +196,17 @@ def test_repeated_rows_add_their_first_row_s_counts_only(monkeypatch):
     g = torch.Generator().manual_seed(10)
 
     def row(index: int) -> torch.Tensor:  # 600 gains within bin indices index … index + 3
-        return torch.randint(int(first[index]), int(first[index + 4]), (600,), generator=g).to(torch.int32).view(torch.float32)
+        return (
+            torch.randint(int(first[index]), int(first[index + 4]), (600,), generator=g)
+            .to(torch.int32)
+            .view(torch.float32)
+        )
 
     wide, narrow = row(300), row(100)
     rows = [wide] * 4 + [narrow, narrow, row(298), narrow]  # input 0 repeats a row at 300…303; input 1 reaches 298…301
-    passes = [(torch.randn(8, 3, 70, 30, generator=g), torch.stack(rows).reshape(8, 6, 100), torch.randn(8, 12, generator=g))]
+    passes = [
+        (torch.randn(8, 3, 70, 30, generator=g), torch.stack(rows).reshape(8, 6, 100), torch.randn(8, 12, generator=g))
+    ]
     _assert_same_figures(_traced(True, passes, monkeypatch), _traced(False, passes, monkeypatch))
 
 
@@ -201,14 +215,17 @@ def test_calls_that_are_not_whole_inputs_count_as_one_input_everywhere(monkeypat
     on the CPU's compiled loops as in the tensor operations: the same figures, its extremes charged to every input
     of the pass, its layer sums those of one input."""
     g = torch.Generator().manual_seed(8)
-    odd = {"layer": torch.randn(32, 50, generator=g) * 1e3, "gain": (torch.randn(32, 9, generator=g) * 3).exp(),
-           "short": (torch.randn(5, 9, generator=g) * 3).exp()}
+    odd = {
+        "layer": torch.randn(32, 50, generator=g) * 1e3,
+        "gain": (torch.randn(32, 9, generator=g) * 3).exp(),
+        "short": (torch.randn(5, 9, generator=g) * 3).exp(),
+    }
     whole = (torch.randn(36, 4, generator=g) * 2).exp()
 
     def traced(compiled: bool) -> Tracer:
         with monkeypatch.context() as m:
             if not compiled:
-                m.setattr("flowaudit.trace.host_array", lambda t: None)
+                m.setattr("flowaudit.tracing.trace.host_array", lambda t: None)
             tracer = Tracer(Sampling(12, 0.9, 0), param_budget=100)
             tracer.site("whole", whole, torch.randn(36, 3, generator=torch.Generator().manual_seed(1)))
             tracer.site("odd", odd["gain"], torch.randn(32, 3, generator=torch.Generator().manual_seed(2)))
@@ -234,7 +251,9 @@ def test_a_channel_major_layer_is_read_where_it_lies_the_same_bits_in_any_batch(
     g = torch.Generator().manual_seed(11)
     k, n = 8, 5
     batch = torch.randn(12, n * k, 4, 6, generator=g) * torch.randn(12, n * k, 4, 6, generator=g).mul(12).exp()
-    batch = batch.transpose(0, 1)  # (40, 12, 4, 6), channel-major; magnitudes far apart, so that the order of a sum shows
+    batch = batch.transpose(
+        0, 1
+    )  # (40, 12, 4, 6), channel-major; magnitudes far apart, so that the order of a sum shows
     batch[3, 2, 1, 1], batch[17, 0, 0, 5] = math.inf, math.nan
     v = batch.numpy()
     flat, rows = memory_rows(v, n)
@@ -253,8 +272,10 @@ def test_a_channel_major_layer_is_read_where_it_lies_the_same_bits_in_any_batch(
     logical.add(batch.contiguous(), n)
     assert np.array_equal(batched[[0, 3, 4]], logical.state().numpy()[[0, 3, 4]]) and batched[4] == 2
     assert np.allclose(batched, logical.state().numpy(), rtol=1e-13, atol=0)
-    for odd in (torch.randn(12, 1, 4, generator=g).expand(12, 40, 4).transpose(0, 1),  # 5 inputs of 8 rows, expanded
-                torch.randn(12, n, 4, generator=g).transpose(0, 1)):  # 5 inputs of 1 row, dense channel-major
+    for odd in (
+        torch.randn(12, 1, 4, generator=g).expand(12, 40, 4).transpose(0, 1),  # 5 inputs of 8 rows, expanded
+        torch.randn(12, n, 4, generator=g).transpose(0, 1),
+    ):  # 5 inputs of 1 row, dense channel-major
         f, r = memory_rows(odd.numpy(), n)
         assert r == 1 and np.array_equal(f, odd.contiguous().numpy().reshape(-1))
 
@@ -269,9 +290,14 @@ def test_compiled_bins_equal_the_definition():
     """Every gain's bin from the compiled loop is :func:`bin_index`'s: every bin edge ± 2 bit patterns, gains
     beyond both ends, denormals."""
     edges = torch.from_numpy(_thresholds(GAIN_EDGES))[:, None] + torch.arange(-2, 3)  # every bin edge ± 2 patterns
-    g = torch.cat([torch.logspace(-6, 10, 19_950), torch.tensor([1.0, 10.0, 1e-4, 1e8, 3.4e38, 1e-45, 1e-40]),
-                   edges.reshape(-1).to(torch.int32).view(torch.float32)])
-    g = g[:len(g) // 5 * 5].reshape(5, -1)
+    g = torch.cat(
+        [
+            torch.logspace(-6, 10, 19_950),
+            torch.tensor([1.0, 10.0, 1e-4, 1e8, 3.4e38, 1e-45, 1e-40]),
+            edges.reshape(-1).to(torch.int32).view(torch.float32),
+        ]
+    )
+    g = g[: len(g) // 5 * 5].reshape(5, -1)
     tracer = Tracer(Sampling(5, 0.9, 0))
     tracer.site("s", g, None)
     want = torch.bincount(bin_index(g.reshape(-1).double(), GAIN_EDGES), minlength=len(GAIN_EDGES) - 1)
@@ -331,8 +357,8 @@ def test_rows_of_another_shape_are_counted_not_kept():
 
 
 def test_reservoir_keys_on_the_host_equal_the_device_keys():
-    from flowaudit.host_kernels import salt_mix, split_mix
-    from flowaudit.reservoir import uniform_keys
+    from flowaudit.tracing.host_kernels import salt_mix, split_mix
+    from flowaudit.tracing.reservoir import uniform_keys
 
     for salt in (0, 7, -5 * 1_000_003, 2**40 + 3):
         host = [split_mix(salt_mix(salt), r) for r in range(1000, 1300)]
@@ -360,13 +386,15 @@ def test_tracer_loop_reads_nothing_back_to_the_host():
 
 
 def test_per_input_quantiles_equal_the_one_row_definition():
-    from flowaudit.binning import INPUT_EDGES, histogram_quantile, histogram_quantiles
+    from flowaudit.tracing.binning import INPUT_EDGES, histogram_quantile, histogram_quantiles
 
     rng = np.random.default_rng(0)
     counts = rng.integers(0, 5, size=(300, 120)) * (rng.random((300, 120)) < 0.1)
     counts[0], counts[1, 5], counts[2, -1], counts[3, 0] = 0, 7, 3, 1  # empty, one bin, the end bins
     for q in (0.0, 0.5, 0.99, 1.0):
-        assert np.array_equal(histogram_quantiles(counts, INPUT_EDGES, q), [histogram_quantile(c, INPUT_EDGES, q) for c in counts])
+        assert np.array_equal(
+            histogram_quantiles(counts, INPUT_EDGES, q), [histogram_quantile(c, INPUT_EDGES, q) for c in counts]
+        )
 
 
 def test_reservoir_state_holds_only_the_kept_rows():

@@ -86,8 +86,14 @@ class Case:
         return [VERDICT_OF_KIND.get(k) for k in self.expected_kinds]
 
 
-def fit_toy(model: nn.Module, nll: Callable[[nn.Module, Tensor, Tensor], Tensor], steps: int = 150,
-            lr: float = 3e-3, batch: int = 128, seed: int = 0) -> nn.Module:
+def fit_toy(
+    model: nn.Module,
+    nll: Callable[[nn.Module, Tensor, Tensor], Tensor],
+    steps: int = 150,
+    lr: float = 3e-3,
+    batch: int = 128,
+    seed: int = 0,
+) -> nn.Module:
     """Train ``model`` briefly on the 2D toy (``nll(model, x, y)`` is the mean loss); returns it in eval mode.
 
     Seeded: data from :func:`flowaudit.reference_models.toy.toy_data` at ``seed``, fixed minibatch order.

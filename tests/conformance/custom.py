@@ -27,4 +27,12 @@ def _log_prob(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return model.log_prob(x, y)
 
 
-CASES = [Case(id="custom-affine", build=_build, expected_kinds=["affine"] * 4, library_sample=_sample, library_log_prob=_log_prob)]
+CASES = [
+    Case(
+        id="custom-affine",
+        build=_build,
+        expected_kinds=["affine"] * 4,
+        library_sample=_sample,
+        library_log_prob=_log_prob,
+    )
+]

@@ -44,7 +44,9 @@ def _graph() -> nn.Module:
 
     torch.manual_seed(0)
     inp, cond = Ff.InputNode(2, name="x"), Ff.ConditionNode(2, name="y")
-    n1 = Ff.Node(inp, Fm.GLOWCouplingBlock, {"subnet_constructor": _subnet, "clamp": 1.5}, conditions=cond, name="glow1")
+    n1 = Ff.Node(
+        inp, Fm.GLOWCouplingBlock, {"subnet_constructor": _subnet, "clamp": 1.5}, conditions=cond, name="glow1"
+    )
     n2 = Ff.Node(n1, Fm.PermuteRandom, {"seed": 1}, name="perm")
     n3 = Ff.Node(n2, Fm.GLOWCouplingBlock, {"subnet_constructor": _subnet, "clamp": 1.5}, conditions=cond, name="glow2")
     inn = Ff.GraphINN([inp, cond, n1, n2, n3, Ff.OutputNode(n3, name="z")])
@@ -62,8 +64,9 @@ def _log_prob(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 
 
 def _case(id: str, build, kinds: list[str]) -> Case:
-    return Case(id=id, build=build, expected_kinds=kinds, library_sample=_sample, library_log_prob=_log_prob,
-                requires="FrEIA")
+    return Case(
+        id=id, build=build, expected_kinds=kinds, library_sample=_sample, library_log_prob=_log_prob, requires="FrEIA"
+    )
 
 
 AB = "affine-bounded"
@@ -71,7 +74,11 @@ CASES = [
     _case("freia-GLOWCouplingBlock", _sequence("GLOWCouplingBlock", clamp=2.0), [AB] * 4),
     _case("freia-RNVPCouplingBlock-tanh", _sequence("RNVPCouplingBlock", clamp_activation="TANH"), [AB] * 4),
     _case("freia-AllInOneBlock", _sequence("AllInOneBlock"), [AB] * 2),
-    _case("freia-AffineCouplingOneSided-sigmoid", _sequence("AffineCouplingOneSided", permute=True, clamp_activation="SIGMOID"), [AB] * 2),
+    _case(
+        "freia-AffineCouplingOneSided-sigmoid",
+        _sequence("AffineCouplingOneSided", permute=True, clamp_activation="SIGMOID"),
+        [AB] * 2,
+    ),
     _case("freia-ConditionalAffineTransform", _sequence("ConditionalAffineTransform"), [AB] * 2),
     _case("freia-NICECouplingBlock", _sequence("NICECouplingBlock"), ["additive"] * 4),
     # one element per half: GIN's mean-centred log-scale is identically 0, an additive coupling

@@ -58,8 +58,12 @@ def _rq_spline() -> nn.Module:
     torch.manual_seed(0)
     # with an embedding net: the encoder the OOD features are read from
     emb = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2))
-    flow = _coupling_flow(lambda mask: PiecewiseRationalQuadraticCouplingTransform(mask, _net(), num_bins=4, tails="linear", tail_bound=3.0),
-                          embedding_net=emb)
+    flow = _coupling_flow(
+        lambda mask: PiecewiseRationalQuadraticCouplingTransform(
+            mask, _net(), num_bins=4, tails="linear", tail_bound=3.0
+        ),
+        embedding_net=emb,
+    )
     return fit_toy(flow, _nll)
 
 
@@ -77,14 +81,27 @@ def _maf(make_ar) -> nn.Module:
 def _maf_affine() -> nn.Module:
     from nflows.transforms.autoregressive import MaskedAffineAutoregressiveTransform
 
-    return _maf(lambda: MaskedAffineAutoregressiveTransform(features=2, hidden_features=HIDDEN, context_features=2, num_blocks=1))
+    return _maf(
+        lambda: MaskedAffineAutoregressiveTransform(
+            features=2, hidden_features=HIDDEN, context_features=2, num_blocks=1
+        )
+    )
 
 
 def _maf_rq_spline() -> nn.Module:
     from nflows.transforms.autoregressive import MaskedPiecewiseRationalQuadraticAutoregressiveTransform
 
-    return _maf(lambda: MaskedPiecewiseRationalQuadraticAutoregressiveTransform(
-        features=2, hidden_features=HIDDEN, context_features=2, num_bins=4, tails="linear", tail_bound=3.0, num_blocks=1))
+    return _maf(
+        lambda: MaskedPiecewiseRationalQuadraticAutoregressiveTransform(
+            features=2,
+            hidden_features=HIDDEN,
+            context_features=2,
+            num_bins=4,
+            tails="linear",
+            tail_bound=3.0,
+            num_blocks=1,
+        )
+    )
 
 
 def _iaf_affine() -> nn.Module:
@@ -92,7 +109,11 @@ def _iaf_affine() -> nn.Module:
     from nflows.transforms.base import InverseTransform
 
     # an IAF: sampling runs the autoregressive transform's forward (one pass), density its inverse
-    return _maf(lambda: InverseTransform(MaskedAffineAutoregressiveTransform(features=2, hidden_features=HIDDEN, context_features=2, num_blocks=1)))
+    return _maf(
+        lambda: InverseTransform(
+            MaskedAffineAutoregressiveTransform(features=2, hidden_features=HIDDEN, context_features=2, num_blocks=1)
+        )
+    )
 
 
 def _prior() -> nn.Module:
@@ -120,7 +141,15 @@ def _log_prob(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 
 
 def _case(id: str, build, kinds: list[str], **kw) -> Case:
-    return Case(id=id, requires="nflows", build=build, expected_kinds=kinds, library_sample=_sample, library_log_prob=_log_prob, **kw)
+    return Case(
+        id=id,
+        requires="nflows",
+        build=build,
+        expected_kinds=kinds,
+        library_sample=_sample,
+        library_log_prob=_log_prob,
+        **kw,
+    )
 
 
 CASES = [
@@ -134,5 +163,10 @@ CASES = [
     _case("nflows-iaf-affine", _iaf_affine, ["affine", "affine"]),
     _case("nflows-maf-rq-spline", _maf_rq_spline, ["rq-spline", "rq-spline"]),
     # the prior's c' = 1/σ(y) does not depend on x; across the probed conditions σ varies (measured ratio ≈ 0.05)
-    _case("nflows-prior", _prior, ["additive", "additive", "prior"], expected_verdicts=["compliant", "compliant", "violates"]),
+    _case(
+        "nflows-prior",
+        _prior,
+        ["additive", "additive", "prior"],
+        expected_verdicts=["compliant", "compliant", "violates"],
+    ),
 ]

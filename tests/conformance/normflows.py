@@ -26,11 +26,17 @@ def _build(block: str, prior: bool = False):
             if block == "MaskedAffineAutoregressive":
                 flows.append(nf.flows.MaskedAffineAutoregressive(2, 32, context_features=2, num_blocks=1))
             elif block == "CoupledRationalQuadraticSpline":
-                flows.append(nf.flows.CoupledRationalQuadraticSpline(2, 1, 32, num_context_channels=2, num_bins=8,
-                                                                     tail_bound=3.0, reverse_mask=bool(i % 2)))
+                flows.append(
+                    nf.flows.CoupledRationalQuadraticSpline(
+                        2, 1, 32, num_context_channels=2, num_bins=8, tail_bound=3.0, reverse_mask=bool(i % 2)
+                    )
+                )
             else:
-                flows.append(nf.flows.AutoregressiveRationalQuadraticSpline(2, 1, 32, num_context_channels=2,
-                                                                            num_bins=8, tail_bound=3.0))
+                flows.append(
+                    nf.flows.AutoregressiveRationalQuadraticSpline(
+                        2, 1, 32, num_context_channels=2, num_bins=8, tail_bound=3.0
+                    )
+                )
             flows.append(nf.flows.LULinearPermute(2))
         if prior:
             q0 = ConditionalDiagGaussian(2, nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 4)))
@@ -55,8 +61,15 @@ def _log_prob(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 
 
 def _case(id: str, build, kinds: list[str], **kw) -> Case:
-    return Case(id=id, build=build, expected_kinds=kinds, library_sample=_sample, library_log_prob=_log_prob,
-                requires="normflows", **kw)
+    return Case(
+        id=id,
+        build=build,
+        expected_kinds=kinds,
+        library_sample=_sample,
+        library_log_prob=_log_prob,
+        requires="normflows",
+        **kw,
+    )
 
 
 RQ = "rq-spline"
@@ -66,6 +79,9 @@ CASES = [
     # spline on its identity half follows its conditional half
     _case("normflows-CoupledRationalQuadraticSpline", _build("CoupledRationalQuadraticSpline"), [RQ] * 4),
     _case("normflows-AutoregressiveRationalQuadraticSpline", _build("AutoregressiveRationalQuadraticSpline"), [RQ] * 2),
-    _case("normflows-MAF-ConditionalDiagGaussian", _build("MaskedAffineAutoregressive", prior=True),
-          ["affine-bounded", "affine-bounded", "prior"]),
+    _case(
+        "normflows-MAF-ConditionalDiagGaussian",
+        _build("MaskedAffineAutoregressive", prior=True),
+        ["affine-bounded", "affine-bounded", "prior"],
+    ),
 ]

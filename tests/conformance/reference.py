@@ -28,7 +28,12 @@ def _log_prob(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 
 
 CASES = [
-    Case(id=f"reference-{kind}", build=_build(kind), expected_kinds=[kind, kind],
-         library_sample=_sample, library_log_prob=_log_prob)
+    Case(
+        id=f"reference-{kind}",
+        build=_build(kind),
+        expected_kinds=[kind, kind],
+        library_sample=_sample,
+        library_log_prob=_log_prob,
+    )
     for kind in ("affine", "additive", "modified-rq-spline")
 ]

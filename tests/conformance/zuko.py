@@ -69,7 +69,15 @@ def _log_prob(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 
 
 def _case(id: str, build, kinds: list[str], **kw) -> Case:
-    return Case(id=id, requires="zuko", build=build, expected_kinds=kinds, library_sample=_sample, library_log_prob=_log_prob, **kw)
+    return Case(
+        id=id,
+        requires="zuko",
+        build=build,
+        expected_kinds=kinds,
+        library_sample=_sample,
+        library_log_prob=_log_prob,
+        **kw,
+    )
 
 
 CASES = [

@@ -28,17 +28,29 @@ def _sets(name: str):
 
 def figures(name: str) -> dict:
     """The pinned figures of one bundled model, seed 0, on CPU."""
-    import flowaudit
     from flowaudit.adapters import load_model
+
+    import flowaudit
 
     y_fit, y_in, y_ood, k = _sets(name)
     report = flowaudit.scan(load_model(name), y_in, ood=y_ood, fit_data=y_fit, samples=k, seed=0, device="cpu")
     data = json.loads(report.to_json())
-    sites = [{"name": s["name"], "kind": s["kind"], "verdict": s["remark2"]["verdict"],
-              "tail_ratio": s["remark2"]["tail_ratio"], "bound_ratio": s["remark2"]["bound_ratio"],
-              "inverse_gain": {k: s["inverse_gain"][k] for k in ("min", "p50", "p99", "max")}} for s in data["model"]["sites"]]
+    sites = [
+        {
+            "name": s["name"],
+            "kind": s["kind"],
+            "verdict": s["remark2"]["verdict"],
+            "tail_ratio": s["remark2"]["tail_ratio"],
+            "bound_ratio": s["remark2"]["bound_ratio"],
+            "inverse_gain": {k: s["inverse_gain"][k] for k in ("min", "p50", "p99", "max")},
+        }
+        for s in data["model"]["sites"]
+    ]
     by_set = data["risk"]["by_set"]
-    s_ood = {k: np.quantile(np.asarray(v, dtype=float), [0, 0.25, 0.5, 0.75, 1]).tolist() for k, v in data["ood"]["s_ood"].items()}
+    s_ood = {
+        k: np.quantile(np.asarray(v, dtype=float), [0, 0.25, 0.5, 0.75, 1]).tolist()
+        for k, v in data["ood"]["s_ood"].items()
+    }
     return {
         "sites": sites,
         "pct_pixel_err": {k: v["pct_pixel_err"] for k, v in by_set.items()},

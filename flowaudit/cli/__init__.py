@@ -1,0 +1,1 @@
+"""The ``flowaudit`` command line: thin click commands over the Python API."""

@@ -1,0 +1,281 @@
+"""What every ``flowaudit`` command shares: the context object and the options declared once.
+
+``--device`` and ``--json`` are declared here once; their callbacks store the
+values in the context object (:class:`Settings`), so commands read
+``obj.device`` and ``obj.json`` instead of taking them as parameters.
+
+Interruption: :func:`install_signal_handlers` makes SIGTERM raise
+``KeyboardInterrupt`` like SIGINT does, so one path unwinds both: the atomic
+writers remove their temporary files and folders, the claim on ``--out`` is
+released, and the group prints :func:`interrupted` (one line) and exits 130
+(128 + SIGINT, the shell's convention).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+__all__ = [
+    "Settings",
+    "UserError",
+    "claim_output",
+    "was_interrupted",
+    "run_options",
+    "run_context",
+    "finish_run",
+    "install_signal_handlers",
+    "interrupted",
+    "max_parameters_option",
+    "device_option",
+    "json_option",
+    "overwrite_option",
+    "batch_option",
+    "layers_option",
+    "pooling_option",
+    "estimator_option",
+    "threshold_option",
+]
+
+
+@dataclass
+class Settings:
+    """The context object every command receives."""
+
+    debug: bool = False
+    quiet: bool = False
+    device: str = "auto"
+    json: bool = False
+    command: str | None = None  # "flowaudit scan", "flowaudit train sr": set when a command claims its output
+    out: str | None = None  # what the running command writes (claimed), for the interruption message
+    keeps_partial: bool = False  # ``train``: a periodic checkpoint at ``out`` is complete, not partial
+    work: str | None = (
+        None  # ``fit`` / ``scan`` / ``attack``: the work folder of completed shards (``--resume`` continues from it)
+    )
+    official: dict = field(default_factory=dict)  # what an official checkpoint's weights cannot say (--fs-ncsr, …)
+
+    @property
+    def progress(self) -> bool:
+        return not self.quiet and not self.json
+
+
+class UserError(ValueError):
+    """Bad input found inside a command (exit code 2, one line)."""
+
+
+def _setting(name: str):
+    def store(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        setattr(ctx.ensure_object(Settings), name, value)
+        return value
+
+    return store
+
+
+device_option = click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    expose_value=False,
+    callback=_setting("device"),
+    help="auto, cpu, cuda or cuda:N.",
+)
+json_option = click.option(
+    "--json", is_flag=True, expose_value=False, callback=_setting("json"), help="Print machine-readable JSON on stdout."
+)
+batch_option = click.option(
+    "--batch-size",
+    type=click.IntRange(1),
+    default=None,
+    help="Samples per inverse pass (default: as many as --max-memory allows; exact passes: K).",
+)
+layers_option = click.option("--layers", help="Comma-separated encoder module names to hook (default: the adapter's).")
+pooling_option = click.option(
+    "--pooling",
+    type=click.Choice(["avg", "avgstd"]),
+    default="avg",
+    show_default=True,
+    help="Per-channel pooling of hooked features.",
+)
+estimator_option = click.option(
+    "--estimator",
+    type=click.Choice(["ledoit-wolf", "oas", "empirical"]),
+    default="ledoit-wolf",
+    show_default=True,
+    help="Covariance estimator.",
+)
+threshold_option = click.option(
+    "--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Remark 2 tail-ratio threshold."
+)
+overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+
+
+max_parameters_option = click.option(
+    "--max-parameters",
+    type=click.FloatRange(1),
+    default=2e9,
+    show_default=True,
+    help="Refuse a checkpoint whose model has more parameters (checked before allocating).",
+)
+
+EXIT_INTERRUPTED = 130
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM raises ``KeyboardInterrupt`` (as SIGINT does), so both unwind through the same cleanup.
+
+    Both handlers also note that a signal came (:func:`was_interrupted`, kept by the atomic writers, which then
+    publish nothing more: :func:`~flowaudit.utils.atomic.request_stop`): library code that turns
+    the ``KeyboardInterrupt`` into another exception on its way up is still an interruption, not a bug, and one
+    that swallows it does not let the command write its output. SIGINT keeps Python's behaviour (and stays
+    ignored where the shell made it so).
+    """
+    from ..utils.atomic import request_stop
+
+    def on_signal(signum, frame):
+        request_stop(signal.Signals(signum).name)
+        raise KeyboardInterrupt
+
+    with contextlib.suppress(ValueError):  # not the main thread: leave the handlers alone
+        signal.signal(signal.SIGTERM, on_signal)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, on_signal)
+
+
+def was_interrupted() -> bool:
+    """Whether SIGINT or SIGTERM arrived since :func:`install_signal_handlers`."""
+    from ..utils.atomic import stop_requested
+
+    return stop_requested() is not None
+
+
+def interrupted(ctx: click.Context) -> str:
+    """The one line said on an interruption: what was stopped and what is left at ``--out``."""
+    obj = ctx.obj if isinstance(ctx.obj, Settings) else Settings()
+    what = obj.command or " ".join(filter(None, ["flowaudit", ctx.invoked_subcommand]))
+    if obj.out is None:
+        left = "nothing was written"
+    elif obj.keeps_partial and Path(obj.out).exists():
+        left = f"{obj.out} keeps its last complete checkpoint (--resume continues from it)"
+    else:
+        left = f"nothing was written to {obj.out}"
+    if obj.work is not None and Path(obj.work).exists():
+        left += f"; completed shards are kept in {obj.work}: rerun the same command with --resume {obj.work} to finish"
+    from ..utils.atomic import stop_requested
+
+    return f"flowaudit: interrupted ({stop_requested() or 'SIGINT'}): {what} stopped; {left}"
+
+
+def claim_output(ctx: click.Context, out: str, overwrite: bool = True, *, keeps_partial: bool = False) -> None:
+    """Claim ``out`` for the rest of the command (two runs never write one target), then refuse an existing one.
+
+    The claim (:func:`flowaudit.utils.atomic.claim`) is released when the command ends,
+    however it ends; a second run on the same ``out`` gets a one-line ``FileExistsError`` (exit 2).
+    """
+    from ..utils.atomic import claim
+
+    ctx.with_resource(claim(out))
+    obj = ctx.find_object(Settings)
+    if obj is not None:
+        obj.command, obj.out, obj.keeps_partial = ctx.command_path, str(out), keeps_partial
+    if not overwrite and os.path.lexists(out):
+        raise FileExistsError(f"{out} exists (use --overwrite)")
+
+
+# -- long runs: shards, resume, memory, ranks (flowaudit.runs.runner) ----------------------------------
+
+
+def run_options(f):
+    """``--resume``, ``--max-memory``, ``--batched`` and ``--distributed`` of ``fit``, ``scan`` and ``attack``."""
+    f = click.option(
+        "--distributed",
+        is_flag=True,
+        help="Share the inputs over the ranks of a torchrun (gloo on CPU, NCCL on GPU); rank 0 writes the output.",
+    )(f)
+    f = click.option(
+        "--batched",
+        is_flag=True,
+        help="Several inputs per inverse pass (faster on small models; the "
+        "figures may then change in the last bits with --batch-size on kernels that are not batch-invariant).",
+    )(f)
+    f = click.option(
+        "--max-memory",
+        metavar="SIZE",
+        help="Memory budget that sizes the batches, e.g. 2GB "
+        "(default: half the available RAM, or 80 %% of the free GPU memory).",
+    )(f)
+    f = click.option(
+        "--resume",
+        metavar="WORK",
+        type=click.Path(),
+        help="Finish an interrupted run from its work folder "
+        "(.<out>.work beside --out); the options must be the original ones.",
+    )(f)
+    return f
+
+
+def run_context(
+    ctx: click.Context, out: str | None, overwrite: bool, resume: str | None, max_memory: str | None, distributed: bool
+) -> tuple[Any, str]:
+    """Join the ranks, claim ``out`` (rank 0) and name the work folder; ``(runner.Context, out)``.
+
+    ``--resume`` takes the work folder (or the output it belongs to); ``--out`` may then be left out.
+    """
+    from ..runs.memory import steady_allocator
+    from ..runs.runner import Context
+    from ..runs.shards import work_path
+
+    steady_allocator()  # the CLI owns its process: keep freed tensors from staying resident (flowaudit.runs.memory)
+    if resume is not None:
+        work = Path(resume)
+        owner = (
+            work.with_name(work.name[1 : -len(".work")])
+            if work.name.startswith(".") and work.name.endswith(".work")
+            else work
+        )
+        if out is not None and Path(os.path.abspath(out)) != Path(os.path.abspath(owner)):
+            raise UserError(f"--resume {resume} is the work folder of {owner}, not of --out {out}")
+        out = str(owner)
+    if out is None:
+        raise click.UsageError("give --out (or --resume WORK of an interrupted run)")
+    group = None
+    if distributed:
+        from ..runs.distributed import init_group
+
+        obj = ctx.find_object(Settings)
+        group = init_group(obj.device if obj is not None else "auto")
+        ctx.call_on_close(group.close)
+    work = work_path(out)
+    refused = None
+    if group is None or group.leader:
+        try:
+            claim_output(ctx, out, overwrite)
+        except FileExistsError as exc:
+            refused = exc
+        if refused is None and overwrite and resume is None and work.exists():
+            import shutil
+
+            shutil.rmtree(work)  # --overwrite starts again
+    if group is not None:  # every rank stops when rank 0 may not write --out
+        said = next((m for m in group.all_gather(None if refused is None else str(refused)) if m), None)
+        if said is not None and refused is None:
+            refused = FileExistsError(said)
+    if refused is not None:
+        raise refused
+    obj = ctx.find_object(Settings)
+    if obj is not None:
+        obj.work = str(work)
+    return Context(work_dir=work, resume=resume is not None, group=group, max_memory=max_memory), out
+
+
+def finish_run(run: Any) -> None:
+    """The output is in place: drop the work folder (rank 0, after every rank is done)."""
+    if run.group is not None:
+        run.group.barrier()
+    if run.work is not None and (run.group is None or run.group.leader):
+        run.work.remove()

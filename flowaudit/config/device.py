@@ -1,0 +1,51 @@
+"""Where and how the audit runs: device resolution and the observe-only model context.
+
+The model is observed, never altered: :func:`auditing` puts it in eval mode on
+the audit device with gradients off and TF32 disabled (so GPU figures match
+CPU ones), and restores every module's ``training`` flag, device and the TF32 switches on
+exit, whatever happens inside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from ..adapters import Adapter
+from ..errors import AuditError
+
+__all__ = ["resolve_device", "auditing"]
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` → CUDA when available, else CPU; anything else as given."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise AuditError(f"unknown device {device!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise AuditError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+@contextlib.contextmanager
+def auditing(adapter: Adapter, device: torch.device) -> Iterator[None]:
+    """Eval mode, no grad, TF32 off, model on ``device``; everything restored on exit."""
+    model = adapter.model
+    was_training, was_device = {m: m.training for m in model.modules()}, adapter.device
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        model.to(device).eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for m, flag in was_training.items():  # per module: a sub-module kept in eval mode stays so
+            m.train(flag)
+        model.to(was_device)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32

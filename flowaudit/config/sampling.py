@@ -1,0 +1,70 @@
+r"""How inputs become batches of samples, and where each sample's latent comes from.
+
+A :class:`Sampling` draws :math:`K` samples per input at temperature
+:math:`\tau`. Rows of a sampled batch are **input-major**: row :math:`r` is
+sample :math:`r \bmod K` of input :math:`\lfloor r / K \rfloor`;
+:meth:`Sampling.repeat` builds that layout from the conditions and
+:meth:`Sampling.per_input` reads it back as (inputs, K, …).
+
+Latents come from one generator per input, seeded by (seed, set, input index),
+
+.. math:: \text{seed}_i = 1\,000\,003 \cdot \text{seed} + 10^9 \cdot \text{set} + i,
+
+so a sample does not depend on the batch size or on which other inputs share
+its batch, and any input's samples can be drawn again on their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..adapters import Adapter
+
+__all__ = ["Sampling", "batches", "progress_bar"]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """K samples per input at temperature τ, latents seeded per (set, input)."""
+
+    samples: int
+    temperature: float
+    seed: int
+
+    def seed_of(self, set_index: int, i: int) -> int:
+        """The generator seed of input ``i`` of set ``set_index``."""
+        return self.seed * 1_000_003 + set_index * 10**9 + i
+
+    def latents(self, adapter: Adapter, y: Tensor, set_index: int, first: int, device: torch.device) -> list[Tensor]:
+        """K latents for each row of ``y`` (inputs ``first``, ``first + 1``, …), input-major, on ``device``."""
+        per_input = []
+        g = torch.Generator()
+        for j in range(len(y)):
+            g.manual_seed(self.seed_of(set_index, first + j))
+            per_input.append(adapter.sample_latents(self.repeat(y[j : j + 1].cpu()), self.temperature, g))
+        return [torch.cat(parts).to(device) for parts in zip(*per_input)]
+
+    def repeat(self, y: Tensor) -> Tensor:
+        """Each condition K times in a row: the input-major layout."""
+        return y.repeat_interleave(self.samples, 0)
+
+    def per_input(self, t: Tensor) -> Tensor:
+        """An input-major batch as (inputs, K, …)."""
+        return t.reshape(-1, self.samples, *t.shape[1:])
+
+
+def batches(n: int, size: int) -> Iterator[slice]:
+    """Consecutive slices of at most ``size`` out of ``n``."""
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar over inputs, silent unless ``enabled``."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, mininterval=0.5)

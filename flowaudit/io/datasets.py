@@ -1,0 +1,250 @@
+"""The loader behind ``--data``, ``--fit-data`` and ``--ood-data`` (DESIGN.md §4).
+
+Accepted inputs, all giving conditions ``y`` (N×…) and optional targets ``x``:
+
+- a folder of PNG/JPEG images, all the same size → ``y`` (N, 3, H, W) in [0, 1],
+  ids = file stems, sorted by file name (one image file is read as N = 1);
+- a paired folder, ``low/`` + ``high/`` (``y`` = low, ``x`` = high) or ``lr/`` +
+  ``hr/`` (``y`` = lr, ``x`` = hr), paired by file stem;
+- ``.npy``: the conditions; ``.npz`` / ``.h5`` / ``.hdf5``: an array ``y`` and
+  optionally ``x`` with as many rows; ids ``row0``, ``row1``, ….
+
+Every problem raises :class:`DataError` (a ``ValueError``) with one line naming
+the path and what is wrong; the CLI turns it into exit code 2.
+
+Conditions with NaN or ±Inf are *not* refused: they are loaded, marked in
+:attr:`ConditionSet.nonfinite` and counted in ``description["n_nonfinite"]``.
+The audit scores them ``s_OOD = inf``, keeps them out of the Gaussian's fit,
+and does not sample them: a flow fed NaN returns NaN, which says nothing about
+its inverse, so counting those samples in %Inf would blame the flow for broken
+data (and give the risk fit a free, meaningless hit). They appear in the report
+as inputs flagged ``nonfinite_condition`` with no sample figures
+(:func:`nonfinite_records`). A set whose every condition is non-finite leaves
+nothing to audit and is refused. Targets ``x`` must be finite.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import DataError
+from .images import IMAGE_EXTENSIONS, find_pair_dirs, read_image, read_image_folder, read_paired_folder
+from .untrusted import ReaderCrashed, survives
+
+__all__ = ["DataError", "ConditionSet", "load_conditions", "nonfinite_records", "ARRAY_EXTENSIONS"]
+
+ARRAY_EXTENSIONS = (".npy", ".npz", ".h5", ".hdf5")
+
+
+def _err(path: str | Path, problem: object) -> DataError:
+    return DataError(f"{path}: {_one_line(problem)}")
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+@dataclass
+class ConditionSet:
+    """Conditions ``y`` (float32, N×…), optional targets ``x``, one id per row, and a JSON-able description.
+
+    ``nonfinite`` (bool, N) marks the rows of ``y`` holding a NaN or ±Inf; computed when not given.
+    """
+
+    y: Tensor
+    x: Tensor | None
+    ids: list[str]
+    description: dict[str, Any] = field(default_factory=dict)
+    nonfinite: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.nonfinite is None:
+            self.nonfinite = (
+                ~torch.isfinite(self.y.reshape(len(self.y), -1)).all(1)
+                if len(self.y)
+                else torch.zeros(0, dtype=torch.bool)
+            )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def n_nonfinite(self) -> int:
+        return int(self.nonfinite.sum())
+
+    def finite(self) -> ConditionSet:
+        """The rows whose conditions are all finite (``self`` when there is no other kind).
+
+        The description is the whole set's (``n``, ``n_nonfinite``). Raises :class:`DataError`
+        when no row is finite: there is nothing to audit.
+        """
+        if not self.n_nonfinite:
+            return self
+        keep = ~self.nonfinite
+        if not keep.any():
+            where = self.description.get("path", "conditions")
+            raise DataError(
+                f"{where}: every condition has NaN or Inf values ({len(self)} of {len(self)}); nothing to audit"
+            )
+        idx = keep.nonzero().flatten()
+        return ConditionSet(
+            y=self.y[idx],
+            x=None if self.x is None else self.x[idx],
+            ids=[self.ids[i] for i in idx.tolist()],
+            description=self.description,
+            nonfinite=torch.zeros(len(idx), dtype=torch.bool),
+        )
+
+
+def _stack(path: Path, named: list[tuple[str, np.ndarray]], what: str = "images") -> Tensor:
+    first_name, first = named[0]
+    for name, a in named[1:]:
+        if a.shape != first.shape:
+            raise _err(
+                path,
+                f"{what} differ in size: {first_name} is {first.shape[1]}×{first.shape[0]}, "
+                f"{name} is {a.shape[1]}×{a.shape[0]} (crop or resize them to one size)",
+            )
+    return torch.from_numpy(np.stack([a for _, a in named]).transpose(0, 3, 1, 2).copy())
+
+
+def _from_folder(path: Path) -> tuple[Tensor, Tensor | None, list[str], str]:
+    layout = find_pair_dirs(path)
+    if layout is not None:
+        pairs = read_paired_folder(path)
+        if not pairs:
+            raise _err(path, f"no PNG/JPEG image pairs in {layout[0]}/ and {layout[1]}/")
+        y = _stack(path / layout[0], [(s, c) for s, c, _ in pairs])
+        x = _stack(path / layout[1], [(s, t) for s, _, t in pairs])
+        return y, x, [s for s, _, _ in pairs], f"paired {layout[0]}/{layout[1]}"
+    named = read_image_folder(path)
+    if not named:
+        raise _err(path, "no PNG/JPEG images in folder (nor low/+high/ or lr/+hr/ sub-folders)")
+    return _stack(path, named), None, [s for s, _ in named], "images"
+
+
+def _array(path: Path, name: str, a: Any) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype.kind not in "biuf":
+        raise _err(path, f"array {name!r} has dtype {a.dtype}, not numeric")
+    if a.ndim < 2:
+        raise _err(path, f"array {name!r} has shape {a.shape}; expected N×… (a row per input)")
+    if len(a) == 0:
+        raise _err(path, f"array {name!r} has no rows")
+    if a.size == 0:
+        raise _err(path, f"array {name!r} has shape {a.shape}: its rows are empty")
+    if name != "y" and not np.isfinite(a).all():  # conditions may be non-finite (counted); targets may not
+        raise _err(path, f"array {name!r} has non-finite values")
+    return a
+
+
+def _from_arrays(path: Path) -> tuple[Tensor, Tensor | None, list[str], str]:
+    suffix = path.suffix.lower()
+    kind = {".npy": "npy", ".npz": "npz"}.get(suffix, "h5")
+    try:
+        if kind == "npy":
+            y, x = np.load(path, allow_pickle=False), None
+        elif kind == "npz":
+            with np.load(path, allow_pickle=False) as f:
+                if "y" not in f.files:
+                    raise _err(path, f"no array 'y' (has: {', '.join(f.files) or 'nothing'})")
+                y, x = f["y"], (f["x"] if "x" in f.files else None)
+        else:
+            survives(_read_h5, path, True)  # a corrupt file can crash the HDF5 library itself
+            y, x = _read_h5(path)
+    except DataError:
+        raise
+    except ReaderCrashed as e:
+        raise _err(path, f"corrupt {suffix} file ({e})") from None
+    except (
+        Exception
+    ) as e:  # numpy's and h5py's parsers fail on hostile bytes in many ways (TokenError, SyntaxError, KeyError, …)
+        raise _err(path, f"unreadable {suffix} file ({type(e).__name__}: {e})") from None
+    y = _array(path, "y", y)
+    if x is not None:
+        x = _array(path, "x", x)
+        if len(x) != len(y):
+            raise _err(path, f"'x' has {len(x)} rows but 'y' has {len(y)}")
+    return _tensor(y), None if x is None else _tensor(x), [f"row{i}" for i in range(len(y))], kind
+
+
+def _read_h5(path: Path, probe: bool = False) -> tuple[Any, Any]:
+    """Arrays ``y`` and ``x`` (or ``None``) of an HDF5 file; ``probe``: only their first rows (the child's check)."""
+    import h5py
+
+    rows = slice(0, 1) if probe else ()
+    with h5py.File(path, "r") as f:
+        if not isinstance(f.get("y"), h5py.Dataset):
+            raise _err(path, f"no dataset 'y' at the top level (has: {', '.join(f.keys()) or 'nothing'})")
+        y = f["y"][rows] if f["y"].ndim else f["y"][()]
+        x = f.get("x")
+        return y, ((x[rows] if x.ndim else x[()]) if isinstance(x, h5py.Dataset) else None)
+
+
+def _tensor(a: np.ndarray) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+
+def load_conditions(path: str | Path) -> ConditionSet:
+    """Read conditions (and targets where present) from an image folder or an array file.
+
+    ``description`` holds ``path``, ``kind`` (``images``, ``image``, ``paired low/high``,
+    ``paired lr/hr``, ``npy``, ``npz``, ``h5``), ``n``, ``shape`` (one condition's shape)
+    and, with targets, ``target_shape``. Raises :class:`DataError` on any problem.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise _err(p, "no such file or folder")
+    try:
+        if p.is_dir():
+            y, x, ids, kind = _from_folder(p)
+        elif p.suffix.lower() in ARRAY_EXTENSIONS:
+            y, x, ids, kind = _from_arrays(p)
+        elif p.suffix.lower() in IMAGE_EXTENSIONS:
+            y, x, ids, kind = torch.from_numpy(read_image(p).transpose(2, 0, 1).copy())[None], None, [p.stem], "image"
+        else:
+            raise _err(
+                p,
+                f"unknown data format {p.suffix or '(no extension)'!r}; expected an image folder, "
+                f"a PNG/JPEG, {', '.join(ARRAY_EXTENSIONS)}",
+            )
+    except DataError:
+        raise
+    except (OSError, ValueError) as e:  # reader errors: "<file>: <problem>", a file at or under p
+        msg = _one_line(e)
+        raise (DataError(msg) if msg.startswith(str(p)) else _err(p, msg)) from e
+    cs = ConditionSet(y=y, x=x, ids=ids)
+    cs.description = {
+        "path": str(p),
+        "kind": kind,
+        "n": len(ids),
+        "shape": list(y.shape[1:]),
+        "n_nonfinite": cs.n_nonfinite,
+    }
+    if x is not None:
+        cs.description["target_shape"] = list(x.shape[1:])
+    return cs
+
+
+def nonfinite_records(cs: ConditionSet, set_name: str) -> list[dict]:
+    """Report records of the inputs whose conditions are non-finite: ``s_ood`` inf, no sample figures, no risk."""
+    return [
+        {
+            "id": cs.ids[i],
+            "set": set_name,
+            "nonfinite_condition": True,
+            "s_ood": math.inf,
+            "n_inf": None,
+            "n_pixel_err": None,
+            "max_abs": None,
+            "risk": None,
+        }
+        for i in cs.nonfinite.nonzero().flatten().tolist()
+    ]

@@ -1,0 +1,63 @@
+"""Reading untrusted files whose parser is native code: try it in a throwaway child process first.
+
+Python code can catch every exception a reader raises, but not a segmentation fault in a C
+library. HDF5 is such a library: a few flipped bytes in a ``.h5`` file can crash it outright
+(found by ``tests/test_fuzz.py``), which would kill the audit with no message at all. So the
+same read is first done in a forked child: if the child dies by a signal or hangs, the file is
+refused with one line; if it finishes (or raises an ordinary exception), the parent does the
+read itself, and gets the same result or the same exception, now catchable. The child shares
+the parent's memory copy-on-write and costs a few milliseconds; without ``fork`` (not POSIX)
+the read runs in-process only.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["survives", "ReaderCrashed"]
+
+
+class ReaderCrashed(ValueError):
+    """The reader died (a signal) or hung on the file; the message says which, without the path."""
+
+
+def survives(
+    read: Callable[..., Any], path: str | os.PathLike[str], *args: Any, what: str = "HDF5", timeout: float = 120.0
+) -> None:
+    """Run ``read(path, *args)`` in a forked child; :class:`ReaderCrashed` when the child crashes or hangs.
+
+    An ordinary exception in the child is not reported here: the caller's own call raises it again.
+    """
+    if not hasattr(os, "fork"):  # pragma: no cover - not POSIX
+        return
+    pid = os.fork()
+    if pid == 0:  # the child: read, then leave without running any of the parent's exit handlers
+        code = 0
+        try:
+            faulthandler.disable()  # its crash is expected here, and reported by the parent in one line
+            read(path, *args)
+        except BaseException:
+            code = 1
+        os._exit(code)
+    deadline, status = time.monotonic() + timeout, None
+    try:
+        while status is None:
+            done, code = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = code
+            elif time.monotonic() > deadline:
+                raise ReaderCrashed(f"reading it did not finish in {timeout:.0f} s")
+            else:
+                time.sleep(0.002)
+    finally:
+        if status is None:  # timed out or interrupted: the child goes too
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        name = signal.Signals(os.WTERMSIG(status)).name
+        raise ReaderCrashed(f"the {what} reader crashed on it with {name}")

@@ -1,0 +1,76 @@
+"""The worst-input panel of an image scan: the riskiest inputs, a few of their samples, their s_OOD map.
+
+Inputs are ranked by non-finite samples, then pixel errors, then ``s_OOD``,
+then the largest value. Their first samples are drawn again from the same
+per-input seeds as the scan (:meth:`~flowaudit.config.sampling.Sampling.latents`), so
+the panel shows the scan's own samples; the map is the spatial ``s_OOD`` of
+the encoder features when a spatial Gaussian was fitted. For the HTML only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from torch import Tensor
+
+from ..adapters import Adapter
+from ..config.device import auditing
+from ..io.datasets import ConditionSet
+from ..runs.passes import Run
+from ..stats.features import spatial_map
+from ..stats.gaussian import GaussianOOD
+
+__all__ = ["PanelItem", "worst_inputs"]
+
+
+@dataclass
+class PanelItem:
+    """One row of the worst-input panel (image models, HTML only): condition, samples, s_OOD map."""
+
+    id: str
+    set: str
+    y: Tensor
+    samples: Tensor
+    record: dict
+    map: np.ndarray | None = None
+
+
+def worst_inputs(
+    adapter: Adapter,
+    sets: Sequence[tuple[str, ConditionSet]],
+    records: list[dict],
+    spatial: GaussianOOD | None,
+    layers: Sequence[str],
+    run: Run,
+    n: int = 6,
+    shown: int = 3,
+) -> list[PanelItem]:
+    """The ``n`` riskiest inputs with ``shown`` samples each (see module docstring)."""
+    order = sorted(
+        range(len(records)),
+        key=lambda i: (
+            -records[i]["n_inf"],
+            -records[i]["n_pixel_err"],
+            -(records[i]["s_ood"] or 0.0),
+            -records[i]["max_abs"],
+        ),
+    )[:n]
+    by_set = dict(sets)
+    index = {name: k for k, (name, _) in enumerate(sets)}
+    start = {name: next(i for i, r in enumerate(records) if r["set"] == name) for name, _ in sets}
+    out = []
+    shown = min(shown, run.sampling.samples)
+    with auditing(adapter, run.device):
+        for i in order:
+            rec = records[i]
+            j = i - start[rec["set"]]
+            y = by_set[rec["set"]].y[j : j + 1].to(run.device)
+            lat = [z[:shown] for z in run.sampling.latents(adapter, y, index[rec["set"]], j, run.device)]
+            x = adapter.sample(y.repeat_interleave(shown, 0), lat).cpu()  # the first samples of the scan, again
+            item = PanelItem(id=rec["id"], set=rec["set"], y=y[0].cpu(), samples=x, record=rec)
+            if spatial is not None:
+                item.map = spatial_map(adapter, spatial, y, layers)[0]
+            out.append(item)
+    return out

@@ -1,0 +1,1 @@
+"""Sampling runs: the per-input loop under a tracer, shards, resume, process groups and memory sizing."""

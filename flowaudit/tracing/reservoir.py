@@ -1,0 +1,323 @@
+r"""The parameter reservoir of one site: a fixed budget of parameter rows for the Remark 2 probe.
+
+Every site call hands the tracer the parameters the conditioner produced (one row per sample)
+and each row's largest inverse gain :math:`g_r`. :class:`ParamReservoir` keeps at most
+``budget`` parameter numbers, i.e. :math:`k = \max(2, \lfloor \text{budget} / m \rfloor)` rows of
+:math:`m` numbers:
+
+* :math:`\lfloor k/2 \rfloor` rows with the largest :math:`g_r` (the tails Remark 2 is about);
+* :math:`\lceil k/2 \rceil` rows with the smallest keys :math:`u_r = \text{SplitMix64}(\text{salt}, r) / 2^{64}`,
+  :math:`r` the row's global index (input × K + sample): a uniform sample of all rows seen,
+  the same rows whatever the batches, shards or ranks they came in.
+
+Both halves order rows by (score, row id), a strict total order, so the top-k of a union is the
+top-k of the parts' top-k: merging shards or updating once per call gives the same rows as one
+pass over everything. The order is found on scores and ids (a few numbers a row) and only the
+kept rows are gathered, on the rows' device with no host sync; on the CPU, where reading the
+scores costs nothing, each half is a heap of the slots of a buffer allocated once (:class:`_Half`)
+and a compiled loop offers a call's rows to it, copying only those that enter
+(:func:`~flowaudit.tracing.host_kernels.offer`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .host_kernels import heapify, host_array, offer, salt_mix
+
+__all__ = ["ParamReservoir", "uniform_keys"]
+
+
+def uniform_keys(row: Tensor, salt: int) -> Tensor:
+    """A uniform number in [0, 1) per row id: SplitMix64 of (salt, row), on the rows' device."""
+    mask = (1 << 64) - 1
+    golden, m1, m2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+    def signed(c: int) -> int:
+        return c - (1 << 64) if c >= 1 << 63 else c
+
+    def shr(z: Tensor, k: int) -> Tensor:  # logical shift of int64 bits
+        return (z >> k) & ((1 << (64 - k)) - 1)
+
+    z = row.to(torch.int64) * signed(golden) + signed((salt * golden) & mask)  # int64 arithmetic wraps
+    z = (z ^ shr(z, 30)) * signed(m1)
+    z = (z ^ shr(z, 27)) * signed(m2)
+    z = z ^ shr(z, 31)
+    return shr(z, 11).to(torch.float64) * 2.0**-53
+
+
+def _host_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a CPU half keeps rows of ``dtype`` in: float32 and float64 as they are, the narrower floats
+    widened to float32 and anything else to float64 (exactly either way; the compiled loop copies these two)."""
+    if dtype in (torch.float32, torch.float64):
+        return dtype
+    return torch.float32 if dtype.is_floating_point and dtype.itemsize < 4 else torch.float64
+
+
+class _Half:
+    """One half of a reservoir on the CPU: up to ``k`` rows in a buffer allocated once, a binary heap
+    of their slots worst first, their scores and row ids in numpy; the compiled
+    :func:`~flowaudit.tracing.host_kernels.offer` adds rows to it, copying only the rows that enter."""
+
+    def __init__(self, k: int, like: Tensor):
+        self.k = k
+        dtype = _host_dtype(like.dtype)
+        self.rows = torch.empty((k, *like.shape[1:]), dtype=dtype)
+        self.flat = self.rows.numpy().reshape(k, self.rows[0].numel())  # the same memory, a row a line
+        self.heap = np.zeros(k, dtype=np.int64)
+        self.fill = np.zeros(1, dtype=np.int64)
+        self.score = np.empty(k)
+        self.ids = np.empty((k, 3), dtype=np.int64)
+
+    @classmethod
+    def of(cls, kept: tuple[Tensor, Tensor, Tensor] | None, k: int, like: Tensor) -> "_Half":
+        out = cls(k, like)
+        if kept is not None and len(kept[1]):
+            n = len(kept[1])
+            out.rows[:n], out.score[:n], out.ids[:n] = kept[0], kept[1].numpy(), kept[2].numpy()
+            out.heap[:n] = np.arange(n)
+            out.fill[0] = n
+            heapify(out.heap, n, out.score, out.ids)
+        return out
+
+    def as_tuple(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The kept rows, scores and ids; a full half hands over its memory (it is dropped once read:
+        :meth:`ParamReservoir._flush`), one with free slots copies what it holds (a saved view would save them too)."""
+        n = int(self.fill[0])
+        if n == self.k:
+            return self.rows, torch.from_numpy(self.score), torch.from_numpy(self.ids)
+        return self.rows[:n].clone(), torch.from_numpy(self.score[:n].copy()), torch.from_numpy(self.ids[:n].copy())
+
+
+class ParamReservoir:
+    """Parameter rows of one site kept for the Remark 2 probe, drawn from every batch (module docstring).
+
+    Args:
+        budget: parameter numbers kept (rows × numbers per row; at least 2 rows).
+        generator: the seeded generator of the random keys, on the parameters' device.
+
+    Row ids (global row, input, batch) travel with the rows so the report can say how many
+    inputs and batches the kept points come from.
+    """
+
+    def __init__(self, budget: int, generator: torch.Generator | None = None, salt: int = 0):
+        self.budget, self.generator, self.salt = budget, generator, salt
+        self.rows_seen = self.skipped = 0
+        self._top: tuple[Tensor, Tensor, Tensor] | None = None  # rows, gain, ids
+        self._rand: tuple[Tensor, Tensor, Tensor] | None = None  # rows, key, ids
+        self._next_id: int | None = 0  # every kept row id is below it (None: unknown)
+        self._host: tuple[_Half, _Half] | None = None  # the CPU's halves (:meth:`_flush` turns them into _top, _rand)
+        self._offer_args: tuple = ()  # with the halves: their row shape, dtype and arrays (:meth:`_start_host`)
+        self._mix = salt_mix(salt)
+        self._keys = np.empty(0)  # scratch: the random half's scores of a call's rows
+
+    def capacity(self, per_row: int) -> tuple[int, int]:
+        """(rows kept by gain, rows kept at random) for rows of ``per_row`` numbers."""
+        rows = max(2, self.budget // max(per_row, 1))
+        return rows // 2, rows - rows // 2
+
+    @staticmethod
+    def _merge(
+        old: tuple[Tensor, Tensor, Tensor] | None, new: tuple[Tensor, Tensor, Tensor], k: int, later: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Keep the ``k`` rows with the largest score (rows, score, ids), ties to the smaller row id.
+
+        A strict total order, so the kept rows are the same however the rows arrived
+        (batch sizes, shards, ranks): top-k of a union is top-k of the parts' top-k. The order
+        is found on the scores and ids alone; only the ``k`` kept rows are copied. ``later``: every
+        new id is above every old one and the new ids ascend; kept rows of equal score always lie in
+        id order (a union is kept as concatenated, a cut in sorted order), so one stable sort on the
+        score gives the same order.
+        """
+        if old is None:
+            old = tuple(t[:0] for t in new)
+        new = tuple(b.to(a.device) for a, b in zip(old, new))
+        score, ids = torch.cat([old[1], new[1]]), torch.cat([old[2], new[2]])
+        n_old = old[0].shape[0]
+        if score.shape[0] <= k:
+            return torch.cat([old[0], new[0]]), score, ids
+        if later:
+            idx = torch.argsort(score, descending=True, stable=True)[:k]
+        else:
+            by_id = torch.argsort(ids[:, 0], stable=True)
+            idx = by_id.index_select(0, torch.argsort(score.index_select(0, by_id), descending=True, stable=True)[:k])
+        if n_old:
+            from_old = (idx < n_old).view(-1, *[1] * (new[0].dim() - 1))
+            rows = torch.where(
+                from_old,
+                old[0].index_select(0, idx.clamp_max(n_old - 1)),
+                new[0].index_select(0, (idx - n_old).clamp_min(0)),
+            )
+        else:
+            rows = new[0].index_select(0, idx)
+        return rows, score.index_select(0, idx), ids.index_select(0, idx)
+
+    def add(self, params: Tensor, row_gain: Tensor | np.ndarray, first_input: int, samples: int, batch: int) -> None:
+        """Offer the rows of one call (``first_input``'s K samples first) with their largest gains; a call
+        without one gain a row offers its rows at gain 0."""
+        rows = params.detach()
+        if rows.device.type == "cpu":
+            self.add_host(host_array(rows), np.asarray(row_gain, dtype=np.float64), first_input, samples, batch)
+        elif not self._wrong_shape(tuple(rows.shape[1:]), rows.shape[0]):
+            self._add_device(rows, row_gain, first_input, samples, batch)
+
+    def add_host(self, rows: np.ndarray, row_gain: np.ndarray, first_input: int, samples: int, batch: int) -> None:
+        """:meth:`add` on the CPU, the rows as numpy (:func:`~flowaudit.tracing.host_kernels.host_array`) and their gains
+        as float64: offered by the compiled loop (:func:`~flowaudit.tracing.host_kernels.offer`), which copies only the
+        rows that enter."""
+        n = len(rows)
+        if not n:
+            return
+        if self._host is None:
+            self._start_host(rows)
+        if self._wrong_shape(rows.shape[1:], n):
+            return
+        _, dtype, arrays = self._offer_args
+        self.rows_seen += n
+        if len(self._keys) < n:
+            self._keys = np.empty(n)
+        samples = max(samples, 1)
+        offer(
+            row_gain if len(row_gain) == n else np.zeros(n),
+            rows.astype(dtype, copy=False).reshape(n, -1),  # a view where contiguous, widened exactly where narrow
+            first_input * samples,
+            samples,
+            batch,
+            self._mix,
+            self._keys[:n],
+            *arrays,
+        )
+
+    def _start_host(self, rows: np.ndarray) -> None:
+        """The CPU's halves, holding what the reservoir kept so far (rows of the kept shape, else of ``rows``')."""
+        like = torch.from_numpy(rows[:1])
+        shape = self._row_shape() or tuple(like.shape[1:])
+        like = like.new_empty((1, *shape))
+        k_top, k_rand = self.capacity(like.numel())
+        self._host = top, rand = _Half.of(self._top, k_top, like), _Half.of(self._rand, k_rand, like)
+        self._offer_args = (
+            shape,
+            top.flat.dtype,
+            (top.heap, top.fill, top.score, top.ids, top.flat, rand.heap, rand.fill, rand.score, rand.ids, rand.flat),
+        )
+        self._top = self._rand = None
+        self._next_id = None  # stored in slots, not in sorted order: a device path after this sorts by id
+
+    def _wrong_shape(self, row_shape: tuple[int, ...], n: int) -> bool:
+        """Whether ``n`` rows of another parameter shape than those kept came (counted as skipped, not mixed into one probe tensor)."""
+        shape = self._row_shape()
+        if shape is not None and shape != tuple(row_shape):  # counted, not mixed into one probe tensor
+            self.skipped += n
+            return True
+        return False
+
+    def _row_shape(self) -> tuple[int, ...] | None:
+        if self._host is not None:
+            return self._offer_args[0]
+        return None if self._top is None else tuple(self._top[0].shape[1:])
+
+    def _flush(self) -> None:
+        """Turn the CPU's halves into the (rows, score, ids) form every other method reads."""
+        if self._host is not None:
+            self._top, self._rand = (h.as_tuple() for h in self._host)
+            self._host = None
+
+    def _add_device(self, rows: Tensor, row_gain: Tensor, first_input: int, samples: int, batch: int) -> None:
+        """:meth:`add` on the rows' device, with no host sync (kept in (score, id) order, :meth:`_merge`)."""
+        self._flush()
+        n, dev = rows.shape[0], rows.device
+        r = torch.arange(n, device=dev)
+        ids = torch.stack(
+            [r + first_input * max(samples, 1), r // max(samples, 1) + first_input, torch.full_like(r, batch)], 1
+        )
+        self.rows_seen += n
+        first = first_input * max(samples, 1)
+        later = self._next_id is not None and first >= self._next_id
+        self._next_id = first + n if later or self._top is None else None
+        gain = (
+            row_gain.to(dev, torch.float64)
+            if row_gain.shape[0] == n
+            else torch.zeros(n, dtype=torch.float64, device=dev)
+        )
+        k_top, k_rand = self.capacity(rows[0].numel() if n else 1)
+        self._top = self._merge(self._top, (rows, gain, ids), k_top, later)
+        key = uniform_keys(ids[:, 0], self.salt)  # a function of the row, not of the batch it came in
+        self._rand = self._merge(self._rand, (rows, -key, ids), k_rand, later)  # smallest keys: a uniform sample
+
+    # -- mergeable state (shards, resume, ranks) ----------------------------------------------
+    def state(self) -> dict:
+        self._flush()
+        cpu = lambda t: None if t is None else tuple(x.cpu() for x in t)
+        return {
+            "budget": self.budget,
+            "salt": self.salt,
+            "rows_seen": self.rows_seen,
+            "skipped": self.skipped,
+            "top": cpu(self._top),
+            "rand": cpu(self._rand),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device | str = "cpu") -> "ParamReservoir":
+        out = cls(state["budget"], salt=state["salt"])
+        out.rows_seen, out.skipped = state["rows_seen"], state["skipped"]
+        out._next_id = None  # the ids' order is not known without reading them: the general merge
+        out._top, out._rand = (
+            None if state[k] is None else tuple(x.to(device) for x in state[k]) for k in ("top", "rand")
+        )
+        return out
+
+    def merge(self, other: "ParamReservoir") -> "ParamReservoir":
+        """The reservoir over the rows of both (``other`` from later inputs); returns ``self``."""
+        self._flush()
+        other._flush()
+        self._next_id = None
+        self.rows_seen += other.rows_seen
+        self.skipped += other.skipped
+        if other._top is None:
+            return self
+        if self._top is None:
+            self._top, self._rand = other._top, other._rand
+            return self
+        if tuple(self._top[0].shape[1:]) != tuple(other._top[0].shape[1:]):
+            self.skipped += other.rows_seen
+            return self
+        k_top, k_rand = self.capacity(self._top[0][0].numel() if len(self._top[0]) else 1)
+        self._top = self._merge(self._top, other._top, k_top)
+        self._rand = self._merge(self._rand, other._rand, k_rand)
+        return self
+
+    def kept(self) -> tuple[Tensor, Tensor] | None:
+        """(rows, ids) of the union of both halves, each row once, in row order."""
+        self._flush()
+        if self._top is None:
+            return None
+        rows = torch.cat([self._top[0], self._rand[0]])
+        ids = torch.cat([self._top[2], self._rand[2]])
+        uniq, inv = torch.unique(ids[:, 0], return_inverse=True)
+        first = torch.full((len(uniq),), len(inv), dtype=torch.long, device=inv.device).scatter_reduce(
+            0, inv, torch.arange(len(inv), device=inv.device), reduce="amin"
+        )
+        return rows.index_select(0, first), ids.index_select(0, first)
+
+    def info(self) -> dict:
+        """What the reservoir holds, for the report."""
+        self._flush()
+        kept = self.kept()
+        per_row = int(self._top[0][0].numel()) if self._top is not None and len(self._top[0]) else 0
+        k_top, k_rand = self.capacity(per_row) if per_row else (0, 0)
+        ids = kept[1].cpu() if kept is not None else torch.zeros(0, 3, dtype=torch.long)
+        return {
+            "budget": self.budget,
+            "rows_capacity": k_top + k_rand,
+            "rows": int(len(ids)),
+            "rows_by_gain": int(len(self._top[0])) if self._top is not None else 0,
+            "points": int(len(ids)) * per_row,
+            "inputs": int(ids[:, 1].unique().numel()),
+            "batches": int(ids[:, 2].unique().numel()),
+            "rows_seen": self.rows_seen,
+            "rows_skipped": self.skipped,
+            "largest_gain_kept": float(self._top[1].max()) if self._top is not None and len(self._top[1]) else None,
+        }

@@ -1,0 +1,220 @@
+"""Atomic writes of files and folders: a claimed target, a temporary sibling, one rename on success.
+
+Everything flowaudit writes (checkpoints, data sets, stats, reports) goes
+through :func:`atomic_path` (one file) or :func:`atomic_dir` (one folder), so a
+reader never sees a half-written result and a failure — an exception, Ctrl-C,
+SIGTERM (the CLI turns it into ``KeyboardInterrupt``) — leaves nothing behind
+(DESIGN §5). It lives in the bottom layer so that every layer can use it.
+
+Two writers of one target never mix: each first *claims* it (:func:`claim`),
+an exclusive ``flock`` on ``.<name>.lock`` beside it that holds the writer's
+pid. A second writer, in this or another process, gets :class:`TargetBusy` (a
+``FileExistsError``) at once. The kernel drops the lock when its process dies,
+however it dies, so a lock file left by a SIGKILLed run is stale and is simply
+taken over. Claims are re-entrant within a process: the CLI claims ``--out``
+for the whole command, and the writers inside re-use that claim.
+
+A signal that asked the process to stop (:func:`request_stop`, called by the CLI's handlers) stops every
+write that has not committed yet, also where the ``KeyboardInterrupt`` it raised was swallowed on the way
+(a finaliser such as tqdm's ``__del__`` ignores it): the rename that would publish the result raises
+``KeyboardInterrupt`` again instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_path", "atomic_dir", "claim", "TargetBusy", "request_stop", "stop_requested"]
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: claims fall back to O_EXCL lock files
+    fcntl = None  # type: ignore[assignment]
+
+_HELD: dict[Path, tuple[int, int]] = {}  # claimed target -> (lock fd, depth)
+_STOP: list[str] = []  # the name of the signal that asked the process to stop, once one did
+
+
+def request_stop(signal_name: str) -> None:
+    """Note that ``signal_name`` asked the process to stop: no write commits after this (module docstring)."""
+    if not _STOP:
+        _STOP.append(signal_name)
+
+
+def stop_requested() -> str | None:
+    """The signal that asked the process to stop, or ``None``."""
+    return _STOP[0] if _STOP else None
+
+
+def _commit_allowed() -> None:
+    """Raise ``KeyboardInterrupt`` where a stop was asked for, so that nothing is published after it."""
+    if _STOP:
+        raise KeyboardInterrupt
+
+
+class TargetBusy(FileExistsError):
+    """Another run is writing the same target right now."""
+
+
+def _sibling(target: Path, tag: str) -> Path:
+    return target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.{tag}")
+
+
+def _lock_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.lock")
+
+
+def _holder(lock: Path) -> str:
+    try:
+        pid = lock.read_text().split()[0]
+    except (OSError, IndexError):
+        return "another run"
+    return f"another run (pid {pid})"
+
+
+def _acquire(target: Path) -> int:
+    """An fd holding the exclusive lock of ``target``; :class:`TargetBusy` when a live run holds it."""
+    lock = _lock_path(target)
+    for _ in range(100):  # retried only when the lock file was replaced under us
+        if fcntl is None:
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+            except FileExistsError:
+                raise TargetBusy(f"{target}: {_holder(lock)} is writing it (lock {lock.name})") from None
+            break
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # no flock here (some network mounts)
+                break  # the lock file still names the writer; exclusivity is best effort on such a filesystem
+            os.close(fd)
+            raise TargetBusy(
+                f"{target}: {_holder(lock)} is writing it at the same time; wait for it or choose "
+                f"another output (a lock left by a killed run is taken over)"
+            ) from None
+        try:  # the holder may have removed the file between our open and our lock: lock the current one
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    else:  # pragma: no cover
+        raise TargetBusy(f"{target}: its lock {lock.name} keeps changing; another run is writing it")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+@contextlib.contextmanager
+def claim(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold the exclusive claim on ``path`` (re-entrant within the process); yields the target.
+
+    Raises :class:`TargetBusy` when another live run holds it. A stale lock (its
+    process died, even by SIGKILL) is taken over. The lock file is removed on release.
+    """
+    target = Path(os.path.abspath(path))
+    if target in _HELD:
+        fd, depth = _HELD[target]
+        _HELD[target] = (fd, depth + 1)
+        try:
+            yield target
+        finally:
+            fd, depth = _HELD[target]
+            _HELD[target] = (fd, depth - 1)
+        return
+    created = [d for d in (target.parent, *target.parent.parents) if not d.exists()]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = _acquire(target)
+    except BaseException:
+        _remove_empty(created)
+        raise
+    _HELD[target] = (fd, 1)
+    try:
+        yield target
+    finally:
+        del _HELD[target]
+        _lock_path(target).unlink(missing_ok=True)  # unlinked while still locked: no one can lock this inode after us
+        os.close(fd)
+        if not target.exists():
+            _remove_empty(created)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove folders a claim created (innermost first) when nothing was written in them."""
+    for d in folders:
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; ``os.replace`` it onto ``path`` on success.
+
+    The target is claimed first (:func:`claim`). The temporary path lives in the same
+    directory (so the rename is atomic on POSIX) and is named ``.<name>.<random>.tmp``. On any exception, the
+    temporary file is removed and the exception re-raised; an existing
+    ``path`` is then left untouched.
+
+    Example:
+        >>> import tempfile
+        >>> target = Path(tempfile.mkdtemp()) / "out.txt"
+        >>> with atomic_path(target) as tmp:
+        ...     _ = tmp.write_text("done")
+        >>> target.read_text()
+        'done'
+    """
+    target = Path(path)
+    with claim(target):
+        tmp = _sibling(target, "tmp")
+        try:
+            yield tmp
+            _commit_allowed()
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a new temporary folder beside ``path``; rename it onto ``path`` on success.
+
+    An existing ``path`` raises :class:`FileExistsError` unless ``overwrite``;
+    with ``overwrite`` it is replaced only once the new folder is complete
+    (moved aside, the new one renamed in, the old one deleted). On any
+    exception the temporary folder is removed and ``path`` is left as it was.
+
+    Example:
+        >>> import tempfile
+        >>> target = Path(tempfile.mkdtemp()) / "report"
+        >>> with atomic_dir(target) as tmp:
+        ...     _ = (tmp / "a.txt").write_text("done")
+        >>> sorted(p.name for p in target.iterdir())
+        ['a.txt']
+    """
+    target = Path(path)
+    with claim(target):
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{target} exists (use --overwrite)")
+        tmp = _sibling(target, "tmp")
+        tmp.mkdir()
+        try:
+            yield tmp
+            _commit_allowed()
+            if target.exists():
+                old = _sibling(target, "old")
+                os.rename(target, old)
+                os.rename(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
