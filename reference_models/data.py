@@ -7,12 +7,9 @@ and scikit-learn's two sample images, split *by image* (never by patch), fixed:
   immunohistochemistry, hubble_deep_field, retina, china (sklearn)
 - ``test``: chelsea, rocket, flower (sklearn)
 
-Left out: the grayscale images (camera, brick, grass, gravel, moon, coins, clock,
-cell, page, text, microaneurysms, horse) — replicated to RGB they would carry an
-R = G = B colour statistic no photograph of the set has; ``cat`` (= chelsea) and the
-right motorcycle view (near-duplicates, a leak across the split); colorwheel and
-logo (synthetic graphics); and the images scikit-image fetches with pooch (brain,
-eagle, lily, skin, …), which need a download.
+Left out: grayscale images (an R = G = B statistic no photograph of the set has), near-duplicates of a kept
+image (``cat``, the right motorcycle view: a leak across the split), synthetic graphics, and images that need a
+download.
 
 **Degradations.** SR conditions are bicubic downscales of HR crops (paper S1.3:
 DF2K/DIV2K ×4, 160×160 HR patches, random 90° rotations and horizontal flips).
