@@ -217,16 +217,16 @@ class _Patches(Dataset):
         left = [int(rng.integers(0, sizes[i][2] - patch + 1)) for i in idx]
         flip = rng.integers(0, 2, n) if augment else np.zeros(n, int)
         rot = rng.integers(0, 4, n) if augment else np.zeros(n, int)
-        self.plan = [(int(i), t, l, bool(f), int(k)) for i, t, l, f, k in zip(idx, top, left, flip, rot)]
-        self.names = [f"{sizes[i][0]}_{t}_{l}" for i, t, l, _, _ in self.plan]
+        self.plan = [(int(i), t, lf, bool(f), int(k)) for i, t, lf, f, k in zip(idx, top, left, flip, rot)]
+        self.names = [f"{sizes[i][0]}_{t}_{lf}" for i, t, lf, _, _ in self.plan]
         self.patch = patch
 
     def __len__(self) -> int:
         return len(self.plan)
 
     def _crop(self, a: np.ndarray, i: int) -> Tensor:
-        _, t, l, flip, k = self.plan[i]
-        x = _chw(a[t : t + self.patch, l : l + self.patch])
+        _, t, lf, flip, k = self.plan[i]
+        x = _chw(a[t : t + self.patch, lf : lf + self.patch])
         x = x.flip(-1) if flip else x
         return x.rot90(k, dims=(-2, -1)).contiguous() if k else x
 

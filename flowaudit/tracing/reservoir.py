@@ -242,7 +242,10 @@ class ParamReservoir:
     # -- mergeable state (shards, resume, ranks) ----------------------------------------------
     def state(self) -> dict:
         self._flush()
-        cpu = lambda t: None if t is None else tuple(x.cpu() for x in t)
+
+        def cpu(t):
+            return None if t is None else tuple(x.cpu() for x in t)
+
         return {
             "budget": self.budget,
             "salt": self.salt,
