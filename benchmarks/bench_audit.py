@@ -1,34 +1,18 @@
-"""Audit overhead: a scan shard's inverse passes under the scan's tracer over the same passes bare, as ratios within one run.
+"""Audit overhead: a scan shard's inverse passes under the scan's tracer over the same passes bare, as ratios.
 
-A scan audits its inputs in shards of :data:`~flowaudit.runs.shards.SHARD_INPUTS` (32), each with a
-fresh :class:`~flowaudit.tracing.trace.Tracer` whose state is saved when the shard ends. This benchmark
-runs one such shard of 32 distinct inputs four ways on the same latents under ``no_grad``, one
-thread: *bare* (every pass ``adapter.sample(y, latents)``, no observer, no hook), *audited* (as
-:mod:`flowaudit.runs.passes` runs it: a tracer, the adapter's ``observing`` block around the shard —
-the hooks registered once — every pass reporting to the tracer, ``tracer.end_batch`` after each, and
-``tracer.state()`` at the end: layer sums, inverse-gain histograms, per-input gain figures,
-parameter reservoir; the bundled flows' adapter holds a pass's reports for its end,
-:class:`~flowaudit.adapters.hooks.HeldReports`), the *floor* (the same with an observer that takes
-nothing, :class:`Nothing`: what the hooks and the adapter's reads — ``exp`` of the log-determinant
-into gains — cost before the tracer does anything) and *bare again* (an A/A check of the protocol). Each way runs on its own
-copy of the model (:func:`shard_rounds`), so that one way's held hooks leave the others' passes
-unhooked, and the ways take turns pass by pass, the order rotating. A round is the whole shard each
-way, after one warm-up round. Two figures per ratio: the best of ``--repeats`` rounds' shard times
-each, and the median [quartiles] over rounds of the ratio within a round (the ways' passes
-interleave, so a round's ratio cancels a drift of the machine the bests do not). The ratios are
-audited / bare (goal, issue 12: ≤ 1.05 on SR and low-light), floor / bare and bare again / bare.
+A scan audits its inputs in shards of :data:`~flowaudit.runs.shards.SHARD_INPUTS` (32), each under a fresh
+:class:`~flowaudit.tracing.trace.Tracer`. This benchmark runs one such shard of 32 distinct inputs four ways on the
+same latents under ``no_grad``, one thread: *bare* (``adapter.sample(y, latents)``, no observer), *audited* (as
+:mod:`flowaudit.runs.passes` runs it, ``tracer.end_batch`` after each pass and ``tracer.state()`` at the end),
+the *floor* (the same hooks with :class:`Nothing`, an observer that does nothing) and *bare again* (an A/A check).
+Each way runs on its own copy of the model (:func:`shard_rounds`) and the ways take turns pass by pass, the order
+rotating; a round is the whole shard each way, after one warm-up round. Two figures per ratio: best / best over
+``--repeats`` rounds, and the median [quartiles] of the ratio within a round (which cancels a drift of the
+machine). Ratios: audited / bare (goal ≤ 1.05 on SR and low-light), floor / bare and bare again / bare.
 
-Two modes, as a scan runs them:
-
-* ``exact`` (the scan's default): one input's K samples a pass (32 passes);
-* ``batched`` (``--batched``): 8 inputs a pass (4 passes).
-
-Models (K samples per input):
-
-* toy affine / modified-rq-spline (bundled): K = 10;
-* SR affine / modified-rq-spline (bundled, trained): LR inputs of 8×8, K = 8 (samples of 32×32) — until
-  2026-12-03 an untrained model of the same architecture, whose every site had a single gain value;
-* low-light affine / modified-rq-spline (bundled): inputs of 32×32, K = 8.
+Modes, as a scan runs them: ``exact`` (the default: one input's K samples a pass, 32 passes) and ``batched``
+(``--batched``: 8 inputs a pass, 4 passes). Models: toy affine / modified-rq-spline (K = 10), SR affine /
+modified-rq-spline (trained; LR 8×8, K = 8, samples 32×32), low-light affine / modified-rq-spline (32×32, K = 8).
 
 Run: ``python benchmarks/bench_audit.py [--repeats 5] [--runs 2] [--clock cpu] [--modes exact,batched]``.
 """
@@ -169,7 +153,8 @@ def main() -> None:
     if args.only:
         work = {key: w for key, w in work.items() if key[0] in args.only.split(",")}
     print(
-        f"{'run':>3} {'model':<9} {'coupling':<20} {'mode':<8} {'samples/pass':>12} {'bare shard ms':>14} {'audited ms':>11} "
+        f"{'run':>3} {'model':<9} {'coupling':<20} {'mode':<8} {'samples/pass':>12} "
+        f"{'bare shard ms':>14} {'audited ms':>11} "
         f"{'audit/bare':>11} {'floor/bare':>11} {'bare/bare':>10}   per round, median [quartiles]: {'audit/bare':<22} "
         f"{'floor/bare':<22} bare/bare"
     )
@@ -180,7 +165,8 @@ def main() -> None:
                 times = measure(model, y, k, per_pass, args.repeats, clock)
                 bare, audited, floor, again = (min(t) for t in times.values())
                 print(
-                    f"{run:>3} {family:<9} {kind:<20} {mode:<8} {per_pass * k:>12} {1e3 * bare:14.1f} {1e3 * audited:11.1f} "
+                    f"{run:>3} {family:<9} {kind:<20} {mode:<8} {per_pass * k:>12} "
+                    f"{1e3 * bare:14.1f} {1e3 * audited:11.1f} "
                     f"{audited / bare:11.3f} {floor / bare:11.3f} {again / bare:10.3f}   {'':<31}"
                     f"{paired(times, 'audited'):<22} {paired(times, 'floor'):<22} {paired(times, 'bare again')}",
                     flush=True,

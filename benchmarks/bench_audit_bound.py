@@ -1,29 +1,15 @@
 r"""A lower bound of the audit overhead: what the tracer's compiled loops cost with nothing around them.
 
-``bench_audit.py`` times the scan's tracer. This benchmark asks what the cheapest observer doing the
-core of the same work costs on the same passes, to tell how far the tracer is from what is possible
-with these loops. The *kernels* observer calls the tracer's own compiled loops
-(:mod:`flowaudit.tracing.host_kernels`) at each call, with no copy, and nothing else:
+The *kernels* observer calls only the tracer's own compiled loops (:mod:`flowaudit.tracing.host_kernels`):
+:func:`~flowaudit.tracing.host_kernels.site_counts` (every gain binned and counted per site and per input, every
+row's extremes) and :func:`~flowaudit.tracing.host_kernels.layer_sums` (per input the count of finite values,
+:math:`\sum v`, :math:`\sum v^2`, :math:`\max |v|` and the non-finite count). It leaves out the parameter
+reservoir, per-input figures and a call's checks and bookkeeping, so it is a bound, not a design; after the timed
+shards its site histograms are checked against the tracer's (equal counts, or the script fails).
 
-* site: :func:`~flowaudit.tracing.host_kernels.site_counts` — every gain binned and counted into the site's
-  histogram and its input's, every row's largest and smallest gain (rows that repeat their input's
-  first counted as it, as the tracer counts them);
-* layer: :func:`~flowaudit.tracing.host_kernels.layer_sums` — per input, the count of finite values,
-  :math:`\sum v`, :math:`\sum v^2`, :math:`\max |v|` and the non-finite count, in chunks of 4096.
-
-For the bundled flows every observer gets a pass's calls when the pass returns
-(:class:`~flowaudit.adapters.hooks.HeldReports`), so these loops run back to back after it, as the
-tracer's do.
-
-It leaves out what the tracer also does — the parameter reservoir, per-input figures, the checks and
-bookkeeping of a call, mergeable state — so it is a bound, not a design. After the timed shards, its
-site histograms are checked against the tracer's (equal counts, or the script fails).
-
-Arms, one thread, on the workloads and protocol of ``bench_audit.py`` (``shard_rounds``: each arm on its
-own copy of the model with its hooks held for the shard, as a scan holds them; turns pass by pass):
-``bare``; ``floor`` (an observer that takes nothing: hooks and the adapter's reads); ``tracer`` (as the
-scan makes it); ``kernels``. Per round (a shard of 32 inputs) each arm's time over bare's; the median over rounds and
-its quartiles.
+Arms, one thread, on the workloads and protocol of ``bench_audit.py`` (``shard_rounds``): ``bare``, ``floor`` (an
+observer that does nothing), ``tracer`` (as the scan makes it) and ``kernels``. Per round (a shard of 32 inputs)
+each arm's time over bare's; the median over rounds and its quartiles.
 
 Run: ``python benchmarks/bench_audit_bound.py [--only sr:affine:exact,…] [--repeats 10]``.
 """
@@ -131,7 +117,8 @@ def main() -> None:
     import numba  # a dependency of flowaudit's CPU tracer
 
     print(
-        f"torch {torch.__version__}, numba {numba.__version__}, {platform.processor() or platform.machine()}, 1 thread, "
+        f"torch {torch.__version__}, numba {numba.__version__}, "
+        f"{platform.processor() or platform.machine()}, 1 thread, "
         f"{args.repeats} shards, cpu clock, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     )
     for family, kind, mode in specs:

@@ -60,7 +60,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     print(f"N = {args.n}, scored rows = {min(args.n_score, args.n)}, torch threads = {torch.get_num_threads()}")
-    header = f"{'D':>5} {'estimator':<12} {'fit ours':>9} {'fit skl':>9} {'ratio':>6} {'score ours':>10} {'score skl':>10} {'ratio':>6} {'max rel diff':>12} {'shrinkage':>10}"
+    header = (
+        f"{'D':>5} {'estimator':<12} {'fit ours':>9} {'fit skl':>9} {'ratio':>6} {'score ours':>10} "
+        f"{'score skl':>10} {'ratio':>6} {'max rel diff':>12} {'shrinkage':>10}"
+    )
     print(header)
     print("-" * len(header))
     for D in args.dims:
@@ -74,10 +77,11 @@ def main() -> None:
             err = np.max(np.abs(d - d_sk) / d_sk)
             print(
                 f"{D:>5} {name:<12} {t_fit:>8.2f}s {t_fit_sk:>8.2f}s {t_fit / t_fit_sk:>6.2f} "
-                f"{t_score:>9.3f}s {t_score_sk:>9.2f}s {t_score / t_score_sk:>6.3f} {err:>12.1e} {ours.shrinkage_:>10.2e}",
+                f"{t_score:>9.3f}s {t_score_sk:>9.2f}s {t_score / t_score_sk:>6.3f} {err:>12.1e} "
+                f"{ours.shrinkage_:>10.2e}",
                 flush=True,
             )
-        del X, Y
+        X = Y = None  # free this dimension's rows before the next is drawn
 
 
 if __name__ == "__main__":

@@ -1,12 +1,11 @@
-"""Peak memory of ``flowaudit scan`` against the number of inputs (issue 12: flat in the number of inputs).
+"""Peak memory of ``flowaudit scan`` against the number of inputs: it should stay flat.
 
-Each scan runs in its own process, started by a fresh watcher process that reads the scan's peak
-resident set size with ``resource.getrusage(RUSAGE_CHILDREN)`` (the largest child it waited for),
-so no run inherits another's peak. Conditions: LR images of 32×32 (the bundled SR test tiles,
-bicubic ×4, cycled), SR ×4 → 128×128 samples, K = 10, one thread.
+Each scan runs in its own process, started by a fresh watcher process that reads the scan's peak resident set
+size with ``resource.getrusage(RUSAGE_CHILDREN)``, so no run inherits another's peak. Conditions: LR images of
+32×32 (the bundled SR test tiles, bicubic ×4, cycled), SR ×4 → 128×128 samples, K = 10, one thread.
 
-Goal: peak RSS with 10× the inputs ≤ 1.1× the peak with 1×, in exact passes (the default) and in
-batched passes sized by ``--max-memory``. Run::
+Goal: peak RSS with 10× the inputs ≤ 1.1× the peak with 1×, in exact passes (the default) and in batched passes
+sized by ``--max-memory``. Run::
 
     python benchmarks/bench_memory.py [--model sr-affine] [--inputs 10 100] [--max-memory 2GB] [--modes exact batched]
 """
@@ -101,7 +100,8 @@ def main() -> None:
                 r = scan(args.model, data[n], tmp / f"out-{len(peaks)}-{mode[:5]}", extra)
                 peaks.append(r["peak"])
                 print(
-                    f"{mode:<32} {n:>6} {r['peak'] / 1e6:>14.0f} {r['peak_rss_bytes'] / 1e6:>12.0f} {r['batch_size']:>6} {r['wall_s']:>9.1f}"
+                    f"{mode:<32} {n:>6} {r['peak'] / 1e6:>14.0f} {r['peak_rss_bytes'] / 1e6:>12.0f} "
+                    f"{r['batch_size']:>6} {r['wall_s']:>9.1f}"
                 )
             ratio = peaks[1] / peaks[0]
             print(f"{'':<32} {'ratio':>6} {ratio:>14.3f}  (goal ≤ 1.10: {'met' if ratio <= 1.1 else 'NOT met'})")

@@ -47,8 +47,10 @@ def main() -> None:
         f"# flowaudit attack on every bundled model (step rule adam, seed 0, τ = 0.9, CPU, torch {torch.__version__})"
     )
     print(
-        f"# toy: {TOY['starts']} test conditions × K = {TOY['samples']}, {TOY['steps']} steps ({TOY_NONE_STEPS} for none); "
-        f"images: {IMAGE['starts']} test conditions × K = {IMAGE['samples']}, {IMAGE['steps']} steps; default step sizes"
+        f"# toy: {TOY['starts']} test conditions × K = {TOY['samples']}, {TOY['steps']} steps "
+        f"({TOY_NONE_STEPS} for none); "
+        f"images: {IMAGE['starts']} test conditions × K = {IMAGE['samples']}, {IMAGE['steps']} steps; "
+        "default step sizes"
     )
     header = (
         "model",

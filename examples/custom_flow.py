@@ -43,7 +43,7 @@ class Encoder(nn.Module):
 
 
 class AffineCoupling(nn.Module):
-    """:math:`x_b \\mapsto s x_b + t` given :math:`x_a` and :math:`h`; ``flip`` picks which coordinate is :math:`x_b`."""
+    """:math:`x_b \\mapsto s x_b + t` given :math:`x_a` and :math:`h`; ``flip`` picks the coordinate :math:`x_b`."""
 
     def __init__(self, flip: bool, features: int = 8, width: int = 32):
         super().__init__()

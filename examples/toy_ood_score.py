@@ -41,7 +41,8 @@ def main() -> None:
         auroc = roc_auc_score(np.r_[np.zeros(1000), np.ones(1000)], np.r_[s_in, s_ood])
         q = lambda s: " ".join(f"{v:7.2f}" for v in np.quantile(s, [0.05, 0.5, 0.95]))  # noqa: E731
         print(
-            f"{name}: features {layers} (D = {gauss.n_features_in_}), {gauss.estimator}, fitted on 5000 training conditions"
+            f"{name}: features {layers} (D = {gauss.n_features_in_}), {gauss.estimator}, "
+            "fitted on 5000 training conditions"
         )
         print(f"  s_OOD quantiles 5/50/95 %   in: {q(s_in)}   ood: {q(s_ood)}")
         print(f"  AUROC(in vs OOD) = {auroc:.4f}")

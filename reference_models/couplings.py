@@ -21,7 +21,7 @@ Affine-type maps split it "cross" as SRFlow does (shift = channels 0::2,
 raw scale = channels 1::2); spline maps view it as ``(B, C, P, *S)`` as the
 paper's official spline code does.
 
-Kinds (DESIGN.md §2): ``affine``, ``affine-bounded``, ``additive``,
+Kinds: ``affine``, ``affine-bounded``, ``additive``,
 ``rq-spline``, ``modified-rq-spline``; :class:`GaussianPrior` is kind ``prior``.
 
 References: Dinh et al. 2017 (affine), Lugmayr et al. 2020 (SRFlow's
@@ -263,9 +263,9 @@ class _ModifiedRQForward(torch.autograd.Function):
     :math:`q = \xi(1 - \xi)`, :math:`A = s\xi^2 + d_0 q`, :math:`D = s + (d_0 + d_1 - 2s)q`,
     :math:`N = d_1\xi^2 + 2sq + d_0(1 - \xi)^2`: :math:`c = y_0 + HA/D`,
     :math:`\log c' = 2\log s + \log N - 2\log D`, :math:`\xi = (x - x_0)/w`, :math:`s = H/w` (bin
-    width :math:`w`, height :math:`H`), then the bin's :math:`(x_0, w, y_0, H, d_0, d_1)` back onto :math:`(x_m, y_m, d_m)` and those onto
-    the raw parameters. A backward that must itself be differentiable (``create_graph``: double
-    backward, a JVP through autograd) goes through autograd of the general path instead.
+    width :math:`w`, height :math:`H`), then the bin's :math:`(x_0, w, y_0, H, d_0, d_1)` back onto
+    :math:`(x_m, y_m, d_m)` and those onto the raw parameters. A backward that must itself be differentiable
+    (``create_graph``: double backward, a JVP through autograd) goes through autograd of the general path instead.
     """
 
     @staticmethod
@@ -328,7 +328,8 @@ class _ModifiedRQForward(torch.autograd.Function):
         sig0, sig1, e2, p2 = v["sig0"], v["sig1"], v["e2"], v["p2"]
         g_p0 = g_xm.mul_(span * sig0).mul_(1 - sig0)
         g_p1 = g_ym.mul_(span * sig1).mul_(1 - sig1)
-        g_p2 = g_dm.mul_((1 - site.eps) * e2).mul_(_flag(torch.le, p2, math.log(1 / site.eps)))  # clamp passes p2 ≤ cap
+        # the clamp passes p2 ≤ cap
+        g_p2 = g_dm.mul_((1 - site.eps) * e2).mul_(_flag(torch.le, p2, math.log(1 / site.eps)))
         g_x = g_zc.addcmul_(g_out, 1 - inside)  # tails: identity
         g_h = torch.stack([g_p0, g_p1, g_p2, g_out], 2).reshape(ctx.h_shape)
         return None, g_x, g_h
@@ -583,7 +584,7 @@ class GaussianPrior(Elementwise):
 
 
 def make_elementwise(kind: str, **options) -> Elementwise:
-    """Build the elementwise map for a kind name (DESIGN.md §2)."""
+    """Build the elementwise map for a kind name."""
     table = {
         "affine": Affine,
         "affine-bounded": AffineBounded,

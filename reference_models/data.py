@@ -7,12 +7,9 @@ and scikit-learn's two sample images, split *by image* (never by patch), fixed:
   immunohistochemistry, hubble_deep_field, retina, china (sklearn)
 - ``test``: chelsea, rocket, flower (sklearn)
 
-Left out: the grayscale images (camera, brick, grass, gravel, moon, coins, clock,
-cell, page, text, microaneurysms, horse) — replicated to RGB they would carry an
-R = G = B colour statistic no photograph of the set has; ``cat`` (= chelsea) and the
-right motorcycle view (near-duplicates, a leak across the split); colorwheel and
-logo (synthetic graphics); and the images scikit-image fetches with pooch (brain,
-eagle, lily, skin, …), which need a download.
+Left out: grayscale images (an R = G = B statistic no photograph of the set has), near-duplicates of a kept
+image (``cat``, the right motorcycle view: a leak across the split), synthetic graphics, and images that need a
+download.
 
 **Degradations.** SR conditions are bicubic downscales of HR crops (paper S1.3:
 DF2K/DIV2K ×4, 160×160 HR patches, random 90° rotations and horizontal flips).
@@ -220,16 +217,16 @@ class _Patches(Dataset):
         left = [int(rng.integers(0, sizes[i][2] - patch + 1)) for i in idx]
         flip = rng.integers(0, 2, n) if augment else np.zeros(n, int)
         rot = rng.integers(0, 4, n) if augment else np.zeros(n, int)
-        self.plan = [(int(i), t, l, bool(f), int(k)) for i, t, l, f, k in zip(idx, top, left, flip, rot)]
-        self.names = [f"{sizes[i][0]}_{t}_{l}" for i, t, l, _, _ in self.plan]
+        self.plan = [(int(i), t, lf, bool(f), int(k)) for i, t, lf, f, k in zip(idx, top, left, flip, rot)]
+        self.names = [f"{sizes[i][0]}_{t}_{lf}" for i, t, lf, _, _ in self.plan]
         self.patch = patch
 
     def __len__(self) -> int:
         return len(self.plan)
 
     def _crop(self, a: np.ndarray, i: int) -> Tensor:
-        _, t, l, flip, k = self.plan[i]
-        x = _chw(a[t : t + self.patch, l : l + self.patch])
+        _, t, lf, flip, k = self.plan[i]
+        x = _chw(a[t : t + self.patch, lf : lf + self.patch])
         x = x.flip(-1) if flip else x
         return x.rot90(k, dims=(-2, -1)).contiguous() if k else x
 

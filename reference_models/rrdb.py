@@ -14,25 +14,17 @@ A residual dense block (Wang et al. 2018, ESRGAN) on :math:`x_0`:
 
 and an RRDB chains three of them with another ``0.2``-scaled skip.
 
-SRFlow (:class:`RRDBNet`, on the LR image, Lugmayr et al. 2020):
-``fea_up1 = t + trunk_conv(t)`` with ``t = RRDB_trunk(conv_first(x))`` — the
-official code adds the *trunk output*, not ``conv_first``'s as ESRGAN does;
-``fea_up2, fea_up4, fea_up8`` are the ``upconv`` outputs (nearest ×2 before)
-*after* their LeakyReLU: the official code stores ``fea_up2 = upconv1(…)`` and then
-calls an in-place ``nn.LeakyReLU`` on it, so the flow reads the activated
-feature (``official_features=True``; ``False`` keeps the pre-activation
-features that checkpoints saved before this option was added were trained
-with); ``fea_up0`` / ``fea_up-1`` are bilinear ½ / ¼ of ``fea_up1``.
+SRFlow (:class:`RRDBNet`, on the LR image, Lugmayr et al. 2020): ``fea_up1 = t + trunk_conv(t)`` with
+``t = RRDB_trunk(conv_first(x))`` (the official code adds the trunk output, not ``conv_first``'s as ESRGAN
+does); ``fea_up2, fea_up4, fea_up8`` are the ``upconv`` outputs (nearest ×2 before), read after the official
+code's in-place LeakyReLU (``official_features=True``; ``False`` keeps the pre-activation features older
+checkpoints were trained with); ``fea_up0`` / ``fea_up-1`` are bilinear ½ / ¼ of ``fea_up1``.
 
-LLFlow (:class:`ConEncoder1`, on the 6-channel low-light input, Wang et al.
-2022): the colour map :math:`x / \sum_c x` and a noise map
-(:func:`color_and_noise_maps`) are appended inside, ``conv_first → lrelu →
-conv_second → maxpool 2`` gives ``fea_head``; ``fea_up2 = fea_head +
-trunk_conv(trunk)`` at ½, ``downconv1/2`` after bilinear ½ give ¼ and ⅛, and
-``color_map = fine_tune_color_map(nearest×2(fea_up2))`` in (0, 1). As in SRFlow,
-the official ``fea_up1`` (``downconv1``) is read after its in-place LeakyReLU;
-``fea_up0`` (``downconv2``) has none (it is commented out there), so it is raw
-either way.
+LLFlow (:class:`ConEncoder1`, on the 6-channel low-light input, Wang et al. 2022): the colour map
+:math:`x / \sum_c x` and a noise map (:func:`color_and_noise_maps`) are appended inside; ``conv_first → lrelu →
+conv_second → maxpool 2`` gives ``fea_head``, ``fea_up2 = fea_head + trunk_conv(trunk)`` at ½, ``downconv1/2``
+after bilinear ½ give ¼ and ⅛ (``fea_up1`` read after its in-place LeakyReLU, ``fea_up0`` raw, as in the
+official code), and ``color_map = fine_tune_color_map(nearest×2(fea_up2))`` in (0, 1).
 
 Example:
     >>> net = RRDBNet(nf=8, nb=2, gc=4, scale=4)

@@ -25,14 +25,11 @@ FS-NCSR) the last ``std_steps[l]`` steps of a level carry a third coupling
 on :math:`[z_1, \text{noise map}]` between the two, its noise map the
 test-time level 0.
 
-Module names follow the official code (``RRDB.…``, ``flowUpsamplerNet.layers.{i}
-.actnorm / invconv / affine.fAffine / affine.fFeatures``, ``rqspline.fRQspline``
-for spline kinds, ``…_std`` for NCSR; squeezes hold no parameters but keep
-their index), so an official state dict maps by configuration alone
-(:data:`OFFICIAL` has the released configurations). What still differs:
-our ActNorm's ``initialized`` buffer, a fixed 1×1's ``weight`` kept 2-D with no
-``weight_transpose``, and the official net's unused ``flowUpsamplerNet.f``
-(``flowaudit.adapters.official`` maps all three and infers the configuration).
+Module names follow the official code (``RRDB.…``, ``flowUpsamplerNet.layers.{i}.actnorm / invconv /
+affine.fAffine / affine.fFeatures``, ``rqspline.fRQspline``, ``…_std``), so an official state dict maps by
+configuration alone (:data:`OFFICIAL`: the released configurations); ``flowaudit.adapters.official`` maps the
+three small differences left (ActNorm's ``initialized`` buffer, the fixed 1×1's 2-D ``weight``, the unused
+``flowUpsamplerNet.f``).
 
 Example:
     >>> flow = SRFlow(scale=4, L=3, K=1, nf=8, nb=2, gc=4, hidden_channels=8, patch=16)

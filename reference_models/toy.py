@@ -101,7 +101,7 @@ class Toy2D(ReferenceFlow):
     task = "toy"
     condition_shape = (2,)
     # The data lie in about [-0.54, 0.54]²; widened by half the range on each
-    # side (DESIGN.md's [0, 1] → [-0.5, 1.5] rule) this is the paper's [-1, 1]².
+    # side (the rule that widens images' [0, 1] to [-0.5, 1.5]) this is the paper's [-1, 1]².
     output_range = (-0.5, 0.5)
 
     def __init__(

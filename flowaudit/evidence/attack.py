@@ -1,28 +1,16 @@
 r"""The attack as an audit: shards of starts, per-start records, summary, per-site evidence, saved worst cases.
 
-:func:`run_attack` runs :func:`~flowaudit.evidence.search.search` over a condition set cut into fixed
-shards of :data:`~flowaudit.runs.shards.ATTACK_SHARD_STARTS` starts (:mod:`.shards`: each completed
-shard is kept in the run's work folder, so an interrupted attack finishes with ``--resume``, and
-with a process group the shards are spread over the ranks, :mod:`.distributed`). Each start's
-latents are seeded as the scan seeds input :math:`i` of set 0, and every step of the search is
-per start, so a start's result depends on nothing but its own condition and latents — and, with
-**exact passes** (the default, as in a scan: :class:`~flowaudit.runs.passes.Run`), each inverse pass
-of the search is one start's K samples, so not even the model's float32 kernels see which starts
-share a pass: the report is the same for any ``--batch-size``, resume or number of ranks. Without
-them (``--batched``) a pass holds ``batch_size // K`` starts of one shard (at most a shard).
+:func:`run_attack` runs :func:`~flowaudit.evidence.search.search` over a condition set cut into shards of
+:data:`~flowaudit.runs.shards.ATTACK_SHARD_STARTS` starts, so an interrupted attack finishes with ``--resume`` and
+ranks share the shards. Each start's latents are seeded as the scan seeds its inputs and every step is per start;
+with exact passes (the default) each inverse pass holds one start's K samples, so the report is the same for any
+``--batch-size``, resume or number of ranks (``--batched`` puts ``batch_size // K`` starts in a pass).
 
-A shard's payload is its per-start result tensors (CPU) and the layer and site names; payloads
-are concatenated in shard order, then the whole set builds
-
-* the report's ``attack`` entry: ``objective``, ``budget``, ``settings``, ``starts`` (one record
-  per start) and ``summary`` (``broken_rate``, ``median_distance_to_break`` over the broken
-  starts, ``worst_max_abs``, ``worst_inverse_gain``);
-* each site's ``worst_case`` evidence: its largest inverse gain before and after the attack and
-  whether the attack *reached* a blow-up through it — some broken start with this site's
-  :math:`1/c' \ge 10` — with the smallest such distance;
-* the worst starts' conditions and samples as ``attack/worst.npz`` (and PNGs for image conditions).
-
-Call it inside :func:`~flowaudit.config.device.auditing`.
+The merged shards build the report's ``attack`` entry (``objective``, ``budget``, ``settings``, ``starts``,
+``summary``: ``broken_rate``, ``median_distance_to_break``, ``worst_max_abs``, ``worst_inverse_gain``), each
+site's ``worst_case`` evidence (its largest inverse gain before and after, and whether some broken start reached
+:math:`1/c' \ge 10` through it), and ``attack/worst.npz`` (PNGs for images). Call it inside
+:func:`~flowaudit.config.device.auditing`.
 """
 
 from __future__ import annotations
@@ -86,7 +74,8 @@ def run_attack(
         alpha = how.step_size
     per_pass = 1 if exact else max(1, batch_size // sampling.samples)
     if group is not None and len(cs.y):
-        # a search that cannot run fails on its first pass; find out on every rank before any rank waits for another's shard
+        # a search that cannot run fails on its first pass: find out on every rank before any rank waits for
+        # another's shard
         search(
             adapter,
             cs.y[:1].to(device),

@@ -1,14 +1,10 @@
-r"""Scale-out on ``torch.distributed``: the ranks of a ``torchrun`` share the shards of a run (issue 12).
+"""Scale-out on ``torch.distributed``: the ranks of a ``torchrun`` share the shards of a run.
 
-``torchrun --nproc_per_node=W -m flowaudit fit|scan|attack … --distributed`` starts ``W``
-processes with ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` set;
-:func:`init_group` joins them (gloo on CPU, NCCL on GPU, each rank on
-``cuda:LOCAL_RANK``). Shard ``i`` runs on rank ``i mod W``
-(:func:`~flowaudit.runs.shards.run_shards`); its payload is then all-gathered, so
-every rank merges the same payloads in the same order as one process does:
-Gaussian sums and layer sums come out bit for bit as in one process, and each
-input's records do too (its latents come from its own seed,
-:class:`~flowaudit.config.sampling.Sampling`). Rank 0 writes the report.
+``torchrun --nproc_per_node=W -m flowaudit fit|scan|attack … --distributed`` starts ``W`` processes;
+:func:`init_group` joins them (gloo on CPU, NCCL on GPU, each rank on ``cuda:LOCAL_RANK``). Shard ``i`` runs on
+rank ``i mod W`` (:func:`~flowaudit.runs.shards.run_shards`) and its payload is all-gathered, so every rank merges
+the same payloads in the same order as one process: Gaussian sums, layer sums and each input's records (its
+latents come from its own seed) are bit for bit those of one process. Rank 0 writes the report.
 """
 
 from __future__ import annotations

@@ -1,21 +1,15 @@
-r"""The memory budget of a run (``--max-memory``) and the batch size it allows (issue 12).
+r"""The memory budget of a run (``--max-memory``) and the batch size it allows.
 
-The budget :math:`M` defaults to half of the memory the machine has available
-now (``MemAvailable`` on Linux; on a GPU, 80 % of the device's free memory).
-Before sampling, :func:`probe_pass` runs one input's :math:`K` samples and
-measures what a pass costs on top of what stays resident :math:`R` (model,
-data, what a first pass sets up once): on a GPU the allocator's peak, on the
-CPU the peak of tensor storage alive during the pass (:class:`LiveTensors`),
-so that the same model and input size give the same :math:`b` in every process
-(:func:`pass_bytes`).
-With :math:`b` bytes per sample,
+The budget :math:`M` defaults to half of the memory available now (``MemAvailable`` on Linux; on a GPU, 80 % of
+the device's free memory). Before sampling, :func:`probe_pass` runs one input's :math:`K` samples and measures
+the bytes :math:`b` a sample costs on top of what stays resident, :math:`R`: the allocator's peak on a GPU, the
+peak of tensor storage alive during the pass on the CPU (:class:`LiveTensors`, so that every process gets the
+same :math:`b`; :func:`pass_bytes`). Then
 
-.. math:: \text{batch} = K \,\Big\lfloor \frac{M - R}{b K} \Big\rfloor \quad (\ge K),
+.. math:: \text{batch} = K \,\Big\lfloor \frac{M - R}{b K} \Big\rfloor \quad (\ge K)
 
-samples per inverse pass (whole inputs). An exact run (one input per pass,
-:attr:`~flowaudit.runs.passes.Run.exact`) only checks that one pass fits.
-Records go to the run's shards; nothing else grows with the number of inputs.
-:func:`peak_rss` is what the report's ``settings.peak_rss_bytes`` says.
+samples per inverse pass (whole inputs); an exact run only checks that one input's pass fits. Nothing else grows
+with the number of inputs. :func:`peak_rss` is the report's ``settings.peak_rss_bytes``.
 """
 
 from __future__ import annotations

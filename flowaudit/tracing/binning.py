@@ -4,26 +4,12 @@ A gain :math:`g = 1/c'` falls in bin
 
 .. math:: i(g) = \min\Big(\max\Big(\Big\lfloor \frac{\log_{10} g - e_0}{\Delta} \Big\rfloor, 0\Big), B - 1\Big)
 
-of :data:`GAIN_EDGES` (:math:`e_0 = -4`, :math:`\Delta = 0.025`, :math:`B = 480`), :math:`\log_{10}`
-taken in float64 (:func:`bin_index`, the definition). Per input the histogram is coarser: bin
-:math:`\lfloor i(g) / 4 \rfloor` of :data:`INPUT_EDGES` (:math:`\Delta = 0.1`), so that one count
-serves both; unlike :math:`\log_{10}` divided by 0.1 in float64, this puts the powers of ten
-(:math:`g = 1` exactly, for one) in the bin they start. That map is non-decreasing in :math:`g`, so for float32
-gains it is fixed by :math:`B - 1` thresholds :math:`t_k = \min\{g : i(g) \ge k\}`, found once by
-bisection over the float32 bit patterns with :func:`bin_index` itself. Positive float32 bits
-order like their values, and no two thresholds share a cell of :math:`2^{16}` bit patterns
-(a cell spans < 0.8 % in value, a bin 6 %), so with ``hi`` the top 16 bits and ``lo`` the low
-16 bits of :math:`g`,
-
-.. math:: i(g) = \big(\mathrm{lo} + P[\mathrm{hi}]\big) \gg 16, \qquad
-          P[c] = 2^{16}\, i(c \cdot 2^{16}) + (2^{16} - \mathrm{lo}(t_k) \text{ if } t_k \text{ lies in } c),
-
-one gather from a 65 536-entry table and three integer operations (the table holds
-:math:`P[c] - c \cdot 2^{16}` modulo :math:`2^{32}`, so adding the whole bits adds ``lo``) instead of a float64
-``log10`` (~9 ns a value on one CPU thread): the same bin, bit for bit, for every float32.
-The table also sorts out the values that are not in a bin: :class:`GainBins` places
-:math:`g \le 0` (and −0, −inf) at index 0, bins at 1…B, +inf at B + 1 (callers map NaN to
-+inf first).
+of :data:`GAIN_EDGES` (:math:`e_0 = -4`, :math:`\Delta = 0.025`, :math:`B = 480`; :func:`bin_index` is the
+definition, in float64); per input the coarser bin :math:`\lfloor i(g) / 4 \rfloor` of :data:`INPUT_EDGES`.
+Because :math:`i` is non-decreasing in a float32's bits, :class:`GainBins` finds it with one gather from a
+65 536-entry table of the top 16 bits and three integer operations — the same bin, bit for bit, as the float64
+``log10`` at a fraction of its cost. :math:`g \le 0` goes to index 0, bins to 1…B, +inf to B + 1 (callers map NaN
+to +inf). The table's construction: ``docs/tracer.md``.
 """
 
 from __future__ import annotations
@@ -36,7 +22,8 @@ __all__ = ["GAIN_EDGES", "INPUT_EDGES", "bin_index", "GainBins", "histogram_quan
 
 # log10(1/c') from 1e-4 to 1e8 in 0.025 decades (6 % steps); values beyond land in the end bins
 GAIN_EDGES = np.round(np.arange(-4.0, 8.0 + 1e-9, 0.025), 10)
-# per input a coarser histogram (0.1 decade, four bins of GAIN_EDGES: coarse bin = site bin // 4) keeps 120 counts an input
+# per input a coarser histogram (0.1 decade, four bins of GAIN_EDGES: coarse bin = site bin // 4),
+# 120 counts an input
 INPUT_EDGES = np.round(np.arange(-4.0, 8.0 + 1e-9, 0.1), 10)
 
 _INF_BITS = 0x7F800000
@@ -100,7 +87,10 @@ class GainBins:
     first_bits: np.ndarray
 
     def index(self, bits: Tensor, hi: Tensor, out: Tensor | None = None) -> Tensor:
-        """0 for g ≤ 0, 1 + bin for positive finite g, B + 1 for +inf; ``bits`` the gains as int32, ``hi`` their top 16 bits."""
+        """0 for g ≤ 0, 1 + bin for positive finite g, B + 1 for +inf.
+
+        ``bits`` are the gains as int32, ``hi`` their top 16 bits.
+        """
         return torch.index_select(self.table, 0, hi, out=out).add_(bits).bitwise_right_shift_(16)
 
 

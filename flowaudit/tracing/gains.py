@@ -1,25 +1,12 @@
 r"""Statistics of a site's inverse gain :math:`g = 1/c'`, one pass over the gains of a call.
 
-:func:`summarize` reads the gains of one site call (rows = samples, input-major) once and
-returns what the tracer keeps of them, all on the gains' device and without a host sync:
-
-* the site histogram over :data:`~flowaudit.tracing.binning.GAIN_EDGES` of the finite positive gains,
-  their number, the number of the others (:math:`g \le 0`, ±inf, NaN) and their exact extremes;
-* per row (sample) the largest and smallest gain, NaN counted as +inf (as bad as it gets);
-* per input (K rows) a coarser histogram over :data:`~flowaudit.tracing.binning.INPUT_EDGES` of all its
-  gains (four site bins a coarse bin), :math:`g \le 0` in the first bin and +inf / NaN in the last.
-
-Float32 gains (and float16 / bfloat16, widened exactly) are binned by the bit tables of
-:class:`~flowaudit.tracing.binning.GainBins` and counted with ``bincount`` (``index_add_`` off the CPU,
-whose ``bincount`` reads its maximum back to the host); the extremes of the finite positive
-gains come from order-preserving integer keys of their bits (positive float32 bits order like
-the values; ``(bits − 1) ^ 2^{31}`` puts +0, −0 and the negatives above +inf), so no mask and no
-``where`` over the values is needed. The site and the per-input counts are one ``bincount``
-(input :math:`i`'s indices shifted by :math:`i(B + 2)`). On the CPU the tracer's compiled loop
-bins float32 gains by the same table at the call (:func:`~flowaudit.tracing.host_kernels.site_counts`)
-into :class:`GainStats`' numpy counts and extremes (:meth:`GainStats.host_arrays`). Other dtypes
-take the float64 reference path; all give the same bins (:func:`~flowaudit.tracing.binning.bin_index`). :class:`GainStats` accumulates the site
-figures and turns them into the report's min / p50 / p99 / max.
+:func:`summarize` reads one site call's gains (rows = samples, input-major) once, on their device with no host
+sync: the site histogram over :data:`~flowaudit.tracing.binning.GAIN_EDGES` of the finite positive gains with
+their count, the count of the others (:math:`g \le 0`, ±inf, NaN) and the exact extremes; per row the largest and
+smallest gain (NaN as +inf); per input a coarser histogram over :data:`~flowaudit.tracing.binning.INPUT_EDGES`.
+:class:`GainStats` accumulates these and gives the report's min / p50 / p99 / max. On the CPU the compiled
+:func:`~flowaudit.tracing.host_kernels.site_counts` fills the same counts; every path gives the bins of
+:func:`~flowaudit.tracing.binning.bin_index`. Details: ``docs/tracer.md``.
 """
 
 from __future__ import annotations
@@ -197,7 +184,7 @@ class GainStats:
             self._raw = (e + e2, torch.minimum(k, k2), torch.maximum(t, t2))
 
     def host_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """The CPU's running figures the compiled loop adds to in place (:func:`~flowaudit.tracing.host_kernels.site_counts`):
+        """The CPU's running figures that :func:`~flowaudit.tracing.host_kernels.site_counts` adds to in place:
         the (B + 2) counts (g ≤ 0, the bins, +inf and NaN) and [smallest order key, largest finite positive bits]."""
         if self._host is None:
             self._host = (np.zeros(_NB + 2, dtype=np.int64), np.array([KEY_START, 0], dtype=np.int64))

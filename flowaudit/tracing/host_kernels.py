@@ -1,51 +1,16 @@
-r"""The CPU tracer's statistics: compiled loops that read a call's values once, at the call.
+r"""The CPU tracer's statistics: compiled loops that read a call's values once, in place, at the call.
 
-On the CPU the cost of a tensor operation is mostly its fixed cost (several microseconds), and an
-exact pass (one input's K samples) hands the tracer some fifty small tensors; a statistic built
-from twenty tensor operations a call costs more than reading the values. These loops, compiled
-by numba for the machine they run on, read a call's values in place (no copy) and add to the
-tracer's running figures in place:
+On the CPU a tensor operation costs mostly its fixed few microseconds, and an exact pass hands the tracer some
+fifty small tensors, so a statistic built from tensor operations costs more than reading the values. These numba
+loops give the same figures as the device path:
 
-* :func:`site_counts`, per row of gains: the row's largest and smallest bits first. The bin index
-  of :class:`~flowaudit.tracing.binning.GainBins` (``g ≤ 0`` at 0, bins at 1…B, +inf and NaN at B + 1) is
-  non-decreasing in a float32's bits read as an int32, so the row's indices lie between those of
-  its extremes. A row of finite positive gains spanning a few indices only (a trained coupling's
-  rows span about ten) is counted by compares: per index above the lowest, how many bits reach
-  its first bits (:attr:`~flowaudit.tracing.binning.GainBins.first_bits`), on vector registers; any other
-  row bins every gain from the bit table and counts into four interleaved histograms (so that
-  equal bins in a row do not wait on each other). Only the indices met are added up and zeroed
-  after an input. Positive float32 bits order like the values and
-  :math:`o = b \oplus ((b \gg 31) \wedge (2^{31} - 1))` orders every float32 (NaN above +inf), so the
-  extremes are integer extremes; a row with a gain that is not finite and positive is read
-  again for the extremes of :math:`o` with selects, on vector registers (NaN counts as +inf in
-  the row's largest gain and not in its smallest). Per input the site counts and the coarse
-  counts (four site bins a coarse bin, :data:`~flowaudit.tracing.binning.INPUT_EDGES`) and its extremes; per site the smallest finite
-  positive gain as the order key :math:`(b - 1) \oplus 2^{31}` of its bits (every other value's
-  key is above +inf's) and the largest as its bits. Rows that repeat their input's first row bit
-  for bit — a site whose parameters come from the condition alone, the same for the input's K
-  samples (SRFlow's affine injector, its conditional prior) — are counted as that row again
-  without being binned.
-* :func:`layer_sums`, per input in chunks of 4096 (:mod:`flowaudit.tracing.layer_stats`): the count of
-  finite values, :math:`\sum v`, :math:`\sum v^2` in float64 and :math:`\max |v|` from the bits
-  (:math:`|v|` clears the sign bit), folded into the running five numbers one input after another.
-  The sums are the only loop compiled with re-association allowed, so that it runs on vector
-  registers: a chunk's sum is the same bits for the same values on one machine (the tree of a
-  machine's vector width), whatever the batch — batch-invariant, as the device path's (whose
-  association differs in the last bits). A chunk whose sum of squares is not finite holds Inf or
-  NaN and is summed again with a select (on vector registers too, so that a pass that explodes
-  costs the audit no more than one that does not): finite values only, non-finite ones counted,
-  +inf in :math:`\max |v|`, NaN not. An input's values are read where they lie, in memory order:
-  a layer output that is a view in another order (a Glow step's channel-major output) is not
-  copied but read as rows, each holding every input's piece (:func:`memory_rows`); an input's
-  pieces lie the same way whatever the batch, so its sums are the same bits in an exact pass and
-  a batched one.
-* :func:`offer`: the two halves of a parameter reservoir (:mod:`flowaudit.tracing.reservoir`), each a
-  binary heap of its slots with the worst kept row (smallest score, then largest row id) at the
-  root. A row enters when it beats the root, so the rows kept are the top k of all rows offered
-  by (score descending, row id ascending), the reservoir's strict total order, however the calls
-  came; a row that enters is copied into its slot there and then. The random half's scores are
-  minus :func:`~flowaudit.tracing.reservoir.uniform_keys` (:func:`split_mix`, the same bits).
+* :func:`site_counts` — a site call's gains binned (the bit table of
+  :class:`~flowaudit.tracing.binning.GainBins`) and counted per site and per input, with every row's extremes;
+* :func:`layer_sums` — per input, the count of finite values, :math:`\sum v`, :math:`\sum v^2` (float64) and
+  :math:`\max |v|`, in chunks of 4096 read in memory order, so an input's sums are the same bits in any batch;
+* :func:`offer` — a call's parameter rows offered to the two heaps of a reservoir, copying only those that enter.
 
+How each loop reads its rows (order keys, repeated rows, selects for Inf and NaN): ``docs/tracer.md``.
 The loops are compiled once and cached beside this file (or in numba's user cache).
 """
 
@@ -77,7 +42,8 @@ _SIGN = np.int64(-(2**31))
 _INF_BITS = 0x7F800000
 KEY_START = 2**31 - 1  # a site's smallest order key before any gain: above every key
 _CHUNK = 4096
-_NARROW = 24  # a row spanning at most this many bins is counted by compares (_count_narrow), a wider one by a table and a scatter
+# a row spanning at most this many bins is counted by compares (_count_narrow), a wider one by a table and a scatter
+_NARROW = 24
 _GOLDEN = 0x9E3779B97F4A7C15
 
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
@@ -102,7 +68,7 @@ def host_array(t: torch.Tensor) -> np.ndarray | None:
 # -- gains -------------------------------------------------------------------------------------------
 @_jit
 def _index(table, b):  # pragma: no cover - compiled
-    """The bin index of a gain's float32 bits ``b`` (as int32) from :class:`~flowaudit.tracing.binning.GainBins`' table."""
+    """The bin index of a gain's float32 bits ``b`` (as int32) from the table of ``binning.GainBins``."""
     return np.int32(table[(b >> 16) & 0xFFFF] + b) >> 16  # int32 addition wraps (binning.py)
 
 
@@ -189,7 +155,7 @@ def _junk_row(bits, kmin, tmax):  # pragma: no cover - compiled
 def site_counts(
     bits, k, table, thr, every, ext, in_counts, in_max, in_min, row_max, hist, idx, first_counts, conv, convf
 ):  # pragma: no cover - compiled
-    """Bin and count one call's gains (module docstring).
+    """Bin and count one call's gains (how: docs/tracer.md).
 
     ``bits``: the gains' float32 bits, flat, as int32, ``len(row_max)`` rows of
     which ``k`` an input; ``table`` and ``thr``: :class:`~flowaudit.tracing.binning.GainBins`' table and first
@@ -252,7 +218,8 @@ def site_counts(
             row_max[r] = rmax
             imax, imin = max(imax, rmax), min(imin, rmin)
         in_max[i], in_min[i] = imax, imin
-        for c in range(cmin, cmax + 1):  # g ≤ 0 and +inf keep their end columns; bin c − 1 is coarse bin (c − 1) // 4
+        # g ≤ 0 and +inf keep their end columns; bin c − 1 is coarse bin (c − 1) // 4
+        for c in range(cmin, cmax + 1):
             h = hist[0, c] + hist[1, c] + hist[2, c] + hist[3, c]
             hist[0, c] = hist[1, c] = hist[2, c] = hist[3, c] = 0  # left zero for the next input
             if repeats and fmin <= c <= fmax:

@@ -1,23 +1,12 @@
 r"""Running statistics of one layer's output values, batch-invariant float64 sums.
 
-For each layer the tracer keeps five float64 numbers on the model's device: the count of
-finite values, :math:`\sum v`, :math:`\sum v^2` (finite values only), :math:`\max |v|`
-(+inf counts, NaN does not) and the number of non-finite values; the variance read from
-them is :math:`\sum v^2 / n - (\sum v / n)^2`.
-
-They do not depend on how inputs were grouped into passes, nor on the thread count: each
-input's partial sums :math:`s_i` (its values summed in zero-padded chunks of 4096 and then
-the chunk sums, :func:`_row_sums`: reductions with several outputs, one thread each) are added
-to the running sums input after input,
-
-.. math:: S \leftarrow (\cdots((S + s_1) + s_2) + \cdots) + s_n ,
-
-by one ``cumsum`` over the (inputs, 5) partials (:func:`_fold`), not a Python loop.
-Non-finite values are zeroed and counted with ``nan_to_num`` (the NaN of ``x * 0`` marks them).
-Temporaries go to a :class:`~flowaudit.tracing.scratch.Scratch`. On the CPU the tracer's compiled loop
-(:func:`~flowaudit.tracing.host_kernels.layer_sums`) folds float32 values into the numpy form of the five
-numbers (:meth:`LayerStats.host_acc`): the same sequential float64 additions of each input's
-partials, whose chunk sums associate differently in the last bits.
+Per layer five float64 numbers: the count of finite values, :math:`\sum v`, :math:`\sum v^2` (finite values
+only), :math:`\max |v|` (+inf counts, NaN does not) and the number of non-finite values; the variance is
+:math:`\sum v^2 / n - (\sum v / n)^2`. Each input's partial sums :math:`s_i` (chunks of 4096) are folded in input
+order, :math:`S \leftarrow (\cdots((S + s_1) + s_2) + \cdots) + s_n`, so the figures do not depend on how inputs
+were grouped into passes nor on the thread count. On the CPU
+:func:`~flowaudit.tracing.host_kernels.layer_sums` folds the same way (:meth:`LayerStats.host_acc`).
+Details: ``docs/tracer.md``.
 """
 
 from __future__ import annotations
@@ -79,7 +68,7 @@ def _fold(acc: Tensor | None, parts: Tensor) -> Tensor:
 
 
 def layer_parts(x: Tensor, work: Scratch) -> Tensor:
-    """Per row of ``x`` (inputs, values): count of finite values, their sum, sum of squares, max |v| and non-finite count."""
+    """Per row of ``x`` (inputs, values): finite count, sum, sum of squares, max |v| and non-finite count."""
     inf = math.inf
     a = torch.nan_to_num(x, nan=0.0, posinf=inf, neginf=inf, out=work.get("layer", x.shape, x.dtype, x.device))
     top = a.abs_().amax(1).to(torch.float64)  # Inf counts, NaN does not

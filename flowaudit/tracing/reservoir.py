@@ -1,22 +1,12 @@
 r"""The parameter reservoir of one site: a fixed budget of parameter rows for the Remark 2 probe.
 
-Every site call hands the tracer the parameters the conditioner produced (one row per sample)
-and each row's largest inverse gain :math:`g_r`. :class:`ParamReservoir` keeps at most
-``budget`` parameter numbers, i.e. :math:`k = \max(2, \lfloor \text{budget} / m \rfloor)` rows of
-:math:`m` numbers:
-
-* :math:`\lfloor k/2 \rfloor` rows with the largest :math:`g_r` (the tails Remark 2 is about);
-* :math:`\lceil k/2 \rceil` rows with the smallest keys :math:`u_r = \text{SplitMix64}(\text{salt}, r) / 2^{64}`,
-  :math:`r` the row's global index (input × K + sample): a uniform sample of all rows seen,
-  the same rows whatever the batches, shards or ranks they came in.
-
-Both halves order rows by (score, row id), a strict total order, so the top-k of a union is the
-top-k of the parts' top-k: merging shards or updating once per call gives the same rows as one
-pass over everything. The order is found on scores and ids (a few numbers a row) and only the
-kept rows are gathered, on the rows' device with no host sync; on the CPU, where reading the
-scores costs nothing, each half is a heap of the slots of a buffer allocated once (:class:`_Half`)
-and a compiled loop offers a call's rows to it, copying only those that enter
-(:func:`~flowaudit.tracing.host_kernels.offer`).
+Every site call hands the tracer the conditioner's parameters (one row per sample) and each row's largest inverse
+gain :math:`g_r`. :class:`ParamReservoir` keeps :math:`k = \max(2, \lfloor \text{budget} / m \rfloor)` rows of
+:math:`m` numbers: :math:`\lfloor k/2 \rfloor` with the largest :math:`g_r` (the tails Remark 2 is about) and
+:math:`\lceil k/2 \rceil` with the smallest keys :math:`u_r = \text{SplitMix64}(\text{salt}, r) / 2^{64}`,
+:math:`r` the row's global index (a uniform sample). Both halves order rows by (score, row id), a strict total
+order, so the top k of a union is the top k of the parts' top k: the same rows whatever the batches, shards or
+ranks. On the CPU each half is a heap fed by :func:`~flowaudit.tracing.host_kernels.offer`.
 """
 
 from __future__ import annotations
@@ -164,9 +154,9 @@ class ParamReservoir:
             self._add_device(rows, row_gain, first_input, samples, batch)
 
     def add_host(self, rows: np.ndarray, row_gain: np.ndarray, first_input: int, samples: int, batch: int) -> None:
-        """:meth:`add` on the CPU, the rows as numpy (:func:`~flowaudit.tracing.host_kernels.host_array`) and their gains
-        as float64: offered by the compiled loop (:func:`~flowaudit.tracing.host_kernels.offer`), which copies only the
-        rows that enter."""
+        """:meth:`add` on the CPU, the rows as numpy (:func:`~flowaudit.tracing.host_kernels.host_array`) and their
+        gains as float64: offered by the compiled loop (:func:`~flowaudit.tracing.host_kernels.offer`), which copies
+        only the rows that enter."""
         n = len(rows)
         if not n:
             return
@@ -206,7 +196,10 @@ class ParamReservoir:
         self._next_id = None  # stored in slots, not in sorted order: a device path after this sorts by id
 
     def _wrong_shape(self, row_shape: tuple[int, ...], n: int) -> bool:
-        """Whether ``n`` rows of another parameter shape than those kept came (counted as skipped, not mixed into one probe tensor)."""
+        """Whether ``n`` rows came with another parameter shape than those kept.
+
+        Such rows are counted as skipped, not mixed into one probe tensor.
+        """
         shape = self._row_shape()
         if shape is not None and shape != tuple(row_shape):  # counted, not mixed into one probe tensor
             self.skipped += n
@@ -249,7 +242,10 @@ class ParamReservoir:
     # -- mergeable state (shards, resume, ranks) ----------------------------------------------
     def state(self) -> dict:
         self._flush()
-        cpu = lambda t: None if t is None else tuple(x.cpu() for x in t)
+
+        def cpu(t):
+            return None if t is None else tuple(x.cpu() for x in t)
+
         return {
             "budget": self.budget,
             "salt": self.salt,

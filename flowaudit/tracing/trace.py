@@ -1,31 +1,14 @@
-r"""Traces of the inverse pass, accumulated on the fly (paper Fig. 3b).
+"""Traces of the inverse pass, accumulated on the fly (paper Fig. 3b).
 
-:class:`Tracer` is the :class:`~flowaudit.adapters.base.Observer` the scan
-hands to an adapter. For every layer it keeps running float64 sums of the
-finite values (count, :math:`\sum v`, :math:`\sum v^2`), the largest
-:math:`|v|` and the number of non-finite values
-(:class:`~flowaudit.tracing.layer_stats.LayerStats`); for
-every site the inverse-gain histogram and extremes
-(:class:`~flowaudit.tracing.gains.GainStats`), per input its gain extremes and a coarse
-histogram, and for the Remark 2 probe a
-:class:`~flowaudit.tracing.reservoir.ParamReservoir` of parameter rows within a fixed
-budget. Each call is read once, when it comes, and nothing of it is kept but
-those figures and the reservoir's rows. On a GPU the reads are tensor operations
-(:func:`~flowaudit.tracing.gains.summarize`, :meth:`~flowaudit.tracing.layer_stats.LayerStats.add`)
-on the model's device with no host sync until a batch ends; on the CPU, where a
-tensor operation costs more than the few values of a call, they are compiled loops
-(:mod:`flowaudit.tracing.host_kernels`) with the same bins, extremes and kept rows. Nothing
-grows with the number of inputs except a few numbers per input.
-
-An adapter whose tensors stay intact until a pass returns reports the pass when it has
-returned (:class:`~flowaudit.adapters.hooks.HeldReports`), so that the tracer's reads do not
-run between the model's layers; the tracer reads every call as it comes either way.
-
-Layer sums are batch-invariant (:mod:`flowaudit.tracing.layer_stats`).
-
-Rows of a traced batch are input-major (:class:`~flowaudit.config.sampling.Sampling`).
-:func:`layer_table` turns the traces of the in-distribution and OOD sets into
-the report's ``layers`` rows and names the explosion layer.
+:class:`Tracer` is the :class:`~flowaudit.adapters.base.Observer` the scan hands to an adapter. It keeps, per
+layer, running float64 sums of the finite values, the largest :math:`|v|` and the non-finite count
+(:class:`~flowaudit.tracing.layer_stats.LayerStats`); per site, the inverse-gain histogram and extremes
+(:class:`~flowaudit.tracing.gains.GainStats`), per-input gain figures and a
+:class:`~flowaudit.tracing.reservoir.ParamReservoir` for the Remark 2 probe. Each call is read once and only
+these figures are kept, so nothing grows with the number of inputs but a few numbers per input. On a GPU the
+reads are tensor operations with no host sync until a batch ends; on the CPU, compiled loops
+(:mod:`flowaudit.tracing.host_kernels`) with the same results. :func:`layer_table` turns the in-distribution and
+OOD traces into the report's ``layers`` rows and names the explosion layer.
 """
 
 from __future__ import annotations
@@ -334,7 +317,7 @@ def _host(v: Tensor | np.ndarray) -> np.ndarray:
 
 
 def _param_rows(params: Any) -> bool:
-    """Whether a site call handed parameter rows the reservoir can keep (a tensor or its numpy view, one row per sample)."""
+    """Whether a site call handed parameter rows the reservoir can keep (a tensor or numpy view, a row a sample)."""
     return isinstance(params, (Tensor, np.ndarray)) and params.ndim > 0 and params.shape[0] > 0
 
 

@@ -1,23 +1,12 @@
 """Atomic writes of files and folders: a claimed target, a temporary sibling, one rename on success.
 
-Everything flowaudit writes (checkpoints, data sets, stats, reports) goes
-through :func:`atomic_path` (one file) or :func:`atomic_dir` (one folder), so a
-reader never sees a half-written result and a failure — an exception, Ctrl-C,
-SIGTERM (the CLI turns it into ``KeyboardInterrupt``) — leaves nothing behind
-(DESIGN §5). It lives in the bottom layer so that every layer can use it.
-
-Two writers of one target never mix: each first *claims* it (:func:`claim`),
-an exclusive ``flock`` on ``.<name>.lock`` beside it that holds the writer's
-pid. A second writer, in this or another process, gets :class:`TargetBusy` (a
-``FileExistsError``) at once. The kernel drops the lock when its process dies,
-however it dies, so a lock file left by a SIGKILLed run is stale and is simply
-taken over. Claims are re-entrant within a process: the CLI claims ``--out``
-for the whole command, and the writers inside re-use that claim.
-
-A signal that asked the process to stop (:func:`request_stop`, called by the CLI's handlers) stops every
-write that has not committed yet, also where the ``KeyboardInterrupt`` it raised was swallowed on the way
-(a finaliser such as tqdm's ``__del__`` ignores it): the rename that would publish the result raises
-``KeyboardInterrupt`` again instead.
+Everything flowaudit writes goes through :func:`atomic_path` (one file) or :func:`atomic_dir` (one folder), so a
+reader never sees a half-written result and a failure (an exception, Ctrl-C, SIGTERM) leaves nothing behind.
+Two writers of one target never mix: each first claims it (:func:`claim`, an exclusive ``flock`` on
+``.<name>.lock`` that the kernel drops when the process dies, however it dies); a second writer gets
+:class:`TargetBusy` at once. Claims are re-entrant within a process. After :func:`request_stop` (the CLI's signal
+handlers) the rename that would publish a result raises ``KeyboardInterrupt`` instead, even where the first one
+was swallowed on the way.
 """
 
 from __future__ import annotations
