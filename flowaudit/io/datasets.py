@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..errors import DataError
 from .images import IMAGE_EXTENSIONS, find_pair_dirs, read_image, read_image_folder, read_paired_folder
-from .untrusted import ReaderCrashed, survives
+from .untrusted import ForeignStorage, ReaderCrashed, h5_dataset, survives
 
 __all__ = ["DataError", "ConditionSet", "load_conditions", "nonfinite_records", "ARRAY_EXTENSIONS"]
 
@@ -181,11 +181,14 @@ def _read_h5(path: Path, probe: bool = False) -> tuple[Any, Any]:
 
     rows = slice(0, 1) if probe else ()
     with h5py.File(path, "r") as f:
-        if not isinstance(f.get("y"), h5py.Dataset):
+        try:
+            y, x = h5_dataset(f, "y"), h5_dataset(f, "x")
+        except ForeignStorage as e:
+            raise _err(path, e) from None
+        if y is None:
             raise _err(path, f"no dataset 'y' at the top level (has: {', '.join(f.keys()) or 'nothing'})")
-        y = f["y"][rows] if f["y"].ndim else f["y"][()]
-        x = f.get("x")
-        return y, ((x[rows] if x.ndim else x[()]) if isinstance(x, h5py.Dataset) else None)
+        y = y[rows] if y.ndim else y[()]
+        return y, (None if x is None else (x[rows] if x.ndim else x[()]))
 
 
 def _tensor(a: np.ndarray) -> Tensor:
