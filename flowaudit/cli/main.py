@@ -49,12 +49,14 @@ __all__ = ["cli", "main"]
 def _user_errors() -> tuple[type[BaseException], ...]:
     from ..adapters import ModelError
     from ..errors import AuditError, DataError
+    from ..utils.atomic import OutputError
 
     return (
         UserError,
         AuditError,
         DataError,
         ModelError,
+        OutputError,
         FileExistsError,
         FileNotFoundError,
         PermissionError,

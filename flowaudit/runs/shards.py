@@ -46,7 +46,6 @@ import io
 import json
 import os
 import shutil
-import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -117,8 +116,9 @@ class WorkFolder:
         self.resumed = 0  # shards loaded instead of computed
         if self.path.is_symlink() or (self.path.exists() and not self.path.is_dir()):
             raise AuditError(f"{self.path}: not a work folder (a file or a link); remove it to start again")
-        if self.path.exists() and not self._settings_file_ok():
-            shutil.rmtree(self.path, ignore_errors=True)  # empty, or killed before its settings landed: nothing to keep
+        cleaned = self.path.exists() and not self._settings_file_ok()
+        if cleaned:  # empty, or killed before its settings landed: nothing in it can be trusted, nothing to keep
+            shutil.rmtree(self.path, ignore_errors=True)
         if self.path.exists():
             if not resume:
                 raise AuditError(
@@ -126,7 +126,7 @@ class WorkFolder:
                     f"add --resume {self.path} to finish it, or remove the folder to start again"
                 )
             self._check()
-        elif resume:
+        elif resume and not cleaned:
             raise AuditError(f"--resume {self.path}: no such work folder (nothing to resume)")
 
     def _settings_file_ok(self) -> bool:
@@ -329,7 +329,7 @@ def unpack(data: bytes, key: str, tag: str) -> Any:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             arrays = {name: z[name] for name in z.files}  # reading each member checks its CRC
         head = json.loads(arrays.pop("__head__").tobytes().decode())
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
+    except Exception as exc:  # zipfile and numpy fail on hostile bytes in many ways (NotImplementedError, …)
         raise ValueError(f"not a shard file ({type(exc).__name__})") from None
     if not isinstance(head, dict) or head.get("format") != _FORMAT:
         raise ValueError("not a shard file")

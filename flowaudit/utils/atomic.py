@@ -228,7 +228,7 @@ def claim(path: str | os.PathLike[str]) -> Iterator[Path]:
         del _HELD[target]
         _lock_path(target).unlink(missing_ok=True)  # unlinked while still locked: no one can lock this inode after us
         os.close(fd)
-        if not target.exists():
+        if not os.path.lexists(target):
             _remove_empty(created)
 
 
