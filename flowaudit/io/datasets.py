@@ -204,7 +204,11 @@ def _declared_bytes(path: Path, kind: str) -> int:
     """What loading ``y`` and ``x`` of an array file allocates, from headers and shapes only."""
     if kind == "npy":
         with open(path, "rb") as fp:
-            return _npy_bytes(fp)
+            declared = _npy_bytes(fp)
+            held = path.stat().st_size - fp.tell()
+        if declared > held:  # a header that promises more than the file holds: truncated or hostile
+            raise _err(path, f"unreadable .npy file (its header declares {declared:,} bytes, it holds {held:,})")
+        return declared
     if kind == "npz":
         with zipfile.ZipFile(path) as z:
             total = 0

@@ -81,6 +81,9 @@ ATTACK_SHARD_STARTS = 16  # starts per attack shard (each start runs its whole s
 def work_path(out: str | Path) -> Path:
     """The work folder of output ``out``: ``.<name>.work`` beside it."""
     out = Path(out)
+    if len(os.fsencode(out.name)) > 240:  # ".<name>.work" must stay within the 255-byte limit on names
+        short = hashlib.sha256(os.fsencode(out.name)).hexdigest()[:16]
+        return out.with_name(f".{os.fsencode(out.name)[:100].decode(errors='ignore')}~{short}.work")
     return out.with_name(f".{out.name}.work")
 
 

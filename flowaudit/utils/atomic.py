@@ -114,6 +114,18 @@ def refused(exc: BaseException, target: str | os.PathLike[str]) -> OutputError |
     return None
 
 
+def _check_name(target: Path) -> None:
+    """Refuse a name or path longer than the file system takes, before anything is created."""
+    too_long = len(os.fsencode(target.name)) > 255 or len(os.fsencode(str(target))) >= 4096
+    for part in target.parents:
+        if os.path.isdir(part):
+            with contextlib.suppress(OSError, ValueError):
+                too_long = too_long or len(os.fsencode(target.name)) > os.pathconf(part, "PC_NAME_MAX")
+            break
+    if too_long:
+        raise OutputError(errno.ENAMETOOLONG, f"{target}: cannot write: {_REFUSED[errno.ENAMETOOLONG]}")
+
+
 def _clean_stale(target: Path) -> None:
     """Remove what a killed writer of ``target`` left beside it (we hold its claim: no live writer has them)."""
     try:
@@ -211,7 +223,8 @@ def claim(path: str | os.PathLike[str]) -> Iterator[Path]:
             _HELD[target] = (fd, depth - 1)
         return
     _ignore_xfsz()
-    created = [d for d in (target.parent, *target.parent.parents) if not d.exists()]
+    _check_name(target)
+    created = [d for d in (target.parent, *target.parent.parents) if not os.path.lexists(d)]
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd = _acquire(target)
