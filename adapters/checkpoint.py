@@ -97,7 +97,9 @@ def _read_torch(path: Path, trust: bool, what: str) -> Any:
         raise ModelError(f"{path}: corrupt or truncated {what} (a zip archive without its central directory)")
     if not is_zip and head[:1] != b"\x80":  # neither torch's zip format nor a protocol-2+ pickle
         if not trust and (code := _code_in(path, is_zip)):  # a protocol-0/1 pickle that imports a callable
-            raise ModelError(f"{path}: holds pickled code ({code}); pass --trust-checkpoint only if you trust its source")
+            raise ModelError(
+                f"{path}: holds pickled code ({code}); pass --trust-checkpoint only if you trust its source"
+            )
         raise ModelError(f"{path}: not a PyTorch {what} (neither a zip archive nor a pickle)")
     try:
         with warnings.catch_warnings():  # torch warns about what hostile pickles ask for; the error line says enough

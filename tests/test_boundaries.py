@@ -33,8 +33,9 @@ def test_verdict_exactly_at_tau_is_compliant_one_ulp_below_violates(tau: float) 
 @pytest.mark.parametrize("tau", TAUS)
 def test_worst_case_ratio_at_tau_does_not_violate(tau: float) -> None:
     below = math.nextafter(tau, 0.0)
-    assert remark2.combine("compliant", {"verdict": "compliant"}, {"tail_ratio": tau}, "additive", tau)[0] == "compliant"
-    assert remark2.combine("compliant", {"verdict": "compliant"}, {"tail_ratio": below}, "additive", tau)[0] == "violates"
+    ok = {"verdict": "compliant"}
+    assert remark2.combine("compliant", ok, {"tail_ratio": tau}, "additive", tau)[0] == "compliant"
+    assert remark2.combine("compliant", ok, {"tail_ratio": below}, "additive", tau)[0] == "violates"
     nan = {"tail_ratio": math.nan}
     assert remark2.combine("compliant", {"verdict": "compliant"}, nan, "additive", tau)[0] == "compliant"
 

@@ -84,7 +84,9 @@ def h5_dataset(f: Any, name: str) -> Any:
     if link is None:
         return None
     if isinstance(link, h5py.ExternalLink):
-        raise ForeignStorage(f"{name!r} is an external link to {link.filename}:{link.path}; refused (data must be in the file)")
+        raise ForeignStorage(
+            f"{name!r} is an external link to {link.filename}:{link.path}; refused (data must be in the file)"
+        )
     obj = f.get(name)
     if not isinstance(obj, h5py.Dataset):
         return None
@@ -92,5 +94,7 @@ def h5_dataset(f: Any, name: str) -> Any:
         raise ForeignStorage(f"{name!r} is a virtual dataset over other files; refused (data must be in the file)")
     if obj.external:
         names = ", ".join(str(e[0]) for e in obj.external[:2])
-        raise ForeignStorage(f"{name!r} keeps its bytes in external files ({names}); refused (data must be in the file)")
+        raise ForeignStorage(
+            f"{name!r} keeps its bytes in external files ({names}); refused (data must be in the file)"
+        )
     return obj
