@@ -18,8 +18,19 @@ from torch import nn
 
 from .base import Adapter, Observer, Site, widen
 from .checkpoint import DEFAULT_MAX_PARAMETERS, ModelError, check_budget, first_line, fit_problems, read_weights
+from .speedups import observing
 
-__all__ = ["Adapter", "Observer", "Site", "widen", "adapt", "load_model", "ModelError", "DEFAULT_MAX_PARAMETERS"]
+__all__ = [
+    "Adapter",
+    "Observer",
+    "Site",
+    "widen",
+    "observing",
+    "adapt",
+    "load_model",
+    "ModelError",
+    "DEFAULT_MAX_PARAMETERS",
+]
 
 
 # One module per family, tried in this order. Each defines ``matches(model) -> bool`` (cheap, and
