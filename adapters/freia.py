@@ -204,25 +204,9 @@ def _block_sites(name: str, block: nn.Module) -> list[Site]:
 # FrEIA blocks whose Jacobian does not depend on the input (permutations, fixed or learned linear maps,
 # ActNorm, reshapes, splits): layers, never sites
 _CONSTANT_JACOBIAN = frozenset(
-    {
-        "PermuteRandom",
-        "FixedLinearTransform",
-        "Fixed1x1Conv",
-        "IRevNetDownsampling",
-        "IRevNetUpsampling",
-        "HaarDownsampling",
-        "HaarUpsampling",
-        "Flatten",
-        "Reshape",
-        "Split",
-        "Concat",
-        "OrthogonalTransform",
-        "HouseholderPerm",
-        "ActNorm",
-        "LearnedElementwiseScaling",
-        "InvAutoFC",
-        "InvAutoConv2D",
-    }
+    "PermuteRandom FixedLinearTransform Fixed1x1Conv IRevNetDownsampling IRevNetUpsampling HaarDownsampling "
+    "HaarUpsampling Flatten Reshape Split Concat OrthogonalTransform HouseholderPerm ActNorm "
+    "LearnedElementwiseScaling InvAutoFC InvAutoConv2D".split()
 )
 
 

@@ -32,15 +32,8 @@ from .hooks import first_tensor, hooked
 from .library import LibraryAdapter
 from .speedups import HookedSpeedUps
 
-__all__ = [
-    "AutoregressiveAffineSite",
-    "CouplingSplineSite",
-    "AutoregressiveSplineSite",
-    "ConstantSplineSite",
-    "NormflowsAdapter",
-    "matches",
-    "make",
-]
+__all__ = ["AutoregressiveAffineSite", "CouplingSplineSite", "AutoregressiveSplineSite", "ConstantSplineSite"]
+__all__ += ["NormflowsAdapter", "matches", "make"]
 
 # normflows modules whose flows take ``context`` only to fit ConditionalNormalizingFlow's call
 _UNCONDITIONAL = ("normflows.flows.mixing", "normflows.flows.normalization", "normflows.flows.reshape")

@@ -1,16 +1,10 @@
 """Adapter for the bundled reference flows (toy, SR, low-light).
 
-Their sites are the parameter-free
-:class:`~flowaudit.reference_models.couplings.Elementwise` modules, called as
-``out, ladj = site(inp, h, reverse=...)``; on the inverse pass
-``exp(ladj)`` is the inverse gain ``1/c'`` at the visited point and ``h`` the
-parameters the conditioner produced there. One forward hook per site and per
-traced layer reads both, registered for an observed pass or once for an
-observing block of them (:class:`~flowaudit.adapters.speedups.HookedSpeedUps`); no
-model code knows it is being audited. No bundled flow writes in place a tensor
-these hooks see (``tensors_stay_intact``), so they hold the ``ladj``, ``h`` and
-layer outputs of a pass by reference and report them, gains and all, when the
-pass returns (:class:`~flowaudit.adapters.hooks.HeldReports`).
+Their sites are the :class:`~flowaudit.reference_models.couplings.Elementwise` modules, called as
+``out, ladj = site(inp, h, reverse=...)``: on the inverse pass ``exp(ladj)`` is the inverse gain
+``1/c'`` at the visited point and ``h`` the conditioner's parameters there. A wrapped ``forward`` per
+site and traced layer reads both. No bundled flow writes in place a tensor these wrappers see
+(``tensors_stay_intact``), so a pass's reports are held and made when it returns.
 """
 
 from __future__ import annotations
@@ -91,7 +85,7 @@ class ReferenceAdapter(HookedSpeedUps, Adapter):
         return tuple(self.model.condition_shape)
 
     def check_condition_shape(self, shape: tuple[int, ...]) -> None:
-        """Image flows squeeze ×2 at each of their ``L`` levels: the sample (H·scale × W·scale) must divide by 2^L."""
+        """Image flows squeeze ×2 at each of their ``L`` levels: a sample H·scale × W·scale must divide by 2^L."""
         super().check_condition_shape(shape)
         levels = getattr(self.model, "L", None)
         if len(shape) != 3 or levels is None:
