@@ -243,11 +243,8 @@ class FrEIAAdapter(HookedSpeedUps, LibraryAdapter):
         self._condition_shape = tuple(int(d) for d in cond)
         self._sites = [s for n, b in self._blocks for s in _block_sites(n, b)]
         self._layers = [n for n, _ in reversed(self._blocks)]
-        self._unseen = []  # blocks no site reads whose Jacobian may vary with the input, or of unknown code
-        for n, b in self._blocks:
-            own = [s for s in self._sites if s.name == n or s.name.startswith(f"{n}.")]
-            if any(isinstance(s, UnknownSite) for s in own) or (not own and type(b).__name__ not in _CONSTANT_JACOBIAN):
-                self._unseen.append(n)
+        own = {n: [s for s in self._sites if s.name == n or s.name.startswith(f"{n}.")] for n, _ in self._blocks}
+        self._unseen = self._unread_of([(n, own[n], type(b).__name__ in _CONSTANT_JACOBIAN) for n, b in self._blocks])
 
     def _read_condition_shape(self) -> tuple[int, ...]:
         return self._condition_shape

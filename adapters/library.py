@@ -8,10 +8,12 @@ drives the library's sampling.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from .base import Adapter, Observer, PriorSite, Site, draw_latents
+from .base import Adapter, Observer, PriorSite, Site, UnknownSite, draw_latents
 
 __all__ = ["LibraryAdapter"]
 
@@ -58,7 +60,16 @@ class LibraryAdapter(Adapter):
         observer.layer(self._layers[0], z.detach())
 
     @staticmethod
-    def _report(observer: Observer | None, name: str, x: Tensor, gain: Tensor | None = None, params=None) -> None:
+    def _unread_of(parts: list[tuple[str, list[Site], bool]]) -> list[str]:
+        """Names of the parts ``(name, sites, constant Jacobian)`` that a site of unknown code stands for, or
+        that no site reads while their Jacobian may vary with the input: the view of them is partial."""
+        unknown = lambda sites: any(isinstance(s, UnknownSite) for s in sites)  # noqa: E731
+        return [n for n, sites, constant in parts if unknown(sites) or not (sites or constant)]
+
+    @staticmethod
+    def _report(
+        observer: Observer | None, name: str, x: Tensor, gain: Tensor | None = None, params: Any = None
+    ) -> None:
         """Report layer ``name``'s output ``x``, after its site's gain and parameters when given."""
         if observer is None:
             return

@@ -244,12 +244,9 @@ class NormflowsAdapter(HookedSpeedUps, LibraryAdapter):
         self._by_flow = {n: _flow_sites(n, f) for n, f in zip(names, model.flows)}
         self._sites = [s for n in reversed(names) for s in self._by_flow[n]]
         self._layers = ["q0", *names]
-        self._unseen = [  # flows no site reads whose Jacobian may vary with the input (or of unknown code)
-            n
-            for n, f in zip(names, model.flows)
-            if any(isinstance(s, UnknownSite) for s in self._by_flow[n])
-            or (not self._by_flow[n] and type(f).__module__ not in _UNCONDITIONAL)
-        ]
+        self._unseen = self._unread_of(
+            [(n, self._by_flow[n], type(f).__module__ in _UNCONDITIONAL) for n, f in zip(names, model.flows)]
+        )
         try:  # an unreadable condition shape is the user's error at adapt time
             self.condition_shape  # noqa: B018
         except ValueError as exc:
