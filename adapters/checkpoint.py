@@ -1,6 +1,6 @@
 r"""Untrusted checkpoint files: read them as tensors only, refuse what is broken in one line.
 
-A checkpoint is input from a stranger (DESIGN.md §5). :func:`read_weights`
+A checkpoint is input from a stranger. :func:`read_weights`
 opens a ``.pt`` / ``.pth`` / ``.ckpt`` file with ``torch.load(weights_only=True)``
 (pickled code only with ``trust``) or a ``.safetensors`` file, and turns every
 way a file can be wrong — empty, truncated, random bytes, pickled code, a
