@@ -7,40 +7,29 @@ scan draws them, :class:`~flowaudit.config.sampling.Sampling`) it runs projected
 .. math:: y_{t+1} = \Pi\big(y_t + \alpha_t\, u(\nabla_y J(y_t))\big),\qquad
           J(y) = \frac1K \sum_k j\big(f^{-1}(z_k; y)\big)
 
-inside a :class:`~flowaudit.evidence.budget.Budget` (:math:`\Pi` its projection, then the valid range
+inside a :class:`~flowaudit.config.budget.Budget` (:math:`\Pi` its projection, then the valid range
 for image conditions; :math:`u` the step direction, below). Per sample the objective :math:`j` is one of
 
 * ``logdet`` — the inverse log-determinant :math:`\sum_{\text{sites}}\sum_i \log(1/c'_i)`;
 * ``max-gain`` — the largest log inverse gain :math:`\max_{\text{sites}, i} \log(1/c'_i)`;
 * ``max-abs`` — :math:`\log \max_i |x_i|` of the sample.
 
-The step direction :math:`u` is per-coordinate normalised, so one step moves about α in every
-coordinate whatever the gradient's size: the gradient of :math:`1/s` spans many decades exactly
-where the inverse starts to blow up, and saturated scales (``sigmoid`` at its top) give gradients
-that are tiny or exactly 0. Two rules: ``sign`` (PGD, Madry et al. 2018: :math:`u = \operatorname{sign} g`)
-and ``adam`` (default: :math:`u = \hat m / \sqrt{\hat v}`, Adam's direction without its step
-size; its first step *is* ``sign``). Adam is the default because its momentum carries a start
-across the flat and oscillating stretches where ``sign`` stalls: on ``toy-affine`` in a ±15 box,
-600 steps of 0.05 from 1000 test conditions broke 180 starts with ``adam`` and 4 with ``sign``.
-For :math:`L_2` the direction is rescaled to unit :math:`L_2` norm. Both keep per-start state only,
-so a start's path depends on nothing but its own condition and latents. Default step
-:math:`\alpha = 2.5\,r/N` for a budget of radius :math:`r` and :math:`N` steps. With ``none``
-there is no radius: steps grow geometrically, :math:`\alpha_t = \alpha_0 \rho^t`, from 1 % of
-the conditions' spread with ρ chosen so that N steps can travel 100 spreads; the distance at
-the first break is then known to within one step, a fraction ρ − 1 of itself.
+The step direction :math:`u` is per coordinate normalised, so one step moves about α in every
+coordinate whatever the gradient's size (the gradient of :math:`1/s` spans decades where the
+inverse starts to blow up, and saturated scales give gradients near 0): ``sign`` (PGD,
+:math:`u = \operatorname{sign} g`) or ``adam`` (default, :class:`AdamDirection`,
+:math:`u = \hat m / \sqrt{\hat v}`), whose momentum carries a start across flat stretches where
+``sign`` stalls. For :math:`L_2` the direction is rescaled to unit norm. Default step
+:math:`\alpha = 2.5\,r/N` for a budget of radius :math:`r` and :math:`N` steps; with ``none``,
+:math:`\alpha_t = \alpha_0 \rho^t` from 1 % of the conditions' spread, ρ such that N steps travel
+100 spreads.
 
-A start is **broken** once a sample leaves ``adapter.error_band`` or anything goes non-finite;
-``distance_to_break`` is how far from :math:`y_0` that first happened (with ``none``, the figure
-the search is for). A broken start keeps climbing inside its budget (the worst case is how far
-the blow-up goes, not only that it starts); it is reported at its best breaking point, and a
-start that never broke at the best point its path visited (ascent steps are not monotone), with
-``distance`` the size of that perturbation. NaN/Inf never stop the search: a start that went
-non-finite is reported there and stops stepping, and non-finite gradients are zeroed. The step loop keeps every
-decision on the device (no host sync). The ``layer`` where a start blew up is the first layer of
-the inverse pass whose max |value| went non-finite, or grew ×10 over its value at the start *and*
-passed 10× the error band's largest |value| (``None`` when no layer did). Gradients flow through
-``adapter.sample`` and through the gains an observer with ``keep_graph = True`` receives
-(:class:`~flowaudit.adapters.base.Observer`).
+A start is **broken** once a sample leaves ``adapter.error_band`` or goes non-finite;
+``distance_to_break`` is how far from :math:`y_0` that first happened. A start is reported at its
+best breaking point, else at the best point its path visited; a start that went non-finite stops
+there, and non-finite gradients are zeroed. Its ``layer`` is the first layer of the inverse pass
+whose max |value| went non-finite, or grew ×10 over the start's and past 10× the error band.
+Every step is per start, so a start's path depends only on its own condition and latents.
 """
 
 from __future__ import annotations
