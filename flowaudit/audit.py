@@ -23,12 +23,13 @@ from ._version import __version__
 from .adapters import Adapter, adapt
 from .config.device import auditing, resolve_device
 from .config.sampling import Sampling
-from .errors import AuditError
+from .errors import AuditError, DataError
 from .evidence.attack import run_attack
 from .evidence.budget import Budget, parse_budget
 from .evidence.search import DetachedGains, Search
 from .evidence.sites import model_evidence, site_entries
 from .io.datasets import ConditionSet, load_conditions, nonfinite_records
+from .io.shapes import check_condition_shapes
 from .render.panel import worst_inputs
 from .report import Report
 from .runs.passes import Run, sample_set
@@ -36,7 +37,7 @@ from .runs.runner import Context, attack_settings, fit_gaussian, run_facts, scan
 from .runs.shards import FIT_SHARD_INPUTS, digest
 from .stats.features import fit_spatial
 from .stats.gaussian import GaussianOOD
-from .stats.risk import aggregate
+from .stats.risk import aggregate, band_misfit, error_band
 from .tracing.trace import layer_table
 from .utils.format import jsonable
 
@@ -66,6 +67,7 @@ def fit(
     adapter = adapt(model)
     cs = _as_set(data, "fit")
     _check_shape(adapter, cs, "--data")
+    batch_size = 1 if cs.mixed else batch_size  # images of several sizes: one per pass
     n_bad, cs = cs.n_nonfinite, cs.finite()  # NaN/Inf conditions never reach the Gaussian; counted below
     dev = resolve_device(device)
     names = _layers(adapter, layers)
@@ -143,6 +145,7 @@ def scan(
     attack_steps: int = 50,
     exact: bool = True,
     context: Context | None = None,
+    output_range: tuple[float, float] | None = None,
 ) -> Report:
     """The full audit of ``model`` on conditions ``data`` (and ``ood``); see DESIGN.md §4.
 
@@ -152,7 +155,8 @@ def scan(
     allows); ``exact`` makes each pass one input's K samples, so the figures do not depend
     on it (:mod:`flowaudit.runs.runner`). ``context`` keeps shards for a resume and shares them over ranks. ``attack`` (a budget) also
     attacks the first ``attack_starts`` in-distribution conditions (:func:`attack`)
-    and adds each site's ``worst_case`` evidence and the report's ``attack``.
+    and adds each site's ``worst_case`` evidence and the report's ``attack``. ``output_range`` sets the
+    error band (:func:`~flowaudit.stats.risk.error_band`); ids read ``in/…`` and ``ood/…``.
     """
     how = _search(attack, "logdet", attack_steps, None) if attack is not None else None
     if samples < 1:
@@ -170,6 +174,10 @@ def scan(
         sets.append(("ood", _as_set(ood, "ood")))
     for name, cs in sets:
         _check_shape(adapter, cs, "--data" if name == "in" else "--ood-data")
+    sets = [(name, cs.prefixed(name)) for name, cs in sets]  # ids unique across the report's sets
+    exact = exact or any(cs.mixed for _, cs in sets)  # images of several sizes: one input per pass
+    if how is not None and sets[0][1].mixed:
+        raise AuditError("--attack needs in-distribution conditions of one size (this --data mixes image sizes)")
     skipped = [
         rec for name, cs in sets for rec in nonfinite_records(cs, name)
     ]  # NaN/Inf conditions: reported, not sampled
@@ -181,6 +189,9 @@ def scan(
     run = Run(Sampling(samples, temperature, seed), batch_size or samples, dev, progress, exact)
     with auditing(adapter, dev):
         run, budget = size_batches(adapter, sets[0][1], run, ctx, batch_size)
+    targets = sets[0][1].x if sets[0][1].x is not None else (fit_set.finite().x if fit_set is not None else None)
+    band = error_band(adapter, output_range, targets)
+    run = dataclasses.replace(run, band=band.bounds)
     attack_run = dataclasses.replace(run, batch_size=SCAN_ATTACK_BATCH)  # the attack's passes keep their graph
     if not ctx.opened:  # the work folder checks everything the shards depend on before the first one
         more = (
@@ -198,6 +209,7 @@ def scan(
                 estimator=estimator,
                 stats=_stats_digest(gauss),
                 fit_data=digest(fit_set.y) if fit_set is not None else None,
+                error_band=list(band.bounds),
                 **more,
             )
         )
@@ -206,7 +218,9 @@ def scan(
             adapter, fit_set, layers=names, pooling=pooling, estimator=estimator, device=str(dev), context=ctx
         ).gaussian
         if names and len(adapter.condition_shape) == 3:
-            spatial = fit_spatial(adapter, fit_set.finite().y, names, estimator, run.batch_size, dev)
+            spatial = fit_spatial(
+                adapter, fit_set.finite().y, names, estimator, 1 if fit_set.mixed else run.batch_size, dev
+            )
     with auditing(adapter, dev):
         tracers, records, scores = scan_sets(adapter, sets, gauss, names, pooling, run, ctx)
         hit = (
@@ -224,10 +238,13 @@ def scan(
         }
         for name, _ in sets
     }
+    risk["error_band"] = band.entry()
+    risk["error_band"]["misfit"] = band_misfit(risk["error_band"], risk["by_set"]["in"]["pct_pixel_err"])
     layers_out, explosion = layer_table(adapter.layer_names() + ["output"], tracers, explosion_threshold)
     model_entry = _model_entry(adapter)
     model_entry["sites"] = sites
     model_entry.update(model_evidence(adapter, sites))  # coverage, model verdict, certificate
+    model_entry["error_band"] = list(band.bounds)
     report = Report(
         {
             "flowaudit_version": __version__,
@@ -336,6 +353,8 @@ def attack(
     dev = ctx.group.device if ctx.group is not None else resolve_device(device)
     cs = _as_set(data, "in") if data is not None else _default_conditions(adapter, starts or 16, seed)
     _check_shape(adapter, cs, "--data")
+    if cs.mixed:
+        raise AuditError("the attack needs conditions of one size (this --data mixes image sizes)")
     cs = cs.finite()  # a NaN condition has no worst case to search for
     cs = _first(cs, starts)
     run = Run(Sampling(samples, temperature, seed), batch_size, dev, progress, exact)
@@ -443,6 +462,7 @@ def _model_entry(adapter: Adapter) -> dict:
         "output_range": list(adapter.output_range),
         "error_band": list(adapter.error_band),
         "encoder_layers": adapter.feature_layers() or ["<condition>"],
+        **({"weights": adapter.weights_source} if getattr(adapter, "weights_source", None) else {}),
         **adapter.describe(),
     }
 
@@ -489,12 +509,11 @@ def _as_set(data: Any, what: str) -> ConditionSet:
 
 
 def _check_shape(adapter: Adapter, cs: ConditionSet, what: str) -> None:
-    """The adapter says, before any sampling, whether it can take conditions of this shape."""
+    """Before any sampling: whether the model can take conditions of these shapes (one line with the expected one)."""
     try:
-        adapter.check_condition_shape(tuple(cs.y.shape[1:]))
-    except ValueError as exc:
-        where = f"{what} {cs.description['path']}" if cs.description.get("path") else what
-        raise AuditError(f"{where}: {exc}") from None
+        check_condition_shapes(adapter, cs, what)
+    except DataError as exc:
+        raise AuditError(str(exc)) from None
 
 
 def _layers(adapter: Adapter, layers: Sequence[str] | None) -> list[str]:

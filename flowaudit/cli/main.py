@@ -162,6 +162,13 @@ def model_options(f):
     )(f)
     f = max_parameters_option(f)
     f = click.option(
+        "--random-init",
+        is_flag=True,
+        expose_value=False,
+        callback=lambda c, p, v: c.meta.__setitem__("flowaudit.random_init", v),
+        help="Audit --model's factory output untrained (without --weights it is refused); reported as untrained.",
+    )(f)
+    f = click.option(
         "--trust-checkpoint", is_flag=True, help="Allow pickled code in checkpoints (only for sources you trust)."
     )(f)
     f = click.option(
@@ -183,9 +190,24 @@ def _adapter(model_spec: str | None, factory: str | None, weights: str | None, t
         both = ", not both" if model_spec else ""
         raise click.UsageError(f"give MODEL (a bundled name or a checkpoint) or --model MODULE:FACTORY{both}")
     official = click.get_current_context().find_object(Settings).official
+    random_init = bool(click.get_current_context().meta.get("flowaudit.random_init"))
     return load_model(
-        factory or model_spec, weights=weights, trust=trust, max_parameters=max_parameters, official=official or None
+        factory or model_spec,
+        weights=weights,
+        trust=trust,
+        max_parameters=max_parameters,
+        official=official or None,
+        random_init=random_init,
     )
+
+
+def _output_range(value: str | None) -> tuple[float, float] | None:
+    from ..stats.risk import parse_range
+
+    try:
+        return None if value is None else parse_range(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--output-range") from None
 
 
 def _layers(value: str | None) -> list[str] | None:
@@ -330,6 +352,13 @@ def fit(
 @threshold_option
 @batch_option
 @click.option(
+    "--output-range",
+    metavar="LO,HI",
+    callback=lambda c, p, v: _output_range(v),
+    help="The error band: a sample value outside [LO, HI] is a pixel error (default: the model's valid range "
+    "widened by half, or the targets' range widened by half; printed with its source).",
+)
+@click.option(
     "--attack",
     "attack_budget",
     metavar="BUDGET",
@@ -362,6 +391,7 @@ def scan(
     estimator,
     threshold,
     batch_size,
+    output_range,
     attack_budget,
     resume,
     max_memory,
@@ -395,6 +425,7 @@ def scan(
         attack=attack_budget,
         exact=not batched,
         context=run,
+        output_range=output_range,
     )
     if leader:
         report.save(out, overwrite=overwrite)

@@ -25,8 +25,9 @@ import torch
 from torch import Tensor
 
 from ..adapters import Adapter
-from ..config.sampling import Sampling, batches, progress_bar
+from ..config.sampling import Sampling, progress_bar
 from ..io.datasets import ConditionSet
+from ..io.ragged import same_size_runs
 from ..stats.risk import lr_psnr, sample_checks
 from ..tracing.trace import Tracer
 
@@ -42,6 +43,7 @@ class Run:
     device: torch.device
     progress: bool = False
     exact: bool = True
+    band: tuple[float, float] | None = None  # the error band (stats.risk.error_band); None: the adapter's
 
     @property
     def inputs_per_batch(self) -> int:
@@ -77,11 +79,10 @@ def sample_range(
     """
     per = run.inputs_per_pass
     tracer = Tracer(run.sampling).start_at(rows.start, rows.start // per if first_pass is None else first_pass)
-    band = adapter.error_band
+    band = run.band or adapter.error_band
     records: list[dict] = []
     with progress_bar(rows.stop - rows.start, f"scan {set_name}", run.progress) as bar, adapter.observing(tracer):
-        for sl in batches(rows.stop - rows.start, per):
-            sl = slice(rows.start + sl.start, rows.start + sl.stop)
+        for sl in same_size_runs(cs.y, rows, per):  # a pass never mixes condition sizes
             y = cs.y[sl].to(run.device)
             latents = run.sampling.latents(adapter, y, set_index, sl.start, run.device)
             x = adapter.sample(run.sampling.repeat(y), latents, observer=tracer)
