@@ -304,7 +304,8 @@ def load_conditions(path: str | Path, max_bytes: int | None = None) -> Condition
 
     ``description`` holds ``path``, ``kind`` (``images``, ``image``, ``paired low/high``,
     ``paired lr/hr``, ``npy``, ``npz``, ``h5``), ``n``, ``shape`` (one condition's shape; of mixed
-    sizes, the first, and ``shapes`` lists them all) and, with targets, ``target_shape``. Raises :class:`DataError` on any problem. Sizes are read
+    sizes, the first, and ``shapes`` lists them all) and, with targets, ``target_shape``.
+    Raises :class:`DataError` on any problem. Sizes are read
     from headers first (images, ``.npy``/``.npz`` headers, HDF5 shapes) and checked against
     ``max_bytes`` (default: half the available RAM) before anything that large is allocated.
     """
