@@ -22,11 +22,12 @@ from .adapters import Adapter, adapt
 from .config.budget import Budget
 from .config.device import auditing
 from .config.settings import Search, Settings, settings_from
-from .errors import AuditError
+from .errors import AuditError, DataError
 from .evidence.attack import AttackResult, run_attack
 from .evidence.search import DetachedGains
 from .evidence.sites import model_evidence, site_entries
 from .io.datasets import ConditionSet, load_conditions, nonfinite_records
+from .io.shapes import check_condition_shapes
 from .render.panel import worst_inputs
 from .report import Report
 from .runs.passes import sample_set
@@ -34,7 +35,7 @@ from .runs.runner import Context, attack_settings, fit_gaussian, run_facts, scan
 from .runs.shards import FIT_SHARD_INPUTS, digest
 from .stats.features import fit_spatial
 from .stats.gaussian import GaussianOOD
-from .stats.risk import aggregate
+from .stats.risk import aggregate, band_misfit, error_band
 from .tracing.trace import layer_table
 from .utils.format import jsonable
 
@@ -68,6 +69,8 @@ def fit(
     adapter = adapt(model)
     cs = _as_set(data, "fit")
     _check_shape(adapter, cs, "--data")
+    if cs.mixed:  # images of several sizes: one per pass
+        settings = settings.replace(batch_size=1)
     n_bad, cs = cs.n_nonfinite, cs.finite()  # NaN/Inf conditions never reach the Gaussian; counted below
     names = _layers(adapter, settings.layers)
     if settings.pooling == "spatial":
@@ -121,24 +124,33 @@ def scan(
     stats: Any = None,
     fit_data: Any = None,
     context: Context | None = None,
+    output_range: tuple[float, float] | None = None,
     **options: Any,
 ) -> Report:
-    """The full audit of ``model`` on conditions ``data`` (and ``ood``); see DESIGN.md §4.
+    """The full audit of ``model`` on conditions ``data`` (and ``ood``); keys in ``docs/report.md``.
 
     ``stats`` (a stats.h5 path or fitted :class:`GaussianOOD`) or ``fit_data`` gives ``s_OOD``; with
     neither, inputs carry no score. ``settings`` (or its fields as keywords: ``samples``, ``temperature``,
     ``seed``, ``batch_size``, ``device``, ``layers``, …; ``attack`` a budget with ``attack_starts`` and
     ``attack_steps``) say what to compute; ``context`` keeps shards for a resume and shares them over ranks.
+    ``output_range`` sets the error band (:func:`~flowaudit.stats.risk.error_band`); ids read ``in/…``, ``ood/…``.
     """
     ctx = context or Context()
     settings = ctx.place(settings_from(settings, options))
     adapter = adapt(model)
     names = _layers(adapter, settings.layers)
     sets, skipped = _scan_inputs(adapter, data, ood, settings.seed)
+    if any(cs.mixed for _, cs in sets):  # images of several sizes: one input per pass
+        if settings.attack is not None and sets[0][1].mixed:
+            raise AuditError("--attack needs in-distribution conditions of one size (this --data mixes image sizes)")
+        settings = settings.replace(exact=True)
     fit_set = _as_set(fit_data, "fit") if fit_data is not None else None
     gauss = _load_stats(adapter, stats, names, settings.pooling) if stats is not None else None
     with auditing(adapter, settings.device):
         run, memory = size_batches(adapter, sets[0][1], settings, ctx)
+    targets = sets[0][1].x if sets[0][1].x is not None else (fit_set.finite().x if fit_set is not None else None)
+    band = error_band(adapter, output_range, targets)
+    run = run.replace(band=band.bounds)
     attack_run = run.replace(batch_size=SCAN_ATTACK_BATCH)  # the attack's passes keep their graph
     if not ctx.opened:  # the work folder checks everything the shards depend on before the first one
         more = {}
@@ -156,6 +168,7 @@ def scan(
                 estimator=run.estimator,
                 stats=_stats_digest(gauss),
                 fit_data=fitted,
+                error_band=list(band.bounds),
                 **more,
             )
         )
@@ -163,7 +176,8 @@ def scan(
     if fit_set is not None:
         gauss = fit(adapter, fit_set, run.replace(batch_size=FIT_BATCH, progress=False), context=ctx).gaussian
         if names and len(adapter.condition_shape) == 3:
-            spatial = fit_spatial(adapter, fit_set.finite().y, names, run.estimator, run.batch_size, run.device)
+            batch = 1 if fit_set.mixed else run.batch_size
+            spatial = fit_spatial(adapter, fit_set.finite().y, names, run.estimator, batch, run.device)
     with auditing(adapter, run.device):
         tracers, records, scores = scan_sets(adapter, sets, gauss, names, run, ctx)
         hit = None
@@ -171,6 +185,11 @@ def scan(
             hit = _attack_set(adapter, sets[0][1], run.attack_starts, attack_run, ctx, fallback=True)
         worst = {"worst_case": hit.worst_case} if hit else {}
         sites = site_entries(adapter, tracers, run.remark2_threshold, **worst)
+    risk = _risk(records, sets, run)
+    risk["error_band"] = band.entry()
+    risk["error_band"]["misfit"] = band_misfit(risk["error_band"], risk["by_set"]["in"]["pct_pixel_err"])
+    model_entry = _model_entry(adapter, sites)
+    model_entry["error_band"] = list(band.bounds)
     report = Report(
         {
             "flowaudit_version": __version__,
@@ -178,9 +197,9 @@ def scan(
             **_stamp(),
             "settings": {**_sampling_entry(run), **_thresholds(run), **run_facts(run, memory, ctx)},
             "data": {name: cs.description for name, cs in sets},
-            "model": _model_entry(adapter, sites),
+            "model": model_entry,
             "ood": _ood_entry(gauss, names, run.pooling, scores),
-            "risk": _risk(records, sets, run),
+            "risk": risk,
             **_layer_entries(adapter, tracers, run.explosion_threshold),
             "inputs": records + skipped,
         }
@@ -215,7 +234,7 @@ def inspect(model: Any, data: Any = None, settings: Settings | None = None, **op
 def attack(
     model: Any, data: Any = None, settings: Settings | None = None, *, context: Context | None = None, **options: Any
 ) -> Report:
-    """The worst case (DESIGN.md §4): projected gradient ascent on the first ``attack_starts`` conditions.
+    """The worst case: projected gradient ascent on the first ``attack_starts`` conditions.
 
     The attack's keywords are ``budget`` (default ``none``), ``objective``, ``steps``, ``step_size``, ``rule``
     and ``starts``, beside the sampling ones (``samples`` default 4, ``batch_size`` default 64: samples per
@@ -231,6 +250,8 @@ def attack(
     starts = settings.attack_starts
     cs = _as_set(data, "in") if data is not None else _default_conditions(adapter, starts or 16, settings.seed)
     _check_shape(adapter, cs, "--data")
+    if cs.mixed:
+        raise AuditError("the attack needs conditions of one size (this --data mixes image sizes)")
     cs = _first(cs.finite(), starts)  # a NaN condition has no worst case to search for
     memory = ctx.budget(settings.device)  # a bad --max-memory is refused before any shard
     if not ctx.opened:  # the work folder checks everything the shards depend on before the first one
@@ -308,6 +329,7 @@ def _model_entry(adapter: Adapter, sites: list[dict] | None = None) -> dict:
         "error_band": list(adapter.error_band),
         "encoder_layers": adapter.feature_layers() or ["<condition>"],
         **adapter.describe(),
+        **({"weights": adapter.weights_source} if getattr(adapter, "weights_source", None) else {}),
     }
     if sites is not None:
         entry["sites"] = sites
@@ -388,6 +410,7 @@ def _scan_inputs(adapter: Adapter, data: Any, ood: Any, seed: int) -> tuple[list
         sets.append(("ood", _as_set(ood, "ood")))
     for name, cs in sets:
         _check_shape(adapter, cs, "--data" if name == "in" else "--ood-data")
+    sets = [(name, cs.prefixed(name)) for name, cs in sets]  # ids unique across the report's sets
     skipped = [rec for name, cs in sets for rec in nonfinite_records(cs, name)]
     return [(name, cs.finite()) for name, cs in sets], skipped
 
@@ -407,12 +430,11 @@ def _as_set(data: Any, what: str) -> ConditionSet:
 
 
 def _check_shape(adapter: Adapter, cs: ConditionSet, what: str) -> None:
-    """The adapter says, before any sampling, whether it can take conditions of this shape."""
+    """Before any sampling: whether the model can take conditions of these shapes (one line, the expected one)."""
     try:
-        adapter.check_condition_shape(tuple(cs.y.shape[1:]))
-    except ValueError as exc:
-        where = f"{what} {cs.description['path']}" if cs.description.get("path") else what
-        raise AuditError(f"{where}: {exc}") from None
+        check_condition_shapes(adapter, cs, what)
+    except DataError as exc:
+        raise AuditError(str(exc)) from None
 
 
 def _layers(adapter: Adapter, layers: Sequence[str] | None) -> list[str]:

@@ -165,6 +165,13 @@ def model_options(f):
     )(f)
     f = max_parameters_option(f)
     f = click.option(
+        "--random-init",
+        is_flag=True,
+        expose_value=False,
+        callback=lambda c, p, v: c.meta.__setitem__("flowaudit.random_init", v),
+        help="Audit --model's factory output untrained (without --weights it is refused); reported as untrained.",
+    )(f)
+    f = click.option(
         "--trust-checkpoint", is_flag=True, help="Allow pickled code in checkpoints (only for sources you trust)."
     )(f)
     f = click.option(
@@ -185,10 +192,25 @@ def _adapter(model_spec: str | None, factory: str | None, weights: str | None, t
     if bool(model_spec) == bool(factory):
         both = ", not both" if model_spec else ""
         raise click.UsageError(f"give MODEL (a bundled name or a checkpoint) or --model MODULE:FACTORY{both}")
-    official = click.get_current_context().find_object(CommandState).official
+    ctx = click.get_current_context()
+    official = ctx.find_object(CommandState).official
     return load_model(
-        factory or model_spec, weights=weights, trust=trust, max_parameters=max_parameters, official=official or None
+        factory or model_spec,
+        weights=weights,
+        trust=trust,
+        max_parameters=max_parameters,
+        official=official or None,
+        random_init=bool(ctx.meta.get("flowaudit.random_init")),
     )
+
+
+def _output_range(value: str | None) -> tuple[float, float] | None:
+    from ..stats.risk import parse_range
+
+    try:
+        return None if value is None else parse_range(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--output-range") from None
 
 
 def _layers(value: str | None) -> list[str] | None:
@@ -326,6 +348,13 @@ _ATTACK_FAILS = {"never": lambda report: False, "broken": lambda report: bool(re
     show_default=True,
     help="Exit 1 when a site violates Remark 2 (violation) or an input had an Inf/pixel error (risk).",
 )
+@click.option(
+    "--output-range",
+    metavar="LO,HI",
+    callback=lambda c, p, v: _output_range(v),
+    help="The error band: a sample value outside [LO, HI] is a pixel error (default: the model's valid range "
+    "widened by half, or the targets' range widened by half; printed with its source).",
+)
 @layers_option
 @pooling_option
 @estimator_option
@@ -351,7 +380,9 @@ def scan(obj: CommandState, model_spec, factory, weights, trust_checkpoint, max_
     options = {**_feature_settings(kw), "remark2_threshold": kw["threshold"], "attack": kw["attack_budget"]}
     settings = run_settings(obj, run, kw["batched"], **options)
     ood, stats, fit_data = kw["ood_data"], kw["stats"], kw["fit_data"]
-    report = run_scan(adapter, data, settings, ood=ood, stats=stats, fit_data=fit_data, context=run)
+    report = run_scan(
+        adapter, data, settings, ood=ood, stats=stats, fit_data=fit_data, context=run, output_range=kw["output_range"]
+    )
     _finish(obj, run, report, out, overwrite, None, _SCAN_FAILS[kw["fail_on"]])
 
 

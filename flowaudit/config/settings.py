@@ -82,6 +82,7 @@ class Settings:
     explosion_threshold: float = 100.0
     attack: Search | Budget | str | None = None
     attack_starts: int | None = 16
+    band: tuple[float, float] | None = None  # the error band in use (stats.risk.error_band); None: the adapter's
     sampling: Sampling = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -24,9 +24,10 @@ import torch
 from torch import Tensor
 
 from ..adapters import Adapter, observing
-from ..config.sampling import batches, progress_bar
+from ..config.sampling import progress_bar
 from ..config.settings import Settings
 from ..io.datasets import ConditionSet
+from ..io.ragged import same_size_runs
 from ..stats.risk import lr_psnr, sample_checks
 from ..tracing.trace import Tracer
 
@@ -59,8 +60,7 @@ def sample_range(
     tracer = Tracer(settings.sampling).start_at(rows.start, rows.start // per if first_pass is None else first_pass)
     records: list[dict] = []
     with progress_bar(rows.stop - rows.start, f"scan {set_name}", settings.progress) as bar, observing(adapter, tracer):
-        for sl in batches(rows.stop - rows.start, per):
-            sl = slice(rows.start + sl.start, rows.start + sl.stop)
+        for sl in same_size_runs(cs.y, rows, per):  # a pass never mixes condition sizes
             y = cs.y[sl].to(settings.device)
             latents = settings.sampling.latents(adapter, y, set_index, sl.start, settings.device)
             x = adapter.sample(settings.sampling.repeat(y), latents, observer=tracer)
@@ -86,7 +86,7 @@ def _records(
     settings: Settings,
 ) -> list[dict]:
     """One record per input of pass ``sl`` (samples ``x`` at conditions ``y``; ``s_ood`` from its first input)."""
-    checks = {k: v.cpu().tolist() for k, v in sample_checks(x, settings.sampling, adapter.error_band).items()}
+    checks = {k: v.cpu().tolist() for k, v in sample_checks(x, settings.sampling, settings.band or adapter.error_band).items()}
     psnr = lr_psnr(x, y, adapter.scale, settings.sampling).cpu() if adapter.task == "sr" else None
     recon = reconstruction_error(adapter, cs.x[sl].to(settings.device), y) if cs.x is not None else None
     records = []
