@@ -85,8 +85,32 @@ def evidence_lines(model: dict) -> list[str]:
         if dists and "reached by the attack" in parts:
             text = text.replace("reached by the attack", f"reached by the attack at distance {_span(dists)}")
         who = sites[0]["name"] if len(sites) == 1 else f"{len(sites)} {kind} sites"
-        out.append(f"{who}: {verdict} — {text}")
+        out.append(f"{who}: {_LEAD.get(verdict, verdict)} — {_plain(text)}")
     return out
+
+
+_LEAD = {"violates": "violates Remark 2", "compliant": "complies with Remark 2", "inconclusive": "unproven"}
+
+# "violates by structure; not reached on your data" reads like a contradiction: say what each part means
+_PLAIN = (
+    ("violates by structure", "unsafe by design"),
+    ("complies by structure", "safe by design"),
+    ("not reached on your data", "not triggered by your data"),
+    ("reached on your data", "triggered by your data"),
+    ("not reached by the attack", "not triggered by the attack"),
+    ("reached by the attack", "triggered by the attack"),
+)
+
+
+def _plain(words: str) -> str:
+    """A site's evidence words (``remark2.words``) as a person reads them: "unsafe by design; not triggered…"."""
+    parts = words.split("; ")
+    for i, p in enumerate(parts):
+        for raw, plain in _PLAIN:
+            if p.startswith(raw):
+                parts[i] = plain + p[len(raw) :]
+                break
+    return "; ".join(parts)
 
 
 def certificate_line(model: dict) -> str | None:
