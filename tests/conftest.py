@@ -30,7 +30,7 @@ def reports_follow_the_schema(request, monkeypatch):
         return text
 
     monkeypatch.setattr(Report, "to_json", checked)
+    tmp = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
     yield
-    if "tmp_path" in request.fixturenames:
-        for path in request.getfixturevalue("tmp_path").rglob("report.json"):
-            validate(json.loads(path.read_text()))
+    for path in tmp.rglob("report.json") if tmp is not None else ():
+        validate(json.loads(path.read_text()))

@@ -336,6 +336,13 @@ def fit(
 @run_options
 @device_option
 @json_option
+@click.option(
+    "--junit",
+    type=click.Path(dir_okay=False),
+    callback=lambda c, p, v: _junit_path(v),
+    help="Also write JUnit XML: a test case per site and per --fail-on rule, failures with the reason.",
+)
+@click.option("--quiet", "-q", "quiet", is_flag=True, help="No progress bars.")
 @click.pass_obj
 def scan(
     obj: Settings,
@@ -364,6 +371,8 @@ def scan(
     max_memory,
     batched,
     distributed,
+    junit,
+    quiet,
 ):
     """The full audit of MODEL: traces, Remark 2, s_OOD and exploding-inverse risk."""
     from ..audit import scan as run_scan
@@ -388,7 +397,7 @@ def scan(
         pooling=pooling,
         estimator=estimator,
         remark2_threshold=threshold,
-        progress=obj.progress and leader,
+        progress=obj.progress and leader and not quiet,
         attack=attack_budget,
         exact=not batched,
         context=run,
@@ -401,6 +410,8 @@ def scan(
     _emit(obj, report)
     if not obj.json:
         click.echo(f"report: {Path(out) / 'report.html'}")
+    if junit:
+        report.save_junit(junit, fail_on)
     if (fail_on == "violation" and report.violations()) or (fail_on == "risk" and report.at_risk()):
         sys.exit(1)
 
@@ -423,6 +434,13 @@ def demo(obj: Settings, out, overwrite):
 
 
 # -- the worst case ------------------------------------------------------------------------------
+
+
+def _junit_path(value: str | None) -> str | None:
+    """--junit FILE: refused before the audit runs when its folder does not exist."""
+    if value is not None and not Path(value).resolve().parent.is_dir():
+        raise click.BadParameter(f"folder {Path(value).parent} does not exist", param_hint="--junit")
+    return value
 
 
 def _budget(ctx: click.Context, param: click.Parameter, value: str):
@@ -508,6 +526,13 @@ def _budget(ctx: click.Context, param: click.Parameter, value: str):
 @run_options
 @device_option
 @json_option
+@click.option(
+    "--junit",
+    type=click.Path(dir_okay=False),
+    callback=lambda c, p, v: _junit_path(v),
+    help="Also write JUnit XML: a test case per site and per --fail-on rule, failures with the reason.",
+)
+@click.option("--quiet", "-q", "quiet", is_flag=True, help="No progress bars.")
 @click.pass_obj
 def attack(
     obj: Settings,
@@ -534,6 +559,8 @@ def attack(
     max_memory,
     batched,
     distributed,
+    junit,
+    quiet,
 ):
     """The worst case: gradient search on MODEL's conditions, inside a budget, for an exploding inverse.
 
@@ -561,7 +588,7 @@ def attack(
         seed=seed,
         batch_size=batch_size,
         device=obj.device,
-        progress=obj.progress and leader,
+        progress=obj.progress and leader and not quiet,
         context=run,
         exact=not batched,
     )
@@ -573,6 +600,8 @@ def attack(
     _emit(obj, report, key="attack")
     if not obj.json:
         click.echo(f"report: {Path(out) / 'report.html'}")
+    if junit:
+        report.save_junit(junit, fail_on)
     if fail_on == "broken" and report["attack"]["summary"]["n_broken"]:
         sys.exit(1)
 

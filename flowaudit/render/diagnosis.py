@@ -287,7 +287,8 @@ def diagnosis(data: dict) -> list[Finding]:
         out.append(
             Finding(
                 f"The attack breaks {a['summary']['n_broken']} of {a['summary']['n_starts']} starts",
-                f"within {a['budget']['spec']}, median distance to break {fmt(a['summary']['median_distance_to_break'])}.",
+                f"within {a['budget']['spec']}, median distance to break "
+                f"{fmt(a['summary']['median_distance_to_break'])}.",
                 "Small changes of the condition are enough: the fixes above apply; rerun the attack after them.",
             )
         )

@@ -117,10 +117,10 @@ def _top_sites(m: dict) -> list[str]:
     more = f" {rest} more in <a href='#sites'>the full table</a> and in report.json." if rest else ""
     mv = m.get("remark2") or {}
     head = ["site", "kind", "verdict", "tail ratio", "1/c' max"]
+    css = esc(mv.get("verdict", "")).replace(" ", "-")
     return [
-        f"<h2>Riskiest sites</h2><p>Remark 2 for the model: <span class='{esc(mv.get('verdict', '')).replace(' ', '-')}'>"
-        f"{esc(mv.get('verdict', '–'))}</span> — {mv.get('n_violates', 0)} of {len(sites)} sites violate, "
-        f"{mv.get('n_inconclusive', 0)} unproven.{more}</p>",
+        f"<h2>Riskiest sites</h2><p>Remark 2 for the model: <span class='{css}'>{esc(mv.get('verdict', '–'))}</span>"
+        f" — {mv.get('n_violates', 0)} of {len(sites)} sites violate, {mv.get('n_inconclusive', 0)} unproven.{more}</p>",
         table(head, rows, text_cols=["verdict"], classes=classes),
         keys_note(head),
     ]

@@ -83,8 +83,7 @@ COLUMNS = {
     "input": "the input's id (set: its file or index)",
     "set": "in = in-distribution data, ood = OOD data",
     "s_OOD": "Mahalanobis distance of the input's encoder features from the training features (paper eq. 10-11)",
-    "risk": "predicted probability of a pixel error, from s_OOD by the logistic fit (paper Fig. 4b); "
-    "not a measurement",
+    "risk": "predicted probability of a pixel error, from s_OOD by the logistic fit (paper Fig. 4b); not a measurement",
     "n_inf": "how many of the K samples had a non-finite (Inf/NaN) pixel",
     "n_pixel_err": "how many of the K samples had a pixel outside the error band",
     "max|x|": "largest absolute value of any sample of the input",

@@ -135,7 +135,6 @@ def panel_plot(panel: list[PanelItem], band: tuple[float, float]) -> str | None:
     if not panel:
         return None
     plt = _plt()
-    import numpy as np
 
     cols = 2 + max(len(it.samples) for it in panel)
     fig, axes = plt.subplots(len(panel), cols, figsize=(1.9 * cols, 2.0 * len(panel)), squeeze=False)
