@@ -120,7 +120,8 @@ def _top_sites(m: dict) -> list[str]:
     css = esc(mv.get("verdict", "")).replace(" ", "-")
     return [
         f"<h2>Riskiest sites</h2><p>Remark 2 for the model: <span class='{css}'>{esc(mv.get('verdict', '–'))}</span>"
-        f" — {mv.get('n_violates', 0)} of {len(sites)} sites violate, {mv.get('n_inconclusive', 0)} unproven.{more}</p>",
+        f" — {mv.get('n_violates', 0)} of {len(sites)} sites violate, "
+        f"{mv.get('n_inconclusive', 0)} unproven.{more}</p>",
         table(head, rows, text_cols=["verdict"], classes=classes),
         keys_note(head),
     ]
