@@ -9,16 +9,23 @@ chosen rule is recorded as the property ``fail_on``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 from xml.etree import ElementTree as ET
 
 from ..utils.format import fmt
 from .diagnosis import site_words
 
-if TYPE_CHECKING:
-    from ..report import Report
+__all__ = ["junit_xml", "Gated"]
 
-__all__ = ["junit_xml"]
+
+class Gated(Protocol):
+    """What the XML reads of a report (:class:`flowaudit.report.Report` is one): its dict and its gates."""
+
+    data: dict
+
+    def passed(self, fail_on: str = ...) -> bool: ...
+
+    def failures(self, fail_on: str) -> list[str]: ...
 
 _RULES = {
     "violation": "no site violates Remark 2",
@@ -28,7 +35,7 @@ _RULES = {
 }
 
 
-def _rules(report: Report) -> list[str]:
+def _rules(report: Gated) -> list[str]:
     kind = report.data.get("kind")
     if kind == "attack":
         return ["broken"]
@@ -44,7 +51,7 @@ def _case(suite: ET.Element, name: str, classname: str) -> ET.Element:
     return ET.SubElement(suite, "testcase", name=name, classname=classname, time="0")
 
 
-def junit_xml(report: Report, fail_on: str = "never") -> str:
+def junit_xml(report: Gated, fail_on: str = "never") -> str:
     """The JUnit XML text of ``report`` (see module docstring)."""
     data = report.data
     m = data.get("model", {})
