@@ -424,7 +424,7 @@ def _as_set(data: Any, what: str) -> ConditionSet:
     return ConditionSet(
         y=y,
         x=None,
-        ids=[f"{what}{i}" for i in range(len(y))],
+        ids=[f"row{i}" for i in range(len(y))],
         description={"kind": "tensor", "n": len(y), "shape": list(y.shape[1:])},
     )
 

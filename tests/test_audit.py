@@ -88,7 +88,7 @@ def test_non_finite_samples_are_counted_exactly():
     assert trace["site"]["in"]["n_nonfinite"] == 3 * 5 * 2
     # the bad inputs are far from the fit data: s_OOD ranks them and the logistic fit exists
     assert report["risk"]["auroc"] == 1.0
-    assert report["risk"]["ranked"][:3] == ["in/in0", "in/in1", "in/in2"]
+    assert report["risk"]["ranked"][:3] == ["in/row0", "in/row1", "in/row2"]
     json.loads(report.to_json())  # strict JSON despite inf values
     g = recs[5]["inverse_gain"]  # a healthy input: 1/s = 1 + e⁻³ at every visited point
     assert g["min"] == pytest.approx(1 + math.exp(-3), rel=1e-6) and g["max"] == pytest.approx(g["min"])

@@ -249,8 +249,36 @@ def _finish(obj: CommandState, run, report, out: str, overwrite: bool, key: str 
     _emit(obj, report, key=key)
     if not obj.json:
         click.echo(f"report: {Path(out) / 'report.html'}")
+    if obj.junit:
+        report.save_junit(obj.junit, obj.fail_on)
     if fails(report):
         sys.exit(1)
+
+
+def _junit_path(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--junit FILE: refused before the audit runs when its folder does not exist."""
+    if value is not None and not Path(value).resolve().parent.is_dir():
+        raise click.BadParameter(f"folder {Path(value).parent} does not exist", param_hint="--junit")
+    ctx.ensure_object(CommandState).junit = value
+    return value
+
+
+def _quiet(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.ensure_object(CommandState).quiet = True
+    return value
+
+
+def report_options(f):
+    """``--junit FILE`` and ``--quiet``, shared by the commands that write an audit report."""
+    f = click.option("--quiet", "-q", is_flag=True, expose_value=False, callback=_quiet, help="No progress bars.")(f)
+    return click.option(
+        "--junit",
+        type=click.Path(dir_okay=False),
+        expose_value=False,
+        callback=_junit_path,
+        help="Also write JUnit XML: a test case per site and per --fail-on rule, failures with the reason.",
+    )(f)
 
 
 def _emit(obj: CommandState, report, key: str | None = None) -> None:
@@ -368,6 +396,7 @@ _ATTACK_FAILS = {"never": lambda report: False, "broken": lambda report: bool(re
     "worst-case evidence per site.",
 )
 @run_options
+@report_options
 @json_option
 @click.pass_obj
 def scan(obj: CommandState, model_spec, factory, weights, trust_checkpoint, max_parameters, data, out, overwrite, **kw):
@@ -383,6 +412,7 @@ def scan(obj: CommandState, model_spec, factory, weights, trust_checkpoint, max_
     report = run_scan(
         adapter, data, settings, ood=ood, stats=stats, fit_data=fit_data, context=run, output_range=kw["output_range"]
     )
+    obj.fail_on = kw["fail_on"]
     _finish(obj, run, report, out, overwrite, None, _SCAN_FAILS[kw["fail_on"]])
 
 
@@ -473,6 +503,7 @@ def _budget(ctx: click.Context, param: click.Parameter, value: str):
     help="Exit 1 when the attack broke at least one start.",
 )
 @run_options
+@report_options
 @json_option
 @click.pass_obj
 def attack(
@@ -492,6 +523,7 @@ def attack(
     how = Search(kw["budget"], kw["objective"], kw["steps"], kw["step_size"], rule=kw["step_rule"])
     settings = run_settings(obj, run, kw["batched"], attack=how, attack_starts=kw["starts"])
     report = run_attack(adapter, data, settings, context=run)
+    obj.fail_on = kw["fail_on"]
     _finish(obj, run, report, out, overwrite, "attack", _ATTACK_FAILS[kw["fail_on"]])
 
 

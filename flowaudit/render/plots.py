@@ -17,7 +17,10 @@ from ..utils.format import fmt, num
 if TYPE_CHECKING:
     from .panel import PanelItem
 
-__all__ = ["layer_plot", "gain_plot", "risk_plot", "panel_plot"]
+__all__ = ["layer_plot", "gain_plot", "risk_plot", "panel_plot", "display_rgb", "NONFINITE_COLOUR"]
+
+#: The colour of a non-finite (Inf/NaN) pixel in the panel (magenta: no natural image is that flat).
+NONFINITE_COLOUR = "#ff00ff"
 
 
 def png_data_uri(fig) -> str:
@@ -132,16 +135,14 @@ def panel_plot(panel: list[PanelItem], band: tuple[float, float]) -> str | None:
     if not panel:
         return None
     plt = _plt()
-    import numpy as np
 
     cols = 2 + max(len(it.samples) for it in panel)
     fig, axes = plt.subplots(len(panel), cols, figsize=(1.9 * cols, 2.0 * len(panel)), squeeze=False)
 
     def show(ax, t, title):
-        a = t.detach().float().numpy()
-        a = np.nan_to_num(a, nan=0.0, posinf=1.0, neginf=0.0)
-        ax.imshow(np.clip(a.transpose(1, 2, 0), 0, 1) if a.shape[0] == 3 else a[0], interpolation="nearest")
-        ax.set_title(title, fontsize=6)
+        rgb, n_bad = display_rgb(t.detach().float().numpy())
+        ax.imshow(rgb, interpolation="nearest")
+        ax.set_title(title + (f"\n{n_bad} px non-finite" if n_bad else ""), fontsize=6)
 
     for row, it in zip(axes, panel):
         rec = it.record
@@ -156,5 +157,29 @@ def panel_plot(panel: list[PanelItem], band: tuple[float, float]) -> str | None:
         for ax in row:
             ax.set_xticks([])
             ax.set_yticks([])
+    from matplotlib.patches import Patch
+
     fig.tight_layout()
+    fig.legend(
+        handles=[Patch(color=NONFINITE_COLOUR, label="non-finite pixel (Inf/NaN)")],
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        fontsize=7,
+        frameon=False,
+    )
     return png_data_uri(fig)
+
+
+def display_rgb(a):
+    """A C×H×W image (C = 1 or 3) as H×W×3 in [0, 1] for display, and its count of non-finite pixels.
+
+    Finite values are clamped to [0, 1] as a saved image would be; a pixel with any non-finite channel is
+    drawn in :data:`NONFINITE_COLOUR`, so an exploded sample cannot pass for a dark one.
+    """
+    import numpy as np
+
+    bad = ~np.isfinite(a).all(axis=0)
+    rgb = np.clip(np.nan_to_num(a, nan=0.0, posinf=1.0, neginf=0.0), 0, 1)
+    rgb = rgb.transpose(1, 2, 0) if rgb.shape[0] == 3 else np.repeat(rgb[0][..., None], 3, axis=2)
+    rgb[bad] = [int(NONFINITE_COLOUR[i : i + 2], 16) / 255 for i in (1, 3, 5)]
+    return rgb, int(bad.sum())

@@ -86,8 +86,32 @@ def evidence_lines(model: dict) -> list[str]:
         if dists and "reached by the attack" in parts:
             text = text.replace("reached by the attack", f"reached by the attack at distance {_span(dists)}")
         who = sites[0]["name"] if len(sites) == 1 else f"{len(sites)} {kind} sites"
-        out.append(f"{who}: {verdict} — {text}")
+        out.append(f"{who}: {_LEAD.get(verdict, verdict)} — {_plain(text)}")
     return out
+
+
+_LEAD = {"violates": "violates Remark 2", "compliant": "complies with Remark 2", "inconclusive": "unproven"}
+
+# "violates by structure; not reached on your data" reads like a contradiction: say what each part means
+_PLAIN = (
+    ("violates by structure", "unsafe by design"),
+    ("complies by structure", "safe by design"),
+    ("not reached on your data", "not triggered by your data"),
+    ("reached on your data", "triggered by your data"),
+    ("not reached by the attack", "not triggered by the attack"),
+    ("reached by the attack", "triggered by the attack"),
+)
+
+
+def _plain(words: str) -> str:
+    """A site's evidence words (``remark2.words``) as a person reads them: "unsafe by design; not triggered…"."""
+    parts = words.split("; ")
+    for i, p in enumerate(parts):
+        for raw, plain in _PLAIN:
+            if p.startswith(raw):
+                parts[i] = plain + p[len(raw) :]
+                break
+    return "; ".join(parts)
 
 
 def certificate_line(model: dict) -> str | None:
@@ -96,13 +120,17 @@ def certificate_line(model: dict) -> str | None:
     if not c:
         return None
     if c.get("certified"):
-        return f"Certificate: no blow-up beyond {fmt(c['bound'])} (the sites move a value by at most that in total; linear layers between them not included)"
+        return (
+            f"Certificate: no blow-up beyond {fmt(c['bound'])} (the sites move a value by at most that in total; "
+            "linear layers between them not included)"
+        )
     blocking = c.get("blocking", [])
     if not blocking:
         return "Certificate: none (no sites found)"
     names = ", ".join(b["site"] for b in blocking[:3]) + (f" and {len(blocking) - 3} more" if len(blocking) > 3 else "")
     scanned = (
-        f"; at the parameters kept from the scanned conditions the sites move a value by at most {fmt(c['bound_scanned'])} in total"
+        "; at the parameters kept from the scanned conditions the sites move a value by at most "
+        f"{fmt(c['bound_scanned'])} in total"
         if c.get("bound_scanned") is not None
         else ""
     )
@@ -120,8 +148,10 @@ def reservoir_line(model: dict) -> str | None:
     if not res:
         return None
     return (
-        f"Tail probe: reservoir of {res[0]['budget']:,} parameter numbers per site (half by largest gain, half at random); "
-        f"kept {_span([r['rows'] for r in res], _whole)} sample rows from {_span([r['inputs'] for r in res], _whole)} inputs "
+        f"Tail probe: reservoir of {res[0]['budget']:,} parameter numbers per site "
+        "(half by largest gain, half at random); "
+        f"kept {_span([r['rows'] for r in res], _whole)} sample rows "
+        f"from {_span([r['inputs'] for r in res], _whole)} inputs "
         f"in {_span([r['batches'] for r in res], _whole)} inverse passes"
     )
 
@@ -159,7 +189,8 @@ def terminal_summary(data: dict, max_sites: int = 12) -> str:
         mv = m.get("remark2", {})
         model_v = f"model {mv['verdict']} (on {', '.join(mv.get('rests_on', [])) or '–'}); " if mv else ""
         out.append(
-            f"Remark 2: {model_v}{len(sites)} sites, {n_bad} violate (threshold {fmt(m['sites'][0]['remark2']['threshold'])})"
+            f"Remark 2: {model_v}{len(sites)} sites, {n_bad} violate "
+            f"(threshold {fmt(m['sites'][0]['remark2']['threshold'])})"
         )
         shown = sites[:max_sites]
         out += [
@@ -176,14 +207,15 @@ def terminal_summary(data: dict, max_sites: int = 12) -> str:
     if ood and data.get("kind") == "fit":
         skipped = f" ({ood['n_nonfinite']} skipped: NaN/Inf)" if ood.get("n_nonfinite") else ""
         out.append(
-            f"Gaussian: {ood['estimator']} on {ood['n_inputs']} inputs{skipped}, D = {ood['dim']}, shrinkage {fmt(ood['shrinkage'])}"
-            + (f" → {ood['out']}" if ood.get("out") else "")
+            f"Gaussian: {ood['estimator']} on {ood['n_inputs']} inputs{skipped}, D = {ood['dim']}, "
+            f"shrinkage {fmt(ood['shrinkage'])}" + (f" → {ood['out']}" if ood.get("out") else "")
         )
     elif ood:
         means = ", ".join(f"{k} {fmt(v)}" for k, v in ood["mean"].items())
         auroc = f", AUROC in vs OOD {fmt(ood['auroc_in_vs_ood'])}" if ood.get("auroc_in_vs_ood") is not None else ""
         out.append(
-            f"s_OOD ({ood['estimator']}, D = {ood['dim']}, layers {', '.join(ood['layers'][:4])}{'…' if len(ood['layers']) > 4 else ''}): mean {means}{auroc}"
+            f"s_OOD ({ood['estimator']}, D = {ood['dim']}, layers {', '.join(ood['layers'][:4])}"
+            f"{'…' if len(ood['layers']) > 4 else ''}): mean {means}{auroc}"
         )
     risk = data.get("risk")
     if risk:
@@ -197,12 +229,13 @@ def terminal_summary(data: dict, max_sites: int = 12) -> str:
         bad = {k: d.get("n_nonfinite") for k, d in data.get("data", {}).items() if d.get("n_nonfinite")}
         if bad:
             out.append(
-                f"  NaN/Inf conditions, reported but not sampled (s_OOD = inf): {', '.join(f'{k} {n}' for k, n in bad.items())}"
+                "  NaN/Inf conditions, reported but not sampled (s_OOD = inf): "
+                + ", ".join(f"{k} {n}" for k, n in bad.items())
             )
         fit = risk.get("logistic")
-        fit_s = (
-            f"P(err) = σ({fmt(fit['intercept'])} + {fmt(fit['coef'])}·s_OOD)" if fit else "logistic fit: one class only"
-        )
+        fit_s = "logistic fit: one class only"
+        if fit:
+            fit_s = f"P(err) = σ({fmt(fit['intercept'])} + {fmt(fit['coef'])}·s_OOD)"
         out.append(f"  AUROC(s_OOD → error) {fmt(risk.get('auroc'))}, Spearman {fmt(risk.get('spearman'))}, {fit_s}")
         if risk.get("ranked"):
             out.append(f"  riskiest inputs: {', '.join(risk['ranked'][:5])}")
@@ -214,7 +247,8 @@ def terminal_summary(data: dict, max_sites: int = 12) -> str:
                 ratios, key=lambda r: num(r["variance_ratio"]) if not math.isnan(num(r["variance_ratio"])) else -1
             )
             out.append(
-                f"Layer trace: explosion layer {ex or 'none'} (threshold ×{fmt(data['settings']['explosion_threshold'])}); "
+                f"Layer trace: explosion layer {ex or 'none'} "
+                f"(threshold ×{fmt(data['settings']['explosion_threshold'])}); "
                 f"largest OOD/in variance ratio ×{fmt(top['variance_ratio'])} at {top['name']}"
             )
     out += attack_lines(data)
