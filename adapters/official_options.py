@@ -105,6 +105,26 @@ RULES: tuple[Rule, ...] = (
 )
 _RULE = {r.name: r for r in RULES}
 
+# The weights' keys (``#`` any index) each value read off a state dict comes from, for provenance.
+_LAYERS = "flowUpsamplerNet.layers.#"
+_WEIGHTS_KEYS = {
+    "layout": "keys (fAffine_std, fRQspline, RRDB.conv_second)",
+    "L": f"{_LAYERS} (squeezes: gaps in the indices)",
+    "K": f"{_LAYERS}.affine / .rqspline (steps per level)",
+    "n_transition": f"{_LAYERS}.actnorm without a coupling",
+    "nf": "RRDB.conv_first.weight",
+    "nb": "RRDB.RRDB_trunk.#",
+    "gc": "RRDB.RRDB_trunk.0.RDB1.conv1.weight",
+    "hidden_channels": f"{_LAYERS}.*.fAffine.0.weight / fRQspline.0.weight",
+    "conditioning_channels": f"{_LAYERS}.*.fFeatures.0.weight",
+    "stacked_blocks": "conditioning width / nf − 1",
+    "fixed_invconv": f"{_LAYERS}.invconv.weight_transpose",
+    "split_after_levels": f"{_LAYERS}.conv (split priors)",
+    "correct_splits": f"{_LAYERS}.conv (split priors)",
+    "scale": "RRDB.upconv3 (×8), RRDB.conv_second (LLFlow, ×1)",
+    "std_channels": f"{_LAYERS}.*.fAffine_std.0.weight / fRQspline_std.0.weight",
+}
+
 # What the bundled LLFlow reproduces: the released LOL configurations' input pipeline and prior.
 # Each released option file states these values; another value builds a network flowaudit does not model.
 _LLFLOW_SUPPORTED = {
@@ -388,7 +408,7 @@ def _checks_against_weights(layout: str, said: Mapping[str, Provenance], w: Mapp
     if "std_steps" in said and "L" in w and "K" in w:
         S = said["std_steps"].value
         _check(
-            len(S) == w["L"] and all(s <= w["K"] for s in S),
+            len(S) == w["L"] and all(0 <= s <= w["K"] for s in S),
             said["std_steps"],
             f"L = {w['L']} levels of K = {w['K']} steps",
         )
@@ -429,7 +449,7 @@ def resolve(
     _checks_against_weights(layout, {**options, **said_flags}, weights)
 
     fam = fam_file.value if fam_file is not None else _family_of(layout, said_flags.get("fs_ncsr"))
-    out: dict[str, Provenance] = {k: Provenance(v, "weights", k) for k, v in weights.items()}
+    out = {k: Provenance(v, "weights", _WEIGHTS_KEYS.get(k, k)) for k, v in weights.items()}
     out["layout"] = Provenance(layout, "weights", "layout")
     warnings: list[str] = []
     for rule in RULES:
@@ -455,7 +475,7 @@ def resolve(
         else:
             out[name] = Provenance(rule.default, "default", rule.flag or rule.key)
             warnings.append(f"{name}={_show(rule.default)} ({' / '.join(filter(None, (rule.flag, rule.key)))})")
-    for name in ("family", *_LLFLOW_SUPPORTED, "correct_splits", "split", "n_transition"):
+    for name in ("family", "coupling", *_LLFLOW_SUPPORTED, "correct_splits", "split", "n_transition"):
         if name in options and name not in out:
             out[name] = options[name]
     out["family"] = Provenance(
@@ -499,6 +519,6 @@ def infer_options(resolved: Mapping[str, Provenance]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in ("stack_blocks", "std_steps", "fs_ncsr", "affine_eps", "scale"):
         p = resolved.get(name)
-        if p is not None and p.source != "weights":
+        if p is not None and p.source in ("option file", "flag"):  # infer's own defaults are the official ones
             out[name] = p.value
     return out

@@ -8,6 +8,7 @@ leaves such a key out, or contradicts the weights, is refused with the key named
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -175,6 +176,11 @@ def test_without_a_file_flags_settle_it_and_nothing_refuses_naming_flag_and_key(
     assert {resolved[n].source for n in ("scale", "affine_eps")} == {"default"}
     line = oo.warning_line(warnings)
     assert "\n" not in line and "scale=4 (--scale / scale)" in line and "affine_eps=0.0001" in line
+    # every value says where it came from, the weights' ones which keys; all of it goes into JSON as is
+    assert resolved["nf"].as_dict() == {"value": 4, "source": "weights", "key": "RRDB.conv_first.weight"}
+    assert json.loads(json.dumps({k: p.as_dict() for k, p in resolved.items()}))["std_steps"]["source"] == "flag"
+    # defaults stay infer's own (the official ones): only what a flag or file gave is passed on
+    assert oo.infer_options(resolved) == {"stack_blocks": [0, 1], "std_steps": [0, 1, 1], "fs_ncsr": True}
     # a flag that the weights contradict
     with pytest.raises(ModelError, match=r"--std-steps \[0, 1\], but the weights have L = 3 levels"):
         oo.resolve(layout, weights, flags={"stack_blocks": [0, 1], "std_steps": [0, 1], "fs_ncsr": False})
