@@ -16,6 +16,20 @@ uses, each with its :class:`Provenance`.
 - otherwise, per family (:data:`RULES`): a value whose other readings change the outputs is refused,
   naming the flag and the option key; a harmless one takes the official default and is listed in one
   warning line (:func:`warning_line`).
+
+=============== ================================= ================ =========================== ===============
+value           option key                        flag             families                    if not given
+=============== ================================= ================ =========================== ===============
+stack_blocks    network_G.flow.stackRRDB.blocks   --stack-blocks   all                         refused
+std_steps       network_G.flow.S                  --std-steps      ncsr, fs-ncsr, spline       refused
+fs_ncsr         divide_freq                       --fs-ncsr        ncsr, fs-ncsr, spline       refused
+scale           scale                             --scale          srflow, ncsr, fs-ncsr, spl. 4, warned
+affine_eps      …CondAffineSeparatedAndCond.eps   --affine-eps     srflow, ncsr, fs-ncsr, llf. 1e-4, warned
+spline_bounds   …CondRQsplineSeparatedAndCond     (none)           spline                      ±0.5, warned
+=============== ================================= ================ =========================== ===============
+
+LLFlow's input-pipeline keys (``concat_histeq``, ``to_yuv``, ``avg_color_map`` …) must hold the values of the
+released LOL configurations, which the bundled LLFlow reproduces; another value is refused naming the key.
 """
 
 from __future__ import annotations
