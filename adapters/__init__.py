@@ -18,8 +18,19 @@ from torch import nn
 
 from .base import Adapter, Observer, Site, widen
 from .checkpoint import DEFAULT_MAX_PARAMETERS, ModelError, check_budget, first_line, fit_problems, read_weights
+from .speedups import observing
 
-__all__ = ["Adapter", "Observer", "Site", "widen", "adapt", "load_model", "ModelError", "DEFAULT_MAX_PARAMETERS"]
+__all__ = [
+    "Adapter",
+    "Observer",
+    "Site",
+    "widen",
+    "observing",
+    "adapt",
+    "load_model",
+    "ModelError",
+    "DEFAULT_MAX_PARAMETERS",
+]
 
 
 # One module per family, tried in this order. Each defines ``matches(model) -> bool`` (cheap, and
@@ -126,28 +137,38 @@ def load_model(
             raise ModelError(f"bundled model {spec!r} is not shipped in this build (train it with `flowaudit train`)")
         return adapt(rm.load(path), spec)
     if is_factory:
-        factory = _import_factory(spec)
-        try:
-            model = factory()
-        except Exception as exc:  # the user's factory failed: their input, not our bug
-            raise ModelError(f"--model {spec}: the factory raised {type(exc).__name__}: {first_line(exc)}") from None
-        if weights is not None:
-            target = model.model if isinstance(model, Adapter) else model
-            if not isinstance(target, nn.Module):
-                got = (
-                    f"an adapter whose model is a {type(target).__name__}"
-                    if isinstance(model, Adapter)
-                    else f"a {type(model).__name__}"
-                )
-                raise ModelError(f"--weights {weights}: cannot be loaded: {spec} returned {got}, not an nn.Module")
-            _apply_weights(target, weights, spec, trust)
-        try:
-            return adapt(model, spec.partition(":")[2])
-        except TypeError as exc:
-            raise ModelError(f"--model {spec}: {exc}") from None
+        return _from_factory(spec, weights, trust)
     path = Path(spec)
     if not path.exists():
         raise ModelError(f"{spec!r} is neither a bundled model ({', '.join(sorted(names))}) nor an existing checkpoint")
+    return _from_checkpoint(path, trust, official, max_parameters)
+
+
+def _from_factory(spec: str, weights: str | None, trust: bool) -> Adapter:
+    """The adapter of what ``package.module:factory`` returns, with ``weights`` loaded into its module."""
+    factory = _import_factory(spec)
+    try:
+        model = factory()
+    except Exception as exc:  # the user's factory failed: their input, not our bug
+        raise ModelError(f"--model {spec}: the factory raised {type(exc).__name__}: {first_line(exc)}") from None
+    if weights is not None:
+        target = model.model if isinstance(model, Adapter) else model
+        if not isinstance(target, nn.Module):
+            got = (
+                f"an adapter whose model is a {type(target).__name__}"
+                if isinstance(model, Adapter)
+                else f"a {type(model).__name__}"
+            )
+            raise ModelError(f"--weights {weights}: cannot be loaded: {spec} returned {got}, not an nn.Module")
+        _apply_weights(target, weights, spec, trust)
+    try:
+        return adapt(model, spec.partition(":")[2])
+    except TypeError as exc:
+        raise ModelError(f"--model {spec}: {exc}") from None
+
+
+def _from_checkpoint(path: Path, trust: bool, official: dict | None, max_parameters: int | float) -> Adapter:
+    """The adapter of a checkpoint file: a flowaudit reference checkpoint, else an official state dict."""
     state = read_weights(path, trust)
     if isinstance(state, dict) and state.get("format") == "flowaudit-reference/1":
         return adapt(_reference_model(path, state, max_parameters).eval(), path.stem)
@@ -156,7 +177,6 @@ def load_model(
     from . import official as off
 
     _state_budget(path, state, max_parameters)
-
     try:
         return off.build(state, path.stem, **(official or {}))
     except off.LayoutError as exc:

@@ -1,101 +1,185 @@
-"""The one contract between the audit engine and a conditional flow.
+"""The contract between the audit engine and a conditional flow.
 
-An :class:`Adapter` answers, for one model: where the conditioning encoder
-is and which of its modules are hooked for ``s_OOD`` by default; which parts
-are the conditional elementwise *sites* and of what kind; how to get a
-site's derivative ``c'``; how to draw latents, sample ``x = f⁻¹(z; y)`` and
-run forward; the valid output range; and a fingerprint of the weights.
+An :class:`Adapter` must answer five things for one model: the shape of a condition, the conditional
+elementwise *sites*, latents at temperature τ, the inverse pass ``x = f⁻¹(z; y)`` and the forward pass
+``z = f(x; y)``. Everything else has a default. Speed-ups (an observing block, reports held to a pass's
+end) are optional and live apart, in :mod:`.speedups`.
 
-The engine never reaches into a model by itself. While sampling it hands the
-adapter an :class:`Observer`; the adapter reports every layer's output and
-every site's inverse gain to it, by hooks where the model calls its modules
-(the bundled flows, FrEIA) or by driving the inverse pass itself where the
-library bypasses them (nflows calls ``inverse`` directly, zuko rebuilds its
-transforms for every condition, normflows names the directions the other way
-round). Whatever the adapter does, it removes what it installed and restores
-the model's ``training`` flag.
+While sampling the engine hands the adapter an :class:`Observer`; the adapter reports every layer's
+output and every site's inverse gain to it, removes whatever it installed and restores ``training``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from .hooks import HeldReports
-
 __all__ = [
     "Observer",
     "keeps_graph",
     "Site",
+    "UnknownSite",
+    "PriorSite",
     "Adapter",
     "widen",
     "AFFINE_BOUNDED_FLOOR",
     "affine_kind",
     "elementwise_derivative",
     "sweep_bounds",
+    "fill",
+    "repeat_rows",
+    "standard_normal_log_prob",
+    "draw_latents",
 ]
 
 
 class Observer(Protocol):
-    """What the engine listens to during an inverse pass (the adapter calls it).
+    """What the engine listens to during an inverse pass.
 
-    An observer with a true ``keep_graph`` attribute (the worst-case attack's) asks for the
-    gains as computed, still attached to the autograd graph, so an objective built from them
-    can be differentiated w.r.t. the condition; every other observer (the scan's) gets them
-    detached and no graph is kept. Read it with :func:`keeps_graph`. An adapter that cannot
-    pass attached gains passes detached ones; the attack then says it cannot differentiate.
+    An observer with a true ``keep_graph`` attribute (the attack's) gets gains still attached to the
+    autograd graph; every other observer gets them detached (read it with :func:`keeps_graph`).
     """
 
     def layer(self, name: str, x: Tensor) -> None:
         """Output ``x`` (batch first) of layer ``name`` of the inverse pass."""
 
     def site(self, name: str, gain: Tensor, params: Any) -> None:
-        """Inverse gain ``1/c'`` (batch first) at the visited points of site ``name``, and the
-        site's parameters there (for the Remark 2 probe; passed to :meth:`Site.derivative_at`)."""
+        """Inverse gain ``1/c'`` (batch first) of site ``name`` at the visited points, and its parameters there."""
+
+
+def keeps_graph(observer: Observer | None) -> bool:
+    """Whether ``observer`` asks for gains still attached to the autograd graph."""
+    return bool(getattr(observer, "keep_graph", False))
+
+
+# -- probe helpers --------------------------------------------------------------------------------
+
+
+def repeat_rows(t: Tensor, v: int) -> Tensor:
+    """``t`` (B, ...) stacked ``v`` times along the batch: (v·B, ...)."""
+    return t.unsqueeze(0).expand(v, *t.shape).reshape(v * t.shape[0], *t.shape[1:])
+
+
+def fill(values: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """(V·B, ...) inputs, block ``k`` filled with ``values[k]``; ``shape`` is (B, ...)."""
+    v = values.reshape(-1, *([1] * len(shape)))
+    return v.expand(len(values), *shape).reshape(len(values) * shape[0], *shape[1:])
+
+
+def elementwise_derivative(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``c'(x)`` of an elementwise map ``fn`` at every entry of ``x``: one forward-mode JVP with a tangent of
+    ones (the Jacobian is diagonal). Works under ``no_grad``."""
+    from torch.func import jvp
+
+    return jvp(fn, (x,), (torch.ones_like(x),))[1]
 
 
 class Site(ABC):
-    """One conditional elementwise map (a coupling, an injector, a conditional prior)."""
+    """One conditional elementwise map ``c(x; θ)`` (a coupling, an injector, a conditional prior).
+
+    A subclass gives the elementwise math, :meth:`map` and/or :meth:`derivative` (default: the JVP of
+    :meth:`map`), and :meth:`input_shape`; the probe methods :meth:`derivative_at` / :meth:`map_at`
+    fill every probe value into that shape at the parameters the observer kept.
+    """
 
     name: str
     kind: str
+    #: probe all values in one call (values filled block by block) rather than one call per value
+    batched_probe: bool = False
 
-    @abstractmethod
+    def map(self, x: Tensor, params: Any) -> Tensor:
+        """``c(x; params)``, elementwise."""
+        raise NotImplementedError(f"{type(self).__name__} does not evaluate its map")
+
+    def derivative(self, x: Tensor, params: Any) -> Tensor:
+        """``c'(x; params)``, elementwise."""
+        return elementwise_derivative(lambda u: self.map(u, params), x)
+
+    def input_shape(self, params: Any) -> tuple[int, ...]:
+        """Shape (B, ...) of the inputs ``x`` the site maps for ``params``."""
+        raise NotImplementedError(f"{type(self).__name__} does not say its input shape")
+
+    def probe_dtype(self, values: Tensor) -> torch.dtype:
+        """dtype the map is evaluated in (a library module with float32 weights needs its own)."""
+        return values.dtype
+
+    def probe_params(self, params: Any, dtype: torch.dtype) -> Any:
+        """The kept parameters as :meth:`map` takes them."""
+        return params.to(dtype)
+
+    def probe(self, values: Tensor, params: Any, fn: Callable[[Tensor, Any], Tensor]) -> Tensor:
+        """``fn(x, params)`` with every element of ``x`` set to each probe value: (V, M)."""
+        dtype, given = self.probe_dtype(values), values.dtype
+        shape = self.input_shape(params)
+        p = self.probe_params(params, dtype)
+        values = values.to(dtype)
+        if self.batched_probe:
+            out = fn(fill(values, shape), repeat_rows(p, len(values))).reshape(len(values), -1)
+        else:
+            ones = torch.ones(shape, dtype=dtype, device=params.device)
+            out = torch.stack([fn(ones * v, p).flatten() for v in values])
+        return out.to(given)
+
     def derivative_at(self, values: Tensor, params: Any) -> Tensor:
-        """``c'(v)`` for every probe value ``v`` (shape (V,)) at every point of ``params``.
-
-        Returns shape (V, M) where M counts the (batch × element) points ``params``
-        describe. This is how the Remark 2 probe evaluates tails under the
-        conditions actually met while sampling.
-        """
+        """``c'(v)`` for every probe value ``v`` (V,) at every point of ``params``: (V, M)."""
+        return self.probe(values, params, self.derivative)
 
     def map_at(self, values: Tensor, params: Any) -> Tensor:
-        """``c(v)`` itself, same shapes as :meth:`derivative_at` (its JVP must equal the derivative)."""
-        raise NotImplementedError(f"{type(self).__name__} does not evaluate its map")
+        """``c(v)`` itself, same shapes as :meth:`derivative_at` (its JVP equals the derivative)."""
+        return self.probe(values, params, self.map)
 
     def tail_bounds(self) -> tuple[float, float] | None:
         """Bounds of ``c'`` for large ``|x|`` that the site's kind allows, when known."""
         return None
 
     def tail_start(self) -> float | None:
-        """``|x|`` beyond which the map is in its tails, when the structure says (a spline's bound B,
-        read from the live object); ``None`` when unknown. The Remark 2 probe starts well past it."""
+        """``|x|`` beyond which the map is in its tails (a spline's bound), when known."""
         return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, kind={self.kind!r})"
 
 
-def keeps_graph(observer: Observer | None) -> bool:
-    """Whether ``observer`` asks for gains still attached to the autograd graph (see :class:`Observer`)."""
-    return bool(getattr(observer, "keep_graph", False))
+class UnknownSite(Site):
+    """A conditional part of a class the adapter does not know: reported, never probed."""
+
+    kind = "unknown"
+
+    def __init__(self, name: str, cls: str):
+        self.name, self.cls = name, cls
+
+    def derivative_at(self, values: Tensor, params: Any) -> Tensor:
+        raise NotImplementedError(f"{self.cls} is of a class the adapter does not know: its derivative is unknown")
+
+
+class PriorSite(Site):
+    r"""A condition-dependent diagonal-normal base: :math:`c(z) = (z - \mu)\,e^{-\log\sigma}`, inverse gain
+    :math:`\sigma`; params = ``stack([μ, log σ], 1)``, (B, 2, *event)."""
+
+    kind = "prior"
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def derivative_at(self, values: Tensor, params: Tensor) -> Tensor:
+        p = params.to(values.dtype)
+        return torch.exp(-p[:, 1]).flatten()[None].expand(values.shape[0], -1)
+
+    def map_at(self, values: Tensor, params: Tensor) -> Tensor:
+        p = params.to(values.dtype)
+        return (values[:, None] - p[:, 0].flatten()[None]) * torch.exp(-p[:, 1]).flatten()[None]
+
+    def tail_start(self) -> float | None:
+        return 0.0  # affine: every |x| is in the tails
+
+
+# -- kinds and bounds -----------------------------------------------------------------------------
 
 
 def widen(band: tuple[float, float], factor: float = 0.5) -> tuple[float, float]:
@@ -118,9 +202,9 @@ def affine_kind(low: float) -> str:
 def sweep_bounds(derivative: Callable[[Tensor], Tensor]) -> tuple[float, float]:
     """Bounds of an affine site's ``c'`` over all raw parameters, read from the live object.
 
-    ``derivative(u)`` returns ``c'`` for raw conditioner outputs all equal to ``u[k]`` (rows k),
-    for ``u = ±logspace(-2, 4)`` and 0. A bound still moving by more than 2× between
-    ``|u| = 10³`` and ``10⁴`` has none: ``0`` or ``inf`` (softplus/exp scales).
+    ``derivative(u)`` returns ``c'`` for raw conditioner outputs all equal to ``u[k]`` (rows k), for
+    ``u = ±logspace(-2, 4)`` and 0. A bound still moving by more than 2× between ``|u| = 10³`` and
+    ``10⁴`` has none: ``0`` or ``inf`` (softplus/exp scales).
     """
     u = torch.logspace(-2, 4, 61, dtype=torch.float64)
     u = torch.cat([-u.flip(0), torch.zeros(1, dtype=torch.float64), u])
@@ -136,54 +220,86 @@ def sweep_bounds(derivative: Callable[[Tensor], Tensor]) -> tuple[float, float]:
     return low, high
 
 
-def elementwise_derivative(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """``c'(x)`` of an elementwise map ``fn`` at every entry of ``x``, by one forward-mode JVP.
+# -- latents --------------------------------------------------------------------------------------
 
-    The Jacobian of an elementwise map is diagonal, so the JVP with a tangent of ones is its
-    diagonal. Works under ``no_grad`` (forward-mode AD does not need the autograd graph).
+
+def draw_latents(
+    shapes: list[tuple[int, ...]], y: Tensor, temperature: float, generator: torch.Generator | None
+) -> list[Tensor]:
+    """τ·ε, one standard-normal ε (B, *shape) per latent shape, in ``y``'s dtype and on its device.
+
+    With a generator ε is drawn on the CPU, so a seed gives the same latents on every device.
     """
-    from torch.func import jvp
+    device = y.device if generator is None else "cpu"
+    return [
+        temperature * torch.randn((y.shape[0], *s), generator=generator, dtype=y.dtype, device=device).to(y.device)
+        for s in shapes
+    ]
 
-    return jvp(fn, (x,), (torch.ones_like(x),))[1]
+
+def standard_normal_log_prob(latents: list[Tensor]) -> Tensor:
+    """``Σ log N(z; 0, I)`` over every latent, per input (B,)."""
+    return sum(-0.5 * (z.flatten(1) ** 2 + math.log(2 * math.pi)).sum(1) for z in latents)
+
+
+# -- the adapter ----------------------------------------------------------------------------------
 
 
 class Adapter(ABC):
-    """Base class of all adapters; one subclass per model family (see module docstring).
+    """What the engine asks of one model; one subclass per model family.
 
     Attributes:
         model: the wrapped ``nn.Module``.
         name: a display name for reports.
         family: the adapter's name (``reference``, ``freia``, …).
         task: ``toy``, ``sr``, ``lowlight`` or ``generic`` (SR adds LR-PSNR).
-        condition_shape: shape of one condition ``y``, no batch axis.
-        output_range: valid range of a sample's values.
         scale: SR factor (``task == "sr"`` only).
-        tensors_stay_intact: whether every tensor an observed pass's hooks see keeps its values until the
-            pass returns (no in-place write of the model reaches it), so that the adapter may hold its
-            reports for then (:class:`~flowaudit.adapters.hooks.HeldReports`). Claimed only where the code
-            of the whole pass is known: the bundled flows (tested on each).
     """
 
     family: str = "generic"
     task: str = "generic"
     scale: int = 1
-    tensors_stay_intact: bool = False
 
     def __init__(self, model: nn.Module, name: str | None = None):
         self.model = model
         self.name = name or getattr(model, "name", None) or type(model).__name__
 
-    # -- what the model is ------------------------------------------------------
+    # -- required -------------------------------------------------------------------------------
     @property
     @abstractmethod
-    def condition_shape(self) -> tuple[int, ...]: ...
+    def condition_shape(self) -> tuple[int, ...]:
+        """Shape of one condition ``y``, no batch axis."""
+
+    @abstractmethod
+    def sites(self) -> list[Site]:
+        """The conditional elementwise sites, in forward (encode) order; may be empty (see :meth:`coverage`)."""
+
+    @abstractmethod
+    def sample_latents(self, y: Tensor, temperature: float, generator: torch.Generator | None) -> list[Tensor]:
+        """Latents for conditions ``y`` at temperature τ (τ scales the standard-normal ε)."""
+
+    @abstractmethod
+    def sample(self, y: Tensor, latents: list[Tensor], observer: Observer | None = None) -> Tensor:
+        """The inverse pass ``x = f⁻¹(z; y)``, reporting to ``observer`` when given."""
+
+    @abstractmethod
+    def forward(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
+        """The forward pass ``z = f(x; y)``: ``(latents, logdet)``."""
+
+    # -- with defaults --------------------------------------------------------------------------
+    def log_prob(self, x: Tensor, y: Tensor) -> Tensor:
+        """``log q(x | y)`` per input (B,): standard-normal latents plus the forward log-det."""
+        latents, logdet = self.forward(x, y)
+        return standard_normal_log_prob(latents) + logdet
+
+    def layer_names(self) -> list[str]:
+        """Names of the inverse pass's layers, in the order :meth:`sample` reports them."""
+        return []
 
     def check_condition_shape(self, shape: tuple[int, ...]) -> None:
         """Raise ``ValueError`` (one line) when conditions of ``shape`` (no batch axis) cannot be sampled.
 
-        Checked before any sampling, so a wrong size is the user's one-line error and not a crash deep
-        inside the flow. Default: the model's :attr:`condition_shape`, or for images (C, H, W) any size
-        with its channel count; adapters whose structure constrains H and W (squeezes) say more.
+        Default: the model's :attr:`condition_shape`, or for images (C, H, W) any size with its channels.
         """
         want, got = tuple(self.condition_shape), tuple(shape)
         if got != want and not (len(got) == len(want) == 3 and got[0] == want[0]):
@@ -191,8 +307,7 @@ class Adapter(ABC):
 
     @property
     def output_range(self) -> tuple[float, float]:
-        """The valid range of a sample's values: the model's ``output_range`` attribute when it has one
-        (libraries know nothing of data ranges; a user may state one on the model), else [0, 1]."""
+        """Valid range of a sample's values: the model's ``output_range`` attribute, else [0, 1]."""
         return tuple(getattr(self.model, "output_range", (0.0, 1.0)))
 
     @property
@@ -200,29 +315,21 @@ class Adapter(ABC):
         """Values outside this band count as pixel errors (the valid range widened, S1.1)."""
         return widen(self.output_range)
 
-    @abstractmethod
-    def sites(self) -> list[Site]:
-        """The conditional elementwise sites, in forward (encode) order; may be empty (see :meth:`coverage`)."""
-
     def unread(self) -> list[str]:
-        """Parts of the model that may be conditional but that no site reads (code the adapter does not
-        know): names for the report. Empty by default."""
+        """Parts of the model that may be conditional but that no site reads, by name."""
         return []
 
     def coverage(self) -> dict:
-        """What the adapter saw of the model's sites, for the report: an audit that saw nothing must not look clean.
-
-        ``{"n_sites": int, "complete": bool, "reason": str | None}``: ``complete`` is false and
-        ``reason`` one line starting ``"no sites found: "`` when :meth:`sites` is empty, or naming the
-        parts no site reads (:meth:`unread`): a partial view. JSON-ready.
-        """
+        """What the adapter saw of the model's sites, for the report (an audit that saw nothing must not look
+        clean): ``{"n_sites", "complete", "reason"}``, JSON-ready."""
         n = len(self.sites())
         if not n:
             return {
                 "n_sites": 0,
                 "complete": False,
-                "reason": f"no sites found: the {self.family} adapter recognises no part of {self.name} as a conditional "
-                "elementwise site (couplings of one's own code: declare them with flowaudit.adapters.custom)",
+                "reason": f"no sites found: the {self.family} adapter recognises no part of {self.name} as a "
+                "conditional elementwise site (couplings of one's own code: declare them with "
+                "flowaudit.adapters.custom)",
             }
         unread = self.unread()
         if unread:
@@ -240,6 +347,10 @@ class Adapter(ABC):
     def encode(self, y: Tensor) -> None:
         """Run the conditioning encoder on ``y`` (so feature hooks fire)."""
 
+    def describe(self) -> dict[str, Any]:
+        """What the adapter read or assumed about the model, merged into the report's ``model`` entry."""
+        return {}
+
     def fingerprint(self) -> str:
         """SHA-256 of the weights (names, shapes, dtypes and values), 16 hex digits."""
         digest = hashlib.sha256()
@@ -251,11 +362,6 @@ class Adapter(ABC):
                 digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return digest.hexdigest()[:16]
 
-    def describe(self) -> dict[str, Any]:
-        """What the adapter read or assumed about the model, merged into the report's ``model`` entry
-        (an official checkpoint's inferred configuration, for example); empty by default."""
-        return {}
-
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
@@ -263,86 +369,3 @@ class Adapter(ABC):
     def device(self) -> torch.device:
         p = next(iter(self.model.parameters()), None)
         return p.device if p is not None else torch.device("cpu")
-
-    # -- what the model does ----------------------------------------------------
-    @abstractmethod
-    def sample_latents(self, y: Tensor, temperature: float, generator: torch.Generator | None) -> list[Tensor]:
-        """Latents for conditions ``y`` at temperature τ (τ scales the standard-normal ε)."""
-
-    @abstractmethod
-    def sample(self, y: Tensor, latents: list[Tensor], observer: Observer | None = None) -> Tensor:
-        """The inverse pass ``x = f⁻¹(z; y)``, reporting to ``observer`` when given."""
-
-    @contextlib.contextmanager
-    def observing(self, observer: Observer) -> Iterator[None]:
-        """A block of :meth:`sample` calls that report to ``observer``: an adapter whose reporting has a
-        set-up cost a call (forward hooks to register and remove) may pay it once for the block. Calls
-        with no observer or another one see nothing of it; everything is removed when the block ends.
-        By default nothing is held."""
-        yield
-
-    @abstractmethod
-    def forward(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
-        """The forward pass ``z = f(x; y)``: ``(latents, logdet)``."""
-
-    @abstractmethod
-    def log_prob(self, x: Tensor, y: Tensor) -> Tensor:
-        """``log q(x | y)`` per input, (B,)."""
-
-    def layer_names(self) -> list[str]:
-        """Names of the inverse pass's layers, in the order :meth:`sample` reports them."""
-        return []
-
-
-class HookedAdapter(Adapter):
-    """An adapter whose observed passes report through hooks (or wrapped methods): :meth:`_hooks` puts them on
-    the model. A pass with an observer puts them on for itself; an :meth:`observing` block puts them on once
-    for all its passes, and they report only the passes that name the block's observer (``live``). Hooks
-    that hold a pass's reports (:class:`~flowaudit.adapters.hooks.HeldReports`) have them made when it returns."""
-
-    _held: tuple[Observer, list[bool], HeldReports | None] | None = (
-        None  # an observing block's observer, whether a pass of it runs, its held reports
-    )
-
-    @abstractmethod
-    def _hooks(self, observer: Observer, live: list[bool]) -> contextlib.AbstractContextManager[HeldReports | None]:
-        """The hooks of an observed pass, reporting to ``observer`` while ``live[0]``; removed on exit. The
-        context's value: the reports they hold for the end of each pass, or ``None``."""
-
-    def _observed(self, observer: Observer, run: Callable[[], Tensor]) -> Tensor:
-        """``run()``, an inverse pass, reporting to ``observer``: through the block's hooks if it is the block's."""
-        held = self._held
-        if held is not None and held[0] is observer:
-            return _reported(run, held[1], held[2])
-        with self._hooks(observer, [True]) as later:
-            return _reported(run, [True], later)
-
-    @contextlib.contextmanager
-    def observing(self, observer: Observer) -> Iterator[None]:
-        """Hooks put on once for the block; they report only :meth:`sample` calls that name ``observer``."""
-        if self._held is not None:  # already holding one: calls with this observer hook themselves
-            yield
-            return
-        live = [False]
-        with self._hooks(observer, live) as later:
-            self._held = (observer, live, later)
-            try:
-                yield
-            finally:
-                self._held = None
-
-
-def _reported(run: Callable[[], Tensor], live: list[bool], later: HeldReports | None) -> Tensor:
-    """``run()`` with the hooks live, then the reports they held (dropped if it raised)."""
-    live[0] = True
-    try:
-        out = run()
-    except BaseException:
-        if later is not None:
-            later.drop()
-        raise
-    finally:
-        live[0] = False
-    if later is not None:
-        later.flush()
-    return out

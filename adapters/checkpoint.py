@@ -1,6 +1,6 @@
 r"""Untrusted checkpoint files: read them as tensors only, refuse what is broken in one line.
 
-A checkpoint is input from a stranger (DESIGN.md §5). :func:`read_weights`
+A checkpoint is input from a stranger. :func:`read_weights`
 opens a ``.pt`` / ``.pth`` / ``.ckpt`` file with ``torch.load(weights_only=True)``
 (pickled code only with ``trust``) or a ``.safetensors`` file, and turns every
 way a file can be wrong — empty, truncated, random bytes, pickled code, a
@@ -95,7 +95,11 @@ def _read_torch(path: Path, trust: bool, what: str) -> Any:
         raise ModelError(f"{path}: corrupt or truncated {what} ({first_line(exc)})") from None
     if not is_zip and head[:2] == b"PK":
         raise ModelError(f"{path}: corrupt or truncated {what} (a zip archive without its central directory)")
-    if not is_zip and head[:1] != b"\x80":  # neither torch's zip format nor a (legacy) pickle
+    if not is_zip and head[:1] != b"\x80":  # neither torch's zip format nor a protocol-2+ pickle
+        if not trust and (code := _code_in(path, is_zip)):  # a protocol-0/1 pickle that imports a callable
+            raise ModelError(
+                f"{path}: holds pickled code ({code}); pass --trust-checkpoint only if you trust its source"
+            )
         raise ModelError(f"{path}: not a PyTorch {what} (neither a zip archive nor a pickle)")
     try:
         with warnings.catch_warnings():  # torch warns about what hostile pickles ask for; the error line says enough
@@ -103,6 +107,10 @@ def _read_torch(path: Path, trust: bool, what: str) -> Any:
             return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as exc:
         text = str(exc)
+        if not trust and (code := _code_in(path, is_zip)):
+            raise ModelError(
+                f"{path}: holds pickled code ({code}); pass --trust-checkpoint only if you trust its source"
+            ) from None
         if not trust and "Unsupported global" in text:
             name = _global_name(text)
             raise ModelError(
@@ -110,9 +118,65 @@ def _read_torch(path: Path, trust: bool, what: str) -> Any:
             ) from None
         raise ModelError(f"{path}: corrupt or truncated {what} ({_torch_reason(text)})") from None
     except Exception as exc:  # torch's readers fail on hostile bytes in many ways (RuntimeError, AssertionError, …)
+        if not trust and (code := _code_in(path, is_zip)):
+            raise ModelError(
+                f"{path}: holds pickled code ({code}); pass --trust-checkpoint only if you trust its source"
+            ) from None
         raise ModelError(
             f"{path}: corrupt or truncated {what} ({_torch_reason(str(exc)) or type(exc).__name__})"
         ) from None
+
+
+def _code_in(path: Path, is_zip: bool) -> str:
+    """The first callable a pickle imports that torch's tensor-only loader does not allow ("" when none).
+
+    The pickle is *read*, never run: :func:`pickletools.genops` lists its opcodes, and the names that
+    ``GLOBAL`` / ``INST`` / ``STACK_GLOBAL`` import are compared with torch's allow-list. A stream that
+    does not parse is corrupt, not code. This tells "holds code" from "corrupt" whatever torch's error says.
+    """
+    try:
+        if is_zip:
+            with zipfile.ZipFile(path) as z:
+                name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                data = z.read(name) if name else b""
+        else:
+            data = path.read_bytes()
+        names = _pickle_globals(data)
+    except Exception:  # unreadable: not evidence of code
+        return ""
+    allowed = _allowed_globals()
+    return next((n for n in names if n not in allowed and not n.startswith("torch.")), "")
+
+
+def _pickle_globals(data: bytes) -> list[str]:
+    """``module.name`` of every global a pickle stream imports, in order; raises when the stream does not parse."""
+    import pickletools
+
+    names, strings = [], []
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in ("GLOBAL", "INST"):
+            names.append(str(arg).replace(" ", "."))
+        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+            names.append(f"{strings[-2]}.{strings[-1]}")
+        elif isinstance(arg, str) and "UNICODE" in op.name or op.name.endswith("STRING"):
+            strings.append(str(arg))
+        if op.name == "STOP":
+            break
+    return names
+
+
+def _allowed_globals() -> set[str]:
+    """What ``torch.load(weights_only=True)`` accepts besides ``torch.*`` (its private allow-list when present)."""
+    allowed = {"collections.OrderedDict", "builtins.set", "builtins.frozenset", "builtins.slice",
+               "builtins.bytearray", "builtins.complex", "_codecs.encode"}  # fmt: skip
+    try:
+        from torch import _weights_only_unpickler as wou
+
+        for key in wou._get_allowed_globals():
+            allowed.add(str(key).replace(" ", "."))
+    except Exception:  # a torch without it: the plain list above
+        pass
+    return allowed
 
 
 def _global_name(text: str) -> str:

@@ -89,8 +89,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, HookedAdapter, Observer, Site, elementwise_derivative
+from .base import Adapter, Observer, Site, draw_latents, elementwise_derivative
 from .hooks import HookError, first_tensor
+from .speedups import HookedSpeedUps
 
 __all__ = ["site", "CustomSite", "CustomAdapter", "KINDS", "matches", "make"]
 
@@ -147,12 +148,20 @@ class CustomSite(Site):
             return torch.broadcast_to(self.derivative(x, params), x.shape)
         return elementwise_derivative(lambda v: self.map(v, params), x)
 
-    # -- the Site protocol -----------------------------------------------------------------------
+    # -- probing (:meth:`Site.probe` fills the declared map's inputs) ------------------------------
     def derivative_at(self, values: Tensor, params: Tensor) -> Tensor:
-        return self._per_value(values, params, self.c_prime)
+        return self.probe(values, params, self.c_prime)
 
     def map_at(self, values: Tensor, params: Tensor) -> Tensor:
-        return self._per_value(values, params, self.c)
+        return self.probe(values, params, self.c)
+
+    def input_shape(self, params: Tensor) -> tuple[int, ...]:
+        if self._layout is None:
+            raise RuntimeError(f"site {self.name!r} was never called while sampling: no parameter layout to probe")
+        return (params.shape[0], *self._layout[2])
+
+    def probe_params(self, params: Tensor, dtype: torch.dtype) -> Any:
+        return self._unpack(params.to(dtype))
 
     def tail_bounds(self) -> tuple[float, float] | None:
         if self.bounds is not None:
@@ -161,14 +170,6 @@ class CustomSite(Site):
 
     def tail_start(self) -> float | None:
         return self.start
-
-    def _per_value(self, values: Tensor, params: Tensor, fn) -> Tensor:
-        """``fn(x, params)`` with ``x`` filled with each probe value in turn: (V, M)."""
-        if self._layout is None:
-            raise RuntimeError(f"site {self.name!r} was never called while sampling: no parameter layout to probe")
-        p = self._unpack(params.to(values.dtype))
-        x = torch.ones((params.shape[0], *self._layout[2]), dtype=values.dtype, device=params.device)
-        return torch.stack([fn(x * v, p).flatten() for v in values])
 
     # -- parameters as one batch-first tensor (what the observer keeps) ------------------------
     def _pack(self, x: Tensor, params: Any) -> Tensor:
@@ -310,7 +311,7 @@ def _watching(sites: Sequence[CustomSite], fn: Callable[[CustomSite, tuple, Any]
         yield
 
 
-class CustomAdapter(HookedAdapter):
+class CustomAdapter(HookedSpeedUps, Adapter):
     """Adapter of a flow of one's own, from its declarations (see the module docstring).
 
     Args:
@@ -441,7 +442,7 @@ class CustomAdapter(HookedAdapter):
 
     # -- what the model does ---------------------------------------------------------------------
     def sample_latents(self, y: Tensor, temperature: float, generator: torch.Generator | None) -> list[Tensor]:
-        return [temperature * torch.randn((len(y), *self._latent_shape), generator=generator)]
+        return draw_latents([self._latent_shape], y, temperature, generator)
 
     def sample(self, y: Tensor, latents: list[Tensor], observer: Observer | None = None) -> Tensor:
         z = latents[0] if len(latents) == 1 else latents
@@ -479,9 +480,7 @@ class CustomAdapter(HookedAdapter):
         if self._log_prob is not None:
             with _preserved_training(self.model):
                 return self._log_prob(x, y)
-        latents, logdet = self.forward(x, y)
-        base = sum(torch.distributions.Normal(0.0, 1.0).log_prob(z).flatten(1).sum(1) for z in latents)
-        return base + logdet
+        return super().log_prob(x, y)
 
 
 def matches(model: Any) -> bool:

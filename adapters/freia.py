@@ -1,50 +1,23 @@
 r"""Adapter for FrEIA invertible networks (``SequenceINN``, ``GraphINN``) with the condition as ``c=[y]``.
 
-FrEIA's coupling blocks split the input into halves :math:`x_1, x_2` and map
-each *active* half elementwise with parameters a subnetwork computes from the
-other half and the condition. Each active half is one site:
+Each active half of a coupling block is one site, mapped with parameters a subnetwork computes
+from the other half and the condition:
 
 .. math::
 
     c(x) = x \odot e^{s} + t,\qquad s = \alpha\, f(\hat s)\quad
     (\text{soft clamp: } f = 0.636\,\arctan,\ \tanh \text{ or } 2\,\sigma - 1),
 
-so :math:`c' = e^{s}` and the inverse gain while sampling is :math:`e^{-s}`.
-With a bounded :math:`f` the scale lies in :math:`[e^{-\alpha\sup|f|},
-e^{\alpha\sup|f|}]`: kind ``affine-bounded``, whose lower and upper tail
-slopes never meet (Remark 2 violated). ``NICECouplingBlock`` has
-:math:`s = 0` (``additive``). ``GINCouplingBlock`` (and ``AllInOneBlock(gin_block=True)``)
-subtracts the mean of :math:`s` over the active half: the block preserves
-volume, but a single element's scale still ranges over
-:math:`e^{\pm 2\alpha\sup|f|(n-1)/n}` for :math:`n > 1` elements — one
-element's inverse gain can still blow up, so it is ``affine-bounded``; with
-:math:`n = 1` the mean subtraction forces :math:`s \equiv 0` and the half is
-``additive``. ``AllInOneBlock`` adds a permutation and a global affine
-(ActNorm-like) whose parameters are learned constants, not conditional: a
-layer, not a site. A coupling appended without ``cond`` is a site too: its
-parameters come from the other half, which while sampling already carries the
-condition. A conditional block of a class this module does not know becomes a
-site of kind ``unknown``, and :meth:`FrEIAAdapter.coverage` names every block
-that no site reads and whose Jacobian may vary (never silently skipped).
-Affine kinds follow the shared rule :func:`~.base.affine_kind` on the lower
-bound of :math:`c'` (``affine-bounded`` from 10⁻² up; FrEIA's default
-``clamp=2`` gives :math:`[e^{-1.998}, e^{1.998}]`).
+so :math:`c' = e^{s}` and the inverse gain is :math:`e^{-s}`. A bounded :math:`f` keeps the scale in
+:math:`[e^{-\alpha\sup|f|}, e^{\alpha\sup|f|}]`: ``affine-bounded`` (tail slopes that never meet).
+NICE has :math:`s = 0` (``additive``); GIN centres :math:`s` over the half, which bounds one element's
+scale by :math:`e^{\pm 2\alpha\sup|f|(n-1)/n}` (``additive`` for :math:`n = 1`). Clamp, activation,
+splits and GIN are read from the live block; ``AllInOneBlock``'s coupling is evaluated through its own
+``_affine``. A conditional block of unknown class is an ``unknown`` site and, like any block whose
+Jacobian may vary and that no site reads, is named by :meth:`~.base.Adapter.coverage`.
 
-Everything that varies between versions and configurations is read from the
-live block: ``clamp``, the activation ``f_clamp`` (evaluated, not matched by
-name), split lengths, ``GIN``; ``AllInOneBlock``'s coupling is evaluated
-through its own ``_affine``. The sampling pass is FrEIA's own
-``inn(z, c=[y], rev=True)``; forward hooks on the subnetworks (called through
-``__call__``) read their outputs, forward hooks on the blocks read each
-layer's output. Hooks are removed on exit, also when the observer raises.
-
-Example:
-    >>> import FrEIA.framework as Ff, FrEIA.modules as Fm                     # doctest: +SKIP
-    >>> inn = Ff.SequenceINN(2)                                                # doctest: +SKIP
-    >>> inn.append(Fm.GLOWCouplingBlock, cond=0, cond_shape=(2,),
-    ...            subnet_constructor=lambda i, o: torch.nn.Linear(i, o))    # doctest: +SKIP
-    >>> [s.kind for s in make(inn).sites()]                                    # doctest: +SKIP
-    ['affine-bounded', 'affine-bounded']
+Sampling is FrEIA's own ``inn(z, c=[y], rev=True)``; forward hooks on the subnetworks and blocks read
+parameters and layer outputs and are removed on exit.
 """
 
 from __future__ import annotations
@@ -57,12 +30,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import HookedAdapter, Observer, Site, affine_kind
+from .base import Observer, Site, UnknownSite, affine_kind
 from .hooks import first_tensor, hooked
+from .library import LibraryAdapter
+from .speedups import HookedSpeedUps
 
-__all__ = ["AffineHalfSite", "UnknownSite", "FrEIAAdapter", "matches", "make"]
-
-_LOG2PI = math.log(2 * math.pi)
+__all__ = ["AffineHalfSite", "FrEIAAdapter", "matches", "make"]
 
 
 class AffineHalfSite(Site):
@@ -85,7 +58,6 @@ class AffineHalfSite(Site):
         self._to_params = to_params
         self._pending: dict[str, Tensor] = {}
 
-    # -- evaluation -------------------------------------------------------------
     @staticmethod
     def _split(values: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         p = params.to(values.dtype)
@@ -105,7 +77,6 @@ class AffineHalfSite(Site):
     def tail_start(self) -> float | None:
         return 0.0  # affine everywhere: every |x| is in the tails
 
-    # -- reading a sampling pass ------------------------------------------------
     def feed(self, module_name: str, output: Tensor) -> tuple[Tensor, Tensor] | None:
         """Take one subnetwork output; when all roles are in: (inverse gain, params)."""
         # clone: FrEIA scales some outputs in place after the call (AllInOneBlock: ``a *= 0.1``)
@@ -117,31 +88,15 @@ class AffineHalfSite(Site):
         return torch.exp(-params[:, 0]), params
 
 
-class UnknownSite(Site):
-    """A conditional block of a class this adapter does not know: reported, never probed."""
-
-    kind = "unknown"
-
-    def __init__(self, name: str, cls: str):
-        self.name, self.cls = name, cls
-
-    def derivative_at(self, values: Tensor, params: Any) -> Tensor:
-        raise NotImplementedError(f"{self.cls} is not a known FrEIA coupling: its derivative is unknown")
-
-
 # -- reading the blocks ---------------------------------------------------------
 
 _BIG = 1e30  # a raw scale output far past any soft clamp's knee
 
 
 def _extremes(slope: Callable[[Tensor], Tensor], n: int) -> tuple[str, tuple[float, float] | None]:
-    """Kind and ``c'`` bounds of an affine half of ``n`` elements, read through the block's own code.
-
-    ``slope(raw)`` maps raw scale outputs (rows, n) to ``c' = e^{s}`` as the block computes it.
-    Raw rows ``[+B, −B, …, −B]`` and ``[−B, +B, …, +B]`` reach the extremes of every soft clamp,
-    including GIN's mean-centred one (whose extremes need unequal raw outputs; a uniform sweep
-    would centre to 0). ``n = 1`` under GIN gives ``c' ≡ 1``: additive.
-    """
+    """Kind and ``c'`` bounds of an affine half of ``n`` elements; ``slope(raw)`` maps raw scale outputs
+    (rows, n) to ``c' = e^{s}`` as the block computes it. Rows ``[+B, −B, …]`` and ``[−B, +B, …]`` reach the
+    extremes of every soft clamp, GIN's mean-centred one included (a uniform sweep would centre to 0)."""
     raw = torch.full((2, n), -_BIG, dtype=torch.float64)
     raw[0, 0], raw[1, :] = _BIG, _BIG
     raw[1, 0] = -_BIG
@@ -179,11 +134,8 @@ def _additive(p: dict[str, Tensor]) -> Tensor:
 
 
 def _all_in_one(block: nn.Module) -> Callable[[dict[str, Tensor]], Tensor]:
-    """[s, t] of AllInOneBlock's coupling, evaluated through the block's own ``_affine``.
-
-    ``_affine(x, a)`` is affine in ``x``: ``t = c(0)`` and ``e^s = c(1) − c(0)`` (float64, so the
-    difference is exact to ~1e-16 relative); its pre-scaling, clamp and GIN centring are the block's.
-    """
+    """[s, t] of AllInOneBlock's coupling through its own ``_affine``, affine in ``x``: ``t = c(0)`` and
+    ``e^s = c(1) − c(0)`` (in float64, exact to ~1e-16 relative)."""
 
     def fn(p: dict[str, Tensor]) -> Tensor:
         a = p["a"].to(torch.float64)
@@ -208,7 +160,7 @@ def _block_sites(name: str, block: nn.Module) -> list[Site]:
         n = block.splits[1] * int(torch.Size(spatial).numel())
         to_params = _all_in_one(block)
 
-        def slope(raw: Tensor) -> Tensor:  # raw scale outputs (rows, n) laid out as the subnet's (rows, 2·ch, *spatial)
+        def slope(raw: Tensor) -> Tensor:  # raw scale outputs (rows, n) as the subnet's (rows, 2·ch, *spatial)
             a = raw.reshape(raw.shape[0], block.splits[1], *spatial)
             return torch.exp(to_params({"a": torch.cat([a, torch.zeros_like(a)], 1)})[:, 0])
 
@@ -252,29 +204,13 @@ def _block_sites(name: str, block: nn.Module) -> list[Site]:
 # FrEIA blocks whose Jacobian does not depend on the input (permutations, fixed or learned linear maps,
 # ActNorm, reshapes, splits): layers, never sites
 _CONSTANT_JACOBIAN = frozenset(
-    {
-        "PermuteRandom",
-        "FixedLinearTransform",
-        "Fixed1x1Conv",
-        "IRevNetDownsampling",
-        "IRevNetUpsampling",
-        "HaarDownsampling",
-        "HaarUpsampling",
-        "Flatten",
-        "Reshape",
-        "Split",
-        "Concat",
-        "OrthogonalTransform",
-        "HouseholderPerm",
-        "ActNorm",
-        "LearnedElementwiseScaling",
-        "InvAutoFC",
-        "InvAutoConv2D",
-    }
+    "PermuteRandom FixedLinearTransform Fixed1x1Conv IRevNetDownsampling IRevNetUpsampling HaarDownsampling "
+    "HaarUpsampling Flatten Reshape Split Concat OrthogonalTransform HouseholderPerm ActNorm "
+    "LearnedElementwiseScaling InvAutoFC InvAutoConv2D".split()
 )
 
 
-class FrEIAAdapter(HookedAdapter):
+class FrEIAAdapter(HookedSpeedUps, LibraryAdapter):
     """Adapter of a FrEIA ``SequenceINN`` or ``GraphINN`` with one condition, standard-normal latents."""
 
     family = "freia"
@@ -291,7 +227,6 @@ class FrEIAAdapter(HookedAdapter):
             self._blocks = [(modules[id(m)], m) for m in model.module_list]
             cond = next((m.dims_c[0] for m, c in zip(model.module_list, model.conditions) if c is not None), None)
             self._latent_shapes = [tuple(model.shapes[-1])]
-            self._graph = False
         elif isinstance(model, Ff.GraphINN):
             if len(model.condition_nodes) > 1 or len(model.in_nodes) != 1:
                 raise TypeError(
@@ -301,37 +236,18 @@ class FrEIAAdapter(HookedAdapter):
             self._blocks = [(modules[id(n.module)], n.module) for n in model.node_list if n.module is not None]
             cond = model.condition_nodes[0].dims if model.condition_nodes else None
             self._latent_shapes = [tuple(s) for s in model.global_out_shapes]
-            self._graph = True
         else:
             raise TypeError(f"not a FrEIA SequenceINN/GraphINN: {type(model).__name__}")
         if cond is None:
             raise TypeError(f"{type(model).__name__} has no conditional block: nothing to audit")
         self._condition_shape = tuple(int(d) for d in cond)
         self._sites = [s for n, b in self._blocks for s in _block_sites(n, b)]
-        # blocks whose Jacobian may vary with the input and that no site reads (an InvertibleSigmoid,
-        # an i-ResNet layer, a conditional block of unknown code): the view is partial, and says so
-        self._unseen = []
-        for n, b in self._blocks:
-            own = [s for s in self._sites if s.name == n or s.name.startswith(f"{n}.")]
-            if any(isinstance(s, UnknownSite) for s in own) or (not own and type(b).__name__ not in _CONSTANT_JACOBIAN):
-                self._unseen.append(n)
+        self._layers = [n for n, _ in reversed(self._blocks)]
+        own = {n: [s for s in self._sites if s.name == n or s.name.startswith(f"{n}.")] for n, _ in self._blocks}
+        self._unseen = self._unread_of([(n, own[n], type(b).__name__ in _CONSTANT_JACOBIAN) for n, b in self._blocks])
 
-    @property
-    def condition_shape(self) -> tuple[int, ...]:
+    def _read_condition_shape(self) -> tuple[int, ...]:
         return self._condition_shape
-
-    def sites(self) -> list[Site]:
-        return list(self._sites)
-
-    def unread(self) -> list[str]:
-        """Blocks no site reads whose Jacobian may depend on the input (unknown or nonlinear)."""
-        return list(self._unseen)
-
-    def layer_names(self) -> list[str]:
-        return [n for n, _ in reversed(self._blocks)]
-
-    def sample_latents(self, y: Tensor, temperature: float, generator: torch.Generator | None) -> list[Tensor]:
-        return [temperature * torch.randn((y.shape[0], *s), generator=generator).to(y) for s in self._latent_shapes]
 
     def _run(self, inp: list[Tensor], y: Tensor, rev: bool) -> tuple[list[Tensor], Tensor]:
         out, logdet = self.model(inp[0] if len(inp) == 1 else tuple(inp), c=[y], rev=rev)
@@ -372,11 +288,6 @@ class FrEIAAdapter(HookedAdapter):
 
     def forward(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
         return self._run([x], y, rev=False)
-
-    def log_prob(self, x: Tensor, y: Tensor) -> Tensor:
-        latents, logdet = self.forward(x, y)
-        base = sum(-0.5 * (z.flatten(1) ** 2 + _LOG2PI).sum(1) for z in latents)
-        return base + logdet
 
 
 def matches(model: Any) -> bool:

@@ -1,18 +1,10 @@
 """Forward hooks that observe a model and leave no trace.
 
-Every hook is registered inside a context manager whose ``finally`` removes
-it (an :class:`~contextlib.ExitStack` of handles), also when the forward pass
-raises. A failure inside a hook names the layer. Adapters use :func:`hooked`
-to report sites and layers to an observer; the engine uses it to capture
-encoder features. The bundled flows' adapter wraps its modules' ``forward``
-instead (:func:`wrapped`, same contract), which costs less a call.
-
-An adapter whose tensors stay intact until a pass returns
-(:attr:`~flowaudit.adapters.base.Adapter.tensors_stay_intact`) may hold a pass's
-reports in :class:`HeldReports`, by reference, and make them when the pass returns:
-the observer gets the same calls in the same order, and nothing of the audit (the
-gain's ``exp``, the observer's reading) runs between the model's layers, where it
-costs most (it leaves the model's next layers to run cold; benchmarks/README.md).
+Every hook is removed in a ``finally`` (an :class:`~contextlib.ExitStack` of handles), also when the
+forward pass raises, and a failure inside a hook names the layer. :func:`wrapped` wraps a module's
+``forward`` instead (same contract, cheaper a call) for models whose code is known. Where a pass's
+tensors stay intact until it returns, :class:`HeldReports` holds its reports by reference and makes
+them then, so nothing of the audit runs between the model's layers.
 """
 
 from __future__ import annotations
@@ -26,7 +18,7 @@ from torch import Tensor, nn
 __all__ = ["HookError", "HeldReports", "HOLD_BYTES", "hooked", "wrapped", "first_tensor"]
 
 
-HOLD_BYTES = 16 << 20  # a pass's held tensors, at most: an exact pass of the bundled SR / low-light flows holds 5–9 MB
+HOLD_BYTES = 16 << 20  # a pass's held tensors, at most (an exact pass of the bundled image flows holds 5–9 MB)
 
 
 class HookError(RuntimeError):

@@ -1,16 +1,10 @@
 """Adapter for the bundled reference flows (toy, SR, low-light).
 
-Their sites are the parameter-free
-:class:`~flowaudit.reference_models.couplings.Elementwise` modules, called as
-``out, ladj = site(inp, h, reverse=...)``; on the inverse pass
-``exp(ladj)`` is the inverse gain ``1/c'`` at the visited point and ``h`` the
-parameters the conditioner produced there. One forward hook per site and per
-traced layer reads both, registered for an observed pass or once for an
-observing block of them (:class:`~flowaudit.adapters.base.HookedAdapter`); no
-model code knows it is being audited. No bundled flow writes in place a tensor
-these hooks see (``tensors_stay_intact``), so they hold the ``ladj``, ``h`` and
-layer outputs of a pass by reference and report them, gains and all, when the
-pass returns (:class:`~flowaudit.adapters.hooks.HeldReports`).
+Their sites are the :class:`~flowaudit.reference_models.couplings.Elementwise` modules, called as
+``out, ladj = site(inp, h, reverse=...)``: on the inverse pass ``exp(ladj)`` is the inverse gain
+``1/c'`` at the visited point and ``h`` the conditioner's parameters there. A wrapped ``forward`` per
+site and traced layer reads both. No bundled flow writes in place a tensor these wrappers see
+(``tensors_stay_intact``), so a pass's reports are held and made when it returns.
 """
 
 from __future__ import annotations
@@ -20,13 +14,13 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ..reference_models import ReferenceFlow
 from ..reference_models.couplings import Elementwise
-from .base import HookedAdapter, Observer, Site, keeps_graph
+from .base import Adapter, Observer, Site, keeps_graph
 from .hooks import HeldReports, first_tensor, wrapped
+from .speedups import HookedSpeedUps
 
 __all__ = ["ElementwiseSite", "ReferenceAdapter", "matches", "make"]
 
@@ -37,19 +31,14 @@ class ElementwiseSite(Site):
     def __init__(self, name: str, module: Elementwise):
         self.name, self.module, self.kind = name, module, module.kind
 
-    def derivative_at(self, values: Tensor, params: Tensor) -> Tensor:
-        return self._per_value(values, params, self.module.derivative)
+    def input_shape(self, params: Tensor) -> tuple[int, ...]:
+        return (params.shape[0], params.shape[1] // self.module.params_per_dim, *params.shape[2:])
 
-    def _per_value(self, values: Tensor, params: Tensor, fn) -> Tensor:
-        """``fn(x, h)`` with ``x`` filled with each probe value in turn: (V, M)."""
-        p = self.module.params_per_dim
-        h = params.to(values.dtype)
-        shape = (h.shape[0], h.shape[1] // p, *h.shape[2:])
-        ones = torch.ones(shape, dtype=h.dtype, device=h.device)
-        return torch.stack([fn(ones * v, h).flatten() for v in values])
+    def derivative(self, x: Tensor, params: Tensor) -> Tensor:
+        return self.module.derivative(x, params)
 
-    def map_at(self, values: Tensor, params: Tensor) -> Tensor:
-        return self._per_value(values, params, lambda x, h: self.module(x, h)[0])
+    def map(self, x: Tensor, params: Tensor) -> Tensor:
+        return self.module(x, params)[0]
 
     def tail_bounds(self) -> tuple[float, float]:
         return self.module.tail_bounds()
@@ -79,7 +68,7 @@ class ElementwiseSite(Site):
         return output[1], args[1] if len(args) > 1 else kwargs["h"]
 
 
-class ReferenceAdapter(HookedAdapter):
+class ReferenceAdapter(HookedSpeedUps, Adapter):
     """Adapter of a :class:`ReferenceFlow`."""
 
     family = "reference"
@@ -96,7 +85,7 @@ class ReferenceAdapter(HookedAdapter):
         return tuple(self.model.condition_shape)
 
     def check_condition_shape(self, shape: tuple[int, ...]) -> None:
-        """Image flows squeeze ×2 at each of their ``L`` levels: the sample (H·scale × W·scale) must divide by 2^L."""
+        """Image flows squeeze ×2 at each of their ``L`` levels: a sample H·scale × W·scale must divide by 2^L."""
         super().check_condition_shape(shape)
         levels = getattr(self.model, "L", None)
         if len(shape) != 3 or levels is None:

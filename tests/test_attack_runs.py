@@ -81,7 +81,7 @@ def _same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
 
 
 def _shards(work: Path) -> list[Path]:
-    return sorted(work.glob("attack-*.pt"))
+    return sorted(work.glob("attack-*.npz"))
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +199,7 @@ def test_scan_attack_resumes_from_its_shards(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         flowaudit.scan(model, y, context=Context(work_dir=work), **kw)
     monkeypatch.undo()
-    assert (work / "attack-00000.pt").exists() and not (work / "attack-00001.pt").exists()
+    assert (work / "attack-00000.npz").exists() and not (work / "attack-00001.npz").exists()
     assert json.loads((work / "settings.json").read_text())["attack"]["steps"] == 4
 
     with pytest.raises(AuditError, match="attack="):  # the attack's settings are the scan's too

@@ -188,7 +188,7 @@ def test_observer_sees_every_sites_true_gain(case: Case):
 
 @pytest.mark.parametrize("case", PARAMS)
 def test_an_observing_block_reports_what_a_pass_reports(case: Case, monkeypatch):
-    """Inside ``adapter.observing(obs)`` a pass naming ``obs`` reports what a pass on its own reports (the same calls
+    """Inside ``observing(adapter, obs)`` a pass naming ``obs`` reports what a pass on its own reports (the same calls
     in the same order, gains and parameters equal), bare passes and another observer's passes report nothing to it,
     the samples are unchanged, the hooks are put on once for the block, and nothing is left after it."""
     model = _model(case)
@@ -209,7 +209,7 @@ def test_an_observing_block_reports_what_a_pass_reports(case: Case, monkeypatch)
         adapter.sample(y, latents)
         per_bare = len(registered)  # hooks a library's own pass puts on (zuko's hyper-networks), observed or not
         registered.clear()
-        with adapter.observing(held):
+        with flowaudit.adapters.observing(adapter, held):
             bare = adapter.sample(y, latents)
             assert not held.layers and not held.gains
             observed = adapter.sample(y, latents, observer=held)

@@ -74,7 +74,8 @@ def test_toy_resume_after_an_interruption(toy_reference, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         _toy_scan(batch_size=8, context=Context(work_dir=work))
     monkeypatch.setattr(runner, "sample_range", real)
-    assert sorted(f.name for f in work.glob("*.pt")) == ["fit-00000.pt", "fit.fold.pt", "in-00000.pt", "in.fold.pt"]
+    names = ["fit-00000.npz", "fit.fold.npz", "in-00000.npz", "in.fold.npz"]
+    assert sorted(f.name for f in work.glob("*.npz")) == names
     ctx = Context(work_dir=work, resume=True)
     assert _toy_scan(batch_size=12, context=ctx) == toy_reference
     assert ctx.work.resumed == 2  # the fit shard and the first scan shard were read back, not computed

@@ -16,6 +16,7 @@ import fcntl
 import io
 import json
 import os
+import pickle
 from pathlib import Path
 
 import h5py
@@ -177,7 +178,26 @@ def files(tmp_path_factory) -> Path:
     (f / "notjson.json").write_text("{nope")
     (f / "unknownopt.json").write_text(json.dumps({"no_such_option": 1}))
     (f / "existing").mkdir()
+    # untrusted files: code in a pickle, HDF5 data outside the file, a stats file with a NaN mean
+    (f / "code.pt").write_bytes(pickle.dumps({"state_dict": _Code()}, protocol=2))
+    (f / "secret.bin").write_bytes(np.arange(8, dtype=np.float32).tobytes())
+    with h5py.File(f / "external.h5", "w") as h:
+        h.create_dataset("y", shape=(4, 2), dtype=np.float32, external=[(str(f / "secret.bin"), 0, 32)])
+    from flowaudit.stats.gaussian import GaussianOOD
+
+    g = GaussianOOD.load(f / "stats.h5")
+    g.location_ = g.location_.copy()
+    g.location_[0] = np.nan
+    g.save(f / "nanstats.h5")
+    # memory: a PNG whose header declares 81 megapixels (a few kilobytes on disk)
+    (f / "bomb").mkdir()
+    Image.new("1", (9000, 9000)).save(f / "bomb" / "big.png")
     return f
+
+
+class _Code:
+    def __reduce__(self):
+        return (os.system, ("echo should-never-run",))
 
 
 SCAN = ["scan", "toy-affine", "--data", "{F}/test.npz", "--samples", "1", "--device", "cpu", "--out", "{OUT}"]
@@ -192,6 +212,17 @@ def scan_data(data: str, model: str = "toy-affine") -> list[str]:
 
 
 CASES = [
+    # -- second round: one class of input per group -----------------------------------------------
+    ("ckpt-holds-code", scan_model("{F}/code.pt"), "{F}/code.pt: holds pickled code (posix.system)"),
+    ("data-h5-external-storage", scan_data("{F}/external.h5"), "keeps its bytes in external files"),
+    ("stats-nan-mean", [*SCAN, "--stats", "{F}/nanstats.h5"], "{F}/nanstats.h5 is not a valid flowaudit stats file"),
+    ("temperature-nan", [*SCAN, "--temperature", "nan"], "'--temperature'"),
+    ("threshold-nan", [*SCAN, "--threshold", "nan"], "'--threshold'"),
+    ("seed-above-generator", [*SCAN, "--seed", str(2**64)], "'--seed'"),
+    ("samples-absurd", [*SCAN, "--samples", "1000000000000"], "'--samples'"),
+    ("scan-wrong-shape", scan_data("{F}/wrongshape.npy"), "--data {F}/wrongshape.npy: conditions have shape (3,)"),
+    ("out-name-too-long", [*SCAN[:-1], "{OUT}/" + "x" * 300], "file name too long"),
+    ("data-image-bomb", scan_data("{F}/bomb"), "decompression-bomb"),
     # -- checkpoints ------------------------------------------------------------------------------
     ("ckpt-empty", scan_model("{F}/empty.pt"), "{F}/empty.pt: empty file"),
     ("ckpt-truncated", scan_model("{F}/truncated.pt"), "{F}/truncated.pt: corrupt or truncated"),

@@ -190,7 +190,7 @@ def test_attack_interrupted_leaves_nothing(big: Path, tmp_path: Path) -> None:
         ],
         tmp_path,
     )
-    rc, err = _interrupt(proc, signal.SIGINT, lambda: work.exists() and any(work.glob("attack-*.pt")), settle=0.2)
+    rc, err = _interrupt(proc, signal.SIGINT, lambda: work.exists() and any(work.glob("attack-*.npz")), settle=0.2)
     assert rc == 130 and err.count("\n") == 1, err
     assert err.startswith(f"flowaudit: interrupted (SIGINT): flowaudit attack stopped; nothing was written to {out}"), (
         err

@@ -85,7 +85,7 @@ def _kill_halfway(data: Path, out: Path, sig: int, shards: int = 3) -> subproces
     """Start the scan and send ``sig`` once ``shards`` shards are saved (:func:`runs.kill_when`)."""
     work = out.with_name(f".{out.name}.work")
     return kill_when(
-        _cmd(data, out), lambda: work.exists() and len(list(work.glob("in-*.pt"))) >= shards, sig, [out, work]
+        _cmd(data, out), lambda: work.exists() and len(list(work.glob("in-*.npz"))) >= shards, sig, [out, work]
     )
 
 
@@ -95,7 +95,7 @@ def test_sigkill_halfway_then_resume_equals_uninterrupted(data, tmp_path, uninte
     proc = _kill_halfway(data, out, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL, "the scan finished before it could be killed"
     assert not out.exists()  # no partial output
-    done = len([f for f in work.glob("*.pt") if not f.name.endswith(".fold.pt")])  # shards, not the running folds
+    done = len([f for f in work.glob("*.npz") if not f.name.endswith(".fold.npz")])  # shards, not the running folds
     assert 0 < done < 1 + 6 + 2  # the fit shard, some in-distribution shards, not all
 
     again = _cli(*_args(data, out))  # without --resume: refused, one line, nothing touched
@@ -104,7 +104,7 @@ def test_sigkill_halfway_then_resume_equals_uninterrupted(data, tmp_path, uninte
     assert other.exit_code == 2 and "seed=0" in other.output and "seed=7" in other.output
     elsewhere = _cli(*_args(data, tmp_path / "other", "--resume", str(work)))  # another output's work folder
     assert elsewhere.exit_code == 2 and "not of --out" in elsewhere.output
-    assert not out.exists() and len([f for f in work.glob("*.pt") if not f.name.endswith(".fold.pt")]) == done
+    assert not out.exists() and len([f for f in work.glob("*.npz") if not f.name.endswith(".fold.npz")]) == done
 
     r = subprocess.run(_cmd(data, out, "--resume", str(work)), env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import click
 
+from ..config import validate as V
 from .._version import __version__
 from .options import (
     EXIT_INTERRUPTED,
@@ -48,12 +49,14 @@ __all__ = ["cli", "main"]
 def _user_errors() -> tuple[type[BaseException], ...]:
     from ..adapters import ModelError
     from ..errors import AuditError, DataError
+    from ..utils.atomic import OutputError
 
     return (
         UserError,
         AuditError,
         DataError,
         ModelError,
+        OutputError,
         FileExistsError,
         FileNotFoundError,
         PermissionError,
@@ -304,16 +307,16 @@ def fit(
 @click.option("--fit-data", type=click.Path(exists=True), help="Training conditions to fit the Gaussian on the fly.")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Report folder (must not exist).")
 @overwrite_option
-@click.option("--samples", "-k", type=click.IntRange(1), default=10, show_default=True, help="Samples K per input.")
+@click.option("--samples", "-k", type=V.SAMPLES, default=10, show_default=True, help="Samples K per input.")
 @click.option(
     "--temperature",
     "-t",
-    type=click.FloatRange(0),
+    type=V.FiniteFloat(0, 100),
     default=0.9,
     show_default=True,
     help="Temperature τ of the latents.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the latents (recorded in the report).")
+@click.option("--seed", type=V.SEED, default=0, show_default=True, help="Seed of the latents (recorded in the report).")
 @click.option(
     "--fail-on",
     type=click.Choice(["never", "violation", "risk"]),
@@ -459,10 +462,10 @@ def _budget(ctx: click.Context, param: click.Parameter, value: str):
     show_default=True,
     help="Maximise the inverse log-determinant, the largest log inverse gain, or the largest |sample value|.",
 )
-@click.option("--steps", type=click.IntRange(0), default=50, show_default=True, help="Gradient steps per start.")
+@click.option("--steps", type=V.BoundedInt(0, 10**6), default=50, show_default=True, help="Gradient steps per start.")
 @click.option(
     "--step-size",
-    type=click.FloatRange(0, min_open=True),
+    type=V.FiniteFloat(0, min_open=True),
     help="Step length in the budget's norm (default 2.5·EPS/steps; "
     "none: the first of geometrically growing steps, 1 % of the conditions' spread).",
 )
@@ -474,20 +477,20 @@ def _budget(ctx: click.Context, param: click.Parameter, value: str):
     help="Step direction: Adam's m̂/√v̂ (sign with momentum) or the sign of the gradient (PGD).",
 )
 @click.option(
-    "--starts", type=click.IntRange(1), default=16, show_default=True, help="Attack the first N conditions of --data."
+    "--starts", type=V.BATCH, default=16, show_default=True, help="Attack the first N conditions of --data."
 )
 @click.option(
-    "--samples", "-k", type=click.IntRange(1), default=4, show_default=True, help="Samples K (latents) per start."
+    "--samples", "-k", type=V.SAMPLES, default=4, show_default=True, help="Samples K (latents) per start."
 )
 @click.option(
     "--temperature",
     "-t",
-    type=click.FloatRange(0),
+    type=V.FiniteFloat(0, 100),
     default=0.9,
     show_default=True,
     help="Temperature τ of the latents.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the latents (the scan's seeding).")
+@click.option("--seed", type=V.SEED, default=0, show_default=True, help="Seed of the latents (the scan's seeding).")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Report folder (must not exist).")
 @overwrite_option
 @click.option(
@@ -499,7 +502,7 @@ def _budget(ctx: click.Context, param: click.Parameter, value: str):
 )
 @click.option(
     "--batch-size",
-    type=click.IntRange(1),
+    type=V.BATCH,
     default=64,
     show_default=True,
     help="Samples per inverse pass with --batched (the pass keeps its graph, so it costs more memory than a scan's; "

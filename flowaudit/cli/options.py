@@ -22,6 +22,8 @@ from typing import Any
 
 import click
 
+from ..config import validate as V
+
 __all__ = [
     "Settings",
     "UserError",
@@ -90,7 +92,7 @@ json_option = click.option(
 )
 batch_option = click.option(
     "--batch-size",
-    type=click.IntRange(1),
+    type=V.BATCH,
     default=None,
     help="Samples per inverse pass (default: as many as --max-memory allows; exact passes: K).",
 )
@@ -110,14 +112,14 @@ estimator_option = click.option(
     help="Covariance estimator.",
 )
 threshold_option = click.option(
-    "--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Remark 2 tail-ratio threshold."
+    "--threshold", type=V.FiniteFloat(0, 1), default=0.5, show_default=True, help="Remark 2 tail-ratio threshold."
 )
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 
 
 max_parameters_option = click.option(
     "--max-parameters",
-    type=click.FloatRange(1),
+    type=V.FiniteFloat(1),
     default=2e9,
     show_default=True,
     help="Refuse a checkpoint whose model has more parameters (checked before allocating).",

@@ -12,6 +12,7 @@ import json
 
 import click
 
+from ..config import validate as V
 from .options import Settings, UserError, claim_output, device_option, json_option
 
 __all__ = ["train", "data"]
@@ -55,7 +56,7 @@ def _report_training(obj: Settings, state: dict, out: str, coupling: str) -> Non
 @click.option(
     "--iters", type=click.IntRange(1), default=8000, show_default=True, help="Training iterations (paper: 8000)."
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of data, init and batches.")
+@click.option("--seed", type=V.SEED, default=0, show_default=True, help="Seed of data, init and batches.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint at --out.")
 @click.option(
     "--feature-dim", type=click.IntRange(0), default=16, show_default=True, help="Width of g(y); 0 feeds y raw."
@@ -99,9 +100,9 @@ def _image_train_options(f):
             ),
             click.option("--batch", type=click.IntRange(1), default=8, show_default=True, help="Batch size."),
             click.option(
-                "--lr", type=click.FloatRange(0, min_open=True), help="Initial learning rate (halved at 50/75/90/95 %)."
+                "--lr", type=V.FiniteFloat(0, min_open=True), help="Initial learning rate (halved at 50/75/90/95 %)."
             ),
-            click.option("--seed", type=int, default=0, show_default=True, help="Seed of data, init and batches."),
+            click.option("--seed", type=V.SEED, default=0, show_default=True, help="Seed of data, init and batches."),
             click.option("--resume", is_flag=True, help="Continue from the checkpoint at --out."),
             click.option(
                 "--config",
@@ -194,7 +195,7 @@ def data():
     help=".npz file with arrays y (conditions) and x (targets).",
 )
 @click.option("--n", type=click.IntRange(1), default=1000, show_default=True, help="Number of pairs.")
-@click.option("--seed", type=int, default=10_001, show_default=True, help="Seed (training runs use 0).")
+@click.option("--seed", type=V.SEED, default=10_001, show_default=True, help="Seed (training runs use 0).")
 @click.option("--ood", is_flag=True, help="Shift the conditions by [0.8, -0.8] (the paper's y_OOD).")
 def data_toy(out, n, seed, ood):
     """Pairs of the 2D toy (eq. S2, eq. 7) as .npz."""
@@ -229,7 +230,7 @@ def data_toy(out, n, seed, ood):
     "--scale", type=click.Choice(["2", "4", "8"]), default="4", show_default=True, help="Down-scaling factor."
 )
 @click.option("--n", type=click.IntRange(1), default=64, show_default=True, help="Number of patches.")
-@click.option("--seed", type=int, default=102, show_default=True, help="Seed of the crops.")
+@click.option("--seed", type=V.SEED, default=102, show_default=True, help="Seed of the crops.")
 def data_sr(out, split, eurban, patch, scale, n, seed):
     """SR patches of the embedded corpus as an image folder (optionally the EUrban-style OOD set)."""
     from ..reference_models import data as d
@@ -257,7 +258,7 @@ def data_sr(out, split, eurban, patch, scale, n, seed):
 )
 @click.option("--patch", type=click.IntRange(4), default=32, show_default=True, help="Patch size.")
 @click.option("--n", type=click.IntRange(1), default=64, show_default=True, help="Number of patches.")
-@click.option("--seed", type=int, default=102, show_default=True, help="Seed of noise and crops.")
+@click.option("--seed", type=V.SEED, default=102, show_default=True, help="Seed of noise and crops.")
 def data_lowlight(out, split, preset, patch, n, seed):
     """Synthetic low-light pairs of the embedded corpus as a low/ + high/ folder."""
     from ..reference_models import data as d

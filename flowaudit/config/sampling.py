@@ -37,7 +37,7 @@ class Sampling:
 
     def seed_of(self, set_index: int, i: int) -> int:
         """The generator seed of input ``i`` of set ``set_index``."""
-        return self.seed * 1_000_003 + set_index * 10**9 + i
+        return (self.seed * 1_000_003 + set_index * 10**9 + i) % 2**64  # the generator takes 0 … 2**64 - 1
 
     def latents(self, adapter: Adapter, y: Tensor, set_index: int, first: int, device: torch.device) -> list[Tensor]:
         """K latents for each row of ``y`` (inputs ``first``, ``first + 1``, …), input-major, on ``device``."""

@@ -26,6 +26,7 @@ nothing to audit and is refused. Targets ``x`` must be finite.
 from __future__ import annotations
 
 import math
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,16 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
-from .images import IMAGE_EXTENSIONS, find_pair_dirs, read_image, read_image_folder, read_paired_folder
-from .untrusted import ReaderCrashed, survives
+from .images import (
+    IMAGE_EXTENSIONS,
+    image_files,
+    find_pair_dirs,
+    image_size,
+    read_image,
+    read_image_folder,
+    read_paired_folder,
+)
+from .untrusted import ForeignStorage, ReaderCrashed, h5_dataset, survives
 
 __all__ = ["DataError", "ConditionSet", "load_conditions", "nonfinite_records", "ARRAY_EXTENSIONS"]
 
@@ -115,8 +124,46 @@ def _stack(path: Path, named: list[tuple[str, np.ndarray]], what: str = "images"
     return torch.from_numpy(np.stack([a for _, a in named]).transpose(0, 3, 1, 2).copy())
 
 
-def _from_folder(path: Path) -> tuple[Tensor, Tensor | None, list[str], str]:
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _budget(max_bytes: int | None) -> int | None:
+    """The memory a loaded set may take: ``max_bytes``, else half the available RAM (``--max-memory``'s default)."""
+    if max_bytes is not None:
+        return int(max_bytes)
+    free = _available_bytes()
+    return None if free is None else free // 2
+
+
+def _check_memory(path: Path, what: str, nbytes: int, max_bytes: int | None) -> None:
+    """Refuse before allocating when ``nbytes`` (decoded, float32, with the stacked copy) passes the budget."""
+    budget = _budget(max_bytes)
+    if budget is not None and nbytes > budget:
+        raise _err(
+            path,
+            f"{what} take {nbytes / 2**30:.1f} GiB once decoded, above the memory budget of "
+            f"{budget / 2**30:.1f} GiB (--max-memory); use fewer or smaller inputs",
+        )
+
+
+def _check_images(path: Path, files: list[Path], max_bytes: int | None) -> None:
+    """Header sizes of every image (no pixel decoded): the bomb limit, then the memory the set needs."""
+    total = sum(2 * 3 * 4 * w * h for w, h in (image_size(f) for f in files))  # float32 RGB, decoded + stacked
+    _check_memory(path, f"{len(files)} images", total, max_bytes)
+
+
+def _from_folder(path: Path, max_bytes: int | None = None) -> tuple[Tensor, Tensor | None, list[str], str]:
     layout = find_pair_dirs(path)
+    files = [f for d in (layout or ("",)) for f in image_files(path / d)]
+    _check_images(path, files, max_bytes)
     if layout is not None:
         pairs = read_paired_folder(path)
         if not pairs:
@@ -145,10 +192,45 @@ def _array(path: Path, name: str, a: Any) -> np.ndarray:
     return a
 
 
-def _from_arrays(path: Path) -> tuple[Tensor, Tensor | None, list[str], str]:
+def _npy_bytes(fp: Any) -> int:
+    """Bytes of the array a ``.npy`` stream declares in its header (read without touching the data)."""
+    version = np.lib.format.read_magic(fp)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(fp)
+    return int(np.prod(shape, dtype=object)) * dtype.itemsize
+
+
+def _declared_bytes(path: Path, kind: str) -> int:
+    """What loading ``y`` and ``x`` of an array file allocates, from headers and shapes only."""
+    if kind == "npy":
+        with open(path, "rb") as fp:
+            declared = _npy_bytes(fp)
+            held = path.stat().st_size - fp.tell()
+        if declared > held:  # a header that promises more than the file holds: truncated or hostile
+            raise _err(path, f"unreadable .npy file (its header declares {declared:,} bytes, it holds {held:,})")
+        return declared
+    if kind == "npz":
+        with zipfile.ZipFile(path) as z:
+            total = 0
+            for name in ("y.npy", "x.npy"):
+                if name in z.namelist():
+                    with z.open(name) as fp:
+                        total += _npy_bytes(fp)
+            return total
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        found = [f.get(k) for k in ("y", "x")]
+        return sum(int(np.prod(d.shape, dtype=object)) * d.dtype.itemsize for d in found if isinstance(d, h5py.Dataset))
+
+
+def _from_arrays(path: Path, max_bytes: int | None = None) -> tuple[Tensor, Tensor | None, list[str], str]:
     suffix = path.suffix.lower()
     kind = {".npy": "npy", ".npz": "npz"}.get(suffix, "h5")
     try:
+        if kind == "h5":
+            survives(_read_h5, path, True)  # a corrupt file can crash the HDF5 library itself
+        _check_memory(path, "the arrays", 2 * _declared_bytes(path, kind), max_bytes)  # as read, then as float32
         if kind == "npy":
             y, x = np.load(path, allow_pickle=False), None
         elif kind == "npz":
@@ -157,7 +239,6 @@ def _from_arrays(path: Path) -> tuple[Tensor, Tensor | None, list[str], str]:
                     raise _err(path, f"no array 'y' (has: {', '.join(f.files) or 'nothing'})")
                 y, x = f["y"], (f["x"] if "x" in f.files else None)
         else:
-            survives(_read_h5, path, True)  # a corrupt file can crash the HDF5 library itself
             y, x = _read_h5(path)
     except DataError:
         raise
@@ -181,33 +262,41 @@ def _read_h5(path: Path, probe: bool = False) -> tuple[Any, Any]:
 
     rows = slice(0, 1) if probe else ()
     with h5py.File(path, "r") as f:
-        if not isinstance(f.get("y"), h5py.Dataset):
+        try:
+            y, x = h5_dataset(f, "y"), h5_dataset(f, "x")
+        except ForeignStorage as e:
+            raise _err(path, e) from None
+        if y is None:
             raise _err(path, f"no dataset 'y' at the top level (has: {', '.join(f.keys()) or 'nothing'})")
-        y = f["y"][rows] if f["y"].ndim else f["y"][()]
-        x = f.get("x")
-        return y, ((x[rows] if x.ndim else x[()]) if isinstance(x, h5py.Dataset) else None)
+        y = y[rows] if y.ndim else y[()]
+        return y, (None if x is None else (x[rows] if x.ndim else x[()]))
 
 
 def _tensor(a: np.ndarray) -> Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    """float32; magnitudes beyond float32's range (1e300) become ±Inf, counted as non-finite, without a warning."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
 
-def load_conditions(path: str | Path) -> ConditionSet:
+def load_conditions(path: str | Path, max_bytes: int | None = None) -> ConditionSet:
     """Read conditions (and targets where present) from an image folder or an array file.
 
     ``description`` holds ``path``, ``kind`` (``images``, ``image``, ``paired low/high``,
     ``paired lr/hr``, ``npy``, ``npz``, ``h5``), ``n``, ``shape`` (one condition's shape)
-    and, with targets, ``target_shape``. Raises :class:`DataError` on any problem.
+    and, with targets, ``target_shape``. Raises :class:`DataError` on any problem. Sizes are read
+    from headers first (images, ``.npy``/``.npz`` headers, HDF5 shapes) and checked against
+    ``max_bytes`` (default: half the available RAM) before anything that large is allocated.
     """
     p = Path(path)
     if not p.exists():
         raise _err(p, "no such file or folder")
     try:
         if p.is_dir():
-            y, x, ids, kind = _from_folder(p)
+            y, x, ids, kind = _from_folder(p, max_bytes)
         elif p.suffix.lower() in ARRAY_EXTENSIONS:
-            y, x, ids, kind = _from_arrays(p)
+            y, x, ids, kind = _from_arrays(p, max_bytes)
         elif p.suffix.lower() in IMAGE_EXTENSIONS:
+            _check_images(p, [p], max_bytes)
             y, x, ids, kind = torch.from_numpy(read_image(p).transpose(2, 0, 1).copy())[None], None, [p.stem], "image"
         else:
             raise _err(

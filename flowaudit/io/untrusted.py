@@ -8,6 +8,12 @@ refused with one line; if it finishes (or raises an ordinary exception), the par
 read itself, and gets the same result or the same exception, now catchable. The child shares
 the parent's memory copy-on-write and costs a few milliseconds; without ``fork`` (not POSIX)
 the read runs in-process only.
+
+HDF5 can also point *outside* the file: an external link names a dataset in another file, a
+dataset with external storage keeps its bytes in raw files named in its header, a virtual dataset
+maps other files' datasets (and reads a missing source as fill values). Each lets a crafted file
+make the audit read any file the user can (``/etc/passwd`` into a report) or audit zeros it never
+had. :func:`h5_dataset` refuses all three with :class:`ForeignStorage`: data is what the file holds.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["survives", "ReaderCrashed"]
+__all__ = ["survives", "ReaderCrashed", "ForeignStorage", "h5_dataset"]
 
 
 class ReaderCrashed(ValueError):
@@ -61,3 +67,34 @@ def survives(
     if os.WIFSIGNALED(status):
         name = signal.Signals(os.WTERMSIG(status)).name
         raise ReaderCrashed(f"the {what} reader crashed on it with {name}")
+
+
+class ForeignStorage(ValueError):
+    """An HDF5 object that keeps its data outside the file (external link, external storage, virtual dataset)."""
+
+
+def h5_dataset(f: Any, name: str) -> Any:
+    """Dataset ``name`` of the open ``h5py.File`` ``f`` (``None`` if absent or not a dataset), refusing foreign storage.
+
+    Raises :class:`ForeignStorage` naming the object when its data would come from another file.
+    """
+    import h5py
+
+    link = f.get(name, getlink=True)
+    if link is None:
+        return None
+    if isinstance(link, h5py.ExternalLink):
+        raise ForeignStorage(
+            f"{name!r} is an external link to {link.filename}:{link.path}; refused (data must be in the file)"
+        )
+    obj = f.get(name)
+    if not isinstance(obj, h5py.Dataset):
+        return None
+    if obj.is_virtual:
+        raise ForeignStorage(f"{name!r} is a virtual dataset over other files; refused (data must be in the file)")
+    if obj.external:
+        names = ", ".join(str(e[0]) for e in obj.external[:2])
+        raise ForeignStorage(
+            f"{name!r} keeps its bytes in external files ({names}); refused (data must be in the file)"
+        )
+    return obj

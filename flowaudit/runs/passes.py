@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..adapters import Adapter
+from ..adapters import Adapter, observing
 from ..config.sampling import Sampling, batches, progress_bar
 from ..io.datasets import ConditionSet
 from ..stats.risk import lr_psnr, sample_checks
@@ -79,7 +79,7 @@ def sample_range(
     tracer = Tracer(run.sampling).start_at(rows.start, rows.start // per if first_pass is None else first_pass)
     band = adapter.error_band
     records: list[dict] = []
-    with progress_bar(rows.stop - rows.start, f"scan {set_name}", run.progress) as bar, adapter.observing(tracer):
+    with progress_bar(rows.stop - rows.start, f"scan {set_name}", run.progress) as bar, observing(adapter, tracer):
         for sl in batches(rows.stop - rows.start, per):
             sl = slice(rows.start + sl.start, rows.start + sl.stop)
             y = cs.y[sl].to(run.device)

@@ -14,7 +14,7 @@ same float64 additions in the same order:
 
 The **work folder** ``.<out>.work/`` beside the output holds ``settings.json``
 (what the run computes: model fingerprint, data digests, seed, samples, …) and
-one ``<job>-<k>.pt`` per completed shard, each written atomically
+one ``<job>-<k>.npz`` per completed shard, each written atomically
 (:func:`~flowaudit.utils.atomic.atomic_path`), so a SIGKILL loses at
 most the shard in flight. :func:`run_shards` yields payloads in order, loading
 completed ones and computing (and saving) the rest; with a process group it
@@ -29,13 +29,20 @@ Plugging another long loop in (as :func:`~flowaudit.evidence.attack.run_attack` 
 An attack shard's payload is its starts' result tensors (CPU) and the layer and site
 names; a scan's ``--attack`` keeps its shards (``attack-<k>``) in the scan's work folder.
 
-A payload is anything ``torch.save`` writes and ``torch.load(weights_only=True)``
-reads back: dicts, lists, str, int, float, bool, None and CPU tensors.
+A payload is plain data: dicts, lists, tuples, str, int, float, bool, None, CPU tensors and
+NumPy arrays. A shard file is an ``.npz`` archive, never a pickle (:func:`pack` / :func:`unpack`):
+the arrays, plus the payload's structure as JSON with the arrays replaced by references, and
+the job's key and a digest of the run's settings. The work folder is untrusted on resume: a shard
+that is truncated, foreign, of another run or another job is recomputed (its file replaced), and a
+running fold that cannot be read restarts the fold from the first job, so a folder left in any
+state resumes to the same result. A folder without a readable ``settings.json`` holds nothing a
+run can trust and is started afresh.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -62,6 +69,8 @@ __all__ = [
     "digest",
     "gaussian_state",
     "gaussian_from_state",
+    "pack",
+    "unpack",
 ]
 
 SHARD_INPUTS = 32
@@ -72,6 +81,9 @@ ATTACK_SHARD_STARTS = 16  # starts per attack shard (each start runs its whole s
 def work_path(out: str | Path) -> Path:
     """The work folder of output ``out``: ``.<name>.work`` beside it."""
     out = Path(out)
+    if len(os.fsencode(out.name)) > 240:  # ".<name>.work" must stay within the 255-byte limit on names
+        short = hashlib.sha256(os.fsencode(out.name)).hexdigest()[:16]
+        return out.with_name(f".{os.fsencode(out.name)[:100].decode(errors='ignore')}~{short}.work")
     return out.with_name(f".{out.name}.work")
 
 
@@ -103,7 +115,13 @@ class WorkFolder:
     def __init__(self, path: str | Path, settings: dict, resume: bool = False):
         self.path = Path(path)
         self.settings = json.loads(json.dumps(jsonable(settings)))
+        self.tag = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:16]
         self.resumed = 0  # shards loaded instead of computed
+        if self.path.is_symlink() or (self.path.exists() and not self.path.is_dir()):
+            raise AuditError(f"{self.path}: not a work folder (a file or a link); remove it to start again")
+        cleaned = self.path.exists() and not self._settings_file_ok()
+        if cleaned:  # empty, or killed before its settings landed: nothing in it can be trusted, nothing to keep
+            shutil.rmtree(self.path, ignore_errors=True)
         if self.path.exists():
             if not resume:
                 raise AuditError(
@@ -111,8 +129,14 @@ class WorkFolder:
                     f"add --resume {self.path} to finish it, or remove the folder to start again"
                 )
             self._check()
-        elif resume:
+        elif resume and not cleaned:
             raise AuditError(f"--resume {self.path}: no such work folder (nothing to resume)")
+
+    def _settings_file_ok(self) -> bool:
+        try:
+            return isinstance(json.loads((self.path / "settings.json").read_text()), dict)
+        except (OSError, ValueError):
+            return False
 
     def _check(self) -> None:
         try:
@@ -127,21 +151,28 @@ class WorkFolder:
                 )
 
     def n_done(self) -> int:
-        return len([f for f in self.path.glob("*.pt") if not f.name.endswith(".fold.pt")]) if self.path.exists() else 0
+        if not self.path.exists():
+            return 0
+        return len([f for f in self.path.glob("*.npz") if not f.name.endswith(".fold.npz")])
 
     def _file(self, key: str) -> Path:
-        return self.path / f"{key}.pt"
+        return self.path / f"{key}.npz"
 
     def has(self, key: str) -> bool:
-        return self._file(key).exists()
+        return self.load(key, count=False) is not None
 
-    def load(self, key: str) -> Any | None:
-        """The payload of shard ``key``, or ``None`` when it was not completed."""
+    def load(self, key: str, count: bool = True) -> Any | None:
+        """The payload of shard ``key``; ``None`` when it was not completed or its file is not a valid shard."""
         f = self._file(key)
-        if not f.exists():
+        if not f.is_file():
             return None
-        self.resumed += 1
-        return torch.load(f, weights_only=True)
+        try:
+            payload = unpack(f.read_bytes(), key, self.tag)
+        except (OSError, ValueError):
+            return None  # truncated, foreign, of another run: recomputed, and its file replaced
+        if count:
+            self.resumed += 1
+        return payload
 
     def save(self, key: str, payload: Any, count: bool = True) -> None:
         """Write shard ``key`` atomically (the folder and its settings are created with the first shard)."""
@@ -151,13 +182,16 @@ class WorkFolder:
             tmp = self.path / f".settings.{os.getpid()}.tmp"
             tmp.write_text(json.dumps(self.settings, indent=1))
             os.replace(tmp, self.path / "settings.json")
+        data = pack(payload, key, self.tag)
         with atomic_path(self._file(key)) as tmp:
-            torch.save(payload, tmp)
+            tmp.write_bytes(data)
 
     def load_fold(self, name: str) -> dict | None:
         """The running fold ``name`` (``{"upto": jobs folded, "acc": state}``) of an interrupted run, if any."""
-        f = self.path / f"{name}.fold.pt"
-        return torch.load(f, weights_only=True) if f.exists() else None
+        fold = self.load(f"{name}.fold", count=False)
+        if not (isinstance(fold, dict) and isinstance(fold.get("upto"), int) and "acc" in fold):
+            return None
+        return fold
 
     def save_fold(self, name: str, upto: int, acc: Any) -> None:
         """Replace the running fold ``name`` atomically: the state after the first ``upto`` jobs."""
@@ -219,14 +253,14 @@ def run_folded(
     """
     world = 1 if group is None else group.world
     rank = 0 if group is None else group.rank
-    start = 0
-    if work is not None and (saved := work.load_fold(name)) is not None:
-        start, acc = saved["upto"], load(saved["acc"])
-    keeps: list[Any] = []
-    for key, _ in jobs[:start]:
-        if not work.has(key):
-            raise AuditError(f"{work.path}: shard {key} is missing; remove the folder and run again")
-        keeps.append(work.load(key))
+    start, keeps = 0, []
+    if work is not None and (saved := work.load_fold(name)) is not None and 0 < saved["upto"] <= len(jobs):
+        kept = [work.load(key) for key, _ in jobs[: saved["upto"]]]
+        if all(k is not None for k in kept):  # else a kept shard is gone or bad: fold again from the first job
+            try:
+                start, acc, keeps = saved["upto"], load(saved["acc"]), kept
+            except (KeyError, TypeError, ValueError, AttributeError, RuntimeError):
+                start, keeps = 0, []  # a fold of the wrong structure: recomputed
     for first in range(start, len(jobs), world):
         mine = None
         if first + rank < len(jobs):
@@ -274,3 +308,86 @@ def gaussian_from_state(state: dict, estimator: str, device: Any = None) -> Any:
     g.sum_quartic_ = state["sum_quartic"]
     g._stale = True
     return g
+
+
+# -- the shard file: an .npz of arrays plus the payload's structure as JSON (no pickle anywhere) ---------------
+
+_FORMAT = "flowaudit-shard/1"
+
+
+def pack(payload: Any, key: str, tag: str) -> bytes:
+    """The bytes of a shard file holding ``payload`` for job ``key`` of the run whose settings digest is ``tag``."""
+    arrays: dict[str, np.ndarray] = {}
+    tree = _encode(payload, arrays)
+    head = json.dumps({"format": _FORMAT, "key": key, "tag": tag, "tree": tree}, allow_nan=True)
+    arrays["__head__"] = np.frombuffer(head.encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def unpack(data: bytes, key: str, tag: str) -> Any:
+    """The payload of a shard file written by :func:`pack`; ``ValueError`` when it is not job ``key`` of run ``tag``."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            arrays = {name: z[name] for name in z.files}  # reading each member checks its CRC
+        head = json.loads(arrays.pop("__head__").tobytes().decode())
+    except Exception as exc:  # zipfile and numpy fail on hostile bytes in many ways (NotImplementedError, …)
+        raise ValueError(f"not a shard file ({type(exc).__name__})") from None
+    if not isinstance(head, dict) or head.get("format") != _FORMAT:
+        raise ValueError("not a shard file")
+    if head.get("key") != key or head.get("tag") != tag:
+        raise ValueError("a shard of another job or run")
+    try:
+        return _decode(head.get("tree"), arrays)
+    except (KeyError, TypeError, AttributeError, RuntimeError) as exc:
+        raise ValueError(f"not a shard file ({type(exc).__name__})") from None
+
+
+def _encode(obj: Any, arrays: dict[str, np.ndarray]) -> Any:
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        name = f"a{len(arrays)}"
+        if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: its bits travel as int16
+            arrays[name] = t.view(torch.int16).numpy()
+        else:
+            arrays[name] = t.numpy()
+        return {"__tensor__": name, "dtype": str(t.dtype).removeprefix("torch.")}
+    if isinstance(obj, (np.ndarray, np.generic)):
+        name = f"a{len(arrays)}"
+        arrays[name] = np.asarray(obj)
+        return {"__array__": name, "scalar": isinstance(obj, np.generic)}
+    if isinstance(obj, list):
+        return [_encode(v, arrays) for v in obj]
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, arrays) for v in obj]}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, arrays) for k, v in obj.items()}
+        return {"__items__": [[_encode(k, arrays), _encode(v, arrays)] for k, v in obj.items()]}
+    raise TypeError(f"a shard payload holds plain data only, not {type(obj).__name__}")
+
+
+def _decode(tree: Any, arrays: dict[str, np.ndarray]) -> Any:
+    if tree is None or isinstance(tree, (bool, int, float, str)):
+        return tree
+    if isinstance(tree, list):
+        return [_decode(v, arrays) for v in tree]
+    if not isinstance(tree, dict):
+        raise ValueError("not a shard file (unknown node)")
+    if "__tensor__" in tree:
+        a, dtype = arrays[tree["__tensor__"]], getattr(torch, str(tree["dtype"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"not a shard file (dtype {tree['dtype']!r})")
+        t = torch.from_numpy(a.copy())
+        return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t.to(dtype)
+    if "__array__" in tree:
+        a = arrays[tree["__array__"]]
+        return a[()] if tree.get("scalar") else a
+    if "__tuple__" in tree:
+        return tuple(_decode(v, arrays) for v in tree["__tuple__"])
+    if "__items__" in tree:
+        return {_decode(k, arrays): _decode(v, arrays) for k, v in tree["__items__"]}
+    return {k: _decode(v, arrays) for k, v in tree.items()}

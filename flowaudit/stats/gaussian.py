@@ -332,6 +332,8 @@ class GaussianOOD(BaseEstimator):
             or any(a.shape != (D, D) for a in shapes[1])
         ):
             raise ValueError(f"{path} is not a valid flowaudit stats file (inconsistent shapes or estimator)")
+        if problem := _invalid_estimate(est, int(header["n_inputs"])):
+            raise ValueError(f"{path} is not a valid flowaudit stats file ({problem})")
         est.metadata_ = metadata
         est._stale = False
         return est
@@ -387,6 +389,41 @@ class GaussianOOD(BaseEstimator):
             else "fit on more inputs, or on features that vary"
         )
         return f"the {self.estimator} covariance of {n} inputs with {D} features is singular: {fix}"
+
+
+def _invalid_estimate(est: GaussianOOD, n_inputs: int) -> str:
+    r"""Why a loaded estimate cannot score anything ("" when it can).
+
+    A stats file is untrusted: the mean and every sum must be finite, the covariance symmetric
+    (to :math:`10^{-9}` of its largest entry) and positive definite, and the stored Cholesky factor
+    must be lower triangular with a positive diagonal and reproduce it,
+    :math:`\lVert L L^\top - \Sigma \rVert_\infty \le 10^{-8} \max |\Sigma|`. A NaN there would make
+    every ``s_OOD`` NaN, and a factor that is not :math:`\Sigma`'s would score against another Gaussian.
+    """
+    if est.n_ < 1 or est.n_ != n_inputs:
+        return f"n = {est.n_} inputs, header n_inputs = {n_inputs}"
+    for name in ("reference", "sum", "sum_sq", "sum_cubic", "location", "covariance", "cholesky"):
+        if not np.isfinite(getattr(est, f"{name}_")).all():
+            return f"{name} holds NaN or Inf values"
+    if not (np.isfinite(est.sum_quartic_) and np.isfinite(est.shrinkage_) and 0 <= est.shrinkage_ <= 1):
+        return f"sum_quartic {est.sum_quartic_!r} or shrinkage {est.shrinkage_!r} out of range"
+    cov, L = est.covariance_, est.cholesky_
+    scale = float(np.abs(cov).max())
+    if not scale > 0:
+        return "the covariance is zero"
+    if np.abs(cov - cov.T).max() > 1e-9 * scale:
+        return "the covariance is not symmetric"
+    if np.triu(L, 1).any() or not (np.diag(L) > 0).all():
+        return "cholesky is not a lower triangular factor with a positive diagonal"
+    _, info = torch.linalg.cholesky_ex(torch.from_numpy(cov))
+    if info.item() != 0:
+        return "the covariance is not positive definite"
+    if np.abs(L @ L.T - cov).max() > 1e-8 * scale:
+        return "cholesky is not the covariance's factor"
+    expected = est.reference_ + est.sum_ / est.n_
+    if np.abs(expected - est.location_).max() > 1e-9 * max(1.0, float(np.abs(expected).max())):
+        return "location does not match reference + sum / n"
+    return ""
 
 
 def _reshift(stats: Stats, delta: NDArray[np.float64]) -> Stats:

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 
 from .._version import __version__
-from ..io.untrusted import ReaderCrashed, survives
+from ..io.untrusted import ForeignStorage, ReaderCrashed, h5_dataset, survives
 from ..utils.atomic import atomic_path
 
 __all__ = ["ARRAYS", "write_stats", "read_stats"]
@@ -93,7 +93,15 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
             raise _Refused(f"{path} is not a valid flowaudit stats file (format_version {version!r})")
         if version > FORMAT_VERSION:
             raise _Refused(f"{path} was written by a newer flowaudit ({attrs.get('flowaudit_version')})")
-        arrays = {k: f[k][()] for k in ARRAYS}
+        arrays = {}
+        for k in ARRAYS:
+            try:
+                ds = h5_dataset(f, k)
+            except ForeignStorage as e:
+                raise _Refused(f"{path} is not a valid flowaudit stats file ({e})") from None
+            if ds is None:
+                raise KeyError(f"no dataset {k!r}")
+            arrays[k] = ds[()]
         header = {k: attrs[k] for k in HEADER}
         json_keys = set(json.loads(attrs["json_keys"]))
         metadata = {k: json.loads(attrs[k]) if k in json_keys else attrs[k] for k in json.loads(attrs["metadata_keys"])}

@@ -7,19 +7,28 @@ Two writers of one target never mix: each first claims it (:func:`claim`, an exc
 :class:`TargetBusy` at once. Claims are re-entrant within a process. After :func:`request_stop` (the CLI's signal
 handlers) the rename that would publish a result raises ``KeyboardInterrupt`` instead, even where the first one
 was swallowed on the way.
+
+A writer that claims a target also cleans what a killed writer left: stale ``.tmp`` siblings are removed, and an
+``.old`` sibling of an interrupted replacement is put back when the target is gone. A file system that refuses the
+write (``ENOSPC``, ``EFBIG`` with ``SIGXFSZ`` ignored, a path too long, a read-only folder) raises
+:class:`OutputError`, one line naming the target, with nothing left behind. A symlinked ``--out`` is written where
+the link points, so replacing it leaves exactly one folder and the link intact.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
+import signal
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_dir", "claim", "TargetBusy", "request_stop", "stop_requested"]
+__all__ = ["atomic_path", "atomic_dir", "claim", "TargetBusy", "OutputError", "request_stop", "stop_requested"]
 
 try:
     import fcntl
@@ -51,12 +60,93 @@ class TargetBusy(FileExistsError):
     """Another run is writing the same target right now."""
 
 
+class OutputError(OSError):
+    """The file system refused to write the output (full, size limit, read-only, name too long): a user's problem."""
+
+
+#: errno values that say "this output cannot be written here", not "flowaudit has a bug".
+_REFUSED = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EFBIG: "file too large (a file-size limit)",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENAMETOOLONG: "file name too long",
+}
+
+
+def _ignore_xfsz() -> None:
+    """Make a file-size limit fail the write (``EFBIG``) instead of killing the process (``SIGXFSZ``)."""
+    sig = getattr(signal, "SIGXFSZ", None)
+    if sig is not None and threading.current_thread() is threading.main_thread():
+        with contextlib.suppress(ValueError, OSError):
+            if signal.getsignal(sig) == signal.SIG_DFL:
+                signal.signal(sig, signal.SIG_IGN)
+
+
+def refused(exc: BaseException, target: str | os.PathLike[str]) -> OutputError | None:
+    """The :class:`OutputError` that ``exc`` stands for when the file system refused to write ``target``."""
+    if isinstance(exc, OutputError):
+        return exc
+    code = getattr(exc, "errno", None)
+    if isinstance(exc, OSError) and code in _REFUSED:
+        return OutputError(code, f"{target}: cannot write: {_REFUSED[code]}")
+    if not isinstance(exc, (OSError, RuntimeError)):
+        return None
+    text = str(exc)  # libraries that give the errno only in their message (h5py: "errno = 27, …")
+    for code, reason in _REFUSED.items():
+        if f"errno = {code}," in text or os.strerror(code) in text:
+            return OutputError(code, f"{target}: cannot write: {reason}")
+    return None
+
+
+def _check_name(target: Path) -> None:
+    """Refuse a name or path longer than the file system takes, before anything is created."""
+    too_long = len(os.fsencode(target.name)) > 255 or len(os.fsencode(str(target))) >= 4096
+    for part in target.parents:
+        if os.path.isdir(part):
+            with contextlib.suppress(OSError, ValueError):
+                too_long = too_long or len(os.fsencode(target.name)) > os.pathconf(part, "PC_NAME_MAX")
+            break
+    if too_long:
+        raise OutputError(errno.ENAMETOOLONG, f"{target}: cannot write: {_REFUSED[errno.ENAMETOOLONG]}")
+
+
+def _clean_stale(target: Path) -> None:
+    """Remove what a killed writer of ``target`` left beside it (we hold its claim: no live writer has them)."""
+    try:
+        base = _base(target)
+        siblings = [p for p in target.parent.iterdir() if p.name.startswith(f".{base}.")]
+    except OSError:
+        return
+    for p in siblings:
+        tail = p.name[len(base) + 2 :]
+        if len(tail) != 12 or tail[8] != "." or tail[9:] not in ("tmp", "old"):
+            continue
+        if tail.endswith("old") and not os.path.lexists(target):
+            with contextlib.suppress(OSError):
+                os.rename(p, target)  # killed between moving the old one aside and renaming the new one in
+            continue
+        with contextlib.suppress(OSError):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def _base(target: Path) -> str:
+    """The name the siblings of ``target`` start from: its own, or a shortened one with a hash when it is so
+    long that ``.<name>.<random>.tmp`` would pass the file system's 255-byte limit on names."""
+    if len(os.fsencode(target.name)) <= 200:
+        return target.name
+    digest = hashlib.sha256(os.fsencode(target.name)).hexdigest()[:16]
+    return f"{os.fsencode(target.name)[:100].decode(errors='ignore')}~{digest}"
+
+
 def _sibling(target: Path, tag: str) -> Path:
-    return target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.{tag}")
+    return target.with_name(f".{_base(target)}.{uuid.uuid4().hex[:8]}.{tag}")
 
 
 def _lock_path(target: Path) -> Path:
-    return target.with_name(f".{target.name}.lock")
+    return target.with_name(f".{_base(target)}.lock")
 
 
 def _holder(lock: Path) -> str:
@@ -119,21 +209,26 @@ def claim(path: str | os.PathLike[str]) -> Iterator[Path]:
             fd, depth = _HELD[target]
             _HELD[target] = (fd, depth - 1)
         return
-    created = [d for d in (target.parent, *target.parent.parents) if not d.exists()]
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _ignore_xfsz()
+    _check_name(target)
+    created = [d for d in (target.parent, *target.parent.parents) if not os.path.lexists(d)]
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         fd = _acquire(target)
-    except BaseException:
+    except BaseException as exc:
         _remove_empty(created)
+        if (err := refused(exc, target)) is not None:
+            raise err from None
         raise
     _HELD[target] = (fd, 1)
+    _clean_stale(target)
     try:
         yield target
     finally:
         del _HELD[target]
         _lock_path(target).unlink(missing_ok=True)  # unlinked while still locked: no one can lock this inode after us
         os.close(fd)
-        if not target.exists():
+        if not os.path.lexists(target):
             _remove_empty(created)
 
 
@@ -168,6 +263,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             yield tmp
             _commit_allowed()
             os.replace(tmp, target)
+        except Exception as exc:
+            if (err := refused(exc, target)) is not None:
+                raise err from None
+            raise
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -190,12 +289,14 @@ def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterato
         ['a.txt']
     """
     target = Path(path)
+    if target.is_symlink():  # write where the link points: one folder afterwards, the link kept
+        target = Path(os.path.realpath(target))
     with claim(target):
         if target.exists() and not overwrite:
             raise FileExistsError(f"{target} exists (use --overwrite)")
         tmp = _sibling(target, "tmp")
-        tmp.mkdir()
         try:
+            tmp.mkdir()
             yield tmp
             _commit_allowed()
             if target.exists():
@@ -205,5 +306,9 @@ def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterato
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.rename(tmp, target)
+        except Exception as exc:
+            if (err := refused(exc, target)) is not None:
+                raise err from None
+            raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

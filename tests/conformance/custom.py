@@ -1,4 +1,4 @@
-"""Conformance case: a flow of one's own (``examples/custom_flow.py``), declared with :mod:`flowaudit.adapters.custom`."""
+"""Conformance case: a flow of one's own (``examples/custom_flow.py``), declared with ``flowaudit.adapters.custom``."""
 
 from __future__ import annotations
 

@@ -1,0 +1,78 @@
+"""Base of the adapters that drive a library's own flow (nflows, zuko, normflows, FrEIA).
+
+It owns what they share: latents τ·ε, a standard-normal ``log_prob``, the condition shape a user may
+state on the model, the site lists and the reports of the base distribution and of each layer. A
+library adapter fills ``_sites``, ``_prior``, ``_unseen``, ``_layers`` and ``_latent_shapes`` and
+drives the library's sampling.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import Adapter, Observer, PriorSite, Site, UnknownSite, draw_latents
+
+__all__ = ["LibraryAdapter"]
+
+
+class LibraryAdapter(Adapter):
+    """An adapter of a flow built with a library; subclasses fill the fields below in ``__init__``."""
+
+    _sites: list[Site]  # in forward (encode) order, the prior left out
+    _prior: PriorSite | None = None  # a condition-dependent base, the last site
+    _unseen: list[str]  # parts that may be conditional and that no site reads
+    _layers: list[str]  # the inverse pass's layers, in the order it reports them
+    _latent_shapes: list[tuple[int, ...]]  # one per latent, no batch axis
+
+    @property
+    def condition_shape(self) -> tuple[int, ...]:
+        """The model's ``condition_shape`` attribute when a user set one, else read off its layers."""
+        shape = getattr(self.model, "condition_shape", None)
+        return tuple(shape) if shape is not None else self._read_condition_shape()
+
+    def _read_condition_shape(self) -> tuple[int, ...]:
+        raise ValueError(f"cannot tell this {self.family} flow's condition shape: set `model.condition_shape = (C,)`")
+
+    def sites(self) -> list[Site]:
+        return list(self._sites) + ([self._prior] if self._prior is not None else [])
+
+    def unread(self) -> list[str]:
+        return list(self._unseen)
+
+    def layer_names(self) -> list[str]:
+        return list(self._layers)
+
+    def sample_latents(self, y: Tensor, temperature: float, generator: torch.Generator | None) -> list[Tensor]:
+        return draw_latents(self._latent_shapes, y, temperature, generator)
+
+    def _report_base(
+        self, observer: Observer | None, z: Tensor, mean: Tensor | None = None, log_std: Tensor | None = None
+    ) -> None:
+        """Report the base's draw ``z = μ + e^{log σ} ε``: the prior site's gain σ (when conditional), the layer."""
+        if observer is None:
+            return
+        if self._prior is not None:
+            params = torch.stack([mean.expand_as(z), log_std.expand_as(z)], 1)
+            observer.site(self._prior.name, torch.exp(log_std).expand_as(z).detach(), params.detach())
+        observer.layer(self._layers[0], z.detach())
+
+    @staticmethod
+    def _unread_of(parts: list[tuple[str, list[Site], bool]]) -> list[str]:
+        """Names of the parts ``(name, sites, constant Jacobian)`` that a site of unknown code stands for, or
+        that no site reads while their Jacobian may vary with the input: the view of them is partial."""
+        unknown = lambda sites: any(isinstance(s, UnknownSite) for s in sites)  # noqa: E731
+        return [n for n, sites, constant in parts if unknown(sites) or not (sites or constant)]
+
+    @staticmethod
+    def _report(
+        observer: Observer | None, name: str, x: Tensor, gain: Tensor | None = None, params: Any = None
+    ) -> None:
+        """Report layer ``name``'s output ``x``, after its site's gain and parameters when given."""
+        if observer is None:
+            return
+        if gain is not None:
+            observer.site(name, gain.detach(), params.detach())
+        observer.layer(name, x.detach())
