@@ -105,6 +105,7 @@ def load_model(
     weights: str | None = None,
     trust: bool = False,
     official: dict | None = None,
+    official_config: str | Path | None = None,
     max_parameters: int | float = DEFAULT_MAX_PARAMETERS,
 ) -> Adapter:
     """Adapter for a bundled name, a checkpoint path, or ``package.module:factory`` (+ ``weights``).
@@ -115,8 +116,10 @@ def load_model(
     module), :class:`ModelError` says so in one line: it is never ignored.
 
     A checkpoint that is not a flowaudit reference checkpoint is tried as an official SRFlow / NCSR /
-    spline / LLFlow state dict (:mod:`.official`); ``official`` passes what its weights cannot say
-    (``fs_ncsr=True``, ``stack_blocks``, ``std_steps``, ``affine_eps``).
+    spline / LLFlow state dict (:mod:`.official`). What its weights cannot say comes from
+    ``official_config``, the official repository's YAML option file it was trained with, or from
+    ``official`` (``stack_blocks``, ``std_steps``, ``fs_ncsr``, ``affine_eps``, ``scale``); a value whose
+    other readings change the outputs and that neither gives is refused (:mod:`.official_options`).
 
     Every file is untrusted (:mod:`.checkpoint`): a checkpoint's model is first built on the
     ``meta`` device and refused above ``max_parameters`` before anything is allocated.
@@ -125,6 +128,10 @@ def load_model(
 
     names = {b["name"] for b in rm.bundled()}
     is_factory = ":" in spec and not Path(spec).exists()
+    given = [f"--{k.replace('_', '-')}" for k, v in (official or {}).items() if v is not None]
+    given += ["--official-config"] if official_config is not None else []
+    if given and (is_factory or spec in names):
+        raise ModelError(f"{', '.join(given)}: only for official checkpoints, not {spec!r}")
     if weights is not None and not is_factory:
         what = "bundled model" if spec in names else "checkpoint"
         raise ModelError(
@@ -141,7 +148,7 @@ def load_model(
     path = Path(spec)
     if not path.exists():
         raise ModelError(f"{spec!r} is neither a bundled model ({', '.join(sorted(names))}) nor an existing checkpoint")
-    return _from_checkpoint(path, trust, official, max_parameters)
+    return _from_checkpoint(path, trust, official, max_parameters, official_config)
 
 
 def _from_factory(spec: str, weights: str | None, trust: bool) -> Adapter:
@@ -167,10 +174,18 @@ def _from_factory(spec: str, weights: str | None, trust: bool) -> Adapter:
         raise ModelError(f"--model {spec}: {exc}") from None
 
 
-def _from_checkpoint(path: Path, trust: bool, official: dict | None, max_parameters: int | float) -> Adapter:
+def _from_checkpoint(
+    path: Path,
+    trust: bool,
+    official: dict | None,
+    max_parameters: int | float,
+    official_config: str | Path | None = None,
+) -> Adapter:
     """The adapter of a checkpoint file: a flowaudit reference checkpoint, else an official state dict."""
     state = read_weights(path, trust)
     if isinstance(state, dict) and state.get("format") == "flowaudit-reference/1":
+        if official_config is not None or any(v is not None for v in (official or {}).values()):
+            raise ModelError(f"{path}: a flowaudit reference checkpoint carries its configuration; no official options")
         return adapt(_reference_model(path, state, max_parameters).eval(), path.stem)
     if not isinstance(state, dict):
         raise ModelError(f"{path}: holds a {type(state).__name__}, not a checkpoint (a dict of tensors)")
@@ -178,7 +193,7 @@ def _from_checkpoint(path: Path, trust: bool, official: dict | None, max_paramet
 
     _state_budget(path, state, max_parameters)
     try:
-        return off.build(state, path.stem, **(official or {}))
+        return off.build(state, path.stem, official_config=official_config, **(official or {}))
     except off.LayoutError as exc:
         raise ModelError(f"{path}: checkpoint layout not recognised: {exc}") from None
 

@@ -463,6 +463,11 @@ def resolve(
     _checks_against_weights(layout, {**options, **said_flags}, weights)
 
     fam = fam_file.value if fam_file is not None else _family_of(layout, said_flags.get("fs_ncsr"))
+    for n, f in said_flags.items():
+        if fam not in _RULE[n].families:
+            raise ModelError(
+                f"{f.key} applies to {', '.join(_RULE[n].families)} checkpoints; these weights are {fam}'s"
+            )
     out = {k: Provenance(v, "weights", _WEIGHTS_KEYS.get(k, k)) for k, v in weights.items()}
     out["layout"] = Provenance(layout, "weights", "layout")
     warnings: list[str] = []
