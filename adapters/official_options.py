@@ -115,7 +115,7 @@ RULES: tuple[Rule, ...] = (
     # ×2 and ×4 nets have the same keys; a wrong scale cannot pass silently (the data's shapes do not fit)
     Rule("scale", "scale", "--scale", _SR, False, 4),
     Rule("affine_eps", "network_G.flow.CondAffineSeparatedAndCond.eps", "--affine-eps", _AFFINE, False, 1e-4),
-    Rule("spline_bounds", "network_G.flow.CondRQsplineSeparatedAndCond", None, ("spline",), False, _SPLINE_BOUNDS),
+    Rule("spline_bounds", "network_G.flow.CondRQsplineSeparatedAndCond", None, ("spline",), False, list(_SPLINE_BOUNDS)),
 )
 _RULE = {r.name: r for r in RULES}
 
@@ -350,7 +350,7 @@ def option_values(opt: Mapping, where: str = "option file") -> dict[str, Provena
                 f"{where}: {sub} gives the interval [{lo_x}, {hi_x}] for x and [{lo_y}, {hi_y}] for y; "
                 "flowaudit's modified RQ-spline maps one interval onto itself"
             )
-        out["spline_bounds"] = Provenance((float(lo_x), float(hi_x)), "option file", sub, stated)
+        out["spline_bounds"] = Provenance([float(lo_x), float(hi_x)], "option file", sub, stated)
     if fam == "llflow":
         for key, supported in _LLFLOW_SUPPORTED.items():
             value = _get(opt, key)

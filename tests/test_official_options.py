@@ -255,3 +255,111 @@ def test_families_follow_the_model_coupling_and_divide_freq():
         oo.family(opt("SRFlowNet", "CondRQsplineSeparatedAndCond"))
     with pytest.raises(ValueError, match="source 'guess'"):
         oo.Provenance(1, "guess", "K")
+
+
+# -- wired in: load_model(path, official_config=FILE), --official-config, inspect ---------------------------------
+
+
+def saved(name: str, tmp_path: Path) -> Path:
+    path = tmp_path / f"{name}.pth"
+    torch.save(fixture(name)["state_dict"], path)  # as the official save_network writes it
+    return path
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_load_model_with_the_option_file_equals_the_flags(name, tmp_path):
+    from flowaudit.adapters import load_model
+
+    path, cfg = saved(name, tmp_path), fixture(name)["config"]
+    flags = {"stack_blocks": cfg["blocks"]}
+    if "S" in cfg:
+        flags.update(std_steps=cfg["S"], fs_ncsr=name.startswith("fs-"))
+    by_file = load_model(str(path), official_config=FIXTURES / f"{name}.yml")
+    by_flags = load_model(str(path), official=flags)
+    assert by_file.fingerprint() == by_flags.fingerprint()
+    assert by_file.model.config == by_flags.model.config  # the same network, built from either source
+    conf = by_file.describe()["configuration"]
+    assert conf["stack_blocks"] == {
+        "value": cfg["blocks"],
+        "source": "option file",
+        "key": "network_G.flow.stackRRDB.blocks",
+    }
+    assert conf["K"]["source"] == "weights" and by_file.inferred["source"]["stack_blocks"] == "option file"
+    assert json.loads(json.dumps(by_file.describe()))["configuration"] == conf  # what report.json carries
+    assert by_file.warnings == []
+    # with neither, the value that changes the outputs is refused, naming flag and key
+    with pytest.raises(ModelError, match=r"--stack-blocks or network_G\.flow\.stackRRDB\.blocks"):
+        load_model(str(path))
+
+
+def test_official_options_go_only_with_official_checkpoints():
+    from flowaudit.adapters import load_model
+
+    with pytest.raises(ModelError, match=r"--official-config: only for official checkpoints, not 'sr-affine'"):
+        load_model("sr-affine", official_config=FIXTURES / "srflow-x4.yml")
+    with pytest.raises(ModelError, match=r"--std-steps: only for official checkpoints"):
+        load_model("sr-affine", official={"std_steps": [0, 1, 1]})
+
+
+def test_configuration_lines_group_every_value_by_source(tmp_path):
+    from flowaudit.render.text import configuration_lines
+
+    sd = fixture("ncsr-x4")["state_dict"]
+    # a file without scale / upscale: the flag gives it
+    text = (FIXTURES / "ncsr-x4.yml").read_text().replace("scale: 4\n", "").replace("  upscale: 4\n", "")
+    assert "scale" not in text.split("network_G")[0]
+    (tmp_path / "ncsr.yml").write_text(text)
+    adapter = off.build(sd, official_config=tmp_path / "ncsr.yml", scale=4)
+    lines = configuration_lines(adapter.describe())
+    assert lines[0] == "Configuration (ncsr), by source:" and all(len(line) <= 120 for line in lines)
+    text = " ".join(line.strip() for line in lines)
+    assert "weights: layout=ncsr, L=3, K=1," in text and "std_channels=3" in text
+    assert "option file: stack_blocks=[0, 1] (network_G.flow.stackRRDB.blocks)" in text
+    assert "std_steps=[0, 1, 1] (network_G.flow.S)" in text and "fs_ncsr=False (divide_freq)" in text
+    assert "flag: scale=4 (--scale)" in text
+    assert all(f"{name}=" in text for name in adapter.configuration)  # every value is on a line
+    assert configuration_lines({"name": "x"}) == []  # nothing for other models
+    # a key the file leaves out still says something: the official code's default, which a flag may not contradict
+    with pytest.raises(ModelError, match=r"--affine-eps 0\.001 contradicts .*eps = 0\.0001 \(absent"):
+        off.build(sd, official_config=FIXTURES / "ncsr-x4.yml", affine_eps=1e-3)
+
+
+def test_cli_inspect_reads_the_option_file_and_shows_every_source(tmp_path):
+    from click.testing import CliRunner
+
+    from flowaudit.cli.main import cli
+
+    path, runner = saved("srflow-x4", tmp_path), CliRunner()
+    res = runner.invoke(
+        cli, ["inspect", str(path), "--official-config", str(FIXTURES / "srflow-x4.yml"), "--device", "cpu"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "Configuration (srflow), by source:" in res.stdout and "flowaudit: warning" not in res.stderr
+    text = " ".join(line.strip() for line in res.stdout.splitlines())
+    assert "weights: layout=srflow, L=3, K=1" in text
+    assert "option file: scale=4 (scale), stack_blocks=[0, 1] (network_G.flow.stackRRDB.blocks)" in text
+    # a contradicting file: exit 2, one line naming the key, nothing on stdout
+    bad = tmp_path / "bad.yml"
+    bad.write_text((FIXTURES / "srflow-x4.yml").read_text().replace("    K: 1\n", "    K: 8\n"))
+    res = runner.invoke(cli, ["inspect", str(path), "--official-config", str(bad), "--json"])
+    assert res.exit_code == 2 and res.stdout == ""
+    assert res.stderr.strip().count("\n") == 0 and "network_G.flow.K is 8, but the weights have K = 1" in res.stderr
+    # no file, no flag: exit 2 naming both
+    res = runner.invoke(cli, ["inspect", str(path)])
+    assert res.exit_code == 2 and "--stack-blocks or network_G.flow.stackRRDB.blocks" in res.stderr
+
+
+def test_every_official_flag_names_its_families_in_help():
+    from click.testing import CliRunner
+
+    from flowaudit.cli.main import cli
+
+    help_text = " ".join(CliRunner().invoke(cli, ["inspect", "--help"]).stdout.split())
+    for rule in oo.RULES:
+        if rule.flag is None:
+            continue
+        families = {"srflow": "SRFlow", "ncsr": "NCSR", "fs-ncsr": "FS-NCSR", "spline": "spline", "llflow": "LLFlow"}
+        at = help_text.index(rule.flag + " ")
+        said = help_text[at : at + 200]
+        assert all(families[f] in said for f in rule.families), (rule.flag, said)
+    assert "--official-config FILE" in help_text

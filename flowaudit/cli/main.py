@@ -146,14 +146,6 @@ def _blocks(value: str) -> list[int]:
 def model_options(f):
     """MODEL argument, or --model module:factory with --weights; options for official checkpoints."""
     f = click.option(
-        "--official-config",
-        type=click.Path(exists=True, dir_okay=False),
-        expose_value=False,
-        callback=_official("official_config"),
-        help="Official checkpoints (SRFlow, NCSR, FS-NCSR, spline, LLFlow): the repository's YAML option file "
-        "they were trained with; settles what the weights do not say.",
-    )(f)
-    f = click.option(
         "--stack-blocks",
         metavar="I,J,…",
         expose_value=False,
@@ -192,6 +184,14 @@ def model_options(f):
         callback=_official("scale"),
         help="Official SRFlow, NCSR, FS-NCSR, spline checkpoints: the upscaling factor (×2 and ×4 have the "
         "same keys; default 4).",
+    )(f)
+    f = click.option(
+        "--official-config",
+        type=click.Path(exists=True, dir_okay=False),
+        expose_value=False,
+        callback=_official("official_config"),
+        help="Official checkpoints (SRFlow, NCSR, FS-NCSR, spline, LLFlow): the repository's YAML option file "
+        "they were trained with; settles what the weights do not say.",
     )(f)
     f = max_parameters_option(f)
     f = click.option(
