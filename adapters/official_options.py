@@ -60,6 +60,7 @@ FAMILIES = ("srflow", "ncsr", "fs-ncsr", "spline", "llflow")
 _LAYOUT = {"srflow": "srflow", "ncsr": "ncsr", "fs-ncsr": "ncsr", "spline": "spline", "llflow": "llflow"}
 _MODELS = {"SRFlowNet": "srflow", "NCSRNet": "ncsr", "LLFlow": "llflow"}
 _COUPLINGS = {"CondAffineSeparatedAndCond": "affine", "CondRQsplineSeparatedAndCond": "spline"}
+_MAX_BYTES = 1 << 20
 _SPLINE_BOUNDS = (-0.5, 0.5)  # CondRQsplineSeparatedAndCond's defaults (left/bottom, right/top)
 
 
@@ -166,6 +167,9 @@ def read_option_file(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if size > _MAX_BYTES:  # the released files are about 3 kB; a large one is not an option file
+            raise ModelError(f"--official-config {path}: {size:,} bytes; an option file is at most {_MAX_BYTES:,}")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ModelError(f"--official-config {path}: no such file") from None

@@ -224,6 +224,7 @@ def test_llflow_values_flowaudit_does_not_model_are_refused_naming_the_key(tmp_p
     "text, message",
     [
         (None, "no such file"),
+        ("# padding\n" * 200_000, "bytes; an option file is at most 1,048,576"),
         ("network_G: [1, 2\n", "not valid YAML at line"),
         ("- 1\n- 2\n", "holds a list, not a mapping"),
         ("scale: 4\n", "no network_G.flow section"),
