@@ -107,6 +107,7 @@ def load_model(
     official: dict | None = None,
     official_config: str | Path | None = None,
     max_parameters: int | float = DEFAULT_MAX_PARAMETERS,
+    random_init: bool = False,
 ) -> Adapter:
     """Adapter for a bundled name, a checkpoint path, or ``package.module:factory`` (+ ``weights``).
 
@@ -121,6 +122,10 @@ def load_model(
     ``official`` (``stack_blocks``, ``std_steps``, ``fs_ncsr``, ``affine_eps``, ``scale``); a value whose
     other readings change the outputs and that neither gives is refused (:mod:`.official_options`).
 
+    A factory without ``weights`` is refused (its model would be audited untrained) unless
+    ``random_init``; the adapter's ``weights_source`` then reads ``"untrained (--random-init)"``
+    (otherwise the weights file, or the checkpoint).
+
     Every file is untrusted (:mod:`.checkpoint`): a checkpoint's model is first built on the
     ``meta`` device and refused above ``max_parameters`` before anything is allocated.
     """
@@ -132,6 +137,12 @@ def load_model(
     given += ["--official-config"] if official_config is not None else []
     if given and (is_factory or spec in names):
         raise ModelError(f"{', '.join(given)}: only for official checkpoints, not {spec!r}")
+    if random_init and (weights is not None or not is_factory):
+        raise ModelError(
+            f"--random-init goes with --model package.module:factory and no --weights ({spec!r} "
+            + ("has --weights" if weights is not None else "carries its own weights")
+            + ")"
+        )
     if weights is not None and not is_factory:
         what = "bundled model" if spec in names else "checkpoint"
         raise ModelError(
@@ -144,14 +155,14 @@ def load_model(
             raise ModelError(f"bundled model {spec!r} is not shipped in this build (train it with `flowaudit train`)")
         return adapt(rm.load(path), spec)
     if is_factory:
-        return _from_factory(spec, weights, trust)
+        return _from_factory(spec, weights, trust, random_init)
     path = Path(spec)
     if not path.exists():
         raise ModelError(f"{spec!r} is neither a bundled model ({', '.join(sorted(names))}) nor an existing checkpoint")
     return _from_checkpoint(path, trust, official, max_parameters, official_config)
 
 
-def _from_factory(spec: str, weights: str | None, trust: bool) -> Adapter:
+def _from_factory(spec: str, weights: str | None, trust: bool, random_init: bool = False) -> Adapter:
     """The adapter of what ``package.module:factory`` returns, with ``weights`` loaded into its module."""
     factory = _import_factory(spec)
     try:
@@ -169,9 +180,16 @@ def _from_factory(spec: str, weights: str | None, trust: bool) -> Adapter:
             raise ModelError(f"--weights {weights}: cannot be loaded: {spec} returned {got}, not an nn.Module")
         _apply_weights(target, weights, spec, trust)
     try:
-        return adapt(model, spec.partition(":")[2])
+        adapter = adapt(model, spec.partition(":")[2])
     except TypeError as exc:
         raise ModelError(f"--model {spec}: {exc}") from None
+    if weights is None and not random_init:  # after the spec's own errors, which say more
+        raise ModelError(
+            f"--model {spec}: no --weights given, so the model would be audited with untrained weights; "
+            "give --weights FILE, or --random-init to audit it untrained on purpose"
+        )
+    adapter.weights_source = "untrained (--random-init)" if weights is None else str(weights)
+    return adapter
 
 
 def _from_checkpoint(

@@ -325,7 +325,8 @@ class CustomAdapter(HookedSpeedUps, Adapter):
         encoder: module names hooked for ``s_OOD`` (empty: the condition itself is the feature).
         encode: ``encode(y)`` runs the encoder; default: their common parent module called on ``y``.
         log_prob: ``log_prob(x, y) -> (B,)``; default: standard-normal base on ``forward``.
-        output_range: valid range of a sample's values (pixel errors: outside it widened by half).
+        output_range: valid range of a sample's values (pixel errors: outside it widened by half); when
+            not given, [0, 1], and the audit takes its error band from the targets or says it guessed.
         name, task, scale: as on :class:`~flowaudit.adapters.base.Adapter`.
     """
 
@@ -343,7 +344,7 @@ class CustomAdapter(HookedSpeedUps, Adapter):
         encoder: str | Sequence[str] = (),
         encode: Callable[[Tensor], Any] | None = None,
         log_prob: Callable[[Tensor, Tensor], Tensor] | None = None,
-        output_range: tuple[float, float] = (0.0, 1.0),
+        output_range: tuple[float, float] | None = None,
         name: str | None = None,
         task: str = "generic",
         scale: int = 1,
@@ -353,6 +354,8 @@ class CustomAdapter(HookedSpeedUps, Adapter):
         super().__init__(model, name)
         self._condition_shape, self._latent_shape = tuple(condition_shape), tuple(latent_shape)
         self._inverse, self._forward, self._log_prob = inverse, forward, log_prob
+        self.output_range_declared = output_range is not None
+        output_range = (0.0, 1.0) if output_range is None else output_range
         self._output_range = (float(output_range[0]), float(output_range[1]))
         self.task, self.scale = task, int(scale)
         modules = dict(model.named_modules())

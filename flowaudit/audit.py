@@ -1,10 +1,8 @@
-"""The audit's three entry points: :func:`fit`, :func:`scan` and :func:`inspect`.
+"""The audit's entry points: :func:`fit`, :func:`scan`, :func:`inspect` and :func:`attack`.
 
-Each takes a model (anything :func:`flowaudit.adapt` accepts) and returns a
-:class:`~flowaudit.report.Report`; this module only orchestrates. Features and
-the Gaussian come from :mod:`.features` and :mod:`.gaussian`, the sampling loop
-from :mod:`.sampling`, per-site entries from :mod:`.sites`, the layer trace from
-:mod:`.trace`, risk from :mod:`.risk` and the worst-input panel from :mod:`.panel`.
+Each takes a model (anything :func:`flowaudit.adapt` accepts) and the run's
+:class:`~flowaudit.config.settings.Settings` (or its fields as keywords) and returns a
+:class:`~flowaudit.report.Report`; this module only orchestrates the subpackages.
 """
 
 from __future__ import annotations
@@ -21,58 +19,62 @@ import torch
 
 from ._version import __version__
 from .adapters import Adapter, adapt
-from .config.device import auditing, resolve_device
-from .config.sampling import Sampling
-from .errors import AuditError
-from .evidence.attack import run_attack
-from .evidence.budget import Budget, parse_budget
-from .evidence.search import DetachedGains, Search
+from .config.budget import Budget
+from .config.device import auditing
+from .config.settings import Search, Settings, settings_from
+from .errors import AuditError, DataError
+from .evidence.attack import AttackResult, run_attack
+from .evidence.search import DetachedGains
 from .evidence.sites import model_evidence, site_entries
 from .io.datasets import ConditionSet, load_conditions, nonfinite_records
+from .io.shapes import check_condition_shapes
 from .render.panel import worst_inputs
 from .report import Report
-from .runs.passes import Run, sample_set
+from .runs.passes import sample_set
 from .runs.runner import Context, attack_settings, fit_gaussian, run_facts, scan_sets, scan_settings, size_batches
 from .runs.shards import FIT_SHARD_INPUTS, digest
 from .stats.features import fit_spatial
 from .stats.gaussian import GaussianOOD
-from .stats.risk import aggregate
+from .stats.risk import aggregate, band_misfit, error_band
 from .tracing.trace import layer_table
 from .utils.format import jsonable
 
-__all__ = ["fit", "scan", "inspect", "attack"]
+__all__ = ["Settings", "fit", "scan", "inspect", "attack"]
 
-SCAN_ATTACK_BATCH = 64  # samples per pass of scan --attack with --batched (the pass keeps its graph)
+FIT_BATCH = 256  # inputs per encoder pass of fit
+INSPECT_BATCH = 500  # samples per inverse pass of inspect's probe
+ATTACK_BATCH = 64  # samples per pass of attack --batched (the pass keeps its graph)
+SCAN_ATTACK_BATCH = 64  # samples per pass of scan --attack with --batched
 
 
 def fit(
     model: Any,
     data: Any,
+    settings: Settings | None = None,
     *,
-    layers: Sequence[str] | None = None,
-    pooling: str = "avg",
-    estimator: str = "ledoit-wolf",
-    batch_size: int = 256,
-    device: str = "auto",
     out: str | Path | None = None,
-    progress: bool = False,
     context: Context | None = None,
+    **options: Any,
 ) -> Report:
     """Fit the encoder-feature Gaussian on ``data``; write ``out`` (stats.h5) when given.
 
-    The report's ``gaussian`` is the fitted :class:`GaussianOOD`. ``context`` (:class:`~flowaudit.runs.runner.Context`)
-    keeps completed shards in a work folder (resume) and shares them over ranks.
+    Reads ``layers``, ``pooling``, ``estimator``, ``batch_size`` (default 256), ``device`` and ``progress``
+    of ``settings`` (or of these keywords). The report's ``gaussian`` is the fitted :class:`GaussianOOD`;
+    ``context`` keeps completed shards in a work folder (resume) and shares them over ranks.
     """
+    ctx = context or Context()
+    settings = ctx.place(settings_from(settings, options, batch_size=FIT_BATCH))
+    if settings.batch_size is None:
+        settings = settings.replace(batch_size=FIT_BATCH)
     adapter = adapt(model)
     cs = _as_set(data, "fit")
     _check_shape(adapter, cs, "--data")
+    if cs.mixed:  # images of several sizes: one per pass
+        settings = settings.replace(batch_size=1)
     n_bad, cs = cs.n_nonfinite, cs.finite()  # NaN/Inf conditions never reach the Gaussian; counted below
-    dev = resolve_device(device)
-    names = _layers(adapter, layers)
-    if pooling == "spatial":
+    names = _layers(adapter, settings.layers)
+    if settings.pooling == "spatial":
         raise AuditError("spatial pooling scores locations, fit the per-input Gaussian with avg or avgstd")
-    ctx = context or Context()
-    dev = ctx.group.device if ctx.group is not None else dev
     if ctx.work is None and not ctx.opened:
         ctx.open(
             {
@@ -80,14 +82,14 @@ def fit(
                 "fingerprint": adapter.fingerprint(),
                 "data": digest(cs.y),
                 "layers": names,
-                "pooling": pooling,
-                "estimator": estimator,
+                "pooling": settings.pooling,
+                "estimator": settings.estimator,
                 "fit_shard_inputs": FIT_SHARD_INPUTS,
-                "device": dev.type,
+                "device": settings.device.type,
             }
         )
-    with auditing(adapter, dev):
-        gauss = fit_gaussian(adapter, cs, names, pooling, estimator, batch_size, dev, ctx, progress)
+    with auditing(adapter, settings.device):
+        gauss = fit_gaussian(adapter, cs, names, settings, ctx)
     gauss.n_nonfinite_ += n_bad  # rows skipped for a non-finite value: the conditions' and the features'
     entry = _model_entry(adapter)  # hashes the weights once for the report and the stats file
     meta = {
@@ -95,160 +97,110 @@ def fit(
         "adapter": adapter.family,
         "fingerprint": entry["fingerprint"],
         "layers": names or ["<condition>"],
-        "pooling": pooling,
+        "pooling": settings.pooling,
         "data": json.dumps(jsonable(cs.description)),
     }
     if out is not None:
         gauss.save(out, **meta)
-    return Report(
-        {
-            "flowaudit_version": __version__,
-            "kind": "fit",
-            **_stamp(),
-            "model": entry,
-            "ood": {
-                **meta,
-                "dim": int(gauss.n_features_in_),
-                "n_inputs": int(gauss.n_),
-                "n_nonfinite": int(gauss.n_nonfinite_),
-                "estimator": estimator,
-                "shrinkage": float(gauss.shrinkage_),
-                "out": str(out) if out else None,
-            },
-        },
-        gaussian=gauss,
-    )
+    ood = {
+        **meta,
+        "dim": int(gauss.n_features_in_),
+        "n_inputs": int(gauss.n_),
+        "n_nonfinite": int(gauss.n_nonfinite_),
+        "estimator": settings.estimator,
+        "shrinkage": float(gauss.shrinkage_),
+        "out": str(out) if out else None,
+    }
+    body = {"flowaudit_version": __version__, "kind": "fit", **_stamp(), "model": entry, "ood": ood}
+    return Report(body, gaussian=gauss)
 
 
 def scan(
     model: Any,
     data: Any = None,
+    settings: Settings | None = None,
     *,
     ood: Any = None,
     stats: Any = None,
     fit_data: Any = None,
-    samples: int = 10,
-    temperature: float = 0.9,
-    seed: int = 0,
-    batch_size: int | None = None,
-    device: str = "auto",
-    layers: Sequence[str] | None = None,
-    pooling: str = "avg",
-    estimator: str = "ledoit-wolf",
-    remark2_threshold: float = 0.5,
-    explosion_threshold: float = 100.0,
-    progress: bool = False,
-    attack: str | Budget | None = None,
-    attack_starts: int = 16,
-    attack_steps: int = 50,
-    exact: bool = True,
     context: Context | None = None,
+    output_range: tuple[float, float] | None = None,
+    **options: Any,
 ) -> Report:
-    """The full audit of ``model`` on conditions ``data`` (and ``ood``); see DESIGN.md §4.
+    """The full audit of ``model`` on conditions ``data`` (and ``ood``); keys in ``docs/report.md``.
 
-    ``stats`` (a stats.h5 path or fitted :class:`GaussianOOD`) or ``fit_data``
-    gives ``s_OOD``; with neither, inputs carry no score. ``batch_size``
-    counts samples (inputs × K) per inverse pass (default: what ``context.max_memory``
-    allows); ``exact`` makes each pass one input's K samples, so the figures do not depend
-    on it (:mod:`flowaudit.runs.runner`). ``context`` keeps shards for a resume and shares them over ranks. ``attack`` (a budget) also
-    attacks the first ``attack_starts`` in-distribution conditions (:func:`attack`)
-    and adds each site's ``worst_case`` evidence and the report's ``attack``.
+    ``stats`` (a stats.h5 path or fitted :class:`GaussianOOD`) or ``fit_data`` gives ``s_OOD``; with
+    neither, inputs carry no score. ``settings`` (or its fields as keywords: ``samples``, ``temperature``,
+    ``seed``, ``batch_size``, ``device``, ``layers``, …; ``attack`` a budget with ``attack_starts`` and
+    ``attack_steps``) say what to compute; ``context`` keeps shards for a resume and shares them over ranks.
+    ``output_range`` sets the error band (:func:`~flowaudit.stats.risk.error_band`); ids read ``in/…``, ``ood/…``.
     """
-    how = _search(attack, "logdet", attack_steps, None) if attack is not None else None
-    if samples < 1:
-        raise AuditError("--samples must be at least 1")
-    if temperature < 0:
-        raise AuditError("--temperature must be ≥ 0")
-    adapter = adapt(model)
     ctx = context or Context()
-    dev = ctx.group.device if ctx.group is not None else resolve_device(device)
-    names = _layers(adapter, layers)
-    sets: list[tuple[str, ConditionSet]] = [
-        ("in", _as_set(data, "in") if data is not None else _default_conditions(adapter, 64, seed))
-    ]
-    if ood is not None:
-        sets.append(("ood", _as_set(ood, "ood")))
-    for name, cs in sets:
-        _check_shape(adapter, cs, "--data" if name == "in" else "--ood-data")
-    skipped = [
-        rec for name, cs in sets for rec in nonfinite_records(cs, name)
-    ]  # NaN/Inf conditions: reported, not sampled
-    sets = [(name, cs.finite()) for name, cs in sets]
-    gauss = spatial = None
+    settings = ctx.place(settings_from(settings, options))
+    adapter = adapt(model)
+    names = _layers(adapter, settings.layers)
+    sets, skipped = _scan_inputs(adapter, data, ood, settings.seed)
+    if any(cs.mixed for _, cs in sets):  # images of several sizes: one input per pass
+        if settings.attack is not None and sets[0][1].mixed:
+            raise AuditError("--attack needs in-distribution conditions of one size (this --data mixes image sizes)")
+        settings = settings.replace(exact=True)
     fit_set = _as_set(fit_data, "fit") if fit_data is not None else None
-    if stats is not None:
-        gauss = _load_stats(adapter, stats, names, pooling)
-    run = Run(Sampling(samples, temperature, seed), batch_size or samples, dev, progress, exact)
-    with auditing(adapter, dev):
-        run, budget = size_batches(adapter, sets[0][1], run, ctx, batch_size)
-    attack_run = dataclasses.replace(run, batch_size=SCAN_ATTACK_BATCH)  # the attack's passes keep their graph
+    gauss = _load_stats(adapter, stats, names, settings.pooling) if stats is not None else None
+    with auditing(adapter, settings.device):
+        run, memory = size_batches(adapter, sets[0][1], settings, ctx)
+    targets = sets[0][1].x if sets[0][1].x is not None else (fit_set.finite().x if fit_set is not None else None)
+    band = error_band(adapter, output_range, targets)
+    run = run.replace(band=band.bounds)
+    attack_run = run.replace(batch_size=SCAN_ATTACK_BATCH)  # the attack's passes keep their graph
     if not ctx.opened:  # the work folder checks everything the shards depend on before the first one
-        more = (
-            {"attack": attack_settings(how, len(_first(sets[0][1], attack_starts).y), attack_run)}
-            if how is not None
-            else {}
-        )
+        more = {}
+        if run.attack is not None:
+            starts = len(_first(sets[0][1], run.attack_starts).y)
+            more["attack"] = attack_settings(run.attack, starts, attack_run)
+        fitted = digest(fit_set.y) if fit_set is not None else None
         ctx.open(
             scan_settings(
                 adapter,
                 sets,
                 run,
                 layers=names,
-                pooling=pooling,
-                estimator=estimator,
+                pooling=run.pooling,
+                estimator=run.estimator,
                 stats=_stats_digest(gauss),
-                fit_data=digest(fit_set.y) if fit_set is not None else None,
+                fit_data=fitted,
+                error_band=list(band.bounds),
                 **more,
             )
         )
+    spatial = None
     if fit_set is not None:
-        gauss = fit(
-            adapter, fit_set, layers=names, pooling=pooling, estimator=estimator, device=str(dev), context=ctx
-        ).gaussian
+        gauss = fit(adapter, fit_set, run.replace(batch_size=FIT_BATCH, progress=False), context=ctx).gaussian
         if names and len(adapter.condition_shape) == 3:
-            spatial = fit_spatial(adapter, fit_set.finite().y, names, estimator, run.batch_size, dev)
-    with auditing(adapter, dev):
-        tracers, records, scores = scan_sets(adapter, sets, gauss, names, pooling, run, ctx)
-        hit = (
-            _attack_set(adapter, sets[0][1], attack_starts, how, attack_run, ctx, fallback=True)
-            if how is not None
-            else None
-        )
-        sites = site_entries(adapter, tracers, remark2_threshold, **({"worst_case": hit.worst_case} if hit else {}))
-    risk = aggregate(records, samples, temperature)
-    risk["by_set"] = {
-        name: {
-            k: v
-            for k, v in aggregate([dict(r) for r in records if r["set"] == name], samples, temperature).items()
-            if k != "ranked"
-        }
-        for name, _ in sets
-    }
-    layers_out, explosion = layer_table(adapter.layer_names() + ["output"], tracers, explosion_threshold)
-    model_entry = _model_entry(adapter)
-    model_entry["sites"] = sites
-    model_entry.update(model_evidence(adapter, sites))  # coverage, model verdict, certificate
+            batch = 1 if fit_set.mixed else run.batch_size
+            spatial = fit_spatial(adapter, fit_set.finite().y, names, run.estimator, batch, run.device)
+    with auditing(adapter, run.device):
+        tracers, records, scores = scan_sets(adapter, sets, gauss, names, run, ctx)
+        hit = None
+        if run.attack is not None:
+            hit = _attack_set(adapter, sets[0][1], run.attack_starts, attack_run, ctx, fallback=True)
+        worst = {"worst_case": hit.worst_case} if hit else {}
+        sites = site_entries(adapter, tracers, run.remark2_threshold, **worst)
+    risk = _risk(records, sets, run)
+    risk["error_band"] = band.entry()
+    risk["error_band"]["misfit"] = band_misfit(risk["error_band"], risk["by_set"]["in"]["pct_pixel_err"])
+    model_entry = _model_entry(adapter, sites)
+    model_entry["error_band"] = list(band.bounds)
     report = Report(
         {
             "flowaudit_version": __version__,
             "kind": "scan",
             **_stamp(),
-            "settings": {
-                "samples": samples,
-                "temperature": temperature,
-                "seed": seed,
-                "device": str(dev),
-                "exact": exact,
-                "remark2_threshold": remark2_threshold,
-                "explosion_threshold": explosion_threshold,
-                **run_facts(run, budget, ctx),
-            },
+            "settings": {**_sampling_entry(run), **_thresholds(run), **run_facts(run, memory, ctx)},
             "data": {name: cs.description for name, cs in sets},
             "model": model_entry,
-            "ood": _ood_entry(gauss, names, pooling, scores),
+            "ood": _ood_entry(gauss, names, run.pooling, scores),
             "risk": risk,
-            "layers": layers_out,
-            "explosion_layer": explosion,
+            **_layer_entries(adapter, tracers, run.explosion_threshold),
             "inputs": records + skipped,
         }
     )
@@ -259,130 +211,69 @@ def scan(
     return report
 
 
-def inspect(
-    model: Any,
-    data: Any = None,
-    *,
-    samples: int = 4,
-    temperature: float = 0.9,
-    seed: int = 0,
-    device: str = "auto",
-    remark2_threshold: float = 0.5,
-    batch_size: int = 500,
-) -> Report:
-    """Sites, kinds and Remark 2 verdicts; probes under ``data`` or under conditions drawn for the model."""
+def inspect(model: Any, data: Any = None, settings: Settings | None = None, **options: Any) -> Report:
+    """Sites, kinds and Remark 2 verdicts; probes under ``data`` or under conditions drawn for the model.
+
+    Reads ``samples`` (default 4), ``temperature``, ``seed``, ``device``, ``remark2_threshold`` and
+    ``batch_size`` (default 500) of ``settings`` (or of these keywords); the probe favours speed over
+    batch-invariance (no exact passes).
+    """
+    settings = settings_from(settings, options, samples=4, batch_size=INSPECT_BATCH)
+    probe = settings.replace(batch_size=settings.batch_size or INSPECT_BATCH, exact=False, progress=False)
     adapter = adapt(model)
-    dev = resolve_device(device)
-    cs = _as_set(data, "in") if data is not None else _default_conditions(adapter, 64, seed)
+    cs = _as_set(data, "in") if data is not None else _default_conditions(adapter, 64, probe.seed)
     _check_shape(adapter, cs, "--data")
-    cs = cs.finite()
-    cs = ConditionSet(y=cs.y[:256], x=None, ids=cs.ids[:256], description=cs.description)
-    run = Run(
-        Sampling(samples, temperature, seed), batch_size, dev, exact=False
-    )  # a probe: speed over batch-invariance
-    with auditing(adapter, dev):
-        tracer, _ = sample_set(adapter, cs, 0, "in", np.full(len(cs.y), np.nan), run)
-        sites = site_entries(adapter, [tracer], remark2_threshold)
-    entry = _model_entry(adapter)
-    entry["sites"] = sites
-    entry.update(model_evidence(adapter, sites))  # coverage, model verdict, certificate
-    return Report(
-        {
-            "flowaudit_version": __version__,
-            "kind": "inspect",
-            **_stamp(),
-            "model": entry,
-            "data": {"in": cs.description},
-        }
-    )
+    cs = _first(cs.finite(), 256)
+    with auditing(adapter, probe.device):
+        tracer, _ = sample_set(adapter, cs, 0, "in", np.full(len(cs.y), np.nan), probe)
+        sites = site_entries(adapter, [tracer], probe.remark2_threshold)
+    body = {"flowaudit_version": __version__, "kind": "inspect", **_stamp(), "model": _model_entry(adapter, sites)}
+    return Report({**body, "data": {"in": cs.description}})
 
 
 def attack(
-    model: Any,
-    data: Any = None,
-    *,
-    budget: str | Budget = "none",
-    objective: str = "logdet",
-    steps: int = 50,
-    step_size: float | None = None,
-    rule: str = "adam",
-    starts: int | None = 16,
-    samples: int = 4,
-    temperature: float = 0.9,
-    seed: int = 0,
-    batch_size: int = 64,
-    device: str = "auto",
-    progress: bool = False,
-    context: Context | None = None,
-    exact: bool = True,
+    model: Any, data: Any = None, settings: Settings | None = None, *, context: Context | None = None, **options: Any
 ) -> Report:
-    """The worst case (DESIGN.md §4): projected gradient ascent on the first ``starts`` conditions of ``data``.
+    """The worst case: projected gradient ascent on the first ``attack_starts`` conditions.
 
-    See :mod:`flowaudit.evidence.search` for the search and :mod:`flowaudit.evidence.attack` for the report's
-    ``attack`` entry; ``report.files`` holds the worst conditions and samples that :meth:`Report.save` writes.
-    ``exact`` (the default) makes each inverse pass one start's K samples, so the result does not depend
-    on ``batch_size`` (samples per pass, with its graph, when not ``exact``). ``context``
-    (:class:`~flowaudit.runs.runner.Context`) keeps completed shards of starts for a resume and shares them over ranks.
+    The attack's keywords are ``budget`` (default ``none``), ``objective``, ``steps``, ``step_size``, ``rule``
+    and ``starts``, beside the sampling ones (``samples`` default 4, ``batch_size`` default 64: samples per
+    pass with its graph when not ``exact``). See :mod:`flowaudit.evidence.search` and
+    :mod:`flowaudit.evidence.attack`; ``report.files`` holds the worst conditions and samples.
     """
-    if samples < 1:
-        raise AuditError("--samples must be at least 1")
-    if temperature < 0:
-        raise AuditError("--temperature must be ≥ 0")
-    if batch_size < 1:
-        raise AuditError("--batch-size must be at least 1")
-    how = _search(budget, objective, steps, step_size, rule)
-    adapter = adapt(model)
     ctx = context or Context()
-    dev = ctx.group.device if ctx.group is not None else resolve_device(device)
-    cs = _as_set(data, "in") if data is not None else _default_conditions(adapter, starts or 16, seed)
+    settings = ctx.place(settings_from(settings, options, samples=4, batch_size=ATTACK_BATCH, attack="none"))
+    if settings.attack is None or settings.batch_size is None:
+        attack = settings.attack or Search(Budget("none"))
+        settings = settings.replace(attack=attack, batch_size=settings.batch_size or ATTACK_BATCH)
+    adapter = adapt(model)
+    starts = settings.attack_starts
+    cs = _as_set(data, "in") if data is not None else _default_conditions(adapter, starts or 16, settings.seed)
     _check_shape(adapter, cs, "--data")
-    cs = cs.finite()  # a NaN condition has no worst case to search for
-    cs = _first(cs, starts)
-    run = Run(Sampling(samples, temperature, seed), batch_size, dev, progress, exact)
-    memory = ctx.budget(dev)  # a bad --max-memory is refused before any shard
+    if cs.mixed:
+        raise AuditError("the attack needs conditions of one size (this --data mixes image sizes)")
+    cs = _first(cs.finite(), starts)  # a NaN condition has no worst case to search for
+    memory = ctx.budget(settings.device)  # a bad --max-memory is refused before any shard
     if not ctx.opened:  # the work folder checks everything the shards depend on before the first one
-        ctx.open(
-            {
-                "kind": "attack",
-                "fingerprint": adapter.fingerprint(),
-                "data": [digest(cs.y)],
-                "samples": samples,
-                "temperature": temperature,
-                "seed": seed,
-                "exact": exact,
-                "device": dev.type,
-                **attack_settings(how, len(cs.y), run),
-            }
-        )
-    with auditing(adapter, dev):
-        hit = _attack_set(adapter, cs, None, how, run, ctx)
+        found = attack_settings(settings.attack, len(cs.y), settings)
+        sampling = _sampling_entry(settings)
+        sampling.pop("device")
+        head = {"kind": "attack", "fingerprint": adapter.fingerprint(), "data": [digest(cs.y)], **sampling}
+        ctx.open({**head, "device": settings.device.type, **found})
+    with auditing(adapter, settings.device):
+        hit = _attack_set(adapter, cs, None, settings, ctx)
     return Report(
         {
             "flowaudit_version": __version__,
             "kind": "attack",
             **_stamp(),
-            "settings": {
-                "samples": samples,
-                "temperature": temperature,
-                "seed": seed,
-                "device": str(dev),
-                "exact": exact,
-                **run_facts(run, memory, ctx),
-            },
+            "settings": {**_sampling_entry(settings), **run_facts(settings, memory, ctx)},
             "model": _model_entry(adapter),
             "data": {"in": cs.description},
             "attack": hit.entry,
         },
         files=hit.files,
     )
-
-
-def _search(budget: str | Budget, objective: str, steps: int, step_size: float | None, rule: str = "adam") -> Search:
-    try:
-        b = budget if isinstance(budget, Budget) else parse_budget(budget)
-    except ValueError as exc:
-        raise AuditError(str(exc)) from None
-    return Search(b, objective=objective, steps=steps, step_size=step_size, rule=rule)
 
 
 def _first(cs: ConditionSet, starts: int | None) -> ConditionSet:
@@ -395,32 +286,25 @@ def _attack_set(
     adapter: Adapter,
     cs: ConditionSet,
     starts: int | None,
-    how: Search,
-    run: Run,
-    ctx: Context | None = None,
+    run: Settings,
+    ctx: Context,
     fallback: bool = False,
-):
-    """Attack the first ``starts`` conditions in shards (``ctx``'s work folder and ranks; ``run``: sampling,
-    samples per pass, exact passes); with ``fallback`` (scan --attack), an adapter that passes
-    detached gains is attacked on ``max-abs`` instead (shards keyed apart), and the entry says why."""
-    sub = _first(cs, starts)
-    ctx = ctx or Context()
-    kw = dict(
-        batch_size=run.batch_size,
-        device=run.device,
-        progress=run.progress,
-        exact=run.exact,
-        work=ctx.work,
-        group=ctx.group,
-    )
+) -> AttackResult:
+    """Attack the first ``starts`` conditions with ``run.attack``, in shards kept in ``ctx``.
+
+    With ``fallback`` (scan --attack), an adapter that passes detached gains is attacked on ``max-abs``
+    instead (shards keyed apart), and the entry says why.
+    """
+    sub, how = _first(cs, starts), run.attack
+    kw = dict(batch_size=run.batch_size, device=run.device, progress=run.progress, exact=run.exact)
+    kw.update(work=ctx.work, group=ctx.group)
     try:
         return run_attack(adapter, sub, how, run.sampling, key="attack", **kw)
     except DetachedGains as exc:
         if not fallback or how.objective == "max-abs":
             raise
-        hit = run_attack(
-            adapter, sub, dataclasses.replace(how, objective="max-abs"), run.sampling, key="attack-max-abs", **kw
-        )
+        plain = dataclasses.replace(how, objective="max-abs")
+        hit = run_attack(adapter, sub, plain, run.sampling, key="attack-max-abs", **kw)
         hit.entry["fallback"] = f"{how.objective} → max-abs: {exc}"
         return hit
 
@@ -432,8 +316,9 @@ def _stamp() -> dict:
     return {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
-def _model_entry(adapter: Adapter) -> dict:
-    return {
+def _model_entry(adapter: Adapter, sites: list[dict] | None = None) -> dict:
+    """The report's ``model``; with ``sites``, their entries, coverage, the model's verdict and certificate."""
+    entry = {
         "name": adapter.name,
         "adapter": adapter.family,
         "task": adapter.task,
@@ -444,7 +329,51 @@ def _model_entry(adapter: Adapter) -> dict:
         "error_band": list(adapter.error_band),
         "encoder_layers": adapter.feature_layers() or ["<condition>"],
         **adapter.describe(),
+        **({"weights": adapter.weights_source} if getattr(adapter, "weights_source", None) else {}),
     }
+    if sites is not None:
+        entry["sites"] = sites
+        entry.update(model_evidence(adapter, sites))
+    return entry
+
+
+def _sampling_entry(settings: Settings) -> dict:
+    """The sampling part of a report's ``settings``."""
+    return {
+        "samples": settings.samples,
+        "temperature": settings.temperature,
+        "seed": settings.seed,
+        "device": str(settings.device),
+        "exact": settings.exact,
+    }
+
+
+def _thresholds(settings: Settings) -> dict:
+    return {
+        "remark2_threshold": settings.remark2_threshold,
+        "explosion_threshold": settings.explosion_threshold,
+    }
+
+
+def _risk(records: list[dict], sets: Sequence[tuple[str, ConditionSet]], settings: Settings) -> dict:
+    """The report's ``risk``: over all inputs, and ``by_set`` (without the ranking)."""
+    k, tau = settings.samples, settings.temperature
+    risk = aggregate(records, k, tau)
+    risk["by_set"] = {
+        name: {
+            key: v
+            for key, v in aggregate([dict(r) for r in records if r["set"] == name], k, tau).items()
+            if key != "ranked"
+        }
+        for name, _ in sets
+    }
+    return risk
+
+
+def _layer_entries(adapter: Adapter, tracers: list, explosion_threshold: float) -> dict:
+    """The report's ``layers`` (the layer trace) and ``explosion_layer``."""
+    layers, explosion = layer_table(adapter.layer_names() + ["output"], tracers, explosion_threshold)
+    return {"layers": layers, "explosion_layer": explosion}
 
 
 def _ood_entry(gauss: GaussianOOD | None, names: list[str], pooling: str, scores: dict[str, np.ndarray]) -> dict | None:
@@ -474,6 +403,18 @@ def _ood_entry(gauss: GaussianOOD | None, names: list[str], pooling: str, scores
 # -- inputs -------------------------------------------------------------------------------------
 
 
+def _scan_inputs(adapter: Adapter, data: Any, ood: Any, seed: int) -> tuple[list[tuple[str, ConditionSet]], list[dict]]:
+    """The scan's finite condition sets (``in``, ``ood``) and the records of the non-finite ones (not sampled)."""
+    sets = [("in", _as_set(data, "in") if data is not None else _default_conditions(adapter, 64, seed))]
+    if ood is not None:
+        sets.append(("ood", _as_set(ood, "ood")))
+    for name, cs in sets:
+        _check_shape(adapter, cs, "--data" if name == "in" else "--ood-data")
+    sets = [(name, cs.prefixed(name)) for name, cs in sets]  # ids unique across the report's sets
+    skipped = [rec for name, cs in sets for rec in nonfinite_records(cs, name)]
+    return [(name, cs.finite()) for name, cs in sets], skipped
+
+
 def _as_set(data: Any, what: str) -> ConditionSet:
     if isinstance(data, ConditionSet):
         return data
@@ -489,12 +430,11 @@ def _as_set(data: Any, what: str) -> ConditionSet:
 
 
 def _check_shape(adapter: Adapter, cs: ConditionSet, what: str) -> None:
-    """The adapter says, before any sampling, whether it can take conditions of this shape."""
+    """Before any sampling: whether the model can take conditions of these shapes (one line, the expected one)."""
     try:
-        adapter.check_condition_shape(tuple(cs.y.shape[1:]))
-    except ValueError as exc:
-        where = f"{what} {cs.description['path']}" if cs.description.get("path") else what
-        raise AuditError(f"{where}: {exc}") from None
+        check_condition_shapes(adapter, cs, what)
+    except DataError as exc:
+        raise AuditError(str(exc)) from None
 
 
 def _layers(adapter: Adapter, layers: Sequence[str] | None) -> list[str]:
@@ -530,10 +470,12 @@ def _load_stats(adapter: Adapter, stats: Any, names: list[str], pooling: str) ->
     fp = adapter.fingerprint()
     if meta.get("fingerprint") != fp:
         raise AuditError(
-            f"{stats} was fitted on weights {meta.get('fingerprint')}, this model's are {fp}: refit with `flowaudit fit`"
+            f"{stats} was fitted on weights {meta.get('fingerprint')}, this model's are {fp}: "
+            "refit with `flowaudit fit`"
         )
     if list(meta.get("layers", [])) != (names or ["<condition>"]) or meta.get("pooling") != pooling:
         raise AuditError(
-            f"{stats} was fitted on layers {meta.get('layers')} ({meta.get('pooling')}), the scan uses {names or ['<condition>']} ({pooling})"
+            f"{stats} was fitted on layers {meta.get('layers')} ({meta.get('pooling')}), "
+            f"the scan uses {names or ['<condition>']} ({pooling})"
         )
     return gauss

@@ -19,8 +19,8 @@ from flowaudit.reference_models.toy import toy_data
 import flowaudit
 from flowaudit import attack
 from flowaudit.cli.main import cli
+from flowaudit.config.budget import parse_budget
 from flowaudit.errors import AuditError
-from flowaudit.evidence.budget import parse_budget
 
 
 class Fragile(ReferenceFlow):

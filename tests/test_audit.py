@@ -88,7 +88,7 @@ def test_non_finite_samples_are_counted_exactly():
     assert trace["site"]["in"]["n_nonfinite"] == 3 * 5 * 2
     # the bad inputs are far from the fit data: s_OOD ranks them and the logistic fit exists
     assert report["risk"]["auroc"] == 1.0
-    assert report["risk"]["ranked"][:3] == ["in0", "in1", "in2"]
+    assert report["risk"]["ranked"][:3] == ["in/in0", "in/in1", "in/in2"]
     json.loads(report.to_json())  # strict JSON despite inf values
     g = recs[5]["inverse_gain"]  # a healthy input: 1/s = 1 + e⁻³ at every visited point
     assert g["min"] == pytest.approx(1 + math.exp(-3), rel=1e-6) and g["max"] == pytest.approx(g["min"])
@@ -145,8 +145,8 @@ def test_remark2_verdicts_on_toy_models(toys):
 def test_probe_follows_the_live_spline_bound():
     """Bins out to |x| = 500: the probe reads the live bound (tail_start) and looks beyond it, 5·10³ to 5·10⁶.
 
-    (Before issue 10 the probe was fixed to [1, 10⁴] and saw these bins: "violates". The identity
-    tails themselves comply; a spline whose tails start beyond a *condition-dependent* bound is in
+    (A probe fixed to [1, 10⁴] would see these bins and say "violates". The identity tails themselves
+    comply; a spline whose tails start beyond a *condition-dependent* bound is in
     tests/test_evidence.py.)
     """
     torch.manual_seed(0)
@@ -170,7 +170,7 @@ def test_verdict_rules():
     assert verdict("unknown", 0.9) == "inconclusive"
     assert verdict("unknown", 0.1) == "violates"
     assert verdict("prior", 1.0) == "compliant"
-    assert verdict("additive", math.nan) == "compliant"  # not visited: the structure alone (issue 10)
+    assert verdict("additive", math.nan) == "compliant"  # not visited: the structure alone
     assert tail_ratio(torch.tensor([0.5, 2.0, float("nan")])) == 0.25
     v = probe_values()
     assert v.abs().min() == 1 and v.abs().max() == 1e4 and (v < 0).sum() == (v > 0).sum()

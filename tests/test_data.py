@@ -339,11 +339,9 @@ def _bad_cases(tmp: Path) -> dict[str, Path]:
 EXPECTED = {  # case -> what the message must say
     "missing": "no such file",
     "empty": "no PNG/JPEG images",
-    "mixed": "differ in size",
     "unreadable": "unreadable image",
     "unpaired": "do not pair by name",
     "emptypair": "no PNG/JPEG image pairs",
-    "pairmixed": "differ in size",
     "ambiguous": "ambiguous",
     "extension": "unknown data format",
     "noy.npz": "no array 'y'",
@@ -383,3 +381,12 @@ def test_nonfinite_conditions_are_loaded_and_marked(tmp_path: Path) -> None:
     np.save(tmp_path / "all.npy", np.full((2, 2), np.nan))
     with pytest.raises(DataError, match="every condition has NaN or Inf"):
         load_conditions(tmp_path / "all.npy").finite()
+
+
+def test_mixed_size_folders_are_read_grouped_by_size(tmp_path: Path) -> None:
+    """The folders once refused for mixed sizes: read, sizes contiguous, pairs kept together."""
+    cases = _bad_cases(tmp_path)
+    cs = load_conditions(cases["mixed"])
+    assert cs.mixed and cs.ids == ["a", "b"] and [tuple(cs.y[i].shape) for i in range(2)] == [(3, 8, 8), (3, 8, 9)]
+    pairs = load_conditions(cases["pairmixed"])
+    assert pairs.mixed and all(pairs.x[i].shape == pairs.y[i].shape for i in range(len(pairs)))

@@ -558,7 +558,7 @@ def test_nonfinite_conditions_are_counted_not_sampled(files: Path, tmp_path: Pat
     assert report["data"]["in"]["n_nonfinite"] == 3 and report["risk"]["n_inputs"] == 37
     assert report["ood"]["n_fit_nonfinite"] == 3  # the Gaussian (from s.h5) says it skipped them too
     flagged = [r for r in report["inputs"] if r.get("nonfinite_condition")]
-    assert [r["id"] for r in flagged] == ["row3", "row7", "row11"]
+    assert [r["id"] for r in flagged] == ["in/row3", "in/row7", "in/row11"]
     assert all(r["s_ood"] == "inf" and r["n_inf"] is None and r["risk"] is None for r in flagged)
 
 

@@ -281,7 +281,7 @@ def test_sigkilled_run_leaves_a_stale_lock_that_does_not_block(big: Path, tmp_pa
 
 
 def test_atomic_writers_leave_nothing_on_keyboard_interrupt(tmp_path: Path) -> None:
-    """Ctrl-C (or SIGTERM, which the CLI turns into KeyboardInterrupt) inside a writer: no target, no temporary, no lock."""
+    """Ctrl-C (or SIGTERM, turned into KeyboardInterrupt) inside a writer: no target, no temporary, no lock."""
     from flowaudit.utils.atomic import atomic_dir, atomic_path
 
     with pytest.raises(KeyboardInterrupt):

@@ -156,7 +156,7 @@ def factory(tmp_path, monkeypatch):
 def test_cli_scan_fail_on_violation_exits_1_without_sites(factory, tmp_path):
     spec, data = factory
     runner = CliRunner()
-    args = ["-q", "scan", "--model", spec, "--data", str(data), "--samples", "2", "--device", "cpu"]
+    args = ["-q", "scan", "--model", spec, "--random-init", "--data", str(data), "--samples", "2", "--device", "cpu"]
     res = runner.invoke(cli, [*args, "--out", str(tmp_path / "r1"), "--fail-on", "violation"])
     assert res.exit_code == 1, res.output
     assert "no sites found" in res.output.lower()
@@ -169,7 +169,7 @@ def test_cli_scan_fail_on_violation_exits_1_without_sites(factory, tmp_path):
 
 def test_cli_inspect_json_carries_coverage(factory):
     spec, _ = factory
-    res = CliRunner().invoke(cli, ["-q", "inspect", "--model", spec, "--json", "--device", "cpu"])
+    res = CliRunner().invoke(cli, ["-q", "inspect", "--model", spec, "--random-init", "--json", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     model = json.loads(res.stdout)["model"]
     assert model["sites"] == [] and model["remark2"]["verdict"] == "no sites found"

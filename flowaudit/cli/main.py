@@ -4,8 +4,8 @@ Exit codes (DESIGN.md §4): 0 done, nothing to fail on; 1 the audit found what
 ``--fail-on`` asked to fail on; 2 bad input or usage (one line on stderr,
 nothing half written); 3 an internal error (``--debug`` shows the traceback).
 Heavy imports (torch) happen inside the commands so ``--help`` is instant.
-Options every command shares live in :mod:`.cli_options`; ``train`` and
-``data`` in :mod:`.cli_reference`.
+Options every command shares live in :mod:`.options`; ``train`` and
+``data`` in :mod:`.reference`.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import click
 
-from ..config import validate as V
 from .._version import __version__
+from ..config import validate as V
 from .options import (
     EXIT_INTERRUPTED,
-    Settings,
+    CommandState,
     UserError,
     batch_option,
     claim_output,
@@ -33,11 +33,14 @@ from .options import (
     interrupted,
     json_option,
     layers_option,
+    leads,
     max_parameters_option,
     overwrite_option,
     pooling_option,
     run_context,
     run_options,
+    run_settings,
+    sampling_options,
     threshold_option,
     was_interrupted,
 )
@@ -53,10 +56,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (
         UserError,
+        OutputError,
         AuditError,
         DataError,
         ModelError,
-        OutputError,
         FileExistsError,
         FileNotFoundError,
         PermissionError,
@@ -121,7 +124,7 @@ class FlowauditGroup(click.Group):
 @click.pass_context
 def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     """Audit conditional normalizing flows for exploding inverses (Hong et al. 2023)."""
-    ctx.obj = Settings(debug=debug, quiet=quiet)
+    ctx.obj = CommandState(debug=debug, quiet=quiet)
 
 
 # -- shared options ------------------------------------------------------------------------------
@@ -130,7 +133,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 def _official(name: str, convert=lambda v: v):
     def store(ctx: click.Context, param: click.Parameter, value):
         if value is not None:
-            ctx.ensure_object(Settings).official[name] = convert(value)
+            ctx.ensure_object(CommandState).official[name] = convert(value)
         return value
 
     return store
@@ -195,6 +198,13 @@ def model_options(f):
     )(f)
     f = max_parameters_option(f)
     f = click.option(
+        "--random-init",
+        is_flag=True,
+        expose_value=False,
+        callback=lambda c, p, v: c.meta.__setitem__("flowaudit.random_init", v),
+        help="Audit --model's factory output untrained (without --weights it is refused); reported as untrained.",
+    )(f)
+    f = click.option(
         "--trust-checkpoint", is_flag=True, help="Allow pickled code in checkpoints (only for sources you trust)."
     )(f)
     f = click.option(
@@ -215,7 +225,8 @@ def _adapter(model_spec: str | None, factory: str | None, weights: str | None, t
     if bool(model_spec) == bool(factory):
         both = ", not both" if model_spec else ""
         raise click.UsageError(f"give MODEL (a bundled name or a checkpoint) or --model MODULE:FACTORY{both}")
-    official = dict(click.get_current_context().find_object(Settings).official)
+    ctx = click.get_current_context()
+    official = dict(ctx.find_object(CommandState).official)
     config = official.pop("official_config", None)
     adapter = load_model(
         factory or model_spec,
@@ -224,11 +235,21 @@ def _adapter(model_spec: str | None, factory: str | None, weights: str | None, t
         max_parameters=max_parameters,
         official=official or None,
         official_config=config,
+        random_init=bool(ctx.meta.get("flowaudit.random_init")),
     )
     line = getattr(adapter, "warning_line", lambda: None)()
     if line:
         click.echo(f"flowaudit: warning: {line}", err=True)
     return adapter
+
+
+def _output_range(value: str | None) -> tuple[float, float] | None:
+    from ..stats.risk import parse_range
+
+    try:
+        return None if value is None else parse_range(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--output-range") from None
 
 
 def _layers(value: str | None) -> list[str] | None:
@@ -242,7 +263,36 @@ def _refuse_existing(out: str, overwrite: bool) -> None:
     claim_output(click.get_current_context(), out, overwrite)
 
 
-def _emit(obj: Settings, report, key: str | None = None) -> None:
+def _feature_settings(kw: dict) -> dict:
+    """The encoder-feature options as :class:`~flowaudit.config.settings.Settings` fields."""
+    return {"layers": _layers(kw["layers"]), "pooling": kw["pooling"], "estimator": kw["estimator"]}
+
+
+def _start(model_spec, factory, weights, trust: bool, max_parameters: float, out, overwrite: bool, kw: dict):
+    """The head of ``fit``, ``scan`` and ``attack``: join the ranks, claim ``out``, load the model.
+
+    Returns ``(run context, out, adapter)``.
+    """
+    ctx = click.get_current_context()
+    run, out = run_context(ctx, out, overwrite, kw["resume"], kw["max_memory"], kw["distributed"])
+    return run, out, _adapter(model_spec, factory, weights, trust, max_parameters)
+
+
+def _finish(obj: CommandState, run, report, out: str, overwrite: bool, key: str | None, fails) -> None:
+    """The tail of ``scan`` and ``attack``: save the report (rank 0), print it, exit 1 when ``fails(report)``."""
+    if leads(run):
+        report.save(out, overwrite=overwrite)
+    finish_run(run)
+    if not leads(run):
+        return
+    _emit(obj, report, key=key)
+    if not obj.json:
+        click.echo(f"report: {Path(out) / 'report.html'}")
+    if fails(report):
+        sys.exit(1)
+
+
+def _emit(obj: CommandState, report, key: str | None = None) -> None:
     if obj.json:
         payload = json.loads(report.to_json())
         click.echo(json.dumps(payload if key is None else {key: payload[key]}, indent=2))
@@ -265,7 +315,7 @@ def _emit(obj: Settings, report, key: str | None = None) -> None:
 @device_option
 @json_option
 @click.pass_obj
-def inspect(obj: Settings, model_spec, factory, weights, trust_checkpoint, max_parameters, list_, data, threshold):
+def inspect(obj: CommandState, model_spec, factory, weights, trust_checkpoint, max_parameters, list_, data, threshold):
     """Sites, kinds and Remark 2 verdicts of MODEL; no data needed."""
     if list_:
         from ..reference_models import bundled
@@ -298,46 +348,25 @@ def inspect(obj: Settings, model_spec, factory, weights, trust_checkpoint, max_p
 @device_option
 @json_option
 @click.pass_obj
-def fit(
-    obj: Settings,
-    model_spec,
-    factory,
-    weights,
-    trust_checkpoint,
-    max_parameters,
-    data,
-    out,
-    overwrite,
-    layers,
-    pooling,
-    estimator,
-    batch_size,
-    resume,
-    max_memory,
-    batched,
-    distributed,
-):
+def fit(obj: CommandState, model_spec, factory, weights, trust_checkpoint, max_parameters, data, out, overwrite, **kw):
     """Fit the encoder-feature Gaussian of MODEL on --data and write stats.h5."""
     from ..audit import fit as run_fit
 
-    run, out = run_context(click.get_current_context(), out, overwrite, resume, max_memory, distributed)
-    leader = run.group is None or run.group.leader
-    adapter = _adapter(model_spec, factory, weights, trust_checkpoint, max_parameters)
-    report = run_fit(
-        adapter,
-        data,
-        layers=_layers(layers),
-        pooling=pooling,
-        estimator=estimator,
-        batch_size=batch_size or 256,
-        device=obj.device,
-        out=out if leader else None,
-        progress=obj.progress and leader,
-        context=run,
-    )
+    run, out, adapter = _start(model_spec, factory, weights, trust_checkpoint, max_parameters, out, overwrite, kw)
+    options = {"batch_size": kw["batch_size"] or 256, **_feature_settings(kw)}
+    report = run_fit(adapter, data, run_settings(obj, run, **options), out=out if leads(run) else None, context=run)
     finish_run(run)
-    if leader:
+    if leads(run):
         _emit(obj, report)
+
+
+# --fail-on: which finding of a report exits 1
+_SCAN_FAILS = {
+    "never": lambda report: False,
+    "violation": lambda report: bool(report.violations()),
+    "risk": lambda report: bool(report.at_risk()),
+}
+_ATTACK_FAILS = {"never": lambda report: False, "broken": lambda report: bool(report["attack"]["summary"]["n_broken"])}
 
 
 @cli.command()
@@ -350,16 +379,7 @@ def fit(
 @click.option("--fit-data", type=click.Path(exists=True), help="Training conditions to fit the Gaussian on the fly.")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Report folder (must not exist).")
 @overwrite_option
-@click.option("--samples", "-k", type=V.SAMPLES, default=10, show_default=True, help="Samples K per input.")
-@click.option(
-    "--temperature",
-    "-t",
-    type=V.FiniteFloat(0, 100),
-    default=0.9,
-    show_default=True,
-    help="Temperature τ of the latents.",
-)
-@click.option("--seed", type=V.SEED, default=0, show_default=True, help="Seed of the latents (recorded in the report).")
+@sampling_options(10, "Samples K per input.", "Seed of the latents (recorded in the report).")
 @click.option(
     "--fail-on",
     type=click.Choice(["never", "violation", "risk"]),
@@ -367,88 +387,42 @@ def fit(
     show_default=True,
     help="Exit 1 when a site violates Remark 2 (violation) or an input had an Inf/pixel error (risk).",
 )
+@click.option(
+    "--output-range",
+    metavar="LO,HI",
+    callback=lambda c, p, v: _output_range(v),
+    help="The error band: a sample value outside [LO, HI] is a pixel error (default: the model's valid range "
+    "widened by half, or the targets' range widened by half; printed with its source).",
+)
 @layers_option
 @pooling_option
 @estimator_option
 @threshold_option
-@batch_option
 @click.option(
     "--attack",
     "attack_budget",
     metavar="BUDGET",
     callback=lambda c, p, v: _budget(c, p, v) if v else None,
-    help="Also attack 16 in-distribution conditions within BUDGET (see `flowaudit attack`): worst-case evidence per site.",
+    help="Also attack 16 in-distribution conditions within BUDGET (see `flowaudit attack`): "
+    "worst-case evidence per site.",
 )
 @run_options
-@device_option
 @json_option
 @click.pass_obj
-def scan(
-    obj: Settings,
-    model_spec,
-    factory,
-    weights,
-    trust_checkpoint,
-    max_parameters,
-    data,
-    ood_data,
-    stats,
-    fit_data,
-    out,
-    overwrite,
-    samples,
-    temperature,
-    seed,
-    fail_on,
-    layers,
-    pooling,
-    estimator,
-    threshold,
-    batch_size,
-    attack_budget,
-    resume,
-    max_memory,
-    batched,
-    distributed,
-):
+def scan(obj: CommandState, model_spec, factory, weights, trust_checkpoint, max_parameters, data, out, overwrite, **kw):
     """The full audit of MODEL: traces, Remark 2, s_OOD and exploding-inverse risk."""
     from ..audit import scan as run_scan
 
-    if stats and fit_data:
+    if kw["stats"] and kw["fit_data"]:
         raise click.UsageError("give --stats or --fit-data, not both")
-    run, out = run_context(click.get_current_context(), out, overwrite, resume, max_memory, distributed)
-    leader = run.group is None or run.group.leader
-    adapter = _adapter(model_spec, factory, weights, trust_checkpoint, max_parameters)
+    run, out, adapter = _start(model_spec, factory, weights, trust_checkpoint, max_parameters, out, overwrite, kw)
+    options = {**_feature_settings(kw), "remark2_threshold": kw["threshold"], "attack": kw["attack_budget"]}
+    settings = run_settings(obj, run, kw["batched"], **options)
+    ood, stats, fit_data = kw["ood_data"], kw["stats"], kw["fit_data"]
     report = run_scan(
-        adapter,
-        data,
-        ood=ood_data,
-        stats=stats,
-        fit_data=fit_data,
-        samples=samples,
-        temperature=temperature,
-        seed=seed,
-        batch_size=batch_size,
-        device=obj.device,
-        layers=_layers(layers),
-        pooling=pooling,
-        estimator=estimator,
-        remark2_threshold=threshold,
-        progress=obj.progress and leader,
-        attack=attack_budget,
-        exact=not batched,
-        context=run,
+        adapter, data, settings, ood=ood, stats=stats, fit_data=fit_data, context=run, output_range=kw["output_range"]
     )
-    if leader:
-        report.save(out, overwrite=overwrite)
-    finish_run(run)
-    if not leader:
-        return
-    _emit(obj, report)
-    if not obj.json:
-        click.echo(f"report: {Path(out) / 'report.html'}")
-    if (fail_on == "violation" and report.violations()) or (fail_on == "risk" and report.at_risk()):
-        sys.exit(1)
+    _finish(obj, run, report, out, overwrite, None, _SCAN_FAILS[kw["fail_on"]])
 
 
 @cli.command()
@@ -459,7 +433,7 @@ def scan(
 @device_option
 @json_option
 @click.pass_obj
-def demo(obj: Settings, out, overwrite):
+def demo(obj: CommandState, out, overwrite):
     """The main job on the embedded default: bundled models, bundled data, side-by-side summary."""
     from ..demo import run_demo
 
@@ -473,12 +447,9 @@ def demo(obj: Settings, out, overwrite):
 
 def _budget(ctx: click.Context, param: click.Parameter, value: str):
     """Parse a budget option (``linf:EPS``, ``l2:EPS``, ``box:LO,HI``, ``none``); a bad one exits 2."""
-    from ..evidence.budget import parse_budget
+    from ..config.settings import read_budget
 
-    try:
-        return parse_budget(value)
-    except ValueError as exc:
-        raise UserError(f"{param.opts[0]}: {exc}") from None
+    return read_budget(value, param.opts[0])
 
 
 @cli.command()
@@ -495,8 +466,8 @@ def _budget(ctx: click.Context, param: click.Parameter, value: str):
     show_default=True,
     callback=_budget,
     metavar="BUDGET",
-    help="linf:EPS, l2:EPS, box:LO,HI (absolute bounds of every condition value) or none (distance to the first break). "
-    "EPS may be a fraction: linf:8/255.",
+    help="linf:EPS, l2:EPS, box:LO,HI (absolute bounds of every condition value) or none "
+    "(distance to the first break). EPS may be a fraction: linf:8/255.",
 )
 @click.option(
     "--objective",
@@ -522,18 +493,15 @@ def _budget(ctx: click.Context, param: click.Parameter, value: str):
 @click.option(
     "--starts", type=V.BATCH, default=16, show_default=True, help="Attack the first N conditions of --data."
 )
-@click.option(
-    "--samples", "-k", type=V.SAMPLES, default=4, show_default=True, help="Samples K (latents) per start."
+@sampling_options(
+    4,
+    "Samples K (latents) per start.",
+    "Seed of the latents (the scan's seeding).",
+    batch=64,
+    batch_help="Samples per inverse pass with --batched (the pass keeps its graph, so it costs more memory than a "
+    "scan's; at most one shard of 16 starts). Exact passes (the default) run one start's K samples, whatever this "
+    "says.",
 )
-@click.option(
-    "--temperature",
-    "-t",
-    type=V.FiniteFloat(0, 100),
-    default=0.9,
-    show_default=True,
-    help="Temperature τ of the latents.",
-)
-@click.option("--seed", type=V.SEED, default=0, show_default=True, help="Seed of the latents (the scan's seeding).")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Report folder (must not exist).")
 @overwrite_option
 @click.option(
@@ -543,43 +511,11 @@ def _budget(ctx: click.Context, param: click.Parameter, value: str):
     show_default=True,
     help="Exit 1 when the attack broke at least one start.",
 )
-@click.option(
-    "--batch-size",
-    type=V.BATCH,
-    default=64,
-    show_default=True,
-    help="Samples per inverse pass with --batched (the pass keeps its graph, so it costs more memory than a scan's; "
-    "at most one shard of 16 starts). Exact passes (the default) run one start's K samples, whatever this says.",
-)
 @run_options
-@device_option
 @json_option
 @click.pass_obj
 def attack(
-    obj: Settings,
-    model_spec,
-    factory,
-    weights,
-    trust_checkpoint,
-    max_parameters,
-    data,
-    budget,
-    objective,
-    steps,
-    step_size,
-    step_rule,
-    starts,
-    samples,
-    temperature,
-    seed,
-    out,
-    overwrite,
-    fail_on,
-    batch_size,
-    resume,
-    max_memory,
-    batched,
-    distributed,
+    obj: CommandState, model_spec, factory, weights, trust_checkpoint, max_parameters, data, out, overwrite, **kw
 ):
     """The worst case: gradient search on MODEL's conditions, inside a budget, for an exploding inverse.
 
@@ -589,38 +525,13 @@ def attack(
     recorded but does not size the attack's passes (they keep their graph: --batch-size does).
     """
     from ..audit import attack as run_attack
+    from ..config.settings import Search
 
-    run, out = run_context(click.get_current_context(), out, overwrite, resume, max_memory, distributed)
-    leader = run.group is None or run.group.leader
-    adapter = _adapter(model_spec, factory, weights, trust_checkpoint, max_parameters)
-    report = run_attack(
-        adapter,
-        data,
-        budget=budget,
-        objective=objective,
-        steps=steps,
-        step_size=step_size,
-        rule=step_rule,
-        starts=starts,
-        samples=samples,
-        temperature=temperature,
-        seed=seed,
-        batch_size=batch_size,
-        device=obj.device,
-        progress=obj.progress and leader,
-        context=run,
-        exact=not batched,
-    )
-    if leader:
-        report.save(out, overwrite=overwrite)
-    finish_run(run)
-    if not leader:
-        return
-    _emit(obj, report, key="attack")
-    if not obj.json:
-        click.echo(f"report: {Path(out) / 'report.html'}")
-    if fail_on == "broken" and report["attack"]["summary"]["n_broken"]:
-        sys.exit(1)
+    run, out, adapter = _start(model_spec, factory, weights, trust_checkpoint, max_parameters, out, overwrite, kw)
+    how = Search(kw["budget"], kw["objective"], kw["steps"], kw["step_size"], rule=kw["step_rule"])
+    settings = run_settings(obj, run, kw["batched"], attack=how, attack_starts=kw["starts"])
+    report = run_attack(adapter, data, settings, context=run)
+    _finish(obj, run, report, out, overwrite, "attack", _ATTACK_FAILS[kw["fail_on"]])
 
 
 cli.add_command(train)

@@ -1,8 +1,9 @@
 """What every ``flowaudit`` command shares: the context object and the options declared once.
 
-``--device`` and ``--json`` are declared here once; their callbacks store the
-values in the context object (:class:`Settings`), so commands read
-``obj.device`` and ``obj.json`` instead of taking them as parameters.
+``--device``, ``--json`` and the sampling options are declared here once; their callbacks store the
+values in the context object (:class:`CommandState`), so commands read ``obj.device``, ``obj.json``
+and ``obj.sampling`` instead of taking them as parameters. The run's
+:class:`~flowaudit.config.settings.Settings` is built from them once, by :func:`run_settings`.
 
 Interruption: :func:`install_signal_handlers` makes SIGTERM raise
 ``KeyboardInterrupt`` like SIGINT does, so one path unwinds both: the atomic
@@ -25,7 +26,7 @@ import click
 from ..config import validate as V
 
 __all__ = [
-    "Settings",
+    "CommandState",
     "UserError",
     "claim_output",
     "was_interrupted",
@@ -36,6 +37,9 @@ __all__ = [
     "interrupted",
     "max_parameters_option",
     "device_option",
+    "sampling_options",
+    "run_settings",
+    "leads",
     "json_option",
     "overwrite_option",
     "batch_option",
@@ -47,19 +51,18 @@ __all__ = [
 
 
 @dataclass
-class Settings:
-    """The context object every command receives."""
+class CommandState:
+    """The context object every command receives: what the command line said, and what the command claimed."""
 
     debug: bool = False
     quiet: bool = False
-    device: str = "auto"
+    device: str = "auto"  # as given; parsed once, into the run's Settings
     json: bool = False
+    sampling: dict = field(default_factory=dict)  # --samples, --temperature, --seed, --batch-size
     command: str | None = None  # "flowaudit scan", "flowaudit train sr": set when a command claims its output
     out: str | None = None  # what the running command writes (claimed), for the interruption message
     keeps_partial: bool = False  # ``train``: a periodic checkpoint at ``out`` is complete, not partial
-    work: str | None = (
-        None  # ``fit`` / ``scan`` / ``attack``: the work folder of completed shards (``--resume`` continues from it)
-    )
+    work: str | None = None  # the work folder of completed shards of fit / scan / attack (``--resume``)
     official: dict = field(default_factory=dict)  # what an official checkpoint's weights cannot say (--fs-ncsr, …)
 
     @property
@@ -73,7 +76,15 @@ class UserError(ValueError):
 
 def _setting(name: str):
     def store(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-        setattr(ctx.ensure_object(Settings), name, value)
+        setattr(ctx.ensure_object(CommandState), name, value)
+        return value
+
+    return store
+
+
+def _sampling(name: str):
+    def store(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        ctx.ensure_object(CommandState).sampling[name] = value
         return value
 
     return store
@@ -90,12 +101,80 @@ device_option = click.option(
 json_option = click.option(
     "--json", is_flag=True, expose_value=False, callback=_setting("json"), help="Print machine-readable JSON on stdout."
 )
-batch_option = click.option(
-    "--batch-size",
-    type=V.BATCH,
-    default=None,
-    help="Samples per inverse pass (default: as many as --max-memory allows; exact passes: K).",
-)
+BATCH_HELP = "Samples per inverse pass (default: as many as --max-memory allows; exact passes: K)."
+batch_option = click.option("--batch-size", type=V.BATCH, default=None, help=BATCH_HELP)
+
+
+def sampling_options(samples: int, samples_help: str, seed_help: str, batch: int | None = None, batch_help: str = ""):
+    """``--samples``, ``--temperature``, ``--seed``, ``--batch-size`` and ``--device``, kept in ``obj.sampling``."""
+    options = [
+        click.option(
+            "--samples",
+            "-k",
+            type=V.SAMPLES,
+            default=samples,
+            show_default=True,
+            help=samples_help,
+            expose_value=False,
+            callback=_sampling("samples"),
+        ),
+        click.option(
+            "--temperature",
+            "-t",
+            type=V.FiniteFloat(0, 100),
+            default=0.9,
+            show_default=True,
+            help="Temperature τ of the latents.",
+            expose_value=False,
+            callback=_sampling("temperature"),
+        ),
+        click.option(
+            "--seed",
+            type=V.SEED,
+            default=0,
+            show_default=True,
+            help=seed_help,
+            expose_value=False,
+            callback=_sampling("seed"),
+        ),
+        click.option(
+            "--batch-size",
+            type=V.BATCH,
+            default=batch,
+            show_default=batch is not None,
+            help=batch_help or BATCH_HELP,
+            expose_value=False,
+            callback=_sampling("batch_size"),
+        ),
+        device_option,
+    ]
+
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def run_settings(obj: CommandState, run: Any = None, batched: bool = False, **more: Any) -> Any:
+    """The run's :class:`~flowaudit.config.settings.Settings`, built once from the command line.
+
+    ``run`` is the command's :class:`~flowaudit.runs.runner.Context`: a process group decides the device.
+    """
+    from ..config.settings import Settings
+
+    group = getattr(run, "group", None)
+    device = obj.device if group is None else group.device
+    return Settings(**obj.sampling, device=device, exact=not batched, progress=obj.progress and leads(run), **more)
+
+
+def leads(run: Any) -> bool:
+    """Whether this process writes the output: no process group, or its rank 0."""
+    group = getattr(run, "group", None)
+    return group is None or group.leader
+
+
 layers_option = click.option("--layers", help="Comma-separated encoder module names to hook (default: the adapter's).")
 pooling_option = click.option(
     "--pooling",
@@ -158,7 +237,7 @@ def was_interrupted() -> bool:
 
 def interrupted(ctx: click.Context) -> str:
     """The one line said on an interruption: what was stopped and what is left at ``--out``."""
-    obj = ctx.obj if isinstance(ctx.obj, Settings) else Settings()
+    obj = ctx.obj if isinstance(ctx.obj, CommandState) else CommandState()
     what = obj.command or " ".join(filter(None, ["flowaudit", ctx.invoked_subcommand]))
     if obj.out is None:
         left = "nothing was written"
@@ -182,7 +261,7 @@ def claim_output(ctx: click.Context, out: str, overwrite: bool = True, *, keeps_
     from ..utils.atomic import claim
 
     ctx.with_resource(claim(out))
-    obj = ctx.find_object(Settings)
+    obj = ctx.find_object(CommandState)
     if obj is not None:
         obj.command, obj.out, obj.keeps_partial = ctx.command_path, str(out), keeps_partial
     if not overwrite and os.path.lexists(out):
@@ -249,7 +328,7 @@ def run_context(
     if distributed:
         from ..runs.distributed import init_group
 
-        obj = ctx.find_object(Settings)
+        obj = ctx.find_object(CommandState)
         group = init_group(obj.device if obj is not None else "auto")
         ctx.call_on_close(group.close)
     work = work_path(out)
@@ -269,7 +348,7 @@ def run_context(
             refused = FileExistsError(said)
     if refused is not None:
         raise refused
-    obj = ctx.find_object(Settings)
+    obj = ctx.find_object(CommandState)
     if obj is not None:
         obj.work = str(work)
     return Context(work_dir=work, resume=resume is not None, group=group, max_memory=max_memory), out

@@ -13,7 +13,7 @@ import json
 import click
 
 from ..config import validate as V
-from .options import Settings, UserError, claim_output, device_option, json_option
+from .options import CommandState, UserError, claim_output, device_option, json_option
 
 __all__ = ["train", "data"]
 
@@ -36,7 +36,7 @@ def _checkpoint_errors():
         raise UserError(str(exc)) from None
 
 
-def _report_training(obj: Settings, state: dict, out: str, coupling: str) -> None:
+def _report_training(obj: CommandState, state: dict, out: str, coupling: str) -> None:
     from ..reference_models.recipes import run_info
 
     info = run_info(state, out)
@@ -64,7 +64,7 @@ def _report_training(obj: Settings, state: dict, out: str, coupling: str) -> Non
 @click.option("--threads", type=click.IntRange(1), help="CPU threads (default: torch's).")
 @json_option
 @click.pass_obj
-def train_toy_cmd(obj: Settings, coupling, out, iters, seed, resume, feature_dim, threads):
+def train_toy_cmd(obj: CommandState, coupling, out, iters, seed, resume, feature_dim, threads):
     """Train the 2D toy flow of the paper (S1.2)."""
     import torch
 
@@ -135,7 +135,7 @@ def _image_train_options(f):
 
 
 def _train_image(
-    obj: Settings,
+    obj: CommandState,
     task: str,
     coupling: str,
     out: str,
@@ -169,7 +169,7 @@ def _train_image(
     "--scale", type=click.Choice(["2", "4", "8"]), default="4", show_default=True, help="Super-resolution factor."
 )
 @click.pass_obj
-def train_sr_cmd(obj: Settings, scale, **kw):
+def train_sr_cmd(obj: CommandState, scale, **kw):
     """Train the SRFlow/FS-NCSR-style super-resolution flow on the embedded corpus."""
     _train_image(obj, "sr", scale=int(scale), **kw)
 
@@ -177,7 +177,7 @@ def train_sr_cmd(obj: Settings, scale, **kw):
 @train.command("lowlight")
 @_image_train_options
 @click.pass_obj
-def train_lowlight_cmd(obj: Settings, **kw):
+def train_lowlight_cmd(obj: CommandState, **kw):
     """Train the LLFlow-style low-light flow on synthetic LOL-like pairs."""
     _train_image(obj, "lowlight", **kw)
 

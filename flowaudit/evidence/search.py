@@ -7,88 +7,51 @@ scan draws them, :class:`~flowaudit.config.sampling.Sampling`) it runs projected
 .. math:: y_{t+1} = \Pi\big(y_t + \alpha_t\, u(\nabla_y J(y_t))\big),\qquad
           J(y) = \frac1K \sum_k j\big(f^{-1}(z_k; y)\big)
 
-inside a :class:`~flowaudit.evidence.budget.Budget` (:math:`\Pi` its projection, then the valid range
+inside a :class:`~flowaudit.config.budget.Budget` (:math:`\Pi` its projection, then the valid range
 for image conditions; :math:`u` the step direction, below). Per sample the objective :math:`j` is one of
 
 * ``logdet`` — the inverse log-determinant :math:`\sum_{\text{sites}}\sum_i \log(1/c'_i)`;
 * ``max-gain`` — the largest log inverse gain :math:`\max_{\text{sites}, i} \log(1/c'_i)`;
 * ``max-abs`` — :math:`\log \max_i |x_i|` of the sample.
 
-The step direction :math:`u` is per-coordinate normalised, so one step moves about α in every
-coordinate whatever the gradient's size: the gradient of :math:`1/s` spans many decades exactly
-where the inverse starts to blow up, and saturated scales (``sigmoid`` at its top) give gradients
-that are tiny or exactly 0. Two rules: ``sign`` (PGD, Madry et al. 2018: :math:`u = \operatorname{sign} g`)
-and ``adam`` (default: :math:`u = \hat m / \sqrt{\hat v}`, Adam's direction without its step
-size; its first step *is* ``sign``). Adam is the default because its momentum carries a start
-across the flat and oscillating stretches where ``sign`` stalls: on ``toy-affine`` in a ±15 box,
-600 steps of 0.05 from 1000 test conditions broke 180 starts with ``adam`` and 4 with ``sign``.
-For :math:`L_2` the direction is rescaled to unit :math:`L_2` norm. Both keep per-start state only,
-so a start's path depends on nothing but its own condition and latents. Default step
-:math:`\alpha = 2.5\,r/N` for a budget of radius :math:`r` and :math:`N` steps. With ``none``
-there is no radius: steps grow geometrically, :math:`\alpha_t = \alpha_0 \rho^t`, from 1 % of
-the conditions' spread with ρ chosen so that N steps can travel 100 spreads; the distance at
-the first break is then known to within one step, a fraction ρ − 1 of itself.
+The step direction :math:`u` is per coordinate normalised, so one step moves about α in every
+coordinate whatever the gradient's size (the gradient of :math:`1/s` spans decades where the
+inverse starts to blow up, and saturated scales give gradients near 0): ``sign`` (PGD,
+:math:`u = \operatorname{sign} g`) or ``adam`` (default, :class:`AdamDirection`,
+:math:`u = \hat m / \sqrt{\hat v}`), whose momentum carries a start across flat stretches where
+``sign`` stalls. For :math:`L_2` the direction is rescaled to unit norm. Default step
+:math:`\alpha = 2.5\,r/N` for a budget of radius :math:`r` and :math:`N` steps; with ``none``,
+:math:`\alpha_t = \alpha_0 \rho^t` from 1 % of the conditions' spread, ρ such that N steps travel
+100 spreads.
 
-A start is **broken** once a sample leaves ``adapter.error_band`` or anything goes non-finite;
-``distance_to_break`` is how far from :math:`y_0` that first happened (with ``none``, the figure
-the search is for). A broken start keeps climbing inside its budget (the worst case is how far
-the blow-up goes, not only that it starts); it is reported at its best breaking point, and a
-start that never broke at the best point its path visited (ascent steps are not monotone), with
-``distance`` the size of that perturbation. NaN/Inf never stop the search: a start that went
-non-finite is reported there and stops stepping, and non-finite gradients are zeroed. The step loop keeps every
-decision on the device (no host sync). The ``layer`` where a start blew up is the first layer of
-the inverse pass whose max |value| went non-finite, or grew ×10 over its value at the start *and*
-passed 10× the error band's largest |value| (``None`` when no layer did). Gradients flow through
-``adapter.sample`` and through the gains an observer with ``keep_graph = True`` receives
-(:class:`~flowaudit.adapters.base.Observer`).
+A start is **broken** once a sample leaves ``adapter.error_band`` or goes non-finite;
+``distance_to_break`` is how far from :math:`y_0` that first happened. A start is reported at its
+best breaking point, else at the best point its path visited; a start that went non-finite stops
+there, and non-finite gradients are zeroed. Its ``layer`` is the first layer of the inverse pass
+whose max |value| went non-finite, or grew ×10 over the start's and past 10× the error band.
+Every step is per start, so a start's path depends only on its own condition and latents.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..adapters import Adapter
+from ..config.budget import Budget
 from ..config.sampling import Sampling
+from ..config.settings import OBJECTIVES, RULES, Search
 from ..errors import AuditError
-from .budget import Budget
 
-__all__ = ["OBJECTIVES", "RULES", "DetachedGains", "Search", "GainKeeper", "search", "default_step"]
+__all__ = ["OBJECTIVES", "RULES", "DetachedGains", "Search", "GainKeeper", "AdamDirection", "search", "default_step"]
 
-OBJECTIVES = ("logdet", "max-gain", "max-abs")
-RULES = ("sign", "adam")
 ADAM_BETAS = (0.9, 0.999)
 
 
 class DetachedGains(AuditError):
     """The adapter passes detached inverse gains: gain objectives cannot be differentiated (``max-abs`` may)."""
-
-
-@dataclass(frozen=True)
-class Search:
-    """How the attack searches: budget, objective, steps, step size (``None``: the default rule)."""
-
-    budget: Budget
-    objective: str = "logdet"
-    steps: int = 50
-    step_size: float | None = None
-    layer_factor: float = (
-        10.0  # a layer blew up: max |value| ×10 over the start's and past 10× the error band (or non-finite)
-    )
-    rule: str = "adam"  # adam (Adam's direction m̂/√v̂) or sign (PGD)
-
-    def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise AuditError(f"unknown objective {self.objective!r}: expected one of {', '.join(OBJECTIVES)}")
-        if self.steps < 0:
-            raise AuditError("--steps must be ≥ 0")
-        if self.rule not in RULES:
-            raise AuditError(f"unknown step rule {self.rule!r}: expected one of {', '.join(RULES)}")
-        if self.step_size is not None and not self.step_size > 0:
-            raise AuditError("--step-size must be > 0")
 
 
 def default_step(budget: Budget, steps: int, spread: float) -> tuple[float, float]:
@@ -150,19 +113,21 @@ class GainKeeper:
             self.site_max[name] = g if name not in self.site_max else torch.maximum(self.site_max[name], g)
 
 
+_UNDIFFERENTIABLE = "the {} adapter cannot differentiate its samples w.r.t. the condition, so it cannot be attacked"
+
+
 def _objective(adapter: Adapter, keeper: GainKeeper, x: Tensor, name: str, check: bool = True) -> Tensor:
     """The per-row objective ``j`` (see module docstring), checked to be differentiable when ``check``."""
     if name == "max-abs":
         if check and not x.requires_grad:
-            raise AuditError(
-                f"the {adapter.family} adapter cannot differentiate its samples w.r.t. the condition, so it cannot be attacked"
-            )
+            raise AuditError(_UNDIFFERENTIABLE.format(adapter.family))
         a = x.flatten(1).abs().to(torch.float64).amax(1)
         return torch.log(a)
     value = keeper.logdet if name == "logdet" else keeper.max_log
     if value is None:
         raise AuditError(
-            f"{adapter.name}: no site reported an inverse gain, so --objective {name} has nothing to maximise (use max-abs)"
+            f"{adapter.name}: no site reported an inverse gain, so --objective {name} has nothing to maximise "
+            "(use max-abs)"
         )
     if check and not keeper.attached:
         raise DetachedGains(
@@ -179,7 +144,7 @@ def _broken(x: Tensor, band: tuple[float, float]) -> Tensor:
 
 
 def _pass(adapter: Adapter, y: Tensor, latents: list[Tensor], sampling: Sampling, objective: str, record: bool):
-    """One inverse pass at conditions ``y``: ``(x, J per start, broken per start, keeper)``."""
+    """One inverse pass at conditions ``y``: ``(x, J per start, broken per start, dead per start, keeper)``."""
     keeper = GainKeeper(record)
     x = adapter.sample(sampling.repeat(y), latents, observer=keeper)
     if record:
@@ -188,6 +153,74 @@ def _pass(adapter: Adapter, y: Tensor, latents: list[Tensor], sampling: Sampling
     dead = sampling.per_input((~torch.isfinite(x.detach().flatten(1))).any(1)).any(1) | ~torch.isfinite(j.detach())
     bad = sampling.per_input(_broken(x, adapter.error_band)).any(1) | dead
     return x, j, bad, dead, keeper
+
+
+class AdamDirection:
+    r"""Adam's step direction without its step size: :math:`\hat m / (\sqrt{\hat v} + 10^{-30})`.
+
+    Per coordinate and per start; its first step is :math:`\operatorname{sign} g`.
+    """
+
+    def __init__(self, like: Tensor, betas: tuple[float, float] = ADAM_BETAS, eps: float = 1e-30):
+        self.betas, self.eps, self.t = betas, eps, 0
+        self.m, self.v = torch.zeros_like(like), torch.zeros_like(like)
+
+    def __call__(self, g: Tensor) -> Tensor:
+        (b1, b2), self.t = self.betas, self.t + 1
+        self.m = b1 * self.m + (1 - b1) * g
+        self.v = b2 * self.v + (1 - b2) * g * g
+        return (self.m / (1 - b1**self.t)) / ((self.v / (1 - b2**self.t)).sqrt() + self.eps)
+
+
+def _direction(how: Search, adam: AdamDirection, g: Tensor) -> Tensor:
+    """The unit step for gradient ``g`` under the search's rule and the budget's norm."""
+    if how.rule == "adam":
+        d = adam(g)
+        return how.budget.direction(d) if how.budget.kind == "l2" else d
+    return how.budget.direction(g)
+
+
+def _gradient(adapter: Adapter, j: Tensor, yg: Tensor) -> Tensor:
+    """``∇_y Σ J`` with non-finite objectives and gradients zeroed."""
+    safe = torch.where(torch.isfinite(j), j, torch.zeros_like(j))
+    (g,) = torch.autograd.grad(safe.sum(), yg, allow_unused=True)
+    if g is None:  # the graph from the parameters reached the objective, but not from y
+        raise AuditError(_UNDIFFERENTIABLE.format(adapter.family))
+    return torch.nan_to_num(g.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+class _Path:
+    """Per start along the search: broken yet (when, how far), frozen (non-finite), and the point to report.
+
+    The reported point is a breaking one before any other, then the largest objective (steps are not monotone).
+    """
+
+    def __init__(self, y: Tensor, y0: Tensor, j: Tensor, bad: Tensor, dead: Tensor, budget: Budget):
+        self.y0, self.budget, self.view = y0, budget, (-1, *[1] * (y0.dim() - 1))
+        self.broken, self.frozen = bad, dead
+        self.broken_step = torch.where(bad, 0, -1)
+        self.to_break = torch.where(bad, budget.distance(y, y0), math.nan)
+        self.best_y, self.best_bad = y, bad
+        before = j.detach()
+        self.best_j = torch.where(dead, math.inf, torch.where(torch.isfinite(before), before, -math.inf))
+
+    def hold(self, y: Tensor, moved: Tensor) -> Tensor:
+        """``moved``, except that a non-finite start stays where it went non-finite."""
+        return torch.where(self.frozen.view(self.view), y, moved)
+
+    def update(self, t: int, y: Tensor, j: Tensor, bad: Tensor, dead: Tensor) -> None:
+        """Record step ``t``'s point ``y`` with its objective and break flags."""
+        live = ~self.frozen
+        newly = live & bad & ~self.broken
+        self.broken_step = torch.where(newly, t + 1, self.broken_step)
+        self.to_break = torch.where(newly, self.budget.distance(y.detach(), self.y0), self.to_break)
+        self.broken = self.broken | (live & bad)
+        jd = torch.where(dead, math.inf, j.detach())
+        better = live & ((bad & ~self.best_bad) | ((bad == self.best_bad) & (jd > self.best_j)) | dead)
+        self.best_y = torch.where(better.view(self.view), y, self.best_y)
+        self.best_j = torch.where(better, jd, self.best_j)
+        self.best_bad = self.best_bad | (better & bad)
+        self.frozen = self.frozen | dead
 
 
 def search(
@@ -207,91 +240,78 @@ def search(
     """
     budget, (alpha, rho) = how.budget, step
     y = budget.project(y0.clone(), y0, valid)
-    view = (-1, *[1] * (y0.dim() - 1))
     with torch.enable_grad():
         yg = y.detach().requires_grad_(True)
-        x, j, bad, dead, first = _pass(adapter, yg, latents, sampling, how.objective, record=True)
-        before = j.detach()
-        broken, frozen = bad, dead
-        broken_step = torch.where(bad, 0, -1)
-        to_break = torch.where(bad, budget.distance(y, y0), math.nan)
-        # the reported point: a breaking one before any other, then the largest objective (steps are not monotone)
-        best_y, best_bad = y, bad
-        best_j = torch.where(dead, math.inf, torch.where(torch.isfinite(before), before, -math.inf))
-        (b1, b2), m, v = ADAM_BETAS, torch.zeros_like(y), torch.zeros_like(y)
+        _, j, bad, dead, first = _pass(adapter, yg, latents, sampling, how.objective, record=True)
+        before, path, adam = j.detach(), _Path(y, y0, j, bad, dead, budget), AdamDirection(y)
         for t in range(how.steps):
-            safe = torch.where(torch.isfinite(j), j, torch.zeros_like(j))
-            (g,) = torch.autograd.grad(safe.sum(), yg, allow_unused=True)
-            if g is None:  # the graph from the parameters reached the objective, but not from y
-                raise AuditError(
-                    f"the {adapter.family} adapter cannot differentiate its samples w.r.t. the condition, so it cannot be attacked"
-                )
-            g = torch.nan_to_num(g.detach(), nan=0.0, posinf=0.0, neginf=0.0)
-            if how.rule == "adam":
-                m = b1 * m + (1 - b1) * g
-                v = b2 * v + (1 - b2) * g * g
-                d = (m / (1 - b1 ** (t + 1))) / ((v / (1 - b2 ** (t + 1))).sqrt() + 1e-30)
-                d = budget.direction(d) if budget.kind == "l2" else d
-            else:
-                d = budget.direction(g)
-            moved = budget.project(y + (alpha * rho**t) * d, y0, valid)
-            y = torch.where(frozen.view(view), y, moved)  # a non-finite start stops where it went non-finite
+            d = _direction(how, adam, _gradient(adapter, j, yg))
+            y = path.hold(y, budget.project(y + (alpha * rho**t) * d, y0, valid))
             yg = y.detach().requires_grad_(True)
-            x, j, bad, dead, _ = _pass(adapter, yg, latents, sampling, how.objective, record=False)
-            live = ~frozen
-            newly = live & bad & ~broken
-            broken_step = torch.where(newly, t + 1, broken_step)
-            to_break = torch.where(newly, budget.distance(y.detach(), y0), to_break)
-            broken = broken | (live & bad)
-            jd = torch.where(dead, math.inf, j.detach())
-            better = live & ((bad & ~best_bad) | ((bad == best_bad) & (jd > best_j)) | dead)
-            best_y = torch.where(better.view(view), y, best_y)
-            best_j = torch.where(better, jd, best_j)
-            best_bad = best_bad | (better & bad)
-            frozen = frozen | dead
+            _, j, bad, dead, _ = _pass(adapter, yg, latents, sampling, how.objective, record=False)
+            path.update(t, y, j, bad, dead)
             if bar is not None:
                 bar.update(1)
-    y = best_y
     with torch.no_grad():
-        x, j, bad, dead, last = _pass(adapter, y, latents, sampling, how.objective, record=True)
-    per = sampling.per_input
-    x64 = x.detach().flatten(1)
-    names = list(last.layer_max)
+        x, j, bad, _, last = _pass(adapter, path.best_y, latents, sampling, how.objective, record=True)
+    return _results(adapter, how, sampling, path, before, x, j, bad, first, last)
+
+
+def _blow_up_layer(
+    adapter: Adapter, how: Search, sampling: Sampling, first: GainKeeper, last: GainKeeper, n_starts: int
+) -> Tensor:
+    """Per start, the index of the first layer that blew up (see module docstring), -1 when none did."""
+    names = [n for n in last.layer_max if n in first.layer_max]
+    if not names:
+        return torch.full((n_starts,), -1)
     floor = how.layer_factor * max(abs(v) for v in adapter.error_band)  # and past 10× any valid value
-    grown = (
-        torch.stack(
-            [
-                (~torch.isfinite(last.layer_max[n]))
-                | ((last.layer_max[n] > how.layer_factor * first.layer_max[n]) & (last.layer_max[n] > floor))
-                for n in names
-                if n in first.layer_max
-            ]
-        )
-        if names
-        else torch.zeros(0, len(x))
+    grown = torch.stack(
+        [
+            (~torch.isfinite(last.layer_max[n]))
+            | ((last.layer_max[n] > how.layer_factor * first.layer_max[n]) & (last.layer_max[n] > floor))
+            for n in names
+        ]
     )
-    grown = per(grown.T).any(1).T if len(grown) else grown  # (layers, starts)
-    layer = torch.where(grown.any(0), grown.to(torch.int64).argmax(0), -1) if len(grown) else torch.full((len(y0),), -1)
+    grown = sampling.per_input(grown.T).any(1).T  # (layers, starts)
+    return torch.where(grown.any(0), grown.to(torch.int64).argmax(0), -1)
+
+
+def _results(
+    adapter: Adapter,
+    how: Search,
+    sampling: Sampling,
+    path: _Path,
+    before: Tensor,
+    x: Tensor,
+    j: Tensor,
+    bad: Tensor,
+    first: GainKeeper,
+    last: GainKeeper,
+) -> dict[str, Tensor]:
+    """The per-start result tensors of :func:`search` at the reported point ``path.best_y``."""
+    per, n = sampling.per_input, len(path.y0)
     sites = list(last.site_max)
+
+    def by_site(keeper: GainKeeper) -> Tensor:
+        return torch.stack([per(keeper.site_max[s]).amax(1) for s in sites]) if sites else torch.zeros(0, n)
+
+    site_gain = by_site(last)
+    y = path.best_y.detach()
     return {
-        "y": y.detach(),
+        "y": y,
         "x": per(x.detach()),
         "objective_before": before,
         "objective_after": j.detach(),
         "max_abs": per(_row_max_abs(x)).amax(1),
-        "max_inverse_gain": per(torch.stack([last.site_max[s] for s in sites]).amax(0)).amax(1)
-        if sites
-        else torch.full((len(y0),), math.nan),
-        "nonfinite": per((~torch.isfinite(x64)).sum(1)).sum(1),
-        "broken": broken | bad,
-        "broken_step": broken_step,
-        "distance_to_break": to_break,
-        "distance": budget.distance(y.detach(), y0),
-        "layer": layer,
-        "site_gain": torch.stack([per(last.site_max[s]).amax(1) for s in sites]) if sites else torch.zeros(0, len(y0)),
-        "site_gain_before": torch.stack([per(first.site_max[s]).amax(1) for s in sites])
-        if sites
-        else torch.zeros(0, len(y0)),
-        "_layers": [n for n in names if n in first.layer_max],
+        "max_inverse_gain": site_gain.amax(0) if sites else torch.full((n,), math.nan),
+        "nonfinite": per((~torch.isfinite(x.detach().flatten(1))).sum(1)).sum(1),
+        "broken": path.broken | bad,
+        "broken_step": path.broken_step,
+        "distance_to_break": path.to_break,
+        "distance": how.budget.distance(y, path.y0),
+        "layer": _blow_up_layer(adapter, how, sampling, first, last, n),
+        "site_gain": site_gain,
+        "site_gain_before": by_site(first),
+        "_layers": [s for s in last.layer_max if s in first.layer_max],
         "_sites": sites,
     }

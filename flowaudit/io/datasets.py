@@ -2,8 +2,9 @@
 
 Accepted inputs, all giving conditions ``y`` (N×…) and optional targets ``x``:
 
-- a folder of PNG/JPEG images, all the same size → ``y`` (N, 3, H, W) in [0, 1],
-  ids = file stems, sorted by file name (one image file is read as N = 1);
+- a folder of PNG/JPEG images → ``y`` (N, 3, H, W) in [0, 1], ids = file stems, sorted by file
+  name (one image file is read as N = 1); a folder of several sizes gives a
+  :class:`~flowaudit.io.ragged.Ragged` ``y``, its images grouped by size (file-name order inside a size);
 - a paired folder, ``low/`` + ``high/`` (``y`` = low, ``x`` = high) or ``lr/`` +
   ``hr/`` (``y`` = lr, ``x`` = hr), paired by file stem;
 - ``.npy``: the conditions; ``.npz`` / ``.h5`` / ``.hdf5``: an array ``y`` and
@@ -36,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
+from .ragged import Ragged, by_size, condition_shapes
 from .images import (
     IMAGE_EXTENSIONS,
     image_files,
@@ -67,14 +69,16 @@ class ConditionSet:
     ``nonfinite`` (bool, N) marks the rows of ``y`` holding a NaN or ±Inf; computed when not given.
     """
 
-    y: Tensor
-    x: Tensor | None
+    y: Tensor | Ragged
+    x: Tensor | Ragged | None
     ids: list[str]
     description: dict[str, Any] = field(default_factory=dict)
     nonfinite: Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.nonfinite is None:
+        if self.nonfinite is None and isinstance(self.y, Ragged):
+            self.nonfinite = self.y.nonfinite()
+        elif self.nonfinite is None:
             self.nonfinite = (
                 ~torch.isfinite(self.y.reshape(len(self.y), -1)).all(1)
                 if len(self.y)
@@ -83,6 +87,26 @@ class ConditionSet:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        """The distinct shapes of one condition (several for a folder of mixed image sizes)."""
+        return condition_shapes(self.y)
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the conditions come in more than one shape (then read one input at a time)."""
+        return len(self.shapes) > 1
+
+    def prefixed(self, set_name: str) -> ConditionSet:
+        """The same set with ids ``set_name/id``: unique across the sets of one report (``in/row3``, ``ood/row3``)."""
+        return ConditionSet(
+            y=self.y,
+            x=self.x,
+            ids=[f"{set_name}/{i}" for i in self.ids],
+            description=self.description,
+            nonfinite=self.nonfinite,
+        )
 
     @property
     def n_nonfinite(self) -> int:
@@ -112,15 +136,10 @@ class ConditionSet:
         )
 
 
-def _stack(path: Path, named: list[tuple[str, np.ndarray]], what: str = "images") -> Tensor:
-    first_name, first = named[0]
-    for name, a in named[1:]:
-        if a.shape != first.shape:
-            raise _err(
-                path,
-                f"{what} differ in size: {first_name} is {first.shape[1]}×{first.shape[0]}, "
-                f"{name} is {a.shape[1]}×{a.shape[0]} (crop or resize them to one size)",
-            )
+def _stack(named: list[tuple[str, np.ndarray]]) -> Tensor | Ragged:
+    """H×W×3 images as (N, 3, H, W); images of several sizes as a :class:`Ragged` of 3×H×W (same order)."""
+    if len({a.shape for _, a in named}) > 1:
+        return Ragged([torch.from_numpy(a.transpose(2, 0, 1).copy()) for _, a in named])
     return torch.from_numpy(np.stack([a for _, a in named]).transpose(0, 3, 1, 2).copy())
 
 
@@ -168,13 +187,15 @@ def _from_folder(path: Path, max_bytes: int | None = None) -> tuple[Tensor, Tens
         pairs = read_paired_folder(path)
         if not pairs:
             raise _err(path, f"no PNG/JPEG image pairs in {layout[0]}/ and {layout[1]}/")
-        y = _stack(path / layout[0], [(s, c) for s, c, _ in pairs])
-        x = _stack(path / layout[1], [(s, t) for s, _, t in pairs])
+        pairs = [(s, c, t) for s, (c, t) in by_size([(s, (c, t)) for s, c, t in pairs], key=lambda p: p[0].shape)]
+        y = _stack([(s, c) for s, c, _ in pairs])
+        x = _stack([(s, t) for s, _, t in pairs])
         return y, x, [s for s, _, _ in pairs], f"paired {layout[0]}/{layout[1]}"
     named = read_image_folder(path)
     if not named:
         raise _err(path, "no PNG/JPEG images in folder (nor low/+high/ or lr/+hr/ sub-folders)")
-    return _stack(path, named), None, [s for s, _ in named], "images"
+    named = by_size(named)
+    return _stack(named), None, [s for s, _ in named], "images"
 
 
 def _array(path: Path, name: str, a: Any) -> np.ndarray:
@@ -282,8 +303,9 @@ def load_conditions(path: str | Path, max_bytes: int | None = None) -> Condition
     """Read conditions (and targets where present) from an image folder or an array file.
 
     ``description`` holds ``path``, ``kind`` (``images``, ``image``, ``paired low/high``,
-    ``paired lr/hr``, ``npy``, ``npz``, ``h5``), ``n``, ``shape`` (one condition's shape)
-    and, with targets, ``target_shape``. Raises :class:`DataError` on any problem. Sizes are read
+    ``paired lr/hr``, ``npy``, ``npz``, ``h5``), ``n``, ``shape`` (one condition's shape; of mixed
+    sizes, the first, and ``shapes`` lists them all) and, with targets, ``target_shape``.
+    Raises :class:`DataError` on any problem. Sizes are read
     from headers first (images, ``.npy``/``.npz`` headers, HDF5 shapes) and checked against
     ``max_bytes`` (default: half the available RAM) before anything that large is allocated.
     """
@@ -314,11 +336,13 @@ def load_conditions(path: str | Path, max_bytes: int | None = None) -> Condition
         "path": str(p),
         "kind": kind,
         "n": len(ids),
-        "shape": list(y.shape[1:]),
+        "shape": list(cs.shapes[0]),
         "n_nonfinite": cs.n_nonfinite,
     }
+    if cs.mixed:
+        cs.description["shapes"] = [list(s) for s in cs.shapes]
     if x is not None:
-        cs.description["target_shape"] = list(x.shape[1:])
+        cs.description["target_shape"] = list(condition_shapes(x)[0])
     return cs
 
 

@@ -18,7 +18,7 @@ from torch import Tensor
 from ..adapters import Adapter
 from ..config.device import auditing
 from ..io.datasets import ConditionSet
-from ..runs.passes import Run
+from ..config.settings import Settings
 from ..stats.features import spatial_map
 from ..stats.gaussian import GaussianOOD
 
@@ -43,7 +43,7 @@ def worst_inputs(
     records: list[dict],
     spatial: GaussianOOD | None,
     layers: Sequence[str],
-    run: Run,
+    run: Settings,
     n: int = 6,
     shown: int = 3,
 ) -> list[PanelItem]:

@@ -18,6 +18,7 @@ __all__ = [
     "no_sites_line",
     "attack_lines",
     "configuration_lines",
+    "band_lines",
 ]
 
 
@@ -157,6 +158,14 @@ def configuration_lines(model: dict, width: int = 118) -> list[str]:
     return out
 
 
+def band_lines(band: dict | None) -> list[str]:
+    """The error band with its source, then its warnings (a guessed band, a band the outputs do not fit)."""
+    if not band:
+        return []
+    lines = [f"  error band [{fmt(band['lo'])}, {fmt(band['hi'])}] from {band['source']}: {band['detail']}"]
+    return lines + [f"  warning: {band[k]}" for k in ("warning", "misfit") if band.get(k)]
+
+
 def terminal_summary(data: dict, max_sites: int = 12) -> str:
     """A summary that fits one screen (about 40 lines)."""
     m = data.get("model", {})
@@ -164,6 +173,8 @@ def terminal_summary(data: dict, max_sites: int = 12) -> str:
         f"flowaudit {data.get('flowaudit_version')} · {data.get('kind')} · {m.get('name')} "
         f"({m.get('adapter')}, {m.get('task')}, {m.get('n_parameters', 0):,} parameters)"
     ]
+    if str(m.get("weights", "")).startswith("untrained"):
+        out.append(f"!! untrained weights: {m['weights']} — the figures describe a model that was never trained")
     out += configuration_lines(m)
     if no_sites_line(m):
         out.append(no_sites_line(m))
@@ -207,6 +218,7 @@ def terminal_summary(data: dict, max_sites: int = 12) -> str:
             psnr = f"{fmt(r.get('lr_psnr_min'))} / {fmt(r.get('lr_psnr_std'))}" if "lr_psnr_min" in r else "–"
             rows.append((name, str(r["n_inputs"]), _pct(r["pct_inf"]), _pct(r["pct_pixel_err"]), psnr))
         out += ["  " + line for line in text_table(rows, ("set", "inputs", "%Inf", "%PixelErr", "LR-PSNR min/σ"))]
+        out += band_lines(risk.get("error_band"))
         bad = {k: d.get("n_nonfinite") for k, d in data.get("data", {}).items() if d.get("n_nonfinite")}
         if bad:
             out.append(

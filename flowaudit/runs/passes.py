@@ -7,8 +7,8 @@ record per input: ``n_inf``, ``n_pixel_err``, ``max_abs``, LR-PSNR (SR), the
 reconstruction error where targets exist, and the input's inverse-gain
 distribution over all sites. :func:`sample_set` is the whole set as one range.
 
-Exact passes (:attr:`Run.exact`, the default): each inverse pass is one input's
-K samples, a call of the same shape for every input whatever the batch size,
+Exact passes (:attr:`~flowaudit.config.settings.Settings.exact`, the default): each inverse pass is
+one input's K samples, a call of the same shape for every input whatever the batch size,
 so the model's own float32 arithmetic (kernels whose blocking depends on the
 number of rows) cannot depend on which inputs share a pass. Without it a pass
 holds ``batch_size // K`` inputs: faster for small models, the same figures
@@ -18,46 +18,27 @@ only on kernels that are batch-invariant.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..adapters import Adapter, observing
-from ..config.sampling import Sampling, batches, progress_bar
+from ..config.sampling import progress_bar
+from ..config.settings import Settings
 from ..io.datasets import ConditionSet
+from ..io.ragged import same_size_runs
 from ..stats.risk import lr_psnr, sample_checks
 from ..tracing.trace import Tracer
 
-__all__ = ["Run", "sample_set", "sample_range", "reconstruction_error"]
-
-
-@dataclass(frozen=True)
-class Run:
-    """How a scan runs: the sampling, samples per inverse pass, device and progress bars."""
-
-    sampling: Sampling
-    batch_size: int
-    device: torch.device
-    progress: bool = False
-    exact: bool = True
-
-    @property
-    def inputs_per_batch(self) -> int:
-        return max(1, self.batch_size // self.sampling.samples)
-
-    @property
-    def inputs_per_pass(self) -> int:
-        """Inputs per inverse pass: one in exact mode, else as many as ``batch_size`` holds."""
-        return 1 if self.exact else self.inputs_per_batch
+__all__ = ["sample_set", "sample_range", "reconstruction_error"]
 
 
 def sample_set(
-    adapter: Adapter, cs: ConditionSet, set_index: int, set_name: str, s_ood: np.ndarray, run: Run
+    adapter: Adapter, cs: ConditionSet, set_index: int, set_name: str, s_ood: np.ndarray, settings: Settings
 ) -> tuple[Tracer, list[dict]]:
     """Sample every input of ``cs`` K times under a tracer; ``(tracer, records)``."""
-    return sample_range(adapter, cs, set_index, set_name, s_ood, run, slice(0, len(cs.y)))
+    return sample_range(adapter, cs, set_index, set_name, s_ood, settings, slice(0, len(cs.y)))
 
 
 def sample_range(
@@ -66,7 +47,7 @@ def sample_range(
     set_index: int,
     set_name: str,
     s_ood: np.ndarray,
-    run: Run,
+    settings: Settings,
     rows: slice,
     first_pass: int | None = None,
 ) -> tuple[Tracer, list[dict]]:
@@ -75,43 +56,56 @@ def sample_range(
     ``s_ood`` holds the scores of these inputs (``len == rows.stop - rows.start``). ``first_pass``
     numbers the passes for the tracer (default: the pass index the range starts at).
     """
-    per = run.inputs_per_pass
-    tracer = Tracer(run.sampling).start_at(rows.start, rows.start // per if first_pass is None else first_pass)
-    band = adapter.error_band
+    per = settings.inputs_per_pass
+    tracer = Tracer(settings.sampling).start_at(rows.start, rows.start // per if first_pass is None else first_pass)
     records: list[dict] = []
-    with progress_bar(rows.stop - rows.start, f"scan {set_name}", run.progress) as bar, observing(adapter, tracer):
-        for sl in batches(rows.stop - rows.start, per):
-            sl = slice(rows.start + sl.start, rows.start + sl.stop)
-            y = cs.y[sl].to(run.device)
-            latents = run.sampling.latents(adapter, y, set_index, sl.start, run.device)
-            x = adapter.sample(run.sampling.repeat(y), latents, observer=tracer)
+    with progress_bar(rows.stop - rows.start, f"scan {set_name}", settings.progress) as bar, observing(adapter, tracer):
+        for sl in same_size_runs(cs.y, rows, per):  # a pass never mixes condition sizes
+            y = cs.y[sl].to(settings.device)
+            latents = settings.sampling.latents(adapter, y, set_index, sl.start, settings.device)
+            x = adapter.sample(settings.sampling.repeat(y), latents, observer=tracer)
             tracer.layer("output", x)
             tracer.end_batch(len(y))
-            checks = {k: v.cpu().tolist() for k, v in sample_checks(x, run.sampling, band).items()}
-            psnr = lr_psnr(x, y, adapter.scale, run.sampling).cpu() if adapter.task == "sr" else None
-            recon = reconstruction_error(adapter, cs.x[sl].to(run.device), y) if cs.x is not None else None
+            records += _records(adapter, cs, set_name, sl, s_ood[sl.start - rows.start :], x, y, settings)
             del x, latents
-            for j in range(len(y)):
-                i = sl.start + j
-                s = s_ood[i - rows.start]
-                rec = {
-                    "id": cs.ids[i],
-                    "set": set_name,
-                    "s_ood": None if math.isnan(s) else float(s),
-                    "n_inf": int(checks["n_inf"][j]),
-                    "n_pixel_err": int(checks["n_pixel_err"][j]),
-                    "max_abs": float(checks["max_abs"][j]),
-                }
-                if psnr is not None:
-                    rec["lr_psnr_min"], rec["lr_psnr_std"] = float(psnr[j].min()), float(psnr[j].std(unbiased=False))
-                if recon is not None:
-                    rec["reconstruction_error"] = float(recon[j])
-                records.append(rec)
             bar.update(len(y))
     for rec, g in zip(records, tracer.input_gain):
         rec["max_inverse_gain"] = g["max"]
         rec["inverse_gain"] = g
     return tracer, records
+
+
+def _records(
+    adapter: Adapter,
+    cs: ConditionSet,
+    set_name: str,
+    sl: slice,
+    s_ood: np.ndarray,
+    x: Tensor,
+    y: Tensor,
+    settings: Settings,
+) -> list[dict]:
+    """One record per input of pass ``sl`` (samples ``x`` at conditions ``y``; ``s_ood`` from its first input)."""
+    checks = {k: v.cpu().tolist() for k, v in sample_checks(x, settings.sampling, settings.band or adapter.error_band).items()}
+    psnr = lr_psnr(x, y, adapter.scale, settings.sampling).cpu() if adapter.task == "sr" else None
+    recon = reconstruction_error(adapter, cs.x[sl].to(settings.device), y) if cs.x is not None else None
+    records = []
+    for j in range(len(y)):
+        s = s_ood[j]
+        rec = {
+            "id": cs.ids[sl.start + j],
+            "set": set_name,
+            "s_ood": None if math.isnan(s) else float(s),
+            "n_inf": int(checks["n_inf"][j]),
+            "n_pixel_err": int(checks["n_pixel_err"][j]),
+            "max_abs": float(checks["max_abs"][j]),
+        }
+        if psnr is not None:
+            rec["lr_psnr_min"], rec["lr_psnr_std"] = float(psnr[j].min()), float(psnr[j].std(unbiased=False))
+        if recon is not None:
+            rec["reconstruction_error"] = float(recon[j])
+        records.append(rec)
+    return records
 
 
 def reconstruction_error(adapter: Adapter, x: Tensor, y: Tensor) -> Tensor:

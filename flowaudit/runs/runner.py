@@ -8,15 +8,17 @@ whether they were just computed, loaded from the work folder of an interrupted
 run, or computed by another rank (:mod:`.distributed`). Every float64 sum is
 therefore formed in one fixed order, and a run gives the same figures for any
 batch size, thread count, resume or number of ranks (the model's own float32
-arithmetic is made batch-independent by exact passes, :class:`~flowaudit.runs.passes.Run`).
+arithmetic is made batch-independent by exact passes,
+:attr:`~flowaudit.config.settings.Settings.exact`).
 
 An attack (:func:`~flowaudit.evidence.attack.run_attack`) runs on the same engine: shards of
 starts (:data:`~flowaudit.runs.shards.ATTACK_SHARD_STARTS`), exact passes by default, the work
 folder's settings from :func:`attack_settings`.
 
-A :class:`Context` carries the run's work folder, process group and memory
-budget; :data:`RUN_FACTS` names the ``settings`` entries of a report that
-describe the machine rather than the result (they differ between equal runs).
+What a run computes comes in its :class:`~flowaudit.config.settings.Settings`; a :class:`Context`
+carries where it runs: the work folder, process group and memory budget. :data:`RUN_FACTS` names
+the ``settings`` entries of a report that describe the machine rather than the result (they differ
+between equal runs).
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ import numpy as np
 import torch
 
 from ..adapters import Adapter
+from ..config.settings import Search, Settings
 from ..errors import AuditError
 from ..io.datasets import ConditionSet
 from ..stats.features import features
 from ..stats.gaussian import GaussianOOD
 from ..tracing.trace import Tracer
 from .memory import batch_for, default_budget, parse_size, peak_rss, probe_pass, release
-from .passes import Run, sample_range
+from .passes import sample_range
 from .shards import (
     ATTACK_SHARD_STARTS,
     FIT_SHARD_INPUTS,
@@ -94,7 +97,12 @@ class Context:
         self.opened = True
         return self
 
+    def place(self, settings: Settings) -> Settings:
+        """``settings`` on this rank's device (a process group decides it)."""
+        return settings if self.group is None else settings.replace(device=self.group.device)
+
     def budget(self, device: torch.device) -> int:
+        """The memory budget in bytes (``--max-memory``, or the default for ``device``)."""
         try:
             return default_budget(device) if self.max_memory is None else parse_size(self.max_memory)
         except ValueError as exc:
@@ -105,18 +113,15 @@ def fit_gaussian(
     adapter: Adapter,
     cs: ConditionSet,
     names: list[str],
-    pooling: str,
-    estimator: str,
-    batch_size: int,
-    device: torch.device,
+    settings: Settings,
     ctx: Context,
-    progress: bool = False,
     key: str = "fit",
 ) -> GaussianOOD:
     """The feature Gaussian of ``cs``: per-shard sums (:meth:`GaussianOOD.partial_fit`) merged in shard order."""
+    estimator, device = settings.estimator, settings.device
 
     def shard(sl: slice) -> dict:
-        v = features(adapter, cs.y[sl], names, pooling, batch_size, device, progress)
+        v = features(adapter, cs.y[sl], names, settings.pooling, settings.batch_size, device, settings.progress)
         return {"keep": None, "state": gaussian_state(GaussianOOD(estimator=estimator).partial_fit(v))}
 
     def fold(g: GaussianOOD, state: dict) -> GaussianOOD:
@@ -148,8 +153,7 @@ def scan_sets(
     sets: Sequence[tuple[str, ConditionSet]],
     gauss: GaussianOOD | None,
     names: list[str],
-    pooling: str,
-    run: Run,
+    run: Settings,
     ctx: Context,
 ) -> tuple[list[Tracer], list[dict], dict[str, np.ndarray]]:
     """Sample every set shard by shard; ``(tracers, records, scores)`` with shards merged in order."""
@@ -157,7 +161,7 @@ def scan_sets(
 
     def shard(index: int, name: str, cs: ConditionSet, sl: slice) -> dict:
         if gauss is not None:
-            s = gauss.score(features(adapter, cs.y[sl], names, pooling, feature_batch, run.device))
+            s = gauss.score(features(adapter, cs.y[sl], names, run.pooling, feature_batch, run.device))
         else:
             s = np.full(sl.stop - sl.start, np.nan)
         tracer, records = sample_range(adapter, cs, index, name, s, run, sl)
@@ -194,19 +198,19 @@ def scan_sets(
     return tracers, records, scores
 
 
-def size_batches(adapter: Adapter, cs: ConditionSet, run: Run, ctx: Context, batch_size: int | None) -> tuple[Run, int]:
-    """The run with its batch size: given, or the largest ``--max-memory`` allows; ``(run, budget)``."""
+def size_batches(adapter: Adapter, cs: ConditionSet, run: Settings, ctx: Context) -> tuple[Settings, int]:
+    """The settings with a batch size: given, or the largest ``--max-memory`` allows; ``(settings, budget)``."""
     budget = ctx.budget(run.device)
-    if batch_size is not None or len(cs.y) == 0:
-        return run, budget
+    if run.batch_size is not None or len(cs.y) == 0:
+        return run.replace(batch_size=run.batch_size or run.samples), budget
     per_sample, base = probe_pass(adapter, cs.y, run.sampling, run.device)
     size = batch_for(budget, base, per_sample, run.sampling.samples, run.exact)
     if ctx.group is not None:  # one batch size for every rank: the same passes as one process
         size = min(ctx.group.all_gather(size))
-    return Run(run.sampling, size, run.device, run.progress, run.exact), budget
+    return run.replace(batch_size=size), budget
 
 
-def run_facts(run: Run, budget: int, ctx: Context) -> dict:
+def run_facts(run: Settings, budget: int, ctx: Context) -> dict:
     """The report's :data:`RUN_FACTS` (peak memory read now, at the end of the run)."""
     facts = {
         "batch_size": run.batch_size,
@@ -220,7 +224,7 @@ def run_facts(run: Run, budget: int, ctx: Context) -> dict:
     return facts
 
 
-def scan_settings(adapter: Adapter, sets: Sequence[tuple[str, ConditionSet]], run: Run, **more: Any) -> dict:
+def scan_settings(adapter: Adapter, sets: Sequence[tuple[str, ConditionSet]], run: Settings, **more: Any) -> dict:
     """What a scan's shards depend on: a resumed run must ask for the same."""
     return {
         "kind": "scan",
@@ -238,9 +242,11 @@ def scan_settings(adapter: Adapter, sets: Sequence[tuple[str, ConditionSet]], ru
     }
 
 
-def attack_settings(how: Any, starts: int, run: Run) -> dict:
-    """What an attack's shards depend on beside the model, the data and the sampling (``how``: a
-    :class:`~flowaudit.evidence.search.Search`; ``starts``: how many are attacked): a resumed run must ask for the same."""
+def attack_settings(how: Search, starts: int, run: Settings) -> dict:
+    """What an attack's ``starts`` shards depend on beside the model, the data and the sampling.
+
+    A resumed run must ask for the same.
+    """
     return {
         "budget": how.budget.to_dict(),
         "objective": how.objective,

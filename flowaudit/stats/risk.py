@@ -3,8 +3,10 @@ r"""Exploding-inverse risk: per-sample checks and the aggregate figures of Table
 Per input (K samples each):
 
 * ``n_inf`` — samples with a non-finite value (%Inf counts inputs with ≥ 1);
-* ``n_pixel_err`` — samples with a value outside the error band, the valid
-  range widened as in S1.1 ([0, 1] → [-0.5, 1.5]); a NaN is outside;
+* ``n_pixel_err`` — samples with a value outside the error band; a NaN is outside.
+  The band (:func:`error_band`) is the user's (``--output-range``), else the valid range the
+  adapter states (images: [0, 1]) widened as in S1.1 ([0, 1] → [-0.5, 1.5]), else the range of the
+  data's targets widened the same way, else [-0.5, 1.5] with a warning; the report says which;
 * ``max_abs`` — the largest :math:`|x|` over the samples (inf if any Inf/NaN);
 * LR-PSNR (SR only) — PSNR between the bicubic-downscaled sample (clamped to
   [0, 1], non-finite → saturated, as a saved image would be) and the LR input;
@@ -19,14 +21,125 @@ pixel-error rate (SciPy).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..adapters import Adapter, widen
 from ..config.sampling import Sampling
+from ..errors import AuditError
 
-__all__ = ["sample_checks", "lr_psnr", "aggregate", "logistic_fit"]
+__all__ = [
+    "sample_checks",
+    "lr_psnr",
+    "aggregate",
+    "logistic_fit",
+    "ErrorBand",
+    "error_band",
+    "parse_range",
+    "band_misfit",
+]
+
+#: In-distribution %PixelErr above which the band probably does not fit the model.
+MISFIT_PCT = 50.0
+
+
+@dataclass(frozen=True)
+class ErrorBand:
+    """Values outside ``[lo, hi]`` count as pixel errors; ``source`` says where the band came from.
+
+    ``source`` is ``flag`` (``--output-range`` / ``output_range=``), ``adapter`` (the valid range the
+    model or adapter states, or the image range, widened by half its width), ``targets`` (the data's
+    target range widened by half its width) or ``default``; ``detail`` says how in words, and
+    ``warning`` is one line when the band is a guess.
+    """
+
+    lo: float
+    hi: float
+    source: str
+    detail: str
+    warning: str | None = None
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        return (self.lo, self.hi)
+
+    def entry(self) -> dict:
+        """The report's ``risk.error_band``."""
+        return {"lo": self.lo, "hi": self.hi, "source": self.source, "detail": self.detail, "warning": self.warning}
+
+
+def _span(lo: float, hi: float) -> str:
+    return f"[{lo:.6g}, {hi:.6g}]"
+
+
+def _states_range(adapter: Adapter) -> bool:
+    """Whether the model or its adapter states its valid output range (rather than taking [0, 1] by default)."""
+    declared = getattr(adapter, "output_range_declared", None)
+    if declared is not None:
+        return bool(declared)
+    return hasattr(adapter.model, "output_range") or type(adapter).output_range is not Adapter.output_range
+
+
+def error_band(
+    adapter: Adapter, given: tuple[float, float] | None = None, targets: Tensor | None = None
+) -> ErrorBand:
+    """The band of a scan: ``given``, else the adapter's stated or image range, else the targets', else a default.
+
+    Images (conditions C×H×W, or an SR / low-light task) have outputs in the adapter's range, [0, 1]
+    unless stated. Targets widen like S1.1: their range ``[a, b]`` becomes ``[a - w/2, b + w/2]`` with
+    ``w = b - a`` (``w = max(|a|, 1)`` when every target is equal).
+    """
+    if given is not None:
+        lo, hi = (float(v) for v in given)
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise AuditError(f"--output-range {lo:g},{hi:g}: expected finite LO < HI")
+        return ErrorBand(lo, hi, "flag", f"{_span(lo, hi)} given with --output-range")
+    valid = tuple(float(v) for v in adapter.output_range)
+    image = len(adapter.condition_shape) == 3 or adapter.task in ("sr", "lowlight")
+    if _states_range(adapter) or image:
+        what = "the valid range the model states" if _states_range(adapter) else "the image range"
+        lo, hi = widen(valid)
+        return ErrorBand(lo, hi, "adapter", f"{what} {_span(*valid)}, widened by half its width")
+    if targets is not None and len(targets):
+        a, b = float(targets.min()), float(targets.max())
+        w = (b - a) or max(abs(a), 1.0)
+        return ErrorBand(
+            a - w / 2, b + w / 2, "targets", f"the targets' range {_span(a, b)}, widened by half its width"
+        )
+    lo, hi = widen(valid)
+    return ErrorBand(
+        lo,
+        hi,
+        "default",
+        f"the default range {_span(*valid)}, widened by half its width",
+        f"error band {_span(lo, hi)} is a default: the outputs are not images, the model states no output range "
+        "and the data has no targets; give --output-range LO,HI",
+    )
+
+
+def parse_range(text: str) -> tuple[float, float]:
+    """``"LO,HI"`` as two finite floats with LO < HI; ``ValueError`` (one line) otherwise."""
+    parts = text.split(",")
+    try:
+        lo, hi = (float(v) for v in parts)
+    except ValueError:
+        raise ValueError(f"{text!r}: expected LO,HI, two numbers, e.g. -0.5,1.5") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"{text!r}: expected finite LO < HI")
+    return lo, hi
+
+
+def band_misfit(band: dict, pct_pixel_err_in: float | None) -> str | None:
+    """One line when in-distribution %PixelErr passes :data:`MISFIT_PCT`: the band probably does not fit."""
+    if pct_pixel_err_in is None or not pct_pixel_err_in > MISFIT_PCT:
+        return None
+    return (
+        f"{pct_pixel_err_in:.0f}% of in-distribution inputs leave the error band {_span(band['lo'], band['hi'])} "
+        f"({band['source']}): the band probably does not fit the model's outputs; give --output-range LO,HI"
+    )
 
 
 def sample_checks(x: Tensor, sampling: Sampling, band: tuple[float, float]) -> dict[str, Tensor]:

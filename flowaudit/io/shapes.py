@@ -1,0 +1,52 @@
+"""Whether a model can take the conditions it is given, decided before any sampling.
+
+A condition of the wrong shape or size is the user's mistake, and it must say so in one line
+with the shape the model expects, not crash deep inside the flow. The adapter's
+``check_condition_shape`` is asked first; an image size it lets through that is not the model's
+own (a flow built for one size, a FrEIA graph) is tried with one pass of one condition at
+temperature 0, and refused when that pass fails while the model's own size runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..adapters import Adapter
+from ..config.device import auditing
+from ..config.sampling import Sampling
+from ..errors import DataError
+from .datasets import ConditionSet
+
+__all__ = ["check_condition_shapes"]
+
+
+def check_condition_shapes(adapter: Adapter, cs: ConditionSet, what: str) -> None:
+    """Raise :class:`DataError` (one line, with the expected shape) when a condition of ``cs`` cannot be sampled."""
+    where = f"{what} {cs.description['path']}" if cs.description.get("path") else what
+    want = tuple(adapter.condition_shape)
+    for shape in cs.shapes:
+        try:
+            adapter.check_condition_shape(shape)
+        except ValueError as exc:
+            raise DataError(f"{where}: {exc}") from None
+        if shape == want or len(cs) == 0:
+            continue
+        first = next(i for i in range(len(cs)) if tuple(cs.y[i].shape) == shape)
+        problem = _trial(adapter, cs.y[first][None])
+        if problem is not None and _trial(adapter, torch.zeros((1, *want), dtype=torch.float32)) is None:
+            raise DataError(
+                f"{where}: {cs.ids[first]} has shape {shape}, which the model does not take "
+                f"(it expects {want}; {problem})"
+            )
+
+
+def _trial(adapter: Adapter, y: torch.Tensor) -> str | None:
+    """One sampling pass of one condition at τ = 0 on the model's device; ``None`` when it runs, else why not."""
+    device = adapter.device
+    try:
+        with auditing(adapter, device):
+            y = y.to(device)
+            adapter.sample(y, Sampling(1, 0.0, 0).latents(adapter, y, 0, 0, device))
+    except Exception as exc:  # any failure here is the size's: the model's own size is tried next
+        return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+    return None
