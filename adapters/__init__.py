@@ -105,6 +105,7 @@ def load_model(
     weights: str | None = None,
     trust: bool = False,
     official: dict | None = None,
+    official_config: str | Path | None = None,
     max_parameters: int | float = DEFAULT_MAX_PARAMETERS,
     random_init: bool = False,
 ) -> Adapter:
@@ -116,8 +117,10 @@ def load_model(
     module), :class:`ModelError` says so in one line: it is never ignored.
 
     A checkpoint that is not a flowaudit reference checkpoint is tried as an official SRFlow / NCSR /
-    spline / LLFlow state dict (:mod:`.official`); ``official`` passes what its weights cannot say
-    (``fs_ncsr=True``, ``stack_blocks``, ``std_steps``, ``affine_eps``).
+    spline / LLFlow state dict (:mod:`.official`). What its weights cannot say comes from
+    ``official_config``, the official repository's YAML option file it was trained with, or from
+    ``official`` (``stack_blocks``, ``std_steps``, ``fs_ncsr``, ``affine_eps``, ``scale``); a value whose
+    other readings change the outputs and that neither gives is refused (:mod:`.official_options`).
 
     A factory without ``weights`` is refused (its model would be audited untrained) unless
     ``random_init``; the adapter's ``weights_source`` then reads ``"untrained (--random-init)"``
@@ -130,6 +133,10 @@ def load_model(
 
     names = {b["name"] for b in rm.bundled()}
     is_factory = ":" in spec and not Path(spec).exists()
+    given = [f"--{k.replace('_', '-')}" for k, v in (official or {}).items() if v is not None]
+    given += ["--official-config"] if official_config is not None else []
+    if given and (is_factory or spec in names):
+        raise ModelError(f"{', '.join(given)}: only for official checkpoints, not {spec!r}")
     if random_init and (weights is not None or not is_factory):
         raise ModelError(
             f"--random-init goes with --model package.module:factory and no --weights ({spec!r} "
@@ -152,7 +159,7 @@ def load_model(
     path = Path(spec)
     if not path.exists():
         raise ModelError(f"{spec!r} is neither a bundled model ({', '.join(sorted(names))}) nor an existing checkpoint")
-    return _from_checkpoint(path, trust, official, max_parameters)
+    return _from_checkpoint(path, trust, official, max_parameters, official_config)
 
 
 def _from_factory(spec: str, weights: str | None, trust: bool, random_init: bool = False) -> Adapter:
@@ -185,10 +192,18 @@ def _from_factory(spec: str, weights: str | None, trust: bool, random_init: bool
     return adapter
 
 
-def _from_checkpoint(path: Path, trust: bool, official: dict | None, max_parameters: int | float) -> Adapter:
+def _from_checkpoint(
+    path: Path,
+    trust: bool,
+    official: dict | None,
+    max_parameters: int | float,
+    official_config: str | Path | None = None,
+) -> Adapter:
     """The adapter of a checkpoint file: a flowaudit reference checkpoint, else an official state dict."""
     state = read_weights(path, trust)
     if isinstance(state, dict) and state.get("format") == "flowaudit-reference/1":
+        if official_config is not None or any(v is not None for v in (official or {}).values()):
+            raise ModelError(f"{path}: a flowaudit reference checkpoint carries its configuration; no official options")
         return adapt(_reference_model(path, state, max_parameters).eval(), path.stem)
     if not isinstance(state, dict):
         raise ModelError(f"{path}: holds a {type(state).__name__}, not a checkpoint (a dict of tensors)")
@@ -196,7 +211,7 @@ def _from_checkpoint(path: Path, trust: bool, official: dict | None, max_paramet
 
     _state_budget(path, state, max_parameters)
     try:
-        return off.build(state, path.stem, **(official or {}))
+        return off.build(state, path.stem, official_config=official_config, **(official or {}))
     except off.LayoutError as exc:
         raise ModelError(f"{path}: checkpoint layout not recognised: {exc}") from None
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,10 +39,23 @@ from torch import Tensor
 
 from ..reference_models.couplings import Affine
 from ..reference_models.glow import ActNorm
+from . import official_options as oo
 from .official_layouts import LAYOUTS, LayoutError, infer, unwrap
+from .official_options import Provenance
 from .reference import ReferenceAdapter
 
-__all__ = ["LAYOUTS", "LayoutError", "unwrap", "infer", "recognise", "OfficialAdapter", "build", "matches", "make"]
+__all__ = [
+    "LAYOUTS",
+    "LayoutError",
+    "unwrap",
+    "infer",
+    "recognise",
+    "configure",
+    "OfficialAdapter",
+    "build",
+    "matches",
+    "make",
+]
 
 _UNUSED = ("flowUpsamplerNet.f.",)  # the official net builds this conv but never calls it
 
@@ -154,9 +168,18 @@ class OfficialAdapter(ReferenceAdapter):
         super().__init__(model, name)
         self.layout = layout
         self.inferred = dict(inferred or {})
+        self.configuration: dict[str, dict] = {}  # name -> {value, source, key}: weights, option file, flag, default
+        self.warnings: list[str] = []  # values defaulted because another reading would not change the outputs
+
+    def warning_line(self) -> str | None:
+        """One line naming every defaulted value (``None`` when nothing was defaulted)."""
+        return oo.warning_line(self.warnings)
 
     def describe(self) -> dict[str, Any]:
-        return {"layout": self.layout, "inferred": self.inferred}
+        out: dict[str, Any] = {"layout": self.layout, "inferred": self.inferred, "configuration": self.configuration}
+        if self.warnings:
+            out["configuration_warning"] = self.warning_line()
+        return out
 
     def from_official_latents(self, y: Tensor, epses: list[Tensor]) -> list[Tensor]:
         """Official ``epses`` (split latents first, top latent last, heat applied) → this adapter's latents."""
@@ -182,9 +205,39 @@ class OfficialAdapter(ReferenceAdapter):
         return logdet + extra
 
 
-def build(obj: Any, name: str | None = None, **options) -> OfficialAdapter:
-    """Recognise an official checkpoint (a loaded object) and return its adapter, in eval mode."""
-    layout, config, inferred, state = recognise(obj, **options)
+def configure(
+    state: dict[str, Tensor], official_config: str | Path | None = None, **flags
+) -> tuple[str, dict[str, Provenance], list[str]]:
+    """``(layout, {name: Provenance}, warnings)``: the weights read first, then the option file and flags.
+
+    Raises :class:`LayoutError` for weights of no official layout and
+    :class:`~flowaudit.adapters.checkpoint.ModelError` (naming the option key or flag) for a file or flag
+    that contradicts the weights, or a value that changes the outputs and that none of them gives.
+    """
+    try:
+        layout, _, read = infer(state)
+    except LayoutError as exc:
+        raise LayoutError(f"not an official SRFlow/NCSR/spline/LLFlow checkpoint: {exc}; {_closest(state)}") from None
+    weights = {k: v for k, v in read.items() if read["source"].get(k) == "weights"}
+    said = oo.option_values(oo.read_option_file(official_config)) if official_config is not None else None
+    resolved, warnings = oo.resolve(layout, weights, options=said, flags=flags)
+    return layout, resolved, warnings
+
+
+def build(obj: Any, name: str | None = None, *, official_config: str | Path | None = None, **flags) -> OfficialAdapter:
+    """Recognise an official checkpoint (a loaded object) and return its adapter, in eval mode.
+
+    ``official_config`` is the official repository's YAML option file the checkpoint was trained with;
+    ``flags`` (``stack_blocks``, ``std_steps``, ``fs_ncsr``, ``affine_eps``, ``scale``) say what the weights
+    cannot. A value whose other readings change the outputs must come from one of them
+    (:func:`~.official_options.resolve`); harmless defaults are listed in ``adapter.warnings``.
+    """
+    state = unwrap(obj)
+    _, resolved, warnings = configure(state, official_config, **flags)
+    layout, config, inferred, state = recognise(state, **oo.infer_options(resolved))
+    for key, p in resolved.items():
+        inferred[key] = p.value
+    inferred["source"] = {**inferred["source"], **{k: p.source for k, p in resolved.items()}}
     model = _build_model(layout, config)
     missing, unexpected = model.load_state_dict(_to_ours(state, model), strict=False)
     assert not unexpected and all(k.endswith(".initialized") for k in missing), (missing, unexpected)
@@ -195,7 +248,10 @@ def build(obj: Any, name: str | None = None, **options) -> OfficialAdapter:
         elif eps is not None and type(m) is Affine:  # CondAffineSeparatedAndCond.eps other than 1e-4 / 0.1
             m.eps = float(eps)
     model.name = name or f"official-{layout}"
-    return OfficialAdapter(model.eval(), model.name, layout, inferred)
+    adapter = OfficialAdapter(model.eval(), model.name, layout, inferred)
+    adapter.configuration = {k: p.as_dict() for k, p in resolved.items()}
+    adapter.warnings = list(warnings)
+    return adapter
 
 
 def matches(model: Any) -> bool:

@@ -44,7 +44,12 @@ def rel(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def options(name: str) -> dict:
-    return {"fs_ncsr": True} if name.startswith("fs-") else {}
+    """What the fixture's weights cannot say, as flags: its stacked blocks, and NCSR's S and FS-NCSR switch."""
+    cfg = fixture(name)["config"]
+    flags = {"stack_blocks": cfg["blocks"]}
+    if "S" in cfg:
+        flags.update(std_steps=cfg["S"], fs_ncsr=name.startswith("fs-"))
+    return flags
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -102,7 +107,7 @@ def test_round_trip_from_official_latents(case):
 
 def test_llflow_inference_and_input_pipeline():
     fx = fixture("llflow")
-    adapter = off.build(fx["state_dict"])
+    adapter = off.build(fx["state_dict"], **options("llflow"))
     from flowaudit.reference_models.lowlight import llflow_input
 
     # the official loader's input (cv2.equalizeHist of the uint8 image, log of the image) is ours
@@ -132,7 +137,8 @@ def test_recognised_with_the_inferred_configuration(name, tmp_path):
     assert inf["n_transition"] == cfg.get("n_transition", 2)
     assert inf.get("correct_splits") == cfg.get("correct_splits")
     assert inf.get("std_steps") == cfg.get("S") and inf["fixed_invconv"] == (name == "spline-x4")
-    assert inf["source"]["K"] == "weights" and inf["source"]["stack_blocks"].startswith("assumed")
+    assert inf["source"]["K"] == "weights" and inf["source"]["stack_blocks"] == "flag"
+    assert adapter.configuration["stack_blocks"] == {"value": cfg["blocks"], "source": "flag", "key": "--stack-blocks"}
     if name != "llflow":
         assert inf["fs_ncsr"] == name.startswith("fs-") and adapter.model.residual == name.startswith("fs-")
     kinds = {s.kind for s in adapter.sites()}
@@ -143,40 +149,48 @@ def test_wrapped_and_prefixed_state_dicts_load_the_same(tmp_path):
     fx = fixture("srflow-x4")
     sd = fx["state_dict"]
     unused = {"flowUpsamplerNet.f.0.weight": torch.zeros(96, 12, 3, 3), "flowUpsamplerNet.f.0.bias": torch.zeros(96)}
-    want = off.build(sd).fingerprint()
+    want = off.build(sd, **options("srflow-x4")).fingerprint()
     for i, obj in enumerate(
         [{"state_dict": sd}, {"params": sd}, {f"module.{k}": v for k, v in sd.items()}, {**sd, **unused}]
     ):
         path = tmp_path / f"w{i}.pth"
         torch.save(obj, path)
-        assert load_model(str(path)).fingerprint() == want
+        assert load_model(str(path), official=options("srflow-x4")).fingerprint() == want
 
 
 def test_fs_ncsr_is_a_flag_not_a_layout():
     sd = fixture("ncsr-x4")["state_dict"]
+    flags = {k: v for k, v in options("ncsr-x4").items() if k != "fs_ncsr"}
     assert off.recognise(sd)[0] == off.recognise(sd, fs_ncsr=True)[0] == "ncsr"
-    assert off.build(sd).model.residual is False and off.build(sd, fs_ncsr=True).model.residual is True
-    with pytest.raises(off.LayoutError, match="fs_ncsr needs NCSR weights"):
-        off.build(fixture("srflow-x4")["state_dict"], fs_ncsr=True)
+    assert off.build(sd, fs_ncsr=False, **flags).model.residual is False
+    assert off.build(sd, fs_ncsr=True, **flags).model.residual is True
+    with pytest.raises(ModelError, match=r"fs_ncsr.*--fs-ncsr or divide_freq"):  # never assumed either way
+        off.build(sd, **flags)
+    with pytest.raises(ModelError, match="--fs-ncsr applies to ncsr, fs-ncsr, spline checkpoints; .* srflow's"):
+        off.build(fixture("srflow-x4")["state_dict"], fs_ncsr=True, **options("srflow-x4"))
 
 
 def test_x2_is_an_option_the_weights_cannot_tell_from_x4():
-    sd = fixture("ncsr-x4")["state_dict"]
-    adapter = off.build(sd, scale=2)
-    assert adapter.inferred["scale"] == adapter.scale == 2 and adapter.inferred["source"]["scale"] == "option"
+    sd, flags = fixture("ncsr-x4")["state_dict"], options("ncsr-x4")
+    adapter = off.build(sd, scale=2, **flags)
+    assert adapter.inferred["scale"] == adapter.scale == 2 and adapter.inferred["source"]["scale"] == "flag"
     with torch.no_grad():
         assert adapter.sample(
             torch.rand(1, 3, 8, 8), adapter.sample_latents(torch.rand(1, 3, 8, 8), 0.5, None)
         ).shape == (1, 3, 16, 16)
-    with pytest.raises(off.LayoutError, match="does not fit the weights"):
-        off.build(sd, scale=8)
+    with pytest.raises(ModelError, match=r"--scale 8, but the weights have a ×2 or ×4 encoder"):
+        off.build(sd, scale=8, **flags)
+    # not given: ×4 (what a ×2 or ×4 encoder most often is), said in the warning line
+    adapter = off.build(sd, **flags)
+    assert adapter.scale == 4 and adapter.inferred["source"]["scale"] == "default"
+    assert "scale=4" in adapter.warning_line()
 
 
 def test_affine_eps_is_an_option():
-    sd = fixture("ncsr-x4")["state_dict"]
-    assert {s.kind for s in off.build(sd, affine_eps=0.1).sites()} == {"affine-bounded", "prior"}  # FS-NCSR†-style
-    adapter = off.build(sd, affine_eps=1e-3)
-    assert adapter.inferred["source"]["affine_eps"] == "option"
+    sd, flags = fixture("ncsr-x4")["state_dict"], options("ncsr-x4")
+    assert {s.kind for s in off.build(sd, affine_eps=0.1, **flags).sites()} == {"affine-bounded", "prior"}
+    adapter = off.build(sd, affine_eps=1e-3, **flags)
+    assert adapter.inferred["source"]["affine_eps"] == "flag"
     assert {m.eps for m in adapter.model.modules() if type(m).__name__ == "Affine"} == {1e-3}
 
 
@@ -190,7 +204,7 @@ def test_a_random_state_dict_names_the_closest_layout(tmp_path):
     sd = dict(fixture("srflow-x4")["state_dict"])
     sd["RRDB.upconv1.weight"] = torch.zeros(4, 4, 1, 1)
     with pytest.raises(off.LayoutError, match=r"looks like srflow .*RRDB\.upconv1\.weight"):
-        off.build(sd)
+        off.build(sd, **options("srflow-x4"))
     # a truncated one (coupling sub-net gone) still gets the closest layout and its missing keys
     sd = {k: v for k, v in fixture("llflow")["state_dict"].items() if ".affine." not in k}
     with pytest.raises(off.LayoutError, match=r"closest layout: llflow .*missing flowUpsamplerNet"):
@@ -199,7 +213,9 @@ def test_a_random_state_dict_names_the_closest_layout(tmp_path):
 
 def test_adapt_takes_an_official_state_dict_and_the_audit_runs():
     fx = fixture("srflow-x4")
-    adapter = flowaudit.adapt(fx["state_dict"])
+    with pytest.raises(ModelError, match=r"--stack-blocks or network_G\.flow\.stackRRDB\.blocks"):
+        flowaudit.adapt(fx["state_dict"])  # which trunk blocks are stacked is not in the weights
+    adapter = flowaudit.adapt(off.build(fx["state_dict"], official_config=FIXTURES / "srflow-x4.yml"))
     assert adapter.family == "official" and adapter.inferred["scale"] == 4
     model = json.loads(flowaudit.inspect(adapter, fx["lr"], samples=2, device="cpu").to_json())["model"]
     assert model["adapter"] == "official"
@@ -209,7 +225,7 @@ def test_adapt_takes_an_official_state_dict_and_the_audit_runs():
 
 def test_loaded_actnorm_is_never_reinitialised_from_data():
     fx = fixture("srflow-x4")
-    adapter = off.build(fx["state_dict"])
+    adapter = off.build(fx["state_dict"], **options("srflow-x4"))
     model = adapter.model
     for m in model.modules():  # as after a non-strict load that left the buffer unset
         if hasattr(m, "initialized"):
@@ -248,14 +264,23 @@ def test_cli_reports_what_it_inferred(tmp_path):
     path = tmp_path / "ncsr.pth"
     torch.save(fx["state_dict"], path)
     blocks = ",".join(str(b) for b in fx["config"]["blocks"])
+    steps = ",".join(str(s) for s in fx["config"]["S"])
     runner = CliRunner()
-    plain = runner.invoke(cli, ["inspect", str(path), "--json", "--device", "cpu", "--stack-blocks", blocks])
+    base = ["inspect", str(path), "--json", "--device", "cpu", "--stack-blocks", blocks, "--std-steps", steps]
+    plain = runner.invoke(cli, [*base, "--no-fs-ncsr"])
     assert plain.exit_code == 0, plain.output
-    model = json.loads(plain.output)["model"]
+    model = json.loads(plain.stdout)["model"]
+    # what no source gave and cannot change much: one warning line on stderr
+    warned = [line for line in plain.stderr.splitlines() if line.startswith("flowaudit: warning:")]
+    assert len(warned) == 1 and "scale=4" in warned[0] and "affine_eps=0.0001" in warned[0]
+    assert model["configuration"]["std_steps"] == {"value": fx["config"]["S"], "source": "flag", "key": "--std-steps"}
     assert model["adapter"] == "official" and model["layout"] == "ncsr" and model["inferred"]["fs_ncsr"] is False
-    assert model["inferred"]["source"]["stack_blocks"] == "option"
-    fs = runner.invoke(cli, ["inspect", str(path), "--json", "--device", "cpu", "--fs-ncsr", "--stack-blocks", blocks])
+    assert model["inferred"]["source"]["stack_blocks"] == "flag"
+    fs = runner.invoke(cli, [*base, "--fs-ncsr"])
     assert fs.exit_code == 0, fs.output
-    assert json.loads(fs.output)["model"]["inferred"]["fs_ncsr"] is True
+    assert json.loads(fs.stdout)["model"]["inferred"]["fs_ncsr"] is True
+    # without --fs-ncsr / --no-fs-ncsr nothing says which it is: exit 2 naming the flag and the option key
+    unsaid = runner.invoke(cli, base)
+    assert unsaid.exit_code == 2 and "--fs-ncsr or divide_freq" in unsaid.stderr
     bad = runner.invoke(cli, ["inspect", str(path), "--stack-blocks", "one,two"])
     assert bad.exit_code == 2

@@ -132,7 +132,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 def _official(name: str, convert=lambda v: v):
     def store(ctx: click.Context, param: click.Parameter, value):
-        if value:
+        if value is not None:
             ctx.ensure_object(CommandState).official[name] = convert(value)
         return value
 
@@ -153,15 +153,48 @@ def model_options(f):
         metavar="I,J,…",
         expose_value=False,
         callback=_official("stack_blocks", _blocks),
-        help="Official SR checkpoints: trunk blocks whose outputs condition the flow (not in the weights; "
-        "default: the released configuration's).",
+        help="Official SRFlow, NCSR, FS-NCSR, spline, LLFlow checkpoints: trunk blocks whose outputs condition "
+        "the flow (network_G.flow.stackRRDB.blocks; not in the weights).",
     )(f)
     f = click.option(
-        "--fs-ncsr",
-        is_flag=True,
+        "--std-steps",
+        metavar="S1,S2,…",
+        expose_value=False,
+        callback=_official("std_steps", _blocks),
+        help="Official NCSR, FS-NCSR, spline checkpoints: per level, how many last steps use the noise sub-net "
+        "(network_G.flow.S; not in the weights).",
+    )(f)
+    f = click.option(
+        "--fs-ncsr/--no-fs-ncsr",
+        default=None,
         expose_value=False,
         callback=_official("fs_ncsr"),
-        help="Official NCSR checkpoint trained as FS-NCSR (same keys; models HR minus bicubic LR).",
+        help="Official NCSR, FS-NCSR, spline checkpoints: the flow models HR minus bicubic LR (divide_freq; "
+        "same keys either way, so it must be said).",
+    )(f)
+    f = click.option(
+        "--affine-eps",
+        type=click.FloatRange(min=0, min_open=True),
+        expose_value=False,
+        callback=_official("affine_eps"),
+        help="Official SRFlow, NCSR, FS-NCSR, LLFlow checkpoints: the affine coupling's eps "
+        "(network_G.flow.CondAffineSeparatedAndCond.eps; default 1e-4).",
+    )(f)
+    f = click.option(
+        "--scale",
+        type=click.IntRange(min=2),
+        expose_value=False,
+        callback=_official("scale"),
+        help="Official SRFlow, NCSR, FS-NCSR, spline checkpoints: the upscaling factor (×2 and ×4 have the "
+        "same keys; default 4).",
+    )(f)
+    f = click.option(
+        "--official-config",
+        type=click.Path(exists=True, dir_okay=False),
+        expose_value=False,
+        callback=_official("official_config"),
+        help="Official checkpoints (SRFlow, NCSR, FS-NCSR, spline, LLFlow): the repository's YAML option file "
+        "they were trained with; settles what the weights do not say.",
     )(f)
     f = max_parameters_option(f)
     f = click.option(
@@ -193,15 +226,21 @@ def _adapter(model_spec: str | None, factory: str | None, weights: str | None, t
         both = ", not both" if model_spec else ""
         raise click.UsageError(f"give MODEL (a bundled name or a checkpoint) or --model MODULE:FACTORY{both}")
     ctx = click.get_current_context()
-    official = ctx.find_object(CommandState).official
-    return load_model(
+    official = dict(ctx.find_object(CommandState).official)
+    config = official.pop("official_config", None)
+    adapter = load_model(
         factory or model_spec,
         weights=weights,
         trust=trust,
         max_parameters=max_parameters,
         official=official or None,
+        official_config=config,
         random_init=bool(ctx.meta.get("flowaudit.random_init")),
     )
+    line = getattr(adapter, "warning_line", lambda: None)()
+    if line:
+        click.echo(f"flowaudit: warning: {line}", err=True)
+    return adapter
 
 
 def _output_range(value: str | None) -> tuple[float, float] | None:

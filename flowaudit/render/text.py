@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ __all__ = [
     "reservoir_line",
     "no_sites_line",
     "attack_lines",
+    "configuration_lines",
     "band_lines",
 ]
 
@@ -164,6 +166,28 @@ def no_sites_line(model: dict) -> str | None:
     return f"!! NO SITES FOUND — nothing was audited for Remark 2, this is not a clean result: {reason}"
 
 
+def configuration_lines(model: dict, width: int = 118) -> list[str]:
+    """An official checkpoint's configuration, every value with where it came from: weights, option file,
+    flag or default (what the model entry's ``configuration`` holds; nothing for other models)."""
+    conf = model.get("configuration")
+    if not conf:
+        return []
+    out = [f"Configuration ({model.get('layout')}), by source:"]
+    for source in ("weights", "option file", "flag", "default"):
+        items = [(n, p) for n, p in conf.items() if p.get("source") == source]
+        if not items:
+            continue
+
+        def one(name: str, p: dict) -> str:
+            value = p["value"]
+            shown = "[" + ", ".join(map(str, value)) + "]" if isinstance(value, (list, tuple)) else str(value)
+            return f"{name}={shown}" if source == "weights" else f"{name}={shown} ({p.get('key')})"
+
+        text = f"{source}: " + ", ".join(one(n, p) for n, p in items)
+        out += textwrap.wrap(text, width, initial_indent="  ", subsequent_indent="    ", break_on_hyphens=False)
+    return out
+
+
 def band_lines(band: dict | None) -> list[str]:
     """The error band with its source, then its warnings (a guessed band, a band the outputs do not fit)."""
     if not band:
@@ -181,6 +205,7 @@ def terminal_summary(data: dict, max_sites: int = 12) -> str:
     ]
     if str(m.get("weights", "")).startswith("untrained"):
         out.append(f"!! untrained weights: {m['weights']} — the figures describe a model that was never trained")
+    out += configuration_lines(m)
     if no_sites_line(m):
         out.append(no_sites_line(m))
     sites = site_table_rows(m)
