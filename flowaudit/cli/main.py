@@ -316,10 +316,11 @@ def fit(
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the latents (recorded in the report).")
 @click.option(
     "--fail-on",
-    type=click.Choice(["never", "violation", "risk"]),
+    type=click.Choice(["never", "violation", "unproven", "risk"]),
     default="never",
     show_default=True,
-    help="Exit 1 when a site violates Remark 2 (violation) or an input had an Inf/pixel error (risk).",
+    help="Exit 1 when a site violates Remark 2 (violation), when any site is not compliant on evidence or the "
+    "model not certified (unproven), or when an input had an Inf/pixel error (risk).",
 )
 @layers_option
 @pooling_option
@@ -401,8 +402,12 @@ def scan(
     _emit(obj, report)
     if not obj.json:
         click.echo(f"report: {Path(out) / 'report.html'}")
-    if (fail_on == "violation" and report.violations()) or (fail_on == "risk" and report.at_risk()):
+    fired = report.gate(fail_on)
+    if fired:
+        click.echo(fired, err=True)
         sys.exit(1)
+    if fail_on == "violation" and report.unproven_note():
+        click.echo(report.unproven_note(), err=True)
 
 
 @cli.command()
