@@ -80,9 +80,14 @@ def _bias_max(site: Any, params: list[Any], start: float) -> float | None:
     return top
 
 
-def site_certificate(site: Any, params: list[Any] | None = None) -> dict:
-    """The structural bound on one site's displacement (module docstring); JSON-ready."""
-    bounds, start, kind = site.tail_bounds(), site.tail_start(), site.kind
+def site_certificate(site: Any, params: list[Any] | None = None, bounds: Any = None) -> dict:
+    """The structural bound on one site's displacement (module docstring); JSON-ready.
+
+    ``bounds``: the tail bounds to certify from (the site's own, else those its kind stands for, as
+    the Remark 2 structural reading chose them); default ``site.tail_bounds()``.
+    """
+    bounds = site.tail_bounds() if bounds is None else bounds
+    start, kind = site.tail_start(), site.kind
     identity_tails = bounds is not None and float(bounds[0]) == float(bounds[1]) == 1.0
     out: dict[str, Any] = {"certified": False, "displacement": None, "plus_bias": False, "tail_gain": None, "why": None}
     if not identity_tails:

@@ -269,7 +269,7 @@ def probe_site(
     :func:`gain_reading`).
     """
     structural = structural_evidence(site, threshold)
-    structural["certificate"] = site_certificate(site, params)
+    structural["certificate"] = site_certificate(site, params, structural["tail_bounds"])
     measured = measured_evidence(site, params, threshold)
     if reservoir is not None:
         measured["probe"]["reservoir"] = reservoir
