@@ -34,7 +34,7 @@ __all__ = ["PER_DECADE", "NEAR_DECADES", "FAR_POINTS", "probe_limit", "probe_dec
 
 PER_DECADE = 4
 NEAR_DECADES = 4
-FAR_POINTS = 40
+FAR_POINTS = 12
 
 
 def probe_limit(params: list[Any]) -> float:
@@ -51,9 +51,27 @@ def probe_decades(low: float, limit: float) -> list[tuple[float, int]]:
     far = list(range(NEAR_DECADES, n))
     if len(far) > FAR_POINTS:
         stride = math.ceil(len(far) / FAR_POINTS)
-        far = far[::stride] + ([far[-1]] if far[-1] % stride else [])
-        far = sorted(set(far))
+        far = far[::stride] + ([far[-1]] if (len(far) - 1) % stride else [])  # always the last decade
     return near + [(low * 10.0**k, 1) for k in far]
+
+
+def finite_rows(params: list[Any]) -> tuple[list[Any], int]:
+    """The parameter rows with every number finite, and how many rows were left out.
+
+    A non-finite parameter row is the conditioner's output on values that had already blown up; where
+    that happened is the gain reading's business (:func:`~flowaudit.evidence.sweep.nonfinite_origins`), so
+    the probe does not count it as a non-finite tail of this site.
+    """
+    kept, dropped = [], 0
+    for p in params:
+        if isinstance(p, Tensor) and p.dim() >= 2 and p.is_floating_point():
+            ok = torch.isfinite(p).flatten(1).all(1)
+            dropped += int((~ok).sum())
+            p = p[ok] if not bool(ok.all()) else p
+            if not len(p):
+                continue
+        kept.append(p)
+    return kept, dropped
 
 
 def _decade(site: Any, params: list[Any], low: float, points: int) -> dict:
@@ -120,6 +138,7 @@ def measured_evidence(site: Any, params: list[Any], threshold: float = 0.5, tol:
     known = start is not None
     low = 10.0 * float(start) if known and start > 0 else 1.0
     limit = probe_limit(params)
+    params, dropped = finite_rows(params)
     rows = [_decade(site, params, lo, k) for lo, k in probe_decades(low, limit)] if params else []
     usable = [r for r in rows if r["n"]]
     first = next((k for k in range(len(rows)) if all(_agree(rows[j], rows[-1], tol) for j in range(k, len(rows)))), None)
@@ -167,5 +186,6 @@ def measured_evidence(site: Any, params: list[Any], threshold: float = 0.5, tol:
             "tolerance": tol,
             "n_values": 2 * sum(k for _, k in probe_decades(low, limit)) if params else 0,
             "n_points": sum(r["n"] for r in rows),
+            "nonfinite_param_rows": dropped,
         },
     }

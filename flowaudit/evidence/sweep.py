@@ -25,7 +25,7 @@ from torch import Tensor
 __all__ = ["DECADES", "sweep", "nonfinite_origins"]
 
 DECADES = 5
-N_BASE = 4
+N_BASE = 4  # base conditions for vector conditions (images: half, one sample each)
 SAMPLES = 2
 
 
@@ -59,13 +59,21 @@ def _bases(adapter: Any, n: int, seed: int) -> Tensor:
 
 
 def sweep(
-    adapter: Any, decades: int = DECADES, n_base: int = N_BASE, samples: int = SAMPLES, temperature: float = 0.9, seed: int = 0
+    adapter: Any,
+    decades: int = DECADES,
+    n_base: int | None = None,
+    samples: int | None = None,
+    temperature: float = 0.9,
+    seed: int = 0,
 ) -> dict:
     """Sample ``adapter`` at swept conditions (module docstring).
 
     Returns ``{"scales": [...], "params": {site: [...]}, "max_gain": {...}, "nonfinite_gain": {...},
     "nonfinite_layer": {...}, "error": str | None}``.
     """
+    image = len(adapter.condition_shape) == 3
+    n_base = n_base or (N_BASE // 2 if image else N_BASE)
+    samples = samples or (1 if image else SAMPLES)
     keeper = _Keeper()
     scales = [10.0**k for k in range(decades)]
     error = None
