@@ -66,7 +66,9 @@ class Report:
         if model.get("remark2", {}).get("verdict") == "no sites found":
             return ["no sites found"]
         out = [
-            f"{s['name']} ({s['remark2']['verdict']})" for s in model.get("sites", []) if s["remark2"]["verdict"] != "compliant"
+            f"{s['name']} ({s['remark2']['verdict']})"
+            for s in model.get("sites", [])
+            if s["remark2"]["verdict"] != "compliant"
         ]
         out += [f"{n} (never reached)" for n in (model.get("coverage") or {}).get("unvisited") or []]
         cert = model.get("certificate") or {}

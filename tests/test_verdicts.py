@@ -28,7 +28,7 @@ B = 1.0  # where the identity of the "bent" map ends
 
 
 def bent(x: Tensor, k: Tensor) -> Tensor:
-    """Identity on [-B, B]; beyond it the slope is 1/(1 + k(|x| − B)): identity tails for k = 0, decaying for k > 0."""
+    """Identity on [-B, B], slope 1/(1 + k(|x| − B)) beyond: identity tails for k = 0, decaying for k > 0."""
     u = (x.abs() - B).clamp(min=0)
     ks = torch.where(k > 0, k, torch.ones_like(k))
     tail = torch.where(k > 0, torch.log1p(k * u) / ks, u)
@@ -237,7 +237,9 @@ def test_a_map_with_no_tails_is_a_finding_not_a_crash():
 
 def test_an_unreached_site_is_reported_and_blocks_the_certificate():
     flow = OneMap(bent, bent_inverse, lambda h: torch.zeros_like(h))
-    ghost = site(flow.unused, read=lambda m, args, x: (x, torch.zeros_like(x)), kind="rq-spline", map=bent, tail_start=B)
+    ghost = site(
+        flow.unused, read=lambda m, args, x: (x, torch.zeros_like(x)), kind="rq-spline", map=bent, tail_start=B
+    )
     report = flowaudit.inspect(adapter_of(flow, [ghost], kind="rq-spline", tail_start=B), device="cpu", samples=2)
     model = report["model"]
     assert model["coverage"]["complete"] is False and "unused" in model["coverage"]["reason"]
@@ -260,7 +262,9 @@ def prior_inverse(z: Tensor, p) -> Tensor:
     return mean + std * z
 
 
-@pytest.mark.parametrize(("log_std", "verdict"), [(lambda a: a, "violates"), (lambda a: 0.2 * torch.tanh(a), "compliant")])
+@pytest.mark.parametrize(
+    ("log_std", "verdict"), [(lambda a: a, "violates"), (lambda a: 0.2 * torch.tanh(a), "compliant")]
+)
 def test_a_prior_whose_sigma_is_an_unbounded_function_of_the_condition_violates(log_std, verdict):
     flow = OneMap(prior, prior_inverse, lambda h: (h[:, 1:].expand(-1, 2), log_std(h[:, :1]).exp().expand(-1, 2)))
     with torch.no_grad():

@@ -91,7 +91,14 @@ def _decade(site: Any, params: list[Any], low: float, points: int) -> dict:
         d = d[ok]
         if d.numel():
             lo, hi, n = min(lo, float(d.min())), max(hi, float(d.max())), n + int(d.numel())
-    out = {"abs_x": low, "top": float(v.max()), "min": lo if n else math.nan, "max": hi if n else math.nan, "n": n, "n_nonfinite": bad}
+    out = {
+        "abs_x": low,
+        "top": float(v.max()),
+        "min": lo if n else math.nan,
+        "max": hi if n else math.nan,
+        "n": n,
+        "n_nonfinite": bad,
+    }
     if error:
         out["error"] = error
     return out
@@ -141,7 +148,9 @@ def measured_evidence(site: Any, params: list[Any], threshold: float = 0.5, tol:
     params, dropped = finite_rows(params)
     rows = [_decade(site, params, lo, k) for lo, k in probe_decades(low, limit)] if params else []
     usable = [r for r in rows if r["n"]]
-    first = next((k for k in range(len(rows)) if all(_agree(rows[j], rows[-1], tol) for j in range(k, len(rows)))), None)
+    first = next(
+        (k for k in range(len(rows)) if all(_agree(rows[j], rows[-1], tol) for j in range(k, len(rows)))), None
+    )
     settled = first is not None and len(rows) - first >= 2
     if known:
         used = rows

@@ -161,7 +161,8 @@ def gain_reading(
     """The size of the inverse gain ``1/c'`` per reading, and which of them are huge or non-finite.
 
     ``visited`` carries what sampling met: ``max`` (largest finite gain), ``swept_max`` (the same under
-    the condition sweep), ``n_nonfinite`` and ``nonfinite_origin`` (this is the first site, in inverse order, where a non-finite value appeared).
+    the condition sweep), ``n_nonfinite`` and ``nonfinite_origin`` (this is the first site, in inverse
+    order, where a non-finite value appeared).
     """
     b = structural.get("tail_bounds")
     sup = None if b is None else (math.inf if b[0] <= 0 else 1.0 / b[0])

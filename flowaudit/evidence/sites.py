@@ -17,12 +17,11 @@ The condition sweep (:mod:`~flowaudit.evidence.sweep`) adds each site's ``swept`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 from ..adapters import Adapter
 from ..tracing.trace import Tracer
-import math
-
 from .certificate import model_certificate
 from .probe import measured_evidence
 from .remark2 import HUGE_GAIN, model_verdict, probe_site
@@ -90,8 +89,7 @@ def site_entries(
             totals[site.name] = (total, gains)
     bad_gain = {n: int(t.to_dict().get("n_nonfinite") or 0) for n, (t, _) in totals.items()}
     bad_layer = {
-        name: sum(int(t.layers[name].to_dict()["n_nonfinite"]) for t in tracers if name in t.layers)
-        for name in layers
+        name: sum(int(t.layers[name].to_dict()["n_nonfinite"]) for t in tracers if name in t.layers) for name in layers
     }
     origins = nonfinite_origins(names, layers, bad_gain, bad_layer)
     wc_all = _attack_origins(names, worst_case) if worst_case is not None else None
