@@ -65,7 +65,6 @@ class CommandState:
     work: str | None = None  # the work folder of completed shards of fit / scan / attack (``--resume``)
     official: dict = field(default_factory=dict)  # what an official checkpoint's weights cannot say (--fs-ncsr, …)
     junit: str | None = None  # --junit FILE: also write the gate's decision as JUnit XML
-    fail_on: str = "never"  # the command's --fail-on rule, for the JUnit XML
 
     @property
     def progress(self) -> bool:
