@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from ._version import __version__
-from .adapters import Adapter, adapt
+from .adapters import Adapter, adapt, small_flow
 from .config.device import auditing, resolve_device
 from .config.sampling import Sampling
 from .errors import AuditError
@@ -42,6 +43,7 @@ from .utils.format import jsonable
 
 __all__ = ["fit", "scan", "inspect", "attack"]
 
+SMALL_FLOW_SHARD = 1024  # inputs a shard and a pass of a small flow (flowaudit.adapters.small_flow)
 SCAN_ATTACK_BATCH = 64  # samples per pass of scan --attack with --batched (the pass keeps its graph)
 
 
@@ -141,7 +143,7 @@ def scan(
     attack: str | Budget | None = None,
     attack_starts: int = 16,
     attack_steps: int = 50,
-    exact: bool = True,
+    exact: bool | None = None,
     context: Context | None = None,
 ) -> Report:
     """The full audit of ``model`` on conditions ``data`` (and ``ood``); see DESIGN.md §4.
@@ -150,7 +152,10 @@ def scan(
     gives ``s_OOD``; with neither, inputs carry no score. ``batch_size``
     counts samples (inputs × K) per inverse pass (default: what ``context.max_memory``
     allows); ``exact`` makes each pass one input's K samples, so the figures do not depend
-    on it (:mod:`flowaudit.runs.runner`). ``context`` keeps shards for a resume and shares them over ranks. ``attack`` (a budget) also
+    on it (:mod:`flowaudit.runs.runner`); ``False`` sizes passes by ``batch_size``; ``None`` (the default):
+    exact, except for a small flow (:func:`~flowaudit.adapters.small_flow`), whose shards and passes hold
+    :data:`SMALL_FLOW_SHARD` inputs whatever ``batch_size``: the same figures as exact passes to float32 rounding, bit for bit where
+    the model's kernels are batch-invariant (:func:`~flowaudit.adapters.rows_independent`). ``context`` keeps shards for a resume and shares them over ranks. ``attack`` (a budget) also
     attacks the first ``attack_starts`` in-distribution conditions (:func:`attack`)
     and adds each site's ``worst_case`` evidence and the report's ``attack``.
     """
@@ -178,10 +183,20 @@ def scan(
     fit_set = _as_set(fit_data, "fit") if fit_data is not None else None
     if stats is not None:
         gauss = _load_stats(adapter, stats, names, pooling)
-    run = Run(Sampling(samples, temperature, seed), batch_size or samples, dev, progress, exact)
+    small = exact is None and small_flow(adapter, sets[0][1].y[:1] if len(sets[0][1].y) else _zero(adapter))
+    if small:  # one pass a shard, the same on every machine whatever batch_size: the calls cost, not their sums
+        batch_size = SMALL_FLOW_SHARD * samples
+    run = Run(
+        Sampling(samples, temperature, seed),
+        batch_size or samples,
+        dev,
+        progress,
+        exact=not small and exact is not False,
+        shard_inputs=SMALL_FLOW_SHARD if small else None,
+    )
     with auditing(adapter, dev):
         run, budget = size_batches(adapter, sets[0][1], run, ctx, batch_size)
-    attack_run = dataclasses.replace(run, batch_size=SCAN_ATTACK_BATCH)  # the attack's passes keep their graph
+    attack_run = dataclasses.replace(run, batch_size=SCAN_ATTACK_BATCH, exact=run.exact or small)  # keeps its graph
     if not ctx.opened:  # the work folder checks everything the shards depend on before the first one
         more = (
             {"attack": attack_settings(how, len(_first(sets[0][1], attack_starts).y), attack_run)}
@@ -238,7 +253,8 @@ def scan(
                 "temperature": temperature,
                 "seed": seed,
                 "device": str(dev),
-                "exact": exact,
+                "exact": run.exact,
+                "passes": {"inputs_per_pass": run.inputs_per_pass, "small_flow": small},
                 "remark2_threshold": remark2_threshold,
                 "explosion_threshold": explosion_threshold,
                 **run_facts(run, budget, ctx),
@@ -513,6 +529,10 @@ def _default_conditions(adapter: Adapter, n: int, seed: int) -> ConditionSet:
     return ConditionSet(
         y=y, x=None, ids=[f"drawn{i}" for i in range(n)], description={"kind": "drawn", "n": n, "shape": list(shape)}
     )
+
+
+def _zero(adapter: Adapter) -> Tensor:
+    return torch.zeros((1, *adapter.condition_shape))
 
 
 def _stats_digest(gauss: GaussianOOD | None) -> str | None:

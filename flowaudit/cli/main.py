@@ -336,6 +336,12 @@ def fit(
     callback=lambda c, p, v: _budget(c, p, v) if v else None,
     help="Also attack 16 in-distribution conditions within BUDGET (see `flowaudit attack`): worst-case evidence per site.",
 )
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="One input's K samples per inverse pass even for a small flow (which otherwise puts 32 inputs in a "
+    "pass: the same figures to float32 rounding, bit for bit where its kernels are batch-invariant).",
+)
 @run_options
 @device_option
 @json_option
@@ -363,6 +369,7 @@ def scan(
     threshold,
     batch_size,
     attack_budget,
+    exact,
     resume,
     max_memory,
     batched,
@@ -373,6 +380,8 @@ def scan(
 
     if stats and fit_data:
         raise click.UsageError("give --stats or --fit-data, not both")
+    if exact and batched:
+        raise click.UsageError("give --exact or --batched, not both")
     run, out = run_context(click.get_current_context(), out, overwrite, resume, max_memory, distributed)
     leader = run.group is None or run.group.leader
     adapter = _adapter(model_spec, factory, weights, trust_checkpoint, max_parameters)
@@ -393,7 +402,7 @@ def scan(
         remark2_threshold=threshold,
         progress=obj.progress and leader,
         attack=attack_budget,
-        exact=not batched,
+        exact=True if exact else (False if batched else None),
         context=run,
     )
     if leader:

@@ -42,6 +42,7 @@ class Run:
     device: torch.device
     progress: bool = False
     exact: bool = True
+    shard_inputs: int | None = None  # inputs a shard (None: :data:`~flowaudit.runs.shards.SHARD_INPUTS`)
 
     @property
     def inputs_per_batch(self) -> int:

@@ -21,6 +21,7 @@ describe the machine rather than the result (they differ between equal runs).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -176,7 +177,7 @@ def scan_sets(
     for index, (name, cs) in enumerate(sets):
         jobs = [
             (f"{name}-{k:05d}", functools.partial(shard, index, name, cs, sl))
-            for k, sl in enumerate(shard_slices(len(cs.y), SHARD_INPUTS))
+            for k, sl in enumerate(shard_slices(len(cs.y), run.shard_inputs or SHARD_INPUTS))
         ]
         total, keeps = run_folded(
             jobs,
@@ -203,7 +204,7 @@ def size_batches(adapter: Adapter, cs: ConditionSet, run: Run, ctx: Context, bat
     size = batch_for(budget, base, per_sample, run.sampling.samples, run.exact)
     if ctx.group is not None:  # one batch size for every rank: the same passes as one process
         size = min(ctx.group.all_gather(size))
-    return Run(run.sampling, size, run.device, run.progress, run.exact), budget
+    return dataclasses.replace(run, batch_size=size), budget
 
 
 def run_facts(run: Run, budget: int, ctx: Context) -> dict:
@@ -225,7 +226,7 @@ def scan_settings(adapter: Adapter, sets: Sequence[tuple[str, ConditionSet]], ru
     return {
         "kind": "scan",
         "fingerprint": adapter.fingerprint(),
-        "shard_inputs": SHARD_INPUTS,
+        "shard_inputs": run.shard_inputs or SHARD_INPUTS,
         "fit_shard_inputs": FIT_SHARD_INPUTS,
         "data": {name: [digest(cs.y), digest(cs.x)] for name, cs in sets},
         "samples": run.sampling.samples,
