@@ -152,10 +152,12 @@ def scan(
     gives ``s_OOD``; with neither, inputs carry no score. ``batch_size``
     counts samples (inputs × K) per inverse pass (default: what ``context.max_memory``
     allows); ``exact`` makes each pass one input's K samples, so the figures do not depend
-    on it (:mod:`flowaudit.runs.runner`); ``False`` sizes passes by ``batch_size``; ``None`` (the default):
-    exact, except for a small flow (:func:`~flowaudit.adapters.small_flow`), whose shards and passes hold
-    :data:`SMALL_FLOW_SHARD` inputs whatever ``batch_size``: the same figures as exact passes to float32 rounding, bit for bit where
-    the model's kernels are batch-invariant (:func:`~flowaudit.adapters.rows_independent`). ``context`` keeps shards for a resume and shares them over ranks. ``attack`` (a budget) also
+    on it (:mod:`flowaudit.runs.runner`); ``False`` sizes passes by ``batch_size``; ``None`` (the
+    default): exact, except for a small flow (:func:`~flowaudit.adapters.small_flow`), whose shards
+    and passes hold :data:`SMALL_FLOW_SHARD` inputs whatever ``batch_size``: the figures of exact
+    passes to float32 rounding, bit for bit where the model's kernels are batch-invariant
+    (:func:`~flowaudit.adapters.rows_independent`). ``context`` keeps shards for a resume and
+    shares them over ranks. ``attack`` (a budget) also
     attacks the first ``attack_starts`` in-distribution conditions (:func:`attack`)
     and adds each site's ``worst_case`` evidence and the report's ``attack``.
     """
