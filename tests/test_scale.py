@@ -127,7 +127,8 @@ def test_cli_refuses_exact_with_batched(tmp_path):
 
     np.save(data, _toy_y(4).numpy())
     out = tmp_path / "out"
-    res = CliRunner().invoke(cli, ["scan", "toy-affine", "--data", str(data), "--out", str(out), "--exact", "--batched"])
+    args = ["scan", "toy-affine", "--data", str(data), "--out", str(out), "--exact", "--batched"]
+    res = CliRunner().invoke(cli, args)
     assert res.exit_code == 2 and "--exact or --batched" in res.output
     assert not out.exists()
 
