@@ -435,6 +435,12 @@ def fit(obj: CommandState, model_spec, factory, weights, trust_checkpoint, max_p
     "worst-case evidence per site.",
 )
 @run_options
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="One input's K samples per inverse pass even for a small flow (which otherwise puts up to 1024 inputs in "
+    "a pass: the same figures to float32 rounding, bit for bit where its kernels are batch-invariant).",
+)
 @report_options
 @json_option
 @click.pass_obj
@@ -446,7 +452,9 @@ def scan(obj: CommandState, model_spec, factory, weights, trust_checkpoint, max_
         raise click.UsageError("give --stats or --fit-data, not both")
     run, out, adapter = _start(model_spec, factory, weights, trust_checkpoint, max_parameters, out, overwrite, kw)
     options = {**_feature_settings(kw), "remark2_threshold": kw["threshold"], "attack": kw["attack_budget"]}
-    settings = run_settings(obj, run, kw["batched"], **options)
+    if kw["exact"] and kw["batched"]:
+        raise click.UsageError("give --exact or --batched, not both")
+    settings = run_settings(obj, run, kw["batched"], kw["exact"], **options)
     ood, stats, fit_data = kw["ood_data"], kw["stats"], kw["fit_data"]
     report = run_scan(
         adapter, data, settings, ood=ood, stats=stats, fit_data=fit_data, context=run, output_range=kw["output_range"]
