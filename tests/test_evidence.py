@@ -1,4 +1,4 @@
-"""Remark 2 from evidence (issue 10): the tail probe looks at the tails, the parameter reservoir
+"""Remark 2 from evidence: the tail probe looks at the tails, the parameter reservoir
 draws from every batch, each site's verdict says what it rests on, and certificates hold."""
 
 from __future__ import annotations

@@ -312,7 +312,19 @@ def test_cli_fail_on_unproven(factory, tmp_path):
     runner = CliRunner()
 
     def scan(builder, out, rule):
-        args = ["-q", "scan", "--model", f"{name}:{builder}", "--random-init", "--data", str(data), "--samples", "2", "--device", "cpu"]
+        args = [
+            "-q",
+            "scan",
+            "--model",
+            f"{name}:{builder}",
+            "--random-init",
+            "--data",
+            str(data),
+            "--samples",
+            "2",
+            "--device",
+            "cpu",
+        ]
         return runner.invoke(cli, [*args, "--out", str(tmp_path / out), "--fail-on", rule])
 
     res = scan("unproven_adapter", "a", "violation")

@@ -157,7 +157,9 @@ def scan_sets(
     ctx: Context,
 ) -> tuple[list[Tracer], list[dict], dict[str, np.ndarray]]:
     """Sample every set shard by shard; ``(tracers, records, scores)`` with shards merged in order."""
-    feature_batch = 1 if run.exact is not False else run.inputs_per_batch  # the encoder too: one input per pass when exact
+    feature_batch = (
+        1 if run.exact is not False else run.inputs_per_batch
+    )  # the encoder too: one input per pass when exact
 
     def shard(index: int, name: str, cs: ConditionSet, sl: slice) -> dict:
         if gauss is not None:
