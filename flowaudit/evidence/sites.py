@@ -12,7 +12,7 @@ found`` when there is nothing to judge) and ``certificate``
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from ..adapters import Adapter
 from ..tracing.trace import Tracer
@@ -38,13 +38,17 @@ def _reservoir(tracers: Sequence[Tracer], name: str) -> dict | None:
 
 
 def site_entries(
-    adapter: Adapter, tracers: Sequence[Tracer], threshold: float, worst_case: Mapping[str, dict] | None = None
+    adapter: Adapter,
+    tracers: Sequence[Tracer],
+    threshold: float,
+    worst_case: Mapping[str, dict] | None = None,
+    tick: Callable[[], None] | None = None,
 ) -> list[dict]:
     """One entry per site, in the adapter's order (see module docstring).
 
     ``worst_case`` maps a site name to the attack's evidence for it (the dict documented in
     :func:`~flowaudit.evidence.remark2.probe_site`: ``reached``, ``distance``, …); sites not in it, or
-    ``worst_case=None`` (no attack ran), get ``remark2.worst_case: null``.
+    ``worst_case=None`` (no attack ran), get ``remark2.worst_case: null``. ``tick()`` after each site (progress).
     """
     entries = []
     kept = [t.params for t in tracers]  # every site's rows, read once
@@ -61,6 +65,8 @@ def site_entries(
             entry["inverse_gain"] = total.to_dict()
             entry["inverse_gain_by_set"] = {name: gs.to_dict() for name, gs in zip(SET_NAMES, gains)}
         entries.append(entry)
+        if tick is not None:
+            tick()
     return entries
 
 
