@@ -17,9 +17,9 @@ import statistics
 import time
 
 import torch
+from flowaudit.adapters import load_model
 
 import flowaudit
-from flowaudit.adapters import load_model
 from flowaudit.config.sampling import Sampling
 from flowaudit.config.threads import default_threads, usable_cores
 from flowaudit.demo import demo_sets

@@ -41,7 +41,7 @@ def _patch_set(ds, ykey: str, xkey: str, name: str, **desc) -> ConditionSet:
 
 
 def _shifted(cs: ConditionSet, seed: int) -> ConditionSet:
-    """``cs`` under the OOD rule of :mod:`~flowaudit.reference_models.ood`: input ``j`` through transform ``j mod T``."""
+    """``cs`` under the OOD rule (:mod:`~flowaudit.reference_models.ood`): input ``j`` through transform ``j mod T``."""
     from .reference_models.ood import SHIFTS, shift
 
     done = [shift(y, j, seed) for j, y in enumerate(cs.y)]

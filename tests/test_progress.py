@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from flowaudit.adapters import load_model
+from flowaudit.reference_models.toy import toy_data
 
 import flowaudit
 import flowaudit.config.sampling as sampling
-from flowaudit.adapters import load_model
-from flowaudit.reference_models.toy import toy_data
 from flowaudit.runs.shards import SHARD_INPUTS
 
 

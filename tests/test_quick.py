@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from flowaudit.adapters import load_model
 
 import flowaudit
-from flowaudit.adapters import load_model
 from flowaudit.cli.main import cli
 from flowaudit.demo import demo_sets
 from flowaudit.runs.quick import SKIPPED

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from flowaudit.adapters import load_model
+from flowaudit.reference_models.toy import toy_data
 
 import flowaudit
-from flowaudit.adapters import load_model
 from flowaudit.cli.main import cli
 from flowaudit.config import threads as T
 from flowaudit.errors import AuditError
-from flowaudit.reference_models.toy import toy_data
 
 
 @pytest.mark.parametrize("cores", [1, 2, 3, 8, 64])

@@ -1,6 +1,6 @@
 """The ``flowaudit`` command line: thin wrappers over the Python API.
 
-Exit codes (DESIGN.md §4): 0 done, nothing to fail on; 1 the audit found what
+Exit codes (the README's contract): 0 done, nothing to fail on; 1 the audit found what
 ``--fail-on`` asked to fail on; 2 bad input or usage (one line on stderr,
 nothing half written); 3 an internal error (``--debug`` shows the traceback).
 Heavy imports (torch) happen inside the commands so ``--help`` is instant.
