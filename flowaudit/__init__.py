@@ -12,7 +12,7 @@ The Python API is the engine behind the CLI::
 
 from ._version import __version__
 
-__all__ = ["__version__", "adapt", "fit", "scan", "inspect", "attack", "Report"]
+__all__ = ["__version__", "adapt", "fit", "scan", "quick", "inspect", "attack", "Report"]
 
 
 def __getattr__(name: str):
@@ -20,7 +20,7 @@ def __getattr__(name: str):
         from .adapters import adapt
 
         return adapt
-    if name in ("fit", "scan", "inspect", "attack"):
+    if name in ("fit", "scan", "quick", "inspect", "attack"):
         from . import audit as _audit
 
         return getattr(_audit, name)

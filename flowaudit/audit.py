@@ -21,6 +21,7 @@ from ._version import __version__
 from .adapters import Adapter, adapt, small_flow
 from .config.budget import Budget
 from .config.device import auditing
+from .config.sampling import Phase
 from .config.settings import Search, Settings, settings_from
 from .errors import AuditError, DataError
 from .evidence.attack import AttackResult, run_attack
@@ -31,6 +32,7 @@ from .io.shapes import check_condition_shapes
 from .render.panel import worst_inputs
 from .report import Report
 from .runs.passes import sample_set
+from .runs.quick import SKIPPED, quick_answer
 from .runs.runner import Context, attack_settings, fit_gaussian, run_facts, scan_sets, scan_settings, size_batches
 from .runs.shards import FIT_SHARD_INPUTS, digest
 from .stats.features import fit_spatial
@@ -39,7 +41,7 @@ from .stats.risk import aggregate, band_misfit, error_band
 from .tracing.trace import layer_table
 from .utils.format import jsonable
 
-__all__ = ["Settings", "fit", "scan", "inspect", "attack"]
+__all__ = ["Settings", "fit", "scan", "quick", "inspect", "attack"]
 
 FIT_BATCH = 256  # inputs per encoder pass of fit
 INSPECT_BATCH = 500  # samples per inverse pass of inspect's probe
@@ -89,7 +91,7 @@ def fit(
                 "device": settings.device.type,
             }
         )
-    with auditing(adapter, settings.device):
+    with auditing(adapter, settings.device, settings.threads):
         gauss = fit_gaussian(adapter, cs, names, settings, ctx)
     gauss.n_nonfinite_ += n_bad  # rows skipped for a non-finite value: the conditions' and the features'
     entry = _model_entry(adapter)  # hashes the weights once for the report and the stats file
@@ -156,7 +158,7 @@ def scan(
         settings = settings.replace(exact=settings.exact is not False)
     fit_set = _as_set(fit_data, "fit") if fit_data is not None else None
     gauss = _load_stats(adapter, stats, names, settings.pooling) if stats is not None else None
-    with auditing(adapter, settings.device):
+    with auditing(adapter, settings.device, settings.threads):
         run, memory = size_batches(adapter, sets[0][1], settings, ctx)
     targets = sets[0][1].x if sets[0][1].x is not None else (fit_set.finite().x if fit_set is not None else None)
     band = error_band(adapter, output_range, targets)
@@ -184,17 +186,18 @@ def scan(
         )
     spatial = None
     if fit_set is not None:
-        gauss = fit(adapter, fit_set, run.replace(batch_size=FIT_BATCH, progress=False), context=ctx).gaussian
+        gauss = fit(adapter, fit_set, run.replace(batch_size=FIT_BATCH), context=ctx).gaussian
         if names and len(adapter.condition_shape) == 3:
             batch = 1 if fit_set.mixed else run.batch_size
             spatial = fit_spatial(adapter, fit_set.finite().y, names, run.estimator, batch, run.device)
-    with auditing(adapter, run.device):
+    with auditing(adapter, run.device, run.threads):
         tracers, records, scores = scan_sets(adapter, sets, gauss, names, run, ctx)
         hit = None
         if run.attack is not None:
             hit = _attack_set(adapter, sets[0][1], run.attack_starts, attack_run, ctx, fallback=True)
         worst = {"worst_case": hit.worst_case} if hit else {}
-        sites = site_entries(adapter, tracers, run.remark2_threshold, **worst)
+        with Phase(len(adapter.sites()), "probe", run.progress, unit="site") as probe:
+            sites = site_entries(adapter, tracers, run.remark2_threshold, tick=lambda: probe.advance("sites"), **worst)
     risk = _risk(records, sets, run)
     risk["error_band"] = band.entry()
     risk["error_band"]["misfit"] = band_misfit(risk["error_band"], risk["by_set"]["in"]["pct_pixel_err"])
@@ -221,6 +224,39 @@ def scan(
     return report
 
 
+def quick(
+    model: Any,
+    data: Any = None,
+    settings: Settings | None = None,
+    *,
+    ood: Any = None,
+    output_range: tuple[float, float] | None = None,
+    **options: Any,
+) -> dict:
+    """The quick answer (:mod:`~flowaudit.runs.quick`): %Inf, %PixelErr and the inverse-gain range per set.
+
+    Takes the scan's data, sampling keywords and error band; passes hold several inputs (batch size from
+    ``batch_size`` or the memory budget). Returns a plain dict (not a report) that lists what it skipped.
+    """
+    settings = settings_from(settings, options)
+    adapter = adapt(model)
+    sets, skipped = _scan_inputs(adapter, data, ood, settings.seed)
+    with auditing(adapter, settings.device, settings.threads):
+        run, _ = size_batches(adapter, sets[0][1], settings.replace(exact=False), Context())
+        band = error_band(adapter, output_range, sets[0][1].x)
+        by_set = quick_answer(adapter, sets, run.replace(band=band.bounds))
+    return {
+        "kind": "quick",
+        "flowaudit_version": __version__,
+        "model": {"name": adapter.name, "adapter": adapter.family, "fingerprint": adapter.fingerprint()},
+        "settings": _sampling_entry(run),
+        "error_band": band.entry(),
+        "by_set": by_set,
+        "n_nonfinite_conditions": len(skipped),
+        "skipped": list(SKIPPED),
+    }
+
+
 def inspect(model: Any, data: Any = None, settings: Settings | None = None, **options: Any) -> Report:
     """Sites, kinds and Remark 2 verdicts; probes under ``data`` or under conditions drawn for the model.
 
@@ -234,7 +270,7 @@ def inspect(model: Any, data: Any = None, settings: Settings | None = None, **op
     cs = _as_set(data, "in") if data is not None else _default_conditions(adapter, 64, probe.seed)
     _check_shape(adapter, cs, "--data")
     cs = _first(cs.finite(), 256)
-    with auditing(adapter, probe.device):
+    with auditing(adapter, probe.device, probe.threads):
         tracer, _ = sample_set(adapter, cs, 0, "in", np.full(len(cs.y), np.nan), probe)
         sites = site_entries(adapter, [tracer], probe.remark2_threshold)
     body = {"flowaudit_version": __version__, "kind": "inspect", **_stamp(), "model": _model_entry(adapter, sites)}
@@ -270,7 +306,7 @@ def attack(
         sampling.pop("device")
         head = {"kind": "attack", "fingerprint": adapter.fingerprint(), "data": [digest(cs.y)], **sampling}
         ctx.open({**head, "device": settings.device.type, **found})
-    with auditing(adapter, settings.device):
+    with auditing(adapter, settings.device, settings.threads):
         hit = _attack_set(adapter, cs, None, settings, ctx)
     return Report(
         {
@@ -306,7 +342,7 @@ def _attack_set(
     instead (shards keyed apart), and the entry says why.
     """
     sub, how = _first(cs, starts), run.attack
-    kw = dict(batch_size=run.batch_size, device=run.device, progress=run.progress, exact=run.exact)
+    kw = dict(batch_size=run.batch_size, device=run.device, progress=run.progress, exact=run.exact is not False)
     kw.update(work=ctx.work, group=ctx.group)
     try:
         return run_attack(adapter, sub, how, run.sampling, key="attack", **kw)

@@ -1,6 +1,6 @@
 """The ``flowaudit`` command line: thin wrappers over the Python API.
 
-Exit codes: 0 done, nothing to fail on; 1 the audit found what
+Exit codes (the README's contract): 0 done, nothing to fail on; 1 the audit found what
 ``--fail-on`` asked to fail on; 2 bad input or usage (one line on stderr,
 nothing half written); 3 an internal error (``--debug`` shows the traceback).
 Heavy imports (torch) happen inside the commands so ``--help`` is instant.
@@ -41,6 +41,7 @@ from .options import (
     run_options,
     run_settings,
     sampling_options,
+    threads_option,
     threshold_option,
     was_interrupted,
 )
@@ -349,6 +350,7 @@ def _emit(obj: CommandState, report, key: str | None = None) -> None:
 )
 @threshold_option
 @device_option
+@threads_option
 @json_option
 @click.pass_obj
 def inspect(obj: CommandState, model_spec, factory, weights, trust_checkpoint, max_parameters, list_, data, threshold):
@@ -366,7 +368,8 @@ def inspect(obj: CommandState, model_spec, factory, weights, trust_checkpoint, m
     from ..audit import inspect as run_inspect
 
     adapter = _adapter(model_spec, factory, weights, trust_checkpoint, max_parameters)
-    _emit(obj, run_inspect(adapter, data, remark2_threshold=threshold, device=obj.device), key="model")
+    threads = obj.sampling.get("threads")
+    _emit(obj, run_inspect(adapter, data, remark2_threshold=threshold, device=obj.device, threads=threads), key="model")
 
 
 @cli.command()
@@ -382,6 +385,7 @@ def inspect(obj: CommandState, model_spec, factory, weights, trust_checkpoint, m
 @batch_option
 @run_options
 @device_option
+@threads_option
 @json_option
 @click.pass_obj
 def fit(obj: CommandState, model_spec, factory, weights, trust_checkpoint, max_parameters, data, out, overwrite, **kw):
@@ -434,6 +438,12 @@ def fit(obj: CommandState, model_spec, factory, weights, trust_checkpoint, max_p
     help="Also attack 16 in-distribution conditions within BUDGET (see `flowaudit attack`): "
     "worst-case evidence per site.",
 )
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="Only %Inf, %PixelErr and the inverse-gain range, several inputs a pass; skips s_OOD, Remark 2, the "
+    "certificate, the layer trace, the panel, plots and HTML (writes OUT/quick.json and says what it skipped).",
+)
 @run_options
 @click.option(
     "--exact",
@@ -450,6 +460,8 @@ def scan(obj: CommandState, model_spec, factory, weights, trust_checkpoint, max_
 
     if kw["stats"] and kw["fit_data"]:
         raise click.UsageError("give --stats or --fit-data, not both")
+    if kw["quick"]:
+        return _quick(obj, model_spec, factory, weights, trust_checkpoint, max_parameters, data, out, overwrite, kw)
     run, out, adapter = _start(model_spec, factory, weights, trust_checkpoint, max_parameters, out, overwrite, kw)
     options = {**_feature_settings(kw), "remark2_threshold": kw["threshold"], "attack": kw["attack_budget"]}
     if kw["exact"] and kw["batched"]:
@@ -462,12 +474,68 @@ def scan(obj: CommandState, model_spec, factory, weights, trust_checkpoint, max_
     _finish(obj, run, report, out, overwrite, None, kw["fail_on"])
 
 
+_QUICK_REFUSES = ("stats", "fit_data", "attack_budget", "resume", "distributed", "junit")
+
+
+def _quick(obj: CommandState, model_spec, factory, weights, trust, max_parameters, data, out, overwrite, kw) -> None:
+    """``scan --quick``: the quick answer printed and written to ``OUT/quick.json``; the gate is not evaluated."""
+    from ..audit import quick
+    from ..utils.atomic import atomic_dir
+
+    given = [k for k in _QUICK_REFUSES if kw.get(k)] + (["junit"] if obj.junit else [])
+    if given or kw["fail_on"] != "never":
+        what = sorted(
+            {f"--{k.replace('_budget', '').replace('_', '-')}" for k in given}
+            | ({"--fail-on"} if kw["fail_on"] != "never" else set())
+        )
+        raise click.UsageError(f"--quick answers without {', '.join(what)}: drop them, or drop --quick")
+    _refuse_existing(out, overwrite)
+    adapter = _adapter(model_spec, factory, weights, trust, max_parameters)
+    answer = quick(adapter, data, run_settings(obj), ood=kw["ood_data"], output_range=kw["output_range"])
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        (tmp / "quick.json").write_text(json.dumps(_json_safe(answer), indent=1, allow_nan=False) + "\n")
+    if obj.json:
+        click.echo(json.dumps(_json_safe(answer), indent=2))
+        return
+    for name, r in answer["by_set"].items():
+        g = r["inverse_gain"]
+        gains = "none seen" if g["max"] is None else f"[{_num(g['min'])}, {_num(g['max'])}]"
+        bad = f", {g['n_nonfinite']} non-finite" if g["n_nonfinite"] else ""
+        click.echo(
+            f"{name}: {r['n_inputs']} inputs, K = {answer['settings']['samples']}: %Inf {r['pct_inf']:.1f}, "
+            f"%PixelErr {r['pct_pixel_err']:.1f}, inverse gain 1/c' {gains}{bad}"
+        )
+    band = answer["error_band"]
+    click.echo(f"error band [{band['lo']:.6g}, {band['hi']:.6g}] ({band['source']})")
+    click.echo("skipped (--quick): " + "; ".join(answer["skipped"]))
+    click.echo(f"answer: {Path(out) / 'quick.json'}")
+
+
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3g}"
+
+
+def _json_safe(v):
+    """NaN and infinities as null (quick.json is strict JSON)."""
+    import math
+
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
 @cli.command()
 @click.option(
     "--out", type=click.Path(file_okay=False), default="flowaudit-demo", show_default=True, help="Report folder."
 )
 @overwrite_option
 @device_option
+@threads_option
+@click.option("--quiet", "-q", is_flag=True, expose_value=False, callback=_quiet, help="No progress bars.")
 @json_option
 @click.pass_obj
 def demo(obj: CommandState, out, overwrite):
@@ -475,7 +543,8 @@ def demo(obj: CommandState, out, overwrite):
     from ..demo import run_demo
 
     _refuse_existing(out, overwrite)
-    result = run_demo(out, device=obj.device, progress=obj.progress, overwrite=overwrite)
+    threads = obj.sampling.get("threads")
+    result = run_demo(out, device=obj.device, progress=obj.progress, overwrite=overwrite, threads=threads)
     click.echo(json.dumps(result["json"], indent=2) if obj.json else result["text"])
 
 
@@ -527,9 +596,7 @@ def _budget(ctx: click.Context, param: click.Parameter, value: str):
     show_default=True,
     help="Step direction: Adam's m̂/√v̂ (sign with momentum) or the sign of the gradient (PGD).",
 )
-@click.option(
-    "--starts", type=V.BATCH, default=16, show_default=True, help="Attack the first N conditions of --data."
-)
+@click.option("--starts", type=V.BATCH, default=16, show_default=True, help="Attack the first N conditions of --data.")
 @sampling_options(
     4,
     "Samples K (latents) per start.",

@@ -37,6 +37,7 @@ __all__ = [
     "interrupted",
     "max_parameters_option",
     "device_option",
+    "threads_option",
     "sampling_options",
     "run_settings",
     "leads",
@@ -58,7 +59,7 @@ class CommandState:
     quiet: bool = False
     device: str = "auto"  # as given; parsed once, into the run's Settings
     json: bool = False
-    sampling: dict = field(default_factory=dict)  # --samples, --temperature, --seed, --batch-size
+    sampling: dict = field(default_factory=dict)  # --samples, --temperature, --seed, --batch-size, --threads
     command: str | None = None  # "flowaudit scan", "flowaudit train sr": set when a command claims its output
     out: str | None = None  # what the running command writes (claimed), for the interruption message
     keeps_partial: bool = False  # ``train``: a periodic checkpoint at ``out`` is complete, not partial
@@ -102,12 +103,24 @@ device_option = click.option(
 json_option = click.option(
     "--json", is_flag=True, expose_value=False, callback=_setting("json"), help="Print machine-readable JSON on stdout."
 )
+threads_option = click.option(
+    "--threads",
+    type=click.IntRange(1),
+    default=None,
+    expose_value=False,
+    callback=_sampling("threads"),
+    help="CPU threads for torch (default: the free cores shared by the processes, so threads × processes never "
+    "exceeds them; a lower OMP_NUM_THREADS is kept).",
+)
 BATCH_HELP = "Samples per inverse pass (default: as many as --max-memory allows; exact passes: K)."
 batch_option = click.option("--batch-size", type=V.BATCH, default=None, help=BATCH_HELP)
 
 
 def sampling_options(samples: int, samples_help: str, seed_help: str, batch: int | None = None, batch_help: str = ""):
-    """``--samples``, ``--temperature``, ``--seed``, ``--batch-size`` and ``--device``, kept in ``obj.sampling``."""
+    """``--samples``, ``--temperature``, ``--seed``, ``--batch-size``, ``--device`` and ``--threads``.
+
+    All but ``--device`` are kept in ``obj.sampling``.
+    """
     options = [
         click.option(
             "--samples",
@@ -148,6 +161,7 @@ def sampling_options(samples: int, samples_help: str, seed_help: str, batch: int
             callback=_sampling("batch_size"),
         ),
         device_option,
+        threads_option,
     ]
 
     def decorate(f):

@@ -15,6 +15,7 @@ import torch
 
 from ..adapters import Adapter
 from ..errors import AuditError
+from .threads import using_threads
 
 __all__ = ["resolve_device", "auditing"]
 
@@ -33,8 +34,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 @contextlib.contextmanager
-def auditing(adapter: Adapter, device: torch.device) -> Iterator[None]:
-    """Eval mode, no grad, TF32 off, model on ``device``; everything restored on exit."""
+def auditing(adapter: Adapter, device: torch.device, threads: int | None = None) -> Iterator[None]:
+    """Eval mode, no grad, TF32 off, model on ``device``, torch's CPU threads (:mod:`.threads`); all restored."""
     model = adapter.model
     was_training, was_device = {m: m.training for m in model.modules()}, adapter.device
     tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
@@ -42,7 +43,7 @@ def auditing(adapter: Adapter, device: torch.device) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         model.to(device).eval()
-        with torch.no_grad():
+        with torch.no_grad(), using_threads(threads):
             yield
     finally:
         for m, flag in was_training.items():  # per module: a sub-module kept in eval mode stays so

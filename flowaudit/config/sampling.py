@@ -16,15 +16,16 @@ its batch, and any input's samples can be drawn again on their own.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..adapters import Adapter
 
-__all__ = ["Sampling", "batches", "progress_bar"]
+__all__ = ["Sampling", "batches", "progress_bar", "Phase", "BAR_FACTORY"]
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,57 @@ def batches(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, n))
 
 
-def progress_bar(total: int, desc: str, enabled: bool):
-    """A tqdm bar over inputs, silent unless ``enabled``."""
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "input"):
+    """A tqdm bar over ``total`` items, silent unless ``enabled`` (made by :data:`BAR_FACTORY`)."""
+    return BAR_FACTORY(total=total, desc=desc, disable=not enabled, leave=False, mininterval=0.5, unit=unit)
+
+
+def _tqdm(**kw: Any):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, mininterval=0.5)
+    return tqdm(**kw)
+
+
+#: what makes every bar (tqdm); a test may replace it to read the totals
+BAR_FACTORY: Callable[..., Any] = _tqdm
+
+
+class Phase:
+    """One bar for one phase of a run (fit, probe, sample, attack) over its true total.
+
+    The phase is made of parts (shards, sets); a part is counted as it runs (:meth:`advance`) and
+    settled when its result arrives (:meth:`settle`), whether it was computed here, loaded from the
+    work folder of an interrupted run or computed by another rank, so the bar never counts a part
+    twice and never restarts between parts.
+    """
+
+    def __init__(self, total: int, desc: str, enabled: bool, unit: str = "input"):
+        self.total = int(total)
+        self.bar = progress_bar(self.total, desc, enabled, unit)
+        self._done: dict[Any, int] = {}
+
+    def advance(self, part: Any, n: int = 1) -> None:
+        """``n`` more items of ``part`` done."""
+        self._done[part] = self._done.get(part, 0) + n
+        self.bar.update(n)
+
+    def settle(self, part: Any, n: int) -> None:
+        """``part`` complete, ``n`` items in all."""
+        more = n - self._done.get(part, 0)
+        if more > 0:
+            self.advance(part, more)
+
+    def finish(self) -> None:
+        """The phase is done (parts restored from an interrupted run included): the bar at its total."""
+        more = self.total - sum(self._done.values())
+        if more > 0:
+            self.advance(None, more)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> Phase:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -87,6 +87,7 @@ class Settings:
     attack_starts: int | None = 16
     shard_inputs: int | None = None
     band: tuple[float, float] | None = None  # the error band in use (stats.risk.error_band); None: the adapter's
+    threads: int | None = None  # torch's CPU threads during the run (None: config.threads.default_threads)
     sampling: Sampling = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -96,6 +97,8 @@ class Settings:
             raise AuditError("--temperature must be ≥ 0")
         if self.batch_size is not None and self.batch_size < 1:
             raise AuditError("--batch-size must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            raise AuditError("--threads must be at least 1")
         if self.attack is not None and not isinstance(self.attack, Search):
             object.__setattr__(self, "attack", Search(read_budget(self.attack)))
         if self.layers is not None:

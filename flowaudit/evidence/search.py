@@ -251,7 +251,7 @@ def search(
             _, j, bad, dead, _ = _pass(adapter, yg, latents, sampling, how.objective, record=False)
             path.update(t, y, j, bad, dead)
             if bar is not None:
-                bar.update(1)
+                bar.update(len(y0))  # the bar counts steps of starts
     with torch.no_grad():
         x, j, bad, _, last = _pass(adapter, path.best_y, latents, sampling, how.objective, record=True)
     return _results(adapter, how, sampling, path, before, x, j, bad, first, last)

@@ -18,7 +18,7 @@ The condition sweep (:mod:`~flowaudit.evidence.sweep`) adds each site's ``swept`
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from ..adapters import Adapter
 from ..tracing.trace import Tracer
@@ -66,13 +66,15 @@ def site_entries(
     *,
     swept: bool = True,
     huge_gain: float = HUGE_GAIN,
+    tick: Callable[[], None] | None = None,
 ) -> list[dict]:
     """One entry per site, in the adapter's order (see module docstring).
 
     ``worst_case`` maps a site name to the attack's evidence for it (the dict documented in
     :func:`~flowaudit.evidence.remark2.probe_site`: ``reached``, ``distance``, …); sites not in it, or
     ``worst_case=None`` (no attack ran), get ``remark2.worst_case: null``. ``swept`` runs the condition
-    sweep; ``huge_gain`` is the inverse gain above which a site is flagged whatever its ratio.
+    sweep; ``huge_gain`` is the inverse gain above which a site is flagged whatever its ratio. ``tick()`` after
+    each site (progress).
     """
     entries = []
     kept = [t.params for t in tracers]  # every site's rows, read once
@@ -129,6 +131,8 @@ def site_entries(
             entry["inverse_gain"] = stats
             entry["inverse_gain_by_set"] = {name: gs.to_dict() for name, gs in zip(SET_NAMES, total[1])}
         entries.append(entry)
+        if tick is not None:
+            tick()
     return entries
 
 

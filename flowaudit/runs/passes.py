@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..adapters import Adapter, observing
-from ..config.sampling import progress_bar
+from ..config.sampling import Phase
 from ..config.settings import Settings
 from ..io.datasets import ConditionSet
 from ..io.ragged import same_size_runs
@@ -38,7 +38,8 @@ def sample_set(
     adapter: Adapter, cs: ConditionSet, set_index: int, set_name: str, s_ood: np.ndarray, settings: Settings
 ) -> tuple[Tracer, list[dict]]:
     """Sample every input of ``cs`` K times under a tracer; ``(tracer, records)``."""
-    return sample_range(adapter, cs, set_index, set_name, s_ood, settings, slice(0, len(cs.y)))
+    with Phase(len(cs.y), f"sample {set_name}", settings.progress) as phase:
+        return sample_range(adapter, cs, set_index, set_name, s_ood, settings, slice(0, len(cs.y)), phase=phase)
 
 
 def sample_range(
@@ -50,16 +51,19 @@ def sample_range(
     settings: Settings,
     rows: slice,
     first_pass: int | None = None,
+    phase: Phase | None = None,
+    part: object = None,
 ) -> tuple[Tracer, list[dict]]:
     """Sample inputs ``rows`` of ``cs`` K times under a fresh tracer; ``(tracer, records)``.
 
     ``s_ood`` holds the scores of these inputs (``len == rows.stop - rows.start``). ``first_pass``
-    numbers the passes for the tracer (default: the pass index the range starts at).
+    numbers the passes for the tracer (default: the pass index the range starts at). Each pass
+    advances ``part`` of the run's ``phase`` bar (none: no bar).
     """
     per = settings.inputs_per_pass
     tracer = Tracer(settings.sampling).start_at(rows.start, rows.start // per if first_pass is None else first_pass)
     records: list[dict] = []
-    with progress_bar(rows.stop - rows.start, f"scan {set_name}", settings.progress) as bar, observing(adapter, tracer):
+    with observing(adapter, tracer):
         for sl in same_size_runs(cs.y, rows, per):  # a pass never mixes condition sizes
             y = cs.y[sl].to(settings.device)
             latents = settings.sampling.latents(adapter, y, set_index, sl.start, settings.device)
@@ -68,7 +72,8 @@ def sample_range(
             tracer.end_batch(len(y))
             records += _records(adapter, cs, set_name, sl, s_ood[sl.start - rows.start :], x, y, settings)
             del x, latents
-            bar.update(len(y))
+            if phase is not None:
+                phase.advance(part, len(y))
     for rec, g in zip(records, tracer.input_gain):
         rec["max_inverse_gain"] = g["max"]
         rec["inverse_gain"] = g
@@ -86,9 +91,8 @@ def _records(
     settings: Settings,
 ) -> list[dict]:
     """One record per input of pass ``sl`` (samples ``x`` at conditions ``y``; ``s_ood`` from its first input)."""
-    checks = {
-        k: v.cpu().tolist() for k, v in sample_checks(x, settings.sampling, settings.band or adapter.error_band).items()
-    }
+    band = settings.band or adapter.error_band
+    checks = {k: v.cpu().tolist() for k, v in sample_checks(x, settings.sampling, band).items()}
     psnr = lr_psnr(x, y, adapter.scale, settings.sampling).cpu() if adapter.task == "sr" else None
     recon = reconstruction_error(adapter, cs.x[sl].to(settings.device), y) if cs.x is not None else None
     records = []

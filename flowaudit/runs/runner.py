@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..adapters import Adapter
+from ..config.sampling import Phase
 from ..config.settings import Search, Settings
 from ..errors import AuditError
 from ..io.datasets import ConditionSet
@@ -119,29 +120,31 @@ def fit_gaussian(
 ) -> GaussianOOD:
     """The feature Gaussian of ``cs``: per-shard sums (:meth:`GaussianOOD.partial_fit`) merged in shard order."""
     estimator, device = settings.estimator, settings.device
+    slices = shard_slices(len(cs.y), FIT_SHARD_INPUTS)
+    phase = Phase(len(cs.y), "fit", settings.progress)
 
     def shard(sl: slice) -> dict:
-        v = features(adapter, cs.y[sl], names, settings.pooling, settings.batch_size, device, settings.progress)
+        v = features(adapter, cs.y[sl], names, settings.pooling, settings.batch_size, device, False)
         return {"keep": None, "state": gaussian_state(GaussianOOD(estimator=estimator).partial_fit(v))}
 
     def fold(g: GaussianOOD, state: dict) -> GaussianOOD:
         part = gaussian_from_state(state, estimator)
         return g.merge(part) if hasattr(part, "n_") else g
 
-    jobs = [
-        (f"{key}-{k:05d}", functools.partial(shard, sl))
-        for k, sl in enumerate(shard_slices(len(cs.y), FIT_SHARD_INPUTS))
-    ]
-    gauss, _ = run_folded(
-        jobs,
-        fold,
-        GaussianOOD(estimator=estimator, device=device),
-        gaussian_state,
-        lambda st: gaussian_from_state(st, estimator, device),
-        ctx.work,
-        ctx.group,
-        name=key,
-    )
+    jobs = [(f"{key}-{k:05d}", functools.partial(shard, sl)) for k, sl in enumerate(slices)]
+    with phase:
+        gauss, _ = run_folded(
+            jobs,
+            fold,
+            GaussianOOD(estimator=estimator, device=device),
+            gaussian_state,
+            lambda st: gaussian_from_state(st, estimator, device),
+            ctx.work,
+            ctx.group,
+            name=key,
+            done=lambda j: phase.settle(j, slices[j].stop - slices[j].start),
+        )
+        phase.finish()
     try:
         return gauss.finalize()
     except ValueError as exc:
@@ -166,7 +169,7 @@ def scan_sets(
             s = gauss.score(features(adapter, cs.y[sl], names, run.pooling, feature_batch, run.device))
         else:
             s = np.full(sl.stop - sl.start, np.nan)
-        tracer, records = sample_range(adapter, cs, index, name, s, run, sl)
+        tracer, records = sample_range(adapter, cs, index, name, s, run, sl, phase=phase, part=(name, sl.start))
         payload = {
             "keep": {"records": records, "s_ood": torch.from_numpy(np.asarray(s, dtype=np.float64))},
             "state": tracer.state(),
@@ -179,24 +182,26 @@ def scan_sets(
         return total.merge(Tracer.from_state(run.sampling, state, run.device))
 
     tracers, records, scores = [], [], {}
-    for index, (name, cs) in enumerate(sets):
-        jobs = [
-            (f"{name}-{k:05d}", functools.partial(shard, index, name, cs, sl))
-            for k, sl in enumerate(shard_slices(len(cs.y), run.shard_inputs or SHARD_INPUTS))
-        ]
-        total, keeps = run_folded(
-            jobs,
-            fold,
-            Tracer(run.sampling),
-            lambda t: t.state(),
-            lambda st: Tracer.from_state(run.sampling, st, run.device),
-            ctx.work,
-            ctx.group,
-            name=name,
-        )
-        tracers.append(total)
-        records += [r for k in keeps for r in k["records"]]
-        scores[name] = np.concatenate([k["s_ood"].numpy() for k in keeps]) if keeps else np.zeros(0)
+    phase = Phase(sum(len(cs.y) for _, cs in sets), "sample", run.progress)  # one bar: every set, every shard
+    with phase:
+        for index, (name, cs) in enumerate(sets):
+            slices = shard_slices(len(cs.y), run.shard_inputs or SHARD_INPUTS)
+            jobs = [(f"{name}-{k:05d}", functools.partial(shard, index, name, cs, sl)) for k, sl in enumerate(slices)]
+            total, keeps = run_folded(
+                jobs,
+                fold,
+                Tracer(run.sampling),
+                lambda t: t.state(),
+                lambda st: Tracer.from_state(run.sampling, st, run.device),
+                ctx.work,
+                ctx.group,
+                name=name,
+                done=lambda j, name=name, sl=slices: phase.settle((name, sl[j].start), sl[j].stop - sl[j].start),
+            )
+            tracers.append(total)
+            records += [r for k in keeps for r in k["records"]]
+            scores[name] = np.concatenate([k["s_ood"].numpy() for k in keeps]) if keeps else np.zeros(0)
+        phase.finish()
     return tracers, records, scores
 
 

@@ -242,6 +242,7 @@ def run_folded(
     work: WorkFolder | None = None,
     group: Any = None,
     name: str = "fold",
+    done: Callable[[int], None] | None = None,
 ) -> tuple[Any, list[Any]]:
     r"""Fold the jobs' mergeable states in job order and collect what each job keeps; ``(acc, keeps)``.
 
@@ -251,6 +252,7 @@ def run_folded(
     replaced after every round), so the work folder grows with the records alone. A resumed
     run restores the fold (``load``), reads the kept parts of the jobs it covers, and computes
     the rest. With ``W`` ranks, rounds of ``W`` jobs are computed side by side and all-gathered.
+    ``done(j)`` is called once job ``j`` is folded (or restored from the saved fold), in job order.
     """
     world = 1 if group is None else group.world
     rank = 0 if group is None else group.rank
@@ -262,6 +264,8 @@ def run_folded(
                 start, acc, keeps = saved["upto"], load(saved["acc"]), kept
             except (KeyError, TypeError, ValueError, AttributeError, RuntimeError):
                 start, keeps = 0, []  # a fold of the wrong structure: recomputed
+    for j in range(start if done is not None else 0):
+        done(j)
     for first in range(start, len(jobs), world):
         mine = None
         if first + rank < len(jobs):
@@ -270,9 +274,11 @@ def run_folded(
             if work is not None:
                 work.save(key, mine["keep"])
         payloads = [mine] if group is None else group.all_gather(mine)
-        for p in payloads[: len(jobs) - first]:
+        for j, p in enumerate(payloads[: len(jobs) - first], first):
             acc = fold(acc, p["state"])
             keeps.append(p["keep"])
+            if done is not None:
+                done(j)
         if work is not None and (group is None or group.leader):
             work.save_fold(name, min(first + world, len(jobs)), save(acc))
     return acc, keeps

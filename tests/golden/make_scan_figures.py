@@ -21,9 +21,17 @@ def _sets(name: str):
         from flowaudit.reference_models.toy import toy_data
 
         return toy_data(2000, seed=0)[1], toy_data(200, seed=10_001)[1], toy_data(200, seed=10_001, ood=True)[1], 10
-    from flowaudit.demo import demo_sets
+    import torch
 
-    return *(cs.y[:n] for cs, n in zip(demo_sets("sr"), (32, 16, 16))), 4
+    from flowaudit.demo import demo_sets
+    from flowaudit.reference_models import data as d
+
+    fit, test, _ = demo_sets("sr")
+    # OOD: the test images enhanced with kernel H (EUrban, eq. S1), its own set whatever the demo shows
+    chw = [(n, torch.from_numpy(a.copy()).permute(2, 0, 1)) for n, a in d.corpus("test")]
+    enhanced = [(n, d.eurban(t).permute(1, 2, 0).numpy()) for n, t in chw]
+    ood = d.SRPatches(enhanced, patch=32, scale=4, n=32, seed=102, augment=False)
+    return fit.y[:32], test.y[:16], torch.stack([ood[i]["lr"] for i in range(16)]), 4
 
 
 def figures(name: str) -> dict:
