@@ -28,8 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from .base import Observer, PriorSite, Site, UnknownSite, affine_kind
-from .hooks import first_tensor, hooked
 from .bounds import LayerBound, gaussian_base
+from .hooks import first_tensor, hooked
 from .library import LibraryAdapter
 from .speedups import HookedSpeedUps
 

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from .base import Observer, PriorSite, Site, affine_kind, elementwise_derivative, sweep_bounds
-from .hooks import hooked
 from .bounds import LayerBound, gaussian_base, unbounded
+from .hooks import hooked
 from .library import LibraryAdapter
 
 __all__ = ["ZukoAdapter", "UnivariateSite", "SoftclipSite", "matches", "make"]

@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import torch
+from flowaudit.adapters import load_model
+from flowaudit.reference_models import bundled
 from torch import nn
 
 import flowaudit
-from flowaudit.adapters import load_model
-from flowaudit.reference_models import bundled
 from flowaudit.utils.format import fmt
 
 

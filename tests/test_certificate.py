@@ -13,15 +13,15 @@ import math
 
 import pytest
 import torch
-from torch import Tensor, nn
-
-import flowaudit
 from flowaudit.adapters import adapt
 from flowaudit.adapters.bounds import LayerBound
 from flowaudit.adapters.custom import CustomAdapter, site
-from flowaudit.evidence.certificate import LATENT_ABS, model_certificate
 from flowaudit.reference_models.glow import ActNorm
 from flowaudit.reference_models.toy import Toy2D, toy_data
+from torch import Tensor, nn
+
+import flowaudit
+from flowaudit.evidence.certificate import LATENT_ABS, model_certificate
 
 Y = toy_data(8, seed=3)[1]
 
@@ -48,7 +48,7 @@ def spline_toy(seed: int = 0) -> nn.Module:
 
 def spline_sr(seed: int = 0) -> nn.Module:
     """A tiny SR flow with RQ-spline sites and a split whose log σ does not read the kept half."""
-    from flowaudit.reference_models.sr import SRFlow, Split2d
+    from flowaudit.reference_models.sr import Split2d, SRFlow
 
     torch.manual_seed(seed)
     model = SRFlow(
@@ -279,9 +279,7 @@ def test_the_attack_never_exceeds_an_issued_certificate_and_reports_it():
 
 def test_the_attack_on_a_library_flow_never_exceeds_its_certificate():
     pytest.importorskip("nflows")
-    rep = flowaudit.attack(
-        nflows_flow(0), Y[:4], budget="none", objective="max-abs", steps=6, samples=2, device="cpu"
-    )
+    rep = flowaudit.attack(nflows_flow(0), Y[:4], budget="none", objective="max-abs", steps=6, samples=2, device="cpu")
     cert = rep["model"]["certificate"]
     assert cert["certified"], cert["blocking"]
     assert rep["attack"]["summary"]["worst_max_abs"] <= cert["bound"]
@@ -347,7 +345,12 @@ def _custom(log_scale: float) -> CustomAdapter:
     flow = _CustomFlow(log_scale)
     s = site(flow.step, read=lambda m, args, x: (x, m.net(args[1])), map=_bent, kind="rq-spline", tail_start=1.0)
     return CustomAdapter(
-        flow, condition_shape=(2,), latent_shape=(2,), inverse=flow.inverse, forward=flow, sites=[s],
+        flow,
+        condition_shape=(2,),
+        latent_shape=(2,),
+        inverse=flow.inverse,
+        forward=flow,
+        sites=[s],
         output_range=(-3.0, 3.0),
     )
 

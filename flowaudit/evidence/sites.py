@@ -161,7 +161,9 @@ def model_evidence(adapter: Adapter, entries: list[dict]) -> dict:
     layers = adapter.inverse_layers()
     cert = model_certificate(entries, coverage, layers, adapter.inverse_layers_ordered())
     if adapter.family == "custom":
-        cert["scope"] += "; a custom flow: its declared sites and the modules recognised in it, not layers of its own code"
+        cert["scope"] += (
+            "; a custom flow: its declared sites and the modules recognised in it, not layers of its own code"
+        )
     return {"coverage": coverage, "remark2": r2, "certificate": cert}
 
 

@@ -136,7 +136,8 @@ def certificate_line(model: dict) -> str | None:
         if c.get("bound_scanned") is not None
         else ""
     )
-    return f"Certificate: none — {len(blocking)} layer(s) or site(s) prevent it ({names}: {blocking[0]['why']}){scanned}"
+    n = len(blocking)
+    return f"Certificate: none — {n} layer(s) or site(s) prevent it ({names}: {blocking[0]['why']}){scanned}"
 
 
 def reservoir_line(model: dict) -> str | None:
