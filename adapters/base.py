@@ -319,6 +319,17 @@ class Adapter(ABC):
         """Names of the inverse pass's layers, in the order :meth:`sample` reports them."""
         return []
 
+    def inverse_layers(self) -> list[Any] | None:
+        """Every layer of the inverse pass, in the order sampling runs it, each with its ∞-norm bound
+        (:class:`~flowaudit.adapters.bounds.LayerBound`); ``None`` when the adapter cannot list them (then no
+        whole-inverse certificate is issued)."""
+        return None
+
+    def inverse_layers_ordered(self) -> bool:
+        """Whether :meth:`inverse_layers` lists the layers in the order sampling runs them (else the
+        certificate composes them in an order-free way)."""
+        return True
+
     def check_condition_shape(self, shape: tuple[int, ...]) -> None:
         """Raise ``ValueError`` (one line) when conditions of ``shape`` (no batch axis) cannot be sampled.
 
@@ -382,7 +393,7 @@ class Adapter(ABC):
             if isinstance(value, Tensor):
                 t = value.detach().cpu().contiguous()
                 digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
-                digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+                digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return digest.hexdigest()[:16]
 
     def n_parameters(self) -> int:

@@ -90,6 +90,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Adapter, Observer, Site, draw_latents, elementwise_derivative
+from .bounds import LayerBound, module_bound, site_layer
 from .hooks import HookError, first_tensor
 from .speedups import HookedSpeedUps
 
@@ -442,6 +443,27 @@ class CustomAdapter(HookedSpeedUps, Adapter):
 
     def layer_names(self) -> list[str]:
         return [s.name for s in reversed(self._sites)]  # the inverse pass meets them last to first
+
+    def inverse_layers(self) -> list[LayerBound]:
+        """The declared sites (last to first) and every module of the flow that :func:`~.bounds.module_bound`
+        recognises (ActNorm, 1×1 convolutions, LU, permutations of the bundled flows and the libraries),
+        outside the sites' own modules and the encoder. Their order in the pass is not declared, so the
+        certificate composes them without it (:meth:`inverse_layers_ordered`); layers of the flow's own code
+        that are neither declared nor recognised are not seen, and the certificate's scope says so."""
+        out = [site_layer(s.name, [s.name]) for s in reversed(self._sites)]
+        skip = [s.name for s in self._sites] + list(self._encoder)
+        for name, module in self.model.named_modules():
+            if not name or any(name == p or name.startswith(f"{p}.") for p in skip if p):
+                continue
+            if not type(module).__module__.startswith(("flowaudit.", "FrEIA.", "nflows.", "normflows.", "zuko.")):
+                continue
+            bound = module_bound(name, module)
+            if bound.kind != "unknown":
+                out.append(bound)
+        return out
+
+    def inverse_layers_ordered(self) -> bool:
+        return len(self.inverse_layers()) == len(self._sites)  # only the sites: one site, or order irrelevant
 
     # -- what the model does ---------------------------------------------------------------------
     def sample_latents(self, y: Tensor, temperature: float, generator: torch.Generator | None) -> list[Tensor]:

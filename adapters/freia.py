@@ -214,6 +214,7 @@ class FrEIAAdapter(HookedSpeedUps, LibraryAdapter):
     """Adapter of a FrEIA ``SequenceINN`` or ``GraphINN`` with one condition, standard-normal latents."""
 
     family = "freia"
+    _base_in_layers = False  # latents are standard normal; ``_layers`` are the blocks
 
     def __init__(self, model: nn.Module, name: str | None = None):
         super().__init__(model, name)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .base import Adapter, Observer, PriorSite, Site, UnknownSite, draw_latents
+from .bounds import LayerBound, exact, module_bound, site_layer
 
 __all__ = ["LibraryAdapter"]
 
@@ -26,6 +27,7 @@ class LibraryAdapter(Adapter):
     _unseen: list[str]  # parts that may be conditional and that no site reads
     _layers: list[str]  # the inverse pass's layers, in the order it reports them
     _latent_shapes: list[tuple[int, ...]]  # one per latent, no batch axis
+    _base_in_layers: bool = True  # whether ``_layers[0]`` is the base distribution (FrEIA: a standard normal, unlisted)
 
     @property
     def condition_shape(self) -> tuple[int, ...]:
@@ -47,6 +49,34 @@ class LibraryAdapter(Adapter):
 
     def sample_latents(self, y: Tensor, temperature: float, generator: torch.Generator | None) -> list[Tensor]:
         return draw_latents(self._latent_shapes, y, temperature, generator)
+
+    def inverse_layers(self) -> list[LayerBound]:
+        """The base, then every layer in sampling order: the sites it applies, else its module's bound
+        (:func:`~.bounds.module_bound`, run forward where :meth:`_runs_forward` says so)."""
+        if not self._base_in_layers:
+            return [self._layer_bound(name) for name in self._layers]
+        base = self._layers[0]
+        if self._prior is not None:
+            why = "a conditional base: μ(y) and σ(y) come from the condition, not bounded by structure"
+            out = [LayerBound(base, "prior", None, None, why, (self._prior.name,))]
+        else:
+            out = [self._base_bound(base)]
+        return out + [self._layer_bound(name) for name in self._layers[1:]]
+
+    def _layer_bound(self, name: str) -> LayerBound:
+        """Layer ``name``: the sites it applies (inverse order), else its module's bound."""
+        own = [s.name for s in self._sites if s.name == name or s.name.startswith(f"{name}.")]
+        if own:
+            return site_layer(name, list(reversed(own)))
+        return module_bound(name, self.model.get_submodule(name), self._runs_forward(name))
+
+    def _base_bound(self, name: str) -> LayerBound:
+        """The unconditional base ``x = μ + σε`` (default: a standard normal, exact)."""
+        return exact(name, "base")
+
+    def _runs_forward(self, name: str) -> bool:
+        """Whether the inverse pass runs layer ``name``'s forward map (default: its inverse)."""
+        return False
 
     def _report_base(
         self, observer: Observer | None, z: Tensor, mean: Tensor | None = None, log_std: Tensor | None = None

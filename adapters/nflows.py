@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Observer, PriorSite, Site, affine_kind, elementwise_derivative, sweep_bounds
+from .bounds import LayerBound, gaussian_base
 from .library import LibraryAdapter
 
 __all__ = ["NflowsAdapter", "CouplingSite", "AutoregressiveSite", "InvertedSite", "matches", "make"]
@@ -299,6 +300,13 @@ class NflowsAdapter(LibraryAdapter):
         if hasattr(base, "log_std_"):  # DiagonalNormal
             return base.mean_.reshape(1, *shape), base.log_std_.reshape(1, *shape)
         return None
+
+    def _base_bound(self, name: str) -> LayerBound:
+        base = self._base(None)
+        return gaussian_base(name, *(base or (None, None)))
+
+    def _runs_forward(self, name: str) -> bool:
+        return any(n == name and inverted for n, _, _, inverted in self._steps)
 
     def sample(self, y: Tensor, latents: list[Tensor], observer: Observer | None = None) -> Tensor:
         context = self.model._embedding_net(y)

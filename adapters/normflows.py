@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Observer, PriorSite, Site, UnknownSite, affine_kind
+from .bounds import LayerBound, gaussian_base
 from .hooks import first_tensor, hooked
 from .library import LibraryAdapter
 from .speedups import HookedSpeedUps
@@ -272,6 +273,14 @@ class NormflowsAdapter(HookedSpeedUps, LibraryAdapter):
             half = out.shape[-1] // 2  # mean first, log σ second (the class's documented layout)
             return out[..., :half], out[..., half:]
         return q0.loc, q0.log_scale if q0.temperature is None else q0.log_scale + math.log(q0.temperature)
+
+    def _base_bound(self, name: str) -> LayerBound:
+        q0 = self.model.q0
+        log_scale = q0.log_scale if q0.temperature is None else q0.log_scale + math.log(q0.temperature)
+        return gaussian_base(name, q0.loc, log_scale)
+
+    def _runs_forward(self, name: str) -> bool:
+        return True  # normflows samples by each flow's forward
 
     def sample(self, y: Tensor, latents: list[Tensor], observer: Observer | None = None) -> Tensor:
         (eps,) = latents

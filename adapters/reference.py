@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..reference_models import ReferenceFlow
 from ..reference_models.couplings import Elementwise
 from .base import Adapter, Observer, Site, keeps_graph
+from .bounds import LayerBound, reference_layers
 from .hooks import HeldReports, first_tensor, wrapped
 from .speedups import HookedSpeedUps
 
@@ -117,6 +118,10 @@ class ReferenceAdapter(HookedSpeedUps, Adapter):
 
     def layer_names(self) -> list[str]:
         return self.model.trace_layers()
+
+    def inverse_layers(self) -> list[LayerBound]:
+        """Every layer of the inverse pass with its bound (:func:`~.bounds.reference_layers`)."""
+        return reference_layers(self.model, {id(s.module): s.name for s in self._sites})
 
     def sample_latents(self, y, temperature, generator):
         return self.model.sample_latents(y, temperature, generator)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Observer, PriorSite, Site, affine_kind, elementwise_derivative, sweep_bounds
+from .bounds import LayerBound, gaussian_base, unbounded
 from .hooks import hooked
 from .library import LibraryAdapter
 
@@ -197,6 +198,14 @@ class ZukoAdapter(LibraryAdapter):
         mean, std = base.mean, base.stddev
         shape = (y.shape[0], *mean.shape[-1:])
         return mean.expand(shape), std.expand(shape)
+
+    def _base_bound(self, name: str) -> LayerBound:
+        base = self.model.base()
+        while hasattr(base, "base_dist") and not hasattr(base, "loc"):  # Independent(Normal) → Normal
+            base = base.base_dist
+        if not isinstance(base, torch.distributions.Normal):
+            return unbounded(name, "base", f"zuko base {type(base).__name__} is not a diagonal normal")
+        return gaussian_base(name, base.mean, base.stddev.log())
 
     def sample_latents(self, y: Tensor, temperature: float, generator: torch.Generator | None) -> list[Tensor]:
         key = tuple(y.shape[1:])

@@ -308,13 +308,17 @@ def attack(
         ctx.open({**head, "device": settings.device.type, **found})
     with auditing(adapter, settings.device, settings.threads):
         hit = _attack_set(adapter, cs, None, settings, ctx)
+        # the sites' evidence and the certificate, as scan gives them: the attacked conditions sampled once
+        probe = settings.replace(batch_size=INSPECT_BATCH, exact=False, progress=False)
+        tracer, _ = sample_set(adapter, cs, 0, "in", np.full(len(cs.y), np.nan), probe)
+        sites = site_entries(adapter, [tracer], settings.remark2_threshold, worst_case=hit.worst_case)
     return Report(
         {
             "flowaudit_version": __version__,
             "kind": "attack",
             **_stamp(),
             "settings": {**_sampling_entry(settings), **run_facts(settings, memory, ctx)},
-            "model": _model_entry(adapter),
+            "model": _model_entry(adapter, sites),
             "data": {"in": cs.description},
             "attack": hit.entry,
         },

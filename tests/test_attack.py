@@ -295,7 +295,7 @@ def test_attack_never_exceeds_the_certificate():
         step.coupling.site.bound = bound
     _, y = toy_data(6, seed=5)
     cert = flowaudit.inspect(model, y, device="cpu", samples=2)["model"]["certificate"]
-    assert cert["certified"] and cert["bound"] == pytest.approx(2 * 2 * bound)
+    assert cert["certified"] and cert["offset"] >= 2 * bound  # the sites add B each; the whole inverse more
     moved: list[float] = []
 
     def hook(module, args, kwargs, output):

@@ -32,18 +32,25 @@ Write :math:`x = c^{-1}(y)` for the inverse a sample runs through.
   multiplies by :math:`1/c'`, which the structure does not cap at 1 on the
   tails; not certified (the reason is given).
 
-**The model** (:func:`model_certificate`) is certified when every site is, every site was reached
-while sampling (``coverage.complete``) and no site violates on the evidence (a violation voids the
-site's certificate: the evidence beats the structure it rests on);
-its ``bound`` is the sum of the sites' displacements: no sample value ends
-further than that from where the sites alone would leave it, i.e. the total
-the sites add in the :math:`\infty`-norm along the pass. What it does **not**
-cover: the non-elementwise layers between sites (1×1 convolutions, ActNorm,
-squeezes, splits) act linearly and multiply values and displacements by
-their own operator norms (:math:`\|W^{-1}\|_\infty`, :math:`\max e^{-\ell}`);
-the adapter protocol does not expose their weights, so the bound is stated
-for the sites and ``scope`` says so. A model with no site is never
-certified.
+**The model** (:func:`model_certificate`) composes a bound over **every layer of the inverse pass**, in
+the order sampling runs it (the adapter lists them, ``Adapter.inverse_layers``, with
+:mod:`flowaudit.adapters.bounds`). Each layer :math:`L` satisfies
+:math:`\|v_{out}\|_\infty \le g_L \|v_{in}\|_\infty + d_L`: a certified site has :math:`g = 1`,
+:math:`d = B` (:math:`|c^{-1}(y)| \le \max(|y|, B)`), ActNorm, 1×1 convolutions, LU and linear layers
+the operator norm of their inverse, permutations and squeezes 1, split priors their σ bound. With
+:math:`\tilde g_L = \max(g_L, 1)` (so that the running bound always covers the latents a split draws in),
+
+.. math:: \|x\|_\infty \le G\,\|z\|_\infty + D, \qquad G = \prod_L \tilde g_L, \qquad
+          D = \sum_L \Big(\prod_{L' \text{ after } L} \tilde g_{L'}\Big)\, d_L,
+
+where :math:`\|z\|_\infty` is the largest latent element (all latents together). Where the adapter cannot
+say the order (a custom flow's recognised modules), :math:`D = G \sum_L d_L`, an upper bound in any order.
+It is issued only when every layer is bounded, every site is certified by its structure (and not voided
+by the evidence), no layer's gain exceeds :data:`LAYER_HUGE_GAIN` and every site was reached while
+sampling; otherwise ``blocking`` names, in inverse
+order, each layer or site that prevents it. ``bound`` is :math:`G \cdot 6 + D`: the bound for latents with
+:math:`\|z\|_\infty \le 6` (``latent_abs``); ``gain`` and ``offset`` give it for any latent. A model with no
+site is never certified.
 """
 
 from __future__ import annotations
@@ -58,10 +65,17 @@ __all__ = ["site_certificate", "model_certificate", "BIASED"]
 
 #: kinds whose identity tails carry a condition-dependent bias t (c(x) = x + t past the interval)
 BIASED = ("additive", "modified-rq-spline")
+#: A layer whose gain exceeds this multiplies a value by more than 100 in one step (``remark2.HUGE_GAIN`` for
+#: sites): it blocks the certificate and is named, whatever the finite bound composed through it would read.
+LAYER_HUGE_GAIN = 100.0
+#: the latent size at which ``bound`` is stated (a standard-normal element exceeds it with probability 2·10⁻⁹)
+LATENT_ABS = 6.0
 SCOPE = (
-    "sum over sites of the displacement |c⁻¹(y) − y| their structure allows; linear layers between "
-    "sites (1×1 convolutions, ActNorm) multiply by their own operator norms and are not included"
+    "the whole inverse pass, every layer the adapter lists (sites, ActNorm, 1×1 convolutions, LU and linear "
+    "layers, permutations, squeezes, splits and priors), for every condition; stated for latents with "
+    "|z|∞ ≤ 6 (gain and offset give it for any |z|)"
 )
+FORMULA = "|x|∞ ≤ G·|z|∞ + D,  G = Π_L max(g_L, 1),  D = Σ_L (Π_{L′ after L} max(g_L′, 1))·d_L"
 
 
 def _bias_max(site: Any, params: list[Any], start: float) -> float | None:
@@ -123,26 +137,128 @@ def site_certificate(site: Any, params: list[Any] | None = None, bounds: Any = N
     return out
 
 
-def model_certificate(entries: list[dict], coverage: dict | None = None) -> dict:
-    """``model.certificate``: ``certified`` when every site is and every site was reached, ``bound`` the
-    sum of displacements; otherwise ``blocking`` names each site (or the coverage) that prevents it."""
-    certs = [(e["name"], e["remark2"]["structural"]["certificate"]) for e in entries]
-    blocking = [{"site": n, "why": c["why"]} for n, c in certs if not c["certified"]]
+def _site_bound(cert: dict, start: float | None, scanned: bool) -> tuple[float, float] | None:
+    """``(g, d)`` of one site from its certificate: certified identity tails past ``B``: ``(1, B)``; with
+    ``scanned``, a biased site at the scanned conditions: ``(1, displacement + max|t|)``."""
+    if cert.get("certified") and start is not None:
+        return 1.0, float(start)
+    if scanned and cert.get("bound_scanned") is not None:
+        return 1.0, float(cert["bound_scanned"])
+    return None
+
+
+def _compose(steps: list[tuple[float, float]], ordered: bool) -> tuple[float, float]:
+    """``(G, D)`` of the module docstring for ``(g_L, d_L)`` in inverse order."""
+    gain, offset = 1.0, 0.0
+    for g, d in steps:
+        g = max(g, 1.0)
+        gain, offset = gain * g, offset * g + d
+    if not ordered:
+        offset = gain * sum(d for _, d in steps)
+    return gain, offset
+
+
+def model_certificate(
+    entries: list[dict], coverage: dict | None = None, layers: list[Any] | None = None, ordered: bool = True
+) -> dict:
+    """``model.certificate`` over the whole inverse pass (module docstring); JSON-ready.
+
+    ``entries``: the report's site entries; ``layers``: the adapter's ``inverse_layers()`` (``None``: it
+    cannot list them, and no certificate is issued); ``ordered``: whether they are in sampling order.
+    """
+    by_name = {e["name"]: e for e in entries}
     cov = coverage or {}
-    if certs and not cov.get("complete", True):
+    blocking: list[dict] = []
+    steps: list[tuple[float, float]] = []
+    scanned: list[tuple[float, float]] | None = []
+    table: list[dict] = []
+    if layers is None:
+        blocking.append({"site": None, "why": "the adapter does not list the layers of its inverse pass"})
+        scanned = None
+    covered: set[str] = set()
+    for layer in layers or []:
+        row = layer.to_dict()
+        covered.update(layer.sites)
+        if layer.kind == "site" or (layer.gain is None and layer.sites and layer.why is None):
+            g, d, gs, ds, why = 1.0, 0.0, 1.0, 0.0, None
+            for name in layer.sites:
+                e = by_name.get(name)
+                if e is None:
+                    why = why or f"site {name} is not in the report"
+                    gs = None
+                    continue
+                st = e["remark2"]["structural"]
+                b = _site_bound(st["certificate"], st.get("tail_start"), False)
+                sb = _site_bound(st["certificate"], st.get("tail_start"), True)
+                if b is None:
+                    why = why or f"{name}: {st['certificate'].get('why')}"
+                else:
+                    g, d = g * b[0], d * b[0] + b[1]
+                if sb is None or gs is None:
+                    gs = None
+                else:
+                    gs, ds = gs * sb[0], ds * sb[0] + sb[1]
+            row.update(gain=None if why else g, offset=None if why else d, why=why)
+            if why:
+                blocking.append({"site": layer.sites[0] if len(layer.sites) == 1 else layer.name, "why": why})
+            else:
+                steps.append((g, d))
+            if scanned is not None:
+                scanned = None if gs is None else [*scanned, (gs, ds)]
+        elif layer.gain is None:
+            blocking.append({"site": layer.name, "why": f"{layer.kind} layer: {layer.why}"})
+            scanned = None
+        elif layer.gain > LAYER_HUGE_GAIN:
+            blocking.append(
+                {
+                    "site": layer.name,
+                    "why": f"{layer.kind} layer: its inverse multiplies values by up to {layer.gain:.3g} "
+                    f"(> {LAYER_HUGE_GAIN:.3g})",
+                }
+            )
+            scanned = None
+        else:
+            for name in layer.sites:  # a bounded layer that applies a site (a split's prior): its own bound, read
+                # from the live layer, replaces the site's class-level structure, but no evidence may contradict it
+                e = by_name.get(name)
+                r2 = (e or {}).get("remark2") or {}
+                if r2.get("verdict") == "violates" and set(r2.get("rests_on") or []) - {"structural"}:
+                    blocking.append(
+                        {"site": name, "why": f"{e['remark2']['verdict']} on {'+'.join(e['remark2']['rests_on'])}"}
+                    )
+            steps.append((layer.gain, layer.offset or 0.0))
+            if scanned is not None:
+                scanned.append((layer.gain, layer.offset or 0.0))
+        table.append(row)
+    if layers is not None:
+        missing = [n for n in by_name if n not in covered]
+        blocking += [{"site": n, "why": "a site the adapter's layer list does not place"} for n in missing]
+    if entries and not cov.get("complete", True):
         unvisited = cov.get("unvisited") or []
         blocking += [{"site": n, "why": "never reached while sampling"} for n in unvisited]
         if not unvisited:
             blocking.append({"site": None, "why": f"coverage incomplete: {cov.get('reason')}"})
-    ok = bool(certs) and not blocking
+    if not entries:
+        blocking.insert(0, {"site": None, "why": "no sites found"})
+    ok = not blocking
+    gain, offset = _compose(steps, ordered) if ok else (None, None)
     out = {
         "certified": ok,
-        "bound": sum(c["displacement"] for _, c in certs) if ok else None,
-        "scope": SCOPE,
-        "blocking": blocking,
+        "bound": gain * LATENT_ABS + offset if ok else None,
+        "gain": gain,
+        "offset": offset,
+        "latent_abs": LATENT_ABS,
+        "scope": SCOPE if ordered else SCOPE + "; layers composed without their order",
+        "formula": FORMULA,
+        "blocking": [{**b, "site": b["site"] or "model"} for b in blocking],
+        "layers": table,
+        "largest_layer_gain": max((r["gain"] for r in table if r.get("gain") is not None), default=None),
     }
-    if not certs:
+    if not entries:
         out["why"] = "no sites found"
-    scanned = [c["displacement"] if c["certified"] else c.get("bound_scanned") for _, c in certs]
-    out["bound_scanned"] = sum(scanned) if certs and all(s is not None for s in scanned) else None
+    if entries and scanned is not None and len(scanned) == len(layers or []):
+        g, d = _compose(scanned, ordered)
+        out["bound_scanned"] = g * LATENT_ABS + d
+    else:
+        out["bound_scanned"] = None
     return out

@@ -162,7 +162,13 @@ def model_evidence(adapter: Adapter, entries: list[dict]) -> dict:
     r2 = model_verdict(entries, coverage)
     budgets = [e["remark2"]["probe"].get("reservoir") for e in entries]
     r2["reservoir_budget"] = next((b["budget"] for b in budgets if b), None)  # parameter numbers kept per site
-    return {"coverage": coverage, "remark2": r2, "certificate": model_certificate(entries, coverage)}
+    layers = adapter.inverse_layers()
+    cert = model_certificate(entries, coverage, layers, adapter.inverse_layers_ordered())
+    if adapter.family == "custom":
+        cert["scope"] += (
+            "; a custom flow: its declared sites and the modules recognised in it, not layers of its own code"
+        )
+    return {"coverage": coverage, "remark2": r2, "certificate": cert}
 
 
 def _unvisited(entry: dict) -> bool:

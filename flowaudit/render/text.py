@@ -123,20 +123,21 @@ def certificate_line(model: dict) -> str | None:
         return None
     if c.get("certified"):
         return (
-            f"Certificate: no blow-up beyond {fmt(c['bound'])} (the sites move a value by at most that in total; "
-            "linear layers between them not included)"
+            f"Certificate: no blow-up beyond {fmt(c['bound'])} (|x|∞ ≤ {fmt(c.get('gain'))}·|z|∞ + "
+            f"{fmt(c.get('offset'))} over the whole inverse pass, stated for |z|∞ ≤ {fmt(c.get('latent_abs'))})"
         )
     blocking = c.get("blocking", [])
     if not blocking:
         return "Certificate: none (no sites found)"
     names = ", ".join(b["site"] for b in blocking[:3]) + (f" and {len(blocking) - 3} more" if len(blocking) > 3 else "")
     scanned = (
-        "; at the parameters kept from the scanned conditions the sites move a value by at most "
-        f"{fmt(c['bound_scanned'])} in total"
+        "; at the parameters kept from the scanned conditions the whole inverse is bounded by "
+        f"{fmt(c['bound_scanned'])}"
         if c.get("bound_scanned") is not None
         else ""
     )
-    return f"Certificate: none — {len(blocking)} site(s) prevent it ({names}: {blocking[0]['why']}){scanned}"
+    n = len(blocking)
+    return f"Certificate: none — {n} layer(s) or site(s) prevent it ({names}: {blocking[0]['why']}){scanned}"
 
 
 def reservoir_line(model: dict) -> str | None:
