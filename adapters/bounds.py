@@ -303,10 +303,11 @@ def _split_bound(name: str, split: nn.Module) -> LayerBound:
     return _finite(name, "split", max(1.0, a + sigma), _absmax(bias[0::2]), "the split's operator")
 
 
-def reference_layers(model: nn.Module, site_names: dict[int, str]) -> list[LayerBound]:
+def reference_layers(model: nn.Module, site_names: dict[int, str]) -> list[LayerBound] | None:
     """The inverse pass of a bundled flow (toy, SR, low-light), in the order sampling runs it.
 
-    ``site_names`` maps ``id(module)`` of each site (an ``Elementwise``) to its name.
+    ``site_names`` maps ``id(module)`` of each site (an ``Elementwise``) to its name. ``None`` for a model built
+    on the reference base class with a body of its own: its layers are not known, so no certificate.
     """
     from ..reference_models.sr import CondCoupling, FlowStep, Split2d, Squeeze
 
@@ -321,6 +322,9 @@ def reference_layers(model: nn.Module, site_names: dict[int, str]) -> list[Layer
         return [site_names[id(s)] for s in order]
 
     out: list[LayerBound] = []
+    known = hasattr(model, "flow") if model.task == "toy" else hasattr(model, "flowUpsamplerNet")
+    if not known:
+        return None
     if model.task == "toy":
         for i in reversed(range(len(model.flow))):
             step = model.flow[i]

@@ -119,7 +119,7 @@ class ReferenceAdapter(HookedSpeedUps, Adapter):
     def layer_names(self) -> list[str]:
         return self.model.trace_layers()
 
-    def inverse_layers(self) -> list[LayerBound]:
+    def inverse_layers(self) -> list[LayerBound] | None:
         """Every layer of the inverse pass with its bound (:func:`~.bounds.reference_layers`)."""
         return reference_layers(self.model, {id(s.module): s.name for s in self._sites})
 

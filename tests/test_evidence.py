@@ -192,7 +192,7 @@ def test_reservoir_keeps_every_batch_and_the_largest_gains():
 
 def test_scan_probes_parameters_from_every_batch():
     report = flowaudit.scan(
-        load("toy-modified-rq-spline"), toy_data(40, seed=2)[1], samples=2, batch_size=16, device="cpu"
+        load("toy-modified-rq-spline"), toy_data(40, seed=2)[1], samples=2, batch_size=16, exact=False, device="cpu"
     )
     for s in report["model"]["sites"]:
         res = s["remark2"]["probe"]["reservoir"]
