@@ -571,6 +571,14 @@ class GaussianPrior(Elementwise):
     kind = "prior"
     params_per_dim = 2
 
+    def __init__(self, unit_sigma: bool = False):
+        super().__init__()
+        self.unit_sigma = unit_sigma  # the model always passes log σ = 0 (LLFlow's N(μ(y), I)): c' ≡ 1
+
+    def tail_bounds(self) -> tuple[float, float]:
+        """``c' = 1/σ``: (1, 1) when σ is fixed at 1 by the model, else unbounded (σ comes from the condition)."""
+        return (1.0, 1.0) if self.unit_sigma else super().tail_bounds()
+
     def _forward(self, x, h):
         mean, logs = _cross(h)
         return (x - mean) * torch.exp(-logs), (-logs).expand_as(x)

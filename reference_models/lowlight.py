@@ -149,7 +149,7 @@ class LLFlow(ReferenceFlow):
             split=False,
             fixed_invconv=fixed_invconv,
         )
-        self.prior = GaussianPrior()
+        self.prior = GaussianPrior(unit_sigma=True)  # N(μ(y), I): log σ = 0 always (_prior_params)
 
     def encoder_module(self) -> nn.Module:
         return self.RRDB
