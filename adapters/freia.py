@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Observer, Site, UnknownSite, affine_kind
+from .base import Observer, Site, UnknownSite, affine_kind, keeps_graph
 from .hooks import first_tensor, hooked
 from .library import LibraryAdapter
 from .speedups import HookedSpeedUps
@@ -77,10 +77,11 @@ class AffineHalfSite(Site):
     def tail_start(self) -> float | None:
         return 0.0  # affine everywhere: every |x| is in the tails
 
-    def feed(self, module_name: str, output: Tensor) -> tuple[Tensor, Tensor] | None:
-        """Take one subnetwork output; when all roles are in: (inverse gain, params)."""
+    def feed(self, module_name: str, output: Tensor, keep: bool = False) -> tuple[Tensor, Tensor] | None:
+        """Take one subnetwork output; when all roles are in: (inverse gain, params), attached to the graph
+        with ``keep`` (FrEIA's own log-det is not used: the gain is recomputed from the subnetwork's output)."""
         # clone: FrEIA scales some outputs in place after the call (AllInOneBlock: ``a *= 0.1``)
-        self._pending[self.roles[module_name]] = output.detach().clone()
+        self._pending[self.roles[module_name]] = (output if keep else output.detach()).clone()
         if len(self._pending) < len(set(self.roles.values())):
             return None
         pending, self._pending = self._pending, {}
@@ -271,11 +272,12 @@ class FrEIAAdapter(HookedSpeedUps, LibraryAdapter):
     def _hooks(self, observer: Observer, live: list[bool]) -> Iterator[None]:
         """Hooks on every site's subnetworks and every block, reporting to ``observer`` while ``live[0]``."""
         owner = {m: s for s in self._sites if isinstance(s, AffineHalfSite) for m in s.roles}
+        keep = keeps_graph(observer)
 
         def on_subnet(name: str, args: tuple, kwargs: dict, output: Any) -> None:
             if live[0]:
                 site = owner[name]
-                got = site.feed(name, first_tensor(output))
+                got = site.feed(name, first_tensor(output), keep)
                 if got is not None:
                     observer.site(site.name, *got)
 

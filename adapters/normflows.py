@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Observer, PriorSite, Site, UnknownSite, affine_kind
+from .base import Observer, PriorSite, Site, UnknownSite, affine_kind, keeps_graph
 from .hooks import first_tensor, hooked
 from .library import LibraryAdapter
 from .speedups import HookedSpeedUps
@@ -47,9 +47,10 @@ class _NetSite(Site):
     def start(self) -> None:
         self._last: Tensor | None = None
 
-    def on_net(self, output: Tensor) -> None:
+    def on_net(self, output: Tensor, keep: bool = False) -> None:
+        """Keep the network's output (attached to the graph with ``keep``: the attack differentiates it)."""
         # clone: normflows scales raw spline widths in place; an autoregressive inverse's last call is final
-        self._last = output.detach().clone()
+        self._last = (output if keep else output.detach()).clone()
 
     def tail_start(self) -> float | None:
         return 0.0
@@ -285,11 +286,11 @@ class NormflowsAdapter(HookedSpeedUps, LibraryAdapter):
 
     def _hooks(self, observer: Observer, live: list[bool]) -> contextlib.AbstractContextManager:
         """Hooks on the sites' parameter networks, keeping their last output while ``live[0]``."""
-        net_sites = self._net_sites()
+        net_sites, keep = self._net_sites(), keeps_graph(observer)
 
         def on_net(name: str, args: tuple, kwargs: dict, output: Any) -> None:
             if live[0]:
-                net_sites[name].on_net(first_tensor(output))
+                net_sites[name].on_net(first_tensor(output), keep)
 
         return hooked(self.model, list(net_sites), on_net)
 
@@ -305,7 +306,8 @@ class NormflowsAdapter(HookedSpeedUps, LibraryAdapter):
             for site in reversed(self._by_flow[name]):  # sampling visits a flow's sites in reverse
                 if isinstance(site, _NetSite):
                     gain, params = site.read(z)
-                    observer.site(site.name, gain.detach(), params.detach())
+                    keep = keeps_graph(observer)
+                    observer.site(site.name, gain if keep else gain.detach(), params if keep else params.detach())
             self._report(observer, name, z)
         return z
 

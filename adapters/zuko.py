@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Observer, PriorSite, Site, affine_kind, elementwise_derivative, sweep_bounds
+from .base import Observer, PriorSite, Site, affine_kind, elementwise_derivative, keeps_graph, sweep_bounds
 from .hooks import hooked
 from .library import LibraryAdapter
 
@@ -107,10 +107,11 @@ class UnivariateSite(_ZukoSite):
             return int(self.lazy.hyper[-1].weight.shape[0] // self.lazy.total)
         return 0
 
-    def inverse(self, c: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``lazy(c).inv(y)`` (the library's), with φ of the last hyper-network call: ``(x, gain, φ)``."""
+    def inverse(self, c: Tensor, y: Tensor, keep: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """``lazy(c).inv(y)`` (the library's), with φ of the last hyper-network call: ``(x, gain, φ)``; with
+        ``keep`` φ, and so the gain, stay attached to the graph (the attack differentiates them)."""
         seen: list[Tensor] = []
-        with hooked(self.lazy, ["hyper"], lambda name, args, kwargs, out: seen.append(out.detach())):
+        with hooked(self.lazy, ["hyper"], lambda name, args, kwargs, out: seen.append(out if keep else out.detach())):
             transform = self.lazy(c)  # built for these conditions, as flow(c) builds it
             x = transform.inv(y)
         params = seen[-1].unflatten(-1, (-1, self.lazy.total))
@@ -209,7 +210,7 @@ class ZukoAdapter(LibraryAdapter):
         self._report_base(observer, x, mean, std.log())
         for name, lazy, site in reversed(self._steps):
             if isinstance(site, UnivariateSite):
-                x, gain, params = site.inverse(y, x)
+                x, gain, params = site.inverse(y, x, keeps_graph(observer))
                 self._report(observer, name, x, gain, params)
             else:
                 x = lazy(y).inv(x)  # built for these conditions, as flow(y) builds it

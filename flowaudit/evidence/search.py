@@ -103,7 +103,8 @@ class GainKeeper:
             self.layer_max[name] = _row_max_abs(x)
 
     def site(self, name: str, gain: Tensor, params: object) -> None:
-        self.attached = self.attached or gain.requires_grad
+        # a gain of exactly 1 everywhere (an additive site) has a zero derivative, attached or not
+        self.attached = self.attached or gain.requires_grad or bool((gain.detach() == 1).all())
         lg = torch.log(gain.flatten(1).to(torch.float64))
         total, top = lg.sum(1), lg.amax(1)
         self.logdet = total if self.logdet is None else self.logdet + total
@@ -183,6 +184,8 @@ def _direction(how: Search, adam: AdamDirection, g: Tensor) -> Tensor:
 def _gradient(adapter: Adapter, j: Tensor, yg: Tensor) -> Tensor:
     """``∇_y Σ J`` with non-finite objectives and gradients zeroed."""
     safe = torch.where(torch.isfinite(j), j, torch.zeros_like(j))
+    if not safe.requires_grad:  # every reported gain is constant in y (additive sites): a zero gradient
+        return torch.zeros_like(yg)
     (g,) = torch.autograd.grad(safe.sum(), yg, allow_unused=True)
     if g is None:  # the graph from the parameters reached the objective, but not from y
         raise AuditError(_UNDIFFERENTIABLE.format(adapter.family))
