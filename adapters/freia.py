@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Observer, Site, UnknownSite, affine_kind, keeps_graph
+from .dataflow import FlowLayerSite, found_site, probe_inputs
 from .hooks import first_tensor, hooked
 from .library import LibraryAdapter
 from .speedups import HookedSpeedUps
@@ -243,9 +244,33 @@ class FrEIAAdapter(HookedSpeedUps, LibraryAdapter):
             raise TypeError(f"{type(model).__name__} has no conditional block: nothing to audit")
         self._condition_shape = tuple(int(d) for d in cond)
         self._sites = [s for n, b in self._blocks for s in _block_sites(n, b)]
+        self._find_from_data_flow()
         self._layers = [n for n, _ in reversed(self._blocks)]
         own = {n: [s for s in self._sites if s.name == n or s.name.startswith(f"{n}.")] for n, _ in self._blocks}
         self._unseen = self._unread_of([(n, own[n], type(b).__name__ in _CONSTANT_JACOBIAN) for n, b in self._blocks])
+
+    def _find_from_data_flow(self) -> None:
+        """Each conditional block of unknown class, tested at a seeded input of its own shape by where the
+        condition flows (:mod:`.dataflow`): conditional and elementwise, a site; else it stays ``unknown``
+        (conditional) or is dropped (its output ignores the condition)."""
+        blocks = dict(self._blocks)
+        kept: list[Site] = []
+        for site in self._sites:
+            block = blocks.get(site.name)
+            if not isinstance(site, UnknownSite) or block is None or len(getattr(block, "dims_in", ())) != 1:
+                kept.append(site)
+                continue
+            x, y = probe_inputs(self.model, [tuple(block.dims_in[0]), tuple(block.dims_c[0])])
+            # the block's forward, not its __call__: its own layer hook must not fire inside its gain's JVP
+            encode = lambda u, c, b=block: b.forward([u], c=[c], rev=False)[0][0]  # noqa: E731
+            decode = lambda u, c, b=block: b.forward([u], c=[c], rev=True)[0][0]  # noqa: E731
+            try:
+                got = found_site(site.name, block, encode, decode, x, y)
+            except Exception:  # noqa: BLE001 - a block that cannot run alone keeps its class reading
+                got = True
+            if got is not False:
+                kept.append(got if isinstance(got, FlowLayerSite) else site)
+        self._sites = kept
 
     def _read_condition_shape(self) -> tuple[int, ...]:
         return self._condition_shape
@@ -281,9 +306,15 @@ class FrEIAAdapter(HookedSpeedUps, LibraryAdapter):
                 if got is not None:
                     observer.site(site.name, *got)
 
+        found = {s.name: s for s in self._sites if isinstance(s, FlowLayerSite)}
+
         def on_layer(name: str, args: tuple, kwargs: dict, output: Any) -> None:
             if live[0]:
-                observer.layer(name, first_tensor(output).detach())
+                out = first_tensor(output)
+                if name in found:  # a site found from the data flow: c' by a JVP through the block's own call
+                    gain, params = found[name].read(out, kwargs["c"][0])
+                    observer.site(name, *((gain, params) if keep else (gain.detach(), params.detach())))
+                observer.layer(name, out.detach())
 
         with hooked(self.model, list(owner), on_subnet), hooked(self.model, self.layer_names(), on_layer):
             yield

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Observer, PriorSite, Site, UnknownSite, affine_kind, keeps_graph
+from .dataflow import FlowLayerSite, found_site, probe_inputs
 from .hooks import first_tensor, hooked
 from .library import LibraryAdapter
 from .speedups import HookedSpeedUps
@@ -243,6 +244,7 @@ class NormflowsAdapter(HookedSpeedUps, LibraryAdapter):
         self._latent_shapes = [tuple(q0.shape)]
         names = [f"flows.{i}" for i in range(len(model.flows))]
         self._by_flow = {n: _flow_sites(n, f) for n, f in zip(names, model.flows)}
+        self._find_from_data_flow(names)
         self._sites = [s for n in reversed(names) for s in self._by_flow[n]]
         self._layers = ["q0", *names]
         self._unseen = self._unread_of(
@@ -252,6 +254,28 @@ class NormflowsAdapter(HookedSpeedUps, LibraryAdapter):
             self.condition_shape  # noqa: B018
         except ValueError as exc:
             raise TypeError(str(exc)) from None
+
+    def _find_from_data_flow(self, names: list[str]) -> None:
+        """Every flow without a site read from its class, tested on one seeded sampling pass by where the
+        condition flows (:mod:`.dataflow`): a conditional elementwise flow is a site, a conditional other one
+        an ``unknown`` part, a flow whose output ignores the condition no site. No condition shape: skipped."""
+        try:
+            shape = self.condition_shape
+        except ValueError:
+            return
+        y, eps = probe_inputs(self.model, [shape, self._latent_shapes[0]])
+        with torch.no_grad():
+            mu, log_sigma = self._base(y)
+            z = mu + torch.exp(log_sigma) * eps
+            for name, flow in zip(names, self.model.flows):
+                out = flow(z, context=y)[0]
+                if not any(isinstance(s, _NetSite) for s in self._by_flow[name]):
+                    encode = lambda u, c, f=flow: f.inverse(u, context=c)[0]  # noqa: E731
+                    decode = lambda u, c, f=flow: f(u, context=c)[0]  # noqa: E731
+                    got = found_site(name, flow, encode, decode, out, y)
+                    found = [got] if isinstance(got, FlowLayerSite) else [UnknownSite(name, type(flow).__name__)]
+                    self._by_flow[name] = found if got is not False else []
+                z = out
 
     def _read_condition_shape(self) -> tuple[int, ...]:
         """From the first context layer of the flows' networks (MADE, ResidualNet), else the base's encoder."""
@@ -304,8 +328,8 @@ class NormflowsAdapter(HookedSpeedUps, LibraryAdapter):
         for name, flow in zip(self._layers[1:], self.model.flows):
             z, _ = flow(z, context=y)  # normflows' forward: the sampling direction
             for site in reversed(self._by_flow[name]):  # sampling visits a flow's sites in reverse
-                if isinstance(site, _NetSite):
-                    gain, params = site.read(z)
+                if isinstance(site, (_NetSite, FlowLayerSite)):
+                    gain, params = site.read(z) if isinstance(site, _NetSite) else site.read(z, y)
                     keep = keeps_graph(observer)
                     observer.site(site.name, gain if keep else gain.detach(), params if keep else params.detach())
             self._report(observer, name, z)

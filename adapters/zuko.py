@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Observer, PriorSite, Site, affine_kind, elementwise_derivative, keeps_graph, sweep_bounds
+from .dataflow import FlowLayerSite, found_site, probe_inputs
 from .hooks import hooked
 from .library import LibraryAdapter
 
@@ -178,6 +179,40 @@ class ZukoAdapter(LibraryAdapter):
         self._sites = [s for _, _, s in self._steps if s is not None]
         self._prior = None if isinstance(model.base, UnconditionalDistribution) else PriorSite(base_name)
         self._layers = [base_name] + [n for n, _, _ in reversed(self._steps)]
+        self._find_from_data_flow()
+
+    def _find_from_data_flow(self) -> None:
+        """Every lazy transform without a site read from its class, tested on one seeded inverse pass by where
+        the condition flows (:mod:`.dataflow`): conditional and elementwise, a site; unconditional, not a part
+        no site reads. Without a readable condition shape the class reading stands."""
+        try:
+            shape = self.condition_shape
+            (y,) = probe_inputs(self.model, [shape])
+            with torch.no_grad():
+                mean, std = self._base(y)
+        except (ValueError, TypeError, RuntimeError):
+            return
+        (eps,) = probe_inputs(self.model, [tuple(mean.shape[1:])])
+        with torch.no_grad():
+            x = mean + std * eps
+            for i in reversed(range(len(self._steps))):
+                name, lazy, site = self._steps[i]
+                if isinstance(site, UnivariateSite):
+                    x = site.inverse(y, x)[0]
+                    continue
+                x = lazy(y).inv(x)
+                if site is not None:
+                    continue
+                encode = lambda u, c, t=lazy: t(c)(u)  # noqa: E731
+                decode = lambda u, c, t=lazy: t(c).inv(u)  # noqa: E731
+                got = found_site(name, lazy, encode, decode, x, y)
+                if isinstance(got, FlowLayerSite):
+                    self._steps[i] = (name, lazy, got)
+                if got is not True and name in self._unseen:
+                    self._unseen.remove(name)
+                elif got is True and name not in self._unseen:
+                    self._unseen.append(name)
+        self._sites = [s for _, _, s in self._steps if s is not None]
 
     def _read_condition_shape(self) -> tuple[int, ...]:
         for _, t, site in self._steps:
@@ -211,6 +246,9 @@ class ZukoAdapter(LibraryAdapter):
         for name, lazy, site in reversed(self._steps):
             if isinstance(site, UnivariateSite):
                 x, gain, params = site.inverse(y, x, keeps_graph(observer))
+                self._report(observer, name, x, gain, params)
+            elif isinstance(site, FlowLayerSite):
+                x, gain, params = site.inverse(x, y)
                 self._report(observer, name, x, gain, params)
             else:
                 x = lazy(y).inv(x)  # built for these conditions, as flow(y) builds it
