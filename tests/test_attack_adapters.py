@@ -135,3 +135,29 @@ def test_logdet_gradient_is_finite_and_matches_finite_differences(factory, modul
                 e[i, j] = h
                 fd[i, j] = (_logdet(adapter, y + e, z)[i] - _logdet(adapter, y - e, z)[i]) / (2 * h)
     torch.testing.assert_close(g, fd, rtol=1e-4, atol=1e-6)
+
+
+def test_per_site_evidence_per_start_follows_the_schema(factories):
+    """Each site's worst case carries, per start, the largest |value| and the non-finite count of the layer
+    output it feeds; a site's per-start gains agree with its overall maximum; the report validates."""
+    pytest.importorskip("nflows")
+    from flowaudit import attack
+    from flowaudit.report import validate
+
+    y = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    rep = attack(factories.nflows(), y, budget="none", steps=4, samples=2, device="cpu")
+    validate(rep.data)
+    a = rep["attack"]
+    ids = [s["id"] for s in a["starts"]]
+    for name, entry in a["sites"].items():
+        per = entry["per_start"]
+        assert [p["id"] for p in per] == ids
+        assert max(p["max_inverse_gain"] for p in per) == entry["max_inverse_gain"]
+        for p, start in zip(per, a["starts"]):
+            assert p["max_abs"] >= 0 and p["nonfinite"] >= 0
+            assert p["max_inverse_gain"] <= start["max_inverse_gain"] or np.isnan(start["max_inverse_gain"])
+    # sites are listed as sampling meets them; the last one (the first transform) outputs the sample itself
+    last = list(a["sites"])[-1]
+    assert last == "_transform._transforms.0"
+    for p, start in zip(a["sites"][last]["per_start"], a["starts"]):
+        assert p["max_abs"] == start["max_abs"] and p["nonfinite"] == start["nonfinite"]
