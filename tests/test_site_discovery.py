@@ -266,3 +266,47 @@ def test_dependence_and_elementwise_checks():
     assert is_elementwise(lambda u: u * torch.exp(lin(y)) + torch.sinh(u), x)
     assert not is_elementwise(lambda u: u + u.sum(1, keepdim=True), x)
     assert not is_elementwise(lambda u: u.flip(1), x)
+
+
+def test_a_bundled_flows_site_that_sampling_never_calls_is_no_site():
+    from flowaudit.reference_models import ReferenceFlow
+    from flowaudit.reference_models.couplings import Affine
+
+    class Spare(ReferenceFlow):
+        """x = z / s(y): one affine site, and a second one (``spare``) that no pass calls."""
+
+        task = "toy"
+
+        def __init__(self):
+            super().__init__()
+            self.condition_shape = (2,)
+            self.site, self.spare = Affine(eps=1e-4), Affine(eps=1e-4)
+
+        def encoder_module(self):
+            return None
+
+        def default_feature_layers(self):
+            return []
+
+        def encode(self, y):
+            return y
+
+        def _h(self, y):
+            return torch.stack([torch.zeros_like(y), -y], 2).flatten(1, 2)
+
+        def forward(self, x, y):
+            z, ladj = self.site(x, self._h(y))
+            return [z], ladj.flatten(1).sum(1)
+
+        def reverse(self, latents, y):
+            return self.site(latents[0], self._h(y), reverse=True)[0]
+
+        def latent_shapes(self, y):
+            return [(y.shape[0], 2)]
+
+        def trace_layers(self):
+            return ["site"]
+
+    flow = Spare()
+    assert [s.name for s in adapt(flow).sites()] == ["site"]
+    assert flow.training  # the pass that finds the calls leaves the model's mode as it was
