@@ -13,8 +13,10 @@ so :math:`c' = e^{s}` and the inverse gain is :math:`e^{-s}`. A bounded :math:`f
 NICE has :math:`s = 0` (``additive``); GIN centres :math:`s` over the half, which bounds one element's
 scale by :math:`e^{\pm 2\alpha\sup|f|(n-1)/n}` (``additive`` for :math:`n = 1`). Clamp, activation,
 splits and GIN are read from the live block; ``AllInOneBlock``'s coupling is evaluated through its own
-``_affine``. A conditional block of unknown class is an ``unknown`` site and, like any block whose
-Jacobian may vary and that no site reads, is named by :meth:`~.base.Adapter.coverage`.
+``_affine``. A conditional block of unknown class is tested by where the condition flows
+(:mod:`.dataflow`): conditional and elementwise, a site through its own call; conditional otherwise, an
+``unknown`` site that, like any block whose Jacobian may vary and that no site reads, is named by
+:meth:`~.base.Adapter.coverage`.
 
 Sampling is FrEIA's own ``inn(z, c=[y], rev=True)``; forward hooks on the subnetworks and blocks read
 parameters and layer outputs and are removed on exit.

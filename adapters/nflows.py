@@ -12,6 +12,9 @@ through the library's own code at the captured parameters :math:`\theta`:
 * inside ``InverseTransform`` (an IAF): :math:`c' = 1/c_t'`, inverted bounds;
 * ``ConditionalDiagonalNormal``: :math:`c(x) = (x - \mu(y))/\sigma(y)` (``prior``).
 
+A transform of any other class is tested by where the condition flows (:mod:`.dataflow`): conditional
+and elementwise, a site through its own call; conditional otherwise, a part no site reads.
+
 nflows calls ``inverse`` methods directly, so hooks never fire: :meth:`NflowsAdapter.sample` runs
 the inverse pass transform by transform as the library does, and installs nothing on the model.
 """

@@ -12,9 +12,10 @@ and ``inverse`` encodes. A site's map :math:`c` is taken in the encode direction
   coupling's unconditional spline on its identity half is a site too (its gain varies with the input);
 * ``ConditionalDiagGaussian``: :math:`z = \mu(y) + e^{\log\sigma(y)}\varepsilon` (``prior``).
 
-Any other flow whose ``forward`` takes a ``context`` is an ``unknown`` site. Sampling runs flow by flow
-as ``ConditionalNormalizingFlow.forward`` does, from given latents; forward hooks on the parameter
-networks read their outputs and are removed on exit.
+Any other flow is tested by where the condition flows (:mod:`.dataflow`): conditional and elementwise, a
+site through its own ``inverse``; conditional otherwise, an ``unknown`` site; neither, no site. Sampling runs
+flow by flow as ``ConditionalNormalizingFlow.forward`` does, from given latents; forward hooks on the
+parameter networks read their outputs and are removed on exit.
 """
 
 from __future__ import annotations

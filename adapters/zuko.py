@@ -14,6 +14,9 @@ own ``call_and_ladj``:
 * ``SoftclipTransform`` (NAF): :math:`c(x) = x / (1 + |x|/B)`, whose inverse blows up as
   :math:`|y| \to B`: no conditioner, but where a sample explodes, so a site (``unknown``).
 
+A lazy transform of any other class is tested by where the condition flows (:mod:`.dataflow`):
+conditional and elementwise, a site through its own call; conditional otherwise, a part no site reads.
+
 :meth:`ZukoAdapter.sample` runs the built inverse transform by transform and reads :math:`\phi`
 with a forward hook on each hyper-network, removed on exit.
 """
