@@ -13,8 +13,10 @@ so :math:`c' = e^{s}` and the inverse gain is :math:`e^{-s}`. A bounded :math:`f
 NICE has :math:`s = 0` (``additive``); GIN centres :math:`s` over the half, which bounds one element's
 scale by :math:`e^{\pm 2\alpha\sup|f|(n-1)/n}` (``additive`` for :math:`n = 1`). Clamp, activation,
 splits and GIN are read from the live block; ``AllInOneBlock``'s coupling is evaluated through its own
-``_affine``. A conditional block of unknown class is an ``unknown`` site and, like any block whose
-Jacobian may vary and that no site reads, is named by :meth:`~.base.Adapter.coverage`.
+``_affine``. A conditional block of unknown class is tested by where the condition flows
+(:mod:`.dataflow`): conditional and elementwise, a site through its own call; conditional otherwise, an
+``unknown`` site that, like any block whose Jacobian may vary and that no site reads, is named by
+:meth:`~.base.Adapter.coverage`.
 
 Sampling is FrEIA's own ``inn(z, c=[y], rev=True)``; forward hooks on the subnetworks and blocks read
 parameters and layer outputs and are removed on exit.
@@ -30,7 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Observer, Site, UnknownSite, affine_kind
+from .base import Observer, Site, UnknownSite, affine_kind, keeps_graph
+from .dataflow import FlowLayerSite, found_site, probe_inputs
 from .hooks import first_tensor, hooked
 from .library import LibraryAdapter
 from .speedups import HookedSpeedUps
@@ -77,10 +80,11 @@ class AffineHalfSite(Site):
     def tail_start(self) -> float | None:
         return 0.0  # affine everywhere: every |x| is in the tails
 
-    def feed(self, module_name: str, output: Tensor) -> tuple[Tensor, Tensor] | None:
-        """Take one subnetwork output; when all roles are in: (inverse gain, params)."""
+    def feed(self, module_name: str, output: Tensor, keep: bool = False) -> tuple[Tensor, Tensor] | None:
+        """Take one subnetwork output; when all roles are in: (inverse gain, params), attached to the graph
+        with ``keep`` (FrEIA's own log-det is not used: the gain is recomputed from the subnetwork's output)."""
         # clone: FrEIA scales some outputs in place after the call (AllInOneBlock: ``a *= 0.1``)
-        self._pending[self.roles[module_name]] = output.detach().clone()
+        self._pending[self.roles[module_name]] = (output if keep else output.detach()).clone()
         if len(self._pending) < len(set(self.roles.values())):
             return None
         pending, self._pending = self._pending, {}
@@ -243,9 +247,33 @@ class FrEIAAdapter(HookedSpeedUps, LibraryAdapter):
             raise TypeError(f"{type(model).__name__} has no conditional block: nothing to audit")
         self._condition_shape = tuple(int(d) for d in cond)
         self._sites = [s for n, b in self._blocks for s in _block_sites(n, b)]
+        self._find_from_data_flow()
         self._layers = [n for n, _ in reversed(self._blocks)]
         own = {n: [s for s in self._sites if s.name == n or s.name.startswith(f"{n}.")] for n, _ in self._blocks}
         self._unseen = self._unread_of([(n, own[n], type(b).__name__ in _CONSTANT_JACOBIAN) for n, b in self._blocks])
+
+    def _find_from_data_flow(self) -> None:
+        """Each conditional block of unknown class, tested at a seeded input of its own shape by where the
+        condition flows (:mod:`.dataflow`): conditional and elementwise, a site; else it stays ``unknown``
+        (conditional) or is dropped (its output ignores the condition)."""
+        blocks = dict(self._blocks)
+        kept: list[Site] = []
+        for site in self._sites:
+            block = blocks.get(site.name)
+            if not isinstance(site, UnknownSite) or block is None or len(getattr(block, "dims_in", ())) != 1:
+                kept.append(site)
+                continue
+            x, y = probe_inputs(self.model, [tuple(block.dims_in[0]), tuple(block.dims_c[0])])
+            # the block's forward, not its __call__: its own layer hook must not fire inside its gain's JVP
+            encode = lambda u, c, b=block: b.forward([u], c=[c], rev=False)[0][0]  # noqa: E731
+            decode = lambda u, c, b=block: b.forward([u], c=[c], rev=True)[0][0]  # noqa: E731
+            try:
+                got = found_site(site.name, block, encode, decode, x, y)
+            except Exception:  # noqa: BLE001 - a block that cannot run alone keeps its class reading
+                got = True
+            if got is not False:
+                kept.append(got if isinstance(got, FlowLayerSite) else site)
+        self._sites = kept
 
     def _read_condition_shape(self) -> tuple[int, ...]:
         return self._condition_shape
@@ -272,17 +300,24 @@ class FrEIAAdapter(HookedSpeedUps, LibraryAdapter):
     def _hooks(self, observer: Observer, live: list[bool]) -> Iterator[None]:
         """Hooks on every site's subnetworks and every block, reporting to ``observer`` while ``live[0]``."""
         owner = {m: s for s in self._sites if isinstance(s, AffineHalfSite) for m in s.roles}
+        keep = keeps_graph(observer)
 
         def on_subnet(name: str, args: tuple, kwargs: dict, output: Any) -> None:
             if live[0]:
                 site = owner[name]
-                got = site.feed(name, first_tensor(output))
+                got = site.feed(name, first_tensor(output), keep)
                 if got is not None:
                     observer.site(site.name, *got)
 
+        found = {s.name: s for s in self._sites if isinstance(s, FlowLayerSite)}
+
         def on_layer(name: str, args: tuple, kwargs: dict, output: Any) -> None:
             if live[0]:
-                observer.layer(name, first_tensor(output).detach())
+                out = first_tensor(output)
+                if name in found:  # a site found from the data flow: c' by a JVP through the block's own call
+                    gain, params = found[name].read(out, kwargs["c"][0])
+                    observer.site(name, *((gain, params) if keep else (gain.detach(), params.detach())))
+                observer.layer(name, out.detach())
 
         with hooked(self.model, list(owner), on_subnet), hooked(self.model, self.layer_names(), on_layer):
             yield

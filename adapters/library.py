@@ -4,6 +4,10 @@ It owns what they share: latents τ·ε, a standard-normal ``log_prob``, the con
 state on the model, the site lists and the reports of the base distribution and of each layer. A
 library adapter fills ``_sites``, ``_prior``, ``_unseen``, ``_layers`` and ``_latent_shapes`` and
 drives the library's sampling.
+
+Reports to an observer that keeps the graph (the attack's, :func:`~.base.keeps_graph`) stay attached:
+each library adapter computes a site's ``1/c'`` from its parameters or by a JVP through its map, never
+from the log-det the library returns, so every objective differentiates w.r.t. the condition.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Adapter, Observer, PriorSite, Site, UnknownSite, draw_latents
+from .base import Adapter, Observer, PriorSite, Site, UnknownSite, draw_latents, keeps_graph
 from .bounds import LayerBound, exact, module_bound, site_layer
 
 __all__ = ["LibraryAdapter"]
@@ -86,7 +90,8 @@ class LibraryAdapter(Adapter):
             return
         if self._prior is not None:
             params = torch.stack([mean.expand_as(z), log_std.expand_as(z)], 1)
-            observer.site(self._prior.name, torch.exp(log_std).expand_as(z).detach(), params.detach())
+            gain = torch.exp(log_std).expand_as(z)
+            observer.site(self._prior.name, *_kept(observer, gain, params))
         observer.layer(self._layers[0], z.detach())
 
     @staticmethod
@@ -104,5 +109,12 @@ class LibraryAdapter(Adapter):
         if observer is None:
             return
         if gain is not None:
-            observer.site(name, gain.detach(), params.detach())
+            observer.site(name, *_kept(observer, gain, params))
         observer.layer(name, x.detach())
+
+
+def _kept(observer: Observer, gain: Tensor, params: Any) -> tuple[Tensor, Any]:
+    """``(gain, params)`` as ``observer`` takes them: attached to the graph if it keeps it, else detached."""
+    if keeps_graph(observer):
+        return gain, params
+    return gain.detach(), (params.detach() if isinstance(params, Tensor) else params)

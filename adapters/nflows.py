@@ -12,6 +12,9 @@ through the library's own code at the captured parameters :math:`\theta`:
 * inside ``InverseTransform`` (an IAF): :math:`c' = 1/c_t'`, inverted bounds;
 * ``ConditionalDiagonalNormal``: :math:`c(x) = (x - \mu(y))/\sigma(y)` (``prior``).
 
+A transform of any other class is tested by where the condition flows (:mod:`.dataflow`): conditional
+and elementwise, a site through its own call; conditional otherwise, a part no site reads.
+
 nflows calls ``inverse`` methods directly, so hooks never fire: :meth:`NflowsAdapter.sample` runs
 the inverse pass transform by transform as the library does, and installs nothing on the model.
 """
@@ -26,6 +29,7 @@ from torch import Tensor, nn
 
 from .base import Observer, PriorSite, Site, affine_kind, elementwise_derivative, sweep_bounds
 from .bounds import LayerBound, gaussian_base
+from .dataflow import FlowLayerSite, found_site, probe_inputs
 from .library import LibraryAdapter
 
 __all__ = ["NflowsAdapter", "CouplingSite", "AutoregressiveSite", "InvertedSite", "matches", "make"]
@@ -267,6 +271,38 @@ class NflowsAdapter(LibraryAdapter):
         self._prior = PriorSite(names[id(base)]) if isinstance(base, ConditionalDiagonalNormal) else None
         self._layers = [names[id(base)]] + [n for n, _, _, _ in reversed(self._steps)]
         self._latent_shapes = [tuple(base._shape)]
+        self._find_from_data_flow()
+
+    def _find_from_data_flow(self) -> None:
+        """Every transform no class reading made a site, tested on one seeded inverse pass by where the
+        condition flows (:mod:`.dataflow`): conditional and elementwise, a site; unconditional, not a part no
+        site reads. Without a readable condition shape the class reading stands."""
+        try:
+            shape = self.condition_shape
+        except ValueError:
+            return
+        y, x = probe_inputs(self.model, [shape, self._latent_shapes[0]])
+        with torch.no_grad():
+            context = self.model._embedding_net(y)
+            base = self._base(context)
+            x = x if base is None else base[0] + torch.exp(base[1]) * x
+            for i in reversed(range(len(self._steps))):
+                name, t, site, inverted = self._steps[i]
+                if site is not None:
+                    x = site.inverse(x, context)[0]
+                    continue
+                fwd = lambda u, c, t=t: t(u, c)[0]  # noqa: E731
+                inv = lambda u, c, t=t: t.inverse(u, c)[0]  # noqa: E731
+                encode, decode = (inv, fwd) if inverted else (fwd, inv)
+                x = decode(x, context)
+                got = found_site(name, t, encode, decode, x, context)
+                if isinstance(got, FlowLayerSite):
+                    self._steps[i] = (name, t, got, inverted)
+                if got is not True and name in self._unseen:
+                    self._unseen.remove(name)
+                elif got is True and name not in self._unseen:
+                    self._unseen.append(name)
+        self._sites = [s for _, _, s, _ in self._steps if s is not None]
 
     def _read_condition_shape(self) -> tuple[int, ...]:
         emb = self.encoder()

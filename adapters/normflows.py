@@ -12,9 +12,10 @@ and ``inverse`` encodes. A site's map :math:`c` is taken in the encode direction
   coupling's unconditional spline on its identity half is a site too (its gain varies with the input);
 * ``ConditionalDiagGaussian``: :math:`z = \mu(y) + e^{\log\sigma(y)}\varepsilon` (``prior``).
 
-Any other flow whose ``forward`` takes a ``context`` is an ``unknown`` site. Sampling runs flow by flow
-as ``ConditionalNormalizingFlow.forward`` does, from given latents; forward hooks on the parameter
-networks read their outputs and are removed on exit.
+Any other flow is tested by where the condition flows (:mod:`.dataflow`): conditional and elementwise, a
+site through its own ``inverse``; conditional otherwise, an ``unknown`` site; neither, no site. Sampling runs
+flow by flow as ``ConditionalNormalizingFlow.forward`` does, from given latents; forward hooks on the
+parameter networks read their outputs and are removed on exit.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Observer, PriorSite, Site, UnknownSite, affine_kind
+from .base import Observer, PriorSite, Site, UnknownSite, affine_kind, keeps_graph
 from .bounds import LayerBound, gaussian_base
+from .dataflow import FlowLayerSite, found_site, probe_inputs
 from .hooks import first_tensor, hooked
 from .library import LibraryAdapter
 from .speedups import HookedSpeedUps
@@ -48,9 +50,10 @@ class _NetSite(Site):
     def start(self) -> None:
         self._last: Tensor | None = None
 
-    def on_net(self, output: Tensor) -> None:
+    def on_net(self, output: Tensor, keep: bool = False) -> None:
+        """Keep the network's output (attached to the graph with ``keep``: the attack differentiates it)."""
         # clone: normflows scales raw spline widths in place; an autoregressive inverse's last call is final
-        self._last = output.detach().clone()
+        self._last = (output if keep else output.detach()).clone()
 
     def tail_start(self) -> float | None:
         return 0.0
@@ -243,6 +246,7 @@ class NormflowsAdapter(HookedSpeedUps, LibraryAdapter):
         self._latent_shapes = [tuple(q0.shape)]
         names = [f"flows.{i}" for i in range(len(model.flows))]
         self._by_flow = {n: _flow_sites(n, f) for n, f in zip(names, model.flows)}
+        self._find_from_data_flow(names)
         self._sites = [s for n in reversed(names) for s in self._by_flow[n]]
         self._layers = ["q0", *names]
         self._unseen = self._unread_of(
@@ -252,6 +256,28 @@ class NormflowsAdapter(HookedSpeedUps, LibraryAdapter):
             self.condition_shape  # noqa: B018
         except ValueError as exc:
             raise TypeError(str(exc)) from None
+
+    def _find_from_data_flow(self, names: list[str]) -> None:
+        """Every flow without a site read from its class, tested on one seeded sampling pass by where the
+        condition flows (:mod:`.dataflow`): a conditional elementwise flow is a site, a conditional other one
+        an ``unknown`` part, a flow whose output ignores the condition no site. No condition shape: skipped."""
+        try:
+            shape = self.condition_shape
+        except ValueError:
+            return
+        y, eps = probe_inputs(self.model, [shape, self._latent_shapes[0]])
+        with torch.no_grad():
+            mu, log_sigma = self._base(y)
+            z = mu + torch.exp(log_sigma) * eps
+            for name, flow in zip(names, self.model.flows):
+                out = flow(z, context=y)[0]
+                if not any(isinstance(s, _NetSite) for s in self._by_flow[name]):
+                    encode = lambda u, c, f=flow: f.inverse(u, context=c)[0]  # noqa: E731
+                    decode = lambda u, c, f=flow: f(u, context=c)[0]  # noqa: E731
+                    got = found_site(name, flow, encode, decode, out, y)
+                    found = [got] if isinstance(got, FlowLayerSite) else [UnknownSite(name, type(flow).__name__)]
+                    self._by_flow[name] = found if got is not False else []
+                z = out
 
     def _read_condition_shape(self) -> tuple[int, ...]:
         """From the first context layer of the flows' networks (MADE, ResidualNet), else the base's encoder."""
@@ -294,11 +320,11 @@ class NormflowsAdapter(HookedSpeedUps, LibraryAdapter):
 
     def _hooks(self, observer: Observer, live: list[bool]) -> contextlib.AbstractContextManager:
         """Hooks on the sites' parameter networks, keeping their last output while ``live[0]``."""
-        net_sites = self._net_sites()
+        net_sites, keep = self._net_sites(), keeps_graph(observer)
 
         def on_net(name: str, args: tuple, kwargs: dict, output: Any) -> None:
             if live[0]:
-                net_sites[name].on_net(first_tensor(output))
+                net_sites[name].on_net(first_tensor(output), keep)
 
         return hooked(self.model, list(net_sites), on_net)
 
@@ -312,9 +338,10 @@ class NormflowsAdapter(HookedSpeedUps, LibraryAdapter):
         for name, flow in zip(self._layers[1:], self.model.flows):
             z, _ = flow(z, context=y)  # normflows' forward: the sampling direction
             for site in reversed(self._by_flow[name]):  # sampling visits a flow's sites in reverse
-                if isinstance(site, _NetSite):
-                    gain, params = site.read(z)
-                    observer.site(site.name, gain.detach(), params.detach())
+                if isinstance(site, (_NetSite, FlowLayerSite)):
+                    gain, params = site.read(z) if isinstance(site, _NetSite) else site.read(z, y)
+                    keep = keeps_graph(observer)
+                    observer.site(site.name, gain if keep else gain.detach(), params if keep else params.detach())
             self._report(observer, name, z)
         return z
 

@@ -14,6 +14,7 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..reference_models import ReferenceFlow
@@ -80,6 +81,7 @@ class ReferenceAdapter(HookedSpeedUps, Adapter):
         self.task = model.task
         self.scale = int(model.config.get("scale", 1))
         self._sites = [ElementwiseSite(n, m) for n, m in model.named_modules() if isinstance(m, Elementwise)]
+        self._called: set[str] | None = None  # the sites one sampling pass calls (read on first use)
 
     @property
     def condition_shape(self) -> tuple[int, ...]:
@@ -105,7 +107,31 @@ class ReferenceAdapter(HookedSpeedUps, Adapter):
             )
 
     def sites(self) -> list[Site]:
-        return list(self._sites)
+        """The elementwise modules that sampling calls: a sub-network the inverse never runs (an official
+        checkpoint's unused branch) is no part of it, so no site."""
+        if self._called is None:
+            self._called = self._sampling_calls()
+        return [s for s in self._sites if s.name in self._called]
+
+    def _sampling_calls(self) -> set[str]:
+        """Names of the site modules one seeded inverse pass at the model's condition shape calls (all of them
+        when that pass cannot run: the class reading then stands). Global RNG, modes and weights are untouched."""
+        called: set[str] = set()
+        p = next(iter(self.model.parameters()), None)
+        dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+        g, training = torch.Generator().manual_seed(0), self.model.training
+        self.model.eval()  # no running statistic of the model moves
+        try:
+            y = torch.rand((1, *self.condition_shape), generator=g, dtype=torch.float64).to(dtype).to(self.device)
+            with torch.no_grad():
+                latents = [z.to(self.device) for z in self.sample_latents(y.cpu(), 0.9, g)]
+                with wrapped(self.model, [s.name for s in self._sites], lambda n, *_: called.add(n)):
+                    self.model.reverse(latents, y)
+        except Exception:  # noqa: BLE001 - a model that cannot sample alone keeps every site
+            return {s.name for s in self._sites}
+        finally:
+            self.model.train(training)
+        return called
 
     def encoder(self) -> nn.Module | None:
         return self.model.encoder_module()

@@ -14,6 +14,9 @@ own ``call_and_ladj``:
 * ``SoftclipTransform`` (NAF): :math:`c(x) = x / (1 + |x|/B)`, whose inverse blows up as
   :math:`|y| \to B`: no conditioner, but where a sample explodes, so a site (``unknown``).
 
+A lazy transform of any other class is tested by where the condition flows (:mod:`.dataflow`):
+conditional and elementwise, a site through its own call; conditional otherwise, a part no site reads.
+
 :meth:`ZukoAdapter.sample` runs the built inverse transform by transform and reads :math:`\phi`
 with a forward hook on each hyper-network, removed on exit.
 """
@@ -25,8 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Observer, PriorSite, Site, affine_kind, elementwise_derivative, sweep_bounds
+from .base import Observer, PriorSite, Site, affine_kind, elementwise_derivative, keeps_graph, sweep_bounds
 from .bounds import LayerBound, gaussian_base, unbounded
+from .dataflow import FlowLayerSite, found_site, probe_inputs
 from .hooks import hooked
 from .library import LibraryAdapter
 
@@ -108,10 +112,11 @@ class UnivariateSite(_ZukoSite):
             return int(self.lazy.hyper[-1].weight.shape[0] // self.lazy.total)
         return 0
 
-    def inverse(self, c: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``lazy(c).inv(y)`` (the library's), with φ of the last hyper-network call: ``(x, gain, φ)``."""
+    def inverse(self, c: Tensor, y: Tensor, keep: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """``lazy(c).inv(y)`` (the library's), with φ of the last hyper-network call: ``(x, gain, φ)``; with
+        ``keep`` φ, and so the gain, stay attached to the graph (the attack differentiates them)."""
         seen: list[Tensor] = []
-        with hooked(self.lazy, ["hyper"], lambda name, args, kwargs, out: seen.append(out.detach())):
+        with hooked(self.lazy, ["hyper"], lambda name, args, kwargs, out: seen.append(out if keep else out.detach())):
             transform = self.lazy(c)  # built for these conditions, as flow(c) builds it
             x = transform.inv(y)
         params = seen[-1].unflatten(-1, (-1, self.lazy.total))
@@ -178,6 +183,40 @@ class ZukoAdapter(LibraryAdapter):
         self._sites = [s for _, _, s in self._steps if s is not None]
         self._prior = None if isinstance(model.base, UnconditionalDistribution) else PriorSite(base_name)
         self._layers = [base_name] + [n for n, _, _ in reversed(self._steps)]
+        self._find_from_data_flow()
+
+    def _find_from_data_flow(self) -> None:
+        """Every lazy transform without a site read from its class, tested on one seeded inverse pass by where
+        the condition flows (:mod:`.dataflow`): conditional and elementwise, a site; unconditional, not a part
+        no site reads. Without a readable condition shape the class reading stands."""
+        try:
+            shape = self.condition_shape
+            (y,) = probe_inputs(self.model, [shape])
+            with torch.no_grad():
+                mean, std = self._base(y)
+        except (ValueError, TypeError, RuntimeError):
+            return
+        (eps,) = probe_inputs(self.model, [tuple(mean.shape[1:])])
+        with torch.no_grad():
+            x = mean + std * eps
+            for i in reversed(range(len(self._steps))):
+                name, lazy, site = self._steps[i]
+                if isinstance(site, UnivariateSite):
+                    x = site.inverse(y, x)[0]
+                    continue
+                x = lazy(y).inv(x)
+                if site is not None:
+                    continue
+                encode = lambda u, c, t=lazy: t(c)(u)  # noqa: E731
+                decode = lambda u, c, t=lazy: t(c).inv(u)  # noqa: E731
+                got = found_site(name, lazy, encode, decode, x, y)
+                if isinstance(got, FlowLayerSite):
+                    self._steps[i] = (name, lazy, got)
+                if got is not True and name in self._unseen:
+                    self._unseen.remove(name)
+                elif got is True and name not in self._unseen:
+                    self._unseen.append(name)
+        self._sites = [s for _, _, s in self._steps if s is not None]
 
     def _read_condition_shape(self) -> tuple[int, ...]:
         for _, t, site in self._steps:
@@ -221,7 +260,10 @@ class ZukoAdapter(LibraryAdapter):
         self._report_base(observer, x, mean, std.log())
         for name, lazy, site in reversed(self._steps):
             if isinstance(site, UnivariateSite):
-                x, gain, params = site.inverse(y, x)
+                x, gain, params = site.inverse(y, x, keeps_graph(observer))
+                self._report(observer, name, x, gain, params)
+            elif isinstance(site, FlowLayerSite):
+                x, gain, params = site.inverse(x, y)
                 self._report(observer, name, x, gain, params)
             else:
                 x = lazy(y).inv(x)  # built for these conditions, as flow(y) builds it

@@ -8,8 +8,9 @@ with exact passes (the default) each inverse pass holds one start's K samples, s
 
 The merged shards build the report's ``attack`` entry (``objective``, ``budget``, ``settings``, ``starts``,
 ``summary``: ``broken_rate``, ``median_distance_to_break``, ``worst_max_abs``, ``worst_inverse_gain``), each
-site's ``worst_case`` evidence (its largest inverse gain before and after, and whether some broken start reached
-:math:`1/c' \ge 10` through it), and ``attack/worst.npz`` (PNGs for images). Call it inside
+site's ``worst_case`` evidence (its largest inverse gain before and after, whether some broken start reached
+:math:`1/c' \ge 10` through it, and per start the largest |value| and the non-finite count of the layer output
+it feeds), and ``attack/worst.npz`` (PNGs for images). Call it inside
 :func:`~flowaudit.config.device.auditing`.
 """
 
@@ -143,11 +144,11 @@ def run_attack(
 
 def _concat(parts: list[dict]) -> dict:
     """Per-start results of consecutive passes or shards as one payload: CPU tensors in start order
-    (``site_gain*`` are (sites, starts)) and the layer and site names; ``{}`` for none."""
+    (``site_*`` are (sites, starts)) and the layer and site names; ``{}`` for none."""
     if not parts:
         return {}
     out: dict[str, Any] = {
-        k: torch.cat([p[k].detach().cpu() for p in parts], 1 if k.startswith("site_gain") else 0)
+        k: torch.cat([p[k].detach().cpu() for p in parts], 1 if k.startswith("site_") else 0)
         for k in parts[0]
         if not k.startswith("_")
     }
@@ -215,6 +216,16 @@ def _evidence(sites: list[str], res: dict, starts: list[dict], how: Search) -> d
             "objective": how.objective,
             "n_starts": len(starts),
         }
+        if "site_abs" in res:  # per start at its reported point: the largest |value| and non-finite count it fed
+            out[name]["per_start"] = [
+                {
+                    "id": st["id"],
+                    "max_abs": float(res["site_abs"][k][i]),
+                    "nonfinite": int(res["site_nonfinite"][k][i]),
+                    "max_inverse_gain": float(after[i]),
+                }
+                for i, st in enumerate(starts)
+            ]
     return out
 
 

@@ -85,7 +85,8 @@ class GainKeeper:
     """The attack's observer: keeps the gains attached (``keep_graph``) and sums them per row.
 
     ``logdet`` and ``max_log`` are (rows,) tensors in the graph; with ``record`` it also keeps,
-    detached, each site's largest gain and each layer's largest |value| per row.
+    detached, each site's largest gain and each layer's largest |value| per row, and per site the largest
+    |value| and the non-finite count of the layer output it feeds (the first layer reported after it).
     """
 
     keep_graph = True
@@ -97,13 +98,22 @@ class GainKeeper:
         self.attached = False
         self.site_max: dict[str, Tensor] = {}
         self.layer_max: dict[str, Tensor] = {}
+        self.site_abs: dict[str, Tensor] = {}
+        self.site_nonfinite: dict[str, Tensor] = {}
+        self._waiting: list[str] = []  # sites reported since the last layer: their output is the next layer
 
     def layer(self, name: str, x: Tensor) -> None:
         if self.record:
-            self.layer_max[name] = _row_max_abs(x)
+            top = self.layer_max[name] = _row_max_abs(x)
+            bad = (~torch.isfinite(x.detach().flatten(1))).sum(1)
+            for s in self._waiting:
+                self.site_abs[s] = top if s not in self.site_abs else torch.maximum(self.site_abs[s], top)
+                self.site_nonfinite[s] = bad + self.site_nonfinite.get(s, 0)
+            self._waiting = []
 
     def site(self, name: str, gain: Tensor, params: object) -> None:
-        self.attached = self.attached or gain.requires_grad
+        # a gain of exactly 1 everywhere (an additive site) has a zero derivative, attached or not
+        self.attached = self.attached or gain.requires_grad or bool((gain.detach() == 1).all())
         lg = torch.log(gain.flatten(1).to(torch.float64))
         total, top = lg.sum(1), lg.amax(1)
         self.logdet = total if self.logdet is None else self.logdet + total
@@ -111,6 +121,7 @@ class GainKeeper:
         if self.record:
             g = _row_max_gain(gain)
             self.site_max[name] = g if name not in self.site_max else torch.maximum(self.site_max[name], g)
+            self._waiting.append(name)
 
 
 _UNDIFFERENTIABLE = "the {} adapter cannot differentiate its samples w.r.t. the condition, so it cannot be attacked"
@@ -183,6 +194,8 @@ def _direction(how: Search, adam: AdamDirection, g: Tensor) -> Tensor:
 def _gradient(adapter: Adapter, j: Tensor, yg: Tensor) -> Tensor:
     """``∇_y Σ J`` with non-finite objectives and gradients zeroed."""
     safe = torch.where(torch.isfinite(j), j, torch.zeros_like(j))
+    if not safe.requires_grad:  # every reported gain is constant in y (additive sites): a zero gradient
+        return torch.zeros_like(yg)
     (g,) = torch.autograd.grad(safe.sum(), yg, allow_unused=True)
     if g is None:  # the graph from the parameters reached the objective, but not from y
         raise AuditError(_UNDIFFERENTIABLE.format(adapter.family))
@@ -296,6 +309,9 @@ def _results(
         return torch.stack([per(keeper.site_max[s]).amax(1) for s in sites]) if sites else torch.zeros(0, n)
 
     site_gain = by_site(last)
+    rows = torch.full((n * sampling.samples,), math.nan, dtype=torch.float64)
+    site_abs = torch.stack([per(last.site_abs.get(s, rows)).amax(1) for s in sites]) if sites else torch.zeros(0, n)
+    count = [per(last.site_nonfinite.get(s, torch.zeros_like(rows, dtype=torch.int64))).sum(1) for s in sites]
     y = path.best_y.detach()
     return {
         "y": y,
@@ -312,6 +328,8 @@ def _results(
         "layer": _blow_up_layer(adapter, how, sampling, first, last, n),
         "site_gain": site_gain,
         "site_gain_before": by_site(first),
+        "site_abs": site_abs,
+        "site_nonfinite": torch.stack(count) if sites else torch.zeros(0, n, dtype=torch.int64),
         "_layers": [s for s in last.layer_max if s in first.layer_max],
         "_sites": sites,
     }

@@ -37,16 +37,16 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
-from .ragged import Ragged, by_size, condition_shapes
 from .images import (
     IMAGE_EXTENSIONS,
-    image_files,
     find_pair_dirs,
+    image_files,
     image_size,
     read_image,
     read_image_folder,
     read_paired_folder,
 )
+from .ragged import Ragged, by_size, condition_shapes
 from .untrusted import ForeignStorage, ReaderCrashed, h5_dataset, survives
 
 __all__ = ["DataError", "ConditionSet", "load_conditions", "nonfinite_records", "ARRAY_EXTENSIONS"]

@@ -17,8 +17,8 @@ from torch import Tensor
 
 from ..adapters import Adapter
 from ..config.device import auditing
-from ..io.datasets import ConditionSet
 from ..config.settings import Settings
+from ..io.datasets import ConditionSet
 from ..stats.features import spatial_map
 from ..stats.gaussian import GaussianOOD
 
