@@ -36,7 +36,7 @@ from ..adapters import Adapter
 from ..config.settings import Search, Settings
 from ..errors import AuditError
 from ..io.datasets import ConditionSet
-from ..stats.features import features
+from ..stats.features import EXACT_PASS_INPUTS, features
 from ..stats.gaussian import GaussianOOD
 from ..tracing.trace import Tracer
 from .memory import batch_for, default_budget, parse_size, peak_rss, probe_pass, release
@@ -119,9 +119,11 @@ def fit_gaussian(
 ) -> GaussianOOD:
     """The feature Gaussian of ``cs``: per-shard sums (:meth:`GaussianOOD.partial_fit`) merged in shard order."""
     estimator, device = settings.estimator, settings.device
+    # exact: fixed encoder passes from each shard's start, features independent of --batch-size and ranks
+    per_pass = EXACT_PASS_INPUTS if settings.exact and not cs.mixed else settings.batch_size
 
     def shard(sl: slice) -> dict:
-        v = features(adapter, cs.y[sl], names, settings.pooling, settings.batch_size, device, settings.progress)
+        v = features(adapter, cs.y[sl], names, settings.pooling, per_pass, device, settings.progress)
         return {"keep": None, "state": gaussian_state(GaussianOOD(estimator=estimator).partial_fit(v))}
 
     def fold(g: GaussianOOD, state: dict) -> GaussianOOD:
