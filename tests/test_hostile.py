@@ -1,7 +1,7 @@
-"""The hostile and broken input catalogue (issue 11): every user mistake and bad file → exit 2.
+"""The hostile and broken input catalogue: every user mistake and bad file → exit 2.
 
 Each case runs the real command line (``CliRunner`` on ``flowaudit.cli.main:cli``) and asserts the
-contract of DESIGN.md §4: exit code 2, exactly one line on stderr that starts
+user-facing contract: exit code 2, exactly one line on stderr that starts
 ``flowaudit: error:`` and names the file or option at fault, no traceback, and nothing left where
 the output would have gone (no folder, no file, no ``.tmp`` or ``.lock`` sibling).
 

@@ -1,4 +1,4 @@
-"""The loader behind ``--data``, ``--fit-data`` and ``--ood-data`` (DESIGN.md §4).
+"""The loader behind ``--data``, ``--fit-data`` and ``--ood-data``.
 
 Accepted inputs, all giving conditions ``y`` (N×…) and optional targets ``x``:
 

@@ -31,7 +31,16 @@ from ..config.sampling import batches, progress_bar
 from ..errors import AuditError
 from .gaussian import GaussianOOD
 
-__all__ = ["EXACT_PASS_INPUTS", "POOLINGS", "pool", "FeatureCapture", "capture_features", "features", "fit_spatial", "spatial_map"]
+__all__ = [
+    "EXACT_PASS_INPUTS",
+    "POOLINGS",
+    "pool",
+    "FeatureCapture",
+    "capture_features",
+    "features",
+    "fit_spatial",
+    "spatial_map",
+]
 
 POOLINGS = ("avg", "avgstd", "spatial")
 
