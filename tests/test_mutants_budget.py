@@ -43,6 +43,13 @@ def test_bad_budget_names_every_form() -> None:
     with pytest.raises(ValueError) as e:
         parse_budget("lp:1")
     assert str(e.value) == "bad budget 'lp:1': expected linf:EPS, l2:EPS, box:LO,HI or none"
+    for bad in ("box:1,1", "linf:0", "l2:-0.5"):  # an empty box and a zero radius are refused
+        with pytest.raises(ValueError) as e:
+            parse_budget(bad)
+        assert str(e.value) == (
+            f"bad budget {bad!r}: expected linf:EPS, l2:EPS, box:LO,HI or none with finite numbers, "
+            "EPS > 0 and LO < HI"
+        )
 
 
 def test_linf_projection_clips_each_coordinate_around_the_start() -> None:
@@ -64,7 +71,7 @@ def test_l2_projection_scales_rows_back_to_the_sphere_and_keeps_inner_rows() -> 
     assert torch.equal(out, want)
     tiny = Budget("l2", eps=1e-30)  # a radius below the guard against division by zero still projects exactly
     d = torch.tensor([[1.5e-30, 0.0]], dtype=torch.float64)
-    assert float(tiny.project(d, torch.zeros_like(d)).norm()) == pytest.approx(1e-30, rel=1e-12)
+    assert float(tiny.project(d, torch.zeros_like(d)).norm()) / 1e-30 == pytest.approx(1.0, rel=1e-12)
 
 
 def test_box_projection_and_valid_range() -> None:

@@ -10,22 +10,23 @@ import numpy as np
 import pytest
 import torch
 from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
 
 from flowaudit.stats import gaussian
 from flowaudit.stats.gaussian import ESTIMATORS, GaussianOOD
 
 
-def _collinear(unexplained: float, n: int = 4000) -> np.ndarray:
+def _collinear(unexplained: float, n: int = 4000, scale: float = 1.0) -> np.ndarray:
     """Two features with unit variance apart from a part of feature 2 that feature 1 leaves unexplained.
 
     Columns a, b are centred and orthonormal (times √n), so the covariance is exactly
-    [[1, 1], [1, 1 + e²]] and 1 - R² of feature 2 is e² / (1 + e²).
+    [[1, 1], [1, 1 + e²]] (times ``scale²``) and 1 - R² of feature 2 is e² / (1 + e²) at any scale.
     """
     rng = np.random.default_rng(0)
     q, _ = np.linalg.qr(np.c_[np.ones(n), rng.normal(size=(n, 2))])
     a, b = q[:, 1] * np.sqrt(n), q[:, 2] * np.sqrt(n)
     e = np.sqrt(unexplained / (1 - unexplained))
-    return np.c_[a, a + e * b]
+    return scale * np.c_[a, a + e * b]
 
 
 def test_collinearity_threshold_is_1e_10() -> None:
@@ -33,6 +34,21 @@ def test_collinearity_threshold_is_1e_10() -> None:
     GaussianOOD(estimator="empirical").fit(_collinear(1.5e-10))  # above the threshold: kept
     with pytest.raises(ValueError, match="singular: use a shrinkage estimator"):
         GaussianOOD(estimator="empirical").fit(_collinear(0.5e-10))
+    for scale in (1e-3, 10.0):  # the fraction left unexplained counts, not the features' size
+        GaussianOOD(estimator="empirical").fit(_collinear(1e-6, scale=scale))
+        with pytest.raises(ValueError, match="singular"):
+            GaussianOOD(estimator="empirical").fit(_collinear(0.5e-10, scale=scale))
+
+
+def test_a_residual_exactly_at_the_threshold_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    V = _collinear(3e-10)
+    g = GaussianOOD(estimator="empirical").fit(V)
+    residual = float((np.diag(g.cholesky_) ** 2 / np.diag(g.covariance_)).min())
+    monkeypatch.setattr(gaussian, "_COLLINEAR", residual)
+    GaussianOOD(estimator="empirical").fit(V)  # not below the threshold: kept
+    monkeypatch.setattr(gaussian, "_COLLINEAR", np.nextafter(residual, 1.0))
+    with pytest.raises(ValueError, match="singular"):
+        GaussianOOD(estimator="empirical").fit(V)
 
 
 def test_estimators_and_parameters() -> None:
@@ -62,3 +78,38 @@ def test_the_estimator_uses_its_device_not_the_global_default() -> None:
     with torch.device("meta"):  # every tensor the estimator makes must name its device
         g = GaussianOOD(estimator="oas", device="cpu").fit(V)
         assert np.array_equal(g.score(V[:4]), want)
+
+
+def test_messages_of_an_empty_or_mismatched_state() -> None:
+    with pytest.raises(ValueError) as e:
+        GaussianOOD().fit(np.full((3, 2), np.nan))
+    assert str(e.value) == "no finite rows to fit (3 rows had non-finite values)"
+    empty = GaussianOOD()
+    with pytest.raises(NotFittedError) as e:
+        GaussianOOD().merge(empty)
+    assert str(e.value) == "cannot merge a GaussianOOD that has seen no rows"
+    with pytest.raises(NotFittedError) as e:
+        GaussianOOD().finalize()
+    assert str(e.value) == "This GaussianOOD has seen no rows; call fit(V) or partial_fit(V) first."
+    a = GaussianOOD().partial_fit(np.random.default_rng(0).normal(size=(20, 3)))
+    with pytest.raises(ValueError) as e:
+        a.merge(GaussianOOD().partial_fit(np.zeros((4, 2))))
+    assert str(e.value) == "other has 2 features, but GaussianOOD was fitted with 3 features"
+
+
+def test_a_merge_is_scored_without_an_explicit_finalize() -> None:
+    rng = np.random.default_rng(1)
+    A, B = rng.normal(size=(300, 4)), rng.normal(2.0, 3.0, size=(200, 4))
+    g = GaussianOOD().fit(A)
+    g.merge(GaussianOOD().partial_fit(B))
+    want = GaussianOOD().fit(np.r_[A, B])
+    assert np.allclose(g.score(B[:5]), want.score(B[:5]), rtol=1e-10)
+
+
+def test_a_block_of_non_finite_rows_does_not_end_the_fit() -> None:
+    rng = np.random.default_rng(2)
+    V = rng.normal(size=(40, 3))
+    V[:4] = np.nan  # the first two blocks of two rows hold nothing finite
+    g = GaussianOOD(block_size=2).fit(V)
+    assert (g.n_, g.n_nonfinite_) == (36, 4)
+    assert np.allclose(g.location_, V[4:].mean(0), rtol=1e-12)

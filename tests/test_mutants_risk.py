@@ -6,7 +6,9 @@ that a changed constant, comparison or key in :mod:`flowaudit.stats.risk` fails 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 
 import numpy as np
 import pytest
@@ -66,6 +68,9 @@ def test_band_given_by_the_flag() -> None:
     band = error_band(_Plain((2,)), (-2, 3))
     assert band == ErrorBand(-2.0, 3.0, "flag", "[-2, 3] given with --output-range", None)
     assert band.bounds == (-2.0, 3.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        band.lo = 0.0  # type: ignore[misc]
+    assert typing.get_type_hints(ErrorBand)["warning"] == (str | None)
     assert band.entry() == {
         "lo": -2.0,
         "hi": 3.0,
