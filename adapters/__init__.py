@@ -18,7 +18,7 @@ from torch import nn
 
 from .base import Adapter, Observer, Site, widen
 from .checkpoint import DEFAULT_MAX_PARAMETERS, ModelError, check_budget, first_line, fit_problems, read_weights
-from .speedups import observing
+from .speedups import observing, rows_independent, small_flow
 
 __all__ = [
     "Adapter",
@@ -26,6 +26,8 @@ __all__ = [
     "Site",
     "widen",
     "observing",
+    "rows_independent",
+    "small_flow",
     "adapt",
     "load_model",
     "ModelError",

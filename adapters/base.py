@@ -72,9 +72,32 @@ def fill(values: Tensor, shape: tuple[int, ...]) -> Tensor:
     return v.expand(len(values), *shape).reshape(len(values) * shape[0], *shape[1:])
 
 
-def elementwise_derivative(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """``c'(x)`` of an elementwise map ``fn`` at every entry of ``x``: one forward-mode JVP with a tangent of
-    ones (the Jacobian is diagonal). Works under ``no_grad``."""
+def elementwise_derivative(fn: Callable[[Tensor], Tensor], x: Tensor, forward: bool = False) -> Tensor:
+    """``c'(x)`` of an elementwise map ``fn`` at every entry of ``x``; works under ``no_grad``.
+
+    The Jacobian is diagonal, so the gradient of ``Σ fn(x)`` is ``c'`` entry by entry: one eager backward
+    pass (kept on the graph when gradients are on, for the attack). Forward mode (a JVP with a tangent of
+    ones) gives the same diagonal but runs many maps through decompositions and imports the compiler on its
+    first call, seconds of fixed cost; it is used with ``forward`` (a map evaluated in float32 whose
+    derivative must be the JVP's to the last bits) and for a map that cannot be run backwards.
+    """
+    graph = torch.is_grad_enabled()
+    try:
+        if forward:
+            return _jvp(fn, x)
+        with torch.enable_grad():
+            u = x if graph and x.requires_grad else x.detach().requires_grad_()
+            out = fn(u)
+            if not out.requires_grad:  # the map does not depend on x (or on anything that needs a gradient)
+                return torch.zeros_like(out)
+            (d,) = torch.autograd.grad(out, u, torch.ones_like(out), create_graph=graph, allow_unused=True)
+        return torch.zeros_like(out) if d is None else d
+    except RuntimeError:  # inference tensors, a Function without a backward: forward mode
+        return _jvp(fn, x)
+
+
+def _jvp(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """One forward-mode JVP of ``fn`` at ``x`` with a tangent of ones."""
     from torch.func import jvp
 
     return jvp(fn, (x,), (torch.ones_like(x),))[1]

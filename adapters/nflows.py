@@ -74,8 +74,11 @@ class _TransformSite(Site):
         return self._tail_start
 
     def inverse(self, inputs: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """The library's inverse of this transform: ``(outputs, inverse gain, params)``."""
-        outputs, visited, params = self._inverse_step(inputs, context)
+        """The library's inverse of this transform: ``(outputs, inverse gain, params)``; the gain comes from the
+        evaluation that made the outputs where the step gives its log-derivative per element."""
+        outputs, visited, params, *ladj = self._inverse_step(inputs, context)
+        if ladj and ladj[0] is not None:
+            return outputs, torch.exp(ladj[0]), params
         return outputs, 1.0 / self.derivative(visited, params), params
 
 
@@ -105,28 +108,55 @@ class CouplingSite(_TransformSite):
     def derivative(self, x: Tensor, params: Tensor) -> Tensor:
         if self.kind in ("affine", "affine-bounded", "additive") and hasattr(self.module, "_scale_and_shift"):
             return self.module._scale_and_shift(params)[0].expand_as(x)  # c' = s, the library's own scale
+        if self.elementwise:
+            return torch.exp(self.cdf(x, params, inverse=False)[1])  # the library's own log c', per element
         return super().derivative(x, params)
 
-    def _step(self, inputs: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor, Tensor]:
-        """The library's ``CouplingTransform`` in either direction: ``(outputs, mapped split, params)``."""
+    @property
+    def elementwise(self) -> bool:
+        """Whether the library's piecewise map gives its log-derivative per element (``_piecewise_cdf``, called
+        by the library's own ``_coupling_transform``, which only sums it)."""
+        from nflows.transforms.coupling import PiecewiseCouplingTransform as Piecewise
+
+        t = type(self.module)
+        return issubclass(t, Piecewise) and t._coupling_transform is Piecewise._coupling_transform
+
+    def cdf(self, x: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        """``_coupling_transform`` of the library before its sum: ``(outputs, log |d out / d x|)`` per element."""
+        params = params.clone()  # splines rescale in place
+        if x.dim() == 4:
+            b, c, h, w = x.shape
+            params = params.reshape(b, c, -1, h, w).permute(0, 1, 3, 4, 2)
+        elif x.dim() == 2:
+            params = params.reshape(x.shape[0], x.shape[1], -1)
+        return self.module._piecewise_cdf(x, params, inverse)
+
+    def _step(
+        self, inputs: Tensor, context: Tensor | None, inverse: bool
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """The library's ``CouplingTransform`` in either direction: ``(outputs, mapped split, params, log-derivative
+        of the step per element or None)``."""
         t = self.module
         identity, split = inputs[:, t.identity_features, ...], inputs[:, t.transform_features, ...]
         if inverse and t.unconditional_transform is not None:  # not a site: unconditional
             identity, _ = t.unconditional_transform.inverse(identity, context)
         params = t.transform_net(identity, context)
-        step = t._coupling_transform_inverse if inverse else t._coupling_transform_forward
-        mapped, _ = step(inputs=split, transform_params=params.clone())
+        if self.elementwise:
+            mapped, ladj = self.cdf(split, params, inverse)
+        else:
+            step = t._coupling_transform_inverse if inverse else t._coupling_transform_forward
+            (mapped, _), ladj = step(inputs=split, transform_params=params.clone()), None
         if not inverse and t.unconditional_transform is not None:
             identity, _ = t.unconditional_transform(identity, context)
         outputs = torch.empty_like(inputs)
         outputs[:, t.identity_features, ...] = identity
         outputs[:, t.transform_features, ...] = mapped
-        return outputs, mapped, params
+        return outputs, mapped, params, ladj
 
-    def _inverse_step(self, inputs: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def _inverse_step(self, inputs: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         return self._step(inputs, context, inverse=True)
 
-    def forward_step(self, inputs: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def forward_step(self, inputs: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         return self._step(inputs, context, inverse=False)
 
 
@@ -182,6 +212,11 @@ class InvertedSite(_TransformSite):
 
     def map(self, x: Tensor, params: Tensor) -> Tensor:
         return self.inner.inverse_map(x, params)
+
+    def derivative(self, x: Tensor, params: Tensor) -> Tensor:
+        if getattr(self.inner, "elementwise", False):
+            return torch.exp(self.inner.cdf(x, params, inverse=True)[1])
+        return super().derivative(x, params)
 
     def _inverse_step(self, inputs: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         return self.inner.forward_step(inputs, context)

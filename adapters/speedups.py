@@ -5,6 +5,10 @@
 * **Held reports** (:attr:`HookedSpeedUps.tensors_stay_intact`): where no in-place write of the model
   reaches a tensor the hooks see, a pass's reports are held by reference and made when it returns
   (:class:`~flowaudit.adapters.hooks.HeldReports`), so nothing of the audit runs between the layers.
+* **Small flows** (:func:`small_flow`): a sample of at most :data:`SMALL_SAMPLE_VALUES` values makes one
+  input's K samples a call so small that the cost of the call, not its arithmetic, sets the time; the
+  engine then puts many inputs in a pass. Whether that changes a figure in its last bits depends on the
+  model's kernels, which :func:`rows_independent` checks.
 """
 
 from __future__ import annotations
@@ -14,12 +18,16 @@ from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .base import Observer
 from .hooks import HeldReports
 
-__all__ = ["HookedSpeedUps", "observing"]
+__all__ = ["HookedSpeedUps", "observing", "SMALL_SAMPLE_VALUES", "small_flow", "rows_independent"]
+
+#: a flow whose samples hold at most this many values (vectors, not images) is small: see :func:`small_flow`
+SMALL_SAMPLE_VALUES = 256
 
 
 def observing(adapter: Any, observer: Observer) -> contextlib.AbstractContextManager[None]:
@@ -84,3 +92,25 @@ def _reported(run: Callable[[], Tensor], live: list[bool], later: HeldReports | 
     if later is not None:
         later.flush()
     return out
+
+
+def small_flow(adapter: Any, condition: Tensor) -> bool:
+    """Whether a sample for ``condition`` (one condition, batch first) holds at most :data:`SMALL_SAMPLE_VALUES`
+    values over all latents: a tabular or toy flow, whose calls of one input's K rows cost far more than their
+    arithmetic. Image flows never are: one input's samples are already a large call."""
+    latents = adapter.sample_latents(condition[:1], 1.0, torch.Generator().manual_seed(0))
+    return sum(int(z[0].numel()) for z in latents) <= SMALL_SAMPLE_VALUES
+
+
+def rows_independent(adapter: Any, y: Tensor, latents: list[Tensor], samples: int) -> bool:
+    """Whether one pass over ``y`` (input-major, ``samples`` rows an input) gives every input the same bits as a
+    pass of that input alone: a check, on this machine and at this batch shape, that the model's kernels are
+    batch-invariant (elementwise maps are; a matrix product's blocking may follow the number of rows, as MKL's
+    does on the CPU, where a few inputs of a pass then differ in the last bits). One pass per input."""
+    whole = adapter.sample(y, latents)
+    for i in range(y.shape[0] // samples):
+        rows = slice(i * samples, (i + 1) * samples)
+        alone, part = adapter.sample(y[rows], [z[rows] for z in latents]), whole[rows]
+        if not bool(((alone == part) | (alone.isnan() & part.isnan())).all()):
+            return False
+    return True

@@ -88,7 +88,7 @@ class UnivariateSite(_ZukoSite):
     def derivative(self, x: Tensor, params: Tensor) -> Tensor:
         if self.kind == "unknown":  # no closed form: one forward-mode JVP of the library's map
             try:
-                return elementwise_derivative(lambda u: self.build(params)(u), x)
+                return elementwise_derivative(lambda u: self.build(params)(u), x, forward=True)
             except RuntimeError:  # an autograd.Function without forward-mode support (UNAF's quadrature)
                 pass
         return super().derivative(x, params)
@@ -199,8 +199,11 @@ class ZukoAdapter(LibraryAdapter):
         return mean.expand(shape), std.expand(shape)
 
     def sample_latents(self, y: Tensor, temperature: float, generator: torch.Generator | None) -> list[Tensor]:
-        with torch.no_grad():  # the base's event shape, read off one evaluation
-            self._latent_shapes = [tuple(self._base(y.to(self.device))[0].shape[1:])]
+        key = tuple(y.shape[1:])
+        if getattr(self, "_latents_for", None) != key:  # the base's event shape, read off one evaluation a shape
+            with torch.no_grad():
+                self._latent_shapes = [tuple(self._base(y[:1].to(self.device))[0].shape[1:])]
+            self._latents_for = key
         return super().sample_latents(y, temperature, generator)
 
     def sample(self, y: Tensor, latents: list[Tensor], observer: Observer | None = None) -> Tensor:

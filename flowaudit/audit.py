@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ._version import __version__
-from .adapters import Adapter, adapt
+from .adapters import Adapter, adapt, small_flow
 from .config.budget import Budget
 from .config.device import auditing
 from .config.settings import Search, Settings, settings_from
@@ -44,6 +44,7 @@ __all__ = ["Settings", "fit", "scan", "inspect", "attack"]
 FIT_BATCH = 256  # inputs per encoder pass of fit
 INSPECT_BATCH = 500  # samples per inverse pass of inspect's probe
 ATTACK_BATCH = 64  # samples per pass of attack --batched (the pass keeps its graph)
+SMALL_FLOW_SHARD = 1024  # inputs a shard and a pass of a small flow (flowaudit.adapters.small_flow)
 SCAN_ATTACK_BATCH = 64  # samples per pass of scan --attack with --batched
 
 
@@ -134,6 +135,9 @@ def scan(
     ``seed``, ``batch_size``, ``device``, ``layers``, …; ``attack`` a budget with ``attack_starts`` and
     ``attack_steps``) say what to compute; ``context`` keeps shards for a resume and shares them over ranks.
     ``output_range`` sets the error band (:func:`~flowaudit.stats.risk.error_band`); ids read ``in/…``, ``ood/…``.
+    ``exact=None`` (the default) makes each pass one input's K samples, except for a small flow, whose shards
+    and passes hold :data:`SMALL_FLOW_SHARD` inputs whatever ``batch_size``: the same figures to float32
+    rounding, bit for bit where its kernels are batch-invariant.
     """
     ctx = context or Context()
     settings = ctx.place(settings_from(settings, options))
@@ -144,6 +148,12 @@ def scan(
         if settings.attack is not None and sets[0][1].mixed:
             raise AuditError("--attack needs in-distribution conditions of one size (this --data mixes image sizes)")
         settings = settings.replace(exact=True)
+    small = settings.exact is None and small_flow(adapter, _first_condition(adapter, sets[0][1]))
+    if small:  # one pass a shard, the same on every machine whatever batch_size: the calls cost, not their sums
+        batch = SMALL_FLOW_SHARD * settings.samples
+        settings = settings.replace(exact=False, batch_size=batch, shard_inputs=SMALL_FLOW_SHARD)
+    else:
+        settings = settings.replace(exact=settings.exact is not False)
     fit_set = _as_set(fit_data, "fit", ctx) if fit_data is not None else None
     gauss = _load_stats(adapter, stats, names, settings.pooling) if stats is not None else None
     with auditing(adapter, settings.device):
@@ -151,7 +161,7 @@ def scan(
     targets = sets[0][1].x if sets[0][1].x is not None else (fit_set.finite().x if fit_set is not None else None)
     band = error_band(adapter, output_range, targets)
     run = run.replace(band=band.bounds)
-    attack_run = run.replace(batch_size=SCAN_ATTACK_BATCH)  # the attack's passes keep their graph
+    attack_run = run.replace(batch_size=SCAN_ATTACK_BATCH, exact=run.exact or small)  # keeps its graph
     if not ctx.opened:  # the work folder checks everything the shards depend on before the first one
         more = {}
         if run.attack is not None:
@@ -344,7 +354,8 @@ def _sampling_entry(settings: Settings) -> dict:
         "temperature": settings.temperature,
         "seed": settings.seed,
         "device": str(settings.device),
-        "exact": settings.exact,
+        "exact": settings.exact is not False,
+        "passes": {"inputs_per_pass": settings.inputs_per_pass, "small_flow": settings.shard_inputs is not None},
     }
 
 
@@ -457,6 +468,11 @@ def _default_conditions(adapter: Adapter, n: int, seed: int) -> ConditionSet:
     return ConditionSet(
         y=y, x=None, ids=[f"drawn{i}" for i in range(n)], description={"kind": "drawn", "n": n, "shape": list(shape)}
     )
+
+
+def _first_condition(adapter: Adapter, cs: ConditionSet) -> torch.Tensor:
+    """One condition of ``cs`` (a zero one when it is empty), to size a sample."""
+    return cs.y[:1] if len(cs.y) else torch.zeros((1, *adapter.condition_shape))
 
 
 def _stats_digest(gauss: GaussianOOD | None) -> str | None:

@@ -87,6 +87,52 @@ class Report:
             return ["no sites found"]
         return [s["name"] for s in model.get("sites", []) if s["remark2"]["verdict"] == "violates"]
 
+    def unproven(self) -> list[str]:
+        """What keeps the model from being proven safe: sites not ``compliant`` on evidence, sites never
+        reached, and the model certificate when it was not issued (with the first thing blocking it).
+
+        Empty only when every site is compliant and the model is certified; ``["no sites found"]`` when
+        the adapter found no site.
+        """
+        model = self.data.get("model", {})
+        if model.get("remark2", {}).get("verdict") == "no sites found":
+            return ["no sites found"]
+        out = [
+            f"{s['name']} ({s['remark2']['verdict']})"
+            for s in model.get("sites", [])
+            if s["remark2"]["verdict"] != "compliant"
+        ]
+        out += [f"{n} (never reached)" for n in (model.get("coverage") or {}).get("unvisited") or []]
+        cert = model.get("certificate") or {}
+        if not cert.get("certified"):
+            block = (cert.get("blocking") or [{}])[0]
+            why = f": {block.get('site') or 'model'}: {block.get('why')}" if block else ""
+            out.append(f"model not certified{why}")
+        return list(dict.fromkeys(out))
+
+    def gate(self, rule: str) -> str | None:
+        """The one line that says why ``--fail-on rule`` fails this report, or ``None`` when it passes."""
+        hits = self.failures(rule) if rule in FAIL_ON else None
+        if hits is None:
+            raise ValueError(f"unknown --fail-on rule {rule!r}")
+        if not hits:
+            return None
+        shown = ", ".join(hits[:5]) + (f" and {len(hits) - 5} more" if len(hits) > 5 else "")
+        what = {
+            "violation": "Remark 2 violated by",
+            "unproven": "not proven safe",
+            "risk": "inputs at risk",
+            "broken": "the attack broke starts",
+        }[rule]
+        return f"--fail-on {rule}: {what}: {shown}"
+
+    def unproven_note(self) -> str | None:
+        """One line for a gate that passed although the model is unproven (``None`` when it is proven)."""
+        left = self.unproven()
+        if not left or self.violations():
+            return None
+        return f"note: no violation, but the model is not proven safe ({left[0]}; --fail-on unproven fails on it)"
+
     def at_risk(self) -> list[str]:
         """Ids of inputs with at least one sample with a non-finite value or a pixel error."""
         return [r["id"] for r in self.data.get("inputs", []) if r["n_inf"] or r["n_pixel_err"]]

@@ -143,7 +143,7 @@ def test_remark2_verdicts_on_toy_models(toys):
 
 
 def test_probe_follows_the_live_spline_bound():
-    """Bins out to |x| = 500: the probe reads the live bound (tail_start) and looks beyond it, 5·10³ to 5·10⁶.
+    """Bins out to |x| = 500: the probe reads the live bound (tail_start) and looks beyond it, 5·10³ to the float limit.
 
     (A probe fixed to [1, 10⁴] would see these bins and say "violates". The identity tails themselves
     comply; a spline whose tails start beyond a *condition-dependent* bound is in
@@ -159,7 +159,7 @@ def test_probe_follows_the_live_spline_bound():
     rep = flowaudit.inspect(model, toy_data(32, seed=1)[1], device="cpu")
     assert {s["remark2"]["verdict"] for s in rep["model"]["sites"]} == {"compliant"}
     for s in rep["model"]["sites"]:
-        assert s["remark2"]["probe"]["abs_x_min"] == 5000.0 and s["remark2"]["probe"]["abs_x_max"] == 5e6
+        assert s["remark2"]["probe"]["abs_x_min"] == 5000.0 and s["remark2"]["probe"]["abs_x_max"] >= 1e36
         assert s["remark2"]["tail_ratio"] == 1.0
 
 

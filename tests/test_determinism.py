@@ -1,4 +1,4 @@
-"""Determinism (issue 11): the same seed gives the same report.json for any batch size, thread count and resume.
+"""Determinism: the same seed gives the same report.json for any batch size, thread count and resume.
 
 Reports are compared whole, except ``created`` and the settings that describe the machine or the
 course of the run (:data:`flowaudit.runs.runner.RUN_FACTS`: batch size, memory budget, peak RSS, ranks,

@@ -1,4 +1,4 @@
-"""Scale-out (issue 12): ``torchrun --nproc_per_node=2 -m flowaudit fit|scan|attack --distributed`` on 2 CPU ranks (gloo).
+"""Scale-out: ``torchrun --nproc_per_node=2 -m flowaudit fit|scan|attack --distributed`` on 2 CPU ranks (gloo).
 
 Shards are spread over the ranks and their payloads all-gathered and merged in shard order, so the
 Gaussian sums, every per-input record and every attack start's record equal one process's (the test asks for bit-equality; the

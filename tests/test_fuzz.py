@@ -1,4 +1,4 @@
-"""Fuzzing the readers of untrusted files (issue 11): they load, or raise the project's one-line error.
+"""Fuzzing the readers of untrusted files: they load, or raise the project's one-line error.
 
 Every reader of a file a user hands in — checkpoints (``.pt``, ``.safetensors``), condition arrays
 (``.npy``, ``.npz``, ``.h5``), stats files (HDF5) and images (PNG, JPEG) — is fed random bytes,

@@ -1,4 +1,4 @@
-"""Reports held for the end of a pass (issue 12, audit overhead): :class:`~flowaudit.adapters.hooks.HeldReports`.
+"""Reports held for the end of a pass (audit overhead): :class:`~flowaudit.adapters.hooks.HeldReports`.
 
 * held reports are made in call order, a call that cannot be held (an inference tensor) after the
   held ones, and once ``HOLD_BYTES`` are held; a held tensor written in place raises, naming the

@@ -1,4 +1,4 @@
-"""The memory budget (issue 12): sizes, the batch a budget allows, the probe that counts a pass's tensors,
+"""The memory budget: sizes, the batch a budget allows, the probe that counts a pass's tensors,
 and the command line's answer to a budget too small."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Behaviour pinned across redesigns: the scan figures of bundled models at a fixed seed.
 
 ``tests/golden/scan_figures.json`` was written by ``tests/golden/make_scan_figures.py`` before the
-layers redesign (issue 8); the same figures must come out of every later version. A change that is
+layers redesign; the same figures must come out of every later version. A change that is
 meant to alter them rewrites the file in its own commit and says why.
 """
 

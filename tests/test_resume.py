@@ -1,4 +1,4 @@
-"""Interruption and resume (issue 11): a scan killed with SIGKILL halfway finishes with ``--resume``,
+"""Interruption and resume: a scan killed with SIGKILL halfway finishes with ``--resume``,
 and its report.json equals an uninterrupted run's (except ``created`` and the run facts).
 
 The scans run as subprocesses of the real CLI. The killed run leaves no output folder, only its
@@ -42,6 +42,7 @@ def _args(data: Path, out: Path, *extra: str) -> list[str]:
         str(data / "fit.npy"),
         "-k",
         "4",
+        "--exact",  # shards of 32 inputs (a small flow's scan would otherwise be one shard of 1024)
         "--device",
         "cpu",
         "--out",
@@ -77,6 +78,7 @@ def uninterrupted(data) -> dict:
         fit_data=str(data / "fit.npy"),
         samples=4,
         device="cpu",
+        exact=True,
     )
     return strip_run_facts(json.loads(report.to_json()))
 

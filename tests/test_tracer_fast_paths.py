@@ -1,4 +1,4 @@
-"""The tracer's fast paths (issue 12, audit overhead) against their definitions.
+"""The tracer's fast paths (audit overhead) against their definitions.
 
 * float32 gain bins from the bit tables equal the float64 ``log10`` definition for every float32
   tried (random bit patterns, every bin edge ± 2 patterns, the special values);

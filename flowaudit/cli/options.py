@@ -65,7 +65,6 @@ class CommandState:
     work: str | None = None  # the work folder of completed shards of fit / scan / attack (``--resume``)
     official: dict = field(default_factory=dict)  # what an official checkpoint's weights cannot say (--fs-ncsr, …)
     junit: str | None = None  # --junit FILE: also write the gate's decision as JUnit XML
-    fail_on: str = "never"  # the command's --fail-on rule, for the JUnit XML
 
     @property
     def progress(self) -> bool:
@@ -159,16 +158,18 @@ def sampling_options(samples: int, samples_help: str, seed_help: str, batch: int
     return decorate
 
 
-def run_settings(obj: CommandState, run: Any = None, batched: bool = False, **more: Any) -> Any:
+def run_settings(obj: CommandState, run: Any = None, batched: bool = False, exact: bool = False, **more: Any) -> Any:
     """The run's :class:`~flowaudit.config.settings.Settings`, built once from the command line.
 
     ``run`` is the command's :class:`~flowaudit.runs.runner.Context`: a process group decides the device.
+    ``--exact`` and ``--batched`` set the passes; neither leaves them to the command (``exact=None``).
     """
     from ..config.settings import Settings
 
     group = getattr(run, "group", None)
     device = obj.device if group is None else group.device
-    return Settings(**obj.sampling, device=device, exact=not batched, progress=obj.progress and leads(run), **more)
+    passes = True if exact else (False if batched else None)
+    return Settings(**obj.sampling, device=device, exact=passes, progress=obj.progress and leads(run), **more)
 
 
 def leads(run: Any) -> bool:

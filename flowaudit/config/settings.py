@@ -65,7 +65,10 @@ class Settings:
 
     ``device`` may be given as text (``auto``, ``cpu``, ``cuda:N``) and ``attack`` as a budget's text;
     both are parsed here, once. ``batch_size`` counts samples per inverse pass (``None``: sized from
-    the memory budget); ``exact`` makes each pass one input's K samples (batch-invariant figures).
+    the memory budget); ``exact`` makes each pass one input's K samples (batch-invariant figures);
+    ``None`` leaves it to the command: exact, except a scan of a small flow, whose passes hold
+    ``shard_inputs`` inputs (:func:`~flowaudit.adapters.small_flow`). ``shard_inputs`` overrides the
+    inputs a scan shard holds.
     """
 
     samples: int = 10
@@ -73,7 +76,7 @@ class Settings:
     seed: int = 0
     device: torch.device | str = "auto"
     batch_size: int | None = None
-    exact: bool = True
+    exact: bool | None = None
     progress: bool = False
     layers: Sequence[str] | None = None
     pooling: str = "avg"
@@ -82,6 +85,7 @@ class Settings:
     explosion_threshold: float = 100.0
     attack: Search | Budget | str | None = None
     attack_starts: int | None = 16
+    shard_inputs: int | None = None
     band: tuple[float, float] | None = None  # the error band in use (stats.risk.error_band); None: the adapter's
     sampling: Sampling = field(init=False, repr=False, compare=False)
 
@@ -111,7 +115,7 @@ class Settings:
     @property
     def inputs_per_pass(self) -> int:
         """Inputs per inverse pass: one in exact mode, else as many as ``batch_size`` holds."""
-        return 1 if self.exact else self.inputs_per_batch
+        return 1 if self.exact is not False else self.inputs_per_batch
 
 
 # the attack command's own keywords of the Python API, gathered into a :class:`Search`

@@ -3,7 +3,7 @@
 Click's ``FloatRange`` lets ``nan`` through (every comparison with NaN is false) and ``inf`` through an
 open upper end; an ``int`` seed of ``2**64`` reaches ``torch.Generator.manual_seed`` and fails there
 as an internal error; ``-k 10**12`` asks for more latents than any memory holds. The types here refuse
-each of these where the option is parsed, so a bad value is one line and exit code 2 (DESIGN.md §4),
+each of these where the option is parsed, so a bad value is one line and exit code 2,
 and a value that gets past them is one the engine can use.
 """
 

@@ -32,7 +32,9 @@ Write :math:`x = c^{-1}(y)` for the inverse a sample runs through.
   multiplies by :math:`1/c'`, which the structure does not cap at 1 on the
   tails; not certified (the reason is given).
 
-**The model** (:func:`model_certificate`) is certified when every site is;
+**The model** (:func:`model_certificate`) is certified when every site is, every site was reached
+while sampling (``coverage.complete``) and no site violates on the evidence (a violation voids the
+site's certificate: the evidence beats the structure it rests on);
 its ``bound`` is the sum of the sites' displacements: no sample value ends
 further than that from where the sites alone would leave it, i.e. the total
 the sites add in the :math:`\infty`-norm along the pass. What it does **not**
@@ -78,9 +80,14 @@ def _bias_max(site: Any, params: list[Any], start: float) -> float | None:
     return top
 
 
-def site_certificate(site: Any, params: list[Any] | None = None) -> dict:
-    """The structural bound on one site's displacement (module docstring); JSON-ready."""
-    bounds, start, kind = site.tail_bounds(), site.tail_start(), site.kind
+def site_certificate(site: Any, params: list[Any] | None = None, bounds: Any = None) -> dict:
+    """The structural bound on one site's displacement (module docstring); JSON-ready.
+
+    ``bounds``: the tail bounds to certify from (the site's own, else those its kind stands for, as
+    the Remark 2 structural reading chose them); default ``site.tail_bounds()``.
+    """
+    bounds = site.tail_bounds() if bounds is None else bounds
+    start, kind = site.tail_start(), site.kind
     identity_tails = bounds is not None and float(bounds[0]) == float(bounds[1]) == 1.0
     out: dict[str, Any] = {"certified": False, "displacement": None, "plus_bias": False, "tail_gain": None, "why": None}
     if not identity_tails:
@@ -116,10 +123,17 @@ def site_certificate(site: Any, params: list[Any] | None = None) -> dict:
     return out
 
 
-def model_certificate(entries: list[dict]) -> dict:
-    """``model.certificate``: ``certified`` when every site is, ``bound`` the sum of displacements."""
+def model_certificate(entries: list[dict], coverage: dict | None = None) -> dict:
+    """``model.certificate``: ``certified`` when every site is and every site was reached, ``bound`` the
+    sum of displacements; otherwise ``blocking`` names each site (or the coverage) that prevents it."""
     certs = [(e["name"], e["remark2"]["structural"]["certificate"]) for e in entries]
     blocking = [{"site": n, "why": c["why"]} for n, c in certs if not c["certified"]]
+    cov = coverage or {}
+    if certs and not cov.get("complete", True):
+        unvisited = cov.get("unvisited") or []
+        blocking += [{"site": n, "why": "never reached while sampling"} for n in unvisited]
+        if not unvisited:
+            blocking.append({"site": None, "why": f"coverage incomplete: {cov.get('reason')}"})
     ok = bool(certs) and not blocking
     out = {
         "certified": ok,

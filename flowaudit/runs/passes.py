@@ -86,7 +86,9 @@ def _records(
     settings: Settings,
 ) -> list[dict]:
     """One record per input of pass ``sl`` (samples ``x`` at conditions ``y``; ``s_ood`` from its first input)."""
-    checks = {k: v.cpu().tolist() for k, v in sample_checks(x, settings.sampling, settings.band or adapter.error_band).items()}
+    checks = {
+        k: v.cpu().tolist() for k, v in sample_checks(x, settings.sampling, settings.band or adapter.error_band).items()
+    }
     psnr = lr_psnr(x, y, adapter.scale, settings.sampling).cpu() if adapter.task == "sr" else None
     recon = reconstruction_error(adapter, cs.x[sl].to(settings.device), y) if cs.x is not None else None
     records = []

@@ -159,7 +159,9 @@ def scan_sets(
     ctx: Context,
 ) -> tuple[list[Tracer], list[dict], dict[str, np.ndarray]]:
     """Sample every set shard by shard; ``(tracers, records, scores)`` with shards merged in order."""
-    feature_batch = 1 if run.exact else run.inputs_per_batch  # the encoder too: one input per pass when exact
+    feature_batch = (
+        1 if run.exact is not False else run.inputs_per_batch
+    )  # the encoder too: one input per pass when exact
 
     def shard(index: int, name: str, cs: ConditionSet, sl: slice) -> dict:
         if gauss is not None:
@@ -182,7 +184,7 @@ def scan_sets(
     for index, (name, cs) in enumerate(sets):
         jobs = [
             (f"{name}-{k:05d}", functools.partial(shard, index, name, cs, sl))
-            for k, sl in enumerate(shard_slices(len(cs.y), SHARD_INPUTS))
+            for k, sl in enumerate(shard_slices(len(cs.y), run.shard_inputs or SHARD_INPUTS))
         ]
         total, keeps = run_folded(
             jobs,
@@ -206,7 +208,7 @@ def size_batches(adapter: Adapter, cs: ConditionSet, run: Settings, ctx: Context
     if run.batch_size is not None or len(cs.y) == 0:
         return run.replace(batch_size=run.batch_size or run.samples), budget
     per_sample, base = probe_pass(adapter, cs.y, run.sampling, run.device)
-    size = batch_for(budget, base, per_sample, run.sampling.samples, run.exact)
+    size = batch_for(budget, base, per_sample, run.sampling.samples, run.exact is not False)
     if ctx.group is not None:  # one batch size for every rank: the same passes as one process
         size = min(ctx.group.all_gather(size))
     return run.replace(batch_size=size), budget
@@ -231,13 +233,13 @@ def scan_settings(adapter: Adapter, sets: Sequence[tuple[str, ConditionSet]], ru
     return {
         "kind": "scan",
         "fingerprint": adapter.fingerprint(),
-        "shard_inputs": SHARD_INPUTS,
+        "shard_inputs": run.shard_inputs or SHARD_INPUTS,
         "fit_shard_inputs": FIT_SHARD_INPUTS,
         "data": {name: [digest(cs.y), digest(cs.x)] for name, cs in sets},
         "samples": run.sampling.samples,
         "temperature": run.sampling.temperature,
         "seed": run.sampling.seed,
-        "exact": run.exact,
+        "exact": run.exact is not False,
         "inputs_per_pass": run.inputs_per_pass,
         "device": run.device.type,
         **more,
@@ -258,5 +260,5 @@ def attack_settings(how: Search, starts: int, run: Settings) -> dict:
         "layer_factor": how.layer_factor,
         "starts": starts,
         "attack_shard_starts": ATTACK_SHARD_STARTS,
-        "starts_per_pass": 1 if run.exact else min(run.inputs_per_batch, ATTACK_SHARD_STARTS),
+        "starts_per_pass": 1 if run.exact is not False else min(run.inputs_per_batch, ATTACK_SHARD_STARTS),
     }

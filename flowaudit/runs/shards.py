@@ -1,4 +1,4 @@
-r"""Shards of a long run, the work folder that keeps them, and the loop that resumes from it (issue 11).
+r"""Shards of a long run, the work folder that keeps them, and the loop that resumes from it.
 
 A run splits each input set into **shards** of a fixed number of inputs
 (:data:`SHARD_INPUTS` for a scan, :data:`FIT_SHARD_INPUTS` for a fit,
@@ -22,7 +22,8 @@ spreads the shards over the ranks (:mod:`.distributed`).
 
 Plugging another long loop in (as :func:`~flowaudit.evidence.attack.run_attack` does with its starts)::
 
-    jobs = [(f"attack-{k:05d}", functools.partial(one_shard, sl)) for k, sl in enumerate(shard_slices(n, ATTACK_SHARD_STARTS))]
+    slices = shard_slices(n, ATTACK_SHARD_STARTS)
+    jobs = [(f"attack-{k:05d}", functools.partial(one_shard, sl)) for k, sl in enumerate(slices)]
     for payload in run_shards(jobs, work, group):   # in job order, on every rank
         merge(payload)
 

@@ -1,0 +1,153 @@
+"""Small flows at scale: a scan against the library's own loop, and inspect's fixed cost, in one run.
+
+For each flow — a conditional RQ-spline flow built with nflows (4 couplings, 8 bins), zuko's NSF (4
+transforms, 8 bins) and the bundled 2-D toys — and 1000 conditions × K = 4 samples:
+
+* *bare*: the library's own sampling of the 4000 samples (``Flow.sample``, ``flow(y).sample``,
+  ``ReferenceFlow.reverse``) plus one forward pass of the same samples (``log_prob``): the least a
+  hand-written loop pays to answer %Inf and read the log-determinants;
+* *scan*: ``flowaudit.scan(model, y, samples=4)`` (default passes: a small flow puts 32 inputs in a pass);
+* *inspect*: ``flowaudit.inspect(model)`` (no data: 64 drawn conditions).
+
+The arms take turns after a warm-up (imports, compiled loops); each figure is the median over ``--repeats``
+rounds, and the ratio scan / bare is taken within each round. Goals: scan ≤ 3 × bare, inspect ≤ 2 s.
+
+Run: ``python benchmarks/bench_scale.py [--repeats 3] [--threads 1] [--clock cpu] [--device cpu|cuda]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+N_INPUTS, SAMPLES = 1000, 4
+
+
+def _nflows() -> tuple[torch.nn.Module, Callable, Callable]:
+    from nflows.distributions.normal import StandardNormal
+    from nflows.flows.base import Flow
+    from nflows.nn.nets import ResidualNet
+    from nflows.transforms.base import CompositeTransform
+    from nflows.transforms.coupling import PiecewiseRationalQuadraticCouplingTransform
+    from nflows.transforms.permutations import ReversePermutation
+
+    torch.manual_seed(0)
+    steps = []
+    for _ in range(4):
+        net = lambda a, b: ResidualNet(a, b, hidden_features=32, context_features=2, num_blocks=2)  # noqa: E731
+        steps += [
+            PiecewiseRationalQuadraticCouplingTransform([1, 0], net, num_bins=8, tails="linear", tail_bound=3.0),
+            ReversePermutation(2),
+        ]
+    flow = Flow(CompositeTransform(steps), StandardNormal([2])).eval()
+
+    def sample(y):
+        return flow.sample(SAMPLES, context=y).reshape(-1, 2)
+
+    def forward(x, y):
+        return flow.log_prob(x, context=y.repeat_interleave(SAMPLES, 0))
+
+    return flow, sample, forward
+
+
+def _zuko() -> tuple[torch.nn.Module, Callable, Callable]:
+    import zuko
+
+    torch.manual_seed(0)
+    flow = zuko.flows.NSF(2, 2, transforms=4, bins=8, hidden_features=(32, 32)).eval()
+
+    def sample(y):
+        return flow(y).sample((SAMPLES,)).transpose(0, 1).reshape(-1, 2)
+
+    def forward(x, y):
+        return flow(y.repeat_interleave(SAMPLES, 0)).log_prob(x)
+
+    return flow, sample, forward
+
+
+def _toy(coupling: str) -> Callable[[], tuple[torch.nn.Module, Callable, Callable]]:
+    def build():
+        from flowaudit.reference_models import load
+
+        model = load(f"toy-{coupling}").eval()
+
+        def sample(y):
+            yk = y.repeat_interleave(SAMPLES, 0)
+            return model.reverse(model.sample_latents(yk, 0.9, torch.Generator().manual_seed(0)), yk)
+
+        def forward(x, y):
+            return model.log_prob(x, y.repeat_interleave(SAMPLES, 0))
+
+        return model, sample, forward
+
+    return build
+
+
+FLOWS = {"nflows-rqs": _nflows, "zuko-nsf": _zuko, "toy-affine": _toy("affine"), "toy-mrqs": _toy("modified-rq-spline")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--only", default=",".join(FLOWS), help="comma-separated rows")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    dev = torch.device(args.device)
+
+    import flowaudit
+
+    def timed(fn: Callable[[], object]) -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t = clock()
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return clock() - t
+
+    y = torch.randn(N_INPUTS, 2, generator=torch.Generator().manual_seed(1))
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
+          f"{args.clock} clock, device {dev}, {N_INPUTS} conditions x {SAMPLES} samples, {args.repeats} rounds")
+    print("| flow | bare s | scan s | scan / bare | goal ≤ 3 | inspect s | goal ≤ 2 s | passes |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name in args.only.split(","):
+        model, sample, forward = FLOWS[name]()
+        model.to(dev)
+        yd = y.to(dev)
+
+        def bare():
+            with torch.no_grad():
+                forward(sample(yd), yd)
+
+        def scan():
+            return flowaudit.scan(model, yd, samples=SAMPLES, device=str(dev))
+
+        report = scan()  # warm-up: imports, compiled loops, first calls
+        bare()
+        flowaudit.inspect(model, device=str(dev))
+        ratios, b_s, s_s, i_s = [], [], [], []
+        for _ in range(args.repeats):
+            b, s = timed(bare), timed(scan)
+            i = timed(lambda: flowaudit.inspect(model, device=str(dev)))
+            ratios.append(s / b)
+            b_s.append(b), s_s.append(s), i_s.append(i)
+        r, ins = statistics.median(ratios), statistics.median(i_s)
+        p = report.data["settings"]["passes"]
+        print(
+            f"| {name} | {statistics.median(b_s):.3f} | {statistics.median(s_s):.3f} | **{r:.2f}** | "
+            f"{'met' if r <= 3 else 'not met'} | **{ins:.2f}** | {'met' if ins <= 2 else 'not met'} | "
+            f"{p['inputs_per_pass']} inputs a pass |"
+        )
+
+
+if __name__ == "__main__":
+    main()
