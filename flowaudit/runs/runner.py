@@ -120,7 +120,7 @@ def fit_gaussian(
     """The feature Gaussian of ``cs``: per-shard sums (:meth:`GaussianOOD.partial_fit`) merged in shard order."""
     estimator, device = settings.estimator, settings.device
     # exact: fixed encoder passes from each shard's start, features independent of --batch-size and ranks
-    per_pass = EXACT_PASS_INPUTS if settings.exact and not cs.mixed else settings.batch_size
+    per_pass = EXACT_PASS_INPUTS if settings.exact is not False and not cs.mixed else settings.batch_size
 
     def shard(sl: slice) -> dict:
         v = features(adapter, cs.y[sl], names, settings.pooling, per_pass, device, settings.progress)
