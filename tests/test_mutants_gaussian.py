@@ -113,3 +113,55 @@ def test_a_block_of_non_finite_rows_does_not_end_the_fit() -> None:
     g = GaussianOOD(block_size=2).fit(V)
     assert (g.n_, g.n_nonfinite_) == (36, 4)
     assert np.allclose(g.location_, V[4:].mean(0), rtol=1e-12)
+
+
+def _saved(tmp_path, **attrs) -> str:
+    import h5py
+
+    path = tmp_path / "stats.h5"
+    GaussianOOD().fit(np.random.default_rng(0).normal(size=(200, 5))).save(path)
+    with h5py.File(path, "r+") as f:
+        for key, value in attrs.items():
+            f.attrs[key] = value
+    return str(path)
+
+
+def test_a_loaded_file_is_checked_field_by_field(tmp_path) -> None:
+    path = _saved(tmp_path, estimator="mcd")
+    with pytest.raises(ValueError) as e:
+        GaussianOOD.load(path)
+    assert str(e.value) == f"{path} is not a valid flowaudit stats file (inconsistent shapes or estimator)"
+    path = _saved(tmp_path, n_inputs=199)
+    with pytest.raises(ValueError) as e:
+        GaussianOOD.load(path)
+    assert str(e.value) == f"{path} is not a valid flowaudit stats file (n = 200 inputs, header n_inputs = 199)"
+
+
+def test_a_loaded_estimate_scores_as_stored(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    g = GaussianOOD.load(_saved(tmp_path))
+    monkeypatch.setattr(GaussianOOD, "finalize", lambda self: pytest.fail("a loaded estimate was refitted"))
+    assert g.score(np.zeros((2, 5))).shape == (2,)
+
+
+def test_fit_forgets_the_earlier_rows_and_takes_blocks_of_one() -> None:
+    rng = np.random.default_rng(3)
+    A, B = rng.normal(size=(50, 3)), rng.normal(5.0, 2.0, size=(60, 3))
+    g = GaussianOOD(block_size=1).fit(A)
+    g.fit(B)
+    want = GaussianOOD().fit(B)
+    assert g.n_ == 60 and np.allclose(g.covariance_, want.covariance_, rtol=1e-12)
+
+
+def test_more_messages() -> None:
+    with pytest.raises(NotFittedError) as e:
+        GaussianOOD().score(np.zeros((1, 2)))
+    assert str(e.value) == "This GaussianOOD is not fitted yet; call fit(V) first."
+    with pytest.raises(ValueError) as e:
+        GaussianOOD().fit(np.ones((30, 3)))  # features that never vary
+    assert str(e.value) == (
+        "the ledoit-wolf covariance of 30 inputs with 3 features is singular: fit on more inputs, or on features "
+        "that vary"
+    )
+    with pytest.raises(ValueError) as e:
+        GaussianOOD(block_size=0).fit(np.ones((3, 2)))
+    assert str(e.value) == "block_size must be a positive int, got 0"
