@@ -193,6 +193,9 @@ def test_lr_psnr_of_constant_images() -> None:
     bright[1] = -math.inf  # -Inf reads as 0
     psnr = risk.lr_psnr(bright, lr, 4, s)
     assert psnr[0].tolist() == pytest.approx([10 * math.log10(1 / 0.5625), 10 * math.log10(16)], rel=1e-6)
+    edge = torch.zeros((2, 3, 8, 8))
+    edge[..., 4:] = 7.0  # a sample brighter than white reads as the white a saved image holds, before the resize
+    assert torch.equal(risk.lr_psnr(edge, lr, 4, s), risk.lr_psnr(edge.clamp(0, 1), lr, 4, s))
 
 
 def test_logistic_fit_in_original_units() -> None:
