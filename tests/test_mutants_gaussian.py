@@ -165,3 +165,47 @@ def test_more_messages() -> None:
     with pytest.raises(ValueError) as e:
         GaussianOOD(block_size=0).fit(np.ones((3, 2)))
     assert str(e.value) == "block_size must be a positive int, got 0"
+
+
+def _edited(tmp_path, name: str, scale: float = 1.0, **change) -> str:
+    g = GaussianOOD().fit(scale * np.random.default_rng(0).normal(size=(200, 4)))
+    for key, f in change.items():
+        setattr(g, key, f(getattr(g, key).copy()))
+    path = tmp_path / f"{name}.h5"
+    g.save(path)
+    return str(path)
+
+
+def _upper(L):
+    L[0, 1] = 1e-3
+    return L
+
+
+def _flat(L):
+    L[2, 2] = 0.0
+    return L
+
+
+@pytest.mark.parametrize(
+    "name, change, reason",
+    [
+        ("zero", {"covariance_": np.zeros_like, "cholesky_": np.zeros_like}, "the covariance is zero"),
+        ("asymmetric", {"covariance_": lambda c: c + np.triu(np.ones_like(c), 1)}, "the covariance is not symmetric"),
+        ("upper", {"cholesky_": _upper}, "cholesky is not a lower triangular factor with a positive diagonal"),
+        ("flat", {"cholesky_": _flat}, "cholesky is not a lower triangular factor with a positive diagonal"),
+        ("indefinite", {"covariance_": lambda c: c - 10 * np.eye(len(c))}, "the covariance is not positive definite"),
+    ],
+)
+def test_why_a_loaded_estimate_is_refused(tmp_path, name: str, change: dict, reason: str) -> None:
+    path = _edited(tmp_path, name, **change)
+    with pytest.raises(ValueError) as e:
+        GaussianOOD.load(path)
+    assert str(e.value) == f"{path} is not a valid flowaudit stats file ({reason})"
+
+
+@pytest.mark.parametrize("scale", [1e-2, 1.0, 1e2])
+def test_a_factor_off_by_more_than_1e_8_is_refused_at_any_scale(tmp_path, scale: float) -> None:
+    GaussianOOD.load(_edited(tmp_path, "close", scale, cholesky_=lambda L: L * (1 + 0.25e-8)))  # 0.5e-8 of Σ: kept
+    path = _edited(tmp_path, "off", scale, cholesky_=lambda L: L * (1 + 0.75e-8))  # 1.5e-8 of Σ: refused
+    with pytest.raises(ValueError, match="cholesky is not the covariance's factor"):
+        GaussianOOD.load(path)
