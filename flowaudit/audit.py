@@ -70,7 +70,7 @@ def fit(
     if settings.batch_size is None:
         settings = settings.replace(batch_size=FIT_BATCH)
     adapter = adapt(model)
-    cs = _as_set(data, "fit")
+    cs = _as_set(data, "fit", ctx)
     _check_shape(adapter, cs, "--data")
     if cs.mixed:  # images of several sizes: one per pass
         settings = settings.replace(batch_size=1)
@@ -145,7 +145,7 @@ def scan(
     settings = ctx.place(settings_from(settings, options))
     adapter = adapt(model)
     names = _layers(adapter, settings.layers)
-    sets, skipped = _scan_inputs(adapter, data, ood, settings.seed)
+    sets, skipped = _scan_inputs(adapter, data, ood, settings.seed, ctx)
     if any(cs.mixed for _, cs in sets):  # images of several sizes: one input per pass
         if settings.attack is not None and sets[0][1].mixed:
             raise AuditError("--attack needs in-distribution conditions of one size (this --data mixes image sizes)")
@@ -156,7 +156,7 @@ def scan(
         settings = settings.replace(exact=False, batch_size=batch, shard_inputs=SMALL_FLOW_SHARD)
     else:
         settings = settings.replace(exact=settings.exact is not False)
-    fit_set = _as_set(fit_data, "fit") if fit_data is not None else None
+    fit_set = _as_set(fit_data, "fit", ctx) if fit_data is not None else None
     gauss = _load_stats(adapter, stats, names, settings.pooling) if stats is not None else None
     with auditing(adapter, settings.device, settings.threads):
         run, memory = size_batches(adapter, sets[0][1], settings, ctx)
@@ -294,7 +294,7 @@ def attack(
         settings = settings.replace(attack=attack, batch_size=settings.batch_size or ATTACK_BATCH)
     adapter = adapt(model)
     starts = settings.attack_starts
-    cs = _as_set(data, "in") if data is not None else _default_conditions(adapter, starts or 16, settings.seed)
+    cs = _as_set(data, "in", ctx) if data is not None else _default_conditions(adapter, starts or 16, settings.seed)
     _check_shape(adapter, cs, "--data")
     if cs.mixed:
         raise AuditError("the attack needs conditions of one size (this --data mixes image sizes)")
@@ -454,11 +454,13 @@ def _ood_entry(gauss: GaussianOOD | None, names: list[str], pooling: str, scores
 # -- inputs -------------------------------------------------------------------------------------
 
 
-def _scan_inputs(adapter: Adapter, data: Any, ood: Any, seed: int) -> tuple[list[tuple[str, ConditionSet]], list[dict]]:
+def _scan_inputs(
+    adapter: Adapter, data: Any, ood: Any, seed: int, ctx: Context
+) -> tuple[list[tuple[str, ConditionSet]], list[dict]]:
     """The scan's finite condition sets (``in``, ``ood``) and the records of the non-finite ones (not sampled)."""
-    sets = [("in", _as_set(data, "in") if data is not None else _default_conditions(adapter, 64, seed))]
+    sets = [("in", _as_set(data, "in", ctx) if data is not None else _default_conditions(adapter, 64, seed))]
     if ood is not None:
-        sets.append(("ood", _as_set(ood, "ood")))
+        sets.append(("ood", _as_set(ood, "ood", ctx)))
     for name, cs in sets:
         _check_shape(adapter, cs, "--data" if name == "in" else "--ood-data")
     sets = [(name, cs.prefixed(name)) for name, cs in sets]  # ids unique across the report's sets
@@ -466,11 +468,13 @@ def _scan_inputs(adapter: Adapter, data: Any, ood: Any, seed: int) -> tuple[list
     return [(name, cs.finite()) for name, cs in sets], skipped
 
 
-def _as_set(data: Any, what: str) -> ConditionSet:
+def _as_set(data: Any, what: str, ctx: Context | None = None) -> ConditionSet:
+    """``data`` as a condition set; a path is read within ``--max-memory`` (without it, half the free RAM)."""
     if isinstance(data, ConditionSet):
         return data
     if isinstance(data, (str, Path)):
-        return load_conditions(data)
+        limit = None if ctx is None or ctx.max_memory is None else ctx.budget(torch.device("cpu"))
+        return load_conditions(data, max_bytes=limit)
     y = torch.as_tensor(data, dtype=torch.float32)
     return ConditionSet(
         y=y,

@@ -121,6 +121,12 @@ def files(tmp_path_factory) -> Path:
     for i in range(3):
         _png(f / "lr5" / f"{i}.png", 5, 5, seed=i)
         _png(f / "rgb4" / f"{i}.png", 4, 4, seed=i)
+        _png(f / "pairs" / "lr" / f"{i}.png", 4, 4, seed=i)  # LR 4×4 at ×4 needs HR 16×16
+        _png(f / "pairs" / "hr" / f"{i}.png", 16 if i else 8, 16 if i else 8, seed=10 + i)
+        _png(f / "widehr" / "lr" / f"{i}.png", 4, 4, seed=i)
+        _png(f / "widehr" / "hr" / f"{i}.png", 16, 20, seed=10 + i)
+    np.savez(f / "pairs.npz", y=np.zeros((2, 3, 4, 4), np.float32), x=np.zeros((2, 3, 12, 12), np.float32))
+    np.savez(f / "toypairs.npz", y=np.zeros((2, 2), np.float32), x=np.zeros((2, 3), np.float32))
     np.save(f / "onechannel.npy", np.zeros((2, 1, 4, 4), np.float32))
     # data
     (f / "emptydir").mkdir()
@@ -320,6 +326,34 @@ CASES = [
     ("data-empty-folder", scan_data("{F}/emptydir"), "{F}/emptydir: no PNG/JPEG images"),
     ("data-unreadable-image", scan_data("{F}/unreadable", "{F}/tiny_sr.pt"), "{F}/unreadable/b.png: unreadable image"),
     ("data-truncated-image", scan_data("{F}/trunc", "{F}/tiny_sr.pt"), "{F}/trunc/b.png: unreadable image"),
+    (
+        "data-hr-size-vs-scale",
+        scan_data("{F}/pairs", "{F}/tiny_sr.pt"),
+        "--data {F}/pairs: target 0 has shape (3, 8, 8), but the model (×4) makes samples of shape (3, 16, 16) "
+        "from a condition of shape (3, 4, 4)",
+    ),
+    (
+        "data-hr-aspect-vs-scale",
+        scan_data("{F}/widehr", "{F}/tiny_sr.pt"),
+        "--data {F}/widehr: target 0 has shape (3, 16, 20), but the model (×4) makes samples of shape (3, 16, 16)",
+    ),
+    ("data-npz-hr-vs-scale", scan_data("{F}/pairs.npz", "{F}/tiny_sr.pt"), "target row0 has shape (3, 12, 12)"),
+    ("data-npz-targets-vs-samples", scan_data("{F}/toypairs.npz"), "target row0 has shape (3,), but the model"),
+    (
+        "fit-hr-size-vs-scale",
+        ["fit", "{F}/tiny_sr.pt", "--data", "{F}/pairs", "--out", "{OUT}", "--device", "cpu"],
+        "--data {F}/pairs: target 0 has shape (3, 8, 8)",
+    ),
+    (
+        "fit-data-over-max-memory",
+        ["fit", "toy-affine", "--data", "{F}/train.npz", "--out", "{OUT}", "--device", "cpu", "--max-memory", "4096"],
+        "above the memory budget of 4.0 KiB (--max-memory)",
+    ),
+    (
+        "scan-data-over-max-memory",
+        [*scan_data("{F}/test.npz"), "--max-memory", "100"],
+        "{F}/test.npz: the arrays take",
+    ),
     (
         "data-lr-size-vs-squeeze",
         scan_data("{F}/lr5", "{F}/tiny_sr.pt"),

@@ -374,3 +374,30 @@ def test_gaussian_sums_do_not_depend_on_batch_size_or_shards() -> None:
                 assert np.abs(a - b).max() <= 1e-12 * np.abs(b).max(), (block, shards, name)
             s, r = g.score(V[:50]), ref.score(V[:50])
             assert np.abs(s - r).max() <= 1e-12 * np.abs(r).max(), (block, shards)
+
+
+@pytest.mark.parametrize("model", ["toy-affine", "sr-affine"])
+def test_fit_does_not_depend_on_batch_size_or_shards(model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The float32 encoder runs fixed passes, so batch sizes 1, 7, 4096 and 1–3 shards give the same Gaussian."""
+    import flowaudit
+    from flowaudit.adapters import load_model
+    from flowaudit.reference_models.toy import toy_data
+    from flowaudit.runs import runner
+
+    flow = load_model(model)
+    if model == "toy-affine":
+        y = np.asarray(toy_data(500, seed=0)[1])
+    else:
+        y = np.random.default_rng(0).uniform(0, 1, (200, *flow.condition_shape)).astype(np.float32)
+    ref = None
+    for shards in (1, 2, 3):
+        shard_inputs = 16 * math.ceil(len(y) / shards / 16)  # each shard a whole number of fixed passes
+        assert len(runner.shard_slices(len(y), shard_inputs)) == shards
+        monkeypatch.setattr(runner, "FIT_SHARD_INPUTS", shard_inputs)
+        for batch in (1, 7, 4096):
+            g = flowaudit.fit(flow, y, device="cpu", batch_size=batch).gaussian
+            if ref is None:
+                ref = g
+            for name in ("sum_", "sum_sq_", "location_", "covariance_"):
+                a, b = getattr(g, name), getattr(ref, name)
+                assert np.abs(a - b).max() <= 1e-12 * np.abs(b).max(), (model, shard_inputs, batch, name)

@@ -168,9 +168,17 @@ def _check_memory(path: Path, what: str, nbytes: int, max_bytes: int | None) -> 
     if budget is not None and nbytes > budget:
         raise _err(
             path,
-            f"{what} take {nbytes / 2**30:.1f} GiB once decoded, above the memory budget of "
-            f"{budget / 2**30:.1f} GiB (--max-memory); use fewer or smaller inputs",
+            f"{what} take {_size(nbytes)} once decoded, above the memory budget of "
+            f"{_size(budget)} (--max-memory); use fewer or smaller inputs",
         )
+
+
+def _size(nbytes: int) -> str:
+    """Bytes in the largest binary unit that keeps a number ≥ 1 (``16.0 KiB``, ``9.6 GiB``)."""
+    for unit, power in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if nbytes >= 2**power:
+            return f"{nbytes / 2**power:.1f} {unit}"
+    return f"{nbytes} bytes"
 
 
 def _check_images(path: Path, files: list[Path], max_bytes: int | None) -> None:

@@ -4,7 +4,9 @@ A condition of the wrong shape or size is the user's mistake, and it must say so
 with the shape the model expects, not crash deep inside the flow. The adapter's
 ``check_condition_shape`` is asked first; an image size it lets through that is not the model's
 own (a flow built for one size, a FrEIA graph) is tried with one pass of one condition at
-temperature 0, and refused when that pass fails while the model's own size runs.
+temperature 0, and refused when that pass fails while the model's own size runs. Targets (the
+HR of LR/HR pairs, the normal-light of low-light pairs) must have the shape of the model's samples
+for their condition (for SR, the LR size times the scale), found by the same one-condition pass.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from ..config.device import auditing
 from ..config.sampling import Sampling
 from ..errors import DataError
 from .datasets import ConditionSet
+from .ragged import Ragged
 
 __all__ = ["check_condition_shapes"]
 
@@ -32,21 +35,44 @@ def check_condition_shapes(adapter: Adapter, cs: ConditionSet, what: str) -> Non
         if shape == want or len(cs) == 0:
             continue
         first = next(i for i in range(len(cs)) if tuple(cs.y[i].shape) == shape)
-        problem = _trial(adapter, cs.y[first][None])
-        if problem is not None and _trial(adapter, torch.zeros((1, *want), dtype=torch.float32)) is None:
+        _, problem = _trial(adapter, cs.y[first][None])
+        if problem is not None and _trial(adapter, torch.zeros((1, *want), dtype=torch.float32))[1] is None:
             raise DataError(
                 f"{where}: {cs.ids[first]} has shape {shape}, which the model does not take "
                 f"(it expects {want}; {problem})"
             )
+    if cs.x is not None and len(cs):
+        _check_targets(adapter, cs, where)
 
 
-def _trial(adapter: Adapter, y: torch.Tensor) -> str | None:
-    """One sampling pass of one condition at τ = 0 on the model's device; ``None`` when it runs, else why not."""
+def _check_targets(adapter: Adapter, cs: ConditionSet, where: str) -> None:
+    """Each target must have the shape of the model's samples for its condition; one line naming both if not."""
+    made: dict[tuple[int, ...], tuple[int, ...] | None] = {}
+    for i in range(len(cs)):
+        shape, target = tuple(_row(cs.y, i).shape), tuple(_row(cs.x, i).shape)
+        if shape not in made:
+            made[shape] = _trial(adapter, _row(cs.y, i)[None])[0]
+        want = made[shape]
+        if want is not None and target != want:
+            scale = f" (×{adapter.scale})" if adapter.task == "sr" else ""
+            raise DataError(
+                f"{where}: target {cs.ids[i]} has shape {target}, but the model{scale} makes samples of shape "
+                f"{want} from a condition of shape {shape}"
+            )
+
+
+def _row(t: torch.Tensor | Ragged, i: int) -> torch.Tensor:
+    return t.items[i] if isinstance(t, Ragged) else t[i]
+
+
+def _trial(adapter: Adapter, y: torch.Tensor) -> tuple[tuple[int, ...] | None, str | None]:
+    """One sampling pass of one condition at τ = 0 on the model's device: ``(sample shape, None)`` when it runs,
+    else ``(None, why not)``."""
     device = adapter.device
     try:
         with auditing(adapter, device):
             y = y.to(device)
-            adapter.sample(y, Sampling(1, 0.0, 0).latents(adapter, y, 0, 0, device))
+            x = adapter.sample(y, Sampling(1, 0.0, 0).latents(adapter, y, 0, 0, device))
     except Exception as exc:  # any failure here is the size's: the model's own size is tried next
-        return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
-    return None
+        return None, f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+    return tuple(x.shape[1:]), None

@@ -37,7 +37,7 @@ from ..config.sampling import Phase
 from ..config.settings import Search, Settings
 from ..errors import AuditError
 from ..io.datasets import ConditionSet
-from ..stats.features import features
+from ..stats.features import EXACT_PASS_INPUTS, features
 from ..stats.gaussian import GaussianOOD
 from ..tracing.trace import Tracer
 from .memory import batch_for, default_budget, parse_size, peak_rss, probe_pass, release
@@ -122,9 +122,11 @@ def fit_gaussian(
     estimator, device = settings.estimator, settings.device
     slices = shard_slices(len(cs.y), FIT_SHARD_INPUTS)
     phase = Phase(len(cs.y), "fit", settings.progress)
+    # exact: fixed encoder passes from each shard's start, features independent of --batch-size and ranks
+    per_pass = EXACT_PASS_INPUTS if settings.exact is not False and not cs.mixed else settings.batch_size
 
     def shard(sl: slice) -> dict:
-        v = features(adapter, cs.y[sl], names, settings.pooling, settings.batch_size, device, False)
+        v = features(adapter, cs.y[sl], names, settings.pooling, per_pass, device, False)
         return {"keep": None, "state": gaussian_state(GaussianOOD(estimator=estimator).partial_fit(v))}
 
     def fold(g: GaussianOOD, state: dict) -> GaussianOOD:

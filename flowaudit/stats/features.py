@@ -5,6 +5,13 @@ channel (float64) and the pooled vectors are concatenated in the order the
 names are given. A model with no separate encoder uses the condition itself.
 Hooks come from :func:`flowaudit.adapters.hooks.hooked` and are removed when
 the capture ends; they keep pooled numbers, never the model's tensors.
+
+A float32 encoder's output for one input can change in its last bits with the
+size of the pass it runs in (the kernels pick their blocking by shape). An exact
+fit therefore runs passes of :data:`EXACT_PASS_INPUTS` inputs counted from each
+shard's start: which inputs share a pass depends on the data alone, never on
+``--batch-size`` or the number of ranks, so the features, and the float64 sums
+formed from them, are the same bit for bit.
 """
 
 from __future__ import annotations
@@ -24,9 +31,22 @@ from ..config.sampling import batches, progress_bar
 from ..errors import AuditError
 from .gaussian import GaussianOOD
 
-__all__ = ["POOLINGS", "pool", "FeatureCapture", "capture_features", "features", "fit_spatial", "spatial_map"]
+__all__ = [
+    "EXACT_PASS_INPUTS",
+    "POOLINGS",
+    "pool",
+    "FeatureCapture",
+    "capture_features",
+    "features",
+    "fit_spatial",
+    "spatial_map",
+]
 
 POOLINGS = ("avg", "avgstd", "spatial")
+
+#: Inputs per encoder pass of an exact fit: fixed, so that no feature depends on the batch size. Small
+#: enough to cost less memory than the default batch, large enough to cost little time over larger passes.
+EXACT_PASS_INPUTS = 16
 
 
 def pool(t: Tensor, pooling: str) -> Tensor:
