@@ -70,3 +70,28 @@ def test_error_band_edges() -> None:
     assert out["n_pixel_err"].tolist() == [0]
     assert _checks([-1.0, 0.0, 0.0, 0.0])["n_pixel_err"].tolist() == [1]  # the band is not [-1, 2]
     assert _checks([0.0, 2.0, 0.0, 0.0])["n_pixel_err"].tolist() == [1]
+
+
+class _Declared:
+    """A site that declares tail bounds (lo, 1): its structural ratio is lo."""
+
+    kind = "unknown"
+
+    def __init__(self, lo: float):
+        self.lo = lo
+
+    def tail_bounds(self):
+        return (self.lo, 1.0)
+
+    def tail_start(self):
+        return 0.0
+
+
+@pytest.mark.parametrize("tau", [0.5, 0.25, 0.9])
+def test_declared_bounds_exactly_at_tau_comply_and_one_ulp_below_violate(tau):
+    """The structural ratio rule is ``ratio >= τ``: at τ compliant, one ulp below violates, one above complies."""
+    from flowaudit.evidence.remark2 import structural_evidence
+
+    assert structural_evidence(_Declared(tau), tau)["verdict"] == "compliant"
+    assert structural_evidence(_Declared(math.nextafter(tau, 0.0)), tau)["verdict"] == "violates"
+    assert structural_evidence(_Declared(math.nextafter(tau, 1.0)), tau)["verdict"] == "compliant"
