@@ -34,7 +34,7 @@ released LOL configurations, which the bundled LLFlow reproduces; another value 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -229,13 +229,21 @@ def _bool(opt: Mapping, key: str, where: str) -> bool:
     return bool(v)
 
 
-def _int(opt: Mapping, key: str, where: str, lo: int = 0) -> int | None:
-    v = _get(opt, key)
+def _stated_bool(opt: Mapping, key: str, where: str) -> bool | None:
+    """The boolean at ``key``, or ``None`` when the file leaves it out (so that a default can be reported)."""
+    return _bool(opt, key, where) if _get(opt, key) is not None else None
+
+
+def _checked_int(v: Any, key: str, where: str, lo: int) -> int | None:
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise ModelError(f"{where}: {key} is {v!r}, not an integer ≥ {lo}")
     return v
+
+
+def _int(opt: Mapping, key: str, where: str, lo: int = 0) -> int | None:
+    return _checked_int(_get(opt, key), key, where, lo)
 
 
 def _ints(opt: Mapping, key: str, where: str) -> list[int] | None:
@@ -245,6 +253,158 @@ def _ints(opt: Mapping, key: str, where: str) -> list[int] | None:
     if not isinstance(v, list) or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in v):
         raise ModelError(f"{where}: {key} is {v!r}, not a list of integers ≥ 0")
     return list(v)
+
+
+def _steps_per_level(opt: Mapping, key: str, where: str, levels: Provenance | None) -> int | None:
+    """``K``, which the official FlowUpsamplerNet may also take as a list indexed by level (1-based);
+    flowaudit models the same K on every level, so such a list must repeat one value."""
+    K = _get(opt, key)
+    if isinstance(K, list):
+        if levels is None or len(K) < levels.value + 1 or len(set(K[1 : levels.value + 1])) != 1:
+            raise ModelError(f"{where}: {key} is {K!r}; flowaudit models the same K on every level")
+        K = K[1]
+    return _checked_int(K, key, where, 1)
+
+
+def _put(out: dict[str, Provenance], name: str, key: str, value: Any, default: Any = None) -> None:
+    """Record ``value`` as stated by the file, or the official ``default`` (not stated) when it is absent."""
+    if value is not None:
+        out[name] = Provenance(value, "option file", key)
+    elif default is not None:
+        out[name] = Provenance(default, "option file", key, stated=False)
+
+
+Reader = Callable[[Mapping, str, str, dict[str, Provenance]], None]
+
+# The integer sizes in the order they are reported: (name, option key, least value, official default).
+_SIZES: tuple[tuple[str, str, int, int | None], ...] = (
+    ("in_nc", "network_G.in_nc", 1, None),
+    ("out_nc", "network_G.out_nc", 1, None),
+    ("nf", "network_G.nf", 1, None),
+    ("nb", "network_G.nb", 1, None),
+    ("gc", "network_G.gc", 1, None),
+    ("L", "network_G.flow.L", 1, None),
+    ("K", "network_G.flow.K", 1, None),
+    ("n_transition", "network_G.flow.additionalFlowNoAffine", 0, 0),
+    ("hidden_channels", "network_G.flow.CondAffineSeparatedAndCond.hidden_channels", 1, 64),
+)
+
+
+def _read_identity(opt: Mapping, fam: str, where: str, out: dict[str, Provenance]) -> None:
+    """Which network the file describes: family, model class, coupling and the key layout it implies."""
+    model, coupling = "network_G.which_model_G", "network_G.flow.coupling"
+    out["family"] = Provenance(fam, "option file", model)
+    out["model"] = Provenance(_get(opt, model), "option file", model)
+    out["coupling"] = Provenance(_get(opt, coupling), "option file", coupling)
+    out["layout"] = Provenance(_LAYOUT[fam], "option file", model)
+
+
+def _read_sizes(opt: Mapping, fam: str, where: str, out: dict[str, Provenance]) -> None:
+    """The integer sizes of :data:`_SIZES`; ``K`` is read against the ``L`` read before it."""
+    for name, key, lo, default in _SIZES:
+        value = _steps_per_level(opt, key, where, out.get("L")) if name == "K" else _int(opt, key, where, lo)
+        _put(out, name, key, value, default)
+
+
+def _read_stack(opt: Mapping, fam: str, where: str, out: dict[str, Provenance]) -> None:
+    """Which trunk blocks feed the conditioning; flowaudit models them concatenated, as the releases do."""
+    key = "network_G.flow.stackRRDB.blocks"
+    blocks = _ints(opt, key, where)
+    _put(out, "stack_blocks", key, blocks, [])
+    if blocks and not _bool(opt, "network_G.flow.stackRRDB.concat", where):
+        raise ModelError(f"{where}: network_G.flow.stackRRDB.concat is not true; flowaudit models concatenated blocks")
+
+
+def _read_split(opt: Mapping, fam: str, where: str, out: dict[str, Provenance]) -> None:
+    """Whether levels split off half their channels, and with a split, whether ``correct_splits`` is on."""
+    key = "network_G.flow.split.enable"
+    split = _bool(opt, key, where)
+    out["split"] = Provenance(split, "option file", key, _get(opt, key) is not None)
+    if split:
+        key = "network_G.flow.split.correct_splits"
+        _put(out, "correct_splits", key, _stated_bool(opt, key, where), False)
+
+
+def _read_permutation(opt: Mapping, fam: str, where: str, out: dict[str, Provenance]) -> None:
+    """``permutation_train: false`` (the paper's spline recipe) keeps the random orthogonal 1×1s fixed."""
+    key = "network_G.flow.permutation_train"
+    perm = _stated_bool(opt, key, where)
+    out["fixed_invconv"] = Provenance(perm is False, "option file", key, perm is not None)
+
+
+def _read_scale(opt: Mapping, fam: str, where: str, out: dict[str, Provenance]) -> None:
+    """The scale from ``scale`` or ``network_G.upscale`` (which must agree); LLFlow's absent scale is 1."""
+    scale = _int(opt, "scale", where, 1)
+    upscale = _int(opt, "network_G.upscale", where, 1)
+    if scale is not None and upscale is not None and scale != upscale:
+        raise ModelError(f"{where}: scale is {scale} but network_G.upscale is {upscale}")
+    if fam == "llflow":
+        _put(out, "scale", "scale", scale, 1)
+    elif scale is not None:
+        _put(out, "scale", "scale", scale)
+    elif upscale is not None:
+        _put(out, "scale", "network_G.upscale", upscale)
+
+
+def _read_noise(opt: Mapping, fam: str, where: str, out: dict[str, Provenance]) -> None:
+    """NCSR's noise sub-net: the steps ``S`` that use it, its width, and FS-NCSR's ``divide_freq``."""
+    _put(out, "std_steps", "network_G.flow.S", _ints(opt, "network_G.flow.S", where))
+    _put(out, "std_channels", "network_G.flow.std_channels", _int(opt, "network_G.flow.std_channels", where, 1))
+    _put(out, "fs_ncsr", "divide_freq", _stated_bool(opt, "divide_freq", where), False)
+
+
+def _read_affine_eps(opt: Mapping, fam: str, where: str, out: dict[str, Provenance]) -> None:
+    """The affine coupling's scale floor ``eps`` (a number > 0; official default 1e-4)."""
+    key = "network_G.flow.CondAffineSeparatedAndCond.eps"
+    eps = _get(opt, key)
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0):
+        raise ModelError(f"{where}: {key} is {eps!r}, not a number > 0")
+    _put(out, "affine_eps", key, None if eps is None else float(eps), 1e-4)
+
+
+def _read_spline_bounds(opt: Mapping, fam: str, where: str, out: dict[str, Provenance]) -> None:
+    """The spline's interval. The official code reads left, righ (sic), bottom, top, with defaults
+    −0.5, 0.5, −0.5, 0.5; flowaudit's modified RQ-spline maps one interval onto itself."""
+    sub = "network_G.flow.CondRQsplineSeparatedAndCond"
+    vals = [_get(opt, f"{sub}.{k}") for k in ("left", "righ", "bottom", "top")]
+    stated = any(v is not None for v in vals)
+    lo_x, hi_x, lo_y, hi_y = (v if v is not None else d for v, d in zip(vals, (*_SPLINE_BOUNDS, *_SPLINE_BOUNDS)))
+    if (lo_x, hi_x) != (lo_y, hi_y):
+        raise ModelError(
+            f"{where}: {sub} gives the interval [{lo_x}, {hi_x}] for x and [{lo_y}, {hi_y}] for y; "
+            "flowaudit's modified RQ-spline maps one interval onto itself"
+        )
+    out["spline_bounds"] = Provenance([float(lo_x), float(hi_x)], "option file", sub, stated)
+
+
+def _read_llflow_pipeline(opt: Mapping, fam: str, where: str, out: dict[str, Provenance]) -> None:
+    """LLFlow's input-pipeline keys, each of which must hold the released value (:data:`_LLFLOW_SUPPORTED`)."""
+    for key, supported in _LLFLOW_SUPPORTED.items():
+        value = _get(opt, key)
+        stated = value is not None
+        value = value if stated else (None if isinstance(supported, str) else False)
+        if value != supported:
+            raise ModelError(
+                f"{where}: {key} is {_show(value)}{'' if stated else ' (absent)'}; flowaudit reproduces LLFlow "
+                f"with {key}: {_show(supported).lower() if isinstance(supported, bool) else supported} "
+                "(the released LOL configurations)"
+            )
+        out[key] = Provenance(value, "option file", key, stated)
+
+
+# Each reader adds its names in report order; a reader runs for the families listed beside it.
+_READERS: tuple[tuple[tuple[str, ...], Reader], ...] = (
+    (FAMILIES, _read_identity),
+    (FAMILIES, _read_sizes),
+    (FAMILIES, _read_stack),
+    (FAMILIES, _read_split),
+    (FAMILIES, _read_permutation),
+    (FAMILIES, _read_scale),
+    (_NOISE, _read_noise),
+    (_AFFINE, _read_affine_eps),
+    (("spline",), _read_spline_bounds),
+    (("llflow",), _read_llflow_pipeline),
+)
 
 
 def option_values(opt: Mapping, where: str = "option file") -> dict[str, Provenance]:
@@ -257,116 +417,9 @@ def option_values(opt: Mapping, where: str = "option file") -> dict[str, Provena
     """
     fam = family(opt)
     out: dict[str, Provenance] = {}
-
-    def put(name: str, key: str, value: Any, default: Any = None) -> None:
-        if value is not None:
-            out[name] = Provenance(value, "option file", key)
-        elif default is not None:
-            out[name] = Provenance(default, "option file", key, stated=False)
-
-    out["family"] = Provenance(fam, "option file", "network_G.which_model_G")
-    out["model"] = Provenance(_get(opt, "network_G.which_model_G"), "option file", "network_G.which_model_G")
-    out["coupling"] = Provenance(_get(opt, "network_G.flow.coupling"), "option file", "network_G.flow.coupling")
-    out["layout"] = Provenance(_LAYOUT[fam], "option file", "network_G.which_model_G")
-    for name in ("in_nc", "out_nc", "nf", "nb", "gc"):
-        put(name, f"network_G.{name}", _int(opt, f"network_G.{name}", where, 1))
-    put("L", "network_G.flow.L", _int(opt, "network_G.flow.L", where, 1))
-    K = _get(opt, "network_G.flow.K")
-    if isinstance(K, list):  # the official FlowUpsamplerNet indexes a list of K by level (1-based)
-        L = out.get("L")
-        if L is None or len(K) < L.value + 1 or len(set(K[1 : L.value + 1])) != 1:
-            raise ModelError(f"{where}: network_G.flow.K is {K!r}; flowaudit models the same K on every level")
-        K = K[1]
-    if K is not None and (isinstance(K, bool) or not isinstance(K, int) or K < 1):
-        raise ModelError(f"{where}: network_G.flow.K is {K!r}, not an integer ≥ 1")
-    put("K", "network_G.flow.K", K)
-    put(
-        "n_transition",
-        "network_G.flow.additionalFlowNoAffine",
-        _int(opt, "network_G.flow.additionalFlowNoAffine", where),
-        0,
-    )
-    hidden = _int(opt, "network_G.flow.CondAffineSeparatedAndCond.hidden_channels", where, 1)
-    put("hidden_channels", "network_G.flow.CondAffineSeparatedAndCond.hidden_channels", hidden, 64)
-    blocks = _ints(opt, "network_G.flow.stackRRDB.blocks", where)
-    put("stack_blocks", "network_G.flow.stackRRDB.blocks", blocks, [])
-    if blocks and not _bool(opt, "network_G.flow.stackRRDB.concat", where):
-        raise ModelError(f"{where}: network_G.flow.stackRRDB.concat is not true; flowaudit models concatenated blocks")
-    split = _bool(opt, "network_G.flow.split.enable", where)
-    out["split"] = Provenance(
-        split, "option file", "network_G.flow.split.enable", _get(opt, "network_G.flow.split.enable") is not None
-    )
-    if split:
-        cs = _get(opt, "network_G.flow.split.correct_splits")
-        put(
-            "correct_splits",
-            "network_G.flow.split.correct_splits",
-            _bool(opt, "network_G.flow.split.correct_splits", where) if cs is not None else None,
-            False,
-        )
-    # permutation_train: false (the paper's spline recipe) keeps the random orthogonal 1×1s fixed
-    perm = _get(opt, "network_G.flow.permutation_train")
-    if perm is not None and not isinstance(perm, bool):
-        raise ModelError(f"{where}: network_G.flow.permutation_train is {perm!r}, not true or false")
-    out["fixed_invconv"] = Provenance(
-        perm is False, "option file", "network_G.flow.permutation_train", perm is not None
-    )
-
-    scale = _int(opt, "scale", where, 1)
-    upscale = _int(opt, "network_G.upscale", where, 1)
-    if scale is not None and upscale is not None and scale != upscale:
-        raise ModelError(f"{where}: scale is {scale} but network_G.upscale is {upscale}")
-    if fam == "llflow":
-        put("scale", "scale", scale, 1)
-    elif scale is not None or upscale is not None:
-        put("scale", "scale" if scale is not None else "network_G.upscale", scale if scale is not None else upscale)
-
-    if fam in _NOISE:
-        S = _ints(opt, "network_G.flow.S", where)
-        put("std_steps", "network_G.flow.S", S)
-        put("std_channels", "network_G.flow.std_channels", _int(opt, "network_G.flow.std_channels", where, 1))
-        put(
-            "fs_ncsr",
-            "divide_freq",
-            _bool(opt, "divide_freq", where) if _get(opt, "divide_freq") is not None else None,
-            False,
-        )
-    if fam in _AFFINE:
-        eps = _get(opt, "network_G.flow.CondAffineSeparatedAndCond.eps")
-        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0):
-            raise ModelError(f"{where}: network_G.flow.CondAffineSeparatedAndCond.eps is {eps!r}, not a number > 0")
-        put("affine_eps", "network_G.flow.CondAffineSeparatedAndCond.eps", None if eps is None else float(eps), 1e-4)
-    if fam == "spline":
-        # the official code reads the keys left, righ (sic), bottom, top, with defaults −0.5, 0.5, −0.5, 0.5
-        sub = "network_G.flow.CondRQsplineSeparatedAndCond"
-        vals = {k: _get(opt, f"{sub}.{k}") for k in ("left", "righ", "bottom", "top")}
-        stated = any(v is not None for v in vals.values())
-        lo_x, hi_x = (
-            vals["left"] if vals["left"] is not None else -0.5,
-            vals["righ"] if vals["righ"] is not None else 0.5,
-        )
-        lo_y, hi_y = (
-            vals["bottom"] if vals["bottom"] is not None else -0.5,
-            vals["top"] if vals["top"] is not None else 0.5,
-        )
-        if (lo_x, hi_x) != (lo_y, hi_y):
-            raise ModelError(
-                f"{where}: {sub} gives the interval [{lo_x}, {hi_x}] for x and [{lo_y}, {hi_y}] for y; "
-                "flowaudit's modified RQ-spline maps one interval onto itself"
-            )
-        out["spline_bounds"] = Provenance([float(lo_x), float(hi_x)], "option file", sub, stated)
-    if fam == "llflow":
-        for key, supported in _LLFLOW_SUPPORTED.items():
-            value = _get(opt, key)
-            stated = value is not None
-            value = value if stated else (None if isinstance(supported, str) else False)
-            if value != supported:
-                raise ModelError(
-                    f"{where}: {key} is {_show(value)}{'' if stated else ' (absent)'}; flowaudit reproduces LLFlow "
-                    f"with {key}: {_show(supported).lower() if isinstance(supported, bool) else supported} "
-                    "(the released LOL configurations)"
-                )
-            out[key] = Provenance(value, "option file", key, stated)
+    for families, read in _READERS:
+        if fam in families:
+            read(opt, fam, where, out)
     return out
 
 

@@ -51,6 +51,84 @@ def export_checkpoint(src: str | Path, dst: str | Path) -> None:
         torch.save(state, tmp)
 
 
+def _setup(
+    model: ReferenceFlow,
+    *,
+    seed: int,
+    lr: float,
+    params: list[torch.nn.Parameter] | None,
+    device: torch.device,
+    resume: dict | None,
+) -> tuple[torch.optim.Adam, torch.Generator, int, int, list]:
+    """Seed, place the model, build Adam over ``params`` (all by default) and continue ``resume`` if given.
+
+    Returns ``(optimiser, batch generator, first step, skipped steps, history)``; a resumed run continues the
+    weights, optimiser, step and RNG of its checkpoint.
+    """
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model.to(device)
+    opt = torch.optim.Adam(params if params is not None else model.parameters(), lr=lr, betas=(0.9, 0.999))
+    if resume is None:
+        return opt, gen, 0, 0, []
+    model.load_state_dict(resume["state_dict"])
+    opt.load_state_dict(resume["optimizer"])
+    gen.set_state(resume["rng"])
+    return opt, gen, int(resume["step"]), int(resume["skipped_steps"]), list(resume["history"])
+
+
+def _checkpoint(
+    out: str | Path, model: ReferenceFlow, opt: torch.optim.Optimizer, gen: torch.Generator, device: torch.device,
+    **info: Any,
+) -> dict:
+    """Save ``out`` from CPU tensors (optimiser, RNG, then ``info``) and return the checkpoint dict."""
+    extra = dict(optimizer=opt.state_dict(), rng=gen.get_state(), **info)
+    model.cpu()
+    save_checkpoint(out, model, **extra)
+    model.to(device)
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "task": model.task,
+        "config": model.config,
+        "state_dict": model.state_dict(),
+        **extra,
+    }
+
+
+def _nll_step(
+    model: ReferenceFlow, opt: torch.optim.Optimizer, batch: tuple[Tensor, Tensor], device: torch.device
+) -> tuple[float, bool]:
+    """One Adam step on the mean NLL of ``batch``; ``(loss, applied)``.
+
+    NaN-safe: a non-finite batch never reaches the model (ActNorm would initialise from it), and a step
+    whose loss or gradient is not finite is not applied.
+    """
+    x, y = (t.to(device) for t in batch)
+    opt.zero_grad(set_to_none=True)
+    finite_batch = bool(torch.isfinite(x).all() and torch.isfinite(y).all())
+    loss = -model.log_prob(x, y).mean() if finite_batch else torch.tensor(float("nan"))
+    grads_ok = False
+    if torch.isfinite(loss):
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grads_ok = bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+    if grads_ok:
+        opt.step()
+    return float(loss.detach()), grads_ok
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float, step: int, halvings: list[int]) -> None:
+    """Halve ``lr`` once per milestone passed: a function of the step alone, so resuming needs no scheduler."""
+    for group in opt.param_groups:
+        group["lr"] = lr * 0.5 ** sum(step >= m for m in halvings)
+
+
+def _postfix(nll: float, skipped: int, dims: int | None, bpd_offset: float) -> dict[str, Any]:
+    """The progress bar's figures: NLL, bits/dim when ``dims`` is known, skipped steps."""
+    bpd = {"bpd": f"{nll / (dims * math.log(2)) + bpd_offset:.3f}"} if dims else {}
+    return {"nll": f"{nll:.4f}", **bpd, "skipped": skipped}
+
+
 def train(
     model: ReferenceFlow,
     batches: Batch,
@@ -69,86 +147,33 @@ def train(
     bpd_offset: float = 0.0,
     device: str | torch.device = "cpu",
 ) -> dict:
-    """Train ``model`` on ``batches(step, generator) -> (x, y)`` and write ``out``.
+    """Train ``model`` on ``batches(step, generator) -> (x, y)`` and write ``out``; returns the final checkpoint.
 
-    ``resume`` is a checkpoint dict from an earlier run of the same ``out``: the
-    weights, optimiser, step and RNG continue from it. ``params`` restricts the
-    trained parameters (e.g. a frozen encoder). ``dims`` (values per sample)
-    turns the loss into bits/dim for the progress bar, plus ``bpd_offset`` (8 for
-    dequantised 8-bit images in [0, 1]). Batches are drawn on the CPU (seeded) and
-    moved to ``device``; checkpoints are always saved from CPU tensors. Returns the final
-    checkpoint dict.
+    ``resume`` (a checkpoint of an earlier run of the same ``out``) continues its weights, optimiser, step and
+    RNG; ``params`` restricts what is trained (e.g. a frozen encoder); ``dims`` (values per sample, plus
+    ``bpd_offset``: 8 for dequantised 8-bit images in [0, 1]) shows the loss in bits/dim. Batches are drawn on
+    the CPU (seeded) and moved to ``device``.
     """
     from tqdm.auto import tqdm
 
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
     device = torch.device(device)
-    model.to(device)
-    opt = torch.optim.Adam(params if params is not None else model.parameters(), lr=lr, betas=(0.9, 0.999))
+    opt, gen, start, skipped, history = _setup(model, seed=seed, lr=lr, params=params, device=device, resume=resume)
     halvings = sorted({int(f * iters) for f in milestones})
-    start, skipped, history = 0, 0, []
-    if resume is not None:
-        model.load_state_dict(resume["state_dict"])
-        opt.load_state_dict(resume["optimizer"])
-        gen.set_state(resume["rng"])
-        start, skipped, history = int(resume["step"]), int(resume["skipped_steps"]), list(resume["history"])
 
     def checkpoint(step: int) -> dict:
-        extra = dict(
-            optimizer=opt.state_dict(),
-            rng=gen.get_state(),
-            step=step,
-            iters=iters,
-            seed=seed,
-            lr=lr,
-            data=data or {},
-            skipped_steps=skipped,
-            history=history,
-        )
-        model.cpu()
-        save_checkpoint(out, model, **extra)
-        model.to(device)
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "task": model.task,
-            "config": model.config,
-            "state_dict": model.state_dict(),
-            **extra,
-        }
+        info = dict(step=step, iters=iters, seed=seed, lr=lr, data=data or {}, skipped_steps=skipped, history=history)
+        return _checkpoint(out, model, opt, gen, device, **info)
 
     model.train()
-    bar = tqdm(
-        range(start, iters),
-        initial=start,
-        total=iters,
-        disable=not progress,
-        desc=f"train {model.task}",
-        mininterval=1.0,
-    )
+    desc = f"train {model.task}"
+    bar = tqdm(range(start, iters), initial=start, total=iters, disable=not progress, desc=desc, mininterval=1.0)
     for step in bar:
-        for group in opt.param_groups:  # a function of the step alone, so resuming needs no scheduler state
-            group["lr"] = lr * 0.5 ** sum(step >= m for m in halvings)
-        x, y = (t.to(device) for t in batches(step, gen))
-        opt.zero_grad(set_to_none=True)
-        # a non-finite batch never reaches the model: ActNorm would initialise from it
-        finite_batch = bool(torch.isfinite(x).all() and torch.isfinite(y).all())
-        loss = -model.log_prob(x, y).mean() if finite_batch else torch.tensor(float("nan"))
-        if torch.isfinite(loss):
-            loss.backward()
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            grads_ok = bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
-        else:
-            grads_ok = False
-        if grads_ok:
-            opt.step()
-        else:  # NaN-safe: a non-finite loss or gradient never reaches the weights
-            skipped += 1
-        value = float(loss.detach())
+        _set_lr(opt, lr, step, halvings)
+        value, applied = _nll_step(model, opt, batches(step, gen), device)
+        skipped += 0 if applied else 1
         if step % 50 == 0 or step == iters - 1:
             history.append((step, value))
-            bpd = value / (dims * math.log(2)) + bpd_offset if dims else None
-            bar.set_postfix(nll=f"{value:.4f}", **({"bpd": f"{bpd:.3f}"} if bpd is not None else {}), skipped=skipped)
+            bar.set_postfix(**_postfix(value, skipped, dims, bpd_offset))
         if (step + 1) % checkpoint_every == 0 and step + 1 < iters:
             checkpoint(step + 1)
     model.eval()

@@ -8,6 +8,7 @@ dict only (keys in ``docs/report.md``), so the HTML page and the JUnit XML say t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..utils.format import fmt, num
@@ -192,114 +193,155 @@ def _ckpt(m: dict) -> str:
     return name if name.endswith((".pt", ".pth", ".ckpt", ".safetensors")) else "CKPT"
 
 
+def _train_command(m: dict, coupling: str, suffix: str) -> str:
+    """``flowaudit train`` with another coupling; an image model starts ``--from`` the audited checkpoint."""
+    task = m.get("task") or "sr"
+    start = f" --from {_ckpt(m)}" if task in ("sr", "lowlight") else ""
+    return f"flowaudit train {task}{start} --coupling {coupling} --out {task}-{suffix}.pt"
+
+
+def _affine_violations(m: dict) -> list[dict]:
+    """The sites that violate Remark 2 through an affine (or unreadable) coupling, riskiest first."""
+    bad = [s for s in riskiest_sites(m.get("sites", [])) if s["remark2"]["verdict"] == "violates"]
+    return [s for s in bad if s["kind"] in _AFFINE or s["kind"] == "unknown"]
+
+
+def _no_sites(data: dict) -> Finding | None:
+    """The adapter found nothing to probe: an empty audit must not read as a clean one."""
+    m = data.get("model", {})
+    if (m.get("remark2") or {}).get("verdict") != "no sites found":
+        return None
+    return Finding(
+        "No conditional site was found",
+        (m.get("coverage") or {}).get("reason") or "no sites found",
+        "Name the sites in the adapter (or pass --model pkg:factory with an adapter that declares them); "
+        "an audit that saw nothing is not a clean result.",
+        [f"flowaudit inspect {m.get('name', 'MODEL')}"],
+    )
+
+
+def _affine_tails(data: dict) -> Finding | None:
+    """Affine sites violate Remark 2: the remedy is retraining with modified RQ-spline couplings."""
+    m = data.get("model", {})
+    affine = _affine_violations(m)
+    if not affine:
+        return None
+    task = m.get("task") or "sr"
+    hit = [s for s in affine if _on_data(s["remark2"]) or _attacked(s["remark2"])]
+    return Finding(
+        f"{len(affine)} {'/'.join(sorted({s['kind'] for s in affine}))} sites have tails whose derivative "
+        "bounds do not meet (Remark 2)",
+        f"{len(hit)} of them are triggered by your data or the attack; largest inverse gain "
+        f"{fmt((affine[0].get('inverse_gain') or {}).get('max'))} at {affine[0]['name']}. An affine site "
+        "computes c' = s(y): when the conditioning network meets an unfamiliar input, s can fall towards 0 "
+        "and 1/s explodes.",
+        "Retrain with modified RQ-spline couplings (identity tails: c' = 1 for large |x|, so the inverse "
+        "cannot blow up); --from keeps the encoder and every non-coupling weight. Then scan again.",
+        [
+            _train_command(m, "modified-rq-spline", "spline"),
+            f"flowaudit scan {task}-spline.pt --data DATA --ood-data OOD --out report-spline",
+        ],
+    )
+
+
+def _unbounded_scale(data: dict) -> Finding | None:
+    """Plain affine sites (not clamped): a quicker, weaker fix is to bound their scale."""
+    m = data.get("model", {})
+    if not any(s["kind"] == "affine" for s in _affine_violations(m)):
+        return None
+    return Finding(
+        "The scale of the affine sites is unbounded below",
+        "c' = s ∈ (10⁻⁴, 1]: one site alone may multiply a value by up to 10⁴ on the inverse pass.",
+        "A quicker, weaker fix: clamp the scale to (0.1, 1.1) (FS-NCSR†). It caps each site's inverse "
+        "gain at 10 but still violates Remark 2, so a stack of sites can still multiply it.",
+        [_train_command(m, "affine-bounded", "clamped")],
+    )
+
+
+def _unfamiliar_inputs(data: dict) -> Finding | None:
+    """Errors on scored inputs: gate inputs by s_OOD (with the threshold the data suggest) and widen training."""
+    risk, ood = data.get("risk") or {}, data.get("ood") or {}
+    if not (_failing_sets(data) and ood.get("s_ood")):
+        return None
+    fit = risk.get("logistic")
+    s_in = [num(v) for v in ood["s_ood"].get("in", [])]
+    s_in = [v for v in s_in if math.isfinite(v)]
+    gate = f"largest in-distribution s_OOD {fmt(max(s_in))}" if s_in else "an s_OOD threshold"
+    if fit and fit["coef"] > 0:
+        gate += f"; the logistic fit puts P(error) = 1/2 at s_OOD = {fmt(-fit['intercept'] / fit['coef'])}"
+    return Finding(
+        "Inputs unlike the training data break it",
+        f"AUROC of s_OOD for predicting an error {fmt(risk.get('auroc'))}; riskiest inputs "
+        f"{', '.join((risk.get('ranked') or [])[:3]) or '–'}.",
+        f"Tighter conditioning: refuse or flag inputs whose s_OOD passes a threshold ({gate}), and train "
+        "on data that cover the inputs you expect.",
+        [f"flowaudit fit {data.get('model', {}).get('name', 'MODEL')} --data TRAIN --out stats.h5"],
+    )
+
+
+def _blow_up_layer(data: dict) -> Finding | None:
+    """The first layer of the inverse pass whose variance explodes on OOD inputs: where to look first."""
+    if not data.get("explosion_layer"):
+        return None
+    return Finding(
+        f"The blow-up starts at layer {data['explosion_layer']}",
+        "the first layer of the inverse pass whose OOD/in-distribution variance ratio passes "
+        f"×{fmt((data.get('settings') or {}).get('explosion_threshold'))}.",
+        "Look at the sites in and just before this layer first (the layer trace below).",
+    )
+
+
+def _unproven(data: dict) -> Finding | None:
+    """Sites with an inconclusive verdict: declare their tails, or let the attack search them."""
+    m = data.get("model", {})
+    open_ = [s for s in m.get("sites", []) if s["remark2"]["verdict"] == "inconclusive"]
+    if not open_:
+        return None
+    return Finding(
+        f"{len(open_)} sites are unproven",
+        f"{open_[0]['name']}: {site_words(open_[0])}.",
+        "Declare their tail bounds in the adapter, or search for a worst case with the attack.",
+        [f"flowaudit attack {m.get('name', 'MODEL')} --data DATA --budget linf:0.05 --out attack-report"],
+    )
+
+
+def _attack_breaks(data: dict) -> Finding | None:
+    """The attack broke some starts: small changes of the condition suffice, so the fixes above apply."""
+    a = data.get("attack")
+    if not (a and a["summary"]["n_broken"]):
+        return None
+    return Finding(
+        f"The attack breaks {a['summary']['n_broken']} of {a['summary']['n_starts']} starts",
+        f"within {a['budget']['spec']}, median distance to break {fmt(a['summary']['median_distance_to_break'])}.",
+        "Small changes of the condition are enough: the fixes above apply; rerun the attack after them.",
+    )
+
+
+def _nothing_to_fix(data: dict) -> Finding:
+    """The one item of a clean report: keep holding retrained models to the same rule in CI."""
+    m = data.get("model", {})
+    certified = " and the model is certified" if (m.get("certificate") or {}).get("certified") else ""
+    return Finding(
+        "Nothing to fix",
+        f"every site complies with Remark 2{certified}.",
+        "Keep the audit in CI so that a retrained model is held to the same rule.",
+        [f"flowaudit scan {m.get('name', 'MODEL')} --data DATA --out report --fail-on unproven --junit audit.xml"],
+    )
+
+
+# One function per finding, in the order the page lists them; each returns its Finding or None.
+_FINDINGS: tuple[Callable[[dict], Finding | None], ...] = (
+    _no_sites,
+    _affine_tails,
+    _unbounded_scale,
+    _unfamiliar_inputs,
+    _blow_up_layer,
+    _unproven,
+    _attack_breaks,
+)
+
+
 def diagnosis(data: dict) -> list[Finding]:
     """The findings of a report, each tied to a fix (see module docstring); a clean model gets one item."""
-    m = data.get("model", {})
-    sites = m.get("sites", [])
-    task, name = m.get("task") or "sr", m.get("name", "MODEL")
-    bad = [s for s in riskiest_sites(sites) if s["remark2"]["verdict"] == "violates"]
-    out = []
-    if (m.get("remark2") or {}).get("verdict") == "no sites found":
-        reason = (m.get("coverage") or {}).get("reason") or "no sites found"
-        out.append(
-            Finding(
-                "No conditional site was found",
-                reason,
-                "Name the sites in the adapter (or pass --model pkg:factory with an adapter that declares them); "
-                "an audit that saw nothing is not a clean result.",
-                [f"flowaudit inspect {name}"],
-            )
-        )
-    affine = [s for s in bad if s["kind"] in _AFFINE or s["kind"] == "unknown"]
-    if affine:
-        hit = [s for s in affine if _on_data(s["remark2"]) or _attacked(s["remark2"])]
-        retrain = (
-            f"flowaudit train {task} --from {_ckpt(m)} --coupling modified-rq-spline --out {task}-spline.pt"
-            if task in ("sr", "lowlight")
-            else f"flowaudit train {task} --coupling modified-rq-spline --out {task}-spline.pt"
-        )
-        out.append(
-            Finding(
-                f"{len(affine)} {'/'.join(sorted({s['kind'] for s in affine}))} sites have tails whose derivative "
-                "bounds do not meet (Remark 2)",
-                f"{len(hit)} of them are triggered by your data or the attack; largest inverse gain "
-                f"{fmt((affine[0].get('inverse_gain') or {}).get('max'))} at {affine[0]['name']}. An affine site "
-                "computes c' = s(y): when the conditioning network meets an unfamiliar input, s can fall towards 0 "
-                "and 1/s explodes.",
-                "Retrain with modified RQ-spline couplings (identity tails: c' = 1 for large |x|, so the inverse "
-                "cannot blow up); --from keeps the encoder and every non-coupling weight. Then scan again.",
-                [retrain, f"flowaudit scan {task}-spline.pt --data DATA --ood-data OOD --out report-spline"],
-            )
-        )
-        if any(s["kind"] == "affine" for s in affine):
-            out.append(
-                Finding(
-                    "The scale of the affine sites is unbounded below",
-                    "c' = s ∈ (10⁻⁴, 1]: one site alone may multiply a value by up to 10⁴ on the inverse pass.",
-                    "A quicker, weaker fix: clamp the scale to (0.1, 1.1) (FS-NCSR†). It caps each site's inverse "
-                    "gain at 10 but still violates Remark 2, so a stack of sites can still multiply it.",
-                    [
-                        f"flowaudit train {task} --from {_ckpt(m)} --coupling affine-bounded --out {task}-clamped.pt"
-                        if task in ("sr", "lowlight")
-                        else f"flowaudit train {task} --coupling affine-bounded --out {task}-clamped.pt"
-                    ],
-                )
-            )
-    risk, ood = data.get("risk") or {}, data.get("ood") or {}
-    if _failing_sets(data) and ood.get("s_ood"):
-        fit = risk.get("logistic")
-        s_in = [num(v) for v in ood["s_ood"].get("in", [])]
-        s_in = [v for v in s_in if math.isfinite(v)]
-        gate = f"largest in-distribution s_OOD {fmt(max(s_in))}" if s_in else "an s_OOD threshold"
-        if fit and fit["coef"] > 0:
-            gate += f"; the logistic fit puts P(error) = 1/2 at s_OOD = {fmt(-fit['intercept'] / fit['coef'])}"
-        out.append(
-            Finding(
-                "Inputs unlike the training data break it",
-                f"AUROC of s_OOD for predicting an error {fmt(risk.get('auroc'))}; riskiest inputs "
-                f"{', '.join((risk.get('ranked') or [])[:3]) or '–'}.",
-                f"Tighter conditioning: refuse or flag inputs whose s_OOD passes a threshold ({gate}), and train "
-                "on data that cover the inputs you expect.",
-                [f"flowaudit fit {name} --data TRAIN --out stats.h5"],
-            )
-        )
-    if data.get("explosion_layer"):
-        out.append(
-            Finding(
-                f"The blow-up starts at layer {data['explosion_layer']}",
-                "the first layer of the inverse pass whose OOD/in-distribution variance ratio passes "
-                f"×{fmt((data.get('settings') or {}).get('explosion_threshold'))}.",
-                "Look at the sites in and just before this layer first (the layer trace below).",
-            )
-        )
-    open_ = [s for s in sites if s["remark2"]["verdict"] == "inconclusive"]
-    if open_:
-        out.append(
-            Finding(
-                f"{len(open_)} sites are unproven",
-                f"{open_[0]['name']}: {site_words(open_[0])}.",
-                "Declare their tail bounds in the adapter, or search for a worst case with the attack.",
-                [f"flowaudit attack {name} --data DATA --budget linf:0.05 --out attack-report"],
-            )
-        )
-    a = data.get("attack")
-    if a and a["summary"]["n_broken"]:
-        out.append(
-            Finding(
-                f"The attack breaks {a['summary']['n_broken']} of {a['summary']['n_starts']} starts",
-                f"within {a['budget']['spec']}, median distance to break "
-                f"{fmt(a['summary']['median_distance_to_break'])}.",
-                "Small changes of the condition are enough: the fixes above apply; rerun the attack after them.",
-            )
-        )
-    if not out:
-        certified = " and the model is certified" if (m.get("certificate") or {}).get("certified") else ""
-        out.append(
-            Finding(
-                "Nothing to fix",
-                f"every site complies with Remark 2{certified}.",
-                "Keep the audit in CI so that a retrained model is held to the same rule.",
-                [f"flowaudit scan {name} --data DATA --out report --fail-on unproven --junit audit.xml"],
-            )
-        )
-    return out
+    found = [f for f in (find(data) for find in _FINDINGS) if f is not None]
+    return found or [_nothing_to_fix(data)]
