@@ -146,16 +146,7 @@ def scan(
     adapter = adapt(model)
     names = _layers(adapter, settings.layers)
     sets, skipped = _scan_inputs(adapter, data, ood, settings.seed, ctx)
-    if any(cs.mixed for _, cs in sets):  # images of several sizes: one input per pass
-        if settings.attack is not None and sets[0][1].mixed:
-            raise AuditError("--attack needs in-distribution conditions of one size (this --data mixes image sizes)")
-        settings = settings.replace(exact=True)
-    small = settings.exact is None and small_flow(adapter, _first_condition(adapter, sets[0][1]))
-    if small:  # one pass a shard, the same on every machine whatever batch_size: the calls cost, not their sums
-        batch = SMALL_FLOW_SHARD * settings.samples
-        settings = settings.replace(exact=False, batch_size=batch, shard_inputs=SMALL_FLOW_SHARD)
-    else:
-        settings = settings.replace(exact=settings.exact is not False)
+    settings, small = _scan_passes(adapter, settings, sets)
     fit_set = _as_set(fit_data, "fit", ctx) if fit_data is not None else None
     gauss = _load_stats(adapter, stats, names, settings.pooling) if stats is not None else None
     with auditing(adapter, settings.device, settings.threads):
@@ -165,25 +156,7 @@ def scan(
     run = run.replace(band=band.bounds)
     attack_run = run.replace(batch_size=SCAN_ATTACK_BATCH, exact=run.exact or small)  # keeps its graph
     if not ctx.opened:  # the work folder checks everything the shards depend on before the first one
-        more = {}
-        if run.attack is not None:
-            starts = len(_first(sets[0][1], run.attack_starts).y)
-            more["attack"] = attack_settings(run.attack, starts, attack_run)
-        fitted = digest(fit_set.y) if fit_set is not None else None
-        ctx.open(
-            scan_settings(
-                adapter,
-                sets,
-                run,
-                layers=names,
-                pooling=run.pooling,
-                estimator=run.estimator,
-                stats=_stats_digest(gauss),
-                fit_data=fitted,
-                error_band=list(band.bounds),
-                **more,
-            )
-        )
+        ctx.open(_scan_work_settings(adapter, sets, run, attack_run, names, gauss, fit_set, band))
     spatial = None
     if fit_set is not None:
         gauss = fit(adapter, fit_set, run.replace(batch_size=FIT_BATCH), context=ctx).gaussian
@@ -255,6 +228,41 @@ def quick(
         "n_nonfinite_conditions": len(skipped),
         "skipped": list(SKIPPED),
     }
+
+
+def _scan_passes(adapter: Adapter, settings: Settings, sets: list) -> tuple[Settings, bool]:
+    """The scan's passes settled: one input a pass for mixed image sizes or exact runs, a small flow's shards
+    of :data:`SMALL_FLOW_SHARD` inputs in one pass when ``exact`` was left open; ``(settings, small)``."""
+    if any(cs.mixed for _, cs in sets):  # images of several sizes: one input per pass
+        if settings.attack is not None and sets[0][1].mixed:
+            raise AuditError("--attack needs in-distribution conditions of one size (this --data mixes image sizes)")
+        settings = settings.replace(exact=True)
+    small = settings.exact is None and small_flow(adapter, _first_condition(adapter, sets[0][1]))
+    if small:  # one pass a shard, the same on every machine whatever batch_size: the calls cost, not their sums
+        batch = SMALL_FLOW_SHARD * settings.samples
+        return settings.replace(exact=False, batch_size=batch, shard_inputs=SMALL_FLOW_SHARD), True
+    return settings.replace(exact=settings.exact is not False), False
+
+
+def _scan_work_settings(adapter, sets, run, attack_run, names, gauss, fit_set, band) -> dict:
+    """Everything a scan's shards depend on, checked by the work folder before the first one (``--resume``)."""
+    more = {}
+    if run.attack is not None:
+        starts = len(_first(sets[0][1], run.attack_starts).y)
+        more["attack"] = attack_settings(run.attack, starts, attack_run)
+    fitted = digest(fit_set.y) if fit_set is not None else None
+    return scan_settings(
+        adapter,
+        sets,
+        run,
+        layers=names,
+        pooling=run.pooling,
+        estimator=run.estimator,
+        stats=_stats_digest(gauss),
+        fit_data=fitted,
+        error_band=list(band.bounds),
+        **more,
+    )
 
 
 def inspect(model: Any, data: Any = None, settings: Settings | None = None, **options: Any) -> Report:
