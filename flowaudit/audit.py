@@ -463,7 +463,7 @@ def _ood_entry(gauss: GaussianOOD | None, names: list[str], pooling: str, scores
 
 
 def _scan_inputs(
-    adapter: Adapter, data: Any, ood: Any, seed: int, ctx: Context
+    adapter: Adapter, data: Any, ood: Any, seed: int, ctx: Context | None = None
 ) -> tuple[list[tuple[str, ConditionSet]], list[dict]]:
     """The scan's finite condition sets (``in``, ``ood``) and the records of the non-finite ones (not sampled)."""
     sets = [("in", _as_set(data, "in", ctx) if data is not None else _default_conditions(adapter, 64, seed))]
