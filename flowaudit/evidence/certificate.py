@@ -158,6 +158,56 @@ def _compose(steps: list[tuple[float, float]], ordered: bool) -> tuple[float, fl
     return gain, offset
 
 
+def _sites_bound(names: Any, by_name: dict) -> tuple[float, float, float | None, float, str | None]:
+    """The composed (gain, offset) of the sites one layer applies, in their order, by structure and as scanned
+    (``None`` when one has no scanned bound), and why no bound holds (``None`` when it does)."""
+    g, d, gs, ds, why = 1.0, 0.0, 1.0, 0.0, None
+    for name in names:
+        e = by_name.get(name)
+        if e is None:
+            why = why or f"site {name} is not in the report"
+            gs = None
+            continue
+        st = e["remark2"]["structural"]
+        b = _site_bound(st["certificate"], st.get("tail_start"), False)
+        sb = _site_bound(st["certificate"], st.get("tail_start"), True)
+        if b is None:
+            why = why or f"{name}: {st['certificate'].get('why')}"
+        else:
+            g, d = g * b[0], d * b[0] + b[1]
+        if sb is None or gs is None:
+            gs = None
+        else:
+            gs, ds = gs * sb[0], ds * sb[0] + sb[1]
+    return g, d, gs, ds, why
+
+
+def _contradicted(names: Any, by_name: dict) -> list[dict]:
+    """A bounded layer that applies a site (a split's prior): its own bound, read from the live layer, replaces the
+    site's class-level structure, but no evidence may contradict it."""
+    out = []
+    for name in names:
+        e = by_name.get(name)
+        r2 = (e or {}).get("remark2") or {}
+        if r2.get("verdict") == "violates" and set(r2.get("rests_on") or []) - {"structural"}:
+            out.append({"site": name, "why": f"{e['remark2']['verdict']} on {'+'.join(e['remark2']['rests_on'])}"})
+    return out
+
+
+def _unplaced(by_name: dict, covered: set[str], listed: bool, entries: list[dict], cov: dict) -> list[dict]:
+    """Sites the layer list does not place, and sites never reached while sampling."""
+    out = []
+    if listed:
+        missing = [n for n in by_name if n not in covered]
+        out += [{"site": n, "why": "a site the adapter's layer list does not place"} for n in missing]
+    if entries and not cov.get("complete", True):
+        unvisited = cov.get("unvisited") or []
+        out += [{"site": n, "why": "never reached while sampling"} for n in unvisited]
+        if not unvisited:
+            out.append({"site": None, "why": f"coverage incomplete: {cov.get('reason')}"})
+    return out
+
+
 def model_certificate(
     entries: list[dict], coverage: dict | None = None, layers: list[Any] | None = None, ordered: bool = True
 ) -> dict:
@@ -180,24 +230,7 @@ def model_certificate(
         row = layer.to_dict()
         covered.update(layer.sites)
         if layer.kind == "site" or (layer.gain is None and layer.sites and layer.why is None):
-            g, d, gs, ds, why = 1.0, 0.0, 1.0, 0.0, None
-            for name in layer.sites:
-                e = by_name.get(name)
-                if e is None:
-                    why = why or f"site {name} is not in the report"
-                    gs = None
-                    continue
-                st = e["remark2"]["structural"]
-                b = _site_bound(st["certificate"], st.get("tail_start"), False)
-                sb = _site_bound(st["certificate"], st.get("tail_start"), True)
-                if b is None:
-                    why = why or f"{name}: {st['certificate'].get('why')}"
-                else:
-                    g, d = g * b[0], d * b[0] + b[1]
-                if sb is None or gs is None:
-                    gs = None
-                else:
-                    gs, ds = gs * sb[0], ds * sb[0] + sb[1]
+            g, d, gs, ds, why = _sites_bound(layer.sites, by_name)
             row.update(gain=None if why else g, offset=None if why else d, why=why)
             if why:
                 blocking.append({"site": layer.sites[0] if len(layer.sites) == 1 else layer.name, "why": why})
@@ -218,26 +251,12 @@ def model_certificate(
             )
             scanned = None
         else:
-            for name in layer.sites:  # a bounded layer that applies a site (a split's prior): its own bound, read
-                # from the live layer, replaces the site's class-level structure, but no evidence may contradict it
-                e = by_name.get(name)
-                r2 = (e or {}).get("remark2") or {}
-                if r2.get("verdict") == "violates" and set(r2.get("rests_on") or []) - {"structural"}:
-                    blocking.append(
-                        {"site": name, "why": f"{e['remark2']['verdict']} on {'+'.join(e['remark2']['rests_on'])}"}
-                    )
+            blocking += _contradicted(layer.sites, by_name)
             steps.append((layer.gain, layer.offset or 0.0))
             if scanned is not None:
                 scanned.append((layer.gain, layer.offset or 0.0))
         table.append(row)
-    if layers is not None:
-        missing = [n for n in by_name if n not in covered]
-        blocking += [{"site": n, "why": "a site the adapter's layer list does not place"} for n in missing]
-    if entries and not cov.get("complete", True):
-        unvisited = cov.get("unvisited") or []
-        blocking += [{"site": n, "why": "never reached while sampling"} for n in unvisited]
-        if not unvisited:
-            blocking.append({"site": None, "why": f"coverage incomplete: {cov.get('reason')}"})
+    blocking += _unplaced(by_name, covered, layers is not None, entries, cov)
     if not entries:
         blocking.insert(0, {"site": None, "why": "no sites found"})
     ok = not blocking
