@@ -8,7 +8,7 @@ truncations and byte-level mutations of a valid file. Whatever the bytes, it eit
 exception (which the CLI would report as an internal error, exit 3).
 
 Examples are bounded and derandomised (the same inputs every run, well under 30 s in all);
-``FLOWAUDIT_FUZZ_EXAMPLES=2000`` and ``FLOWAUDIT_FUZZ_RANDOM=1`` turn it into a real fuzzing session.
+``FLOWAUDIT_FUZZ_EXAMPLES=2000`` and ``FLOWAUDIT_FUZZ_RANDOM=1`` turn it into a long, randomised fuzzing run.
 """
 
 from __future__ import annotations
