@@ -175,7 +175,7 @@ def model_options(f):
     )(f)
     f = click.option(
         "--affine-eps",
-        type=click.FloatRange(min=0, min_open=True),
+        type=V.FiniteFloat(0, min_open=True),
         expose_value=False,
         callback=_official("affine_eps"),
         help="Official SRFlow, NCSR, FS-NCSR, LLFlow checkpoints: the affine coupling's eps "
