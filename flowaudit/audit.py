@@ -241,7 +241,7 @@ def _scan_passes(adapter: Adapter, settings: Settings, sets: list) -> tuple[Sett
     if small:  # one pass a shard, the same on every machine whatever batch_size: the calls cost, not their sums
         batch = SMALL_FLOW_SHARD * settings.samples
         return settings.replace(exact=False, batch_size=batch, shard_inputs=SMALL_FLOW_SHARD), True
-    return settings.replace(exact=settings.exact is not False), False
+    return settings.replace(exact=settings.exact_passes), False
 
 
 def _scan_work_settings(adapter, sets, run, attack_run, names, gauss, fit_set, band) -> dict:
@@ -354,7 +354,7 @@ def _attack_set(
     instead (shards keyed apart), and the entry says why.
     """
     sub, how = _first(cs, starts), run.attack
-    kw = dict(batch_size=run.batch_size, device=run.device, progress=run.progress, exact=run.exact is not False)
+    kw = dict(batch_size=run.batch_size, device=run.device, progress=run.progress, exact=run.exact_passes)
     kw.update(work=ctx.work, group=ctx.group)
     try:
         return run_attack(adapter, sub, how, run.sampling, key="attack", **kw)
@@ -402,7 +402,7 @@ def _sampling_entry(settings: Settings) -> dict:
         "temperature": settings.temperature,
         "seed": settings.seed,
         "device": str(settings.device),
-        "exact": settings.exact is not False,
+        "exact": settings.exact_passes,
         "passes": {"inputs_per_pass": settings.inputs_per_pass, "small_flow": settings.shard_inputs is not None},
     }
 

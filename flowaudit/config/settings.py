@@ -116,9 +116,14 @@ class Settings:
         return max(1, (self.batch_size or self.samples) // self.samples)
 
     @property
+    def exact_passes(self) -> bool:
+        """Whether each pass holds one input's K samples: ``exact`` unless it is ``False`` (``None`` means exact)."""
+        return self.exact is not False
+
+    @property
     def inputs_per_pass(self) -> int:
         """Inputs per inverse pass: one in exact mode, else as many as ``batch_size`` holds."""
-        return 1 if self.exact is not False else self.inputs_per_batch
+        return 1 if self.exact_passes else self.inputs_per_batch
 
 
 # the attack command's own keywords of the Python API, gathered into a :class:`Search`

@@ -123,7 +123,7 @@ def fit_gaussian(
     slices = shard_slices(len(cs.y), FIT_SHARD_INPUTS)
     phase = Phase(len(cs.y), "fit", settings.progress)
     # exact: fixed encoder passes from each shard's start, features independent of --batch-size and ranks
-    per_pass = EXACT_PASS_INPUTS if settings.exact is not False and not cs.mixed else settings.batch_size
+    per_pass = EXACT_PASS_INPUTS if settings.exact_passes and not cs.mixed else settings.batch_size
 
     def shard(sl: slice) -> dict:
         v = features(adapter, cs.y[sl], names, settings.pooling, per_pass, device, False)
@@ -162,9 +162,7 @@ def scan_sets(
     ctx: Context,
 ) -> tuple[list[Tracer], list[dict], dict[str, np.ndarray]]:
     """Sample every set shard by shard; ``(tracers, records, scores)`` with shards merged in order."""
-    feature_batch = (
-        1 if run.exact is not False else run.inputs_per_batch
-    )  # the encoder too: one input per pass when exact
+    feature_batch = 1 if run.exact_passes else run.inputs_per_batch  # the encoder too: one input per pass when exact
 
     def shard(index: int, name: str, cs: ConditionSet, sl: slice) -> dict:
         if gauss is not None:
@@ -213,7 +211,7 @@ def size_batches(adapter: Adapter, cs: ConditionSet, run: Settings, ctx: Context
     if run.batch_size is not None or len(cs.y) == 0:
         return run.replace(batch_size=run.batch_size or run.samples), budget
     per_sample, base = probe_pass(adapter, cs.y, run.sampling, run.device)
-    size = batch_for(budget, base, per_sample, run.sampling.samples, run.exact is not False)
+    size = batch_for(budget, base, per_sample, run.sampling.samples, run.exact_passes)
     if ctx.group is not None:  # one batch size for every rank: the same passes as one process
         size = min(ctx.group.all_gather(size))
     return run.replace(batch_size=size), budget
@@ -244,7 +242,7 @@ def scan_settings(adapter: Adapter, sets: Sequence[tuple[str, ConditionSet]], ru
         "samples": run.sampling.samples,
         "temperature": run.sampling.temperature,
         "seed": run.sampling.seed,
-        "exact": run.exact is not False,
+        "exact": run.exact_passes,
         "inputs_per_pass": run.inputs_per_pass,
         "device": run.device.type,
         **more,
@@ -265,5 +263,5 @@ def attack_settings(how: Search, starts: int, run: Settings) -> dict:
         "layer_factor": how.layer_factor,
         "starts": starts,
         "attack_shard_starts": ATTACK_SHARD_STARTS,
-        "starts_per_pass": 1 if run.exact is not False else min(run.inputs_per_batch, ATTACK_SHARD_STARTS),
+        "starts_per_pass": 1 if run.exact_passes else min(run.inputs_per_batch, ATTACK_SHARD_STARTS),
     }
