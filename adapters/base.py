@@ -340,6 +340,15 @@ class Adapter(ABC):
             raise ValueError(f"conditions have shape {got}, the model expects {want}")
 
     @property
+    def probe_shape(self) -> tuple[int, ...]:
+        """The condition shape the probes draw at when no data is given (inspect, the condition sweep).
+
+        Drawn conditions carry no content, so their size only sets the cost; an adapter that knows which
+        image sizes its model takes gives a small one here. Default: :attr:`condition_shape`.
+        """
+        return tuple(self.condition_shape)
+
+    @property
     def output_range(self) -> tuple[float, float]:
         """Valid range of a sample's values: the model's ``output_range`` attribute, else [0, 1]."""
         return tuple(getattr(self.model, "output_range", (0.0, 1.0)))

@@ -61,13 +61,16 @@ _UNUSED = ("flowUpsamplerNet.f.",)  # the official net builds this conv but neve
 
 
 def _build_model(layout: str, config: dict):
-    if layout == "llflow":
-        from ..reference_models.lowlight import LLFlow
+    """The bundled architecture for ``layout`` on the ``meta`` device: shapes only, no random initialisation
+    of weights the checkpoint is about to replace (seconds and a copy of every weight on a released model)."""
+    with torch.device("meta"):
+        if layout == "llflow":
+            from ..reference_models.lowlight import LLFlow
 
-        return LLFlow(**config)
-    from ..reference_models.sr import SRFlow
+            return LLFlow(**config)
+        from ..reference_models.sr import SRFlow
 
-    return SRFlow(**config)
+        return SRFlow(**config)
 
 
 def _to_ours(state: dict[str, Tensor], model) -> dict[str, Tensor]:
@@ -86,7 +89,7 @@ def _to_ours(state: dict[str, Tensor], model) -> dict[str, Tensor]:
             continue
         if k.endswith("invconv.weight") and v.dim() == 4:
             v = v.reshape(v.shape[0], v.shape[1])
-        out[k] = v
+        out[k] = v.float() if v.is_floating_point() else v  # the bundled networks run in float32
     return out
 
 
@@ -239,12 +242,13 @@ def build(obj: Any, name: str | None = None, *, official_config: str | Path | No
         inferred[key] = p.value
     inferred["source"] = {**inferred["source"], **{k: p.source for k, p in resolved.items()}}
     model = _build_model(layout, config)
-    missing, unexpected = model.load_state_dict(_to_ours(state, model), strict=False)
+    # the checkpoint's tensors become the weights (no copy); what it lacks is ActNorm's flag
+    missing, unexpected = model.load_state_dict(_to_ours(state, model), strict=False, assign=True)
     assert not unexpected and all(k.endswith(".initialized") for k in missing), (missing, unexpected)
     eps = inferred.get("affine_eps")
     for m in model.modules():
         if isinstance(m, ActNorm):  # loaded weights: never re-initialise from data (official behaviour)
-            m.initialized.fill_(True)
+            m.initialized = torch.tensor(True)
         elif eps is not None and type(m) is Affine:  # CondAffineSeparatedAndCond.eps other than 1e-4 / 0.1
             m.eps = float(eps)
     model.name = name or f"official-{layout}"

@@ -275,7 +275,7 @@ def inspect(model: Any, data: Any = None, settings: Settings | None = None, **op
     settings = settings_from(settings, options, samples=4, batch_size=INSPECT_BATCH)
     probe = settings.replace(batch_size=settings.batch_size or INSPECT_BATCH, exact=False, progress=False)
     adapter = adapt(model)
-    cs = _as_set(data, "in") if data is not None else _default_conditions(adapter, 64, probe.seed)
+    cs = _as_set(data, "in") if data is not None else _probe_conditions(adapter, probe.seed)
     _check_shape(adapter, cs, "--data")
     cs = _first(cs.finite(), 256)
     with auditing(adapter, probe.device, probe.threads):
@@ -504,10 +504,19 @@ def _layers(adapter: Adapter, layers: Sequence[str] | None) -> list[str]:
     return list(adapter.feature_layers() if layers is None else layers)
 
 
-def _default_conditions(adapter: Adapter, n: int, seed: int) -> ConditionSet:
-    """Conditions drawn for the model's condition shape when no data is given (images: uniform in the output range)."""
+def _probe_conditions(adapter: Adapter, seed: int) -> ConditionSet:
+    """Inspect's conditions when no data is given: 64 vectors, or 8 images of the adapter's
+    :attr:`~flowaudit.adapters.Adapter.probe_shape` (each pixel is a visited point, so a few small images
+    visit more points than the vectors, at a cost that does not grow with the model's training size)."""
+    shape = tuple(adapter.probe_shape)
+    return _default_conditions(adapter, 8 if len(shape) == 3 else 64, seed, shape)
+
+
+def _default_conditions(adapter: Adapter, n: int, seed: int, shape: tuple[int, ...] | None = None) -> ConditionSet:
+    """``n`` conditions drawn for ``shape`` (default: the model's condition shape) when no data is given
+    (images: uniform in the output range)."""
     g = torch.Generator().manual_seed(seed)
-    shape = tuple(adapter.condition_shape)
+    shape = tuple(adapter.condition_shape) if shape is None else shape
     lo, hi = adapter.output_range
     if len(shape) == 3:
         y = torch.rand((n, *shape), generator=g) * (hi - lo) + lo

@@ -72,6 +72,23 @@ class ReferenceFlow(nn.Module):
         raise NotImplementedError
 
     # -- shared -----------------------------------------------------------------
+    def encode_once(self, y: Tensor) -> Any:
+        """:meth:`encode` with each run of equal consecutive conditions encoded once, its rows repeated.
+
+        Sampling passes a condition once per sample, K in a row; the encoder (often the larger half of an SR
+        flow) then costs one row instead of K, with the same values per row. The gradient of a run reaches
+        its first row (a condition repeated per sample gets its whole gradient). One host read a call, to
+        size the distinct rows.
+        """
+        if y.shape[0] < 2:
+            return self.encode(y)
+        starts = torch.cat([y.new_ones(1, dtype=torch.bool), (y[1:] != y[:-1]).flatten(1).any(1)])
+        first = starts.nonzero().squeeze(1)
+        if len(first) == len(y):
+            return self.encode(y)
+        run = starts.long().cumsum(0) - 1  # row → its run
+        return _take(self.encode(y.index_select(0, first)), run)
+
     def base_log_prob(self, latents: list[Tensor], y: Tensor) -> Tensor:
         """Standard-normal log-density of the latents, (B,).
 
@@ -100,3 +117,10 @@ class ReferenceFlow(nn.Module):
 
     def sample(self, y: Tensor, temperature: float = 0.9, generator: torch.Generator | None = None) -> Tensor:
         return self.reverse(self.sample_latents(y, temperature, generator), y)
+
+
+def _take(out: Any, rows: Tensor) -> Any:
+    """``out`` (a tensor, or lists and tuples of them) with its batch rows picked by ``rows``."""
+    if isinstance(out, Tensor):
+        return out.index_select(0, rows)
+    return type(out)(_take(o, rows) for o in out)

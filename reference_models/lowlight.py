@@ -175,7 +175,7 @@ class LLFlow(ReferenceFlow):
         return [eps], logdet + ladj.flatten(1).sum(1)
 
     def reverse(self, latents: list[Tensor], y: Tensor) -> Tensor:
-        conds, mean = self.encode(y)
+        conds, mean = self.encode_once(y)
         (eps,) = latents
         z, _ = self.prior(eps, self._prior_params(mean), reverse=True)
         return self.flowUpsamplerNet.decode([z], conds)[0]

@@ -496,7 +496,7 @@ class SRFlow(ReferenceFlow):
         return self.flowUpsamplerNet.encode(x, self.encode(y))
 
     def reverse(self, latents: list[Tensor], y: Tensor) -> Tensor:
-        x, _ = self.flowUpsamplerNet.decode(latents, self.encode(y))
+        x, _ = self.flowUpsamplerNet.decode(latents, self.encode_once(y))
         return x + self.upsample(y) if self.residual else x
 
     def latent_shapes(self, y: Tensor) -> list[tuple[int, ...]]:

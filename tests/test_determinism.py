@@ -127,7 +127,10 @@ def _floats_close(a, b, path="", rel=1e-6):
         for i, (x, y) in enumerate(zip(a, b)):
             _floats_close(x, y, f"{path}[{i}]", rel)
     elif isinstance(a, float) and isinstance(b, float):
-        assert math.isclose(a, b, rel_tol=rel, abs_tol=1e-12) or (math.isnan(a) and math.isnan(b)), (
+        # a spread of K values near each other (LR-PSNR's std over samples) loses the relative digits its
+        # inputs share: float32 rounding of a 30 dB PSNR is ~1e-6 dB absolute
+        small = 1e-5 if path.endswith("_std") else 1e-12
+        assert math.isclose(a, b, rel_tol=rel, abs_tol=small) or (math.isnan(a) and math.isnan(b)), (
             f"{path}: {a} vs {b}"
         )
     else:
@@ -135,12 +138,12 @@ def _floats_close(a, b, path="", rel=1e-6):
 
 
 def test_sr_batched_passes_residual(sr_sets):
-    """Batched passes: the SR flow's inverse is batch-invariant, its RRDB encoder is not (s_OOD moves ~1e-7)."""
+    """Batched passes promise no bits: a pass of n inputs runs the RRDB encoder on n rows (each input
+    encoded once), and its convolutions round differently for other batch sizes. Counts agree exactly,
+    figures to float32 rounding."""
     a, b = (_sr_scan(sr_sets, batch_size=2 * n, exact=False) for n in (1, 3))
-    assert a["layers"] == b["layers"]
-    strip = lambda r: {k: v for k, v in r.items() if k not in ("s_ood", "risk")}
-    assert [strip(r) for r in a["inputs"]] == [strip(r) for r in b["inputs"]]
-    _floats_close(a["ood"]["s_ood"], b["ood"]["s_ood"], "s_ood", rel=1e-6)
+    for key in ("layers", "inputs", "ood"):
+        _floats_close(a[key], b[key], key, rel=1e-5)
 
 
 # -- the pieces ---------------------------------------------------------------------------------------

@@ -460,3 +460,32 @@ def test_gradients_reach_the_used_parameters():
             assert p.grad is None, name
         else:
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("make", [sr, ll])
+def test_encode_once_equals_encode_of_every_row_and_passes_gradients(make):
+    """Sampling encodes each run of equal consecutive conditions once: the rows equal encoding all of them
+    (float64, so kernels' batch blocking cannot hide a wrong row), NaN rows are never merged, and the gradient
+    of a condition repeated per sample is the one :meth:`encode` gives."""
+    torch.manual_seed(0)
+    model = make().double().eval()
+    data = sr_data if make is sr else ll_data
+    _, y = data(model, n=3, dtype=torch.float64)
+    rows = y.repeat_interleave(torch.tensor([2, 1, 3]), 0)  # runs of 2, 1 and 3
+    rows[3, 0, 0, 0] = float("nan")  # a lone NaN row in the last run
+
+    def flat(out):
+        return torch.cat([t.flatten(1) for t in (out if isinstance(out, list) else [*out[0], out[1]])], 1)
+
+    once, every = flat(model.encode_once(rows)), flat(model.encode(rows))
+    ok = torch.isfinite(every)
+    assert torch.equal(ok, torch.isfinite(once)) and torch.allclose(once[ok], every[ok], rtol=1e-12, atol=1e-12)
+    leaf = y.clone().requires_grad_(True)  # the attack's way: a leaf per condition, repeated per sample
+
+    def repeat(t):
+        return t.repeat_interleave(torch.tensor([2, 1, 3]), 0)
+
+    weights = torch.randn(once.shape, dtype=torch.float64)
+    (g_once,) = torch.autograd.grad((flat(model.encode_once(repeat(leaf))) * weights).sum(), leaf)
+    (g_every,) = torch.autograd.grad((flat(model.encode(repeat(leaf))) * weights).sum(), leaf)
+    assert g_every.abs().min(0).values.gt(0).any() and torch.allclose(g_once, g_every, rtol=1e-9, atol=1e-12)

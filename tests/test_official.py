@@ -284,3 +284,31 @@ def test_cli_reports_what_it_inferred(tmp_path):
     assert unsaid.exit_code == 2 and "--fs-ncsr or divide_freq" in unsaid.stderr
     bad = runner.invoke(cli, ["inspect", str(path), "--stack-blocks", "one,two"])
     assert bad.exit_code == 2
+
+
+def test_inspect_without_data_probes_small_images_and_finds_the_same_sites():
+    """Drawn conditions carry no content: inspect draws 8 images of the smallest size the squeezes take, not
+    the 160-pixel training patch, and the sites sampling calls are the same at either size."""
+    adapter = off.build(fixture("srflow-x4")["state_dict"], **options("srflow-x4"))
+    assert adapter.condition_shape == (3, 40, 40) and adapter.probe_shape == (3, 8, 8)
+    adapter.check_condition_shape(adapter.probe_shape)  # a size the model takes
+    data = json.loads(flowaudit.inspect(adapter, samples=2, device="cpu").to_json())["data"]["in"]
+    assert data == {"kind": "drawn", "n": 8, "shape": [3, 8, 8]}
+    small = {s.name for s in adapter.sites()}
+    full = off.build(fixture("srflow-x4")["state_dict"], **options("srflow-x4"))
+    full.__class__ = type("FullSize", (type(full),), {"probe_shape": property(lambda self: self.condition_shape)})
+    assert {s.name for s in full.sites()} == small and small
+
+
+def test_loaded_weights_are_the_checkpoint_values_in_float32():
+    """The network is built without random initialisation and takes the checkpoint's tensors (half precision
+    widened to float32); every weight equals the file's, every ActNorm counts as initialised."""
+    state = {k: v.half() if v.is_floating_point() else v for k, v in fixture("srflow-x4")["state_dict"].items()}
+    model = off.build(state, **options("srflow-x4")).model
+    ours = model.state_dict()
+    assert all(v.dtype == torch.float32 for v in ours.values() if v.is_floating_point())
+    for k, v in state.items():
+        if k in ours:
+            assert torch.equal(ours[k], v.float().reshape(ours[k].shape)), k
+    assert all(bool(m.initialized) for m in model.modules() if hasattr(m, "initialized"))
+    assert all(p.device.type == "cpu" for p in model.parameters())

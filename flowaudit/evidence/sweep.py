@@ -54,8 +54,8 @@ class _Keeper:
 
 def _bases(adapter: Any, n: int, seed: int) -> Tensor:
     g = torch.Generator().manual_seed(seed)
-    shape = (n, *adapter.condition_shape)
-    return torch.rand(shape, generator=g) if len(adapter.condition_shape) == 3 else torch.randn(shape, generator=g)
+    shape = (n, *adapter.probe_shape)
+    return torch.rand(shape, generator=g) if len(shape) == 4 else torch.randn(shape, generator=g)
 
 
 def sweep(
