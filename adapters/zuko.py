@@ -37,6 +37,8 @@ from .library import LibraryAdapter
 
 __all__ = ["ZukoAdapter", "UnivariateSite", "SoftclipSite", "matches", "make"]
 
+_HELD_BUILDS = 16  # built maps a site holds for the probe (one per parameter tensor it is probing)
+
 
 class _ZukoSite(Site):
     """A site whose map is the transform ``build(params)`` returns; params (B, n, P)."""
@@ -68,14 +70,18 @@ class _ZukoSite(Site):
         return self.derivative_of(self._built_for(params, dtype), x).reshape(len(values), -1).to(given)
 
     def _built_for(self, params: Tensor, dtype: torch.dtype):
-        """The map built from ``params``, kept for the next probe of the same unchanged tensor (the probe asks
-        for one decade of values at a time under the same parameters)."""
-        key = (id(params), params._version, dtype)
-        held = getattr(self, "_held_build", None)
-        if held is not None and held[0] == key and held[1]() is params:
-            return held[2]
+        """The map built from ``params``, held while that tensor lives unchanged: the probe asks for one decade
+        of values at a time under each of its parameter tensors in turn, so a few are held."""
+        held: dict[int, tuple] = self.__dict__.setdefault("_held_builds", {})
+        got = held.get(id(params))
+        if got is not None and got[0]() is params and got[1:3] == (params._version, dtype):
+            return got[3]
+        for key in [k for k, v in held.items() if v[0]() is None]:  # their tensors are gone
+            del held[key]
+        while len(held) >= _HELD_BUILDS:
+            del held[next(iter(held))]
         built = self.build(self.probe_params(params, dtype))
-        self._held_build = (key, weakref.ref(params), built)
+        held[id(params)] = (weakref.ref(params), params._version, dtype, built)
         return built
 
 
