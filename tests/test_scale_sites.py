@@ -101,3 +101,30 @@ def test_reference_probe_in_one_call_matches_per_value(name):
         per_value = site.derivative_at(values, params)
     assert type(site).batched_probe
     assert torch.equal(batched, per_value)
+
+
+def test_gain_plot_draws_the_riskiest_sites_only():
+    """A model of many sites gets histograms of the riskiest :data:`GAIN_PANELS` (the page's table order picks
+    them, the inverse-pass order draws them); a model of few gets every site."""
+    import copy
+
+    from flowaudit.render.plots import GAIN_PANELS, gain_plot, gain_sites
+
+    import flowaudit
+
+    y = torch.randn(6, 2, generator=torch.Generator().manual_seed(6))
+    site = flowaudit.scan(load_model("toy-affine"), y, samples=2, device="cpu").data["model"]["sites"][0]
+    assert site["inverse_gain"]["histogram"]
+    sites = []
+    for i in range(20):
+        s = copy.deepcopy(site)
+        s["name"], s["inverse_gain"]["max"] = f"s{i}", float((i * 7) % 20)  # gains 0 … 19 in a shuffled order
+        sites.append(s)
+    sites.append(dict(copy.deepcopy(site), name="unvisited", inverse_gain={}))
+    drawn = gain_sites(sites)
+    assert len(drawn) == GAIN_PANELS
+    assert sorted(s["inverse_gain"]["max"] for s in drawn) == [float(g) for g in range(20 - GAIN_PANELS, 20)]
+    assert [s["name"] for s in drawn] == [s["name"] for s in sites if s in drawn]  # inverse-pass order
+    assert gain_sites(sites[:3]) == sites[:3]
+    assert gain_plot(sites).startswith("data:image/png;base64,")
+    assert gain_plot(sites[-1:]) is None
