@@ -70,18 +70,17 @@ class _ZukoSite(Site):
         return self.derivative_of(self._built_for(params, dtype), x).reshape(len(values), -1).to(given)
 
     def _built_for(self, params: Tensor, dtype: torch.dtype):
-        """The map built from ``params``, held while that tensor lives unchanged: the probe asks for one decade
-        of values at a time under each of its parameter tensors in turn, so a few are held."""
+        """The map built from ``params``, held while that tensor lives unchanged (dropped when it is freed): the
+        probe asks for one decade of values at a time under each of its parameter tensors in turn."""
         held: dict[int, tuple] = self.__dict__.setdefault("_held_builds", {})
-        got = held.get(id(params))
+        key = id(params)
+        got = held.get(key)
         if got is not None and got[0]() is params and got[1:3] == (params._version, dtype):
             return got[3]
-        for key in [k for k, v in held.items() if v[0]() is None]:  # their tensors are gone
-            del held[key]
         while len(held) >= _HELD_BUILDS:
             del held[next(iter(held))]
         built = self.build(self.probe_params(params, dtype))
-        held[id(params)] = (weakref.ref(params), params._version, dtype, built)
+        held[key] = (weakref.ref(params, lambda _: held.pop(key, None)), params._version, dtype, built)
         return built
 
 

@@ -84,6 +84,9 @@ def test_zuko_probe_builds_once_and_matches_repeated_rows():
         assert torch.equal(site.derivative_at(values, params), Site.derivative_at(site, values, params))
         tails = site.derivative_at(torch.tensor([-1e30, 1e30], dtype=torch.float64), params)
         assert torch.equal(tails, torch.ones_like(tails))  # the identity beyond the knots
+        assert site._held_builds
+        del params
+        assert not site._held_builds  # a freed tensor's build is dropped with it
 
 
 @pytest.mark.parametrize("name", ["toy-affine", "toy-modified-rq-spline", "sr-affine"])
@@ -108,9 +111,8 @@ def test_gain_plot_draws_the_riskiest_sites_only():
     them, the inverse-pass order draws them); a model of few gets every site."""
     import copy
 
-    from flowaudit.render.plots import GAIN_PANELS, gain_plot, gain_sites
-
     import flowaudit
+    from flowaudit.render.plots import GAIN_PANELS, gain_plot, gain_sites
 
     y = torch.randn(6, 2, generator=torch.Generator().manual_seed(6))
     site = flowaudit.scan(load_model("toy-affine"), y, samples=2, device="cpu").data["model"]["sites"][0]
