@@ -130,3 +130,32 @@ def test_gain_plot_draws_the_riskiest_sites_only():
     assert gain_sites(sites[:3]) == sites[:3]
     assert gain_plot(sites).startswith("data:image/png;base64,")
     assert gain_plot(sites[-1:]) is None
+
+
+def _nflows_spline(inverted: bool):
+    pytest.importorskip("nflows")
+    from nflows.distributions.normal import StandardNormal
+    from nflows.flows.base import Flow
+    from nflows.nn.nets import ResidualNet
+    from nflows.transforms.base import CompositeTransform, InverseTransform
+    from nflows.transforms.coupling import PiecewiseRationalQuadraticCouplingTransform
+
+    torch.manual_seed(0)
+    net = lambda a, b: ResidualNet(a, b, hidden_features=16, context_features=2, num_blocks=1)  # noqa: E731
+    t = PiecewiseRationalQuadraticCouplingTransform([1, 0], net, num_bins=8, tails="linear", tail_bound=3.0)
+    return Flow(CompositeTransform([InverseTransform(t) if inverted else t]), StandardNormal([2])).eval()
+
+
+@pytest.mark.parametrize("inverted", [False, True])
+def test_nflows_probe_copies_the_rows_once_and_leaves_them_intact(inverted):
+    """The probe hands the library its own repeated rows (rescaled in place there) with the bits of the generic
+    path, and the kept parameters stay as they were, one probe value included (a view of them)."""
+    site = adapt(_nflows_spline(inverted)).sites()[0]
+    params = torch.randn(30, 23, generator=torch.Generator().manual_seed(7), dtype=torch.float64)  # no cast to copy
+    kept = params.clone()
+    for values in (_probe_values(), torch.tensor([2.5], dtype=torch.float64)):
+        with torch.no_grad():
+            fast = site.derivative_at(values, params)
+            slow = Site.derivative_at(site, values, params)  # Site.probe: derivative() on repeated rows, copied
+        assert fast.shape == (len(values), 30) and torch.equal(fast, slow)
+        assert torch.equal(params, kept)
