@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Observer, PriorSite, Site, affine_kind, elementwise_derivative, sweep_bounds
+from .base import Observer, PriorSite, Site, affine_kind, elementwise_derivative, fill, repeat_rows, sweep_bounds
 from .bounds import LayerBound, gaussian_base
 from .dataflow import FlowLayerSite, found_site, probe_inputs
 from .library import LibraryAdapter
@@ -117,6 +117,11 @@ class CouplingSite(_TransformSite):
             return torch.exp(self.cdf(x, params, inverse=False)[1])  # the library's own log c', per element
         return super().derivative(x, params)
 
+    def derivative_at(self, values: Tensor, params: Tensor) -> Tensor:
+        if self.kind in ("affine", "affine-bounded", "additive") or not self.elementwise:
+            return super().derivative_at(values, params)
+        return _probe_cdf(self, values, params, inverse=False)
+
     @property
     def elementwise(self) -> bool:
         """Whether the library's piecewise map gives its log-derivative per element (``_piecewise_cdf``, called
@@ -126,9 +131,10 @@ class CouplingSite(_TransformSite):
         t = type(self.module)
         return issubclass(t, Piecewise) and t._coupling_transform is Piecewise._coupling_transform
 
-    def cdf(self, x: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        """``_coupling_transform`` of the library before its sum: ``(outputs, log |d out / d x|)`` per element."""
-        params = params.clone()  # splines rescale in place
+    def cdf(self, x: Tensor, params: Tensor, inverse: bool, own: bool = False) -> tuple[Tensor, Tensor]:
+        """``_coupling_transform`` of the library before its sum: ``(outputs, log |d out / d x|)`` per element.
+        The library rescales the parameters in place: they are copied first unless ``own`` (the caller's copy)."""
+        params = params if own else params.clone()
         if x.dim() == 4:
             b, c, h, w = x.shape
             params = params.reshape(b, c, -1, h, w).permute(0, 1, 3, 4, 2)
@@ -223,8 +229,25 @@ class InvertedSite(_TransformSite):
             return torch.exp(self.inner.cdf(x, params, inverse=True)[1])
         return super().derivative(x, params)
 
+    def derivative_at(self, values: Tensor, params: Tensor) -> Tensor:
+        if getattr(self.inner, "elementwise", False):
+            return _probe_cdf(self.inner, values, params, inverse=True)
+        return super().derivative_at(values, params)
+
     def _inverse_step(self, inputs: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         return self.inner.forward_step(inputs, context)
+
+
+def _probe_cdf(site: CouplingSite, values: Tensor, params: Tensor, inverse: bool) -> Tensor:
+    """``c'`` of an elementwise coupling at every probe value and point, (V, M), as :meth:`Site.probe` gives it:
+    the parameter rows repeated per value are this call's own copy, which the library may rescale in place."""
+    dtype, given = site.probe_dtype(values), values.dtype
+    p = site.probe_params(params, dtype)
+    rows = repeat_rows(p, len(values))
+    if rows.untyped_storage().data_ptr() == p.untyped_storage().data_ptr():  # one value: a view of the kept rows
+        rows = rows.clone()
+    x = fill(values.to(dtype), site.input_shape(params))
+    return torch.exp(site.cdf(x, rows, inverse, own=True)[1]).reshape(len(values), -1).to(given)
 
 
 class NflowsAdapter(LibraryAdapter):

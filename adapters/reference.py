@@ -32,6 +32,8 @@ PROBE_SIZE = 8  # smallest condition side the probes draw at (NCSR's encoder nee
 class ElementwiseSite(Site):
     """A site that is an :class:`Elementwise` module; params are its ``h`` tensors."""
 
+    batched_probe = True  # elementwise maps of their parameters: every probe value in one call
+
     def __init__(self, name: str, module: Elementwise):
         self.name, self.module, self.kind = name, module, module.kind
 

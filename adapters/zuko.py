@@ -23,6 +23,7 @@ with a forward hook on each hyper-network, removed on exit.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -35,6 +36,8 @@ from .hooks import hooked
 from .library import LibraryAdapter
 
 __all__ = ["ZukoAdapter", "UnivariateSite", "SoftclipSite", "matches", "make"]
+
+_HELD_BUILDS = 16  # built maps a site holds for the probe (one per parameter tensor it is probing)
 
 
 class _ZukoSite(Site):
@@ -53,7 +56,32 @@ class _ZukoSite(Site):
         return self.build(params)(x)
 
     def derivative(self, x: Tensor, params: Tensor) -> Tensor:
-        return self.build(params).call_and_ladj(x)[1].exp().expand_as(x)  # the library's own log |c'|
+        return self.derivative_of(self.build(params), x)
+
+    def derivative_of(self, built, x: Tensor) -> Tensor:
+        """``c'`` of a built univariate at ``x``: the library's own log |c'|."""
+        return built.call_and_ladj(x)[1].exp().expand_as(x)
+
+    def derivative_at(self, values: Tensor, params: Tensor) -> Tensor:
+        """``c'(v)`` for every probe value at every point: the map built once from ``params`` (B, n, P) and
+        evaluated at (V, B, n) by broadcasting, as zuko's transforms broadcast their parameters; (V, B·n)."""
+        dtype, given = self.probe_dtype(values), values.dtype
+        x = values.to(dtype).reshape(-1, 1, 1).expand(len(values), *self.input_shape(params))
+        return self.derivative_of(self._built_for(params, dtype), x).reshape(len(values), -1).to(given)
+
+    def _built_for(self, params: Tensor, dtype: torch.dtype):
+        """The map built from ``params``, held while that tensor lives unchanged (dropped when it is freed): the
+        probe asks for one decade of values at a time under each of its parameter tensors in turn."""
+        held: dict[int, tuple] = self.__dict__.setdefault("_held_builds", {})
+        key = id(params)
+        got = held.get(key)
+        if got is not None and got[0]() is params and got[1:3] == (params._version, dtype):
+            return got[3]
+        while len(held) >= _HELD_BUILDS:
+            del held[next(iter(held))]
+        built = self.build(self.probe_params(params, dtype))
+        held[key] = (weakref.ref(params, lambda _: held.pop(key, None)), params._version, dtype, built)
+        return built
 
 
 class UnivariateSite(_ZukoSite):
@@ -90,13 +118,18 @@ class UnivariateSite(_ZukoSite):
             return "rq-spline", (1.0, 1.0), float(u0.horizontal[..., -1].max())
         return "unknown", None, None
 
-    def derivative(self, x: Tensor, params: Tensor) -> Tensor:
+    def derivative_of(self, built, x: Tensor) -> Tensor:
         if self.kind == "unknown":  # no closed form: one forward-mode JVP of the library's map
             try:
-                return elementwise_derivative(lambda u: self.build(params)(u), x, forward=True)
+                return elementwise_derivative(built, x, forward=True)
             except RuntimeError:  # an autograd.Function without forward-mode support (UNAF's quadrature)
                 pass
-        return super().derivative(x, params)
+        return super().derivative_of(built, x)
+
+    def derivative_at(self, values: Tensor, params: Tensor) -> Tensor:
+        if self.kind == "unknown":  # a JVP through a map with weights: one block of values at a time
+            return Site.derivative_at(self, values, params)
+        return super().derivative_at(values, params)
 
     def tail_bounds(self) -> tuple[float, float] | None:
         return self._bounds
@@ -118,11 +151,19 @@ class UnivariateSite(_ZukoSite):
         seen: list[Tensor] = []
         with hooked(self.lazy, ["hyper"], lambda name, args, kwargs, out: seen.append(out if keep else out.detach())):
             transform = self.lazy(c)  # built for these conditions, as flow(c) builds it
+            built = _recording(transform)
             x = transform.inv(y)
         params = seen[-1].unflatten(-1, (-1, self.lazy.total))
         x_b = x[..., transform.idx_b] if self.mode == "coupling" else x
         dtype = self.probe_dtype(x_b)
-        return x, (1.0 / self.derivative(x_b.to(dtype), params.to(dtype))).to(x.dtype), params
+        if dtype != x_b.dtype:  # a univariate with weights of another dtype: built again in theirs
+            return x, (1.0 / self.derivative(x_b.to(dtype), params.to(dtype))).to(x.dtype), params
+        from zuko.transforms import DependentTransform
+
+        univariate = built[-1] if built else transform  # the map that produced x_b (a coupling's last meta call)
+        if isinstance(univariate, DependentTransform):
+            univariate = univariate.base
+        return x, 1.0 / self.derivative_of(univariate, x_b), params
 
 
 class SoftclipSite(_ZukoSite):
@@ -277,6 +318,23 @@ class ZukoAdapter(LibraryAdapter):
         z, ladj = self.model.transform(y).call_and_ladj(x)
         mean, std = self._base(y)
         return [(z - mean) / std], ladj.reshape(x.shape[0], -1).sum(1) - std.log().sum(1)
+
+
+def _recording(transform: Any) -> list[Any]:
+    """The univariate maps ``transform``'s ``meta`` builds from here on (a coupling's or an autoregressive
+    transform's, one per call; an element-wise transform has none and is its own map), so that c' is read
+    from the very map that made the sample rather than from a second build of it."""
+    built: list[Any] = []
+    meta = getattr(transform, "meta", None)
+    if callable(meta):
+
+        def record(*args: Any, **kwargs: Any) -> Any:
+            out = meta(*args, **kwargs)
+            built.append(out)
+            return out
+
+        transform.meta = record  # this built transform's own attribute, not the model's
+    return built
 
 
 def matches(model: Any) -> bool:

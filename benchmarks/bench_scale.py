@@ -12,7 +12,12 @@ transforms, 8 bins) and the bundled 2-D toys — and 1000 conditions × K = 4 sa
 The arms take turns after a warm-up (imports, compiled loops); each figure is the median over ``--repeats``
 rounds, and the ratio scan / bare is taken within each round. Goals: scan ≤ 3 × bare, inspect ≤ 2 s.
 
-Run: ``python benchmarks/bench_scale.py [--repeats 3] [--threads 1] [--clock cpu] [--device cpu|cuda]``.
+``--parts`` adds where a scan's time goes, in the same clock (medians over the rounds): *sampling* (the
+sampling loop: latents, observed inverse passes, per-input records), *evidence* (the per-site entries: the
+condition sweep and the tail probes under the swept and the kept parameters) and the rest (on a GPU: host time,
+nothing synchronises inside a scan for it).
+
+Run: ``python benchmarks/bench_scale.py [--repeats 3] [--threads 1] [--clock cpu] [--device cpu|cuda] [--parts]``.
 """
 
 from __future__ import annotations
@@ -91,6 +96,31 @@ def _toy(coupling: str) -> Callable[[], tuple[torch.nn.Module, Callable, Callabl
 FLOWS = {"nflows-rqs": _nflows, "zuko-nsf": _zuko, "toy-affine": _toy("affine"), "toy-mrqs": _toy("modified-rq-spline")}
 
 
+def _timed_parts(clock: Callable[[], float]) -> dict[str, float]:
+    """Time spent in a scan's sampling loop and in its per-site evidence, summed into the returned dict (the
+    engine's functions are wrapped where the scan looks them up; nothing else changes)."""
+    import flowaudit.audit as audit
+    import flowaudit.runs.runner as runner
+
+    spent: dict[str, float] = {}
+
+    def wrap(module, name: str, part: str) -> None:
+        fn = getattr(module, name)
+
+        def timed(*args, **kwargs):
+            t = clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[part] = spent.get(part, 0.0) + clock() - t
+
+        setattr(module, name, timed)
+
+    wrap(runner, "sample_range", "sampling")
+    wrap(audit, "site_entries", "evidence")
+    return spent
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -98,6 +128,7 @@ def main() -> None:
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", default=",".join(FLOWS), help="comma-separated rows")
+    ap.add_argument("--parts", action="store_true", help="also time a scan's sampling and evidence")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -114,11 +145,15 @@ def main() -> None:
             torch.cuda.synchronize(dev)
         return clock() - t
 
+    parts = _timed_parts(clock) if args.parts else None
     y = torch.randn(N_INPUTS, 2, generator=torch.Generator().manual_seed(1))
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
-          f"{args.clock} clock, device {dev}, {N_INPUTS} conditions x {SAMPLES} samples, {args.repeats} rounds")
-    print("| flow | bare s | scan s | scan / bare | goal ≤ 3 | inspect s | goal ≤ 2 s | passes |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
+        f"{args.clock} clock, device {dev}, {N_INPUTS} conditions x {SAMPLES} samples, {args.repeats} rounds"
+    )
+    extra = " sampling s | evidence s | rest s |" if parts is not None else ""
+    print("| flow | bare s | scan s | scan / bare | goal ≤ 3 | inspect s | goal ≤ 2 s | passes |" + extra)
+    print("| --- " * (8 + 3 * bool(extra)) + "|")
     for name in args.only.split(","):
         model, sample, forward = FLOWS[name]()
         model.to(dev)
@@ -134,9 +169,15 @@ def main() -> None:
         report = scan()  # warm-up: imports, compiled loops, first calls
         bare()
         flowaudit.inspect(model, device=str(dev))
-        ratios, b_s, s_s, i_s = [], [], [], []
+        ratios, b_s, s_s, i_s, split = [], [], [], [], []
         for _ in range(args.repeats):
-            b, s = timed(bare), timed(scan)
+            b = timed(bare)
+            if parts is not None:
+                parts.clear()
+            s = timed(scan)
+            if parts is not None:
+                sampled, evidence = parts.get("sampling", 0.0), parts.get("evidence", 0.0)
+                split.append((sampled, evidence, s - sampled - evidence))
             i = timed(lambda: flowaudit.inspect(model, device=str(dev)))
             ratios.append(s / b)
             b_s.append(b), s_s.append(s), i_s.append(i)
@@ -146,6 +187,7 @@ def main() -> None:
             f"| {name} | {statistics.median(b_s):.3f} | {statistics.median(s_s):.3f} | **{r:.2f}** | "
             f"{'met' if r <= 3 else 'not met'} | **{ins:.2f}** | {'met' if ins <= 2 else 'not met'} | "
             f"{p['inputs_per_pass']} inputs a pass |"
+            + ("".join(f" {statistics.median(col):.3f} |" for col in zip(*split)) if split else "")
         )
 
 

@@ -1,7 +1,7 @@
 """Plots of a report (matplotlib, Agg), each returned as an embedded PNG data URI.
 
 The layer variance trace in-distribution vs OOD (paper Fig. 3b), inverse-gain
-histograms per site, ``s_OOD`` distributions, ``s_OOD`` vs pixel errors with
+histograms of the riskiest sites, ``s_OOD`` distributions, ``s_OOD`` vs pixel errors with
 the logistic curve (Fig. 4b), and the worst-input panel.
 """
 
@@ -13,11 +13,15 @@ import math
 from typing import TYPE_CHECKING
 
 from ..utils.format import fmt, num
+from .diagnosis import riskiest_sites
 
 if TYPE_CHECKING:
     from .panel import PanelItem
 
-__all__ = ["layer_plot", "gain_plot", "risk_plot", "panel_plot", "display_rgb", "NONFINITE_COLOUR"]
+__all__ = ["layer_plot", "gain_plot", "gain_sites", "risk_plot", "panel_plot", "display_rgb", "NONFINITE_COLOUR"]
+
+#: most inverse-gain histograms drawn: as many sites as the page's riskiest-sites table leads with
+GAIN_PANELS = 8
 
 #: The colour of a non-finite (Inf/NaN) pixel in the panel (magenta: no natural image is that flat).
 NONFINITE_COLOUR = "#ff00ff"
@@ -62,8 +66,21 @@ def layer_plot(layers: list[dict]) -> str | None:
     return png_data_uri(fig)
 
 
-def gain_plot(sites: list[dict]) -> str | None:
-    sites = [s for s in sites if s.get("inverse_gain", {}).get("histogram")]
+def gain_sites(sites: list[dict], most: int = GAIN_PANELS) -> list[dict]:
+    """The sites :func:`gain_plot` draws: of those with a histogram, the ``most`` riskiest (the order of the
+    page's riskiest-sites table), in the given (inverse-pass) order."""
+    drawn = [s for s in sites if s.get("inverse_gain", {}).get("histogram")]
+    if len(drawn) <= most:
+        return drawn
+    keep = {id(s) for s in riskiest_sites(drawn)[:most]}
+    return [s for s in drawn if id(s) in keep]
+
+
+def gain_plot(sites: list[dict], most: int = GAIN_PANELS) -> str | None:
+    """Histograms of log10 1/c' per set for the riskiest sites (:func:`gain_sites`): a panel costs a layout pass
+    of its own, so a model of a hundred sites draws what the page leads with; every site is in its table."""
+    total = sum(1 for s in sites if s.get("inverse_gain", {}).get("histogram"))
+    sites = gain_sites(sites, most)
     if not sites:
         return None
     plt = _plt()
@@ -90,6 +107,8 @@ def gain_plot(sites: list[dict]) -> str | None:
     for ax in axes.flat[n:]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=6)
+    if total > n:
+        fig.suptitle(f"the {n} riskiest of {total} sites; every site is in the table", fontsize=8)
     fig.tight_layout()
     return png_data_uri(fig)
 
