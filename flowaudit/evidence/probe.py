@@ -74,34 +74,68 @@ def finite_rows(params: list[Any]) -> tuple[list[Any], int]:
     return kept, dropped
 
 
-def _decade(site: Any, params: list[Any], low: float, points: int) -> dict:
-    """min/max c', finite count and non-finite count over ±|x| in the decade starting at ``low``."""
+PROBE_BLOCK = 1 << 22  # c' values one call evaluates at most (probe values × parameter numbers)
+
+
+def _values(low: float, points: int) -> Tensor:
+    """The decade's probe values ±|x|, ``points`` of them a side."""
     v = low * 10 ** (torch.arange(points, dtype=torch.float64) / PER_DECADE)
-    v = torch.cat([-v.flip(0), v])
-    lo, hi, n, bad, error = math.inf, -math.inf, 0, 0, None
+    return torch.cat([-v.flip(0), v])
+
+
+def _numel(p: Any) -> int:
+    return int(p.numel()) if isinstance(p, Tensor) else 1
+
+
+def _decades(site: Any, params: list[Any], spans: list[tuple[float, int]]) -> list[dict]:
+    """Each decade's min/max c', finite and non-finite counts over ±|x| (:func:`probe_decades` ``spans``).
+
+    c' is asked once per parameter tensor for the values of many decades together (blocks of at most
+    :data:`PROBE_BLOCK` numbers), and the figures are read back in one host transfer. A block the map refuses
+    (one defined on an interval) is asked again decade by decade, so that the values it takes still count.
+    """
+    values = [_values(low, k) for low, k in spans]
+    figures = torch.zeros((len(spans), 4), dtype=torch.float64)  # min, max, n finite, n non-finite
+    figures[:, 0], figures[:, 1] = math.inf, -math.inf
+    errors: dict[int, str] = {}
     for p in params:
-        try:
-            d = site.derivative_at(v.to(p.device) if isinstance(p, Tensor) else v, p).detach().to(torch.float64)
-        except Exception as exc:  # a map defined on an interval may refuse values outside it
-            error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-            bad += int(v.numel())
-            continue
-        ok = torch.isfinite(d)
-        bad += int((~ok).sum())
-        d = d[ok]
-        if d.numel():
-            lo, hi, n = min(lo, float(d.min())), max(hi, float(d.max())), n + int(d.numel())
-    out = {
-        "abs_x": low,
-        "top": float(v.max()),
-        "min": lo if n else math.nan,
-        "max": hi if n else math.nan,
-        "n": n,
-        "n_nonfinite": bad,
-    }
-    if error:
-        out["error"] = error
-    return out
+        block = max(1, PROBE_BLOCK // max(1, _numel(p)) // (2 * PER_DECADE))  # decades a call
+        for first in range(0, len(spans), block):
+            part = range(first, min(first + block, len(spans)))
+            try:
+                _add(figures, part, values, site, p)
+            except Exception:  # noqa: BLE001 - a map defined on an interval may refuse values outside it
+                for i in part:
+                    try:
+                        _add(figures, range(i, i + 1), values, site, p)
+                    except Exception as exc:  # noqa: BLE001
+                        errors[i] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                        figures[i, 3] += len(values[i])
+    rows = []
+    for i, ((low, _), (lo, hi, n, bad)) in enumerate(zip(spans, figures.tolist(), strict=True)):
+        row = {"abs_x": low, "top": float(values[i].max()), "min": lo if n else math.nan}
+        row.update({"max": hi if n else math.nan, "n": int(n), "n_nonfinite": int(bad)})
+        if i in errors:
+            row["error"] = errors[i]
+        rows.append(row)
+    return rows
+
+
+def _add(figures: Tensor, part: range, values: list[Tensor], site: Any, p: Any) -> None:
+    """c' under ``p`` at the values of decades ``part``, folded into their rows of ``figures``."""
+    v = torch.cat([values[i] for i in part])
+    d = site.derivative_at(v.to(p.device) if isinstance(p, Tensor) else v, p).detach().to(torch.float64)
+    d = d.reshape(len(v), -1)
+    if not d.shape[1]:
+        return
+    ok = torch.isfinite(d)
+    lo = torch.where(ok, d, math.inf).amin(1)
+    hi = torch.where(ok, d, -math.inf).amax(1)
+    stats = torch.stack([lo, hi, ok.sum(1).to(torch.float64), (~ok).sum(1).to(torch.float64)], 1).cpu()
+    for i, chunk in zip(part, stats.split([len(values[i]) for i in part]), strict=True):
+        figures[i, 0] = min(float(figures[i, 0]), float(chunk[:, 0].min()))
+        figures[i, 1] = max(float(figures[i, 1]), float(chunk[:, 1].max()))
+        figures[i, 2:] += chunk[:, 2:].sum(0)
 
 
 def _agree(a: dict, b: dict, tol: float) -> bool:
@@ -146,7 +180,7 @@ def measured_evidence(site: Any, params: list[Any], threshold: float = 0.5, tol:
     low = 10.0 * float(start) if known and start > 0 else 1.0
     limit = probe_limit(params)
     params, dropped = finite_rows(params)
-    rows = [_decade(site, params, lo, k) for lo, k in probe_decades(low, limit)] if params else []
+    rows = _decades(site, params, probe_decades(low, limit)) if params else []
     usable = [r for r in rows if r["n"]]
     first = next(
         (k for k in range(len(rows)) if all(_agree(rows[j], rows[-1], tol) for j in range(k, len(rows)))), None
