@@ -196,6 +196,7 @@ def _role_latents(a: dict) -> dict:
     torch.set_num_threads(a["threads"])
     stubbed = _stub_missing()
     from flowaudit.adapters import load_model
+
     from flowaudit.config.sampling import Sampling
 
     adapter = load_model(a["weights"], official_config=a["options"])
@@ -230,7 +231,12 @@ def _role_latents(a: dict) -> dict:
                     if bool(torch.isfinite(theirs).any())
                     else float("nan"),
                 }
-    return {"family": family, "stubbed": stubbed, "check": check, "parameters": sum(p.numel() for p in net.parameters())}
+    return {
+        "family": family,
+        "stubbed": stubbed,
+        "check": check,
+        "parameters": sum(p.numel() for p in net.parameters()),
+    }
 
 
 def _role_official(a: dict) -> dict:
@@ -404,7 +410,9 @@ def main(argv: list[str] | None = None) -> None:
     fit = None
     if "fit" not in skip:
         stats.unlink(missing_ok=True)
-        fit = _flowaudit(spec, ["-q", "fit", spec["weights"], "--data", str(work / "fit.npy"), "--out", str(stats)] + common)
+        fit = _flowaudit(
+            spec, ["-q", "fit", spec["weights"], "--data", str(work / "fit.npy"), "--out", str(stats)] + common
+        )
         print(f"fit ({a.fit_images} images): {fit[a.clock]:.1f} s, peak {_mib(fit['peak'])}", flush=True)
     scan_argv = ["-q", "scan", spec["weights"], "--data", str(work / "scan.npy"), "--out", str(work / "report")]
     scan_argv += ["--overwrite", "-k", str(a.samples), "-t", str(a.temperature), "--seed", str(a.seed)] + common
@@ -422,7 +430,9 @@ def main(argv: list[str] | None = None) -> None:
     rows.append(("scan / official peak (RSS)", scan["peak"] / off["peak"], GOALS["peak"]))
     if ins is not None:
         rows.append(("inspect seconds", ins[a.clock], GOALS["inspect_s"]))
-        rows.append(("inspect peak above baseline / checkpoint", (ins["peak"] - ins["baseline"]) / size, GOALS["inspect_mem"]))
+        rows.append(
+            ("inspect peak above baseline / checkpoint", (ins["peak"] - ins["baseline"]) / size, GOALS["inspect_mem"])
+        )
     print(
         f"\n{Path(a.weights).name} ({_mib(size)}), {a.scan_images} scan / {a.fit_images} fit images of "
         f"{a.lr_size}×{a.lr_size}, K={a.samples}, τ={a.temperature}, {a.device}, {a.threads} thread(s), {a.clock} clock"
@@ -430,8 +440,19 @@ def main(argv: list[str] | None = None) -> None:
     for name, value, goal in rows:
         print(f"  {name:<42} {value:8.3f}   goal ≤ {goal:g}: {_verdict(value, goal)}")
     if a.json:
-        print(json.dumps({"check": chk, "official": off, "fit": fit, "scan": scan, "inspect": ins, "size": size,
-                          "ratios": {n: v for n, v, _ in rows}}))
+        print(
+            json.dumps(
+                {
+                    "check": chk,
+                    "official": off,
+                    "fit": fit,
+                    "scan": scan,
+                    "inspect": ins,
+                    "size": size,
+                    "ratios": {n: v for n, v, _ in rows},
+                }
+            )
+        )
 
 
 if __name__ == "__main__":
