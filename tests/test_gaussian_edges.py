@@ -7,6 +7,8 @@ file are tested at half and one and a half times their value; inputs may be nest
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from sklearn.covariance import OAS, EmpiricalCovariance, LedoitWolf
@@ -24,7 +26,10 @@ def _isotropic(reps: int = 3) -> np.ndarray:
 @pytest.mark.parametrize("estimator, shrinkage", [("ledoit-wolf", 0.0), ("oas", 1.0)])
 def test_isotropic_features_take_the_edge_branch_as_sklearn(estimator: str, shrinkage: float) -> None:
     V = _isotropic()
-    g, ref = GaussianOOD(estimator=estimator).fit(V), SKLEARN[estimator]().fit(V)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the edge is a branch, not a division by zero that NumPy warns about
+        g = GaussianOOD(estimator=estimator).fit(V)
+    ref = SKLEARN[estimator]().fit(V)
     assert g.shrinkage_ == ref.shrinkage_ == shrinkage
     assert np.array_equal(g.covariance_, np.eye(2)) and np.array_equal(ref.covariance_, np.eye(2))
     assert np.array_equal(g.location_, [5.0, -2.0])
@@ -88,8 +93,8 @@ def test_a_shrinkage_at_either_end_of_0_1_loads(tmp_path, estimator: str, shrink
     assert np.array_equal(back.score([[6.0, -2.0]]), g.score([[6.0, -2.0]]))
 
 
-def _saved(tmp_path, name: str, shift: float, edit) -> str:
-    g = GaussianOOD().fit(shift + np.random.default_rng(0).normal(size=(200, 4)))
+def _saved(tmp_path, name: str, shift: float, edit, scale: float = 1.0) -> str:
+    g = GaussianOOD().fit(shift + scale * np.random.default_rng(0).normal(size=(200, 4)))
     edit(g)
     path = tmp_path / f"{name}.h5"
     g.save(path)
@@ -109,7 +114,8 @@ def test_location_tolerance_is_1e_9_relative(tmp_path, shift: float) -> None:
         GaussianOOD.load(_saved(tmp_path, "far", shift, moved(1.5e-9)))
 
 
-def test_symmetry_tolerance_is_1e_9_of_the_largest_entry(tmp_path) -> None:
+@pytest.mark.parametrize("scale", [0.1, 100.0])  # relative to the largest entry, at any size
+def test_symmetry_tolerance_is_1e_9_of_the_largest_entry(tmp_path, scale: float) -> None:
     def skew(by: float):
         def edit(g):
             c = g.covariance_.copy()
@@ -118,6 +124,22 @@ def test_symmetry_tolerance_is_1e_9_of_the_largest_entry(tmp_path) -> None:
 
         return edit
 
-    GaussianOOD.load(_saved(tmp_path, "near", 0.0, skew(0.5e-9)))
+    GaussianOOD.load(_saved(tmp_path, "near", 0.0, skew(0.5e-9), scale))
     with pytest.raises(ValueError, match="the covariance is not symmetric"):
-        GaussianOOD.load(_saved(tmp_path, "far", 0.0, skew(1.5e-9)))
+        GaussianOOD.load(_saved(tmp_path, "far", 0.0, skew(1.5e-9), scale))
+
+
+@pytest.mark.parametrize("estimator", ["ledoit-wolf", "oas"])
+def test_shrinkage_fits_fewer_inputs_than_features(estimator: str) -> None:
+    """Only the empirical covariance needs n > D: a shrunk one is positive definite for any n ≥ 2."""
+    V = np.random.default_rng(4).normal(size=(5, 8))
+    g, ref = GaussianOOD(estimator=estimator).fit(V), SKLEARN[estimator]().fit(V)
+    assert g.shrinkage_ == pytest.approx(ref.shrinkage_, rel=1e-9)
+    assert np.allclose(g.covariance_, ref.covariance_, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("field, value", [("shrinkage_", 1.5), ("shrinkage_", -0.25), ("sum_quartic_", np.inf)])
+def test_a_shrinkage_outside_0_1_or_an_infinite_quartic_sum_is_refused(tmp_path, field: str, value: float) -> None:
+    path = _saved(tmp_path, "bad", 0.0, lambda g: setattr(g, field, value))
+    with pytest.raises(ValueError, match="out of range"):
+        GaussianOOD.load(path)

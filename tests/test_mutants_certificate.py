@@ -191,6 +191,7 @@ def test_sites_in_one_layer_compose_in_their_order() -> None:
     cert = model_certificate(es, FULL, [site_layer("pair", ["s1", "s2"]), LayerBound("x", "linear", 4.0, 0.0)])
     assert cert["layers"][0]["gain"] == 1.0 and cert["layers"][0]["offset"] == 2.5
     assert (cert["gain"], cert["offset"]) == (4.0, 10.0)
+    assert cert["bound_scanned"] == 4.0 * 6 + 10.0  # the scanned bound composes the two sites the same way
 
 
 def test_a_layer_with_sites_and_no_gain_of_its_own_reads_its_sites() -> None:
@@ -241,6 +242,10 @@ def test_unbounded_and_huge_layers_block_by_name() -> None:
     why = "actnorm layer: its inverse multiplies values by up to 100 (> 100)"
     assert over["blocking"] == [{"site": "n", "why": why}]
     assert over["bound_scanned"] is None and over["largest_layer_gain"] == huge
+    for blocker in (LayerBound("u", "1x1-conv", None, None, "singular"), LayerBound("h", "actnorm", 500.0, 0.0)):
+        after = [site_layer("a", ["s"]), blocker, LayerBound("n", "linear", 2.0, 0.0), site_layer("b", [])]
+        cert = model_certificate(es, FULL, after)  # a blocked layer leaves no scanned bound, whatever follows
+        assert cert["bound_scanned"] is None and [b["site"] for b in cert["blocking"]] == [blocker.name]
     big = model_certificate(es, FULL, [LayerBound("n", "actnorm", 2980.0, 0.0), site_layer("a", ["s"])])
     assert big["blocking"][0]["why"] == "actnorm layer: its inverse multiplies values by up to 2.98e+03 (> 100)"
 
@@ -268,6 +273,11 @@ def test_unplaced_and_unreached_sites_block() -> None:
         {"site": "model", "why": "coverage incomplete: 2 of 3 passes"}
     ]
     assert model_certificate(es, None, layers)["certified"] is True  # no coverage said: complete
+    both = model_certificate(es, {"complete": False, "unvisited": ["s"]}, [site_layer("a", ["s"])])["blocking"]
+    assert both == [
+        {"site": "t", "why": "a site the adapter's layer list does not place"},
+        {"site": "s", "why": "never reached while sampling"},
+    ]
 
 
 def test_no_layer_list_and_no_sites_are_never_certified() -> None:

@@ -408,6 +408,11 @@ def test_probe_site_voids_the_certificate_of_a_violating_site() -> None:
     e = probe_site(spline, PARAMS, 0.5, worst_case={"nonfinite_origin": True, "reached": True})
     assert e["structural"]["certificate"]["void"] == "voided: the site violates on worst_case"
     assert "void" not in probe_site(spline, PARAMS, 0.5)["structural"]["certificate"]
+    bent = Site("rq-spline", (1.0, 1.0), start=2.0, d=0.25)  # its data and the sweep both contradict the bounds
+    swept = {"verdict": "compliant", "derivative_min": 0.1, "derivative_max": 1.0, "tail_ratio": 0.1}
+    e = probe_site(bent, PARAMS, 0.5, swept=swept)
+    assert e["rests_on"] == ["measured", "swept"]
+    assert e["structural"]["certificate"]["void"] == "voided: the site violates on measured+swept"
 
 
 # -- words -----------------------------------------------------------------------------------------
