@@ -143,3 +143,11 @@ def test_a_shrinkage_outside_0_1_or_an_infinite_quartic_sum_is_refused(tmp_path,
     path = _saved(tmp_path, "bad", 0.0, lambda g: setattr(g, field, value))
     with pytest.raises(ValueError, match="out of range"):
         GaussianOOD.load(path)
+
+
+def test_oas_shrinkage_is_capped_at_one_as_sklearn() -> None:
+    """Nearly isotropic features: the OAS ratio is about 5e5, and the shrinkage is its cap, 1."""
+    V = _isotropic() + 1e-3 * np.random.default_rng(0).normal(size=(12, 2))
+    g, ref = GaussianOOD(estimator="oas").fit(V), OAS().fit(V)
+    assert g.shrinkage_ == ref.shrinkage_ == 1.0
+    assert np.allclose(g.covariance_, ref.covariance_, rtol=1e-12)
