@@ -205,10 +205,10 @@ def family(opt: Mapping) -> str:
     """The family an option file describes (one of :data:`FAMILIES`), from ``network_G.which_model_G``,
     ``network_G.flow.coupling`` and ``divide_freq``; :class:`ModelError` naming the key otherwise."""
     model = _get(opt, "network_G.which_model_G")
-    if model not in _MODELS:
+    if not isinstance(model, str) or model not in _MODELS:  # a list or a mapping is no name
         raise ModelError(f"option file: network_G.which_model_G is {model!r}; expected one of {', '.join(_MODELS)}")
     coupling = _get(opt, "network_G.flow.coupling")
-    if coupling not in _COUPLINGS:
+    if not isinstance(coupling, str) or coupling not in _COUPLINGS:
         raise ModelError(
             f"option file: network_G.flow.coupling is {coupling!r}; expected one of {', '.join(_COUPLINGS)}"
         )

@@ -258,6 +258,22 @@ def test_families_follow_the_model_coupling_and_divide_freq():
         oo.Provenance(1, "guess", "K")
 
 
+@pytest.mark.parametrize("value", [["SRFlowNet"], {"name": "SRFlowNet"}, 3, None])
+@pytest.mark.parametrize("key", ["which_model_G", "coupling"])
+def test_a_family_key_that_is_not_a_name_is_one_line_naming_the_key(key, value):
+    """A list or mapping (unhashable) or a number where a name belongs: a ModelError naming the key, no TypeError."""
+    net = {"which_model_G": "NCSRNet", "flow": {"coupling": "CondAffineSeparatedAndCond"}}
+    if key == "which_model_G":
+        net["which_model_G"] = value
+    else:
+        net["flow"]["coupling"] = value
+    with pytest.raises(ModelError) as err:
+        oo.family({"network_G": net})
+    full = "network_G.which_model_G" if key == "which_model_G" else "network_G.flow.coupling"
+    assert str(err.value).startswith(f"option file: {full} is {value!r}; expected one of ")
+    assert "\n" not in str(err.value)
+
+
 # -- wired in: load_model(path, official_config=FILE), --official-config, inspect ---------------------------------
 
 
