@@ -109,11 +109,6 @@ def _ratio(lo: float, hi: float) -> float:
     return lo / hi if hi > 0 else 0.0
 
 
-def _bad(v: Any) -> bool:
-    """A non-finite number (NaN or ±Inf) reported as a gain or a derivative."""
-    return isinstance(v, (int, float)) and not math.isfinite(v)
-
-
 # -- the evidence ---------------------------------------------------------------------------------
 
 
