@@ -23,6 +23,7 @@ from .config.budget import Budget
 from .config.device import auditing
 from .config.sampling import Phase
 from .config.settings import Search, Settings, settings_from
+from .config.threads import using_threads
 from .errors import AuditError, DataError
 from .evidence.attack import AttackResult, run_attack
 from .evidence.search import DetachedGains
@@ -71,7 +72,7 @@ def fit(
         settings = settings.replace(batch_size=FIT_BATCH)
     adapter = adapt(model)
     cs = _as_set(data, "fit", ctx)
-    _check_shape(adapter, cs, "--data")
+    _check_shape(adapter, cs, "--data", settings.threads)
     if cs.mixed:  # images of several sizes: one per pass
         settings = settings.replace(batch_size=1)
     n_bad, cs = cs.n_nonfinite, cs.finite()  # NaN/Inf conditions never reach the Gaussian; counted below
@@ -145,7 +146,7 @@ def scan(
     settings = ctx.place(settings_from(settings, options))
     adapter = adapt(model)
     names = _layers(adapter, settings.layers)
-    sets, skipped = _scan_inputs(adapter, data, ood, settings.seed, ctx)
+    sets, skipped = _scan_inputs(adapter, data, ood, settings.seed, settings.threads, ctx)
     settings, small = _scan_passes(adapter, settings, sets)
     fit_set = _as_set(fit_data, "fit", ctx) if fit_data is not None else None
     gauss = _load_stats(adapter, stats, names, settings.pooling) if stats is not None else None
@@ -162,7 +163,7 @@ def scan(
         gauss = fit(adapter, fit_set, run.replace(batch_size=FIT_BATCH), context=ctx).gaussian
         if names and len(adapter.condition_shape) == 3:
             batch = 1 if fit_set.mixed else run.batch_size
-            spatial = fit_spatial(adapter, fit_set.finite().y, names, run.estimator, batch, run.device)
+            spatial = fit_spatial(adapter, fit_set.finite().y, names, run.estimator, batch, run.device, run.threads)
     with auditing(adapter, run.device, run.threads):
         tracers, records, scores = scan_sets(adapter, sets, gauss, names, run, ctx)
         hit = None
@@ -213,7 +214,7 @@ def quick(
     """
     settings = settings_from(settings, options)
     adapter = adapt(model)
-    sets, skipped = _scan_inputs(adapter, data, ood, settings.seed)
+    sets, skipped = _scan_inputs(adapter, data, ood, settings.seed, settings.threads)
     with auditing(adapter, settings.device, settings.threads):
         run, _ = size_batches(adapter, sets[0][1], settings.replace(exact=False), Context())
         band = error_band(adapter, output_range, sets[0][1].x)
@@ -276,7 +277,7 @@ def inspect(model: Any, data: Any = None, settings: Settings | None = None, **op
     probe = settings.replace(batch_size=settings.batch_size or INSPECT_BATCH, exact=False, progress=False)
     adapter = adapt(model)
     cs = _as_set(data, "in") if data is not None else _probe_conditions(adapter, probe.seed)
-    _check_shape(adapter, cs, "--data")
+    _check_shape(adapter, cs, "--data", settings.threads)
     cs = _first(cs.finite(), 256)
     with auditing(adapter, probe.device, probe.threads):
         tracer, _ = sample_set(adapter, cs, 0, "in", np.full(len(cs.y), np.nan), probe)
@@ -303,7 +304,7 @@ def attack(
     adapter = adapt(model)
     starts = settings.attack_starts
     cs = _as_set(data, "in", ctx) if data is not None else _default_conditions(adapter, starts or 16, settings.seed)
-    _check_shape(adapter, cs, "--data")
+    _check_shape(adapter, cs, "--data", settings.threads)
     if cs.mixed:
         raise AuditError("the attack needs conditions of one size (this --data mixes image sizes)")
     cs = _first(cs.finite(), starts)  # a NaN condition has no worst case to search for
@@ -463,14 +464,14 @@ def _ood_entry(gauss: GaussianOOD | None, names: list[str], pooling: str, scores
 
 
 def _scan_inputs(
-    adapter: Adapter, data: Any, ood: Any, seed: int, ctx: Context | None = None
+    adapter: Adapter, data: Any, ood: Any, seed: int, threads: int | None, ctx: Context | None = None
 ) -> tuple[list[tuple[str, ConditionSet]], list[dict]]:
     """The scan's finite condition sets (``in``, ``ood``) and the records of the non-finite ones (not sampled)."""
     sets = [("in", _as_set(data, "in", ctx) if data is not None else _default_conditions(adapter, 64, seed))]
     if ood is not None:
         sets.append(("ood", _as_set(ood, "ood", ctx)))
     for name, cs in sets:
-        _check_shape(adapter, cs, "--data" if name == "in" else "--ood-data")
+        _check_shape(adapter, cs, "--data" if name == "in" else "--ood-data", threads)
     sets = [(name, cs.prefixed(name)) for name, cs in sets]  # ids unique across the report's sets
     skipped = [rec for name, cs in sets for rec in nonfinite_records(cs, name)]
     return [(name, cs.finite()) for name, cs in sets], skipped
@@ -492,10 +493,12 @@ def _as_set(data: Any, what: str, ctx: Context | None = None) -> ConditionSet:
     )
 
 
-def _check_shape(adapter: Adapter, cs: ConditionSet, what: str) -> None:
-    """Before any sampling: whether the model can take conditions of these shapes (one line, the expected one)."""
+def _check_shape(adapter: Adapter, cs: ConditionSet, what: str, threads: int | None) -> None:
+    """Before any sampling: whether the model can take conditions of these shapes (one line, the expected one);
+    a trial pass runs on the run's ``threads``."""
     try:
-        check_condition_shapes(adapter, cs, what)
+        with using_threads(threads):
+            check_condition_shapes(adapter, cs, what)
     except DataError as exc:
         raise AuditError(str(exc)) from None
 

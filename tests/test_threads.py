@@ -117,3 +117,24 @@ def test_cli_threads_reach_the_run(tmp_path, monkeypatch):
     )
     assert r.exit_code == 0, r.output
     assert 3 in seen
+
+
+def test_every_pass_of_an_image_scan_runs_on_the_given_threads(monkeypatch):
+    """Sampling, the shape trial, the spatial fit and the worst-input panel all honour ``threads``: a pass on
+    more threads than asked can run ten times slower where another job holds a core."""
+    from flowaudit.demo import demo_sets  # noqa: PLC0415 - the bundled SR sets, only here
+
+    adapter = flowaudit.adapt(load_model("sr-affine"))
+    counts, real = [], adapter.sample
+    monkeypatch.setattr(adapter, "sample", lambda *a, **k: (counts.append(torch.get_num_threads()), real(*a, **k))[1])
+    encodes, real_encode = [], adapter.encode
+    monkeypatch.setattr(adapter, "encode", lambda y: (encodes.append(torch.get_num_threads()), real_encode(y))[1])
+    fit = demo_sets("sr")[0].y[:8]
+    odd = torch.rand((2, 3, 16, 16), generator=torch.Generator().manual_seed(0))  # not the model's LR size: tried
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        report = flowaudit.scan(adapter, odd, fit_data=fit, samples=2, device="cpu", threads=1)
+    finally:
+        torch.set_num_threads(before)
+    assert report.panel and len(counts) > 3 and encodes and set(counts) == {1} and set(encodes) == {1}

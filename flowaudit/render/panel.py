@@ -62,7 +62,7 @@ def worst_inputs(
     start = {name: next(i for i, r in enumerate(records) if r["set"] == name) for name, _ in sets}
     out = []
     shown = min(shown, run.sampling.samples)
-    with auditing(adapter, run.device):
+    with auditing(adapter, run.device, run.threads):
         for i in order:
             rec = records[i]
             j = i - start[rec["set"]]

@@ -146,11 +146,17 @@ def features(
 
 
 def fit_spatial(
-    adapter: Adapter, y: Tensor, layers: Sequence[str], estimator: str, batch_size: int, device: torch.device
+    adapter: Adapter,
+    y: Tensor,
+    layers: Sequence[str],
+    estimator: str,
+    batch_size: int,
+    device: torch.device,
+    threads: int | None = None,
 ) -> GaussianOOD:
     """Gaussian of per-location feature vectors (every location of every fit input), streamed."""
     gauss = GaussianOOD(estimator=estimator, device=device)
-    with auditing(adapter, device), capture_features(adapter.model, layers, "spatial") as cap:
+    with auditing(adapter, device, threads), capture_features(adapter.model, layers, "spatial") as cap:
         for sl in batches(len(y), max(1, batch_size // 10)):
             adapter.encode(y[sl].to(device))
             v = cap.take()
