@@ -63,8 +63,10 @@ def read_stats(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dic
     others arrays of floats) is one :class:`ValueError` line naming the file.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"no such stats file: {path}")
+    if not path.is_file():  # a folder, FIFO, socket or device: reading it could block or never end
+        raise ValueError(f"{path} is not a flowaudit stats file (not a regular file)")
     if not h5py.is_hdf5(path):
         raise ValueError(f"{path} is not a flowaudit stats file (not HDF5)")
     try:
