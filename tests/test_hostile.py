@@ -1081,3 +1081,155 @@ def test_a_long_search_without_budget_does_not_overflow() -> None:
         first, growth = default_step(none, steps, 1.0)
         assert first == 0.01 and 1.0 <= growth <= 2.0 and math.isfinite(growth)
     assert default_step(none, 50, 1.0) == default_step(none, 50, 1.0)  # unchanged where it never overflowed
+
+
+# -- inputs that are odd but legal: the command succeeds, says at most one line on stderr, and counts what it skips --
+
+
+def _ok(res) -> None:
+    assert res.exit_code == 0, (res.exit_code, res.output, res.stderr)
+    assert len([line for line in res.stderr.splitlines() if line.strip()]) <= 1, res.stderr
+    assert "Traceback" not in res.output + res.stderr and "Warning" not in res.stderr
+
+
+@pytest.mark.parametrize("value", list(CONDITION_VALUES))
+@pytest.mark.parametrize("command", ["fit", "inspect", "scan", "attack"])
+def test_absurd_condition_values_are_counted_not_fatal(
+    files: Path, more: Path, tmp_path: Path, command: str, value: str
+) -> None:
+    """NaN, ±Inf, ±1e300 (Inf in float32), denormals and -0.0 among finite conditions: exit 0, at most one line.
+
+    Non-finite rows are counted (``n_nonfinite``) and left out; denormals and -0.0 are ordinary finite values.
+    """
+    if command in ("scan", "attack") and value not in ("1e300", "nan"):
+        pytest.skip("the fit and inspect runs cover the other values; two sampled runs per command keep this fast")
+    data = "{X}/cond_" + value + ".npy"
+    argv = {
+        "fit": [*_fit(data), "--json"],
+        "inspect": _inspect("toy-affine", "--data", data),
+        "scan": scan_data(data),
+        "attack": ["attack", "toy-affine", "--data", data, "--starts", "8", "--steps", "2", "--samples", "1",
+                   "--device", "cpu", "--out", "{OUT}"],
+    }[command]
+    res, _, out = _run(argv, files, more, tmp_path)
+    _ok(res)
+    nonfinite = 2 if value in ("1e300", "-1e300", "nan", "inf") else 0
+    if command == "fit":
+        assert json.loads(res.output)["ood"]["n_nonfinite"] == nonfinite
+    if command == "scan":
+        assert json.loads((out / "report.json").read_text())["data"]["in"]["n_nonfinite"] == nonfinite
+
+
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("gray", 100 / 255),
+        ("rgba", (10 / 255, 20 / 255, 30 / 255)),  # alpha dropped, colour kept
+        ("i16", 40000 / 65535),
+        ("palette", None),
+        ("bilevel", 1.0),
+        ("cmyk", None),
+    ],
+)
+def test_image_modes_become_rgb_in_unit_range(more: Path, mode: str, expected) -> None:
+    """Gray, RGBA, 16-bit, palette, 1-bit PNGs and CMYK JPEGs read as N×3×H×W float32 in [0, 1]."""
+    from flowaudit.io.datasets import load_conditions
+
+    cs = load_conditions(more / "img" / mode)
+    assert tuple(cs.y.shape) == (2, 3, 4, 4) and cs.y.dtype == torch.float32
+    assert float(cs.y.min()) >= 0 and float(cs.y.max()) <= 1
+    if expected is not None:
+        want = torch.tensor(expected, dtype=torch.float32).reshape(-1, 1, 1).expand(3, 4, 4)
+        assert torch.allclose(cs.y[0], want, atol=1e-6), cs.y[0, :, 0, 0]
+
+
+@pytest.mark.slow
+def test_an_image_mode_fits_through_the_cli(files: Path, more: Path, tmp_path: Path) -> None:
+    res, _, out = _run(scan_data("{X}/img/i16", "{F}/tiny_sr.pt"), files, more, tmp_path)
+    _ok(res)
+    assert json.loads((out / "report.json").read_text())["data"]["in"]["n"] == 2
+
+
+@pytest.mark.parametrize("name", ODD_NAMES, ids=lambda n: repr(n[:12]))
+def test_any_legal_file_name_works_in_and_out(files: Path, more: Path, tmp_path: Path, name: str) -> None:
+    """Newlines, tabs, spaces, non-ASCII, a leading dash and long names: read as data and written as output."""
+    data = more / "names" / name / "train.npz"
+    out = tmp_path / name / f"{name[:100]}.h5"
+    res = CliRunner().invoke(cli, ["-q", "fit", "toy-affine", f"--data={data}", f"--out={out}", "--device", "cpu"])
+    _ok(res)
+    assert out.is_file() and sorted(p.name for p in out.parent.iterdir()) == [out.name]
+
+
+def test_symlinked_data_and_an_output_inside_the_data_folder(files: Path, more: Path, tmp_path: Path) -> None:
+    """A symlink to the data reads the data; a report inside an image folder is allowed (only the folder's own
+    images are read), and the next run over that folder reads the same inputs."""
+    res, _, _ = _run(_fit("{X}/link.npz"), files, more, tmp_path)
+    _ok(res)
+    folder = tmp_path / "images"
+    for i in range(24):
+        _png(folder / f"{i}.png", 4, 4, seed=i)
+    argv = ["-q", "fit", str(files / "tiny_sr.pt"), "--data", str(folder), "--device", "cpu", "--json", "--out"]
+    first = CliRunner().invoke(cli, [*argv, str(folder / "stats.h5")])
+    _ok(first)
+    second = CliRunner().invoke(cli, [*argv, str(folder / "again.h5")])
+    _ok(second)
+    assert json.loads(first.output)["ood"]["n_inputs"] == json.loads(second.output)["ood"]["n_inputs"] == 24
+
+
+# -- interrupts: SIGINT or SIGTERM once shards are saved, then --resume gives the uninterrupted result --------------
+
+
+def _long(kind: str, data: Path, out: Path, stats: Path) -> list[str]:
+    import sys
+
+    head = [sys.executable, "-m", "flowaudit", "-q"]
+    tail = ["--device", "cpu", "--out", str(out)]
+    if kind == "fit":
+        return [*head, "fit", "toy-affine", "--data", str(data), *tail]
+    if kind == "scan":
+        return [*head, "scan", "toy-affine", "--data", str(data), "-k", "4", "--exact", "--stats", str(stats), *tail]
+    return [*head, "attack", "toy-affine", "--data", str(data), "--starts", "48", "--steps", "10", "-k", "2", *tail]
+
+
+def _result(kind: str, out: Path) -> object:
+    if kind == "fit":
+        with h5py.File(out) as h:
+            return {k: h[k][()].tolist() for k in h.keys()}
+    report = json.loads((out / "report.json").read_text())
+    return report["inputs"] if kind == "scan" else report["attack"]["starts"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("kind", ["fit", "scan", "attack"])
+def test_interrupted_once_shards_exist_then_resumed(files: Path, tmp_path: Path, kind: str, sig: str) -> None:
+    """Exit 130 with one line, no output and no temporary left; ``--resume`` then equals the run in one go."""
+    import signal
+    import subprocess
+
+    from runs import ENV, kill_when
+
+    from flowaudit.reference_models.toy import toy_data
+
+    data = tmp_path / "big.npy"
+    np.save(data, np.asarray(toy_data(4000 if kind == "fit" else 256, seed=3)[1]))
+    suffix = ".h5" if kind == "fit" else ""
+    ref, out = tmp_path / f"ref{suffix}", tmp_path / f"out{suffix}"
+    done = subprocess.run(_long(kind, data, ref, files / "stats.h5"), env=ENV, capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    work = out.with_name(f".{out.name}.work")
+    proc = kill_when(
+        _long(kind, data, out, files / "stats.h5"),
+        lambda: work.exists() and any(work.glob("*.npz")),
+        getattr(signal, sig),
+        [out, work],
+    )
+    stderr = proc.stderr.read()
+    assert proc.returncode == 130, (proc.returncode, stderr)
+    assert len(stderr.strip().splitlines()) == 1 and f"interrupted ({sig})" in stderr and "--resume" in stderr
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".tmp" in p.name or p.name.endswith(".lock")]
+    again = subprocess.run(
+        [*_long(kind, data, out, files / "stats.h5"), "--resume", str(work)], env=ENV, capture_output=True, timeout=600
+    )
+    assert again.returncode == 0, again.stderr
+    assert not work.exists() and _result(kind, out) == _result(kind, ref)
