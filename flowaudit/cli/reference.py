@@ -60,14 +60,10 @@ def _report_training(obj: CommandState, state: dict, out: str, coupling: str) ->
 @click.option(
     "--out", type=click.Path(dir_okay=False), required=True, help="Checkpoint to write (periodically, atomically)."
 )
-@click.option(
-    "--iters", type=V.ITERS, default=8000, show_default=True, help="Training iterations (paper: 8000)."
-)
+@click.option("--iters", type=V.ITERS, default=8000, show_default=True, help="Training iterations (paper: 8000).")
 @click.option("--seed", type=V.SEED, default=0, show_default=True, help="Seed of data, init and batches.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint at --out.")
-@click.option(
-    "--feature-dim", type=V.WIDTH, default=16, show_default=True, help="Width of g(y); 0 feeds y raw."
-)
+@click.option("--feature-dim", type=V.WIDTH, default=16, show_default=True, help="Width of g(y); 0 feeds y raw.")
 @click.option("--threads", type=V.THREADS, help="CPU threads (default: torch's).")
 @json_option
 @click.pass_obj
@@ -99,12 +95,8 @@ def _image_train_options(f):
                 required=True,
                 help="Checkpoint to write (periodically, atomically).",
             ),
-            click.option(
-                "--iters", type=V.ITERS, default=3000, show_default=True, help="Training iterations."
-            ),
-            click.option(
-                "--patch", type=V.PATCH, default=32, show_default=True, help="HR / high patch size."
-            ),
+            click.option("--iters", type=V.ITERS, default=3000, show_default=True, help="Training iterations."),
+            click.option("--patch", type=V.PATCH, default=32, show_default=True, help="HR / high patch size."),
             click.option("--batch", type=V.COUNT, default=8, show_default=True, help="Batch size."),
             click.option(
                 "--lr",

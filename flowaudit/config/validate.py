@@ -146,4 +146,3 @@ SCALE = BoundedInt(2, 64)
 #: Layer widths given on the command line.
 WIDTH = BoundedInt(0, 65536)
 MEMORY = MemorySize()
-
