@@ -1264,3 +1264,54 @@ def test_interrupted_once_shards_exist_then_resumed(files: Path, tmp_path: Path,
     )
     assert again.returncode == 0, again.stderr
     assert not work.exists() and _result(kind, out) == _result(kind, ref)
+
+
+# -- the file system says no: a file-size limit (EFBIG, as a full disk's ENOSPC) is one line and nothing left ---------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(
+            ["fit", "toy-affine", "--data", "{F}/train.npz", "--device", "cpu", "--out", "{OUT}.h5"], id="fit"
+        ),
+        pytest.param(
+            ["scan", "toy-affine", "--data", "{F}/test.npz", "-k", "1", "--device", "cpu", "--out", "{OUT}"],
+            id="scan",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["attack", "toy-affine", "--data", "{F}/test.npz", "--starts", "2", "--steps", "2", "--out", "{OUT}"],
+            id="attack",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(["data", "toy", "--n", "5000", "--out", "{OUT}.npz"], id="data", marks=pytest.mark.slow),
+        pytest.param(["train", "toy", "--iters", "2", "--out", "{OUT}.pt"], id="train", marks=pytest.mark.slow),
+    ],
+)
+def test_a_file_size_limit_is_one_line_and_leaves_nothing(files: Path, tmp_path: Path, argv: list[str]) -> None:
+    """Under ``ulimit -f 8`` the write fails with EFBIG: exit 2 and one line, no signal, no crash inside HDF5,
+    and no output, temporary or work folder left (the next run starts afresh)."""
+    import resource
+    import subprocess
+    import sys
+
+    from runs import ENV
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, resource.RLIM_INFINITY))
+
+    out = tmp_path / "out"
+    args = [a.replace("{F}", str(files)).replace("{OUT}", str(out)) for a in argv]
+    proc = subprocess.run(
+        [sys.executable, "-m", "flowaudit", "-q", *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit,
+    )
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stderr.startswith("flowaudit: error: ") and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    assert "file too large" in proc.stderr
+    assert list(tmp_path.iterdir()) == []

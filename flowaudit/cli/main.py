@@ -27,6 +27,7 @@ from .options import (
     batch_option,
     claim_output,
     device_option,
+    discard_fresh_work,
     estimator_option,
     finish_run,
     install_signal_handlers,
@@ -106,6 +107,7 @@ class FlowauditGroup(click.Group):
                 click.echo(interrupted(ctx), err=True)
                 ctx.exit(EXIT_INTERRUPTED)
             if isinstance(exc, _user_errors()):
+                discard_fresh_work(ctx)
                 click.echo(f"flowaudit: error: {_one_line(exc)}", err=True)
                 ctx.exit(2)
             if ctx.obj is not None and ctx.obj.debug:

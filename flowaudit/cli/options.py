@@ -34,6 +34,7 @@ __all__ = [
     "run_options",
     "run_context",
     "finish_run",
+    "discard_fresh_work",
     "install_signal_handlers",
     "interrupted",
     "max_parameters_option",
@@ -65,6 +66,7 @@ class CommandState:
     out: str | None = None  # what the running command writes (claimed), for the interruption message
     keeps_partial: bool = False  # ``train``: a periodic checkpoint at ``out`` is complete, not partial
     work: str | None = None  # the work folder of completed shards of fit / scan / attack (``--resume``)
+    work_fresh: bool = False  # this run started the work folder (no --resume): a user error removes it
     official: dict = field(default_factory=dict)  # what an official checkpoint's weights cannot say (--fs-ncsr, …)
     junit: str | None = None  # --junit FILE: also write the gate's decision as JUnit XML
 
@@ -416,8 +418,21 @@ def run_context(
         raise refused
     obj = ctx.find_object(CommandState)
     if obj is not None:
-        obj.work = str(work)
+        obj.work, obj.work_fresh = str(work), resume is None and not work.exists()
     return Context(work_dir=work, resume=resume is not None, group=group, max_memory=max_memory), out
+
+
+def discard_fresh_work(ctx: click.Context) -> None:
+    """After a user error (exit 2), remove the work folder this run started: nothing is left behind.
+
+    A resumed run's folder holds shards the user asked to keep; it stays. An interruption keeps either (the
+    one line says how to resume), and so does an internal error, whose shards may help to reproduce it.
+    """
+    obj = ctx.find_object(CommandState)
+    if obj is not None and obj.work_fresh and obj.work is not None:
+        import shutil
+
+        shutil.rmtree(obj.work, ignore_errors=True)
 
 
 def finish_run(run: Any) -> None:

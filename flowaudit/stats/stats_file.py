@@ -11,6 +11,7 @@ refused with a one-line :class:`ValueError`.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -40,7 +41,11 @@ def write_stats(
         raise ValueError(f"metadata keys {clash} are reserved by the stats format")
     json_keys = [k for k, v in metadata.items() if isinstance(v, (list, tuple))]
     encoded = {key: _encode(key, value) for key, value in metadata.items()}  # fail before anything is written
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    # HDF5 builds the file in memory; Python writes the bytes. A full disk or a file-size limit is then one
+    # OSError (EFBIG, ENOSPC: an OutputError, exit 2) instead of a library left in a broken state that
+    # crashes the process while it closes the file.
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
         f.attrs.update(
             format=FORMAT,
             format_version=FORMAT_VERSION,
@@ -52,6 +57,8 @@ def write_stats(
         f.attrs.update(encoded)
         for name in ARRAYS:
             f[name] = arrays[name]
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        out.write(buffer.getbuffer())
 
 
 def read_stats(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:

@@ -106,6 +106,38 @@ def refused(exc: BaseException, target: str | os.PathLike[str]) -> OutputError |
     return None
 
 
+def _limit_hit(tmp: Path) -> int | None:
+    """The errno of a limit a failed write ran into, read from the system: for writers (torch's zip writer)
+    whose error says "failed writing" but not why. A file at the file-size limit (EFBIG), or a file system
+    with less than 1 MiB left for the user (ENOSPC)."""
+    margin = 2**20
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        files = [tmp] if tmp.is_file() else [p for p in tmp.rglob("*") if p.is_file()] if tmp.is_dir() else []
+        if soft != resource.RLIM_INFINITY and any(p.stat().st_size > soft - margin for p in files):
+            return errno.EFBIG
+    except (ImportError, OSError, ValueError):
+        pass
+    try:
+        fs = os.statvfs(tmp.parent)
+        if fs.f_bavail * fs.f_frsize < margin:
+            return errno.ENOSPC
+    except (AttributeError, OSError):
+        pass
+    return None
+
+
+def _refused_write(exc: BaseException, target: Path, tmp: Path) -> OutputError | None:
+    """:func:`refused`, or failing that a limit the temporary ``tmp`` ran into (:func:`_limit_hit`)."""
+    if (err := refused(exc, target)) is not None:
+        return err
+    if isinstance(exc, (OSError, RuntimeError)) and (code := _limit_hit(tmp)) is not None:
+        return OutputError(code, f"{target}: cannot write: {_REFUSED[code]}")
+    return None
+
+
 def _check_name(target: Path) -> None:
     """Refuse a name the file system cannot take (too long, a NUL byte, a file or symlink loop where a folder
     must be), before anything is created."""
@@ -277,7 +309,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             _commit_allowed()
             os.replace(tmp, target)
         except Exception as exc:
-            if (err := refused(exc, target)) is not None:
+            if (err := _refused_write(exc, target, tmp)) is not None:
                 raise err from None
             raise
         finally:
@@ -325,7 +357,7 @@ def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterato
             else:
                 os.rename(tmp, target)
         except Exception as exc:
-            if (err := refused(exc, target)) is not None:
+            if (err := _refused_write(exc, target, tmp)) is not None:
                 raise err from None
             raise
         finally:
