@@ -905,6 +905,12 @@ MORE_CASES = [
         ["attack", "toy-affine", "--data", "{F}/test.npz", "--max-memory", "1", "--out", "{OUT}"],
         "above the memory budget of 1 bytes",
     ),
+    ("max-memory-below-resident-scan", [*SCAN, "--max-memory", "1KB"], "--max-memory 0.00 GB leaves 0 MB"),
+    (
+        "max-memory-below-resident-attack",
+        ["attack", "toy-affine", "--data", "{F}/test.npz", "--max-memory", "1KB", "--device", "cpu", "--out", "{OUT}"],
+        "--max-memory 0.00 GB leaves 0 MB",
+    ),
     # -- paths: loops, files where folders must be, outputs that are inputs -------------------------------------------
     ("data-symlink-loop", scan_data("{X}/loop"), "'--data'"),
     ("data-dangling-symlink", _fit("{X}/dangling.npz"), "'--data'"),
