@@ -829,6 +829,24 @@ def _inspect(model: str, *extra: str) -> list[str]:
     return ["inspect", model, "--device", "cpu", *extra]
 
 
+STATS_ARRAYS = ("n", "reference", "sum", "sum_sq", "sum_cubic", "sum_quartic", "location", "covariance", "cholesky")
+#: Attributes a stats file cannot do without (its format, header and metadata; not the writer's version).
+STATS_REQUIRED_ATTRIBUTES = (
+    "format",
+    "estimator",
+    "shrinkage",
+    "dim",
+    "n_inputs",
+    "n_nonfinite",
+    "json_keys",
+    "metadata_keys",
+    "model",
+    "adapter",
+    "fingerprint",
+    "layers",
+    "pooling",
+    "data",
+)
 _CODE = "holds pickled code (posix.system)"
 _CODE_FILES = [f"code{p}" for p in range(pickle.HIGHEST_PROTOCOL + 1)] + [
     "codedeep",
@@ -883,6 +901,19 @@ MORE_CASES = [
     *[
         (f"stats-{n}", [*SCAN, "--stats", "{X}/" + n + ".h5"], "{X}/" + n + ".h5 is not a valid flowaudit stats file")
         for n in ("inf_mean", "nan_cov", "asym_cov", "neg_cov", "zero_cov", "short_mean", "tiny_cov")
+    ],
+    *[
+        (f"stats-{how}-{key}", [*SCAN, "--stats", "{X}/" + f"{how}_{key}.h5"], "{X}/" + f"{how}_{key}.h5{said}")
+        for key in STATS_ARRAYS
+        for how, said in (
+            ("missing", f" is not a valid flowaudit stats file (no dataset {key!r})"),
+            ("string", " is not a valid flowaudit stats file"),
+            ("link", f" is not a valid flowaudit stats file ({key!r} is an external link"),
+        )
+    ],
+    *[
+        (f"stats-no-attribute-{a}", [*SCAN, "--stats", "{X}/noattr_" + a + ".h5"], "{X}/noattr_" + a + ".h5 is not a")
+        for a in STATS_REQUIRED_ATTRIBUTES
     ],
     ("stats-fifo", [*SCAN, "--stats", "{X}/fifo.h5"], "{X}/fifo.h5 is not a flowaudit stats file (not a regular"),
     ("stats-loop", [*SCAN, "--stats", "{X}/loop"], "'--stats'"),
@@ -1321,3 +1352,10 @@ def test_a_file_size_limit_is_one_line_and_leaves_nothing(files: Path, tmp_path:
     assert proc.stderr.startswith("flowaudit: error: ") and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
     assert "file too large" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_stats_catalogue_covers_the_format() -> None:
+    """The stats cases above damage every array and every header attribute the format has."""
+    from flowaudit.stats.stats_file import ARRAYS, HEADER
+
+    assert STATS_ARRAYS == ARRAYS and set(HEADER) <= set(STATS_REQUIRED_ATTRIBUTES)

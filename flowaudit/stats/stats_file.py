@@ -109,8 +109,12 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
             except ForeignStorage as e:
                 raise _Refused(f"{path} is not a valid flowaudit stats file ({e})") from None
             if ds is None:
-                raise KeyError(f"no dataset {k!r}")
+                raise _Refused(f"{path} is not a valid flowaudit stats file (no dataset {k!r})")
             arrays[k] = ds[()]
+        missing = [k for k in (*HEADER, "json_keys", "metadata_keys") if k not in attrs]
+        missing += [k for k in (json.loads(attrs["metadata_keys"]) if not missing else ()) if k not in attrs]
+        if missing:
+            raise _Refused(f"{path} is not a valid flowaudit stats file (no attribute {', '.join(map(repr, missing))})")
         header = {k: attrs[k] for k in HEADER}
         json_keys = set(json.loads(attrs["json_keys"]))
         metadata = {k: json.loads(attrs[k]) if k in json_keys else attrs[k] for k in json.loads(attrs["metadata_keys"])}
