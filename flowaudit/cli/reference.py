@@ -97,7 +97,7 @@ def _image_train_options(f):
             ),
             click.option("--iters", type=V.ITERS, default=3000, show_default=True, help="Training iterations."),
             click.option("--patch", type=V.PATCH, default=32, show_default=True, help="HR / high patch size."),
-            click.option("--batch", type=V.COUNT, default=8, show_default=True, help="Batch size."),
+            click.option("--batch", type=V.TRAIN_BATCH, default=8, show_default=True, help="Batch size."),
             click.option(
                 "--lr",
                 type=V.FiniteFloat(0, 10, min_open=True),

@@ -31,6 +31,7 @@ __all__ = [
     "ITERS",
     "PATCH",
     "COUNT",
+    "TRAIN_BATCH",
     "SCALE",
     "WIDTH",
     "MEMORY",
@@ -141,6 +142,8 @@ ITERS = BoundedInt(1, 10**9)
 PATCH = BoundedInt(4, 256)
 #: Counts of generated pairs or patches, and training batches: what memory holds at once.
 COUNT = BoundedInt(1, 10**7)
+#: Training batches of image patches: 4096 patches of 256² pixels already take gigabytes per step.
+TRAIN_BATCH = BoundedInt(1, 4096)
 #: Upscaling factors of official checkpoints (SR flows use 2, 4, 8; 64 leaves room and stays sane).
 SCALE = BoundedInt(2, 64)
 #: Layer widths given on the command line.
