@@ -8,6 +8,12 @@ the output would have gone (no folder, no file, no ``.tmp`` or ``.lock`` sibling
 A case is ``(id, argv, expected)``: ``{F}`` in the argv is the folder of prepared inputs,
 ``{OUT}`` the output path (inside an otherwise empty folder); ``expected`` is what the line must
 contain (``{F}`` expanded too).
+
+The second half treats each group as a class of inputs: code in every pickle protocol and place, every
+broken safetensors header, HDF5 data outside the file, every damaged part of a stats file, every numeric
+option of every command (generated from the commands, so a new option is covered when it is added), odd
+but legal inputs that must succeed, outputs that would destroy an input, file-size limits and interrupts
+followed by ``--resume``.
 """
 
 from __future__ import annotations
@@ -1359,3 +1365,12 @@ def test_stats_catalogue_covers_the_format() -> None:
     from flowaudit.stats.stats_file import ARRAYS, HEADER
 
     assert STATS_ARRAYS == ARRAYS and set(HEADER) <= set(STATS_REQUIRED_ATTRIBUTES)
+
+
+def test_relative_names_with_leading_dashes_are_paths_not_options(files: Path, tmp_path: Path, monkeypatch) -> None:
+    """``--data -d.npz --out -o.h5``: an option's value that starts with a dash is still the value."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-d.npz").write_bytes((files / "train.npz").read_bytes())
+    res = CliRunner().invoke(cli, ["-q", "fit", "toy-affine", "--data", "-d.npz", "--out", "-o.h5", "--device", "cpu"])
+    _ok(res)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["-d.npz", "-o.h5"]
