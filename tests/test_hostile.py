@@ -958,6 +958,7 @@ MORE_CASES = [
     ("fit-out-is-data", [*_fit("{F}/train.npz", out="{F}/train.npz"), "--overwrite"], "--out {F}/train.npz is --data"),
     ("fit-out-is-model", [*_fit("{F}/train.npz", "{F}/tiny_sr.pt", "{F}/tiny_sr.pt"), "--overwrite"], "is MODEL"),
     ("scan-out-is-data-folder", [*scan_data("{F}/rgb4")[:-1], "{F}/rgb4", "--overwrite"], "is --data {F}/rgb4"),
+    ("quick-out-is-data", [*scan_data("{F}/rgb4")[:-1], "{F}/rgb4", "--quick", "--overwrite"], "is --data {F}/rgb4"),
     ("scan-out-holds-data", [*scan_data("{F}/rgb4")[:-1], "{F}", "--overwrite"], "--out {F} holds --data"),
     ("scan-out-is-stats", [*SCAN[:-1], "{F}/stats.h5", "--stats", "{F}/stats.h5", "--overwrite"], "'--out'"),
     ("scan-junit-is-data", [*scan_data("{F}/test.npz"), "--junit", "{F}/test.npz"], "--junit {F}/test.npz is --data"),
