@@ -29,6 +29,7 @@ from typing import Any
 
 __all__ = [
     "ModelError",
+    "pickled_code",
     "DEFAULT_MAX_PARAMETERS",
     "MAX_MODULES",
     "read_weights",
@@ -64,6 +65,8 @@ def read_weights(path: str | Path, trust: bool = False, what: str = "checkpoint"
         raise ModelError(f"{path}: cannot read {what}: {exc.strerror or first_line(exc)}") from None
     if path.is_dir():
         raise ModelError(f"{path}: is a folder, not a {what} file")
+    if not path.is_file():  # a FIFO, socket or device: reading it could block forever or never end
+        raise ModelError(f"{path}: not a regular file (a pipe, socket or device), not a {what}")
     if size == 0:
         raise ModelError(f"{path}: empty file, not a {what}")
     if path.suffix == ".safetensors":
@@ -125,6 +128,18 @@ def _read_torch(path: Path, trust: bool, what: str) -> Any:
         raise ModelError(
             f"{path}: corrupt or truncated {what} ({_torch_reason(str(exc)) or type(exc).__name__})"
         ) from None
+
+
+def pickled_code(path: str | Path) -> str:
+    """The first callable the pickle in checkpoint ``path`` imports beyond tensors ("" when none or unreadable).
+
+    Read, never run (:func:`_code_in`): lets a loader that failed say "holds code" rather than "corrupt".
+    """
+    path = Path(path)
+    try:
+        return _code_in(path, zipfile.is_zipfile(path)) if path.is_file() else ""
+    except Exception:  # unreadable: not evidence of code
+        return ""
 
 
 def _code_in(path: Path, is_zip: bool) -> str:

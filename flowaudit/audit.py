@@ -308,7 +308,8 @@ def attack(
     if cs.mixed:
         raise AuditError("the attack needs conditions of one size (this --data mixes image sizes)")
     cs = _first(cs.finite(), starts)  # a NaN condition has no worst case to search for
-    memory = ctx.budget(settings.device)  # a bad --max-memory is refused before any shard
+    with auditing(adapter, settings.device, settings.threads):  # a --max-memory too small is refused before any shard
+        _, memory = size_batches(adapter, cs, settings, ctx)
     if not ctx.opened:  # the work folder checks everything the shards depend on before the first one
         found = attack_settings(settings.attack, len(cs.y), settings)
         sampling = _sampling_entry(settings)

@@ -8,6 +8,12 @@ the output would have gone (no folder, no file, no ``.tmp`` or ``.lock`` sibling
 A case is ``(id, argv, expected)``: ``{F}`` in the argv is the folder of prepared inputs,
 ``{OUT}`` the output path (inside an otherwise empty folder); ``expected`` is what the line must
 contain (``{F}`` expanded too).
+
+The second half treats each group as a class of inputs: code in every pickle protocol and place, every
+broken safetensors header, HDF5 data outside the file, every damaged part of a stats file, every numeric
+option of every command (generated from the commands, so a new option is covered when it is added), odd
+but legal inputs that must succeed, outputs that would destroy an input, file-size limits and interrupts
+followed by ``--resume``.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import io
 import json
+import math
 import os
 import pickle
 from pathlib import Path
@@ -644,3 +651,727 @@ def test_a_swallowed_interrupt_still_stops_the_writes(tmp_path: Path, monkeypatc
     finally:
         for s, h in before.items():
             signal.signal(s, h)
+
+
+# -- the growing catalogue: one class of hostile input per group, generated where the class is a set ------------
+
+
+def _safetensors(path: Path, header: object, body: bytes = b"") -> None:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + body)
+
+
+def _tensor_header(shape: list[int], offsets: list[int], dtype: str = "F32") -> dict:
+    return {"w": {"dtype": dtype, "shape": shape, "data_offsets": offsets}}
+
+
+@pytest.fixture(scope="module")
+def more(files: Path) -> Path:
+    """The second catalogue's inputs, beside the first's (``{X}`` in the argv)."""
+    x = files / "x"
+    if x.exists():
+        return x
+    x.mkdir()
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):  # code in every pickle protocol, nested two levels down
+        (x / f"code{protocol}.pt").write_bytes(pickle.dumps({"state_dict": {"a": _Code()}}, protocol=protocol))
+    (x / "codedeep.pt").write_bytes(pickle.dumps({"a": [1, (2, {"b": [_Code()]})]}, protocol=2))
+    (x / "codetop.pt").write_bytes(pickle.dumps(_Code(), protocol=4))
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "extra": [_Code()]}, x / "codezip.pt")  # inside a zip checkpoint
+    torch.save(_Code(), x / "codeziptop.pt")
+    _safetensors(x / "st_notjson.safetensors", b"not json at all!")
+    _safetensors(x / "st_list.safetensors", b"[1,2,3]")
+    _safetensors(x / "st_offsets.safetensors", _tensor_header([2], [0, 800]), bytes(8))
+    _safetensors(x / "st_dtype.safetensors", _tensor_header([2], [0, 8], "Q99"), bytes(8))
+    _safetensors(x / "st_negshape.safetensors", _tensor_header([-2], [0, 8]), bytes(8))
+    _safetensors(x / "st_hugeshape.safetensors", _tensor_header([2**40, 2**40], [0, 8]), bytes(8))
+    _safetensors(x / "st_reversed.safetensors", _tensor_header([2], [8, 0]), bytes(8))
+    overlap = {**_tensor_header([2], [0, 8]), "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}
+    _safetensors(x / "st_overlap.safetensors", overlap, bytes(12))
+    (x / "st_short.safetensors").write_bytes(b"\x05\x00")
+    np.save(x / "obj.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    np.savez(x / "obj.npz", y=np.array([[_Code()]], dtype=object))
+    import zipfile
+
+    with zipfile.ZipFile(x / "pickle_in_npz.npz", "w") as z:
+        z.writestr("y.npy", pickle.dumps(_Code()))
+    np.save(x / "rank4.npy", np.zeros((3, 1, 1, 2), np.float32))
+    np.save(x / "structured.npy", np.zeros(3, dtype=[("a", "f4"), ("b", "f4")]))
+    for name, make in (
+        ("compound", lambda h: h.__setitem__("y", np.zeros(3, dtype=[("a", "f4"), ("b", "f4")]))),
+        ("string", lambda h: h.__setitem__("y", np.array([[b"ab", b"cd"]]))),
+        ("vlen", lambda h: h.create_dataset("y", (2,), dtype=h5py.vlen_dtype(np.float32))),
+        ("huge", lambda h: h.create_dataset("y", shape=(10**12, 2), dtype=np.float32, chunks=(1024, 2))),
+        ("scalar", lambda h: h.__setitem__("y", 3.0)),
+        ("group", lambda h: h.create_group("y")),
+        ("dangling", lambda h: h.__setitem__("y", h5py.SoftLink("/nothere"))),
+    ):
+        with h5py.File(x / f"{name}.h5", "w") as h:
+            make(h)
+    with h5py.File(x / "other.h5", "w") as h:
+        h["y"] = np.ones((2, 2), np.float32)
+    with h5py.File(x / "x_external.h5", "w") as h:  # the targets, not the conditions, outside the file
+        h["y"] = np.zeros((2, 2), np.float32)
+        h.create_dataset("x", shape=(2, 3), dtype=np.float32, external=[(str(files / "secret.bin"), 0, 24)])
+    with h5py.File(x / "x_link.h5", "w") as h:
+        h["y"] = np.zeros((2, 2), np.float32)
+        h["x"] = h5py.ExternalLink(str(x / "other.h5"), "y")
+    with h5py.File(x / "y_link.h5", "w") as h:
+        h["y"] = h5py.ExternalLink(str(x / "other.h5"), "y")
+    for name, source in (("virtual_missing", str(x / "missing.h5")), ("virtual_self", ".")):
+        with h5py.File(x / f"{name}.h5", "w") as h:
+            h["real"] = np.ones((2, 2), np.float32)
+            layout = h5py.VirtualLayout(shape=(2, 2), dtype=np.float32)
+            layout[:] = h5py.VirtualSource(source, "real" if source == "." else "y", shape=(2, 2))
+            h.create_virtual_dataset("y", layout, fillvalue=0)
+    with h5py.File(x / "soft.h5", "w") as h:  # a soft link inside the file is the file's own data: accepted
+        h["real"] = np.load(files / "test.npz")["y"]
+        h["y"] = h5py.SoftLink("/real")
+    from flowaudit.stats.gaussian import GaussianOOD
+
+    def stats_variant(name: str, **changes) -> None:
+        g = GaussianOOD.load(files / "stats.h5")
+        for key, value in changes.items():
+            setattr(g, key, value)
+        g.save(x / name)
+
+    g = GaussianOOD.load(files / "stats.h5")
+    loc, cov = g.location_.copy(), g.covariance_.copy()
+    stats_variant("inf_mean.h5", location_=np.where(np.arange(len(loc)) == 0, np.inf, loc))
+    stats_variant("nan_cov.h5", covariance_=np.where(np.eye(len(loc)) * (np.arange(len(loc)) == 0) > 0, np.nan, cov))
+    asym = cov.copy()
+    asym[0, 1] += 1.0
+    stats_variant("asym_cov.h5", covariance_=asym)
+    stats_variant("neg_cov.h5", covariance_=-cov)
+    stats_variant("zero_cov.h5", covariance_=np.zeros_like(cov))
+    stats_variant("short_mean.h5", location_=loc[:-1].copy())
+    stats_variant("tiny_cov.h5", covariance_=cov * 1e-320)  # denormal: not positive definite in float64
+    raw = (files / "stats.h5").read_bytes()
+    with h5py.File(files / "stats.h5") as h:
+        keys, attrs = list(h.keys()), list(h.attrs.keys())
+    for key in keys:
+        for how in ("missing", "string", "link"):
+            (x / f"{how}_{key}.h5").write_bytes(raw)
+            with h5py.File(x / f"{how}_{key}.h5", "a") as h:
+                del h[key]
+                if how == "string":
+                    h[key] = np.array([b"abc"])
+                elif how == "link":
+                    h[key] = h5py.ExternalLink(str(files / "stats.h5"), key)
+    for attr in attrs:
+        (x / f"noattr_{attr}.h5").write_bytes(raw)
+        with h5py.File(x / f"noattr_{attr}.h5", "a") as h:
+            del h.attrs[attr]
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    big = struct.pack(">IIBBBBB", 2**31 - 1, 2**31 - 1, 8, 2, 0, 0, 0)
+    (x / "bombpng").mkdir()  # headers alone: a PNG and a JPEG declaring gigapixels in a few dozen bytes
+    (x / "bombpng" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", big) + chunk(b"IEND", b""))
+    (x / "bombjpg").mkdir()
+    sof = b"\xff\xc0\x00\x11\x08\xff\xff\xff\xff\x03\x01\x22\x00\x02\x11\x01\x03\x11\x01"
+    (x / "bombjpg" / "b.jpg").write_bytes(b"\xff\xd8" + sof + b"\xff\xd9")
+    img = x / "img"
+    for i in range(2):
+        for mode, make in (
+            ("gray", lambda: Image.new("L", (4, 4), 100)),
+            ("rgba", lambda: Image.new("RGBA", (4, 4), (10, 20, 30, 0))),
+            ("i16", lambda: Image.fromarray(np.full((4, 4), 40000, np.uint16))),
+            ("palette", lambda: Image.new("P", (4, 4), 3)),
+            ("bilevel", lambda: Image.new("1", (4, 4), 1)),
+        ):
+            (img / mode).mkdir(parents=True, exist_ok=True)
+            make().save(img / mode / f"{i}.png")
+        (img / "cmyk").mkdir(exist_ok=True)
+        Image.new("CMYK", (4, 4)).save(img / "cmyk" / f"{i}.jpg")
+        (img / "tiff").mkdir(exist_ok=True)
+        Image.new("RGB", (4, 4)).save(img / "tiff" / f"{i}.tiff")
+    for layout, made in (("lronly", ("lr",)), ("emptypairs", ("lr", "hr")), ("both", ("lr", "hr", "low", "high"))):
+        for d in made:
+            (img / layout / d).mkdir(parents=True)
+    _png(img / "lronly" / "lr" / "a.png", 4, 4)
+    _png(img / "unpaired" / "lr" / "a.png", 4, 4)
+    _png(img / "unpaired" / "hr" / "b.png", 16, 16)
+    _png(img / "hidden" / ".a.png")
+    (img / "zero").mkdir()
+    (img / "zero" / "a.png").write_bytes(b"")
+    (img / "dirpng" / "a.png").mkdir(parents=True)
+    y = np.load(files / "test.npz")["y"].astype(np.float64)
+    for name, value in CONDITION_VALUES.items():
+        z = y.copy()
+        z[2, 0], z[5] = value, value
+        np.save(x / f"cond_{name}.npy", z)
+    for name in ODD_NAMES:
+        (x / "names" / name).mkdir(parents=True)
+        (x / "names" / name / "train.npz").write_bytes((files / "train.npz").read_bytes())
+    (x / "loop").symlink_to(x / "loop")
+    (x / "dangling.npz").symlink_to(x / "nothere.npz")
+    (x / "link.npz").symlink_to(files / "train.npz")
+    os.mkfifo(x / "fifo.npz")
+    os.mkfifo(x / "fifo.pt")
+    os.mkfifo(x / "fifo.h5")
+    (x / "yaml_code.yml").write_text("network_G:\n  which_model_G: !!python/object/apply:os.system ['echo pwned']\n")
+    return x
+
+
+CONDITION_VALUES = {
+    "1e300": 1e300,
+    "-1e300": -1e300,
+    "nan": np.nan,
+    "inf": np.inf,
+    "denormal": 1e-310,
+    "neg-zero": -0.0,
+}
+ODD_NAMES = ("new\nline", "sp ace", "ünï©ødé", "-dash", "tab\there", "x" * 200)
+
+
+def _fit(data: str, model: str = "toy-affine", out: str = "{OUT}") -> list[str]:
+    return ["fit", model, "--data", data, "--out", out, "--device", "cpu"]
+
+
+def _inspect(model: str, *extra: str) -> list[str]:
+    return ["inspect", model, "--device", "cpu", *extra]
+
+
+STATS_ARRAYS = ("n", "reference", "sum", "sum_sq", "sum_cubic", "sum_quartic", "location", "covariance", "cholesky")
+#: Attributes a stats file cannot do without (its format, header and metadata; not the writer's version).
+STATS_REQUIRED_ATTRIBUTES = (
+    "format",
+    "estimator",
+    "shrinkage",
+    "dim",
+    "n_inputs",
+    "n_nonfinite",
+    "json_keys",
+    "metadata_keys",
+    "model",
+    "adapter",
+    "fingerprint",
+    "layers",
+    "pooling",
+    "data",
+)
+_CODE = "holds pickled code (posix.system)"
+_CODE_FILES = [f"code{p}" for p in range(pickle.HIGHEST_PROTOCOL + 1)] + [
+    "codedeep",
+    "codetop",
+    "codezip",
+    "codeziptop",
+]
+_BAD_SAFETENSORS = ("notjson", "list", "offsets", "dtype", "negshape", "hugeshape", "reversed", "overlap", "short")
+
+MORE_CASES = [
+    # -- untrusted checkpoints: code in any protocol, at any depth, inside a zip; as MODEL, --weights, --from, --resume
+    *[(f"code-model-{n}", _inspect("{X}/" + n + ".pt"), "{X}/" + n + ".pt: " + _CODE) for n in _CODE_FILES],
+    *[
+        (
+            f"code-weights-{n}",
+            ["inspect", "--model", "factories_hostile:linear", "--weights", "{X}/" + n + ".pt", "--device", "cpu"],
+            _CODE,
+        )
+        for n in _CODE_FILES
+    ],
+    *[
+        (f"code-train-from-{n}", ["train", "sr", "--from", "{X}/" + n + ".pt", "--iters", "1", "--out", "{OUT}"], _CODE)
+        for n in ("code2", "codezip")
+    ],
+    ("code-model-fifo", _inspect("{X}/fifo.pt"), "{X}/fifo.pt: not a regular file"),
+    *[
+        (f"safetensors-{n}", _inspect("{X}/st_" + n + ".safetensors"), "{X}/st_" + n + ".safetensors: corrupt")
+        for n in _BAD_SAFETENSORS
+    ],
+    # -- untrusted data files: pickles and objects in numpy files, HDF5 outside the file, odd dtypes and shapes --------
+    ("npy-object", scan_data("{X}/obj.npy"), "{X}/obj.npy: unreadable .npy file"),
+    ("npz-object", scan_data("{X}/obj.npz"), "{X}/obj.npz: unreadable .npz file"),
+    ("npz-pickle-member", _fit("{X}/pickle_in_npz.npz"), "{X}/pickle_in_npz.npz: unreadable .npz file"),
+    ("npy-rank4", scan_data("{X}/rank4.npy"), "conditions have shape (1, 1, 2), the model expects (2,)"),
+    ("npy-structured", scan_data("{X}/structured.npy"), "not numeric"),
+    ("h5-compound", scan_data("{X}/compound.h5"), "{X}/compound.h5: array 'y' has dtype"),
+    ("h5-string", _fit("{X}/string.h5"), "{X}/string.h5: array 'y' has dtype |S2, not numeric"),
+    ("h5-vlen", _fit("{X}/vlen.h5"), "not numeric"),
+    ("h5-huge-declared", scan_data("{X}/huge.h5"), "above the memory budget"),
+    ("h5-huge-declared-fit", _fit("{X}/huge.h5"), "above the memory budget"),
+    ("h5-scalar", scan_data("{X}/scalar.h5"), "has shape ()"),
+    ("h5-group", scan_data("{X}/group.h5"), "no dataset 'y'"),
+    ("h5-dangling-soft-link", scan_data("{X}/dangling.h5"), "no dataset 'y'"),
+    ("h5-targets-external-storage", _fit("{X}/x_external.h5"), "'x' keeps its bytes in external files"),
+    ("h5-targets-external-link", scan_data("{X}/x_link.h5"), "'x' is an external link"),
+    ("h5-external-link", _fit("{X}/y_link.h5"), "'y' is an external link"),
+    ("h5-virtual-missing", scan_data("{X}/virtual_missing.h5"), "'y' is a virtual dataset"),
+    ("h5-virtual-own-file", _fit("{X}/virtual_self.h5"), "'y' is a virtual dataset"),
+    ("data-fifo", scan_data("{X}/fifo.npz"), "{X}/fifo.npz: not a regular file or folder"),
+    ("data-h5-fifo", _fit("{X}/fifo.h5"), "{X}/fifo.h5: not a regular file or folder"),
+    # -- statistics files: non-finite, not SPD, asymmetric, wrong shapes, missing or foreign parts ---------------------
+    *[
+        (f"stats-{n}", [*SCAN, "--stats", "{X}/" + n + ".h5"], "{X}/" + n + ".h5 is not a valid flowaudit stats file")
+        for n in ("inf_mean", "nan_cov", "asym_cov", "neg_cov", "zero_cov", "short_mean", "tiny_cov")
+    ],
+    *[
+        (f"stats-{how}-{key}", [*SCAN, "--stats", "{X}/" + f"{how}_{key}.h5"], "{X}/" + f"{how}_{key}.h5{said}")
+        for key in STATS_ARRAYS
+        for how, said in (
+            ("missing", f" is not a valid flowaudit stats file (no dataset {key!r})"),
+            ("string", " is not a valid flowaudit stats file"),
+            ("link", f" is not a valid flowaudit stats file ({key!r} is an external link"),
+        )
+    ],
+    *[
+        (f"stats-no-attribute-{a}", [*SCAN, "--stats", "{X}/noattr_" + a + ".h5"], "{X}/noattr_" + a + ".h5 is not a")
+        for a in STATS_REQUIRED_ATTRIBUTES
+    ],
+    ("stats-fifo", [*SCAN, "--stats", "{X}/fifo.h5"], "{X}/fifo.h5 is not a flowaudit stats file (not a regular"),
+    ("stats-loop", [*SCAN, "--stats", "{X}/loop"], "'--stats'"),
+    ("stats-npz", [*SCAN, "--stats", "{F}/test.npz"], "{F}/test.npz is not a flowaudit stats file"),
+    # -- shapes and images ---------------------------------------------------------------------------------------------
+    ("img-tiff-only", scan_data("{X}/img/tiff", "{F}/tiny_sr.pt"), "{X}/img/tiff: no PNG/JPEG images"),
+    ("img-lr-without-hr", scan_data("{X}/img/lronly", "{F}/tiny_sr.pt"), "{X}/img/lronly: no PNG/JPEG images"),
+    ("img-empty-pairs", _fit("{X}/img/emptypairs", "{F}/tiny_sr.pt"), "no PNG/JPEG image pairs in lr/ and hr/"),
+    ("img-unpaired", scan_data("{X}/img/unpaired", "{F}/tiny_sr.pt"), "files do not pair by name"),
+    ("img-two-layouts", scan_data("{X}/img/both", "{F}/tiny_sr.pt"), "ambiguous, holds both"),
+    ("img-only-hidden", _fit("{X}/img/hidden", "{F}/tiny_sr.pt"), "{X}/img/hidden: no PNG/JPEG images"),
+    ("img-empty-file", scan_data("{X}/img/zero", "{F}/tiny_sr.pt"), "{X}/img/zero/a.png: unreadable image"),
+    ("img-folder-named-png", scan_data("{X}/img/dirpng", "{F}/tiny_sr.pt"), "no PNG/JPEG images"),
+    # -- memory: bombs by header alone, budgets too small for the data ----------------------------------------------
+    ("bomb-png-header", scan_data("{X}/bombpng", "{F}/tiny_sr.pt"), "decompression-bomb"),
+    ("bomb-jpeg-header", _fit("{X}/bombjpg", "{F}/tiny_sr.pt"), "decompression-bomb"),
+    ("bomb-inspect", _inspect("{F}/tiny_sr.pt", "--data", "{X}/bombpng"), "decompression-bomb"),
+    (
+        "max-memory-one-byte-attack",
+        ["attack", "toy-affine", "--data", "{F}/test.npz", "--max-memory", "1", "--out", "{OUT}"],
+        "above the memory budget of 1 bytes",
+    ),
+    ("max-memory-below-resident-scan", [*SCAN, "--max-memory", "1KB"], "--max-memory 0.00 GB leaves 0 MB"),
+    (
+        "max-memory-below-resident-attack",
+        ["attack", "toy-affine", "--data", "{F}/test.npz", "--max-memory", "1KB", "--device", "cpu", "--out", "{OUT}"],
+        "--max-memory 0.00 GB leaves 0 MB",
+    ),
+    # -- paths: loops, files where folders must be, outputs that are inputs -------------------------------------------
+    ("data-symlink-loop", scan_data("{X}/loop"), "'--data'"),
+    ("data-dangling-symlink", _fit("{X}/dangling.npz"), "'--data'"),
+    ("out-symlink-loop", [*SCAN[:-1], "{X}/loop", "--overwrite"], "{X}/loop: cannot write: too many levels"),
+    ("out-under-symlink-loop", [*SCAN[:-1], "{X}/loop/r"], "{X}/loop is not a folder"),
+    ("out-under-a-file", [*SCAN[:-1], "{F}/test.npz/r"], "{F}/test.npz is not a folder"),
+    ("out-path-too-long", [*SCAN[:-1], "{OUT}/" + "/".join(["z" * 250] * 20)], "file name too long"),
+    ("fit-out-is-data", [*_fit("{F}/train.npz", out="{F}/train.npz"), "--overwrite"], "--out {F}/train.npz is --data"),
+    ("fit-out-is-model", [*_fit("{F}/train.npz", "{F}/tiny_sr.pt", "{F}/tiny_sr.pt"), "--overwrite"], "is MODEL"),
+    ("scan-out-is-data-folder", [*scan_data("{F}/rgb4")[:-1], "{F}/rgb4", "--overwrite"], "is --data {F}/rgb4"),
+    ("quick-out-is-data", [*scan_data("{F}/rgb4")[:-1], "{F}/rgb4", "--quick", "--overwrite"], "is --data {F}/rgb4"),
+    ("scan-out-holds-data", [*scan_data("{F}/rgb4")[:-1], "{F}", "--overwrite"], "--out {F} holds --data"),
+    ("scan-out-is-stats", [*SCAN[:-1], "{F}/stats.h5", "--stats", "{F}/stats.h5", "--overwrite"], "'--out'"),
+    ("scan-junit-is-data", [*scan_data("{F}/test.npz"), "--junit", "{F}/test.npz"], "--junit {F}/test.npz is --data"),
+    ("scan-junit-in-out", [*SCAN, "--junit", "{OUT}"], "--junit {OUT} is inside --out"),
+    (
+        "train-out-is-from",
+        ["train", "sr", "--from", "{F}/tiny_sr.pt", "--iters", "1", "--out", "{F}/tiny_sr.pt"],
+        "--out {F}/tiny_sr.pt is --from",
+    ),
+    ("resume-not-a-work-folder", [*SCAN, "--resume", "{F}/test.npz"], "--resume"),
+    (
+        "official-options-on-reference",
+        _inspect("toy-affine", "--official-config", "{X}/yaml_code.yml"),
+        "only for official checkpoints",
+    ),
+]
+
+
+def _run(argv: list[str], files: Path, x: Path, tmp_path: Path) -> tuple[object, Path, Path]:
+    """Run ``flowaudit -q argv`` with ``{F}``, ``{X}`` and ``{OUT}`` expanded; ``(result, work, out)``."""
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "out"
+    args = [a.replace("{X}", str(x)).replace("{F}", str(files)).replace("{OUT}", str(out)) for a in argv]
+    return CliRunner().invoke(cli, ["-q", *args], catch_exceptions=False), work, out
+
+
+def _assert_one_line(res, expected: str) -> None:
+    assert res.exit_code == 2, (res.exit_code, res.output, res.stderr)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("flowaudit: error: "), lines[0]
+    assert expected in lines[0], (expected, lines[0])
+    assert "Traceback" not in res.output + res.stderr
+
+
+@pytest.mark.parametrize("argv, expected", [pytest.param(a, e, id=i) for i, a, e in MORE_CASES])
+def test_more_hostile_inputs_exit_2_with_one_line(
+    files: Path, more: Path, tmp_path: Path, monkeypatch, argv, expected
+) -> None:
+    """The second catalogue: exit 2, one line naming the input, nothing written, every input left as it was."""
+    monkeypatch.chdir(files)
+    before = {p: p.stat().st_mtime_ns for p in files.iterdir() if p.is_file()}
+    res, work, out = _run(argv, files, more, tmp_path)
+    _assert_one_line(res, expected.replace("{X}", str(more)).replace("{F}", str(files)).replace("{OUT}", str(out)))
+    assert list(work.iterdir()) == [], "something was written"
+    assert {p: p.stat().st_mtime_ns for p in files.iterdir() if p.is_file()} == before, "an input was touched"
+
+
+# -- every numeric option of every command: generated from the commands themselves, so a new option joins ------------
+
+#: The least command line each command runs with; the option under test is appended (the last value wins).
+BASE_ARGV = {
+    "fit": _fit("{F}/train.npz"),
+    "scan": SCAN,
+    "attack": ["attack", "toy-affine", "--data", "{F}/test.npz", "--device", "cpu", "--out", "{OUT}"],
+    "inspect": _inspect("toy-affine"),
+    "demo": ["demo", "--out", "{OUT}"],
+    "train toy": ["train", "toy", "--iters", "1", "--out", "{OUT}"],
+    "train sr": ["train", "sr", "--iters", "1", "--out", "{OUT}"],
+    "train lowlight": ["train", "lowlight", "--iters", "1", "--out", "{OUT}"],
+    "data toy": ["data", "toy", "--out", "{OUT}"],
+    "data sr": ["data", "sr", "--out", "{OUT}"],
+    "data lowlight": ["data", "lowlight", "--out", "{OUT}"],
+}
+
+
+def _commands(group=cli, path: str = "") -> dict:
+    import click
+
+    found = {}
+    for name, command in group.commands.items():
+        sub = f"{path} {name}".strip()
+        if isinstance(command, click.Group):
+            found.update(_commands(command, sub))
+        else:
+            found[sub] = command
+    return found
+
+
+def _numeric(command) -> list:
+    import click
+
+    from flowaudit.config.validate import MemorySize
+
+    kinds = (click.types.IntParamType, click.types.FloatParamType, MemorySize)
+    return [p for p in command.params if isinstance(p, click.Option) and isinstance(p.type, kinds)]
+
+
+def _bad_values(param) -> list[str]:
+    """Values the option must refuse: non-numbers, non-finite values and one step past each end of its range."""
+    import click
+
+    from flowaudit.config.validate import MemorySize
+
+    t = param.type
+    if isinstance(t, MemorySize):
+        return ["nan", "inf", "-1", "0", "abc", "", "1e400GB", "-5GB", "5XB", str(t.hi + 1), str(2**200)]
+    values = ["nan", "inf", "-inf", "1e400", "abc", "", str(2**64), str(-(2**64))]
+    if isinstance(t, click.types.IntParamType):
+        values += ["1.5", str(t.min - 1), str(t.max + 1)]
+    else:
+        values += [repr(t.min) if t.min_open else repr(t.min - abs(t.min) * 1e-9 - 1e-300), repr(t.max * (1 + 1e-9))]
+    return values
+
+
+NUMERIC_CASES = [
+    pytest.param(name, p.opts[0], value, id=f"{name}{p.opts[0]}={value!r}")
+    for name, command in _commands().items()
+    for p in _numeric(command)
+    for value in _bad_values(p)
+]
+
+
+def test_every_numeric_option_is_bounded() -> None:
+    """Each numeric option of each command has both ends (a typo of 2**64 or 1e12 is one line, not a crash or a
+    hang), refuses NaN/Inf, and each command has a base command line for the generated cases below."""
+    import click
+
+    from flowaudit.config.validate import BoundedInt, FiniteFloat, MemorySize
+
+    commands = _commands()
+    assert set(commands) == set(BASE_ARGV)
+    seen = 0
+    for name, command in commands.items():
+        for p in _numeric(command):
+            seen += 1
+            t = p.type
+            assert isinstance(t, (BoundedInt, FiniteFloat, MemorySize)), (name, p.opts, t)
+            if not isinstance(t, MemorySize):
+                assert t.min is not None and t.max is not None, (name, p.opts)
+                assert math.isfinite(t.min) and math.isfinite(t.max), (name, p.opts)
+        assert all(not isinstance(p.type, click.types.FuncParamType) for p in command.params)
+    assert seen >= 40
+
+
+@pytest.mark.parametrize("command, option, value", NUMERIC_CASES)
+def test_every_numeric_option_refuses_bad_values(files: Path, tmp_path: Path, command, option, value) -> None:
+    res, work, _ = _run([*BASE_ARGV[command], option, value], files, files, tmp_path)
+    _assert_one_line(res, f"'{option}'")
+    assert list(work.iterdir()) == [], "something was written"
+
+
+@pytest.mark.parametrize(
+    "option, value, expected",
+    [
+        ("--std-steps", "-1", "each index must be in 0..9999"),
+        ("--std-steps", str(2**64), "each index must be in 0..9999"),
+        ("--stack-blocks", "1,,2", "expected comma-separated block indices"),
+        ("--stack-blocks", "nan", "expected comma-separated block indices"),
+        ("--stack-blocks", "1e3", "expected comma-separated block indices"),
+        ("--output-range", "nan,1", "--output-range"),
+        ("--output-range", "0,inf", "--output-range"),
+        ("--output-range", "1,0", "--output-range"),
+        ("--output-range", "1,1", "--output-range"),
+        ("--output-range", "1,2,3", "--output-range"),
+        ("--attack", "linf:nan", "--attack"),
+        ("--attack", "linf:inf", "--attack"),
+        ("--attack", "linf:-1", "--attack"),
+        ("--attack", "linf:1/0", "--attack"),
+        ("--attack", "box:1,0", "--attack"),
+        ("--attack", "box:0,inf", "--attack"),
+        ("--attack", "lp:1", "--attack"),
+    ],
+)
+def test_numeric_lists_and_budgets_refuse_bad_values(files: Path, tmp_path: Path, option, value, expected) -> None:
+    """Options whose value holds several numbers (indices, a band, a budget) hold each number to the same rule."""
+    res, work, _ = _run([*SCAN, option, value], files, files, tmp_path)
+    _assert_one_line(res, expected)
+    assert list(work.iterdir()) == []
+
+
+def test_a_long_search_without_budget_does_not_overflow() -> None:
+    """The budget-free step schedule grows geometrically: thousands of steps once overflowed a float (exit 3)."""
+    from flowaudit.config.budget import parse_budget
+    from flowaudit.evidence.search import default_step
+
+    none = parse_budget("none")
+    for steps in (1, 50, 1000, 2000, 10**6):
+        first, growth = default_step(none, steps, 1.0)
+        assert first == 0.01 and 1.0 <= growth <= 2.0 and math.isfinite(growth)
+    assert default_step(none, 50, 1.0) == default_step(none, 50, 1.0)  # unchanged where it never overflowed
+
+
+# -- inputs that are odd but legal: the command succeeds, says at most one line on stderr, and counts what it skips --
+
+
+def _ok(res) -> None:
+    assert res.exit_code == 0, (res.exit_code, res.output, res.stderr)
+    assert len([line for line in res.stderr.splitlines() if line.strip()]) <= 1, res.stderr
+    assert "Traceback" not in res.output + res.stderr and "Warning" not in res.stderr
+
+
+@pytest.mark.parametrize(
+    "command, value",
+    [(c, v) for c in ("fit", "inspect") for v in CONDITION_VALUES]
+    + [(c, v) for c in ("scan", "attack") for v in ("1e300", "nan")],
+)
+def test_absurd_condition_values_are_counted_not_fatal(
+    files: Path, more: Path, tmp_path: Path, command: str, value: str
+) -> None:
+    """NaN, ±Inf, ±1e300 (Inf in float32), denormals and -0.0 among finite conditions: exit 0, at most one line.
+
+    Non-finite rows are counted (``n_nonfinite``) and left out; denormals and -0.0 are ordinary finite values.
+    ``fit`` and ``inspect`` take every value; the sampled commands two of them, to stay fast.
+    """
+    data = "{X}/cond_" + value + ".npy"
+    argv = {
+        "fit": [*_fit(data), "--json"],
+        "inspect": _inspect("toy-affine", "--data", data),
+        "scan": scan_data(data),
+        "attack": [
+            "attack",
+            "toy-affine",
+            "--data",
+            data,
+            "--starts",
+            "8",
+            "--steps",
+            "2",
+            "--samples",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            "{OUT}",
+        ],
+    }[command]
+    res, _, out = _run(argv, files, more, tmp_path)
+    _ok(res)
+    nonfinite = 2 if value in ("1e300", "-1e300", "nan", "inf") else 0
+    if command == "fit":
+        assert json.loads(res.output)["ood"]["n_nonfinite"] == nonfinite
+    if command == "scan":
+        assert json.loads((out / "report.json").read_text())["data"]["in"]["n_nonfinite"] == nonfinite
+
+
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("gray", 100 / 255),
+        ("rgba", (10 / 255, 20 / 255, 30 / 255)),  # alpha dropped, colour kept
+        ("i16", 40000 / 65535),
+        ("palette", None),
+        ("bilevel", 1.0),
+        ("cmyk", None),
+    ],
+)
+def test_image_modes_become_rgb_in_unit_range(more: Path, mode: str, expected) -> None:
+    """Gray, RGBA, 16-bit, palette, 1-bit PNGs and CMYK JPEGs read as N×3×H×W float32 in [0, 1]."""
+    from flowaudit.io.datasets import load_conditions
+
+    cs = load_conditions(more / "img" / mode)
+    assert tuple(cs.y.shape) == (2, 3, 4, 4) and cs.y.dtype == torch.float32
+    assert float(cs.y.min()) >= 0 and float(cs.y.max()) <= 1
+    if expected is not None:
+        want = torch.tensor(expected, dtype=torch.float32).reshape(-1, 1, 1).expand(3, 4, 4)
+        assert torch.allclose(cs.y[0], want, atol=1e-6), cs.y[0, :, 0, 0]
+
+
+@pytest.mark.slow
+def test_an_image_mode_fits_through_the_cli(files: Path, more: Path, tmp_path: Path) -> None:
+    res, _, out = _run(scan_data("{X}/img/i16", "{F}/tiny_sr.pt"), files, more, tmp_path)
+    _ok(res)
+    assert json.loads((out / "report.json").read_text())["data"]["in"]["n"] == 2
+
+
+@pytest.mark.parametrize("name", ODD_NAMES, ids=lambda n: repr(n[:12]))
+def test_any_legal_file_name_works_in_and_out(files: Path, more: Path, tmp_path: Path, name: str) -> None:
+    """Newlines, tabs, spaces, non-ASCII, a leading dash and long names: read as data and written as output."""
+    data = more / "names" / name / "train.npz"
+    out = tmp_path / name / f"{name[:100]}.h5"
+    res = CliRunner().invoke(cli, ["-q", "fit", "toy-affine", f"--data={data}", f"--out={out}", "--device", "cpu"])
+    _ok(res)
+    assert out.is_file() and sorted(p.name for p in out.parent.iterdir()) == [out.name]
+
+
+def test_symlinked_data_and_an_output_inside_the_data_folder(files: Path, more: Path, tmp_path: Path) -> None:
+    """A symlink to the data reads the data; a report inside an image folder is allowed (only the folder's own
+    images are read), and the next run over that folder reads the same inputs."""
+    res, _, _ = _run(_fit("{X}/link.npz"), files, more, tmp_path)
+    _ok(res)
+    folder = tmp_path / "images"
+    for i in range(24):
+        _png(folder / f"{i}.png", 4, 4, seed=i)
+    argv = ["-q", "fit", str(files / "tiny_sr.pt"), "--data", str(folder), "--device", "cpu", "--json", "--out"]
+    first = CliRunner().invoke(cli, [*argv, str(folder / "stats.h5")])
+    _ok(first)
+    second = CliRunner().invoke(cli, [*argv, str(folder / "again.h5")])
+    _ok(second)
+    assert json.loads(first.output)["ood"]["n_inputs"] == json.loads(second.output)["ood"]["n_inputs"] == 24
+
+
+# -- interrupts: SIGINT or SIGTERM once shards are saved, then --resume gives the uninterrupted result --------------
+
+
+def _long(kind: str, data: Path, out: Path, stats: Path) -> list[str]:
+    import sys
+
+    head = [sys.executable, "-m", "flowaudit", "-q"]
+    tail = ["--device", "cpu", "--out", str(out)]
+    if kind == "fit":
+        return [*head, "fit", "toy-affine", "--data", str(data), *tail]
+    if kind == "scan":
+        return [*head, "scan", "toy-affine", "--data", str(data), "-k", "4", "--exact", "--stats", str(stats), *tail]
+    return [*head, "attack", "toy-affine", "--data", str(data), "--starts", "48", "--steps", "10", "-k", "2", *tail]
+
+
+def _result(kind: str, out: Path) -> object:
+    if kind == "fit":
+        with h5py.File(out) as h:
+            return {k: h[k][()].tolist() for k in h.keys()}
+    report = json.loads((out / "report.json").read_text())
+    return report["inputs"] if kind == "scan" else report["attack"]["starts"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("kind", ["fit", "scan", "attack"])
+def test_interrupted_once_shards_exist_then_resumed(files: Path, tmp_path: Path, kind: str, sig: str) -> None:
+    """Exit 130 with one line, no output and no temporary left; ``--resume`` then equals the run in one go."""
+    import signal
+    import subprocess
+
+    from flowaudit.reference_models.toy import toy_data
+    from runs import ENV, kill_when
+
+    data = tmp_path / "big.npy"
+    np.save(data, np.asarray(toy_data(4000 if kind == "fit" else 256, seed=3)[1]))
+    suffix = ".h5" if kind == "fit" else ""
+    ref, out = tmp_path / f"ref{suffix}", tmp_path / f"out{suffix}"
+    done = subprocess.run(_long(kind, data, ref, files / "stats.h5"), env=ENV, capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    work = out.with_name(f".{out.name}.work")
+    proc = kill_when(
+        _long(kind, data, out, files / "stats.h5"),
+        lambda: work.exists() and any(work.glob("*.npz")),
+        getattr(signal, sig),
+        [out, work],
+    )
+    stderr = proc.stderr.read()
+    assert proc.returncode == 130, (proc.returncode, stderr)
+    assert len(stderr.strip().splitlines()) == 1 and f"interrupted ({sig})" in stderr and "--resume" in stderr
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".tmp" in p.name or p.name.endswith(".lock")]
+    again = subprocess.run(
+        [*_long(kind, data, out, files / "stats.h5"), "--resume", str(work)], env=ENV, capture_output=True, timeout=600
+    )
+    assert again.returncode == 0, again.stderr
+    assert not work.exists() and _result(kind, out) == _result(kind, ref)
+
+
+# -- the file system says no: a file-size limit (EFBIG, as a full disk's ENOSPC) is one line and nothing left ---------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(
+            ["fit", "toy-affine", "--data", "{F}/train.npz", "--device", "cpu", "--out", "{OUT}.h5"], id="fit"
+        ),
+        pytest.param(
+            ["scan", "toy-affine", "--data", "{F}/test.npz", "-k", "1", "--device", "cpu", "--out", "{OUT}"],
+            id="scan",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["attack", "toy-affine", "--data", "{F}/test.npz", "--starts", "2", "--steps", "2", "--out", "{OUT}"],
+            id="attack",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(["data", "toy", "--n", "5000", "--out", "{OUT}.npz"], id="data", marks=pytest.mark.slow),
+        pytest.param(["train", "toy", "--iters", "2", "--out", "{OUT}.pt"], id="train", marks=pytest.mark.slow),
+    ],
+)
+def test_a_file_size_limit_is_one_line_and_leaves_nothing(files: Path, tmp_path: Path, argv: list[str]) -> None:
+    """Under ``ulimit -f 8`` the write fails with EFBIG: exit 2 and one line, no signal, no crash inside HDF5,
+    and no output, temporary or work folder left (the next run starts afresh)."""
+    import resource
+    import subprocess
+    import sys
+
+    from runs import ENV
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, resource.RLIM_INFINITY))
+
+    out = tmp_path / "out"
+    args = [a.replace("{F}", str(files)).replace("{OUT}", str(out)) for a in argv]
+    proc = subprocess.run(
+        [sys.executable, "-m", "flowaudit", "-q", *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit,
+    )
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stderr.startswith("flowaudit: error: ") and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    assert "file too large" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stats_catalogue_covers_the_format() -> None:
+    """The stats cases above damage every array and every header attribute the format has."""
+    from flowaudit.stats.stats_file import ARRAYS, HEADER
+
+    assert STATS_ARRAYS == ARRAYS and set(HEADER) <= set(STATS_REQUIRED_ATTRIBUTES)
+
+
+def test_relative_names_with_leading_dashes_are_paths_not_options(files: Path, tmp_path: Path, monkeypatch) -> None:
+    """``--data -d.npz --out -o.h5``: an option's value that starts with a dash is still the value."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-d.npz").write_bytes((files / "train.npz").read_bytes())
+    res = CliRunner().invoke(cli, ["-q", "fit", "toy-affine", "--data", "-d.npz", "--out", "-o.h5", "--device", "cpu"])
+    _ok(res)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["-d.npz", "-o.h5"]

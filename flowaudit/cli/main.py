@@ -27,6 +27,7 @@ from .options import (
     batch_option,
     claim_output,
     device_option,
+    discard_fresh_work,
     estimator_option,
     finish_run,
     install_signal_handlers,
@@ -106,6 +107,7 @@ class FlowauditGroup(click.Group):
                 click.echo(interrupted(ctx), err=True)
                 ctx.exit(EXIT_INTERRUPTED)
             if isinstance(exc, _user_errors()):
+                discard_fresh_work(ctx)
                 click.echo(f"flowaudit: error: {_one_line(exc)}", err=True)
                 ctx.exit(2)
             if ctx.obj is not None and ctx.obj.debug:
@@ -142,9 +144,12 @@ def _official(name: str, convert=lambda v: v):
 
 def _blocks(value: str) -> list[int]:
     try:
-        return [int(v) for v in value.split(",")]
+        blocks = [int(v) for v in value.split(",")]
     except ValueError:
         raise click.BadParameter(f"{value!r}: expected comma-separated block indices, e.g. 1,8,15,22") from None
+    if not all(0 <= b <= V.MAX_INDEX for b in blocks):
+        raise click.BadParameter(f"{value!r}: each index must be in 0..{V.MAX_INDEX}")
+    return blocks
 
 
 def model_options(f):
@@ -175,7 +180,7 @@ def model_options(f):
     )(f)
     f = click.option(
         "--affine-eps",
-        type=V.FiniteFloat(0, min_open=True),
+        type=V.FiniteFloat(0, 1, min_open=True),
         expose_value=False,
         callback=_official("affine_eps"),
         help="Official SRFlow, NCSR, FS-NCSR, LLFlow checkpoints: the affine coupling's eps "
@@ -183,7 +188,7 @@ def model_options(f):
     )(f)
     f = click.option(
         "--scale",
-        type=click.IntRange(min=2),
+        type=V.SCALE,
         expose_value=False,
         callback=_official("scale"),
         help="Official SRFlow, NCSR, FS-NCSR, spline checkpoints: the upscaling factor (×2 and ×4 have the "
@@ -585,7 +590,7 @@ def _budget(ctx: click.Context, param: click.Parameter, value: str):
 @click.option("--steps", type=V.BoundedInt(0, 10**6), default=50, show_default=True, help="Gradient steps per start.")
 @click.option(
     "--step-size",
-    type=V.FiniteFloat(0, min_open=True),
+    type=V.FiniteFloat(0, 1e6, min_open=True),
     help="Step length in the budget's norm (default 2.5·EPS/steps; "
     "none: the first of geometrically growing steps, 1 % of the conditions' spread).",
 )

@@ -29,10 +29,12 @@ __all__ = [
     "CommandState",
     "UserError",
     "claim_output",
+    "check_apart",
     "was_interrupted",
     "run_options",
     "run_context",
     "finish_run",
+    "discard_fresh_work",
     "install_signal_handlers",
     "interrupted",
     "max_parameters_option",
@@ -64,6 +66,7 @@ class CommandState:
     out: str | None = None  # what the running command writes (claimed), for the interruption message
     keeps_partial: bool = False  # ``train``: a periodic checkpoint at ``out`` is complete, not partial
     work: str | None = None  # the work folder of completed shards of fit / scan / attack (``--resume``)
+    work_fresh: bool = False  # this run started the work folder (no --resume): a user error removes it
     official: dict = field(default_factory=dict)  # what an official checkpoint's weights cannot say (--fs-ncsr, …)
     junit: str | None = None  # --junit FILE: also write the gate's decision as JUnit XML
 
@@ -105,7 +108,7 @@ json_option = click.option(
 )
 threads_option = click.option(
     "--threads",
-    type=click.IntRange(1),
+    type=V.THREADS,
     default=None,
     expose_value=False,
     callback=_sampling("threads"),
@@ -215,7 +218,7 @@ overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an ex
 
 max_parameters_option = click.option(
     "--max-parameters",
-    type=V.FiniteFloat(1),
+    type=V.FiniteFloat(1, 1e15),
     default=2e9,
     show_default=True,
     help="Refuse a checkpoint whose model has more parameters (checked before allocating).",
@@ -281,8 +284,55 @@ def claim_output(ctx: click.Context, out: str, overwrite: bool = True, *, keeps_
     obj = ctx.find_object(CommandState)
     if obj is not None:
         obj.command, obj.out, obj.keeps_partial = ctx.command_path, str(out), keeps_partial
+    check_apart(ctx, out)
     if not overwrite and os.path.lexists(out):
         raise FileExistsError(f"{out} exists (use --overwrite)")
+
+
+#: Parameters that name what a command writes, or its own work folder: not inputs to keep apart from the output.
+_WRITTEN = ("out", "junit", "resume")
+
+
+def _inputs(ctx: click.Context) -> list[tuple[str, str]]:
+    """``(option, path)`` of each parameter of the command whose value names an existing file or folder."""
+    found = []
+    for p in ctx.command.params:
+        value = ctx.params.get(p.name)
+        names_a_path = isinstance(p.type, click.Path) or isinstance(p, click.Argument)
+        if p.name in _WRITTEN or not names_a_path or not isinstance(value, (str, os.PathLike)) or not value:
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            if os.path.lexists(value):
+                name = next((o for o in p.opts if o.startswith("--")), p.human_readable_name)
+                found.append((name, os.fspath(value)))
+    return found
+
+
+def _within(inner: str, outer: str) -> bool:
+    """Whether path ``inner`` is ``outer`` or lies under it, symbolic links resolved."""
+    a, b = os.path.realpath(inner), os.path.realpath(outer)
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+
+
+def check_apart(ctx: click.Context, out: str | os.PathLike[str]) -> None:
+    """Refuse an output that is, or would replace a folder holding, one of the command's inputs.
+
+    ``fit --data d.npz --out d.npz --overwrite`` would replace the data with statistics, ``scan --out DIR
+    --overwrite`` over the image folder it reads would delete it, ``--junit`` onto ``--out`` or an input
+    likewise; one line (exit 2) names both, before anything is read or written. An output *inside* an input
+    folder is allowed: the readers take only the folder's own images and pair sub-folders.
+    """
+    inputs = _inputs(ctx)
+    obj = ctx.find_object(CommandState)
+    junit = obj.junit if obj is not None else None
+    outputs = [("--out", os.fspath(out))] + ([("--junit", os.fspath(junit))] if junit else [])
+    for option, path in outputs:
+        for name, given in inputs:
+            if _within(given, path):
+                what = "is" if _within(path, given) else "holds"
+                raise UserError(f"{option} {path} {what} {name} {given}: writing it would destroy the input")
+    if junit and _within(os.fspath(junit), os.fspath(out)):
+        raise UserError(f"--junit {junit} is inside --out {out}: write it beside the report")
 
 
 # -- long runs: shards, resume, memory, ranks (flowaudit.runs.runner) ----------------------------------
@@ -304,6 +354,7 @@ def run_options(f):
     f = click.option(
         "--max-memory",
         metavar="SIZE",
+        type=V.MEMORY,
         help="Memory budget that sizes the batches, e.g. 2GB "
         "(default: half the available RAM, or 80 %% of the free GPU memory).",
     )(f)
@@ -367,8 +418,21 @@ def run_context(
         raise refused
     obj = ctx.find_object(CommandState)
     if obj is not None:
-        obj.work = str(work)
+        obj.work, obj.work_fresh = str(work), resume is None and not work.exists()
     return Context(work_dir=work, resume=resume is not None, group=group, max_memory=max_memory), out
+
+
+def discard_fresh_work(ctx: click.Context) -> None:
+    """After a user error (exit 2), remove the work folder this run started: nothing is left behind.
+
+    A resumed run's folder holds shards the user asked to keep; it stays. An interruption keeps either (the
+    one line says how to resume), and so does an internal error, whose shards may help to reproduce it.
+    """
+    obj = ctx.find_object(CommandState)
+    if obj is not None and obj.work_fresh and obj.work is not None:
+        import shutil
+
+        shutil.rmtree(obj.work, ignore_errors=True)
 
 
 def finish_run(run: Any) -> None:

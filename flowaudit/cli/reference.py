@@ -26,13 +26,20 @@ def train():
 
 
 @contextlib.contextmanager
-def _checkpoint_errors():
-    """A ``--from`` / ``--resume`` checkpoint that cannot be used is the user's one-line error (exit 2)."""
+def _checkpoint_errors(*paths: str | None):
+    """A ``--from`` / ``--resume`` checkpoint that cannot be used is the user's one-line error (exit 2).
+
+    One that holds pickled code says so (read, never run), rather than "unreadable".
+    """
+    from ..adapters.checkpoint import pickled_code
     from ..reference_models import CheckpointError
 
     try:
         yield
     except CheckpointError as exc:
+        for path in filter(None, paths):
+            if code := pickled_code(path):
+                raise UserError(f"{path}: holds pickled code ({code}); refused, training loads tensors only") from None
         raise UserError(str(exc)) from None
 
 
@@ -53,15 +60,11 @@ def _report_training(obj: CommandState, state: dict, out: str, coupling: str) ->
 @click.option(
     "--out", type=click.Path(dir_okay=False), required=True, help="Checkpoint to write (periodically, atomically)."
 )
-@click.option(
-    "--iters", type=click.IntRange(1), default=8000, show_default=True, help="Training iterations (paper: 8000)."
-)
+@click.option("--iters", type=V.ITERS, default=8000, show_default=True, help="Training iterations (paper: 8000).")
 @click.option("--seed", type=V.SEED, default=0, show_default=True, help="Seed of data, init and batches.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint at --out.")
-@click.option(
-    "--feature-dim", type=click.IntRange(0), default=16, show_default=True, help="Width of g(y); 0 feeds y raw."
-)
-@click.option("--threads", type=click.IntRange(1), help="CPU threads (default: torch's).")
+@click.option("--feature-dim", type=V.WIDTH, default=16, show_default=True, help="Width of g(y); 0 feeds y raw.")
+@click.option("--threads", type=V.THREADS, help="CPU threads (default: torch's).")
 @json_option
 @click.pass_obj
 def train_toy_cmd(obj: CommandState, coupling, out, iters, seed, resume, feature_dim, threads):
@@ -73,7 +76,7 @@ def train_toy_cmd(obj: CommandState, coupling, out, iters, seed, resume, feature
     if threads:
         torch.set_num_threads(threads)
     claim_output(click.get_current_context(), out, keeps_partial=True)
-    with _checkpoint_errors():
+    with _checkpoint_errors(out):
         state = train_toy(
             coupling, out=out, iters=iters, seed=seed, resume=resume, progress=obj.progress, feature_dim=feature_dim
         )
@@ -92,15 +95,13 @@ def _image_train_options(f):
                 required=True,
                 help="Checkpoint to write (periodically, atomically).",
             ),
+            click.option("--iters", type=V.ITERS, default=3000, show_default=True, help="Training iterations."),
+            click.option("--patch", type=V.PATCH, default=32, show_default=True, help="HR / high patch size."),
+            click.option("--batch", type=V.TRAIN_BATCH, default=8, show_default=True, help="Batch size."),
             click.option(
-                "--iters", type=click.IntRange(1), default=3000, show_default=True, help="Training iterations."
-            ),
-            click.option(
-                "--patch", type=click.IntRange(4), default=32, show_default=True, help="HR / high patch size."
-            ),
-            click.option("--batch", type=click.IntRange(1), default=8, show_default=True, help="Batch size."),
-            click.option(
-                "--lr", type=V.FiniteFloat(0, min_open=True), help="Initial learning rate (halved at 50/75/90/95 %)."
+                "--lr",
+                type=V.FiniteFloat(0, 10, min_open=True),
+                help="Initial learning rate (halved at 50/75/90/95 %).",
             ),
             click.option("--seed", type=V.SEED, default=0, show_default=True, help="Seed of data, init and batches."),
             click.option("--resume", is_flag=True, help="Continue from the checkpoint at --out."),
@@ -122,7 +123,7 @@ def _image_train_options(f):
             device_option,
             click.option(
                 "--threads",
-                type=click.IntRange(1),
+                type=V.THREADS,
                 default=1,
                 show_default=True,
                 help="CPU threads (small convolutions run fastest on one; use the other core for a second run).",
@@ -158,7 +159,7 @@ def _train_image(
     if lr is not None:
         options["lr"] = lr
     fn = recipes.train_sr if task == "sr" else recipes.train_lowlight
-    with _checkpoint_errors():
+    with _checkpoint_errors(out, options.get("from_ckpt")):
         state = fn(coupling, out=out, progress=obj.progress, device=resolve_device(obj.device), **options, **config)
     _report_training(obj, state, out, coupling)
 
@@ -194,7 +195,7 @@ def data():
     required=True,
     help=".npz file with arrays y (conditions) and x (targets).",
 )
-@click.option("--n", type=click.IntRange(1), default=1000, show_default=True, help="Number of pairs.")
+@click.option("--n", type=V.COUNT, default=1000, show_default=True, help="Number of pairs.")
 @click.option("--seed", type=V.SEED, default=10_001, show_default=True, help="Seed (training runs use 0).")
 @click.option("--ood", is_flag=True, help="Shift the conditions by [0.8, -0.8] (the paper's y_OOD).")
 def data_toy(out, n, seed, ood):
@@ -225,11 +226,11 @@ def data_toy(out, n, seed, ood):
 @click.option(
     "--eurban", is_flag=True, help="Enhance high frequencies with the paper's kernel H (eq. S1): the OOD set."
 )
-@click.option("--patch", type=click.IntRange(4), default=32, show_default=True, help="HR patch size.")
+@click.option("--patch", type=V.PATCH, default=32, show_default=True, help="HR patch size.")
 @click.option(
     "--scale", type=click.Choice(["2", "4", "8"]), default="4", show_default=True, help="Down-scaling factor."
 )
-@click.option("--n", type=click.IntRange(1), default=64, show_default=True, help="Number of patches.")
+@click.option("--n", type=V.COUNT, default=64, show_default=True, help="Number of patches.")
 @click.option("--seed", type=V.SEED, default=102, show_default=True, help="Seed of the crops.")
 def data_sr(out, split, eurban, patch, scale, n, seed):
     """SR patches of the embedded corpus as an image folder (optionally the EUrban-style OOD set)."""
@@ -256,8 +257,8 @@ def data_sr(out, split, eurban, patch, scale, n, seed):
     show_default=True,
     help="Darkening: LOL-like (training distribution) or the VE-LOL-like OOD stand-in.",
 )
-@click.option("--patch", type=click.IntRange(4), default=32, show_default=True, help="Patch size.")
-@click.option("--n", type=click.IntRange(1), default=64, show_default=True, help="Number of patches.")
+@click.option("--patch", type=V.PATCH, default=32, show_default=True, help="Patch size.")
+@click.option("--n", type=V.COUNT, default=64, show_default=True, help="Number of patches.")
 @click.option("--seed", type=V.SEED, default=102, show_default=True, help="Seed of noise and crops.")
 def data_lowlight(out, split, preset, patch, n, seed):
     """Synthetic low-light pairs of the embedded corpus as a low/ + high/ folder."""

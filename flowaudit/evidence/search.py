@@ -63,7 +63,10 @@ def default_step(budget: Budget, steps: int, spread: float) -> tuple[float, floa
     lo, hi = 1.0, 2.0  # ρ with sum_{t<n} ρ^t = reach / first, by bisection
     for _ in range(60):
         mid = (lo + hi) / 2
-        total = n if mid == 1 else (mid**n - 1) / (mid - 1)
+        if mid == 1:
+            total = float(n)
+        else:  # ρ^n overflows a float for n in the thousands: such a sum is past any reach anyway
+            total = (mid**n - 1) / (mid - 1) if n * math.log(mid) < 700 else math.inf
         lo, hi = (mid, hi) if total < reach / first else (lo, mid)
     return first, hi
 

@@ -320,6 +320,8 @@ def load_conditions(path: str | Path, max_bytes: int | None = None) -> Condition
     p = Path(path)
     if not p.exists():
         raise _err(p, "no such file or folder")
+    if not (p.is_dir() or p.is_file()):  # a FIFO, socket or device: reading it could block or never end
+        raise _err(p, "not a regular file or folder (a pipe, socket or device)")
     try:
         if p.is_dir():
             y, x, ids, kind = _from_folder(p, max_bytes)

@@ -53,7 +53,12 @@ def image_size(path: str | Path) -> tuple[int, int]:
     try:
         with _open(path) as im:
             w, h = im.size
-    except Exception as e:  # not an image Pillow knows
+    except Exception as e:  # not an image Pillow knows, or one Pillow's own bomb check refuses outright
+        if type(e).__name__ == "DecompressionBombError":  # its header declares over 2x Pillow's limit
+            raise ValueError(
+                f"{path}: the image declares more than {MAX_PIXELS / 1e6:.0f} MP (decompression-bomb guard; "
+                f"{' '.join(str(e).split()).split(',')[0]}); crop or downscale it"
+            ) from None
         raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {' '.join(str(e).split())})") from None
     if w * h > MAX_PIXELS:
         raise ValueError(

@@ -115,7 +115,7 @@ def gain_plot(sites: list[dict], most: int = GAIN_PANELS) -> str | None:
 
 def risk_plot(data: dict) -> str | None:
     inputs = [r for r in data.get("inputs", []) if r.get("s_ood") is not None]
-    if not inputs:
+    if not any(math.isfinite(num(r["s_ood"])) for r in inputs):  # only NaN/Inf conditions scored: nothing to plot
         return None
     plt = _plt()
     import numpy as np

@@ -209,6 +209,9 @@ def size_batches(adapter: Adapter, cs: ConditionSet, run: Settings, ctx: Context
     """The settings with a batch size: given, or the largest ``--max-memory`` allows; ``(settings, budget)``."""
     budget = ctx.budget(run.device)
     if run.batch_size is not None or len(cs.y) == 0:
+        if ctx.max_memory is not None and len(cs.y):  # a fixed batch still answers to an explicit --max-memory
+            per_sample, base = probe_pass(adapter, cs.y, run.sampling, run.device)
+            batch_for(budget, base, per_sample, run.sampling.samples, True)
         return run.replace(batch_size=run.batch_size or run.samples), budget
     per_sample, base = probe_pass(adapter, cs.y, run.sampling, run.device)
     size = batch_for(budget, base, per_sample, run.sampling.samples, run.exact_passes)

@@ -288,7 +288,10 @@ def gaussian_state(g: Any) -> dict:
     """The sufficient statistics of a :class:`~flowaudit.stats.gaussian.GaussianOOD` (empty one: ``n = 0``)."""
     if not hasattr(g, "n_"):
         return {"n": 0}
-    t = lambda a: None if a is None else torch.from_numpy(np.asarray(a, dtype=np.float64)).clone()
+
+    def t(a):  # noqa: ANN001, ANN202 - an array or None, as a float64 tensor
+        return None if a is None else torch.from_numpy(np.asarray(a, dtype=np.float64)).clone()
+
     return {
         "n": int(g.n_),
         "n_nonfinite": int(g.n_nonfinite_),

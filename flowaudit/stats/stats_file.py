@@ -11,6 +11,7 @@ refused with a one-line :class:`ValueError`.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -40,7 +41,11 @@ def write_stats(
         raise ValueError(f"metadata keys {clash} are reserved by the stats format")
     json_keys = [k for k, v in metadata.items() if isinstance(v, (list, tuple))]
     encoded = {key: _encode(key, value) for key, value in metadata.items()}  # fail before anything is written
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    # HDF5 builds the file in memory; Python writes the bytes. A full disk or a file-size limit is then one
+    # OSError (EFBIG, ENOSPC: an OutputError, exit 2) instead of a library left in a broken state that
+    # crashes the process while it closes the file.
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
         f.attrs.update(
             format=FORMAT,
             format_version=FORMAT_VERSION,
@@ -52,6 +57,8 @@ def write_stats(
         f.attrs.update(encoded)
         for name in ARRAYS:
             f[name] = arrays[name]
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        out.write(buffer.getbuffer())
 
 
 def read_stats(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
@@ -63,8 +70,10 @@ def read_stats(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dic
     others arrays of floats) is one :class:`ValueError` line naming the file.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"no such stats file: {path}")
+    if not path.is_file():  # a folder, FIFO, socket or device: reading it could block or never end
+        raise ValueError(f"{path} is not a flowaudit stats file (not a regular file)")
     if not h5py.is_hdf5(path):
         raise ValueError(f"{path} is not a flowaudit stats file (not HDF5)")
     try:
@@ -100,8 +109,12 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
             except ForeignStorage as e:
                 raise _Refused(f"{path} is not a valid flowaudit stats file ({e})") from None
             if ds is None:
-                raise KeyError(f"no dataset {k!r}")
+                raise _Refused(f"{path} is not a valid flowaudit stats file (no dataset {k!r})")
             arrays[k] = ds[()]
+        missing = [k for k in (*HEADER, "json_keys", "metadata_keys") if k not in attrs]
+        missing += [k for k in (json.loads(attrs["metadata_keys"]) if not missing else ()) if k not in attrs]
+        if missing:
+            raise _Refused(f"{path} is not a valid flowaudit stats file (no attribute {', '.join(map(repr, missing))})")
         header = {k: attrs[k] for k in HEADER}
         json_keys = set(json.loads(attrs["json_keys"]))
         metadata = {k: json.loads(attrs[k]) if k in json_keys else attrs[k] for k in json.loads(attrs["metadata_keys"])}

@@ -63,6 +63,9 @@ class TargetBusy(FileExistsError):
 class OutputError(OSError):
     """The file system refused to write the output (full, size limit, read-only, name too long): a user's problem."""
 
+    def __str__(self) -> str:  # the one line the user reads, without OSError's "[Errno N]" prefix
+        return str(self.strerror)
+
 
 #: errno values that say "this output cannot be written here", not "flowaudit has a bug".
 _REFUSED = {
@@ -73,6 +76,8 @@ _REFUSED = {
     errno.EACCES: "permission denied",
     errno.EPERM: "operation not permitted",
     errno.ENAMETOOLONG: "file name too long",
+    errno.ELOOP: "too many levels of symbolic links (a symlink loop)",
+    errno.ENOTDIR: "a part of its path is not a folder",
 }
 
 
@@ -101,8 +106,48 @@ def refused(exc: BaseException, target: str | os.PathLike[str]) -> OutputError |
     return None
 
 
+def _limit_hit(tmp: Path) -> int | None:
+    """The errno of a limit a failed write ran into, read from the system: for writers (torch's zip writer)
+    whose error says "failed writing" but not why. A file at the file-size limit (EFBIG), or a file system
+    with less than 1 MiB left for the user (ENOSPC)."""
+    margin = 2**20
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        files = [tmp] if tmp.is_file() else [p for p in tmp.rglob("*") if p.is_file()] if tmp.is_dir() else []
+        if soft != resource.RLIM_INFINITY and any(p.stat().st_size > soft - margin for p in files):
+            return errno.EFBIG
+    except (ImportError, OSError, ValueError):
+        pass
+    try:
+        fs = os.statvfs(tmp.parent)
+        if fs.f_bavail * fs.f_frsize < margin:
+            return errno.ENOSPC
+    except (AttributeError, OSError):
+        pass
+    return None
+
+
+def _refused_write(exc: BaseException, target: Path, tmp: Path) -> OutputError | None:
+    """:func:`refused`, or failing that a limit the temporary ``tmp`` ran into (:func:`_limit_hit`)."""
+    if (err := refused(exc, target)) is not None:
+        return err
+    if isinstance(exc, (OSError, RuntimeError)) and (code := _limit_hit(tmp)) is not None:
+        return OutputError(code, f"{target}: cannot write: {_REFUSED[code]}")
+    return None
+
+
 def _check_name(target: Path) -> None:
-    """Refuse a name or path longer than the file system takes, before anything is created."""
+    """Refuse a name the file system cannot take (too long, a NUL byte, a file or symlink loop where a folder
+    must be), before anything is created."""
+    if "\0" in str(target):
+        raise OutputError(errno.EINVAL, f"{str(target)!r}: cannot write: the name holds a NUL byte")
+    for part in target.parents:
+        if os.path.lexists(part):
+            if not os.path.isdir(part):  # a file, a dangling link or a link loop: no folder can be made under it
+                raise OutputError(errno.ENOTDIR, f"{target}: cannot write: {part} is not a folder")
+            break
     too_long = len(os.fsencode(target.name)) > 255 or len(os.fsencode(str(target))) >= 4096
     for part in target.parents:
         if os.path.isdir(part):
@@ -264,7 +309,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             _commit_allowed()
             os.replace(tmp, target)
         except Exception as exc:
-            if (err := refused(exc, target)) is not None:
+            if (err := _refused_write(exc, target, tmp)) is not None:
                 raise err from None
             raise
         finally:
@@ -290,6 +335,11 @@ def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterato
     """
     target = Path(path)
     if target.is_symlink():  # write where the link points: one folder afterwards, the link kept
+        try:
+            os.stat(target)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise OutputError(errno.ELOOP, f"{target}: cannot write: {_REFUSED[errno.ELOOP]}") from None
         target = Path(os.path.realpath(target))
     with claim(target):
         if target.exists() and not overwrite:
@@ -307,7 +357,7 @@ def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterato
             else:
                 os.rename(tmp, target)
         except Exception as exc:
-            if (err := refused(exc, target)) is not None:
+            if (err := _refused_write(exc, target, tmp)) is not None:
                 raise err from None
             raise
         finally:
