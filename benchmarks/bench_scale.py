@@ -129,6 +129,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", default=",".join(FLOWS), help="comma-separated rows")
     ap.add_argument("--parts", action="store_true", help="also time a scan's sampling and evidence")
+    ap.add_argument("--inputs", type=int, default=N_INPUTS, help="conditions (the goal is stated at 1000)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -146,10 +147,10 @@ def main() -> None:
         return clock() - t
 
     parts = _timed_parts(clock) if args.parts else None
-    y = torch.randn(N_INPUTS, 2, generator=torch.Generator().manual_seed(1))
+    y = torch.randn(args.inputs, 2, generator=torch.Generator().manual_seed(1))
     print(
         f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
-        f"{args.clock} clock, device {dev}, {N_INPUTS} conditions x {SAMPLES} samples, {args.repeats} rounds"
+        f"{args.clock} clock, device {dev}, {args.inputs} conditions x {SAMPLES} samples, {args.repeats} rounds"
     )
     extra = " sampling s | evidence s | rest s |" if parts is not None else ""
     print("| flow | bare s | scan s | scan / bare | goal ≤ 3 | inspect s | goal ≤ 2 s | passes |" + extra)
