@@ -205,18 +205,21 @@ def quick(
     *,
     ood: Any = None,
     output_range: tuple[float, float] | None = None,
+    max_memory: int | str | None = None,
     **options: Any,
 ) -> dict:
     """The quick answer (:mod:`~flowaudit.runs.quick`): %Inf, %PixelErr and the inverse-gain range per set.
 
     Takes the scan's data, sampling keywords and error band; passes hold several inputs (batch size from
-    ``batch_size`` or the memory budget). Returns a plain dict (not a report) that lists what it skipped.
+    ``batch_size`` or the memory budget ``max_memory``, bytes or a size like ``"2GB"``, the data read within
+    it too). Returns a plain dict (not a report) that lists what it skipped.
     """
+    ctx = Context(max_memory=max_memory)
     settings = settings_from(settings, options)
     adapter = adapt(model)
-    sets, skipped = _scan_inputs(adapter, data, ood, settings.seed, settings.threads)
+    sets, skipped = _scan_inputs(adapter, data, ood, settings.seed, settings.threads, ctx)
     with auditing(adapter, settings.device, settings.threads):
-        run, _ = size_batches(adapter, sets[0][1], settings.replace(exact=False), Context())
+        run, _ = size_batches(adapter, sets[0][1], settings.replace(exact=False), ctx)
         band = error_band(adapter, output_range, sets[0][1].x)
         by_set = quick_answer(adapter, sets, run.replace(band=band.bounds))
     return {

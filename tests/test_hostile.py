@@ -943,6 +943,12 @@ MORE_CASES = [
         "above the memory budget of 1 bytes",
     ),
     ("max-memory-below-resident-scan", [*SCAN, "--max-memory", "1KB"], "--max-memory 0.00 GB leaves 0 MB"),
+    ("max-memory-quick-data", [*SCAN, "--quick", "--max-memory", "100"], "above the memory budget of 100 bytes"),
+    (
+        "max-memory-quick-resident",
+        ["scan", "toy-affine", "--data", "{F}/test.npz", "--quick", "--max-memory", "1MB", "--out", "{OUT}"],
+        "--max-memory 0.00 GB leaves 0 MB",
+    ),
     (
         "max-memory-below-resident-attack",
         ["attack", "toy-affine", "--data", "{F}/test.npz", "--max-memory", "1KB", "--device", "cpu", "--out", "{OUT}"],

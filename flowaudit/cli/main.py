@@ -496,7 +496,14 @@ def _quick(obj: CommandState, model_spec, factory, weights, trust, max_parameter
         raise click.UsageError(f"--quick answers without {', '.join(what)}: drop them, or drop --quick")
     _refuse_existing(out, overwrite)
     adapter = _adapter(model_spec, factory, weights, trust, max_parameters)
-    answer = quick(adapter, data, run_settings(obj), ood=kw["ood_data"], output_range=kw["output_range"])
+    answer = quick(
+        adapter,
+        data,
+        run_settings(obj),
+        ood=kw["ood_data"],
+        output_range=kw["output_range"],
+        max_memory=kw["max_memory"],
+    )
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "quick.json").write_text(json.dumps(_json_safe(answer), indent=1, allow_nan=False) + "\n")
     if obj.json:
