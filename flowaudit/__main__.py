@@ -1,6 +1,6 @@
 """``python -m flowaudit``: the same command line as the ``flowaudit`` console script."""
 
-from .cli.main import main
+from .cli import start
 
 if __name__ == "__main__":
-    main()
+    start()

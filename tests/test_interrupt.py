@@ -325,3 +325,25 @@ def test_claims_are_reentrant_and_exclusive(tmp_path: Path) -> None:
         with claim(missing):
             raise RuntimeError
     assert not (tmp_path / "x").exists()  # folders a failed claim created are gone again
+
+
+def test_ctrl_c_while_the_command_line_loads_is_one_line(monkeypatch, capsys):
+    """A Ctrl-C during the imports, before any handler exists: one line, exit 130, no traceback."""
+    import importlib.abc  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    import flowaudit.cli  # noqa: PLC0415
+
+    class Interrupting(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "flowaudit.cli.main":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "flowaudit.cli.main", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
+    with pytest.raises(SystemExit) as exc:
+        flowaudit.cli.start()
+    assert exc.value.code == 130
+    err = capsys.readouterr().err
+    assert err == "flowaudit: interrupted while starting; nothing was written\n"
