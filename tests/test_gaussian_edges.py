@@ -151,3 +151,20 @@ def test_oas_shrinkage_is_capped_at_one_as_sklearn() -> None:
     g, ref = GaussianOOD(estimator="oas").fit(V), OAS().fit(V)
     assert g.shrinkage_ == ref.shrinkage_ == 1.0
     assert np.allclose(g.covariance_, ref.covariance_, rtol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [109, 147, 162])
+def test_empirical_refuses_n_equal_to_d_even_where_round_off_hides_the_singularity(seed: int) -> None:
+    """``n ≤ D`` is refused up front, not left to the Cholesky checks: 3 rows in 3 features, two nearly
+    collinear (std 1e-3 apart), have a centred covariance of rank 2, yet round-off leaves every squared pivot
+    fraction near 1e-8, above the 1e-10 collinearity floor, so only the count catches it."""
+    rng = np.random.default_rng(seed)
+    x, z = rng.normal(size=(2, 3))
+    V = np.c_[x, x + 1e-3 * rng.normal(size=3), z]
+    assert np.linalg.matrix_rank(V - V.mean(0)) == 2
+    with pytest.raises(ValueError) as e:
+        GaussianOOD(estimator="empirical").fit(V)
+    assert str(e.value) == (
+        "the empirical covariance of 3 inputs with 3 features is singular: use a shrinkage estimator "
+        "(estimator='ledoit-wolf' or 'oas') or more inputs than features"
+    )
