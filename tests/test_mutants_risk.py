@@ -304,3 +304,13 @@ def test_logistic_fit_of_equal_scores_is_flat() -> None:
     fit = logistic_fit(np.full(8, 2.5), np.array([1, 0, 0, 0, 1, 0, 0, 0], bool))
     assert fit["coef"] == 0.0
     assert fit["intercept"] == pytest.approx(math.log(2 / 6), abs=1e-3)  # to the solver's tolerance
+
+
+def test_a_risk_of_exactly_zero_ranks_last() -> None:
+    """A score far below the rest underflows the fitted probability to 0.0: that input is the safest, not a
+    missing risk, and ranks last."""
+    recs = _records([1.0, 2.0, 3.0, 4.0, -5000.0], [0, 1, 0, 1, 0])
+    with np.errstate(over="ignore"):  # exp(-z) overflows to inf: the probability is 0.0
+        out = aggregate(recs, 2, 0.9)
+    assert out["logistic"]["coef"] > 0 and recs[4]["risk"] == 0.0
+    assert out["ranked"] == ["in/3", "in/2", "in/1", "in/0", "in/4"]
