@@ -168,3 +168,18 @@ def test_empirical_refuses_n_equal_to_d_even_where_round_off_hides_the_singulari
         "the empirical covariance of 3 inputs with 3 features is singular: use a shrinkage estimator "
         "(estimator='ledoit-wolf' or 'oas') or more inputs than features"
     )
+
+
+def test_a_constant_feature_is_refused_without_a_numpy_warning() -> None:
+    """The empirical covariance of a constant feature has a zero variance: the pivot fraction is not formed
+    by dividing by it (no 0/0), and the fit ends in the one singular-covariance message."""
+    V = np.random.default_rng(3).normal(size=(10, 3))
+    V[:, 1] = 7.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError) as e:
+            GaussianOOD(estimator="empirical").fit(V)
+    assert str(e.value) == (
+        "the empirical covariance of 10 inputs with 3 features is singular: use a shrinkage estimator "
+        "(estimator='ledoit-wolf' or 'oas') or more inputs than features"
+    )

@@ -194,6 +194,8 @@ def _flat(L):
         ("upper", {"cholesky_": _upper}, "cholesky is not a lower triangular factor with a positive diagonal"),
         ("flat", {"cholesky_": _flat}, "cholesky is not a lower triangular factor with a positive diagonal"),
         ("indefinite", {"covariance_": lambda c: c - 10 * np.eye(len(c))}, "the covariance is not positive definite"),
+        ("nan", {"location_": lambda v: v * np.nan}, "location holds NaN or Inf values"),
+        ("inf", {"sum_sq_": lambda S: S + np.inf}, "sum_sq holds NaN or Inf values"),
     ],
 )
 def test_why_a_loaded_estimate_is_refused(tmp_path, name: str, change: dict, reason: str) -> None:
