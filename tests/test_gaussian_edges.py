@@ -110,8 +110,10 @@ def test_location_tolerance_is_1e_9_relative(tmp_path, shift: float) -> None:
         return edit
 
     GaussianOOD.load(_saved(tmp_path, "near", shift, moved(0.5e-9)))
-    with pytest.raises(ValueError, match=r"location does not match reference \+ sum / n"):
-        GaussianOOD.load(_saved(tmp_path, "far", shift, moved(1.5e-9)))
+    path = _saved(tmp_path, "far", shift, moved(1.5e-9))
+    with pytest.raises(ValueError) as e:
+        GaussianOOD.load(path)
+    assert str(e.value) == f"{path} is not a valid flowaudit stats file (location does not match reference + sum / n)"
 
 
 @pytest.mark.parametrize("scale", [0.1, 100.0])  # relative to the largest entry, at any size
@@ -140,9 +142,19 @@ def test_shrinkage_fits_fewer_inputs_than_features(estimator: str) -> None:
 
 @pytest.mark.parametrize("field, value", [("shrinkage_", 1.5), ("shrinkage_", -0.25), ("sum_quartic_", np.inf)])
 def test_a_shrinkage_outside_0_1_or_an_infinite_quartic_sum_is_refused(tmp_path, field: str, value: float) -> None:
-    path = _saved(tmp_path, "bad", 0.0, lambda g: setattr(g, field, value))
-    with pytest.raises(ValueError, match="out of range"):
+    kept = {}
+
+    def edit(g):
+        setattr(g, field, value)
+        kept.update(q=float(g.sum_quartic_), rho=float(g.shrinkage_))
+
+    path = _saved(tmp_path, "bad", 0.0, edit)
+    with pytest.raises(ValueError) as e:
         GaussianOOD.load(path)
+    assert str(e.value) == (
+        f"{path} is not a valid flowaudit stats file (sum_quartic {kept['q']!r} or shrinkage {kept['rho']!r} "
+        "out of range)"
+    )
 
 
 def test_oas_shrinkage_is_capped_at_one_as_sklearn() -> None:
@@ -151,3 +163,35 @@ def test_oas_shrinkage_is_capped_at_one_as_sklearn() -> None:
     g, ref = GaussianOOD(estimator="oas").fit(V), OAS().fit(V)
     assert g.shrinkage_ == ref.shrinkage_ == 1.0
     assert np.allclose(g.covariance_, ref.covariance_, rtol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [109, 147, 162])
+def test_empirical_refuses_n_equal_to_d_even_where_round_off_hides_the_singularity(seed: int) -> None:
+    """``n ≤ D`` is refused up front, not left to the Cholesky checks: 3 rows in 3 features, two nearly
+    collinear (std 1e-3 apart), have a centred covariance of rank 2, yet round-off leaves every squared pivot
+    fraction near 1e-8, above the 1e-10 collinearity floor, so only the count catches it."""
+    rng = np.random.default_rng(seed)
+    x, z = rng.normal(size=(2, 3))
+    V = np.c_[x, x + 1e-3 * rng.normal(size=3), z]
+    assert np.linalg.matrix_rank(V - V.mean(0)) == 2
+    with pytest.raises(ValueError) as e:
+        GaussianOOD(estimator="empirical").fit(V)
+    assert str(e.value) == (
+        "the empirical covariance of 3 inputs with 3 features is singular: use a shrinkage estimator "
+        "(estimator='ledoit-wolf' or 'oas') or more inputs than features"
+    )
+
+
+def test_a_constant_feature_is_refused_without_a_numpy_warning() -> None:
+    """The empirical covariance of a constant feature has a zero variance: the pivot fraction is not formed
+    by dividing by it (no 0/0), and the fit ends in the one singular-covariance message."""
+    V = np.random.default_rng(3).normal(size=(10, 3))
+    V[:, 1] = 7.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError) as e:
+            GaussianOOD(estimator="empirical").fit(V)
+    assert str(e.value) == (
+        "the empirical covariance of 10 inputs with 3 features is singular: use a shrinkage estimator "
+        "(estimator='ledoit-wolf' or 'oas') or more inputs than features"
+    )

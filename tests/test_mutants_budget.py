@@ -102,3 +102,18 @@ def test_distance_in_the_budget_norm() -> None:
     assert parse_budget("l2:1").distance(y, y0).tolist() == [5.0, 1.0]
     for text in ("linf:1", "box:0,1", "none"):
         assert parse_budget(text).distance(y + 1, y0 + 1).tolist() == [4.0, 1.0]
+
+
+def test_a_radius_may_be_a_fraction() -> None:
+    """``8/255`` (the usual image budget) reads as the quotient; a zero denominator is the one-line error."""
+    assert parse_budget("linf:8/255").eps == 8 / 255
+    assert parse_budget("l2: 3 / 2 ").eps == 1.5
+    assert parse_budget("box:-1/2,1/4") == Budget("box", lo=-0.5, hi=0.25)
+    assert parse_budget("linf:1/1").eps == 1.0
+    for bad in ("linf:1/0", "l2:1/0.0", "box:0,1/0", "linf:1/2/3", "linf:/2"):
+        with pytest.raises(ValueError) as e:
+            parse_budget(bad)
+        assert str(e.value) == (
+            f"bad budget {bad!r}: expected linf:EPS, l2:EPS, box:LO,HI or none with finite numbers, "
+            "EPS > 0 and LO < HI"
+        )

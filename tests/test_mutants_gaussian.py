@@ -194,6 +194,8 @@ def _flat(L):
         ("upper", {"cholesky_": _upper}, "cholesky is not a lower triangular factor with a positive diagonal"),
         ("flat", {"cholesky_": _flat}, "cholesky is not a lower triangular factor with a positive diagonal"),
         ("indefinite", {"covariance_": lambda c: c - 10 * np.eye(len(c))}, "the covariance is not positive definite"),
+        ("nan", {"location_": lambda v: v * np.nan}, "location holds NaN or Inf values"),
+        ("inf", {"sum_sq_": lambda S: S + np.inf}, "sum_sq holds NaN or Inf values"),
     ],
 )
 def test_why_a_loaded_estimate_is_refused(tmp_path, name: str, change: dict, reason: str) -> None:
@@ -207,5 +209,35 @@ def test_why_a_loaded_estimate_is_refused(tmp_path, name: str, change: dict, rea
 def test_a_factor_off_by_more_than_1e_8_is_refused_at_any_scale(tmp_path, scale: float) -> None:
     GaussianOOD.load(_edited(tmp_path, "close", scale, cholesky_=lambda L: L * (1 + 0.25e-8)))  # 0.5e-8 of Σ: kept
     path = _edited(tmp_path, "off", scale, cholesky_=lambda L: L * (1 + 0.75e-8))  # 1.5e-8 of Σ: refused
-    with pytest.raises(ValueError, match="cholesky is not the covariance's factor"):
+    with pytest.raises(ValueError) as e:
         GaussianOOD.load(path)
+    assert str(e.value) == f"{path} is not a valid flowaudit stats file (cholesky is not the covariance's factor)"
+
+
+def _eye_with(i: int, j: int, value: float):
+    def edit(_):
+        a = np.eye(4)
+        a[i, j] = value
+        return a
+
+    return edit
+
+
+def test_each_tolerance_of_a_loaded_file_includes_its_bound(tmp_path) -> None:
+    """The checks allow a deviation of exactly their bound (``≤``): Σ = I with one entry 1e-9 off its mirror,
+    a factor whose product is 1e-8 off Σ, a location 1e-9 off ``reference + sum / n``, each exact in floats."""
+    eye = _eye_with(0, 0, 1.0)
+    cases = {
+        "symmetric": {"covariance_": _eye_with(0, 1, 1e-9), "cholesky_": eye},
+        "factor": {"covariance_": eye, "cholesky_": _eye_with(1, 0, 1e-8)},
+        "location": {
+            "reference_": np.zeros_like,
+            "sum_": np.zeros_like,
+            "location_": lambda v: np.array([1e-9, 0.0, 0.0, 0.0]),
+        },
+    }
+    for name, change in cases.items():
+        back = GaussianOOD.load(_edited(tmp_path, name, **change))
+        if "covariance_" in change:
+            assert np.array_equal(back.covariance_, change["covariance_"](None))
+    assert back.location_.tolist() == [1e-9, 0, 0, 0] and back.score([[1e-9, 0, 0, 0]]) == 0.0

@@ -268,3 +268,49 @@ def test_spearman_needs_three_scores_and_a_spread() -> None:
     assert three["spearman"] == pytest.approx(1.0)
     flat = aggregate(_records([1.0, 2.0, 3.0], [1, 1, 1]), 2, 0.9)
     assert flat["spearman"] is None and flat["auroc"] is None  # every input has an error: one class
+
+
+def test_the_band_is_closed_its_edges_are_inside() -> None:
+    """A value exactly on ``lo`` or ``hi`` is inside the band; one ulp past either edge is a pixel error."""
+    lo, hi = -0.5, 1.5
+    x = torch.tensor(
+        [
+            [lo, hi],  # input 0: both edges, inside
+            [math.nextafter(lo, -2.0), hi],  # input 1: one ulp below lo
+            [lo, math.nextafter(hi, 2.0)],  # input 2: one ulp above hi
+        ],
+        dtype=torch.float64,
+    )
+    out = risk.sample_checks(x, Sampling(samples=1, temperature=0.9, seed=0), (lo, hi))
+    assert out["n_pixel_err"].tolist() == [0, 1, 1]
+    assert out["n_inf"].tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("unit", [1e-3, 1e3])
+def test_logistic_fit_does_not_depend_on_the_unit_of_the_score(unit: float) -> None:
+    """The fit standardizes ``s_OOD`` first, so a score in other units gives the same curve: the coefficient
+    scales by ``1 / unit``, the intercept stays. Unstandardized, the weak penalty (C = 1e6) would bite on a
+    coefficient of 1e3 and the solver would stall on scores of 1e3."""
+    rng = np.random.default_rng(1)
+    s = rng.normal(3.0, 2.0, 300)
+    has = rng.uniform(size=300) < 1 / (1 + np.exp(-2.0 * (s - 3.0)))
+    base, scaled = logistic_fit(s, has), logistic_fit(s * unit, has)
+    assert scaled["coef"] * unit == pytest.approx(base["coef"], rel=1e-9)
+    assert scaled["intercept"] == pytest.approx(base["intercept"], rel=1e-9)
+
+
+def test_logistic_fit_of_equal_scores_is_flat() -> None:
+    """Every finite score equal (σ = 0): no slope, and the intercept is the log-odds of an error."""
+    fit = logistic_fit(np.full(8, 2.5), np.array([1, 0, 0, 0, 1, 0, 0, 0], bool))
+    assert fit["coef"] == 0.0
+    assert fit["intercept"] == pytest.approx(math.log(2 / 6), abs=1e-3)  # to the solver's tolerance
+
+
+def test_a_risk_of_exactly_zero_ranks_last() -> None:
+    """A score far below the rest underflows the fitted probability to 0.0: that input is the safest, not a
+    missing risk, and ranks last."""
+    recs = _records([1.0, 2.0, 3.0, 4.0, -5000.0], [0, 1, 0, 1, 0])
+    with np.errstate(over="ignore"):  # exp(-z) overflows to inf: the probability is 0.0
+        out = aggregate(recs, 2, 0.9)
+    assert out["logistic"]["coef"] > 0 and recs[4]["risk"] == 0.0
+    assert out["ranked"] == ["in/3", "in/2", "in/1", "in/0", "in/4"]
