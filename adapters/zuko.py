@@ -23,7 +23,6 @@ with a forward hook on each hyper-network, removed on exit.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -36,8 +35,6 @@ from .hooks import hooked
 from .library import LibraryAdapter
 
 __all__ = ["ZukoAdapter", "UnivariateSite", "SoftclipSite", "matches", "make"]
-
-_HELD_BUILDS = 16  # built maps a site holds for the probe (one per parameter tensor it is probing)
 
 
 class _ZukoSite(Site):
@@ -67,21 +64,8 @@ class _ZukoSite(Site):
         evaluated at (V, B, n) by broadcasting, as zuko's transforms broadcast their parameters; (V, B·n)."""
         dtype, given = self.probe_dtype(values), values.dtype
         x = values.to(dtype).reshape(-1, 1, 1).expand(len(values), *self.input_shape(params))
-        return self.derivative_of(self._built_for(params, dtype), x).reshape(len(values), -1).to(given)
-
-    def _built_for(self, params: Tensor, dtype: torch.dtype):
-        """The map built from ``params``, held while that tensor lives unchanged (dropped when it is freed): the
-        probe asks for one decade of values at a time under each of its parameter tensors in turn."""
-        held: dict[int, tuple] = self.__dict__.setdefault("_held_builds", {})
-        key = id(params)
-        got = held.get(key)
-        if got is not None and got[0]() is params and got[1:3] == (params._version, dtype):
-            return got[3]
-        while len(held) >= _HELD_BUILDS:
-            del held[next(iter(held))]
         built = self.build(self.probe_params(params, dtype))
-        held[key] = (weakref.ref(params, lambda _: held.pop(key, None)), params._version, dtype, built)
-        return built
+        return self.derivative_of(built, x).reshape(len(values), -1).to(given)
 
 
 class UnivariateSite(_ZukoSite):
