@@ -277,15 +277,47 @@ def _role_cli(a: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     clock = _Clock(a["device"] if cuda else "cpu")
     code = 0
+    calls = _count_sample_calls()
     with clock:
         try:
             cli.main(args=a["argv"], prog_name="flowaudit")
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
     out = {"wall": clock.wall, "cpu": clock.cpu, "peak": _peak(), "baseline": base, "rc": code}
+    out["sample_calls"] = {"x".join(map(str, k)): v for k, v in sorted(calls.items())}
     if cuda:
         out["cuda_peak"] = torch.cuda.max_memory_allocated()
     return out
+
+
+def _count_sample_calls() -> dict:
+    """Count every outermost ``adapter.sample`` call by (samples, condition side): each adapter class's own
+    ``sample`` is wrapped, a call from inside another (``super().sample``) is not counted again."""
+    from flowaudit.adapters import Adapter
+
+    calls: dict = {}
+    depth = [0]
+
+    def wrap(fn):
+        def sample(self, y, *args, **kwargs):
+            if depth[0] == 0:
+                key = (int(y.shape[0]), int(y.shape[-1]))
+                calls[key] = calls.get(key, 0) + 1
+            depth[0] += 1
+            try:
+                return fn(self, y, *args, **kwargs)
+            finally:
+                depth[0] -= 1
+
+        return sample
+
+    todo = [Adapter]
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        if "sample" in cls.__dict__:
+            cls.sample = wrap(cls.__dict__["sample"])
+    return calls
 
 
 ROLES = {"prepare": _role_prepare, "latents": _role_latents, "official": _role_official, "cli": _role_cli}
@@ -420,6 +452,7 @@ def main(argv: list[str] | None = None) -> None:
         scan_argv += ["--stats", str(stats)]
     scan = _flowaudit(spec, scan_argv)
     print(f"scan: {scan[a.clock]:.1f} s, peak {_mib(scan['peak'])}", flush=True)
+    print(f"scan's adapter.sample calls (samples x condition side: calls): {scan['sample_calls']}", flush=True)
     ins = None
     if "inspect" not in skip:
         ins = _flowaudit(spec, ["-q", "inspect", spec["weights"], "--json"] + common)

@@ -32,7 +32,7 @@ from .io.datasets import ConditionSet, load_conditions, nonfinite_records
 from .io.shapes import check_condition_shapes
 from .render.panel import worst_inputs
 from .report import Report
-from .runs.passes import sample_set
+from .runs.passes import Keeper, sample_set
 from .runs.quick import SKIPPED, quick_answer
 from .runs.runner import Context, attack_settings, fit_gaussian, run_facts, scan_sets, scan_settings, size_batches
 from .runs.shards import FIT_SHARD_INPUTS, digest
@@ -164,8 +164,9 @@ def scan(
         if names and len(adapter.condition_shape) == 3:
             batch = 1 if fit_set.mixed else run.batch_size
             spatial = fit_spatial(adapter, fit_set.finite().y, names, run.estimator, batch, run.device, run.threads)
+    keep = Keeper() if len(adapter.condition_shape) == 3 else None  # the panel's samples, kept while sampling
     with auditing(adapter, run.device, run.threads):
-        tracers, records, scores = scan_sets(adapter, sets, gauss, names, run, ctx)
+        tracers, records, scores = scan_sets(adapter, sets, gauss, names, run, ctx, keep)
         hit = None
         if run.attack is not None:
             hit = _attack_set(adapter, sets[0][1], run.attack_starts, attack_run, ctx, fallback=True)
@@ -194,7 +195,7 @@ def scan(
     if hit is not None:
         report.data["attack"], report.files = hit.entry, hit.files
     if len(adapter.condition_shape) == 3:
-        report.panel = worst_inputs(adapter, sets, records, spatial, names, run)
+        report.panel = worst_inputs(adapter, sets, records, spatial, names, run, kept=keep)
     return report
 
 

@@ -15,6 +15,7 @@ from flowaudit.cli.main import cli
 from flowaudit.config.sampling import Sampling
 from flowaudit.errors import AuditError
 from flowaudit.runs.memory import LiveTensors, batch_for, parse_size, pass_bytes, probe_pass
+from flowaudit.tracing.trace import Tracer
 
 
 @pytest.mark.parametrize(
@@ -130,3 +131,80 @@ def test_pass_bytes_sees_what_the_count_cannot():
     hidden, _ = pass_bytes(lambda: scripted(x).sum())
     assert eager == int(1.25 * ((8 << 22) * 4 + 4))  # the count: 1.25 × (128 MiB and the 4-byte sum, alive together)
     assert hidden >= 0.9 * (8 << 22) * 4  # the resident read: the 128 MiB while the module's output lives
+
+
+def _sizes_sampled(monkeypatch) -> list[tuple[int, int]]:
+    """(rows, condition side) of every sampling pass from now on."""
+    from flowaudit.adapters.reference import ReferenceAdapter
+
+    calls, real = [], ReferenceAdapter.sample
+
+    def counted(self, y, *args, **kwargs):
+        calls.append((int(y.shape[0]), int(y.shape[-1])))
+        return real(self, y, *args, **kwargs)
+
+    monkeypatch.setattr(ReferenceAdapter, "sample", counted)
+    return calls
+
+
+def test_probe_extrapolates_an_image_pass_from_two_small_crops(monkeypatch):
+    """At 8× the probe's side the estimate is 1.0–1.4 × what a pass at that size measures, without running one."""
+    torch.manual_seed(0)
+    adapter = load_model("sr-affine")
+    sampling = Sampling(samples=3, temperature=0.8, seed=0)
+    y = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    calls = _sizes_sampled(monkeypatch)
+    with torch.no_grad():
+        estimate, _ = probe_pass(adapter, y, sampling, torch.device("cpu"))
+    assert calls == [(3, 8), (3, 16)]  # one input's K samples at the probe's size and twice it, never at 64
+    latents = sampling.latents(adapter, y[:1], 0, 0, torch.device("cpu"))
+    tracer = Tracer(sampling)  # as the scan's own passes and the probe run
+    with torch.no_grad():
+        measured, _ = pass_bytes(lambda: adapter.sample(sampling.repeat(y[:1]), latents, observer=tracer))
+    assert measured / 3 <= estimate <= 1.4 * measured / 3
+
+
+def test_small_images_and_vectors_are_measured_directly(monkeypatch):
+    calls = _sizes_sampled(monkeypatch)
+    sampling = Sampling(samples=2, temperature=0.8, seed=0)
+    adapter = load_model("sr-affine")
+    with torch.no_grad():
+        probe_pass(adapter, torch.rand(1, 3, 24, 24), sampling, torch.device("cpu"))  # under twice the 16 crop
+    assert calls == [(2, 24)]
+
+
+def test_a_budget_just_below_the_estimate_refuses(monkeypatch):
+    """The refusal answers to the extrapolated bytes: one byte short of one input's pass refuses, the pass fits."""
+    from flowaudit.config.settings import settings_from
+    from flowaudit.io.datasets import ConditionSet
+    from flowaudit.runs import memory
+    from flowaudit.runs.runner import Context, size_batches
+
+    monkeypatch.setattr(memory, "resident", lambda: 300_000_000)  # a fixed resident size: the budget is exact
+    adapter = load_model("sr-affine")
+    y = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    cs = ConditionSet(y=y, x=None, ids=["a"], description={})
+    run = settings_from(None, {"samples": 3, "device": "cpu"}).replace(exact=True)
+    with torch.no_grad():
+        per_sample, base = probe_pass(adapter, y, run.sampling, torch.device("cpu"))
+    assert base == 300_000_000
+    need = base + 3 * per_sample
+    with torch.no_grad():
+        fitted, budget = size_batches(adapter, cs, run, Context(max_memory=need))
+        assert fitted.batch_size == 3 and budget == need
+        with pytest.raises(AuditError, match="raise --max-memory"):
+            size_batches(adapter, cs, run, Context(max_memory=need - 1))
+
+
+def test_cli_refuses_a_large_image_before_sampling_it_k_times(tmp_path, monkeypatch):
+    data = tmp_path / "lr.npy"
+    np.save(data, np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32))
+    calls = _sizes_sampled(monkeypatch)
+    out = tmp_path / "out"
+    argv = ["-q", "scan", "sr-affine", "--data", str(data), "-k", "2", "--max-memory", "1MB", "--out", str(out)]
+    res = CliRunner().invoke(cli, argv)
+    assert res.exit_code == 2
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and "raise --max-memory" in lines[0]
+    assert all(side < 64 for rows, side in calls if rows > 1)  # the probe's crops (one row: the shape trial)
+    assert not out.exists() or not any(out.iterdir())

@@ -1,9 +1,10 @@
 """The worst-input panel of an image scan: the riskiest inputs, a few of their samples, their s_OOD map.
 
 Inputs are ranked by non-finite samples, then pixel errors, then ``s_OOD``,
-then the largest value. Their first samples are drawn again from the same
-per-input seeds as the scan (:meth:`~flowaudit.config.sampling.Sampling.latents`), so
-the panel shows the scan's own samples; the map is the spatial ``s_OOD`` of
+then the largest value (:func:`~flowaudit.runs.passes.risk_key`). Their first samples are the scan's own:
+kept while sampling (:class:`~flowaudit.runs.passes.Keeper`), or, for inputs sampled elsewhere (a resumed
+shard, another rank), drawn again from the same per-input seeds
+(:meth:`~flowaudit.config.sampling.Sampling.latents`); the map is the spatial ``s_OOD`` of
 the encoder features when a spatial Gaussian was fitted. For the HTML only.
 """
 
@@ -19,6 +20,7 @@ from ..adapters import Adapter
 from ..config.device import auditing
 from ..config.settings import Settings
 from ..io.datasets import ConditionSet
+from ..runs.passes import PANEL_INPUTS, PANEL_SHOWN, Keeper, risk_key
 from ..stats.features import spatial_map
 from ..stats.gaussian import GaussianOOD
 
@@ -44,19 +46,13 @@ def worst_inputs(
     spatial: GaussianOOD | None,
     layers: Sequence[str],
     run: Settings,
-    n: int = 6,
-    shown: int = 3,
+    n: int = PANEL_INPUTS,
+    shown: int = PANEL_SHOWN,
+    kept: Keeper | None = None,
 ) -> list[PanelItem]:
-    """The ``n`` riskiest inputs with ``shown`` samples each (see module docstring)."""
-    order = sorted(
-        range(len(records)),
-        key=lambda i: (
-            -records[i]["n_inf"],
-            -records[i]["n_pixel_err"],
-            -(records[i]["s_ood"] or 0.0),
-            -records[i]["max_abs"],
-        ),
-    )[:n]
+    """The ``n`` riskiest inputs with ``shown`` samples each (see module docstring); ``kept`` holds samples the
+    scan kept (only the others are drawn again)."""
+    order = sorted(range(len(records)), key=lambda i: risk_key(records[i]))[:n]
     by_set = dict(sets)
     index = {name: k for k, (name, _) in enumerate(sets)}
     start = {name: next(i for i, r in enumerate(records) if r["set"] == name) for name, _ in sets}
@@ -67,8 +63,10 @@ def worst_inputs(
             rec = records[i]
             j = i - start[rec["set"]]
             y = by_set[rec["set"]].y[j : j + 1].to(run.device)
-            lat = [z[:shown] for z in run.sampling.latents(adapter, y, index[rec["set"]], j, run.device)]
-            x = adapter.sample(y.repeat_interleave(shown, 0), lat).cpu()  # the first samples of the scan, again
+            x = kept.samples(index[rec["set"]], j) if kept is not None else None
+            if x is None or len(x) != shown:
+                lat = [z[:shown] for z in run.sampling.latents(adapter, y, index[rec["set"]], j, run.device)]
+                x = adapter.sample(y.repeat_interleave(shown, 0), lat).cpu()  # the first samples of the scan, again
             item = PanelItem(id=rec["id"], set=rec["set"], y=y[0].cpu(), samples=x, record=rec)
             if spatial is not None:
                 item.map = spatial_map(adapter, spatial, y, layers)[0]

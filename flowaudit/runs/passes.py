@@ -13,6 +13,10 @@ so the model's own float32 arithmetic (kernels whose blocking depends on the
 number of rows) cannot depend on which inputs share a pass. Without it a pass
 holds ``batch_size // K`` inputs: faster for small models, the same figures
 only on kernels that are batch-invariant.
+
+A :class:`Keeper` retains, while sampling, the first samples of the riskiest inputs seen so far
+(:func:`risk_key`), so that the worst-input panel of an image scan shows the scan's own samples without
+drawing them again.
 """
 
 from __future__ import annotations
@@ -31,7 +35,45 @@ from ..io.ragged import same_size_runs
 from ..stats.risk import lr_psnr, sample_checks
 from ..tracing.trace import Tracer
 
-__all__ = ["sample_set", "sample_range", "reconstruction_error"]
+__all__ = ["sample_set", "sample_range", "reconstruction_error", "risk_key", "Keeper", "PANEL_INPUTS", "PANEL_SHOWN"]
+
+PANEL_INPUTS = 6  # inputs of the worst-input panel
+PANEL_SHOWN = 3  # samples shown per panel input
+
+
+def risk_key(record: dict) -> tuple[float, ...]:
+    """The panel's ranking of an input, riskiest first: non-finite samples, pixel errors, ``s_OOD``, largest value."""
+    return (-record["n_inf"], -record["n_pixel_err"], -(record["s_ood"] or 0.0), -record["max_abs"])
+
+
+class Keeper:
+    """The first ``shown`` samples (on the CPU) of the ``n`` riskiest inputs offered so far.
+
+    Inputs rank by :func:`risk_key`, ties by (set index, row): the order of a scan's records, as a stable
+    sort of them gives. Memory stays at ``n × shown`` samples; an input it no longer holds is drawn again.
+    """
+
+    def __init__(self, n: int = PANEL_INPUTS, shown: int = PANEL_SHOWN) -> None:
+        self.n, self.shown = n, shown
+        self._kept: dict[tuple[int, int], tuple[tuple, Tensor]] = {}
+
+    def offer(self, set_index: int, first_row: int, records: list[dict], x: Tensor, samples: int) -> None:
+        """The inputs of one pass: ``records`` of rows ``first_row, …`` of set ``set_index``, input-major samples
+        ``x`` (``samples`` rows each)."""
+        for j, rec in enumerate(records):
+            key = (risk_key(rec), set_index, first_row + j)
+            if len(self._kept) >= self.n:
+                worst = max(self._kept, key=lambda k: self._kept[k][0])
+                if not key < self._kept[worst][0]:
+                    continue
+                del self._kept[worst]
+            rows = x[j * samples : j * samples + min(self.shown, samples)]
+            self._kept[(set_index, first_row + j)] = (key, rows.detach().to("cpu", copy=True))
+
+    def samples(self, set_index: int, row: int) -> Tensor | None:
+        """The kept samples of row ``row`` of set ``set_index``, or ``None``."""
+        got = self._kept.get((set_index, row))
+        return None if got is None else got[1]
 
 
 def sample_set(
@@ -53,12 +95,13 @@ def sample_range(
     first_pass: int | None = None,
     phase: Phase | None = None,
     part: object = None,
+    keep: Keeper | None = None,
 ) -> tuple[Tracer, list[dict]]:
     """Sample inputs ``rows`` of ``cs`` K times under a fresh tracer; ``(tracer, records)``.
 
     ``s_ood`` holds the scores of these inputs (``len == rows.stop - rows.start``). ``first_pass``
     numbers the passes for the tracer (default: the pass index the range starts at). Each pass
-    advances ``part`` of the run's ``phase`` bar (none: no bar).
+    advances ``part`` of the run's ``phase`` bar (none: no bar) and is offered to ``keep``.
     """
     per = settings.inputs_per_pass
     tracer = Tracer(settings.sampling).start_at(rows.start, rows.start // per if first_pass is None else first_pass)
@@ -70,7 +113,10 @@ def sample_range(
             x = adapter.sample(settings.sampling.repeat(y), latents, observer=tracer)
             tracer.layer("output", x)
             tracer.end_batch(len(y))
-            records += _records(adapter, cs, set_name, sl, s_ood[sl.start - rows.start :], x, y, settings)
+            new = _records(adapter, cs, set_name, sl, s_ood[sl.start - rows.start :], x, y, settings)
+            if keep is not None:
+                keep.offer(set_index, sl.start, new, x, settings.sampling.samples)
+            records += new
             del x, latents
             if phase is not None:
                 phase.advance(part, len(y))

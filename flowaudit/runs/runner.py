@@ -41,7 +41,7 @@ from ..stats.features import EXACT_PASS_INPUTS, features
 from ..stats.gaussian import GaussianOOD
 from ..tracing.trace import Tracer
 from .memory import batch_for, default_budget, parse_size, peak_rss, probe_pass, release
-from .passes import sample_range
+from .passes import Keeper, sample_range
 from .shards import (
     ATTACK_SHARD_STARTS,
     FIT_SHARD_INPUTS,
@@ -160,8 +160,12 @@ def scan_sets(
     names: list[str],
     run: Settings,
     ctx: Context,
+    keep: Keeper | None = None,
 ) -> tuple[list[Tracer], list[dict], dict[str, np.ndarray]]:
-    """Sample every set shard by shard; ``(tracers, records, scores)`` with shards merged in order."""
+    """Sample every set shard by shard; ``(tracers, records, scores)`` with shards merged in order.
+
+    ``keep`` retains the riskiest inputs' first samples of the shards sampled here (not of resumed shards
+    or other ranks')."""
     feature_batch = 1 if run.exact_passes else run.inputs_per_batch  # the encoder too: one input per pass when exact
 
     def shard(index: int, name: str, cs: ConditionSet, sl: slice) -> dict:
@@ -169,7 +173,8 @@ def scan_sets(
             s = gauss.score(features(adapter, cs.y[sl], names, run.pooling, feature_batch, run.device))
         else:
             s = np.full(sl.stop - sl.start, np.nan)
-        tracer, records = sample_range(adapter, cs, index, name, s, run, sl, phase=phase, part=(name, sl.start))
+        part = (name, sl.start)
+        tracer, records = sample_range(adapter, cs, index, name, s, run, sl, phase=phase, part=part, keep=keep)
         payload = {
             "keep": {"records": records, "s_ood": torch.from_numpy(np.asarray(s, dtype=np.float64))},
             "state": tracer.state(),
