@@ -6,7 +6,8 @@ with the shape the model expects, not crash deep inside the flow. The adapter's
 own (a flow built for one size, a FrEIA graph) is tried with one pass of one condition at
 temperature 0, and refused when that pass fails while the model's own size runs. Targets (the
 HR of LR/HR pairs, the normal-light of low-light pairs) must have the shape of the model's samples
-for their condition (for SR, the LR size times the scale), found by the same one-condition pass.
+for their condition (for SR, the LR size times the scale), found by the same one-condition pass (one per
+size: the condition check's pass is reused).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def check_condition_shapes(adapter: Adapter, cs: ConditionSet, what: str) -> Non
     """Raise :class:`DataError` (one line, with the expected shape) when a condition of ``cs`` cannot be sampled."""
     where = f"{what} {cs.description['path']}" if cs.description.get("path") else what
     want = tuple(adapter.condition_shape)
+    made: dict[tuple[int, ...], tuple[int, ...] | None] = {}  # sample shape per condition shape, from a trial
     for shape in cs.shapes:
         try:
             adapter.check_condition_shape(shape)
@@ -35,19 +37,21 @@ def check_condition_shapes(adapter: Adapter, cs: ConditionSet, what: str) -> Non
         if shape == want or len(cs) == 0:
             continue
         first = next(i for i in range(len(cs)) if tuple(cs.y[i].shape) == shape)
-        _, problem = _trial(adapter, cs.y[first][None])
+        made[shape], problem = _trial(adapter, cs.y[first][None])
         if problem is not None and _trial(adapter, torch.zeros((1, *want), dtype=torch.float32))[1] is None:
             raise DataError(
                 f"{where}: {cs.ids[first]} has shape {shape}, which the model does not take "
                 f"(it expects {want}; {problem})"
             )
     if cs.x is not None and len(cs):
-        _check_targets(adapter, cs, where)
+        _check_targets(adapter, cs, where, made)
 
 
-def _check_targets(adapter: Adapter, cs: ConditionSet, where: str) -> None:
-    """Each target must have the shape of the model's samples for its condition; one line naming both if not."""
-    made: dict[tuple[int, ...], tuple[int, ...] | None] = {}
+def _check_targets(
+    adapter: Adapter, cs: ConditionSet, where: str, made: dict[tuple[int, ...], tuple[int, ...] | None]
+) -> None:
+    """Each target must have the shape of the model's samples for its condition; one line naming both if not.
+    ``made`` holds the sample shapes the condition trials found (a size is tried once)."""
     for i in range(len(cs)):
         shape, target = tuple(_row(cs.y, i).shape), tuple(_row(cs.x, i).shape)
         if shape not in made:
