@@ -293,6 +293,7 @@ def _role_cli(a: dict) -> dict:
 def _count_sample_calls() -> dict:
     """Count every outermost ``adapter.sample`` call by (samples, condition side): each adapter class's own
     ``sample`` is wrapped, a call from inside another (``super().sample``) is not counted again."""
+    import flowaudit.adapters.official  # noqa: F401  (the classes to wrap, before the command loads them)
     from flowaudit.adapters import Adapter
 
     calls: dict = {}

@@ -5,11 +5,11 @@ from __future__ import annotations
 import random
 
 import torch
+from flowaudit.adapters import adapt
+from flowaudit.adapters.reference import ReferenceAdapter
 from flowaudit.reference_models import build
 
 import flowaudit
-from flowaudit.adapters import adapt
-from flowaudit.adapters.reference import ReferenceAdapter
 from flowaudit.config.sampling import Sampling
 from flowaudit.runs.passes import Keeper, risk_key
 from flowaudit.runs.runner import Context

@@ -10,21 +10,22 @@ the CPU (:class:`LiveTensors`, so that every process gets the same :math:`b`; :f
 samples per inverse pass (whole inputs); an exact run only checks that one input's pass fits. Nothing else grows
 with the number of inputs. :func:`peak_rss` is the report's ``settings.peak_rss_bytes``.
 
-An image model's pass is not run at the data's size to find :math:`b` (that would cost one more input's pass):
-one input's :math:`K` samples are measured at two small crops of the first condition, :math:`p_1 < p_2` pixels
-(the adapter's ``probe_shape`` and twice its side, sizes its squeezes take), and the bytes extrapolated linearly
-in the pixel count :math:`p` of the data,
+When :math:`b` only checks that one input's pass fits (exact passes, or a batch size given), an image model's
+pass is not run at the data's size to find it (that would cost one more input's pass). One input's :math:`K`
+samples are measured at two small crops of the first condition, :math:`p_1 < p_2` pixels (the adapter's
+``probe_shape`` and twice its side, sizes its squeezes take), and the bytes :math:`B` extrapolated linearly in
+the pixel count :math:`p` of the data,
 
 .. math:: B(p) = \max\!\Big(B_2,\; \mu \big(B_1 + \tfrac{B_2 - B_1}{p_2 - p_1}\,(p - p_1)\big)\Big), \qquad \mu = 1.2,
 
 since a fully convolutional flow's activations are :math:`a + c\,p` bytes (:math:`a` the tracer's and the
 latents' fixed part). The margin :math:`\mu` covers what grows with :math:`p` unseen by the count (allocator
-slack, the resident reads of :func:`pass_bytes`); on the bundled SR flow the estimate at 8× the probe's side is
-1.0–1.25 × the measured :func:`pass_bytes` (``tests/test_memory.py``). The two crops cost
-:math:`(p_1 + p_2) / p` of one pass (1.25 % at 160×160 from 8×8 and 16×16). The pass runs at the data's size
-instead when the data is smaller than twice the larger crop's side, for vectors, when a crop is refused or
-fails, and when the resident read at :math:`p_2` exceeds twice the count (calls the count cannot see: a
-scripted module, whose bytes need not be linear in what the count shows).
+slack, the resident reads of :func:`pass_bytes`): the estimate is 1.0–1.4 × the measured :func:`pass_bytes`
+on the bundled SR flow at 8× the probe's side (``tests/test_memory.py``), 1.25 × on a full-size SRFlow at
+160×160. The crops cost :math:`(p_1 + p_2) / p` of one pass (1.25 % at 160×160 from 8×8 and 16×16). The pass
+runs at the data's size instead when the data is under twice the larger crop's side, for vectors, when a crop
+is refused or fails, and when the resident read at :math:`p_2` exceeds twice the count (calls the count cannot
+see: a scripted module, whose bytes need not follow the count).
 """
 
 from __future__ import annotations
@@ -217,16 +218,17 @@ def _pass_parts(run: Callable[[], Any]) -> tuple[int, int, int]:
 MARGIN = 1.2  # on the extrapolated bytes of an image model's pass (module docstring)
 
 
-def probe_pass(adapter: Any, y: Any, sampling: Any, device: torch.device) -> tuple[int, int]:
+def probe_pass(adapter: Any, y: Any, sampling: Any, device: torch.device, extrapolate: bool = True) -> tuple[int, int]:
     """(bytes per sample, bytes resident beside a pass) for one input's K samples at ``y[0]``'s size.
 
-    Image models: extrapolated from two small crops (module docstring); else, or when the data is that
-    small already, one traced pass of ``y[:1]``'s K samples. GPU: the allocator's peak over what was
-    allocated before; CPU: :func:`pass_bytes`.
+    Image models with ``extrapolate``: from two small crops (module docstring); else, or when the data is
+    that small already, one traced pass of ``y[:1]``'s K samples. GPU: the allocator's peak over what was
+    allocated before; CPU: :func:`pass_bytes`. A run whose batch the bytes decide (passes of several inputs
+    sized by the budget) measures at the data's size, so its batch size stays what that pass gives.
     """
     y = _first_row(y)
     floor = 8 * 4 * max(int(y[0].numel()) * adapter_scale(adapter) ** 2, 1)  # a few copies of one float32 sample
-    crops = _probe_crops(adapter, tuple(y.shape[1:]))
+    crops = _probe_crops(adapter, tuple(y.shape[1:])) if extrapolate else None
     used = None
     if crops is not None:
         used = _extrapolated(adapter, y, sampling, device, crops)

@@ -218,7 +218,7 @@ def size_batches(adapter: Adapter, cs: ConditionSet, run: Settings, ctx: Context
             per_sample, base = probe_pass(adapter, cs.y, run.sampling, run.device)
             batch_for(budget, base, per_sample, run.sampling.samples, True)
         return run.replace(batch_size=run.batch_size or run.samples), budget
-    per_sample, base = probe_pass(adapter, cs.y, run.sampling, run.device)
+    per_sample, base = probe_pass(adapter, cs.y, run.sampling, run.device, extrapolate=run.exact_passes)
     size = batch_for(budget, base, per_sample, run.sampling.samples, run.exact_passes)
     if ctx.group is not None:  # one batch size for every rank: the same passes as one process
         size = min(ctx.group.all_gather(size))
