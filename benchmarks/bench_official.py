@@ -15,6 +15,8 @@ Each arm runs in a fresh process, so its peak is its own (``ru_maxrss``; on CUDA
    Timed: the network calls only.
 3. *fit*: ``flowaudit fit`` on the fit images; 4. *scan*: ``flowaudit scan`` on the scan images, same seed, K and
    τ, with the fit's statistics; 5. *inspect*: ``flowaudit inspect``. Timed: the whole command, after imports.
+   The scan also counts its ``adapter.sample`` calls by (samples, condition side): the passes it runs at the
+   data's size beside its own one per input.
 
 Ratios and goals: scan / official time ≤ 1.15, scan / official peak ≤ 1.3, inspect ≤ 30 s, inspect's peak above
 the process baseline (Python and torch imported) ≤ 3 × the checkpoint's size. Run::
