@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from torch import Tensor
@@ -20,7 +21,9 @@ from ..config.device import auditing
 from ..config.settings import Settings
 from ..io.datasets import ConditionSet
 from ..stats.features import spatial_map
-from ..stats.gaussian import GaussianOOD
+
+if TYPE_CHECKING:  # scikit-learn is imported when a Gaussian is fitted or read, not by inspect
+    from ..stats.gaussian import GaussianOOD
 
 __all__ = ["PanelItem", "worst_inputs"]
 
