@@ -2,7 +2,8 @@ r"""The tail probe: :math:`c'` of a site over decades of :math:`|x|`, out to nea
 
 Remark 2 asks what :math:`c'` does for large :math:`|x|`, and "large" means every :math:`|x|` a sample
 can reach, i.e. up to the largest finite number of the model's dtype. The probe evaluates
-:math:`c'(\pm|x|)` under every kept parameter point, decade by decade:
+:math:`c'(\pm|x|)` decade by decade, the farthest decade under every kept parameter row and the others under
+the rows that screen ranks first, within a budget (:func:`_decades`):
 
 * from :math:`10\,B` when the site says its tails start at :math:`B` (``Site.tail_start()``), from
   :math:`|x| = 1` when every :math:`|x|` is a tail (:math:`B = 0`) or when the start is unknown;
