@@ -135,3 +135,6 @@ def test_scan_reports_the_probe_budget() -> None:
         assert probe["rows"] == probe["rows_screened"] == probe["reservoir"]["rows"] == 1200
         assert LADDER_MIN_ROWS <= probe["rows_ladder"] < 1200 and probe["budget"] == PROBE_BUDGET
         assert s["remark2"]["swept"]["probe"]["rows"] == 40  # 4 conditions × 2 samples × 5 decades
+        assert (
+            s["remark2"]["swept"]["probe"]["rows_ladder"] == 40 and s["remark2"]["swept"]["probe"]["rows_screened"] == 0
+        )

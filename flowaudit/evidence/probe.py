@@ -25,6 +25,7 @@ the probe then records ``domain`` and the values it could evaluate: "no tails" i
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -86,7 +87,7 @@ def finite_rows(params: list[Any]) -> tuple[list[Any], int]:
 
 PROBE_BLOCK = 1 << 22  # c' values one call evaluates at most (probe values × parameter numbers)
 #: Values × parameter numbers a site's ladder (every decade but the last) may spend past the screen.
-PROBE_BUDGET = 1 << 16
+PROBE_BUDGET = 1 << 14
 #: Rows that get the whole ladder whatever the budget: a reservoir of large rows (images) keeps only a few.
 LADDER_MIN_ROWS = 16
 
@@ -95,6 +96,13 @@ def _values(low: float, points: int) -> Tensor:
     """The decade's probe values ±|x|, ``points`` of them a side."""
     v = low * 10 ** (torch.arange(points, dtype=torch.float64) / PER_DECADE)
     return torch.cat([-v.flip(0), v])
+
+
+@functools.lru_cache(maxsize=64)
+def _ladder_values(spans: tuple[tuple[float, int], ...]) -> tuple[Tensor, ...]:
+    """:func:`_values` of every decade of ``spans``, worked out once per ladder (a run probes a few ladders,
+    one per tail start and dtype, many times); never written to."""
+    return tuple(_values(low, k) for low, k in spans)
 
 
 def _numel(p: Any) -> int:
@@ -132,9 +140,11 @@ def _decades(site: Any, params: list[Any], spans: list[tuple[float, int]], budge
     first, then the rows holding the smallest and the largest c', then by how far their c' lies from the
     rows' median in log, :math:`\max(|\log(c'_{\min}/\bar c)|, |\log(c'_{\max}/\bar c)|)`. The whole ladder
     (every other decade) then goes to the rows in that order while it costs at most ``budget`` values × numbers,
-    and to :data:`LADDER_MIN_ROWS` rows at least. So the cost is :math:`2N + \max(\text{budget},
-    16\,(V-2)\,m)` for :math:`N` kept numbers in rows of :math:`m` — in proportion to what sampling kept — instead
-    of :math:`V N` (:math:`V = 56` values on float32).
+    and to :data:`LADDER_MIN_ROWS` rows at least; rows that all fit get the whole ladder at once, unscreened.
+    So the cost is at most :math:`2N + \max(\text{budget}, 16\,(V-2)\,m)` for :math:`N` kept numbers in rows of
+    :math:`m` — in proportion to what sampling kept — instead of :math:`V N` (:math:`V = 56` values on float32).
+    :data:`PROBE_BUDGET` (:math:`2^{14}`) ladders 75 rows of a 2-D spline coupling (m = 4 numbers) and the
+    whole of an image reservoir (a few large rows).
 
     Why it keeps the verdict: the ratio rule reads :math:`\min c'` and :math:`\max c'` over the tail
     decades. The last decade is probed under every row, so a row whose c' decays, grows or blows up in the
@@ -148,7 +158,7 @@ def _decades(site: Any, params: list[Any], spans: list[tuple[float, int]], budge
     (one defined on an interval) is asked again decade by decade, so that the values it takes still count.
     A site whose c' cannot be told apart by row (not (V, rows × elements)) gets the whole ladder on every row.
     """
-    values = [_values(low, k) for low, k in spans]
+    values = list(_ladder_values(tuple(spans)))
     figures = torch.zeros((len(spans), 4), dtype=torch.float64)  # min, max, n finite, n non-finite
     figures[:, 0], figures[:, 1] = math.inf, -math.inf
     errors: dict[int, str] = {}
@@ -167,8 +177,13 @@ def _decades(site: Any, params: list[Any], spans: list[tuple[float, int]], budge
             done["cost"] += sum(len(v) for v in values) * _numel(p)
             continue
         n, m = len(p), int(p[0].numel())
-        order = _screen(figures, last, values[last], site, p, errors)
         done["rows"] += n
+        if n <= max(LADDER_MIN_ROWS, share // (n_ladder * m)):  # every row gets the ladder: no screen to rank
+            _ladder(figures, range(len(spans)), values, site, p, errors)
+            done["rows_ladder"] += n
+            done["cost"] += sum(len(v) for v in values) * n * m
+            continue
+        order = _screen(figures, last, values[last], site, p, errors)
         done["cost"] += len(values[last]) * n * m
         take = n if order is None else min(n, max(LADDER_MIN_ROWS, share // (n_ladder * m)))
         if order is not None:
@@ -274,6 +289,16 @@ def _agree(a: dict, b: dict, tol: float) -> bool:
     return True
 
 
+def _settles_from(rows: list[dict], tol: float) -> int | None:
+    """The first decade from which every decade agrees with the last (:func:`_agree`); ``None`` when even the
+    last does not agree with itself (no decades, a NaN or a zero c'). One pass from the end: the stretch starts
+    after the last decade that disagrees."""
+    for j in range(len(rows) - 1, -1, -1):
+        if not _agree(rows[j], rows[-1], tol):
+            return None if j == len(rows) - 1 else j + 1
+    return 0 if rows else None
+
+
 def _slope(rows: list[dict], key: str) -> float | None:
     """Least-squares slope of log c' (``key``: min or max) against log10 |x|; ``None`` under two usable rows."""
     pts = [(math.log10(r["abs_x"]), math.log(r[key])) for r in rows if r["n"] and r[key] > 0 and math.isfinite(r[key])]
@@ -307,9 +332,7 @@ def measured_evidence(
     params, dropped = finite_rows(params)
     rows, done = _decades(site, params, probe_decades(low, limit), budget) if params else ([], None)
     usable = [r for r in rows if r["n"]]
-    first = next(
-        (k for k in range(len(rows)) if all(_agree(rows[j], rows[-1], tol) for j in range(k, len(rows)))), None
-    )
+    first = _settles_from(rows, tol)
     settled = first is not None and len(rows) - first >= 2
     if known:
         used = rows
