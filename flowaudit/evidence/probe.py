@@ -85,7 +85,9 @@ def finite_rows(params: list[Any]) -> tuple[list[Any], int]:
     return kept, dropped
 
 
-PROBE_BLOCK = 1 << 22  # c' values one call evaluates at most (probe values × parameter numbers)
+#: c' values one call evaluates at most (probe values × parameter numbers): a map's temporaries in float64 are
+#: tens of MB at this size, which bounds inspect's peak on a released checkpoint; larger blocks save no time.
+PROBE_BLOCK = 1 << 20
 #: Values × parameter numbers a site's ladder (every decade but the last) may spend past the screen.
 PROBE_BUDGET = 1 << 14
 #: Rows that get the whole ladder whatever the budget: a reservoir of large rows (images) keeps only a few.
