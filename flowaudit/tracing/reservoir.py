@@ -246,7 +246,13 @@ class ParamReservoir:
         if rows.device.type == "cpu":
             g = None if gain is None else host_array(gain.detach())
             self.add_host(host_array(rows), np.asarray(row_gain, dtype=np.float64), first_input, samples, batch, g)
-            return
+        else:
+            self._add_tensors(rows, row_gain, first_input, samples, batch, gain)
+
+    def _add_tensors(
+        self, rows: Tensor, row_gain: Tensor, first_input: int, samples: int, batch: int, gain: Tensor | None
+    ) -> None:
+        """:meth:`add` by tensor operations on the rows' device (rows kept as windows cut there first)."""
         n = rows.shape[0]
         if self._wrong_shape(tuple(rows.shape[1:]), n):
             return
