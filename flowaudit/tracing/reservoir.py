@@ -280,8 +280,11 @@ class ParamReservoir:
             return
         if self._cut(tuple(rows.shape[1:])) is not None:
             t = self.tiling
-            row_gain = t.scores(gain, row_gain, n).numpy()
-            rows, samples = t.cut(torch.from_numpy(rows)).numpy(), max(samples, 1) * t.per_row
+            row_gain, samples = t.scores(gain, row_gain, n).numpy(), max(samples, 1) * t.per_row
+            if self._host is not None and self._offer_windows(rows, row_gain, first_input * samples, samples, batch):
+                self.rows_seen += n
+                return
+            rows = t.cut(torch.from_numpy(rows)).numpy()
         if self._host is None:
             self._start_host(rows)
         _, dtype, arrays = self._offer_args
@@ -300,6 +303,36 @@ class ParamReservoir:
             self._keys[:n],
             *arrays,
         )
+
+    def _offer_windows(self, rows: np.ndarray, scores: np.ndarray, first: int, samples: int, batch: int) -> bool:
+        """Offer only the windows of ``rows`` (unit ids ``first …``) that can enter a full half, each cut alone;
+        ``False`` (nothing offered) where a half has room or many can enter: then they are all cut and offered.
+
+        A window enters a half only if it ranks above the half's worst kept unit, and that bar only rises while
+        a call is offered, so the windows that rank below it at the start are the ones the loop would pass over.
+        """
+        _, dtype, arrays = self._offer_args
+        units = np.arange(first, first + len(scores), dtype=np.int64)
+        keys = -uniform_keys(torch.from_numpy(units), self.salt).numpy()
+        enter = np.zeros(len(units), dtype=bool)
+        for score, (heap, fill, kept, ids) in ((scores, arrays[0:4]), (keys, arrays[5:9])):
+            if fill[0] < len(heap):
+                return False
+            worst = heap[0]
+            enter |= (score > kept[worst]) | ((score == kept[worst]) & (units < ids[worst, 0]))
+        at = np.flatnonzero(enter)
+        if 4 * len(at) > len(units):
+            return False
+        t = self.tiling
+        (h, w), nx = t.tile, len(t.starts[1])
+        if not len(self._keys):
+            self._keys = np.empty(1)
+        for u in at:
+            r, k = divmod(int(u), t.per_row)
+            y, x = t.starts[0][k // nx], t.starts[1][k % nx]
+            window = np.ascontiguousarray(rows[r, ..., y : y + h, x : x + w], dtype=dtype).reshape(1, -1)
+            offer(scores[u : u + 1], window, first + int(u), samples, batch, self._mix, self._keys[:1], *arrays)
+        return True
 
     def _start_host(self, rows: np.ndarray) -> None:
         """The CPU's halves, holding what the reservoir kept so far (rows of the kept shape, else of ``rows``')."""
