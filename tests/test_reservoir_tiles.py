@@ -14,8 +14,9 @@ from flowaudit.reference_models import load
 
 from flowaudit.config.sampling import Sampling
 from flowaudit.evidence.probe import measured_evidence
-from flowaudit.tracing.reservoir import TILE_UNITS, ParamReservoir, Tiling
+from flowaudit.tracing.reservoir import ParamReservoir
 from flowaudit.tracing.trace import Tracer
+from flowaudit.tracing.windows import TILE_UNITS, Tiling
 
 BUDGET = 4096
 ROW = (8, 37, 45)  # 13,320 numbers a row: more than half the budget; H, W that the windows do not divide

@@ -10,26 +10,23 @@ ranks. On the CPU each half is a heap fed by :func:`~flowaudit.tracing.host_kern
 
 A row too large for two a half (:math:`m > \text{budget}/2`) of a *spatial* site (parameters laid out
 (…, H, W), the map elementwise over positions, so a window of a row is itself a parameter tensor) is cut into
-windows over H, W (:class:`Tiling`): each window keeps all channels of its positions and is a unit of the
-reservoir, scored by the largest inverse gain of its positions, keyed by its unit id
-:math:`u = r \cdot T + t` (row :math:`r`, window :math:`t` of :math:`T`). The windows are small enough that
-at least :data:`TILE_UNITS` of them fit the budget, so the budget holds whatever the image size. Rows that fit
-are kept whole, as above.
+windows over H, W (:class:`~flowaudit.tracing.windows.Tiling`): each window keeps all channels of its positions
+and is a unit of the reservoir, scored by the largest inverse gain of its positions, keyed by its unit id
+:math:`u = r \cdot T + t` (row :math:`r`, window :math:`t` of :math:`T`). The windows are small enough that at
+least :data:`~flowaudit.tracing.windows.TILE_UNITS` of them fit the budget, so the budget holds whatever the
+image size. Rows that fit are kept whole, as above.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .host_kernels import heapify, host_array, offer, salt_mix
+from .windows import Tiling
 
-__all__ = ["ParamReservoir", "Tiling", "TILE_UNITS", "uniform_keys"]
-
-TILE_UNITS = 16  # windows of a cut row that fit a budget at least: 8 a half
+__all__ = ["ParamReservoir", "uniform_keys"]
 
 
 def uniform_keys(row: Tensor, salt: int) -> Tensor:
@@ -56,75 +53,6 @@ def _host_dtype(dtype: torch.dtype) -> torch.dtype:
     if dtype in (torch.float32, torch.float64):
         return dtype
     return torch.float32 if dtype.is_floating_point and dtype.itemsize < 4 else torch.float64
-
-
-class Tiling:
-    """Windows over the trailing two dims (H, W) of parameter rows of shape ``row``, each ``tile`` = (h, w).
-
-    The window starts are multiples of h (of w) but the last, which ends at H (at W): every window has
-    the same shape (a reservoir keeps them in one tensor) and covers its positions whole; the last window
-    of a side overlaps its neighbour where h does not divide H. Window ``t`` of a row is the ``t``-th in
-    row-major order over (start in H, start in W).
-    """
-
-    def __init__(self, row: tuple[int, ...], tile: tuple[int, int]):
-        self.row, self.tile = tuple(int(d) for d in row), (int(tile[0]), int(tile[1]))
-        (h, w), (big_h, big_w) = self.tile, self.row[-2:]
-        self.starts = tuple(
-            [min(i * size, whole - size) for i in range(-(-whole // size))] for size, whole in ((h, big_h), (w, big_w))
-        )
-        self.per_row = len(self.starts[0]) * len(self.starts[1])
-        self.unit = (*self.row[:-2], h, w)
-
-    @classmethod
-    def of(cls, row: tuple[int, ...], budget: int) -> "Tiling | None":
-        """The windows for rows of shape ``row`` under ``budget`` numbers: ``None`` where two rows a half fit
-        (kept whole) or the row has no (C, H, W); else the most positions a window such that :data:`TILE_UNITS`
-        windows fit the budget (one position at least), as square as H and W allow."""
-        m = math.prod(row)
-        if len(row) < 3 or m <= max(budget, 0) // 2 or row[-1] * row[-2] <= 1:
-            return None
-        big_h, big_w = row[-2:]
-        per = m // (big_h * big_w)  # numbers a position
-        positions = max(1, max(budget, 0) // TILE_UNITS // max(per, 1))
-        h = min(big_h, max(1, math.isqrt(positions)))
-        w = min(big_w, max(1, positions // h))
-        h = min(big_h, max(1, positions // w))
-        return cls(row, (h, w))
-
-    def state(self) -> dict:
-        return {"row": list(self.row), "tile": list(self.tile)}
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Tiling) and (self.row, self.tile) == (other.row, other.tile)
-
-    def cut(self, a: Tensor) -> Tensor:
-        """Rows ``a`` (n, *row) as their windows (n·T, *unit), row by row, each row's in window order."""
-        (h, w), (big_h, big_w) = self.tile, self.row[-2:]
-        n, lead, (ny, nx) = a.shape[0], a.shape[1:-2], (len(s) for s in self.starts)
-        if big_h % h or big_w % w:  # a last window that overlaps: gather the windows' positions side by side
-            iy = (torch.tensor(self.starts[0])[:, None] + torch.arange(h)).reshape(-1).to(a.device)
-            ix = (torch.tensor(self.starts[1])[:, None] + torch.arange(w)).reshape(-1).to(a.device)
-            a = a.index_select(a.dim() - 2, iy).index_select(a.dim() - 1, ix)
-        k = len(lead)
-        a = a.reshape(n, *lead, ny, h, nx, w).permute(0, k + 1, k + 3, *range(1, k + 1), k + 2, k + 4)
-        return a.reshape(n * ny * nx, *lead, h, w)
-
-    def scores(self, gain: Tensor | np.ndarray | None, row_gain: Tensor | np.ndarray, n: int) -> Tensor:
-        """Each window's largest inverse gain (NaN counts as +inf, as in a row's), float64, (n·T,).
-
-        ``gain`` holds the call's gains with the rows' (H, W) as trailing dims; where it has not (or is
-        missing), every window of a row is scored by the row's largest gain ``row_gain``.
-        """
-        if isinstance(gain, np.ndarray):
-            gain = torch.from_numpy(gain)
-        if gain is not None and gain.dim() >= 3 and gain.shape[0] == n and tuple(gain.shape[-2:]) == self.row[-2:]:
-            g = gain.detach().reshape(n, -1, *self.row[-2:])
-            g = torch.nan_to_num(g.amax(1, keepdim=True).double(), nan=math.inf)  # amax keeps a NaN
-            return self.cut(g).reshape(n * self.per_row, -1).amax(1)
-        rg = torch.as_tensor(row_gain)
-        rg = rg.double() if len(rg) == n else torch.zeros(n, dtype=torch.float64, device=rg.device)
-        return rg.repeat_interleave(self.per_row)
 
 
 class _Half:
@@ -169,7 +97,7 @@ class ParamReservoir:
         budget: parameter numbers kept (rows × numbers per row; at least 2 rows, or 2 windows a half).
         generator: the seeded generator of the random keys, on the parameters' device.
         spatial: the site's parameters are laid out (…, H, W) and act elementwise over positions, so rows too
-            large for the budget may be kept as windows (:class:`Tiling`).
+            large for the budget may be kept as windows (:class:`~flowaudit.tracing.windows.Tiling`).
 
     Row ids (global row, input, batch) travel with the rows so the report can say how many
     inputs and batches the kept points come from; a window's first id is its unit id (module docstring).
