@@ -115,6 +115,9 @@ class Site(ABC):
     kind: str
     #: probe all values in one call (values filled block by block) rather than one call per value
     batched_probe: bool = False
+    #: params (B, …, H, W) act elementwise over the trailing two dims (a feature map's positions), so a window
+    #: over H, W of them is itself a params tensor: the engine may keep windows of rows too large for its budget
+    spatial_params: bool = False
 
     def map(self, x: Tensor, params: Any) -> Tensor:
         """``c(x; params)``, elementwise."""

@@ -33,6 +33,7 @@ class ElementwiseSite(Site):
     """A site that is an :class:`Elementwise` module; params are its ``h`` tensors."""
 
     batched_probe = True  # elementwise maps of their parameters: every probe value in one call
+    spatial_params = True  # h is (B, C·P, *S), elementwise over S: a window over S is an h of its own
 
     def __init__(self, name: str, module: Elementwise):
         self.name, self.module, self.kind = name, module, module.kind

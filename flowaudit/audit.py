@@ -12,7 +12,7 @@ import datetime as _dt
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,10 +37,12 @@ from .runs.quick import SKIPPED, quick_answer
 from .runs.runner import Context, attack_settings, fit_gaussian, run_facts, scan_sets, scan_settings, size_batches
 from .runs.shards import FIT_SHARD_INPUTS, digest
 from .stats.features import fit_spatial
-from .stats.gaussian import GaussianOOD
 from .stats.risk import aggregate, band_misfit, error_band
 from .tracing.trace import layer_table
 from .utils.format import jsonable
+
+if TYPE_CHECKING:  # scikit-learn is imported when a Gaussian is fitted or read, not by inspect
+    from .stats.gaussian import GaussianOOD
 
 __all__ = ["Settings", "fit", "scan", "quick", "inspect", "attack"]
 
@@ -545,6 +547,8 @@ def _stats_digest(gauss: GaussianOOD | None) -> str | None:
 
 
 def _load_stats(adapter: Adapter, stats: Any, names: list[str], pooling: str) -> GaussianOOD:
+    from .stats.gaussian import GaussianOOD
+
     if isinstance(stats, GaussianOOD):
         return stats
     try:

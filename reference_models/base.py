@@ -18,7 +18,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ReferenceFlow"]
+__all__ = ["ReferenceFlow", "shapes_only"]
+
+
+def shapes_only() -> bool:
+    """Whether modules are being built on the ``meta`` device (shapes, no numbers), as a checkpoint's loader
+    does before the file's tensors become the weights: random initialisation is then skipped. It would be
+    thrown away, and torch's meta kernels for ``normal_``, ``randn`` and ``qr`` import its compiler stack
+    (sympy, dynamo: some 80 MB resident and seconds)."""
+    return torch.empty(0).is_meta
 
 
 class ReferenceFlow(nn.Module):

@@ -17,6 +17,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .base import shapes_only
+
 __all__ = ["ActNorm", "InvConv1x1"]
 
 
@@ -74,7 +76,10 @@ class InvConv1x1(nn.Module):
 
     def __init__(self, channels: int, fixed: bool = False, generator: torch.Generator | None = None):
         super().__init__()
-        w = torch.linalg.qr(torch.randn(channels, channels, generator=generator))[0]
+        if shapes_only():
+            w = torch.empty(channels, channels)
+        else:
+            w = torch.linalg.qr(torch.randn(channels, channels, generator=generator))[0]
         self.fixed = fixed
         if fixed:
             self.register_buffer("weight", w)

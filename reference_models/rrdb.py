@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import shapes_only
+
 __all__ = [
     "ResidualDenseBlock",
     "RRDB",
@@ -90,6 +92,8 @@ def stack_features(feats: dict[str, Tensor], blocks: list[int] | tuple[int, ...]
 
 def _kaiming(convs: list[nn.Conv2d], scale: float) -> None:
     # ESRGAN's initialisation of the dense blocks: He-normal scaled by 0.1, zero bias
+    if shapes_only():
+        return
     for conv in convs:
         nn.init.kaiming_normal_(conv.weight, a=0, mode="fan_in")
         conv.weight.data.mul_(scale)

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import ReferenceFlow
+from .base import ReferenceFlow, shapes_only
 from .couplings import GaussianPrior, make_elementwise
 from .glow import ActNorm, InvConv1x1
 from .rrdb import RRDBNet, feature_name, spaced_blocks, stack_features
@@ -117,7 +117,8 @@ class Conv2dActNorm(nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
         super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
-        nn.init.normal_(self.weight, 0.0, 0.05)
+        if not shapes_only():
+            nn.init.normal_(self.weight, 0.0, 0.05)
         self.actnorm = ActNorm(out_channels)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -312,3 +312,24 @@ def test_loaded_weights_are_the_checkpoint_values_in_float32():
             assert torch.equal(ours[k], v.float().reshape(ours[k].shape)), k
     assert all(bool(m.initialized) for m in model.modules() if hasattr(m, "initialized"))
     assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_inspecting_an_official_checkpoint_imports_no_compiler_stack_and_no_scikit_learn(tmp_path):
+    """Built on the meta device, the network skips its random initialisation (torch's meta kernels for
+    ``normal_``, ``randn`` and ``qr`` import sympy and dynamo, some 80 MB resident), and inspect never fits a
+    Gaussian (scikit-learn and scipy.stats, some 80 MB more): neither is imported, in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    torch.save(fixture("srflow-x4")["state_dict"], tmp_path / "net.pth")
+    yml = str(FIXTURES / "srflow-x4.yml")
+    code = (
+        "import sys, flowaudit\n"
+        "from flowaudit.adapters import load_model\n"
+        f"a = load_model({str(tmp_path / 'net.pth')!r}, official_config={yml!r})\n"
+        "flowaudit.inspect(a, samples=2, device='cpu', progress=False)\n"
+        "print(sorted(m for m in ('sympy', 'torch._dynamo', 'sklearn', 'scipy.stats') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[-2] == "[]"

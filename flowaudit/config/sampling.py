@@ -44,9 +44,11 @@ class Sampling:
         """K latents for each row of ``y`` (inputs ``first``, ``first + 1``, …), input-major, on ``device``."""
         per_input = []
         g = torch.Generator()
+        k = self.samples
+        rows = self.repeat(y.cpu())  # laid out once; input j's rows are a slice of it, the same values as its own
         for j in range(len(y)):
             g.manual_seed(self.seed_of(set_index, first + j))
-            per_input.append(adapter.sample_latents(self.repeat(y[j : j + 1].cpu()), self.temperature, g))
+            per_input.append(adapter.sample_latents(rows[j * k : (j + 1) * k], self.temperature, g))
         return [torch.cat(parts).to(device) for parts in zip(*per_input)]
 
     def repeat(self, y: Tensor) -> Tensor:

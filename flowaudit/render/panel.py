@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from torch import Tensor
@@ -22,7 +23,9 @@ from ..config.settings import Settings
 from ..io.datasets import ConditionSet
 from ..runs.passes import PANEL_INPUTS, PANEL_SHOWN, Keeper, risk_key
 from ..stats.features import spatial_map
-from ..stats.gaussian import GaussianOOD
+
+if TYPE_CHECKING:  # scikit-learn is imported when a Gaussian is fitted or read, not by inspect
+    from ..stats.gaussian import GaussianOOD
 
 __all__ = ["PanelItem", "worst_inputs"]
 

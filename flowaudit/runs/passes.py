@@ -104,7 +104,10 @@ def sample_range(
     advances ``part`` of the run's ``phase`` bar (none: no bar) and is offered to ``keep``.
     """
     per = settings.inputs_per_pass
-    tracer = Tracer(settings.sampling).start_at(rows.start, rows.start // per if first_pass is None else first_pass)
+    spatial = [s.name for s in adapter.sites() if getattr(s, "spatial_params", False)]  # large rows: windows
+    tracer = Tracer(settings.sampling, spatial=spatial).start_at(
+        rows.start, rows.start // per if first_pass is None else first_pass
+    )
     records: list[dict] = []
     with observing(adapter, tracer):
         for sl in same_size_runs(cs.y, rows, per):  # a pass never mixes condition sizes

@@ -27,7 +27,7 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,7 +38,6 @@ from ..config.settings import Search, Settings
 from ..errors import AuditError
 from ..io.datasets import ConditionSet
 from ..stats.features import EXACT_PASS_INPUTS, features
-from ..stats.gaussian import GaussianOOD
 from ..tracing.trace import Tracer
 from .memory import batch_for, default_budget, parse_size, peak_rss, probe_pass, release
 from .passes import Keeper, sample_range
@@ -53,6 +52,9 @@ from .shards import (
     run_folded,
     shard_slices,
 )
+
+if TYPE_CHECKING:  # scikit-learn is imported when a Gaussian is fitted or read, not by inspect
+    from ..stats.gaussian import GaussianOOD
 
 __all__ = [
     "Context",
@@ -119,6 +121,8 @@ def fit_gaussian(
     key: str = "fit",
 ) -> GaussianOOD:
     """The feature Gaussian of ``cs``: per-shard sums (:meth:`GaussianOOD.partial_fit`) merged in shard order."""
+    from ..stats.gaussian import GaussianOOD
+
     estimator, device = settings.estimator, settings.device
     slices = shard_slices(len(cs.y), FIT_SHARD_INPUTS)
     phase = Phase(len(cs.y), "fit", settings.progress)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,7 +29,9 @@ from ..adapters.hooks import HookError, first_tensor, hooked
 from ..config.device import auditing
 from ..config.sampling import batches, progress_bar
 from ..errors import AuditError
-from .gaussian import GaussianOOD
+
+if TYPE_CHECKING:  # scikit-learn is imported when a Gaussian is fitted or read, not by inspect
+    from .gaussian import GaussianOOD
 
 __all__ = [
     "EXACT_PASS_INPUTS",
@@ -155,6 +157,8 @@ def fit_spatial(
     threads: int | None = None,
 ) -> GaussianOOD:
     """Gaussian of per-location feature vectors (every location of every fit input), streamed."""
+    from .gaussian import GaussianOOD
+
     gauss = GaussianOOD(estimator=estimator, device=device)
     with auditing(adapter, device, threads), capture_features(adapter.model, layers, "spatial") as cap:
         for sl in batches(len(y), max(1, batch_size // 10)):

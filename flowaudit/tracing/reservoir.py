@@ -7,6 +7,14 @@ gain :math:`g_r`. :class:`ParamReservoir` keeps :math:`k = \max(2, \lfloor \text
 :math:`r` the row's global index (a uniform sample). Both halves order rows by (score, row id), a strict total
 order, so the top k of a union is the top k of the parts' top k: the same rows whatever the batches, shards or
 ranks. On the CPU each half is a heap fed by :func:`~flowaudit.tracing.host_kernels.offer`.
+
+A row too large for two a half (:math:`m > \text{budget}/2`) of a *spatial* site (parameters laid out
+(…, H, W), the map elementwise over positions, so a window of a row is itself a parameter tensor) is cut into
+windows over H, W (:class:`~flowaudit.tracing.windows.Tiling`): each window keeps all channels of its positions
+and is a unit of the reservoir, scored by the largest inverse gain of its positions, keyed by its unit id
+:math:`u = r \cdot T + t` (row :math:`r`, window :math:`t` of :math:`T`). The windows are small enough that at
+least :data:`~flowaudit.tracing.windows.TILE_UNITS` of them fit the budget, so the budget holds whatever the
+image size. Rows that fit are kept whole, as above.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .host_kernels import heapify, host_array, offer, salt_mix
+from .windows import Tiling
 
 __all__ = ["ParamReservoir", "uniform_keys"]
 
@@ -85,15 +94,20 @@ class ParamReservoir:
     """Parameter rows of one site kept for the Remark 2 probe, drawn from every batch (module docstring).
 
     Args:
-        budget: parameter numbers kept (rows × numbers per row; at least 2 rows).
+        budget: parameter numbers kept (rows × numbers per row; at least 2 rows, or 2 windows a half).
         generator: the seeded generator of the random keys, on the parameters' device.
+        spatial: the site's parameters are laid out (…, H, W) and act elementwise over positions, so rows too
+            large for the budget may be kept as windows (:class:`~flowaudit.tracing.windows.Tiling`).
 
     Row ids (global row, input, batch) travel with the rows so the report can say how many
-    inputs and batches the kept points come from.
+    inputs and batches the kept points come from; a window's first id is its unit id (module docstring).
     """
 
-    def __init__(self, budget: int, generator: torch.Generator | None = None, salt: int = 0):
-        self.budget, self.generator, self.salt = budget, generator, salt
+    def __init__(
+        self, budget: int, generator: torch.Generator | None = None, salt: int = 0, spatial: bool = False
+    ) -> None:
+        self.budget, self.generator, self.salt, self.spatial = budget, generator, salt, spatial
+        self.tiling: Tiling | None = None  # decided by the first rows offered (:meth:`_cut`)
         self.rows_seen = self.skipped = 0
         self._top: tuple[Tensor, Tensor, Tensor] | None = None  # rows, gain, ids
         self._rand: tuple[Tensor, Tensor, Tensor] | None = None  # rows, key, ids
@@ -144,28 +158,66 @@ class ParamReservoir:
             rows = new[0].index_select(0, idx)
         return rows, score.index_select(0, idx), ids.index_select(0, idx)
 
-    def add(self, params: Tensor, row_gain: Tensor | np.ndarray, first_input: int, samples: int, batch: int) -> None:
+    def add(
+        self,
+        params: Tensor,
+        row_gain: Tensor | np.ndarray,
+        first_input: int,
+        samples: int,
+        batch: int,
+        gain: Tensor | None = None,
+    ) -> None:
         """Offer the rows of one call (``first_input``'s K samples first) with their largest gains; a call
-        without one gain a row offers its rows at gain 0."""
+        without one gain a row offers its rows at gain 0. ``gain``: the call's gains at every position, which
+        score the windows of rows kept as windows (unused otherwise)."""
         rows = params.detach()
         if rows.device.type == "cpu":
-            self.add_host(host_array(rows), np.asarray(row_gain, dtype=np.float64), first_input, samples, batch)
-        elif not self._wrong_shape(tuple(rows.shape[1:]), rows.shape[0]):
-            self._add_device(rows, row_gain, first_input, samples, batch)
+            g = None if gain is None else host_array(gain.detach())
+            self.add_host(host_array(rows), np.asarray(row_gain, dtype=np.float64), first_input, samples, batch, g)
+        else:
+            self._add_tensors(rows, row_gain, first_input, samples, batch, gain)
 
-    def add_host(self, rows: np.ndarray, row_gain: np.ndarray, first_input: int, samples: int, batch: int) -> None:
+    def _add_tensors(
+        self, rows: Tensor, row_gain: Tensor, first_input: int, samples: int, batch: int, gain: Tensor | None
+    ) -> None:
+        """:meth:`add` by tensor operations on the rows' device (rows kept as windows cut there first)."""
+        n = rows.shape[0]
+        if self._wrong_shape(tuple(rows.shape[1:]), n):
+            return
+        if self._cut(tuple(rows.shape[1:])) is not None:
+            scores = self.tiling.scores(gain, row_gain, n)
+            rows, row_gain, samples = self.tiling.cut(rows), scores, max(samples, 1) * self.tiling.per_row
+        self._add_device(rows, row_gain, first_input, samples, batch, n)
+
+    def add_host(
+        self,
+        rows: np.ndarray,
+        row_gain: np.ndarray,
+        first_input: int,
+        samples: int,
+        batch: int,
+        gain: np.ndarray | None = None,
+    ) -> None:
         """:meth:`add` on the CPU, the rows as numpy (:func:`~flowaudit.tracing.host_kernels.host_array`) and their
         gains as float64: offered by the compiled loop (:func:`~flowaudit.tracing.host_kernels.offer`), which copies
-        only the rows that enter."""
+        only the rows that enter. Rows kept as windows are cut first (one copy of the call's rows)."""
         n = len(rows)
         if not n:
             return
-        if self._host is None:
-            self._start_host(rows)
         if self._wrong_shape(rows.shape[1:], n):
             return
+        if self._cut(tuple(rows.shape[1:])) is not None:
+            t = self.tiling
+            row_gain, samples = t.scores(gain, row_gain, n).numpy(), max(samples, 1) * t.per_row
+            if self._host is not None and self._offer_windows(rows, row_gain, first_input * samples, samples, batch):
+                self.rows_seen += n
+                return
+            rows = t.cut(torch.from_numpy(rows)).numpy()
+        if self._host is None:
+            self._start_host(rows)
         _, dtype, arrays = self._offer_args
         self.rows_seen += n
+        n = len(rows)
         if len(self._keys) < n:
             self._keys = np.empty(n)
         samples = max(samples, 1)
@@ -179,6 +231,36 @@ class ParamReservoir:
             self._keys[:n],
             *arrays,
         )
+
+    def _offer_windows(self, rows: np.ndarray, scores: np.ndarray, first: int, samples: int, batch: int) -> bool:
+        """Offer only the windows of ``rows`` (unit ids ``first …``) that can enter a full half, each cut alone;
+        ``False`` (nothing offered) where a half has room or many can enter: then they are all cut and offered.
+
+        A window enters a half only if it ranks above the half's worst kept unit, and that bar only rises while
+        a call is offered, so the windows that rank below it at the start are the ones the loop would pass over.
+        """
+        _, dtype, arrays = self._offer_args
+        units = np.arange(first, first + len(scores), dtype=np.int64)
+        keys = -uniform_keys(torch.from_numpy(units), self.salt).numpy()
+        enter = np.zeros(len(units), dtype=bool)
+        for score, (heap, fill, kept, ids) in ((scores, arrays[0:4]), (keys, arrays[5:9])):
+            if fill[0] < len(heap):
+                return False
+            worst = heap[0]
+            enter |= (score > kept[worst]) | ((score == kept[worst]) & (units < ids[worst, 0]))
+        at = np.flatnonzero(enter)
+        if 4 * len(at) > len(units):
+            return False
+        t = self.tiling
+        (h, w), nx = t.tile, len(t.starts[1])
+        if not len(self._keys):
+            self._keys = np.empty(1)
+        for u in at:
+            r, k = divmod(int(u), t.per_row)
+            y, x = t.starts[0][k // nx], t.starts[1][k % nx]
+            window = np.ascontiguousarray(rows[r, ..., y : y + h, x : x + w], dtype=dtype).reshape(1, -1)
+            offer(scores[u : u + 1], window, first + int(u), samples, batch, self._mix, self._keys[:1], *arrays)
+        return True
 
     def _start_host(self, rows: np.ndarray) -> None:
         """The CPU's halves, holding what the reservoir kept so far (rows of the kept shape, else of ``rows``')."""
@@ -195,12 +277,22 @@ class ParamReservoir:
         self._top = self._rand = None
         self._next_id = None  # stored in slots, not in sorted order: a device path after this sorts by id
 
+    def _cut(self, row_shape: tuple[int, ...]) -> Tiling | None:
+        """The windows rows of ``row_shape`` are kept as: decided once, by the first rows of a spatial site."""
+        if self.tiling is None and self.spatial and self._row_shape() is None:
+            self.tiling = Tiling.of(row_shape, self.budget)
+        return self.tiling
+
+    def _source_shape(self) -> tuple[int, ...] | None:
+        """The shape of the rows offered so far (whole rows, whatever the units kept)."""
+        return self.tiling.row if self.tiling is not None else self._row_shape()
+
     def _wrong_shape(self, row_shape: tuple[int, ...], n: int) -> bool:
-        """Whether ``n`` rows came with another parameter shape than those kept.
+        """Whether ``n`` rows came with another parameter shape than those offered before.
 
         Such rows are counted as skipped, not mixed into one probe tensor.
         """
-        shape = self._row_shape()
+        shape = self._source_shape()
         if shape is not None and shape != tuple(row_shape):  # counted, not mixed into one probe tensor
             self.skipped += n
             return True
@@ -217,15 +309,18 @@ class ParamReservoir:
             self._top, self._rand = (h.as_tuple() for h in self._host)
             self._host = None
 
-    def _add_device(self, rows: Tensor, row_gain: Tensor, first_input: int, samples: int, batch: int) -> None:
-        """:meth:`add` on the rows' device, with no host sync (kept in (score, id) order, :meth:`_merge`)."""
+    def _add_device(
+        self, rows: Tensor, row_gain: Tensor, first_input: int, samples: int, batch: int, seen: int | None = None
+    ) -> None:
+        """:meth:`add` on the rows' device, with no host sync (kept in (score, id) order, :meth:`_merge`); ``rows``
+        are units (whole rows, or windows with ``samples`` of them an input) of ``seen`` sample rows (all)."""
         self._flush()
         n, dev = rows.shape[0], rows.device
         r = torch.arange(n, device=dev)
         ids = torch.stack(
             [r + first_input * max(samples, 1), r // max(samples, 1) + first_input, torch.full_like(r, batch)], 1
         )
-        self.rows_seen += n
+        self.rows_seen += n if seen is None else seen
         first = first_input * max(samples, 1)
         later = self._next_id is not None and first >= self._next_id
         self._next_id = first + n if later or self._top is None else None
@@ -253,11 +348,15 @@ class ParamReservoir:
             "skipped": self.skipped,
             "top": cpu(self._top),
             "rand": cpu(self._rand),
+            "spatial": self.spatial,
+            "tiling": None if self.tiling is None else self.tiling.state(),
         }
 
     @classmethod
     def from_state(cls, state: dict, device: torch.device | str = "cpu") -> "ParamReservoir":
-        out = cls(state["budget"], salt=state["salt"])
+        out = cls(state["budget"], salt=state["salt"], spatial=bool(state.get("spatial", False)))
+        tiling = state.get("tiling")
+        out.tiling = None if tiling is None else Tiling(tuple(tiling["row"]), tuple(tiling["tile"]))
         out.rows_seen, out.skipped = state["rows_seen"], state["skipped"]
         out._next_id = None  # the ids' order is not known without reading them: the general merge
         out._top, out._rand = (
@@ -275,9 +374,9 @@ class ParamReservoir:
         if other._top is None:
             return self
         if self._top is None:
-            self._top, self._rand = other._top, other._rand
+            self._top, self._rand, self.tiling = other._top, other._rand, other.tiling
             return self
-        if tuple(self._top[0].shape[1:]) != tuple(other._top[0].shape[1:]):
+        if self._source_shape() != other._source_shape() or self.tiling != other.tiling:
             self.skipped += other.rows_seen
             return self
         k_top, k_rand = self.capacity(self._top[0][0].numel() if len(self._top[0]) else 1)
@@ -299,21 +398,37 @@ class ParamReservoir:
         return rows.index_select(0, first), ids.index_select(0, first)
 
     def info(self) -> dict:
-        """What the reservoir holds, for the report."""
+        """What the reservoir holds, for the report. Where rows are kept as windows, ``rows`` and ``rows_by_gain``
+        count the sample rows the kept windows come from, ``rows_capacity`` the windows it has room for, and
+        ``tiles`` says how rows were cut (``shape`` (h, w), ``per_row``) and how many windows it keeps."""
         self._flush()
         kept = self.kept()
         per_row = int(self._top[0][0].numel()) if self._top is not None and len(self._top[0]) else 0
         k_top, k_rand = self.capacity(per_row) if per_row else (0, 0)
         ids = kept[1].cpu() if kept is not None else torch.zeros(0, 3, dtype=torch.long)
+        by_gain = self._top[2][:, 0].cpu() if self._top is not None else torch.zeros(0, dtype=torch.long)
+        t = self.tiling
+        if t is not None:
+
+            def rows_of(unit):
+                return int((unit // t.per_row).unique().numel())
+
+        else:
+
+            def rows_of(unit):
+                return int(len(unit))
+
+        extra = {} if t is None else {"tiles": {"shape": list(t.tile), "per_row": t.per_row, "kept": int(len(ids))}}
         return {
             "budget": self.budget,
             "rows_capacity": k_top + k_rand,
-            "rows": int(len(ids)),
-            "rows_by_gain": int(len(self._top[0])) if self._top is not None else 0,
+            "rows": rows_of(ids[:, 0]),
+            "rows_by_gain": rows_of(by_gain),
             "points": int(len(ids)) * per_row,
             "inputs": int(ids[:, 1].unique().numel()),
             "batches": int(ids[:, 2].unique().numel()),
             "rows_seen": self.rows_seen,
             "rows_skipped": self.skipped,
             "largest_gain_kept": float(self._top[1].max()) if self._top is not None and len(self._top[1]) else None,
+            **extra,
         }

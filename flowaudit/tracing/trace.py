@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -80,11 +80,14 @@ class Tracer:
     Args:
         sampling: the batch layout (K rows per input, input-major).
         param_budget: points of parameters kept per site for the Remark 2 probe.
+        spatial: the sites whose parameters are laid out (…, H, W), elementwise over positions
+            (``Site.spatial_params``): their rows too large for the budget are kept as windows.
     """
 
-    def __init__(self, sampling: Sampling, param_budget: int = 65536):
+    def __init__(self, sampling: Sampling, param_budget: int = 65536, spatial: Collection[str] = ()):
         self.sampling = sampling
         self.param_budget = param_budget
+        self.spatial = frozenset(spatial)
         self._layers: dict[str, LayerStats] = {}
         self._gains: dict[str, GainStats] = {}
         self.reservoirs: dict[str, ParamReservoir] = {}
@@ -163,7 +166,9 @@ class Tracer:
         )  # one read of the gains for every statistic
         self._gains.setdefault(name, GainStats()).add_pass(p)
         if _param_rows(params):
-            self._reservoir(name).add(params, p.row_max, self._inputs_seen, self.sampling.samples, self._batches_seen)
+            self._reservoir(name).add(
+                params, p.row_max, self._inputs_seen, self.sampling.samples, self._batches_seen, gain=g
+            )
         self._add_inputs(self._batch, p.input_max, p.input_min, p.input_counts)
 
     def _site_host(self, name: str, g: np.ndarray, rows: np.ndarray | None) -> None:
@@ -187,7 +192,7 @@ class Tracer:
             self._add_inputs(self._batch, mine[1], mine[2], torch.from_numpy(mine[0]))
         if rows is not None:
             self._reservoir(name).add_host(
-                rows, scratch[0], self._inputs_seen, self.sampling.samples, self._batches_seen
+                rows, scratch[0], self._inputs_seen, self.sampling.samples, self._batches_seen, gain=g
             )
 
     def _plan(self, name: str, shape: tuple[int, ...]) -> tuple:
@@ -237,7 +242,9 @@ class Tracer:
         r = self.reservoirs.get(name)
         if r is None:  # keys drawn from (seed, site, row): the same rows whatever the batches, shards or ranks
             r = self.reservoirs[name] = ParamReservoir(
-                self.param_budget, salt=self.sampling.seed * 1_000_003 + zlib.crc32(name.encode())
+                self.param_budget,
+                salt=self.sampling.seed * 1_000_003 + zlib.crc32(name.encode()),
+                spatial=name in self.spatial,
             )
         return r
 
