@@ -287,10 +287,11 @@ def _measure(adapter: Any, y: torch.Tensor, sampling: Any, device: torch.device)
     """(counted bytes, read bytes, bytes resident) of one traced pass of ``y``'s K samples (GPU: both the
     allocator's peak over what was allocated before)."""
     from ..tracing.trace import Tracer
+    from .passes import spatial_sites
 
     y = y.to(device)
     latents = sampling.latents(adapter, y, 0, 0, device)
-    tracer = Tracer(sampling)
+    tracer = Tracer(sampling, spatial=spatial_sites(adapter))  # the scan's own tracer: large rows kept as windows
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)

@@ -35,7 +35,16 @@ from ..io.ragged import same_size_runs
 from ..stats.risk import lr_psnr, sample_checks
 from ..tracing.trace import Tracer
 
-__all__ = ["sample_set", "sample_range", "reconstruction_error", "risk_key", "Keeper", "PANEL_INPUTS", "PANEL_SHOWN"]
+__all__ = [
+    "sample_set",
+    "sample_range",
+    "spatial_sites",
+    "reconstruction_error",
+    "risk_key",
+    "Keeper",
+    "PANEL_INPUTS",
+    "PANEL_SHOWN",
+]
 
 PANEL_INPUTS = 6  # inputs of the worst-input panel
 PANEL_SHOWN = 3  # samples shown per panel input
@@ -104,8 +113,7 @@ def sample_range(
     advances ``part`` of the run's ``phase`` bar (none: no bar) and is offered to ``keep``.
     """
     per = settings.inputs_per_pass
-    spatial = [s.name for s in adapter.sites() if getattr(s, "spatial_params", False)]  # large rows: windows
-    tracer = Tracer(settings.sampling, spatial=spatial).start_at(
+    tracer = Tracer(settings.sampling, spatial=spatial_sites(adapter)).start_at(
         rows.start, rows.start // per if first_pass is None else first_pass
     )
     records: list[dict] = []
@@ -161,6 +169,11 @@ def _records(
             rec["reconstruction_error"] = float(recon[j])
         records.append(rec)
     return records
+
+
+def spatial_sites(adapter: Adapter) -> list[str]:
+    """The sites whose large parameter rows the tracer may keep as windows (:mod:`~flowaudit.tracing.windows`)."""
+    return [s.name for s in adapter.sites() if getattr(s, "spatial_params", False)]
 
 
 def reconstruction_error(adapter: Adapter, x: Tensor, y: Tensor) -> Tensor:
