@@ -416,3 +416,33 @@ def test_rows_without_one_gain_each_are_offered_at_gain_zero():
     assert host.state()["top"][1].tolist() == [3.0, 2.0, 1.0, 0.5] + [0.0] * 8
     for a, b in zip(host.kept(), device.kept()):
         assert torch.equal(a, b)
+
+
+def test_layer_sums_read_runs_of_non_finite_chunks_as_chunk_by_chunk():
+    """After a chunk holding Inf or NaN the next is read masked first: every chunk's sums stay those of the loop
+    that fits it (plain where finite, masked where not), the same bits as summing the chunks one call each, for
+    runs of bad chunks, single ones and a finite chunk between them."""
+    g = torch.Generator().manual_seed(5)
+    chunk = 4096
+    pattern = [False, True, True, False, True, False, False, True, True, True, False]  # chunk holds Inf/NaN
+    x = (torch.randn(len(pattern) * chunk, generator=g) * torch.randn(len(pattern) * chunk, generator=g).exp()).numpy()
+    for c, bad in enumerate(pattern):
+        if bad:
+            x[c * chunk + (c * 37) % chunk] = math.inf if c % 2 else math.nan
+    x[-1] = -math.inf  # the last chunk's last value too
+    conv = np.zeros(2, dtype=np.int32)
+    whole = np.zeros(5)
+    layer_sums(x, x.view(np.int32), 1, 1, whole, conv, conv.view(np.float32))
+    parts = []
+    for c in range(len(pattern)):  # one chunk a call: no chunk before it, so each is read by its own loop
+        one = np.zeros(5)
+        piece = x[c * chunk : (c + 1) * chunk]
+        layer_sums(piece, piece.view(np.int32), 1, 1, one, conv, conv.view(np.float32))
+        parts.append(one)
+    s = q = 0.0
+    for p in parts:  # the loop's own order: chunk sums added one after another
+        s += p[1]
+        q += p[2]
+    assert whole[1] == s and whole[2] == q
+    assert whole[0] == sum(p[0] for p in parts) and whole[4] == sum(p[4] for p in parts) == sum(pattern) + 1
+    assert whole[3] == max(p[3] for p in parts) == math.inf

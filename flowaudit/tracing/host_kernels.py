@@ -267,20 +267,33 @@ def layer_sums(x, xi, rows, n, acc, conv, convf):  # pragma: no cover - compiled
     """Fold float32 ``x`` (flat; ``xi`` its int32 view) into ``acc``: count of finite values, Σv, Σv²,
     max |v|, non-finite count (float64), input after input. ``x`` is ``rows`` equal rows, each holding
     the ``n`` inputs' values one input after another (``rows`` = 1: the inputs one after another);
-    an input's values are its piece of each row in turn, each piece in chunks of 4096."""
+    an input's values are its piece of each row in turn, each piece in chunks of 4096.
+
+    Non-finite values come in runs (a sample that exploded stays so to its last value): after a chunk holding
+    Inf or NaN the next is read masked first, and read plain only if it holds none, so each chunk is read once
+    where the runs are long, and every chunk's sums are those of the one loop that fits it, as always."""
     width = len(x) // rows
     m = width // n
     for i in range(n):
         s = q = top = 0.0
         bad = 0
+        masked = False  # whether the last chunk held Inf or NaN
         for r in range(rows):
             a = r * width + i * m
             for c0 in range(a, a + m, _CHUNK):
                 end = min(c0 + _CHUNK, a + m)
-                cs, cq, ct = _chunk(x[c0:end], xi[c0:end])
-                if cq - cq != 0.0:  # Inf or NaN in the chunk
+                if masked:
                     cs, cq, ct, cb = _chunk_masked(x[c0:end], xi[c0:end])
-                    bad += cb
+                    masked = cb > 0
+                    if not masked:  # finite after all: the plain loop's sums
+                        cs, cq, ct = _chunk(x[c0:end], xi[c0:end])
+                else:
+                    cs, cq, ct = _chunk(x[c0:end], xi[c0:end])
+                    masked = cq - cq != 0.0  # Inf or NaN in the chunk
+                    cb = 0
+                    if masked:
+                        cs, cq, ct, cb = _chunk_masked(x[c0:end], xi[c0:end])
+                bad += cb
                 conv[0] = ct
                 top = max(top, np.float64(convf[0]))
                 s += cs
