@@ -423,17 +423,18 @@ def _thresholds(settings: Settings) -> dict:
 
 
 def _risk(records: list[dict], sets: Sequence[tuple[str, ConditionSet]], settings: Settings) -> dict:
-    """The report's ``risk``: over all inputs, and ``by_set`` (without the ranking)."""
+    """The report's ``risk``: over all inputs, and ``by_set`` (without the ranking). A set that holds every input
+    (a scan without OOD data) has the overall figures: they are not worked out twice."""
     k, tau = settings.samples, settings.temperature
     risk = aggregate(records, k, tau)
-    risk["by_set"] = {
-        name: {
-            key: v
-            for key, v in aggregate([dict(r) for r in records if r["set"] == name], k, tau).items()
-            if key != "ranked"
-        }
-        for name, _ in sets
-    }
+    risk["by_set"] = {}
+    for name, _ in sets:
+        rows = [r for r in records if r["set"] == name]
+        if len(rows) == len(records):
+            same = {key: v for key, v in risk.items() if key not in ("ranked", "by_set")}
+            risk["by_set"][name] = {key: dict(v) if isinstance(v, dict) else v for key, v in same.items()}
+        else:  # on copies: each record's ``risk`` is the overall fit's
+            risk["by_set"][name] = aggregate([dict(r) for r in rows], k, tau, ranked=False)
     return risk
 
 

@@ -42,13 +42,14 @@ class Sampling:
 
     def latents(self, adapter: Adapter, y: Tensor, set_index: int, first: int, device: torch.device) -> list[Tensor]:
         """K latents for each row of ``y`` (inputs ``first``, ``first + 1``, …), input-major, on ``device``."""
-        per_input = []
         g = torch.Generator()
-        k = self.samples
-        rows = self.repeat(y.cpu())  # laid out once; input j's rows are a slice of it, the same values as its own
-        for j in range(len(y)):
-            g.manual_seed(self.seed_of(set_index, first + j))
-            per_input.append(adapter.sample_latents(rows[j * k : (j + 1) * k], self.temperature, g))
+        draw, tau = adapter.sample_latents, self.temperature
+        first_seed = self.seed_of(set_index, first)
+        # input j's rows are a view of the input-major layout (the same values as its own repeat), one split for all
+        per_input = []
+        for j, rows in enumerate(self.repeat(y.cpu()).split(self.samples)):
+            g.manual_seed((first_seed + j) % 2**64)  # seed_of(set_index, first + j)
+            per_input.append(draw(rows, tau, g))
         return [torch.cat(parts).to(device) for parts in zip(*per_input)]
 
     def repeat(self, y: Tensor) -> Tensor:

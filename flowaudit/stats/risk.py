@@ -198,8 +198,12 @@ def predict(fit: dict | None, s_ood: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
-def aggregate(records: list[dict], samples: int, temperature: float) -> dict:
-    """The ``risk`` section of the report from per-input records (adds each record's ``risk``)."""
+def aggregate(records: list[dict], samples: int, temperature: float, *, ranked: bool = True) -> dict:
+    """The ``risk`` section of the report from per-input records (adds each record's ``risk``).
+
+    ``ranked``: also name the 20 riskiest inputs (``ranked``): by risk, then pixel-error rate, then ``s_OOD``
+    (a missing one last), ties in record order.
+    """
     from scipy.stats import spearmanr
     from sklearn.metrics import roc_auc_score
 
@@ -228,10 +232,11 @@ def aggregate(records: list[dict], samples: int, temperature: float) -> dict:
     )
     fit = logistic_fit(s, has_err) if scored.any() else None
     out["logistic"] = fit
-    for r, p in zip(records, predict(fit, s)):
-        r["risk"] = None if np.isnan(p) else float(p)
-    ranked = sorted(
-        range(n), key=lambda i: (-(records[i]["risk"] or 0.0), -rate[i], -(s[i] if np.isfinite(s[i]) else 1e300))
-    )
-    out["ranked"] = [records[i]["id"] for i in ranked[:20]]
+    risk = predict(fit, s)
+    missing = np.isnan(risk)
+    for r, p, m in zip(records, risk.tolist(), missing.tolist()):
+        r["risk"] = None if m else p
+    if ranked:  # np.lexsort: the last key first, the row index settles ties (record order)
+        order = np.lexsort((np.arange(n), -np.where(scored, s, 1e300), -rate, -np.where(missing, 0.0, risk)))
+        out["ranked"] = [records[i]["id"] for i in order[:20].tolist()]
     return out
