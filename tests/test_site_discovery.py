@@ -310,3 +310,70 @@ def test_a_bundled_flows_site_that_sampling_never_calls_is_no_site():
     flow = Spare()
     assert [s.name for s in adapt(flow).sites()] == ["site"]
     assert flow.training  # the pass that finds the calls leaves the model's mode as it was
+
+
+def test_a_bundled_flows_discovery_pass_runs_once_per_model_state(monkeypatch):
+    """A later adapter of the same model reads the discovery back; a changed setting, a weight edited in place
+    or a replaced module makes the pass run again and find what the model now calls."""
+    from flowaudit.adapters import reference
+    from flowaudit.reference_models import ReferenceFlow
+    from flowaudit.reference_models.couplings import Affine
+
+    class Switch(ReferenceFlow):
+        """x = z / s(y) through ``site``, or through ``spare`` too when ``both`` is set or ``gate`` is positive."""
+
+        task = "toy"
+
+        def __init__(self):
+            super().__init__()
+            self.condition_shape = (2,)
+            self.both = False
+            self.site, self.spare = Affine(eps=1e-4), Affine(eps=1e-4)
+            self.gate = nn.Parameter(torch.zeros(()))
+
+        def encoder_module(self):
+            return None
+
+        def default_feature_layers(self):
+            return []
+
+        def encode(self, y):
+            return y
+
+        def _h(self, y):
+            return torch.stack([torch.zeros_like(y), -y], 2).flatten(1, 2)
+
+        def forward(self, x, y):
+            z, ladj = self.site(x, self._h(y))
+            return [z], ladj.flatten(1).sum(1)
+
+        def reverse(self, latents, y):
+            x = self.site(latents[0], self._h(y), reverse=True)[0]
+            if self.both or float(self.gate) > 0:
+                x = self.spare(x, self._h(y), reverse=True)[0]
+            return x
+
+        def latent_shapes(self, y):
+            return [(y.shape[0], 2)]
+
+        def trace_layers(self):
+            return ["site", "spare"]
+
+    passes = []
+    calls = reference.ReferenceAdapter._sampling_calls
+    monkeypatch.setattr(reference.ReferenceAdapter, "_sampling_calls", lambda self: passes.append(1) or calls(self))
+    flow = Switch()
+
+    def found():
+        return [s.name for s in adapt(flow).sites()]
+
+    assert found() == ["site"] and found() == ["site"] and len(passes) == 1
+    flow.both = True  # a setting steers the pass
+    assert found() == ["site", "spare"] and len(passes) == 2
+    flow.both = False
+    assert found() == ["site"] and len(passes) == 3
+    with torch.no_grad():
+        flow.gate.fill_(1.0)  # a weight edited in place
+    assert found() == ["site", "spare"] and found() == ["site", "spare"] and len(passes) == 4
+    flow.gate = nn.Parameter(torch.zeros(()))  # a replaced parameter
+    assert found() == ["site"] and len(passes) == 5
