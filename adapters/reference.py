@@ -39,11 +39,7 @@ _SETTINGS = (bool, int, float, str, type(None), tuple, list, dict)
 def _same_state(a: tuple[tuple, list[tuple]], b: tuple[tuple, list[tuple]]) -> bool:
     """Two discovery states are the same: equal settings, and the very same tensors (held, so that no new tensor
     takes a freed one's id) unchanged."""
-    return (
-        a[0] == b[0]
-        and len(a[1]) == len(b[1])
-        and all(x[0] is y[0] and x[1:] == y[1:] for x, y in zip(a[1], b[1]))
-    )
+    return a[0] == b[0] and len(a[1]) == len(b[1]) and all(x[0] is y[0] and x[1:] == y[1:] for x, y in zip(a[1], b[1]))
 
 
 def _setting(key: str, value: Any) -> bool:

@@ -314,3 +314,37 @@ def test_a_risk_of_exactly_zero_ranks_last() -> None:
         out = aggregate(recs, 2, 0.9)
     assert out["logistic"]["coef"] > 0 and recs[4]["risk"] == 0.0
     assert out["ranked"] == ["in/3", "in/2", "in/1", "in/0", "in/4"]
+
+
+def test_ranking_matches_a_sort_by_risk_rate_and_score_ties_in_record_order() -> None:
+    rng = np.random.default_rng(3)
+    pool = [None, -np.inf, np.inf, np.nan, 0.5, 1.0, 2.0]
+    s = [pool[i] for i in rng.integers(0, len(pool), 300)]
+    n_err = [int(v) for v in rng.integers(0, 3, 300)]
+    recs = _records(s, n_err)
+    out = aggregate(recs, 4, 0.9)
+    finite = [v if v is not None and np.isfinite(v) else None for v in s]
+    key = [
+        (-(r["risk"] or 0.0), -n_err[i] / 4, -(finite[i] if finite[i] is not None else 1e300))
+        for i, r in enumerate(recs)
+    ]
+    assert out["ranked"] == [f"in/{i}" for i in sorted(range(300), key=key.__getitem__)[:20]]
+    assert "ranked" not in aggregate(_records(s, n_err), 4, 0.9, ranked=False)
+
+
+def test_a_set_holding_every_input_has_the_overall_figures() -> None:
+    from flowaudit.audit import _risk
+    from flowaudit.config.settings import Settings
+
+    s, n_err = [1.0, 2.0, 3.0, None, 0.5, 4.0], [0, 0, 2, 1, 4, 3]
+    settings = Settings(samples=4, temperature=0.7)
+    one = [{**r, "set": "in"} for r in _records(s, n_err)]
+    out = _risk(one, [("in", None)], settings)
+    alone = aggregate(_records(s, n_err), 4, 0.7, ranked=False)
+    assert out["by_set"]["in"] == alone and out["by_set"]["in"]["logistic"] is not out["logistic"]
+    two = [{**r, "set": "in" if i < 3 else "ood"} for i, r in enumerate(_records(s, n_err))]
+    out = _risk(two, [("in", None), ("ood", None)], settings)
+    assert out["by_set"]["ood"] == aggregate(_records(s, n_err)[3:], 4, 0.7, ranked=False)
+    overall = _records(s, n_err)
+    aggregate(overall, 4, 0.7)
+    assert [r["risk"] for r in two] == [r["risk"] for r in overall]  # each record keeps the overall fit's risk
