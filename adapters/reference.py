@@ -10,9 +10,7 @@ site and traced layer reads both. No bundled flow writes in place a tensor these
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
-import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,22 +27,6 @@ from .speedups import HookedSpeedUps
 __all__ = ["ElementwiseSite", "ReferenceAdapter", "matches", "make"]
 
 PROBE_SIZE = 8  # smallest condition side the probes draw at (NCSR's encoder needs LR ≥ 8)
-
-
-#: per model, the state its discovery pass ran in and the site names the pass called
-_DISCOVERED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, frozenset[str]]] = weakref.WeakKeyDictionary()
-_SETTINGS = (bool, int, float, str, type(None), tuple, list, dict)
-
-
-def _same_state(a: tuple[tuple, list[tuple]], b: tuple[tuple, list[tuple]]) -> bool:
-    """Two discovery states are the same: equal settings, and the very same tensors (held, so that no new tensor
-    takes a freed one's id) unchanged."""
-    return a[0] == b[0] and len(a[1]) == len(b[1]) and all(x[0] is y[0] and x[1:] == y[1:] for x, y in zip(a[1], b[1]))
-
-
-def _setting(key: str, value: Any) -> bool:
-    """Whether attribute ``key`` of a module is a plain setting that may steer its pass (not torch's own state)."""
-    return not key.startswith("_") and key != "training" and isinstance(value, _SETTINGS)
 
 
 class ElementwiseSite(Site):
@@ -143,33 +125,10 @@ class ReferenceAdapter(HookedSpeedUps, Adapter):
 
     def sites(self) -> list[Site]:
         """The elementwise modules that sampling calls: a sub-network the inverse never runs (an official
-        checkpoint's unused branch) is no part of it, so no site.
-
-        The discovery pass runs once per model state: a later adapter of the same model (every scan makes
-        one) reads it back while the model's modules, settings and weights are as they were."""
+        checkpoint's unused branch) is no part of it, so no site."""
         if self._called is None:
-            state = self._discovery_state()
-            held = _DISCOVERED.get(self.model)
-            if held is not None and _same_state(held[0], state):
-                self._called = set(held[1])
-            else:
-                self._called = self._sampling_calls()
-                _DISCOVERED[self.model] = (state, frozenset(self._called))
+            self._called = self._sampling_calls()
         return [s for s in self._sites if s.name in self._called]
-
-    def _discovery_state(self) -> tuple[tuple, list[tuple]]:
-        """What the discovery pass depends on: the probe's shape, every module with its plain settings (numbers,
-        strings, flags, containers of them), and every tensor of the model with its in-place version, storage,
-        dtype, device and shape (an optimiser step, a loaded state or a move changes one of them)."""
-        modules = tuple(
-            (name, type(m), tuple((k, repr(v)) for k, v in vars(m).items() if _setting(k, v)))
-            for name, m in self.model.named_modules()
-        )
-        tensors = [
-            (t, t._version, t.data_ptr(), t.dtype, t.device, t.shape)
-            for t in itertools.chain(self.model.parameters(), self.model.buffers())
-        ]
-        return (self.probe_shape, modules), tensors
 
     def _sampling_calls(self) -> set[str]:
         """Names of the site modules one seeded inverse pass at the model's condition shape calls (all of them
