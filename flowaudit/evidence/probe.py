@@ -171,7 +171,7 @@ def _decades(site: Any, params: list[Any], spans: list[tuple[float, int]], budge
     ladder = range(last)
     n_ladder = sum(len(values[i]) for i in ladder)
     for p in units:
-        if not _splittable(p) or len(p) < 2 or not n_ladder:
+        if not _splittable(p) or len(p) < 2 or not n_ladder or not p[0].numel():  # nothing to rank rows by
             _ladder(figures, range(len(spans)), values, site, p, errors)
             rows = len(p) if _splittable(p) else 1
             done["rows"] += rows
