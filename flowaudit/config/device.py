@@ -9,6 +9,7 @@ exit, whatever happens inside.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -33,6 +34,14 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
+def _placed(model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether every parameter and buffer of ``model`` is on ``device`` already (``model.to`` walks every module
+    even then, milliseconds a call on a large model)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return all(t.device == device for t in itertools.chain(model.parameters(), model.buffers()))
+
+
 @contextlib.contextmanager
 def auditing(adapter: Adapter, device: torch.device, threads: int | None = None) -> Iterator[None]:
     """Eval mode, no grad, TF32 off, model on ``device``, torch's CPU threads (:mod:`.threads`); all restored."""
@@ -42,11 +51,15 @@ def auditing(adapter: Adapter, device: torch.device, threads: int | None = None)
     try:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-        model.to(device).eval()
+        if not _placed(model, device):
+            model.to(device)
+        model.eval()
         with torch.no_grad(), using_threads(threads):
             yield
     finally:
-        for m, flag in was_training.items():  # per module: a sub-module kept in eval mode stays so
-            m.train(flag)
-        model.to(was_device)
+        for m, flag in was_training.items():  # per module (pre-order): a sub-module kept in eval mode stays so
+            if m.training != flag:  # a model already in eval mode costs nothing here
+                m.train(flag)
+        if not _placed(model, was_device):
+            model.to(was_device)
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
