@@ -373,6 +373,13 @@ def heapify(heap, n, score, ids):  # pragma: no cover - compiled
 
 
 @_jit
+def _copy_row(dst, src):  # pragma: no cover - compiled
+    """``dst[:] = src`` as a loop the compiler turns into vector moves (a slice assignment copies a value a time)."""
+    for j in range(len(dst)):
+        dst[j] = src[j]
+
+
+@_jit
 def _offer_half(
     new_score, params, first_row, samples, batch, k, heap, fill, score, ids, rows
 ):  # pragma: no cover - compiled
@@ -390,7 +397,7 @@ def _offer_half(
                 continue
         score[slot] = s
         ids[slot, 0], ids[slot, 1], ids[slot, 2] = row, row // samples, batch
-        rows[slot, :] = params[r, :]
+        _copy_row(rows[slot], params[r])
         took += 1
         if n < k:
             _sift_up(heap, score, ids, n)

@@ -62,35 +62,33 @@ class _Half:
     scores and row ids in numpy; the compiled :func:`~flowaudit.tracing.host_kernels.offer` adds rows to it,
     copying only the rows that enter.
 
-    The arrays hold the rows the half holds, not its capacity: a half fills its slots in order (slot = rows
-    held), so they grow (:meth:`room`, to the rows a call may bring, at least doubling, at most ``k``) with the
-    same slots, heap and rows as arrays of ``k`` slots made at once. A shard offering fewer rows than ``k`` holds
-    no memory for the rest."""
+    The arrays hold about the rows the half holds, not its capacity: a half fills its slots in order (slot = rows
+    held), so they grow (:meth:`room`: before a call that may overflow them, to four times the rows held after it,
+    at most ``k``) with the same slots, heap and rows as arrays of ``k`` slots made at once. A shard offering
+    fewer rows than ``k`` holds no memory for the rest, and few calls grow them (one where a call brings k/4)."""
 
     def __init__(self, k: int, like: Tensor, slots: int = 0):
         self.k = k
-        self.dtype = _host_dtype(like.dtype)
+        self.dtype = np.float32 if _host_dtype(like.dtype) == torch.float32 else np.float64
         self.shape = tuple(like.shape[1:])
         self.fill = np.zeros(1, dtype=np.int64)
         self._resize(min(k, slots))
 
     def _resize(self, slots: int) -> None:
         """Arrays of ``slots`` slots holding what the half holds (its slots ``0 … fill - 1``)."""
-        rows = torch.empty((slots, *self.shape), dtype=self.dtype)
-        flat = rows.numpy().reshape(slots, math.prod(self.shape))
+        flat = np.empty((slots, math.prod(self.shape)), dtype=self.dtype)
         heap, score, ids = np.empty(slots, dtype=np.int64), np.empty(slots), np.empty((slots, 3), dtype=np.int64)
         n = int(self.fill[0])
         if n:
             flat[:n], heap[:n], score[:n], ids[:n] = self.flat[:n], self.heap[:n], self.score[:n], self.ids[:n]
-        self.rows, self.flat, self.heap, self.score, self.ids = rows, flat, heap, score, ids
+        self.flat, self.heap, self.score, self.ids = flat, heap, score, ids
         self.args = (self.k, heap, self.fill, score, ids, flat)  # the compiled offer's view of it
 
     def room(self, n: int) -> bool:
-        """Slots for ``n`` more rows (min(k, held + n), grown at least twofold); whether the arrays may grow again."""
-        slots = len(self.heap)
-        need = min(self.k, int(self.fill[0]) + n)
-        if need > slots:
-            self._resize(min(self.k, max(need, 2 * slots)))
+        """Slots for ``n`` more rows (min(k, held + n); grown to four times that); whether the arrays may grow again."""
+        need = int(self.fill[0]) + n
+        if need > len(self.heap):
+            self._resize(min(self.k, 4 * need))
         return len(self.heap) < self.k
 
     @classmethod
@@ -98,11 +96,15 @@ class _Half:
         n = 0 if kept is None else len(kept[1])
         out = cls(k, like, n)
         if n:
-            out.rows[:n], out.score[:n], out.ids[:n] = kept[0], kept[1].numpy(), kept[2].numpy()
+            out.rows()[:n], out.score[:n], out.ids[:n] = kept[0], kept[1].numpy(), kept[2].numpy()
             out.heap[:n] = np.arange(n)
             out.fill[0] = n
             heapify(out.heap, n, out.score, out.ids)
         return out
+
+    def rows(self) -> Tensor:
+        """The slots' rows as a tensor of the row shape (the arrays' memory)."""
+        return torch.from_numpy(self.flat).view(len(self.flat), *self.shape)
 
     def nbytes(self) -> int:
         """Bytes of the half's arrays."""
@@ -113,8 +115,8 @@ class _Half:
         :meth:`ParamReservoir._flush`), others copied to what they hold (a saved view would save the rest too)."""
         n = int(self.fill[0])
         if n == len(self.heap):
-            return self.rows, torch.from_numpy(self.score), torch.from_numpy(self.ids)
-        return self.rows[:n].clone(), torch.from_numpy(self.score[:n].copy()), torch.from_numpy(self.ids[:n].copy())
+            return self.rows(), torch.from_numpy(self.score), torch.from_numpy(self.ids)
+        return self.rows()[:n].clone(), torch.from_numpy(self.score[:n].copy()), torch.from_numpy(self.ids[:n].copy())
 
 
 class ParamReservoir:
