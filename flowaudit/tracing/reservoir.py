@@ -49,12 +49,10 @@ def uniform_keys(row: Tensor, salt: int) -> Tensor:
     return shr(z, 11).to(torch.float64) * 2.0**-53
 
 
-def _host_dtype(dtype: torch.dtype) -> torch.dtype:
+def _host_dtype(dtype: np.dtype) -> type:
     """The dtype a CPU half keeps rows of ``dtype`` in: float32 and float64 as they are, the narrower floats
     widened to float32 and anything else to float64 (exactly either way; the compiled loop copies these two)."""
-    if dtype in (torch.float32, torch.float64):
-        return dtype
-    return torch.float32 if dtype.is_floating_point and dtype.itemsize < 4 else torch.float64
+    return np.float32 if dtype.kind == "f" and dtype.itemsize <= 4 else np.float64
 
 
 class _Half:
@@ -63,14 +61,13 @@ class _Half:
     copying only the rows that enter.
 
     The arrays hold about the rows the half holds, not its capacity: a half fills its slots in order (slot = rows
-    held), so they grow (:meth:`room`: before a call that may overflow them, to four times the rows held after it,
-    at most ``k``) with the same slots, heap and rows as arrays of ``k`` slots made at once. A shard offering
-    fewer rows than ``k`` holds no memory for the rest, and few calls grow them (one where a call brings k/4)."""
+    held), so they grow (:meth:`room`, before a call that may overflow them: to the rows held after it the first
+    time, four times that later, at most ``k``) with the same slots, heap and rows as arrays of ``k`` slots made
+    at once. A shard offering fewer rows than ``k`` holds no memory for the rest (none spare after one call), and
+    few calls grow them."""
 
-    def __init__(self, k: int, like: Tensor, slots: int = 0):
-        self.k = k
-        self.dtype = np.float32 if _host_dtype(like.dtype) == torch.float32 else np.float64
-        self.shape = tuple(like.shape[1:])
+    def __init__(self, k: int, shape: tuple[int, ...], dtype: type, slots: int = 0):
+        self.k, self.shape, self.dtype = k, shape, dtype
         self.fill = np.zeros(1, dtype=np.int64)
         self._resize(min(k, slots))
 
@@ -85,16 +82,17 @@ class _Half:
         self.args = (self.k, heap, self.fill, score, ids, flat)  # the compiled offer's view of it
 
     def room(self, n: int) -> bool:
-        """Slots for ``n`` more rows (min(k, held + n); grown to four times that); whether the arrays may grow again."""
-        need = int(self.fill[0]) + n
-        if need > len(self.heap):
-            self._resize(min(self.k, 4 * need))
+        """Slots for ``n`` more rows (min(k, held + n): that many the first time, four times as many later);
+        whether the arrays may grow again."""
+        need, slots = int(self.fill[0]) + n, len(self.heap)
+        if need > slots:
+            self._resize(min(self.k, 4 * need if slots else need))
         return len(self.heap) < self.k
 
     @classmethod
-    def of(cls, kept: tuple[Tensor, Tensor, Tensor] | None, k: int, like: Tensor) -> "_Half":
+    def of(cls, kept: tuple[Tensor, Tensor, Tensor] | None, k: int, shape: tuple[int, ...], dtype: type) -> "_Half":
         n = 0 if kept is None else len(kept[1])
-        out = cls(k, like, n)
+        out = cls(k, shape, dtype, n)
         if n:
             out.rows()[:n], out.score[:n], out.ids[:n] = kept[0], kept[1].numpy(), kept[2].numpy()
             out.heap[:n] = np.arange(n)
@@ -309,11 +307,10 @@ class ParamReservoir:
 
     def _start_host(self, rows: np.ndarray) -> None:
         """The CPU's halves, holding what the reservoir kept so far (rows of the kept shape, else of ``rows``')."""
-        like = torch.from_numpy(rows[:1])
-        shape = self._row_shape() or tuple(like.shape[1:])
-        like = like.new_empty((1, *shape))
-        k_top, k_rand = self.capacity(like.numel())
-        self._host = top, rand = _Half.of(self._top, k_top, like), _Half.of(self._rand, k_rand, like)
+        shape = self._row_shape() or tuple(rows.shape[1:])
+        dtype = _host_dtype(rows.dtype)
+        k_top, k_rand = self.capacity(math.prod(shape))
+        self._host = top, rand = _Half.of(self._top, k_top, shape, dtype), _Half.of(self._rand, k_rand, shape, dtype)
         self._shape, self._dtype = shape, top.flat.dtype
         self._whole = shape if self.tiling is None else None
         self._args, self._growing = top.args + rand.args, True
