@@ -241,7 +241,8 @@ class ParamReservoir:
             if self._cut(tuple(rows.shape[1:])) is not None:
                 t = self.tiling
                 row_gain, samples = t.scores(gain, row_gain, n).numpy(), max(samples, 1) * t.per_row
-                if self._host is not None and self._offer_windows(rows, row_gain, first_input * samples, samples, batch):
+                first = first_input * samples
+                if self._host is not None and self._offer_windows(rows, row_gain, first, samples, batch):
                     self.rows_seen += n
                     return
                 rows = t.cut(torch.from_numpy(rows)).numpy()
