@@ -373,18 +373,10 @@ def heapify(heap, n, score, ids):  # pragma: no cover - compiled
 
 
 @_jit
-def _copy_row(dst, src):  # pragma: no cover - compiled
-    """``dst[:] = src`` as a loop the compiler turns into vector moves (a slice assignment copies a value a time)."""
-    for j in range(len(dst)):
-        dst[j] = src[j]
-
-
-@_jit
 def _offer_half(
-    new_score, params, first_row, samples, batch, k, heap, fill, score, ids, rows
+    new_score, params, first_row, samples, batch, heap, fill, score, ids, rows
 ):  # pragma: no cover - compiled
-    """Offer rows to one half of capacity ``k``, its arrays holding at least min(k, fill + rows offered) slots."""
-    n, took = fill[0], 0
+    k, n, took = len(heap), fill[0], 0
     for r in range(len(new_score)):
         row = first_row + r
         s = new_score[r]
@@ -397,7 +389,7 @@ def _offer_half(
                 continue
         score[slot] = s
         ids[slot, 0], ids[slot, 1], ids[slot, 2] = row, row // samples, batch
-        _copy_row(rows[slot], params[r])
+        rows[slot, :] = params[r, :]
         took += 1
         if n < k:
             _sift_up(heap, score, ids, n)
@@ -417,13 +409,11 @@ def offer(
     batch,
     mix,
     keys,
-    t_k,
     t_heap,
     t_fill,
     t_score,
     t_ids,
     t_rows,
-    r_k,
     r_heap,
     r_fill,
     r_score,
@@ -431,10 +421,9 @@ def offer(
     r_rows,
 ):  # pragma: no cover - compiled
     """Offer one call's rows (``params`` (rows, m), global ids ``first_row …`` of pass ``batch``) to
-    both halves (capacity ``k``; arrays with room for min(k, fill + rows) slots, grown by the caller): by
-    ``row_gain`` to the first, by minus their uniform keys (into ``keys``) to the second. Returns how many
-    rows entered either."""
+    both halves: by ``row_gain`` to the first, by minus their uniform keys (into ``keys``) to the
+    second. Returns how many rows entered either."""
     for r in range(len(keys)):
         keys[r] = -split_mix(mix, first_row + r)
-    took = _offer_half(row_gain, params, first_row, samples, batch, t_k, t_heap, t_fill, t_score, t_ids, t_rows)
-    return took + _offer_half(keys, params, first_row, samples, batch, r_k, r_heap, r_fill, r_score, r_ids, r_rows)
+    took = _offer_half(row_gain, params, first_row, samples, batch, t_heap, t_fill, t_score, t_ids, t_rows)
+    return took + _offer_half(keys, params, first_row, samples, batch, r_heap, r_fill, r_score, r_ids, r_rows)

@@ -19,8 +19,6 @@ image size. Rows that fit are kept whole, as above.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import Tensor
@@ -49,72 +47,47 @@ def uniform_keys(row: Tensor, salt: int) -> Tensor:
     return shr(z, 11).to(torch.float64) * 2.0**-53
 
 
-def _host_dtype(dtype: np.dtype) -> type:
+def _host_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a CPU half keeps rows of ``dtype`` in: float32 and float64 as they are, the narrower floats
     widened to float32 and anything else to float64 (exactly either way; the compiled loop copies these two)."""
-    return np.float32 if dtype.kind == "f" and dtype.itemsize <= 4 else np.float64
+    if dtype in (torch.float32, torch.float64):
+        return dtype
+    return torch.float32 if dtype.is_floating_point and dtype.itemsize < 4 else torch.float64
 
 
 class _Half:
-    """One half of a reservoir on the CPU: up to ``k`` rows, a binary heap of their slots worst first, their
-    scores and row ids in numpy; the compiled :func:`~flowaudit.tracing.host_kernels.offer` adds rows to it,
-    copying only the rows that enter.
+    """One half of a reservoir on the CPU: up to ``k`` rows in a buffer allocated once, a binary heap
+    of their slots worst first, their scores and row ids in numpy; the compiled
+    :func:`~flowaudit.tracing.host_kernels.offer` adds rows to it, copying only the rows that enter."""
 
-    The arrays hold about the rows the half holds, not its capacity: a half fills its slots in order (slot = rows
-    held), so they grow (:meth:`room`, before a call that may overflow them: to the rows held after it the first
-    time, four times that later, at most ``k``) with the same slots, heap and rows as arrays of ``k`` slots made
-    at once. A shard offering fewer rows than ``k`` holds no memory for the rest (none spare after one call), and
-    few calls grow them."""
-
-    def __init__(self, k: int, shape: tuple[int, ...], dtype: type, slots: int = 0):
-        self.k, self.shape, self.dtype = k, shape, dtype
+    def __init__(self, k: int, like: Tensor):
+        self.k = k
+        dtype = _host_dtype(like.dtype)
+        self.rows = torch.empty((k, *like.shape[1:]), dtype=dtype)
+        self.flat = self.rows.numpy().reshape(k, self.rows[0].numel())  # the same memory, a row a line
+        self.heap = np.zeros(k, dtype=np.int64)
         self.fill = np.zeros(1, dtype=np.int64)
-        self._resize(min(k, slots))
-
-    def _resize(self, slots: int) -> None:
-        """Arrays of ``slots`` slots holding what the half holds (its slots ``0 … fill - 1``)."""
-        flat = np.empty((slots, math.prod(self.shape)), dtype=self.dtype)
-        heap, score, ids = np.empty(slots, dtype=np.int64), np.empty(slots), np.empty((slots, 3), dtype=np.int64)
-        n = int(self.fill[0])
-        if n:
-            flat[:n], heap[:n], score[:n], ids[:n] = self.flat[:n], self.heap[:n], self.score[:n], self.ids[:n]
-        self.flat, self.heap, self.score, self.ids = flat, heap, score, ids
-        self.args = (self.k, heap, self.fill, score, ids, flat)  # the compiled offer's view of it
-
-    def room(self, n: int) -> bool:
-        """Slots for ``n`` more rows (min(k, held + n): that many the first time, four times as many later);
-        whether the arrays may grow again."""
-        need, slots = int(self.fill[0]) + n, len(self.heap)
-        if need > slots:
-            self._resize(min(self.k, 4 * need if slots else need))
-        return len(self.heap) < self.k
+        self.score = np.empty(k)
+        self.ids = np.empty((k, 3), dtype=np.int64)
 
     @classmethod
-    def of(cls, kept: tuple[Tensor, Tensor, Tensor] | None, k: int, shape: tuple[int, ...], dtype: type) -> "_Half":
-        n = 0 if kept is None else len(kept[1])
-        out = cls(k, shape, dtype, n)
-        if n:
-            out.rows()[:n], out.score[:n], out.ids[:n] = kept[0], kept[1].numpy(), kept[2].numpy()
+    def of(cls, kept: tuple[Tensor, Tensor, Tensor] | None, k: int, like: Tensor) -> "_Half":
+        out = cls(k, like)
+        if kept is not None and len(kept[1]):
+            n = len(kept[1])
+            out.rows[:n], out.score[:n], out.ids[:n] = kept[0], kept[1].numpy(), kept[2].numpy()
             out.heap[:n] = np.arange(n)
             out.fill[0] = n
             heapify(out.heap, n, out.score, out.ids)
         return out
 
-    def rows(self) -> Tensor:
-        """The slots' rows as a tensor of the row shape (the arrays' memory)."""
-        return torch.from_numpy(self.flat).view(len(self.flat), *self.shape)
-
-    def nbytes(self) -> int:
-        """Bytes of the half's arrays."""
-        return self.flat.nbytes + self.heap.nbytes + self.score.nbytes + self.ids.nbytes + self.fill.nbytes
-
     def as_tuple(self) -> tuple[Tensor, Tensor, Tensor]:
-        """The kept rows, scores and ids; arrays with no free slot are handed over (the half is dropped once read:
-        :meth:`ParamReservoir._flush`), others copied to what they hold (a saved view would save the rest too)."""
+        """The kept rows, scores and ids; a full half hands over its memory (it is dropped once read:
+        :meth:`ParamReservoir._flush`), one with free slots copies what it holds (a saved view would save them too)."""
         n = int(self.fill[0])
-        if n == len(self.heap):
-            return self.rows(), torch.from_numpy(self.score), torch.from_numpy(self.ids)
-        return self.rows()[:n].clone(), torch.from_numpy(self.score[:n].copy()), torch.from_numpy(self.ids[:n].copy())
+        if n == self.k:
+            return self.rows, torch.from_numpy(self.score), torch.from_numpy(self.ids)
+        return self.rows[:n].clone(), torch.from_numpy(self.score[:n].copy()), torch.from_numpy(self.ids[:n].copy())
 
 
 class ParamReservoir:
@@ -140,11 +113,7 @@ class ParamReservoir:
         self._rand: tuple[Tensor, Tensor, Tensor] | None = None  # rows, key, ids
         self._next_id: int | None = 0  # every kept row id is below it (None: unknown)
         self._host: tuple[_Half, _Half] | None = None  # the CPU's halves (:meth:`_flush` turns them into _top, _rand)
-        self._shape: tuple[int, ...] | None = None  # with the halves: the shape of the rows they hold
-        self._whole: tuple[int, ...] | None = None  # with the halves, rows kept whole: the shape offered as is
-        self._dtype: np.dtype | None = None  # with the halves: the dtype they hold rows in
-        self._args: tuple = ()  # with the halves: both halves' arrays for the compiled offer
-        self._growing = False  # with the halves: whether a half's arrays may still grow (:meth:`_Half.room`)
+        self._offer_args: tuple = ()  # with the halves: their row shape, dtype and arrays (:meth:`_start_host`)
         self._mix = salt_mix(salt)
         self._keys = np.empty(0)  # scratch: the random half's scores of a call's rows
 
@@ -235,45 +204,33 @@ class ParamReservoir:
         n = len(rows)
         if not n:
             return
-        if rows.shape[1:] != self._whole:  # not whole rows of the shape the halves hold (or no halves yet)
-            if self._wrong_shape(rows.shape[1:], n):
+        if self._wrong_shape(rows.shape[1:], n):
+            return
+        if self._cut(tuple(rows.shape[1:])) is not None:
+            t = self.tiling
+            row_gain, samples = t.scores(gain, row_gain, n).numpy(), max(samples, 1) * t.per_row
+            if self._host is not None and self._offer_windows(rows, row_gain, first_input * samples, samples, batch):
+                self.rows_seen += n
                 return
-            if self._cut(tuple(rows.shape[1:])) is not None:
-                t = self.tiling
-                row_gain, samples = t.scores(gain, row_gain, n).numpy(), max(samples, 1) * t.per_row
-                first = first_input * samples
-                if self._host is not None and self._offer_windows(rows, row_gain, first, samples, batch):
-                    self.rows_seen += n
-                    return
-                rows = t.cut(torch.from_numpy(rows)).numpy()
-            if self._host is None:
-                self._start_host(rows)
+            rows = t.cut(torch.from_numpy(rows)).numpy()
+        if self._host is None:
+            self._start_host(rows)
+        _, dtype, arrays = self._offer_args
         self.rows_seen += n
         n = len(rows)
-        if self._growing:
-            self._room(n)
-        if len(self._keys) != n:
+        if len(self._keys) < n:
             self._keys = np.empty(n)
         samples = max(samples, 1)
-        if rows.dtype != self._dtype:
-            rows = rows.astype(self._dtype)  # widened exactly where narrow
         offer(
             row_gain if len(row_gain) == n else np.zeros(n),
-            rows.reshape(n, -1),  # a view where contiguous
+            rows.astype(dtype, copy=False).reshape(n, -1),  # a view where contiguous, widened exactly where narrow
             first_input * samples,
             samples,
             batch,
             self._mix,
-            self._keys,
-            *self._args,
+            self._keys[:n],
+            *arrays,
         )
-
-    def _room(self, n: int) -> None:
-        """Slots in both halves for ``n`` more rows (:meth:`_Half.room`)."""
-        top, rand = self._host
-        grows = top.room(n)
-        grows = rand.room(n) or grows
-        self._args, self._growing = top.args + rand.args, grows
 
     def _offer_windows(self, rows: np.ndarray, scores: np.ndarray, first: int, samples: int, batch: int) -> bool:
         """Offer only the windows of ``rows`` (unit ids ``first …``) that can enter a full half, each cut alone;
@@ -282,12 +239,12 @@ class ParamReservoir:
         A window enters a half only if it ranks above the half's worst kept unit, and that bar only rises while
         a call is offered, so the windows that rank below it at the start are the ones the loop would pass over.
         """
+        _, dtype, arrays = self._offer_args
         units = np.arange(first, first + len(scores), dtype=np.int64)
         keys = -uniform_keys(torch.from_numpy(units), self.salt).numpy()
         enter = np.zeros(len(units), dtype=bool)
-        for score, half in zip((scores, keys), self._host):
-            heap, fill, kept, ids = half.heap, half.fill, half.score, half.ids
-            if fill[0] < half.k:
+        for score, (heap, fill, kept, ids) in ((scores, arrays[0:4]), (keys, arrays[5:9])):
+            if fill[0] < len(heap):
                 return False
             worst = heap[0]
             enter |= (score > kept[worst]) | ((score == kept[worst]) & (units < ids[worst, 0]))
@@ -296,25 +253,27 @@ class ParamReservoir:
             return False
         t = self.tiling
         (h, w), nx = t.tile, len(t.starts[1])
-        if len(self._keys) != 1:
+        if not len(self._keys):
             self._keys = np.empty(1)
-        dtype = self._dtype
         for u in at:
             r, k = divmod(int(u), t.per_row)
             y, x = t.starts[0][k // nx], t.starts[1][k % nx]
             window = np.ascontiguousarray(rows[r, ..., y : y + h, x : x + w], dtype=dtype).reshape(1, -1)
-            offer(scores[u : u + 1], window, first + int(u), samples, batch, self._mix, self._keys, *self._args)
+            offer(scores[u : u + 1], window, first + int(u), samples, batch, self._mix, self._keys[:1], *arrays)
         return True
 
     def _start_host(self, rows: np.ndarray) -> None:
         """The CPU's halves, holding what the reservoir kept so far (rows of the kept shape, else of ``rows``')."""
-        shape = self._row_shape() or tuple(rows.shape[1:])
-        dtype = _host_dtype(rows.dtype)
-        k_top, k_rand = self.capacity(math.prod(shape))
-        self._host = top, rand = _Half.of(self._top, k_top, shape, dtype), _Half.of(self._rand, k_rand, shape, dtype)
-        self._shape, self._dtype = shape, top.flat.dtype
-        self._whole = shape if self.tiling is None else None
-        self._args, self._growing = top.args + rand.args, True
+        like = torch.from_numpy(rows[:1])
+        shape = self._row_shape() or tuple(like.shape[1:])
+        like = like.new_empty((1, *shape))
+        k_top, k_rand = self.capacity(like.numel())
+        self._host = top, rand = _Half.of(self._top, k_top, like), _Half.of(self._rand, k_rand, like)
+        self._offer_args = (
+            shape,
+            top.flat.dtype,
+            (top.heap, top.fill, top.score, top.ids, top.flat, rand.heap, rand.fill, rand.score, rand.ids, rand.flat),
+        )
         self._top = self._rand = None
         self._next_id = None  # stored in slots, not in sorted order: a device path after this sorts by id
 
@@ -341,15 +300,14 @@ class ParamReservoir:
 
     def _row_shape(self) -> tuple[int, ...] | None:
         if self._host is not None:
-            return self._shape
+            return self._offer_args[0]
         return None if self._top is None else tuple(self._top[0].shape[1:])
 
     def _flush(self) -> None:
         """Turn the CPU's halves into the (rows, score, ids) form every other method reads."""
         if self._host is not None:
             self._top, self._rand = (h.as_tuple() for h in self._host)
-            self._host = self._whole = None
-            self._args = ()
+            self._host = None
 
     def _add_device(
         self, rows: Tensor, row_gain: Tensor, first_input: int, samples: int, batch: int, seen: int | None = None
