@@ -310,4 +310,3 @@ def test_a_bundled_flows_site_that_sampling_never_calls_is_no_site():
     flow = Spare()
     assert [s.name for s in adapt(flow).sites()] == ["site"]
     assert flow.training  # the pass that finds the calls leaves the model's mode as it was
-
