@@ -330,6 +330,6 @@ def test_inspecting_an_official_checkpoint_imports_no_compiler_stack_and_no_scik
         "flowaudit.inspect(a, samples=2, device='cpu', progress=False)\n"
         "print(sorted(m for m in ('sympy', 'torch._dynamo', 'sklearn', 'scipy.stats') if m in sys.modules))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[-2] == "[]"
