@@ -272,3 +272,21 @@ def test_reservoir_line_writes_counts_whole():
     line = reservoir_line({"sites": [site(20000, 2000, 2000), site(20000, 1990, 1990)]})
     assert line.endswith("kept 20,000 sample rows from 1,990–2,000 inputs in 1,990–2,000 inverse passes")
     assert reservoir_line({"sites": [{"remark2": {}}]}) is None
+
+
+def test_reservoir_line_says_how_many_rows_the_whole_ladder_probed():
+    """Where the probe screened rows and laddered only the extreme ones, the summary says so, with the counts."""
+    from flowaudit.render.text import reservoir_line
+
+    def site(rows, screened, ladder):
+        kept = {"budget": 65536, "rows": rows, "inputs": 1000, "batches": 1}
+        return {
+            "remark2": {"probe": {"reservoir": kept, "rows": rows, "rows_screened": screened, "rows_ladder": ladder}}
+        }
+
+    line = reservoir_line({"sites": [site(4000, 4000, 75), site(3000, 3000, 80), site(10, 0, 10)]})
+    assert line.endswith(
+        "; 2 site(s) screened every kept row at the farthest |x| and probed the whole |x| range under 75–80 of "
+        "3,000–4,000 rows, the ones the screen ranks most extreme"
+    )
+    assert "screened" not in reservoir_line({"sites": [site(10, 0, 10)]})

@@ -142,20 +142,24 @@ def certificate_line(model: dict) -> str | None:
 
 def reservoir_line(model: dict) -> str | None:
     """What the tail probe's parameter reservoir held."""
-    res = [
-        s["remark2"]["probe"].get("reservoir")
-        for s in model.get("sites", [])
-        if isinstance(s["remark2"].get("probe"), dict)
-    ]
-    res = [r for r in res if r]
+    probes = [s["remark2"]["probe"] for s in model.get("sites", []) if isinstance(s["remark2"].get("probe"), dict)]
+    res = [r for r in (p.get("reservoir") for p in probes) if r]
     if not res:
         return None
+    screened = [p for p in probes if p.get("rows_screened")]
+    ladder = (
+        f"; {len(screened)} site(s) screened every kept row at the farthest |x| and probed the whole |x| range under "
+        f"{_span([p['rows_ladder'] for p in screened], _whole)} of {_span([p['rows'] for p in screened], _whole)} "
+        "rows, the ones the screen ranks most extreme"
+        if screened
+        else ""
+    )
     return (
         f"Tail probe: reservoir of {res[0]['budget']:,} parameter numbers per site "
         "(half by largest gain, half at random); "
         f"kept {_span([r['rows'] for r in res], _whole)} sample rows "
         f"from {_span([r['inputs'] for r in res], _whole)} inputs "
-        f"in {_span([r['batches'] for r in res], _whole)} inverse passes"
+        f"in {_span([r['batches'] for r in res], _whole)} inverse passes{ladder}"
     )
 
 
