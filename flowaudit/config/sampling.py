@@ -43,13 +43,11 @@ class Sampling:
     def latents(self, adapter: Adapter, y: Tensor, set_index: int, first: int, device: torch.device) -> list[Tensor]:
         """K latents for each row of ``y`` (inputs ``first``, ``first + 1``, …), input-major, on ``device``."""
         g = torch.Generator()
-        draw, tau = adapter.sample_latents, self.temperature
-        first_seed = self.seed_of(set_index, first)
         # input j's rows are a view of the input-major layout (the same values as its own repeat), one split for all
         per_input = []
         for j, rows in enumerate(self.repeat(y.cpu()).split(self.samples)):
-            g.manual_seed((first_seed + j) % 2**64)  # seed_of(set_index, first + j)
-            per_input.append(draw(rows, tau, g))
+            g.manual_seed(self.seed_of(set_index, first + j))
+            per_input.append(adapter.sample_latents(rows, self.temperature, g))
         return [torch.cat(parts).to(device) for parts in zip(*per_input)]
 
     def repeat(self, y: Tensor) -> Tensor:
