@@ -290,3 +290,48 @@ def test_reservoir_line_says_how_many_rows_the_whole_ladder_probed():
         "3,000–4,000 rows, the ones the screen ranks most extreme"
     )
     assert "screened" not in reservoir_line({"sites": [site(10, 0, 10)]})
+
+
+def test_vector_sweep_in_one_pass_keeps_what_decade_passes_keep_and_falls_back_on_a_refusal(monkeypatch):
+    """Vector conditions go through every decade in one inverse pass: the same gain extremes and counts as one
+    pass a decade (to float32 rounding). A model that refuses the far decades makes the sweep go decade by
+    decade, keeping the nearer decades and naming the refusal."""
+    from flowaudit.adapters import load_model
+    from flowaudit.evidence import sweep as sw
+
+    adapter = load_model("toy-affine")
+    sample, calls = type(adapter).sample, []
+
+    def counted(self, y, latents, observer=None):
+        calls.append(len(y))
+        return sample(self, y, latents, observer)
+
+    monkeypatch.setattr(type(adapter), "sample", counted)
+    one = sw.sweep(adapter)
+    assert calls == [5 * sw.N_BASE * sw.SAMPLES]  # every decade in one call
+    monkeypatch.setattr(sw, "_one_pass", lambda *a: None)  # as after a refusal of the one pass
+    by_decade = sw.sweep(adapter)
+    assert calls[1:] == [sw.N_BASE * sw.SAMPLES] * 5
+    monkeypatch.undo()
+    assert one["error"] is None and by_decade["error"] is None
+    assert one["max_gain"].keys() == by_decade["max_gain"].keys()
+    for name, g in one["max_gain"].items():
+        assert g == pytest.approx(by_decade["max_gain"][name], rel=1e-5)
+    assert (
+        one["nonfinite_gain"] == by_decade["nonfinite_gain"] and one["nonfinite_layer"] == by_decade["nonfinite_layer"]
+    )
+    assert {k: sum(len(p) for p in v) for k, v in one["params"].items()} == {
+        k: sum(len(p) for p in v) for k, v in by_decade["params"].items()
+    }
+
+    def refuse_far(self, y, latents, observer=None):
+        if float(y.abs().max()) > 50:
+            raise ValueError("condition out of range")
+        return sample(self, y, latents, observer)
+
+    monkeypatch.setattr(type(adapter), "sample", refuse_far)
+    out = sw.sweep(adapter)
+    assert out["error"] == "ValueError: condition out of range"
+    assert {k: sum(len(p) for p in v) for k, v in out["params"].items()} == {
+        k: 2 * n // 5 for k, n in ((k, sum(len(p) for p in v)) for k, v in one["params"].items())
+    }  # the first two of five decades (1 and 10) kept

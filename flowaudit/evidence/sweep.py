@@ -76,7 +76,6 @@ def sweep(
     image = len(adapter.condition_shape) == 3
     n_base = n_base or (N_BASE // 2 if image else N_BASE)
     samples = samples or (1 if image else SAMPLES)
-    keeper = _Keeper()
     scales = [10.0**k for k in range(decades)]
     y0 = _bases(adapter, n_base, seed)
     ys = [(y0 * s).repeat_interleave(samples, 0) for s in scales]
@@ -85,8 +84,10 @@ def sweep(
         return adapter.sample_latents(ys[k], temperature, torch.Generator().manual_seed(seed + k))
 
     with torch.no_grad():
-        one = not image and _one_pass(adapter, ys, latents, keeper)
-        error = None if one else _by_decade(adapter, ys, latents, keeper)
+        keeper, error = (None if image else _one_pass(adapter, ys, latents)), None
+        if keeper is None:
+            keeper = _Keeper()
+            error = _by_decade(adapter, ys, latents, keeper)
     return {
         "scales": scales,
         "n_conditions": n_base,
@@ -99,19 +100,18 @@ def sweep(
     }
 
 
-def _one_pass(adapter: Any, ys: list[Tensor], latents: Callable[[int], list[Tensor]], keeper: _Keeper) -> bool:
+def _one_pass(adapter: Any, ys: list[Tensor], latents: Callable[[int], list[Tensor]]) -> _Keeper | None:
     """Every decade in one inverse pass (vector conditions: rows are independent, a row's sample is the same
-    in any batch): one call's fixed cost instead of :data:`DECADES`. ``False``, with nothing kept, when the
-    model raises — the sweep then goes decade by decade, to keep what the nearer decades give."""
+    in any batch): one call's fixed cost instead of :data:`DECADES`. What it kept; ``None`` when the model
+    raises — the sweep then goes decade by decade, to keep what the nearer decades give."""
     dev = adapter.device
-    trial = _Keeper()
+    keeper = _Keeper()
     try:
         z = [torch.cat(parts).to(dev) for parts in zip(*(latents(k) for k in range(len(ys))))]
-        adapter.sample(torch.cat(ys).to(dev), z, trial)
+        adapter.sample(torch.cat(ys).to(dev), z, keeper)
     except Exception:  # noqa: BLE001 - the model's own failure at far conditions: retried decade by decade
-        return False
-    keeper.__dict__.update(trial.__dict__)
-    return True
+        return None
+    return keeper
 
 
 def _by_decade(adapter: Any, ys: list[Tensor], latents: Callable[[int], list[Tensor]], keeper: _Keeper) -> str | None:
