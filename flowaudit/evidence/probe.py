@@ -171,23 +171,18 @@ def _decades(site: Any, params: list[Any], spans: list[tuple[float, int]], budge
     ladder = range(last)
     n_ladder = sum(len(values[i]) for i in ladder)
     for p in units:
-        if not _splittable(p) or len(p) < 2 or not n_ladder or not p[0].numel():  # nothing to rank rows by
-            _ladder(figures, range(len(spans)), values, site, p, errors)
-            rows = len(p) if _splittable(p) else 1
-            done["rows"] += rows
-            done["rows_ladder"] += rows
-            done["cost"] += sum(len(v) for v in values) * _numel(p)
-            continue
-        n, m = len(p), int(p[0].numel())
+        rankable = _splittable(p) and len(p) >= 2 and n_ladder and p[0].numel()
+        n, m = (len(p), int(p[0].numel())) if rankable else (len(p) if _splittable(p) else 1, 0)
+        fits = max(LADDER_MIN_ROWS, share // (n_ladder * m)) if rankable else n
         done["rows"] += n
-        if n <= max(LADDER_MIN_ROWS, share // (n_ladder * m)):  # every row gets the ladder: no screen to rank
+        if n <= fits:  # every row gets the ladder: nothing to rank them by, or no screen needed
             _ladder(figures, range(len(spans)), values, site, p, errors)
             done["rows_ladder"] += n
-            done["cost"] += sum(len(v) for v in values) * n * m
+            done["cost"] += sum(len(v) for v in values) * _numel(p)
             continue
         order = _screen(figures, last, values[last], site, p, errors)
         done["cost"] += len(values[last]) * n * m
-        take = n if order is None else min(n, max(LADDER_MIN_ROWS, share // (n_ladder * m)))
+        take = n if order is None else min(n, fits)
         if order is not None:
             done["rows_screened"] += n
         rows = p if take == n else p.index_select(0, order[:take].to(p.device))
@@ -381,9 +376,6 @@ def measured_evidence(
             "n_points": sum(r["n"] for r in rows),
             "nonfinite_param_rows": dropped,
             "budget": budget,
-            "rows": done["rows"] if done else 0,
-            "rows_screened": done["rows_screened"] if done else 0,
-            "rows_ladder": done["rows_ladder"] if done else 0,
-            "cost": done["cost"] if done else 0,
+            **(done or dict.fromkeys(("rows", "rows_screened", "rows_ladder", "cost"), 0)),
         },
     }
