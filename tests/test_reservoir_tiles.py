@@ -61,6 +61,7 @@ def test_windows_are_the_rows_positions_and_fit_the_budget():
         for y in t.starts[0]:
             for x in t.starts[1]:
                 assert torch.equal(cut[k], rows[r, :, y : y + h, x : x + w])
+                assert torch.equal(t.window(rows, k), cut[k]) and (t.window(rows.numpy(), k) == cut[k].numpy()).all()
                 covered[y : y + h, x : x + w] = True
                 k += 1
     assert bool(covered.all())  # every position of a row lies in some window

@@ -251,14 +251,10 @@ class ParamReservoir:
         at = np.flatnonzero(enter)
         if 4 * len(at) > len(units):
             return False
-        t = self.tiling
-        (h, w), nx = t.tile, len(t.starts[1])
         if not len(self._keys):
             self._keys = np.empty(1)
         for u in at:
-            r, k = divmod(int(u), t.per_row)
-            y, x = t.starts[0][k // nx], t.starts[1][k % nx]
-            window = np.ascontiguousarray(rows[r, ..., y : y + h, x : x + w], dtype=dtype).reshape(1, -1)
+            window = np.ascontiguousarray(self.tiling.window(rows, int(u)), dtype=dtype).reshape(1, -1)
             offer(scores[u : u + 1], window, first + int(u), samples, batch, self._mix, self._keys[:1], *arrays)
         return True
 
@@ -408,15 +404,9 @@ class ParamReservoir:
         ids = kept[1].cpu() if kept is not None else torch.zeros(0, 3, dtype=torch.long)
         by_gain = self._top[2][:, 0].cpu() if self._top is not None else torch.zeros(0, dtype=torch.long)
         t = self.tiling
-        if t is not None:
 
-            def rows_of(unit):
-                return int((unit // t.per_row).unique().numel())
-
-        else:
-
-            def rows_of(unit):
-                return int(len(unit))
+        def rows_of(unit: Tensor) -> int:  # the sample rows kept units come from
+            return int(len(unit)) if t is None else int((unit // t.per_row).unique().numel())
 
         extra = {} if t is None else {"tiles": {"shape": list(t.tile), "per_row": t.per_row, "kept": int(len(ids))}}
         return {

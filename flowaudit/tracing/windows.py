@@ -72,6 +72,13 @@ class Tiling:
         a = a.reshape(n, *lead, ny, h, nx, w).permute(0, k + 1, k + 3, *range(1, k + 1), k + 2, k + 4)
         return a.reshape(n * ny * nx, *lead, h, w)
 
+    def window(self, a: np.ndarray | Tensor, u: int) -> np.ndarray | Tensor:
+        """Window ``u`` of rows ``a`` (n, *row), in :meth:`cut`'s order (row ``u // per_row``): a view, (*unit)."""
+        (h, w), nx = self.tile, len(self.starts[1])
+        r, t = divmod(u, self.per_row)
+        y, x = self.starts[0][t // nx], self.starts[1][t % nx]
+        return a[r, ..., y : y + h, x : x + w]
+
     def scores(self, gain: Tensor | np.ndarray | None, row_gain: Tensor | np.ndarray, n: int) -> Tensor:
         """Each window's largest inverse gain (NaN counts as +inf, as in a row's), float64, (n·T,).
 
