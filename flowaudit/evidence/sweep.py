@@ -9,8 +9,9 @@ every site reports: its parameters (for the tail probe), its largest finite inve
 count of non-finite gains, and every layer's count of non-finite values — in order to say where a
 non-finite value first appears (:func:`nonfinite_origins`).
 
-Vector conditions go through in one inverse pass (a row's sample does not depend on its batch), images
-decade by decade (their batch is the memory).
+Vector conditions go through in one inverse pass (rows are independent: a row's sample is its own up to the
+float32 rounding of kernels whose blocking follows the batch), images decade by decade (their batch is the
+memory).
 A model that raises on such conditions is not an error of the audit: the sweep then says so and
 carries no evidence.
 """
@@ -102,8 +103,8 @@ def sweep(
 
 def _one_pass(adapter: Any, ys: list[Tensor], latents: Callable[[int], list[Tensor]]) -> _Keeper | None:
     """Every decade in one inverse pass (vector conditions: rows are independent, a row's sample is the same
-    in any batch): one call's fixed cost instead of :data:`DECADES`. What it kept; ``None`` when the model
-    raises — the sweep then goes decade by decade, to keep what the nearer decades give."""
+    in any batch up to float32 rounding): one call's fixed cost instead of :data:`DECADES`. What it kept;
+    ``None`` when the model raises — the sweep then goes decade by decade, to keep what the nearer decades give."""
     dev = adapter.device
     keeper = _Keeper()
     try:
