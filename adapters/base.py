@@ -6,7 +6,8 @@ elementwise *sites*, latents at temperature τ, the inverse pass ``x = f⁻¹(z;
 end) are optional and live apart, in :mod:`.speedups`.
 
 While sampling the engine hands the adapter an :class:`Observer`; the adapter reports every layer's
-output and every site's inverse gain to it, removes whatever it installed and restores ``training``.
+output and every site's inverse gain to it (or its log, :func:`report_log_gain`), removes whatever it installed
+and restores ``training``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 __all__ = [
     "Observer",
     "keeps_graph",
+    "report_log_gain",
     "Site",
     "UnknownSite",
     "PriorSite",
@@ -56,6 +58,17 @@ class Observer(Protocol):
 def keeps_graph(observer: Observer | None) -> bool:
     """Whether ``observer`` asks for gains still attached to the autograd graph."""
     return bool(getattr(observer, "keep_graph", False))
+
+
+def report_log_gain(observer: Observer, name: str, log_gain: Tensor, params: Any) -> None:
+    """Report a site's inverse gain given its log ``ln(1/c')`` (the log-determinant terms a model has already):
+    to the observer's ``site_log`` where it has one (the tracer, which bins logs as they are, sparing an ``exp``
+    over the call), else its ``exp`` to ``site``."""
+    site_log = getattr(observer, "site_log", None)
+    if site_log is None:
+        observer.site(name, log_gain.exp(), params)
+    else:
+        site_log(name, log_gain, params)
 
 
 # -- probe helpers --------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..reference_models import ReferenceFlow
 from ..reference_models.couplings import Elementwise
-from .base import Adapter, Observer, Site, keeps_graph
+from .base import Adapter, Observer, Site, keeps_graph, report_log_gain
 from .bounds import LayerBound, reference_layers
 from .hooks import HeldReports, first_tensor, wrapped
 from .speedups import HookedSpeedUps
@@ -183,7 +183,7 @@ class ReferenceAdapter(HookedSpeedUps, Adapter):
         later = HeldReports() if self.tensors_stay_intact and not keep else None
 
         def report_site(name, ladj, h):  # exp(ladj): the inverse gain at the visited point
-            observer.site(name, ladj.exp(), h)
+            report_log_gain(observer, name, ladj, h)
 
         def report_layer(name, x, _):
             observer.layer(name, x)

@@ -64,6 +64,9 @@ class Nothing:
     def site(self, name: str, gain: torch.Tensor, params: object) -> None:
         pass
 
+    def site_log(self, name: str, log_gain: torch.Tensor, params: object) -> None:
+        pass
+
 
 def shard_rounds(
     model,

@@ -44,6 +44,13 @@ class Kernels:
         ] = {}  # per-input counts and extremes, by inputs a call
 
     def site(self, name: str, gain: torch.Tensor, params: object) -> None:
+        self._count(name, gain, False)
+
+    def site_log(self, name: str, log_gain: torch.Tensor, params: object) -> None:
+        """The tracer's loop given log-gains, as the bundled flows report them."""
+        self._count(name, log_gain, True)
+
+    def _count(self, name: str, gain: torch.Tensor, log: bool) -> None:
         g = gain.reshape(-1).numpy()
         rows, w = gain.shape[0], self.work
         n = rows // self.samples
@@ -56,9 +63,12 @@ class Kernels:
             )
         site_counts(
             g.view(np.int32),
+            g,
+            log,
             self.samples,
             w.table,
             w.first_bits,
+            w.log_first,
             self.every[name],
             self.ext[name],
             *self.inputs[n],
@@ -68,6 +78,7 @@ class Kernels:
             w.first,
             w.conv,
             w.convf,
+            w.gains(g.size // rows),
         )
 
     def layer(self, name: str, x: torch.Tensor) -> None:

@@ -10,6 +10,10 @@ Because :math:`i` is non-decreasing in a float32's bits, :class:`GainBins` finds
 65 536-entry table of the top 16 bits and three integer operations — the same bin, bit for bit, as the float64
 ``log10`` at a fraction of its cost. :math:`g \le 0` goes to index 0, bins to 1…B, +inf to B + 1 (callers map NaN
 to +inf). The table's construction: ``docs/tracer.md``.
+
+A model that has :math:`\ell = \ln g` (its log-determinant terms) need not form :math:`g`: ℓ ↦ float32(e^ℓ) ↦ index
+is non-decreasing in ℓ, so :func:`log_first_keys` gives, per index, the smallest ℓ there as an order key
+(:func:`order_keys`), and ℓ's index is the number of those at or below its key.
 """
 
 from __future__ import annotations
@@ -18,7 +22,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["GAIN_EDGES", "INPUT_EDGES", "bin_index", "GainBins", "histogram_quantile", "histogram_quantiles"]
+__all__ = [
+    "GAIN_EDGES",
+    "INPUT_EDGES",
+    "bin_index",
+    "GainBins",
+    "order_keys",
+    "log_first_keys",
+    "histogram_quantile",
+    "histogram_quantiles",
+]
 
 # log10(1/c') from 1e-4 to 1e8 in 0.025 decades (6 % steps); values beyond land in the end bins
 GAIN_EDGES = np.round(np.arange(-4.0, 8.0 + 1e-9, 0.025), 10)
@@ -92,6 +105,44 @@ class GainBins:
         ``bits`` are the gains as int32, ``hi`` their top 16 bits.
         """
         return torch.index_select(self.table, 0, hi, out=out).add_(bits).bitwise_right_shift_(16)
+
+
+def order_keys(bits: Tensor) -> Tensor:
+    """Float32 bits (int32 or int64) as keys that sort like the values: a negative value's lower 31 bits flipped.
+
+    The map is its own inverse; −0.0 sits just below +0.0 and NaNs beyond ±inf.
+    """
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _log_index(keys: Tensor, edges: np.ndarray) -> Tensor:
+    """Index (as :meth:`GainBins.index`) of the gain float32(e^ℓ) of each log-gain ℓ given by its order key."""
+    ell = order_keys(keys).to(torch.int32).view(torch.float32)
+    g = torch.exp(ell.double()).float()  # e^ℓ rounded once to float32 (from float64, the correctly rounded value)
+    inside = 1 + bin_index(g.clamp_min(np.finfo(np.float32).tiny / 2**23), edges)
+    return torch.where(g <= 0, 0, torch.where(torch.isinf(g), len(edges), inside))
+
+
+def log_first_keys(edges: np.ndarray) -> np.ndarray:
+    """Per index 0…B + 1 of :meth:`GainBins.index`, the smallest order key of a float32 ℓ whose gain
+    float32(e^ℓ) lies at that index or above (bisection over the keys of −inf … +inf; index 0's entry is the
+    smallest int32). NaN keys lie outside −inf … +inf, so they count at 0 or B + 1: the caller maps them."""
+    key = _LOG_KEYS.get((len(edges), float(edges[0]), float(edges[1])))
+    if key is not None:
+        return key
+    want = torch.arange(1, len(edges) + 1, dtype=torch.int64)
+    ends = order_keys(torch.tensor([0xFF800000 - 2**32, _INF_BITS], dtype=torch.int64))  # −inf, +inf
+    lo, hi = torch.full_like(want, int(ends[0])), torch.full_like(want, int(ends[1]))
+    while bool((lo < hi).any()):
+        mid = torch.div(lo + hi, 2, rounding_mode="floor")
+        above = _log_index(mid, edges) >= want
+        hi, lo = torch.where(above, mid, hi), torch.where(above, lo, mid + 1)
+    key = np.concatenate([[-(2**31)], lo.numpy()]).astype(np.int32)
+    _LOG_KEYS[(len(edges), float(edges[0]), float(edges[1]))] = key
+    return key
+
+
+_LOG_KEYS: dict[tuple, np.ndarray] = {}
 
 
 def histogram_quantile(counts: np.ndarray, log_edges: np.ndarray, q: float) -> float:

@@ -6,6 +6,8 @@ loops give the same figures as the device path:
 
 * :func:`site_counts` — a site call's gains binned (the bit table of
   :class:`~flowaudit.tracing.binning.GainBins`) and counted per site and per input, with every row's extremes;
+  given log-gains :math:`\ell = \ln g`, from their order keys (:func:`~flowaudit.tracing.binning.log_first_keys`),
+  with no :math:`e^\ell` but a row's extremes and the rare row whose gains are not all finite and positive;
 * :func:`layer_sums` — per input, the count of finite values, :math:`\sum v`, :math:`\sum v^2` (float64) and
   :math:`\max |v|`, in chunks of 4096 read in memory order, so an input's sums are the same bits in any batch;
 * :func:`offer` — a call's parameter rows offered to the two heaps of a reservoir, copying only those that enter.
@@ -15,6 +17,8 @@ The loops are compiled once and cached beside this file (or in numba's user cach
 """
 
 from __future__ import annotations
+
+import math
 
 import numba
 import numpy as np
@@ -45,6 +49,9 @@ _CHUNK = 4096
 # a row spanning at most this many bins is counted by compares (_count_narrow), a wider one by a table and a scatter
 _NARROW = 24
 _GOLDEN = 0x9E3779B97F4A7C15
+# a log-gain's bin estimated from its value, off by at most one: ℓ / (ln 10 · Δ) − e₀ / Δ
+_PER_LN = 1.0 / (math.log(10.0) * float(GAIN_EDGES[1] - GAIN_EDGES[0]))
+_BIN_AT_1 = -float(GAIN_EDGES[0]) / float(GAIN_EDGES[1] - GAIN_EDGES[0])
 
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 
@@ -132,6 +139,57 @@ def _same(bits, a, b, n):  # pragma: no cover - compiled
 
 
 @_jit
+def _keys(bits, keys):  # pragma: no cover - compiled
+    """A row's order keys into ``keys`` (binning.order_keys) and their largest and smallest."""
+    top, low = np.int32(-(2**31)), np.int32(2**31 - 1)
+    for j in range(len(bits)):
+        b = bits[j]
+        o = np.int32(b ^ ((b >> 31) & 0x7FFFFFFF))
+        keys[j] = o
+        top, low = max(top, o), min(low, o)
+    return top, low
+
+
+@_jit
+def _key_index(first, o):  # pragma: no cover - compiled
+    """The index of the log-gain with order key ``o``: the last entry of ``first`` (log_first_keys) at or below it."""
+    lo, hi = 0, len(first) - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if first[mid] <= o:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@_jit
+def _bins_log(keys, ell, first, idx):  # pragma: no cover - compiled
+    """Bin indices of one row of log-gains whose gains are all finite and positive, in place of their keys:
+    the estimate from the value, corrected by the two edges around it (the estimate is off by at most one)."""
+    for j in range(len(keys)):
+        c = min(max(np.int64(np.float64(ell[j]) * _PER_LN + _BIN_AT_1), 0), NB - 1) + 1
+        o = keys[j]
+        idx[j] = c + (1 if o >= first[c + 1] else 0) - (1 if o < first[c] else 0)
+
+
+@_jit
+def _gain_bits(key, conv, convf):  # pragma: no cover - compiled
+    """The float32 bits of the gain e^ℓ of the log-gain with order key ``key`` (rounded once, from float64)."""
+    conv[0] = key ^ ((key >> 31) & 0x7FFFFFFF)
+    convf[0] = np.float32(math.exp(np.float64(convf[0])))
+    return conv[0]
+
+
+@_jit
+def _exp_bits(ell, out):  # pragma: no cover - compiled
+    """The float32 bits of the gains e^ℓ of a row into ``out``, element by element (a row not all finite)."""
+    g = out.view(np.float32)
+    for j in range(len(ell)):
+        g[j] = np.float32(math.exp(np.float64(ell[j])))
+
+
+@_jit
 def _junk_row(bits, kmin, tmax):  # pragma: no cover - compiled
     """A row's figures where not every gain is finite and positive: the NaNs with the sign bit set, the site's
     smallest order key and largest finite positive bits so far, and the row's largest and smallest gain as
@@ -153,17 +211,36 @@ def _junk_row(bits, kmin, tmax):  # pragma: no cover - compiled
 
 @_jit
 def site_counts(
-    bits, k, table, thr, every, ext, in_counts, in_max, in_min, row_max, hist, idx, first_counts, conv, convf
+    bits,
+    ell,
+    log,
+    k,
+    table,
+    thr,
+    log_thr,
+    every,
+    ext,
+    in_counts,
+    in_max,
+    in_min,
+    row_max,
+    hist,
+    idx,
+    first_counts,
+    conv,
+    convf,
+    gains,
 ):  # pragma: no cover - compiled
     """Bin and count one call's gains (how: docs/tracer.md).
 
     ``bits``: the gains' float32 bits, flat, as int32, ``len(row_max)`` rows of
-    which ``k`` an input; ``table`` and ``thr``: :class:`~flowaudit.tracing.binning.GainBins`' table and first
-    bits of each index. Adds to ``every``
+    which ``k`` an input; with ``log``, those of the log-gains ℓ = ln g, and ``ell`` the same memory as float32.
+    ``table`` and ``thr``: :class:`~flowaudit.tracing.binning.GainBins`' table and first
+    bits of each index; ``log_thr``: :func:`~flowaudit.tracing.binning.log_first_keys`. Adds to ``every``
     (B + 2) and ``in_counts`` (inputs, NI + 2), takes the extremes into ``ext`` ([smallest order
     key, largest finite positive bits], int64), ``in_max`` and ``in_min`` (inputs), writes
-    ``row_max``. Scratch: ``hist`` (4, B + 2; zeros, left zeros), ``idx`` (a row), ``first_counts`` (B + 2), ``conv`` /
-    ``convf`` (two int32 and their float32 view).
+    ``row_max``. Scratch: ``hist`` (4, B + 2; zeros, left zeros), ``idx`` and ``gains`` (int32, a row each),
+    ``first_counts`` (B + 2), ``conv`` / ``convf`` (two int32 and their float32 view).
 
     An input whose rows repeat its first row bit for bit (a site whose parameters come from the
     condition alone, the same for its K samples: SRFlow's affine injector) counts them as the first
@@ -187,18 +264,34 @@ def site_counts(
                 row_max[r] = row_max[first]
                 continue
             row = bits[r * per : (r + 1) * per]
-            top, low = _extremes(row)
-            lo, hi = (
-                _index(table, low),
-                _index(table, top),
-            )  # the index is non-decreasing in the int32 bits: the row's lie in lo … hi
+            counted = False
+            if log:  # the same counts from the keys of ℓ where every gain is finite and positive
+                ktop, klow = _keys(row, idx)
+                lo, hi = _key_index(log_thr, klow), _key_index(log_thr, ktop)
+                counted = lo >= 1 and hi <= NB
+                if counted:
+                    if hi - lo <= _NARROW:
+                        _count_narrow(idx[:per], log_thr, lo, hi, hist)
+                    else:
+                        _bins_log(idx[:per], ell[r * per : (r + 1) * per], log_thr, idx)
+                        _count(idx, per, hist)
+                    top, low, plain = _gain_bits(ktop, conv, convf), _gain_bits(klow, conv, convf), True
+                else:  # not all finite and positive (rare): the gains' bits, for the definition below
+                    _exp_bits(ell[r * per : (r + 1) * per], gains)
+                    row = gains[:per]
+            if not counted:
+                top, low = _extremes(row)
+                lo, hi = (
+                    _index(table, low),
+                    _index(table, top),
+                )  # the index is non-decreasing in the int32 bits: the row's lie in lo … hi
+                plain = low > 0 and top < _INF_BITS  # every gain finite and positive: their bits order like the values
+                if plain and hi - lo <= _NARROW:
+                    _count_narrow(row, thr, lo, hi, hist)
+                else:
+                    _bins(row, table, idx)
+                    _count(idx, per, hist)
             cmin, cmax = min(cmin, lo), max(cmax, hi)
-            plain = low > 0 and top < _INF_BITS  # every gain finite and positive: their bits order like the values
-            if plain and hi - lo <= _NARROW:
-                _count_narrow(row, thr, lo, hi, hist)
-            else:
-                _bins(row, table, idx)
-                _count(idx, per, hist)
             if plain:
                 conv[0], conv[1] = top, low
                 rmax, rmin = np.float64(convf[0]), np.float64(convf[1])

@@ -197,10 +197,12 @@ class ParamReservoir:
         samples: int,
         batch: int,
         gain: np.ndarray | None = None,
+        log: bool = False,
     ) -> None:
         """:meth:`add` on the CPU, the rows as numpy (:func:`~flowaudit.tracing.host_kernels.host_array`) and their
         gains as float64: offered by the compiled loop (:func:`~flowaudit.tracing.host_kernels.offer`), which copies
-        only the rows that enter. Rows kept as windows are cut first (one copy of the call's rows)."""
+        only the rows that enter. Rows kept as windows are cut first (one copy of the call's rows); ``gain``,
+        which scores the windows, holds log-gains with ``log``."""
         n = len(rows)
         if not n:
             return
@@ -208,6 +210,8 @@ class ParamReservoir:
             return
         if self._cut(tuple(rows.shape[1:])) is not None:
             t = self.tiling
+            if log and gain is not None:
+                gain = torch.from_numpy(gain).exp()
             row_gain, samples = t.scores(gain, row_gain, n).numpy(), max(samples, 1) * t.per_row
             if self._host is not None and self._offer_windows(rows, row_gain, first_input * samples, samples, batch):
                 self.rows_seen += n

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..config.sampling import Sampling
-from .binning import GAIN_EDGES, INPUT_EDGES, GainBins, histogram_quantiles
+from .binning import GAIN_EDGES, INPUT_EDGES, GainBins, histogram_quantiles, log_first_keys
 from .gains import GainStats, settle_inputs, summarize
 from .host_kernels import NB, NI, host_array, layer_sums, memory_rows, site_counts
 from .layer_stats import LayerStats, layer_device
@@ -62,16 +62,24 @@ class _HostScratch:
     def __init__(self) -> None:
         bins = GainBins(GAIN_EDGES, torch.device("cpu"))  # built once a process
         self.table, self.first_bits = bins.table.numpy(), bins.first_bits
+        self.log_first = log_first_keys(GAIN_EDGES)
         self.hist = np.zeros((4, NB + 2), dtype=np.int32)  # an input's counts (the compiled loop leaves it zeros)
         self.first = np.zeros(NB + 2, dtype=np.int64)  # an input's first row's counts, when its rows repeat it
         self.conv = np.zeros(2, dtype=np.int32)
         self.convf = self.conv.view(np.float32)
         self._idx = np.empty(0, dtype=np.int32)
+        self._gains = np.empty(0, dtype=np.int32)
 
     def idx(self, n: int) -> np.ndarray:
         if len(self._idx) < n:
             self._idx = np.empty(n, dtype=np.int32)
         return self._idx
+
+    def gains(self, n: int) -> np.ndarray:
+        """A row's gains as float32 bits, where a row of log-gains is not all finite."""
+        if len(self._gains) < n:
+            self._gains = np.empty(n, dtype=np.int32)
+        return self._gains
 
 
 class Tracer:
@@ -171,9 +179,22 @@ class Tracer:
             )
         self._add_inputs(self._batch, p.input_max, p.input_min, p.input_counts)
 
-    def _site_host(self, name: str, g: np.ndarray, rows: np.ndarray | None) -> None:
+    def site_log(self, name: str, log_gain: Tensor, params: Any) -> None:
+        """:meth:`site` given the log inverse gain ``ln(1/c')`` (a model's log-determinant terms). On the CPU its
+        float32 values are binned as they are (the same bins: :func:`~flowaudit.tracing.binning.log_first_keys`),
+        so no ``exp`` runs over the call; elsewhere its ``exp`` goes to :meth:`site`."""
+        ell = host_array(log_gain)
+        if ell is not None and ell.dtype == np.float32 and ell.size:
+            rows = host_array(params) if isinstance(params, Tensor) else None
+            if rows is not None or not isinstance(params, Tensor):
+                self._site_host(name, ell, rows if _param_rows(rows) else None, log=True)
+                return
+        self.site(name, log_gain.exp(), params)
+
+    def _site_host(self, name: str, g: np.ndarray, rows: np.ndarray | None, log: bool = False) -> None:
         """A CPU call: binned and counted by the compiled loop (:func:`~flowaudit.tracing.host_kernels.site_counts`),
-        its rows offered to the reservoir by another (:meth:`ParamReservoir.add_host`)."""
+        its rows offered to the reservoir by another (:meth:`ParamReservoir.add_host`). With ``log``, ``g`` holds
+        the log-gains."""
         plan = self._plans.get(name)
         if plan is None or plan[0] != g.shape:
             plan = self._plans[name] = self._plan(name, g.shape)
@@ -187,12 +208,23 @@ class Tracer:
         ):  # the pass's first call, or other inputs
             mine = self._start_pass_host(inputs)
         h = self._host
-        site_counts(flat.view(np.int32), k, h.table, h.first_bits, *self._gains[name].host_arrays(), *mine, *scratch)
+        site_counts(
+            flat.view(np.int32),
+            flat,
+            log,
+            k,
+            h.table,
+            h.first_bits,
+            h.log_first,
+            *self._gains[name].host_arrays(),
+            *mine,
+            *scratch,
+        )
         if mine is not self._pass_host:  # figures of its own, folded in
             self._add_inputs(self._batch, mine[1], mine[2], torch.from_numpy(mine[0]))
         if rows is not None:
             self._reservoir(name).add_host(
-                rows, scratch[0], self._inputs_seen, self.sampling.samples, self._batches_seen, gain=g
+                rows, scratch[0], self._inputs_seen, self.sampling.samples, self._batches_seen, gain=g, log=log
             )
 
     def _plan(self, name: str, shape: tuple[int, ...]) -> tuple:
@@ -202,7 +234,8 @@ class Tracer:
         k = _rows_per_input(shape, self.sampling.samples)
         self._gains.setdefault(name, GainStats())
         h = self._host
-        return shape, k, r // k, (np.empty(r), h.hist, h.idx(math.prod(shape) // r), h.first, h.conv, h.convf)
+        per = math.prod(shape) // r
+        return shape, k, r // k, (np.empty(r), h.hist, h.idx(per), h.first, h.conv, h.convf, h.gains(per))
 
     def _start_pass_host(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per-input coarse counts and extremes of ``n`` inputs for the compiled loop to add to: the pass's own
