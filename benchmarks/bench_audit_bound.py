@@ -78,7 +78,6 @@ class Kernels:
             w.first,
             w.conv,
             w.convf,
-            w.gains(g.size // rows),
         )
 
     def layer(self, name: str, x: torch.Tensor) -> None:

@@ -7,7 +7,7 @@ loops give the same figures as the device path:
 * :func:`site_counts` — a site call's gains binned (the bit table of
   :class:`~flowaudit.tracing.binning.GainBins`) and counted per site and per input, with every row's extremes;
   given log-gains :math:`\ell = \ln g`, from their order keys (:func:`~flowaudit.tracing.binning.log_first_keys`),
-  with no :math:`e^\ell` but a row's extremes and the rare row whose gains are not all finite and positive;
+  with no :math:`e^\ell` but a row's two extremes;
 * :func:`layer_sums` — per input, the count of finite values, :math:`\sum v`, :math:`\sum v^2` (float64) and
   :math:`\max |v|`, in chunks of 4096 read in memory order, so an input's sums are the same bits in any batch;
 * :func:`offer` — a call's parameter rows offered to the two heaps of a reservoir, copying only those that enter.
@@ -182,11 +182,30 @@ def _gain_bits(key, conv, convf):  # pragma: no cover - compiled
 
 
 @_jit
-def _exp_bits(ell, out):  # pragma: no cover - compiled
-    """The float32 bits of the gains e^ℓ of a row into ``out``, element by element (a row not all finite)."""
-    g = out.view(np.float32)
-    for j in range(len(ell)):
-        g[j] = np.float32(math.exp(np.float64(ell[j])))
+def _junk_log(bits, ell, first, idx):  # pragma: no cover - compiled
+    """Bin indices of a row of log-gains whose gains are not all finite and positive, value by value from
+    their keys (NaN at B + 1, e^ℓ = 0 at 0, +inf at B + 1), and the row's figures: its lowest and highest
+    index, the largest and smallest key of the gains in a bin, how many are, and how many are NaN."""
+    lo, hi, n, nan = NB + 1, 0, 0, 0
+    ktop, klow = np.int32(-(2**31)), np.int32(2**31 - 1)
+    for j in range(len(bits)):
+        b = bits[j]
+        o = np.int32(b ^ ((b >> 31) & 0x7FFFFFFF))
+        if (b & 0x7FFFFFFF) > _INF_BITS:
+            c = NB + 1
+            nan += 1
+        elif o < first[1]:
+            c = 0
+        elif o >= first[NB + 1]:
+            c = NB + 1
+        else:
+            c = min(max(np.int64(np.float64(ell[j]) * _PER_LN + _BIN_AT_1), 0), NB - 1) + 1
+            c += (1 if o >= first[c + 1] else 0) - (1 if o < first[c] else 0)
+            ktop, klow = max(ktop, o), min(klow, o)
+            n += 1
+        idx[j] = c
+        lo, hi = min(lo, c), max(hi, c)
+    return lo, hi, ktop, klow, n, nan
 
 
 @_jit
@@ -229,7 +248,6 @@ def site_counts(
     first_counts,
     conv,
     convf,
-    gains,
 ):  # pragma: no cover - compiled
     """Bin and count one call's gains (how: docs/tracer.md).
 
@@ -239,8 +257,8 @@ def site_counts(
     bits of each index; ``log_thr``: :func:`~flowaudit.tracing.binning.log_first_keys`. Adds to ``every``
     (B + 2) and ``in_counts`` (inputs, NI + 2), takes the extremes into ``ext`` ([smallest order
     key, largest finite positive bits], int64), ``in_max`` and ``in_min`` (inputs), writes
-    ``row_max``. Scratch: ``hist`` (4, B + 2; zeros, left zeros), ``idx`` and ``gains`` (int32, a row each),
-    ``first_counts`` (B + 2), ``conv`` / ``convf`` (two int32 and their float32 view).
+    ``row_max``. Scratch: ``hist`` (4, B + 2; zeros, left zeros), ``idx`` (a row), ``first_counts`` (B + 2), ``conv`` /
+    ``convf`` (two int32 and their float32 view).
 
     An input whose rows repeat its first row bit for bit (a site whose parameters come from the
     condition alone, the same for its K samples: SRFlow's affine injector) counts them as the first
@@ -264,22 +282,23 @@ def site_counts(
                 row_max[r] = row_max[first]
                 continue
             row = bits[r * per : (r + 1) * per]
-            counted = False
-            if log:  # the same counts from the keys of ℓ where every gain is finite and positive
+            junk, n_in, n_nan = False, 0, 0  # a row of log-gains not all finite and positive: counted below
+            if log:  # the gains' counts and figures from the keys of ℓ; only extremes are raised to gains
                 ktop, klow = _keys(row, idx)
                 lo, hi = _key_index(log_thr, klow), _key_index(log_thr, ktop)
-                counted = lo >= 1 and hi <= NB
-                if counted:
-                    if hi - lo <= _NARROW:
-                        _count_narrow(idx[:per], log_thr, lo, hi, hist)
-                    else:
-                        _bins_log(idx[:per], ell[r * per : (r + 1) * per], log_thr, idx)
-                        _count(idx, per, hist)
-                    top, low, plain = _gain_bits(ktop, conv, convf), _gain_bits(klow, conv, convf), True
-                else:  # not all finite and positive (rare): the gains' bits, for the definition below
-                    _exp_bits(ell[r * per : (r + 1) * per], gains)
-                    row = gains[:per]
-            if not counted:
+                plain = lo >= 1 and hi <= NB
+                if plain and hi - lo <= _NARROW:
+                    _count_narrow(idx[:per], log_thr, lo, hi, hist)
+                elif plain:
+                    _bins_log(idx[:per], ell[r * per : (r + 1) * per], log_thr, idx)
+                    _count(idx, per, hist)
+                else:
+                    lo, hi, ktop, klow, n_in, n_nan = _junk_log(row, ell[r * per : (r + 1) * per], log_thr, idx)
+                    _count(idx, per, hist)
+                    junk = True
+                top = _gain_bits(ktop, conv, convf) if plain or n_in else np.int32(0)
+                low = _gain_bits(klow, conv, convf) if plain or n_in else np.int32(0)
+            else:
                 top, low = _extremes(row)
                 lo, hi = (
                     _index(table, low),
@@ -292,7 +311,14 @@ def site_counts(
                     _bins(row, table, idx)
                     _count(idx, per, hist)
             cmin, cmax = min(cmin, lo), max(cmax, hi)
-            if plain:
+            if junk:  # +inf or NaN: as bad as it gets; the smallest gain is 0 if one is, none if all are NaN
+                conv[0], conv[1] = top, low
+                if n_in:
+                    kmin = min(kmin, np.int64(np.int32(low - 1)) ^ _SIGN)
+                    tmax = max(tmax, np.int64(top))
+                rmax = np.inf if hi == NB + 1 else (np.float64(convf[0]) if n_in else 0.0)
+                rmin = np.inf if n_nan == per else (0.0 if lo == 0 else (np.float64(convf[1]) if n_in else np.inf))
+            elif plain:
                 conv[0], conv[1] = top, low
                 rmax, rmin = np.float64(convf[0]), np.float64(convf[1])
                 kmin = min(kmin, np.int64(np.int32(low - 1)) ^ _SIGN)

@@ -68,18 +68,11 @@ class _HostScratch:
         self.conv = np.zeros(2, dtype=np.int32)
         self.convf = self.conv.view(np.float32)
         self._idx = np.empty(0, dtype=np.int32)
-        self._gains = np.empty(0, dtype=np.int32)
 
     def idx(self, n: int) -> np.ndarray:
         if len(self._idx) < n:
             self._idx = np.empty(n, dtype=np.int32)
         return self._idx
-
-    def gains(self, n: int) -> np.ndarray:
-        """A row's gains as float32 bits, where a row of log-gains is not all finite."""
-        if len(self._gains) < n:
-            self._gains = np.empty(n, dtype=np.int32)
-        return self._gains
 
 
 class Tracer:
@@ -234,8 +227,7 @@ class Tracer:
         k = _rows_per_input(shape, self.sampling.samples)
         self._gains.setdefault(name, GainStats())
         h = self._host
-        per = math.prod(shape) // r
-        return shape, k, r // k, (np.empty(r), h.hist, h.idx(per), h.first, h.conv, h.convf, h.gains(per))
+        return shape, k, r // k, (np.empty(r), h.hist, h.idx(math.prod(shape) // r), h.first, h.conv, h.convf)
 
     def _start_pass_host(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per-input coarse counts and extremes of ``n`` inputs for the compiled loop to add to: the pass's own
