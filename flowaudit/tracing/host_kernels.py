@@ -139,12 +139,25 @@ def _same(bits, a, b, n):  # pragma: no cover - compiled
 
 
 @_jit
+def _order_key(b):  # pragma: no cover - compiled
+    """The order key of float32 bits ``b`` (binning.order_keys): a negative value's lower 31 bits flipped."""
+    return np.int32(b ^ ((b >> 31) & 0x7FFFFFFF))
+
+
+@_jit
+def _log_bin(ell, o, first):  # pragma: no cover - compiled
+    """The index of a log-gain ``ell`` (key ``o``) whose gain is finite and positive: the estimate from its value
+    (off by at most one), corrected by the first keys of its index and the next."""
+    c = min(max(np.int64(np.float64(ell) * _PER_LN + _BIN_AT_1), 0), NB - 1) + 1
+    return c + (1 if o >= first[c + 1] else 0) - (1 if o < first[c] else 0)
+
+
+@_jit
 def _keys(bits, keys):  # pragma: no cover - compiled
     """A row's order keys into ``keys`` (binning.order_keys) and their largest and smallest."""
     top, low = np.int32(-(2**31)), np.int32(2**31 - 1)
     for j in range(len(bits)):
-        b = bits[j]
-        o = np.int32(b ^ ((b >> 31) & 0x7FFFFFFF))
+        o = _order_key(bits[j])
         keys[j] = o
         top, low = max(top, o), min(low, o)
     return top, low
@@ -168,15 +181,13 @@ def _bins_log(keys, ell, first, idx):  # pragma: no cover - compiled
     """Bin indices of one row of log-gains whose gains are all finite and positive, in place of their keys:
     the estimate from the value, corrected by the two edges around it (the estimate is off by at most one)."""
     for j in range(len(keys)):
-        c = min(max(np.int64(np.float64(ell[j]) * _PER_LN + _BIN_AT_1), 0), NB - 1) + 1
-        o = keys[j]
-        idx[j] = c + (1 if o >= first[c + 1] else 0) - (1 if o < first[c] else 0)
+        idx[j] = _log_bin(ell[j], keys[j], first)
 
 
 @_jit
 def _gain_bits(key, conv, convf):  # pragma: no cover - compiled
     """The float32 bits of the gain e^ℓ of the log-gain with order key ``key`` (rounded once, from float64)."""
-    conv[0] = key ^ ((key >> 31) & 0x7FFFFFFF)
+    conv[0] = _order_key(key)
     convf[0] = np.float32(math.exp(np.float64(convf[0])))
     return conv[0]
 
@@ -190,7 +201,7 @@ def _junk_log(bits, ell, first, idx):  # pragma: no cover - compiled
     ktop, klow = np.int32(-(2**31)), np.int32(2**31 - 1)
     for j in range(len(bits)):
         b = bits[j]
-        o = np.int32(b ^ ((b >> 31) & 0x7FFFFFFF))
+        o = _order_key(b)
         if (b & 0x7FFFFFFF) > _INF_BITS:
             c = NB + 1
             nan += 1
@@ -199,8 +210,7 @@ def _junk_log(bits, ell, first, idx):  # pragma: no cover - compiled
         elif o >= first[NB + 1]:
             c = NB + 1
         else:
-            c = min(max(np.int64(np.float64(ell[j]) * _PER_LN + _BIN_AT_1), 0), NB - 1) + 1
-            c += (1 if o >= first[c + 1] else 0) - (1 if o < first[c] else 0)
+            c = _log_bin(ell[j], o, first)
             ktop, klow = max(ktop, o), min(klow, o)
             n += 1
         idx[j] = c
@@ -222,7 +232,7 @@ def _junk_row(bits, kmin, tmax):  # pragma: no cover - compiled
         neg_nan += 1 if nan and b < 0 else 0
         k32 = min(k32, np.int32(b - 1) ^ np.int32(-(2**31)))  # (b − 1) ⊕ 2^31, in int32
         t32 = max(t32, b if b < _INF_BITS else np.int32(0))
-        o = b ^ ((b >> 31) & 0x7FFFFFFF)
+        o = _order_key(b)
         omax = max(omax, np.int32(_INF_BITS) if nan else o)
         omin = min(omin, np.int32(2**31 - 1) if nan else o)
     return neg_nan, min(kmin, np.int64(k32)), max(tmax, np.int64(t32)), omax, omin
@@ -329,7 +339,7 @@ def site_counts(
                     hist[0, 0] -= neg_nan
                     hist[0, NB + 1] += neg_nan
                     cmax = NB + 1
-                conv[0], conv[1] = omax ^ ((omax >> 31) & 0x7FFFFFFF), omin ^ ((omin >> 31) & 0x7FFFFFFF)
+                conv[0], conv[1] = _order_key(omax), _order_key(omin)  # the map is its own inverse
                 rmax = (
                     np.inf if top >= _INF_BITS or neg_nan else np.float64(convf[0])
                 )  # +inf or NaN in the row: as bad as it gets
