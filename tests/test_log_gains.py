@@ -5,6 +5,7 @@
 * a tracer fed ℓ (``site_log``) keeps exactly the counts, extremes, kept rows and per-input figures of a tracer
   fed the gains, for narrow and wide rows, repeated rows, ℓ on the bin edges, and ±inf, NaN of either sign,
   overflow to +inf and underflow to 0 and to denormals;
+* the windows kept of spatial rows too large for the budget are scored by the gains, not by their logs;
 * an observer without ``site_log`` is given the gains.
 """
 
@@ -84,6 +85,28 @@ def test_log_gains_give_the_figures_of_their_gains():
             assert torch.equal(u, v)
     assert logs.input_gain == gains.input_gain
     assert int(logs.gains["s3"].state()["ext"][1]) == 3 * (6 + 50)  # ±inf, NaNs, 0 and a row of NaN, a round each
+
+
+def test_log_gains_score_the_windows_of_spatial_rows_by_their_gains():
+    """Rows too large for the budget are kept as windows scored by their positions' gains: the same windows,
+    and the same largest kept gain, whether the site reports gains or their logs."""
+    g = torch.Generator().manual_seed(3)
+    calls = [(torch.randn(8, 3, 12, 12, generator=g) * 3, torch.randn(8, 6, 12, 12, generator=g)) for _ in range(3)]
+    tracers = []
+    for log in (True, False):
+        tracer = Tracer(Sampling(4, 0.9, 0), param_budget=600, spatial={"s"})
+        for ell, p in calls:
+            if log:
+                tracer.site_log("s", ell, p)
+            else:
+                tracer.site("s", torch.exp(ell.double()).float(), p)
+            tracer.end_batch(2)
+        tracers.append(tracer)
+    logs, gains = tracers
+    assert logs.reservoirs["s"].tiling is not None
+    for u, v in zip(logs.reservoirs["s"].kept(), gains.reservoirs["s"].kept()):
+        assert torch.equal(u, v)
+    assert logs.reservoir_info("s") == gains.reservoir_info("s")
 
 
 def test_log_gain_counts_are_the_definitions_bins():
