@@ -18,12 +18,17 @@ Each arm runs in a fresh process, so its peak is its own (``ru_maxrss``; on CUDA
    The scan also counts its ``adapter.sample`` calls by (samples, condition side): the passes it runs at the
    data's size beside its own one per input.
 
+With ``--side-by-side`` the official arm runs beside fit and scan, each on its own ``--threads`` cores: the
+sizes of the goal take hours an arm on a small CPU host, and both arms then share the host's memory bandwidth
+alike. Use ``--clock cpu`` with it.
+
 Ratios and goals: scan / official time ≤ 1.15, scan / official peak ≤ 1.3, inspect ≤ 30 s, inspect's peak above
 the process baseline (Python and torch imported) ≤ 3 × the checkpoint's size. Run::
 
     python benchmarks/bench_official.py --code SRFlow/code --weights SRFlow_DF2K_4X.pth \\
         --options SRFlow/code/confs/SRFlow_DF2K_4X.yml [--lr FOLDER | --lr generated] [--fit-images 64] \\
-        [--scan-images 16] [--lr-size 160] [--samples 10] [--device cpu|cuda] [--threads N] [--clock wall|cpu]
+        [--scan-images 16] [--lr-size 160] [--samples 10] [--device cpu|cuda] [--threads N] [--clock wall|cpu] \\
+        [--side-by-side]
 
 ``--lr generated`` crops the bundled corpus images (darkened for LLFlow); a folder's PNG/JPEG images are
 centre-cropped to ``--lr-size``. Modules the official ``utils.util`` imports but the networks never call
@@ -33,6 +38,7 @@ centre-cropped to ``--lr-size``. Modules the official ``utils.util`` imports but
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -345,6 +351,10 @@ def _flowaudit(spec: dict, argv: list[str]) -> dict:
     return out
 
 
+def _report_official(off: dict, clock: str) -> None:
+    print(f"official sampling: {off[clock]:.1f} s ({clock}), peak {_mib(off['peak'])}", flush=True)
+
+
 def _mib(n: float) -> str:
     return f"{n / 2**20:.0f} MiB"
 
@@ -371,6 +381,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--check-inputs", type=int, default=1, help="inputs on which the samples are compared")
     ap.add_argument("--work", help="folder for the conditions, latents and reports (default: a temporary one)")
     ap.add_argument("--skip", default="", help="comma-separated arms to leave out: fit, inspect")
+    ap.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="run the official arm beside fit and scan (needs 2 × --threads cores and both peaks in memory)",
+    )
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object at the end")
     ap.add_argument("--role", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
@@ -439,8 +454,10 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     common = ["--official-config", spec["options"], "--device", a.device, "--threads", str(a.threads)]
-    off = _child("official", spec)
-    print(f"official sampling: {off[a.clock]:.1f} s ({a.clock}), peak {_mib(off['peak'])}", flush=True)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    official = pool.submit(_child, "official", spec)
+    if not a.side_by_side:
+        _report_official(official.result(), a.clock)
     stats = work / "stats.h5"
     fit = None
     if "fit" not in skip:
@@ -456,6 +473,10 @@ def main(argv: list[str] | None = None) -> None:
     scan = _flowaudit(spec, scan_argv)
     print(f"scan: {scan[a.clock]:.1f} s, peak {_mib(scan['peak'])}", flush=True)
     print(f"scan's adapter.sample calls (samples x condition side: calls): {scan['sample_calls']}", flush=True)
+    off = official.result()
+    pool.shutdown()
+    if a.side_by_side:
+        _report_official(off, a.clock)
     ins = None
     if "inspect" not in skip:
         ins = _flowaudit(spec, ["-q", "inspect", spec["weights"], "--json"] + common)
@@ -472,6 +493,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"\n{Path(a.weights).name} ({_mib(size)}), {a.scan_images} scan / {a.fit_images} fit images of "
         f"{a.lr_size}×{a.lr_size}, K={a.samples}, τ={a.temperature}, {a.device}, {a.threads} thread(s), {a.clock} clock"
+        + (", official arm beside fit and scan" if a.side_by_side else "")
     )
     for name, value, goal in rows:
         print(f"  {name:<42} {value:8.3f}   goal ≤ {goal:g}: {_verdict(value, goal)}")
