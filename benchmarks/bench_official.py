@@ -38,7 +38,6 @@ centre-cropped to ``--lr-size``. Modules the official ``utils.util`` imports but
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import os
 import subprocess
@@ -333,15 +332,25 @@ ROLES = {"prepare": _role_prepare, "latents": _role_latents, "official": _role_o
 
 
 # -- the parent: runs each arm in a fresh process ------------------------------------------------------------------
-def _child(role: str, spec: dict) -> dict:
+def _start(role: str, spec: dict) -> subprocess.Popen:
+    """Start the arm ``role`` in a fresh process (read its figures with :func:`_figures`)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"])}
     cmd = [sys.executable, __file__, "--role", role, "--spec", json.dumps(spec)]
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _figures(p: subprocess.Popen, role: str) -> dict:
+    """The figures the arm ``role`` printed, once its process ends; a failed arm ends the benchmark."""
+    out, err = p.communicate()
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not lines:
-        tail = (p.stderr.strip().splitlines() or ["(no message)"])[-1]
+        tail = (err.strip().splitlines() or ["(no message)"])[-1]
         raise SystemExit(f"bench_official: the {role} arm failed (exit {p.returncode}): {tail}")
     return json.loads(lines[-1])
+
+
+def _child(role: str, spec: dict) -> dict:
+    return _figures(_start(role, spec), role)
 
 
 def _flowaudit(spec: dict, argv: list[str]) -> dict:
@@ -351,8 +360,11 @@ def _flowaudit(spec: dict, argv: list[str]) -> dict:
     return out
 
 
-def _report_official(off: dict, clock: str) -> None:
+def _official(p: subprocess.Popen, clock: str) -> dict:
+    """The official arm's figures, once it ends, printed."""
+    off = _figures(p, "official")
     print(f"official sampling: {off[clock]:.1f} s ({clock}), peak {_mib(off['peak'])}", flush=True)
+    return off
 
 
 def _mib(n: float) -> str:
@@ -412,6 +424,27 @@ def _check_args(a: argparse.Namespace) -> None:
         raise SystemExit(2)
 
 
+def _fit_and_scan(a: argparse.Namespace, spec: dict, skip: set[str], common: list[str]) -> tuple[dict | None, dict]:
+    """The fit arm (unless skipped) and the scan arm, with the fit's statistics; their figures."""
+    work = Path(spec["work"])
+    stats = work / "stats.h5"
+    fit = None
+    if "fit" not in skip:
+        stats.unlink(missing_ok=True)
+        fit = _flowaudit(
+            spec, ["-q", "fit", spec["weights"], "--data", str(work / "fit.npy"), "--out", str(stats)] + common
+        )
+        print(f"fit ({a.fit_images} images): {fit[a.clock]:.1f} s, peak {_mib(fit['peak'])}", flush=True)
+    scan_argv = ["-q", "scan", spec["weights"], "--data", str(work / "scan.npy"), "--out", str(work / "report")]
+    scan_argv += ["--overwrite", "-k", str(a.samples), "-t", str(a.temperature), "--seed", str(a.seed)] + common
+    if fit is not None:
+        scan_argv += ["--stats", str(stats)]
+    scan = _flowaudit(spec, scan_argv)
+    print(f"scan: {scan[a.clock]:.1f} s, peak {_mib(scan['peak'])}", flush=True)
+    print(f"scan's adapter.sample calls (samples x condition side: calls): {scan['sample_calls']}", flush=True)
+    return fit, scan
+
+
 def main(argv: list[str] | None = None) -> None:
     a = parse(argv)
     if a.role:  # a child process
@@ -454,29 +487,13 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     common = ["--official-config", spec["options"], "--device", a.device, "--threads", str(a.threads)]
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    official = pool.submit(_child, "official", spec)
-    if not a.side_by_side:
-        _report_official(official.result(), a.clock)
-    stats = work / "stats.h5"
-    fit = None
-    if "fit" not in skip:
-        stats.unlink(missing_ok=True)
-        fit = _flowaudit(
-            spec, ["-q", "fit", spec["weights"], "--data", str(work / "fit.npy"), "--out", str(stats)] + common
-        )
-        print(f"fit ({a.fit_images} images): {fit[a.clock]:.1f} s, peak {_mib(fit['peak'])}", flush=True)
-    scan_argv = ["-q", "scan", spec["weights"], "--data", str(work / "scan.npy"), "--out", str(work / "report")]
-    scan_argv += ["--overwrite", "-k", str(a.samples), "-t", str(a.temperature), "--seed", str(a.seed)] + common
-    if fit is not None:
-        scan_argv += ["--stats", str(stats)]
-    scan = _flowaudit(spec, scan_argv)
-    print(f"scan: {scan[a.clock]:.1f} s, peak {_mib(scan['peak'])}", flush=True)
-    print(f"scan's adapter.sample calls (samples x condition side: calls): {scan['sample_calls']}", flush=True)
-    off = official.result()
-    pool.shutdown()
-    if a.side_by_side:
-        _report_official(off, a.clock)
+    official = _start("official", spec)  # beside fit and scan with --side-by-side, else before them
+    try:
+        off = None if a.side_by_side else _official(official, a.clock)
+        fit, scan = _fit_and_scan(a, spec, skip, common)
+        off = off or _official(official, a.clock)
+    finally:
+        official.kill()  # ended already, unless fit or scan failed beside it
     ins = None
     if "inspect" not in skip:
         ins = _flowaudit(spec, ["-q", "inspect", spec["weights"], "--json"] + common)
