@@ -6,7 +6,7 @@ elementwise *sites*, latents at temperature τ, the inverse pass ``x = f⁻¹(z;
 end) are optional and live apart, in :mod:`.speedups`.
 
 While sampling the engine hands the adapter an :class:`Observer`; the adapter reports every layer's
-output and every site's inverse gain to it (or its log, :func:`report_log_gain`), removes whatever it installed
+output and every site's inverse gain to it (or its log, :func:`log_gain_reporter`), removes whatever it installed
 and restores ``training``.
 """
 
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 __all__ = [
     "Observer",
     "keeps_graph",
-    "report_log_gain",
+    "log_gain_reporter",
     "Site",
     "UnknownSite",
     "PriorSite",
@@ -60,15 +60,18 @@ def keeps_graph(observer: Observer | None) -> bool:
     return bool(getattr(observer, "keep_graph", False))
 
 
-def report_log_gain(observer: Observer, name: str, log_gain: Tensor, params: Any) -> None:
-    """Report a site's inverse gain given its log ``ln(1/c')`` (the log-determinant terms a model has already):
-    to the observer's ``site_log`` where it has one (the tracer, which bins logs as they are, sparing an ``exp``
-    over the call), else its ``exp`` to ``site``."""
+def log_gain_reporter(observer: Observer) -> Callable[[str, Tensor, Any], None]:
+    """What reports a site's inverse gain given its log ``ln(1/c')`` (the log-determinant terms a model has
+    already), bound once for ``observer``: its ``site_log`` where it has one (the tracer, which bins logs as they
+    are, sparing an ``exp`` over the call), else a call of ``site`` with the ``exp``."""
     site_log = getattr(observer, "site_log", None)
-    if site_log is None:
+    if site_log is not None:
+        return site_log
+
+    def site_of_exp(name: str, log_gain: Tensor, params: Any) -> None:
         observer.site(name, log_gain.exp(), params)
-    else:
-        site_log(name, log_gain, params)
+
+    return site_of_exp
 
 
 # -- probe helpers --------------------------------------------------------------------------------

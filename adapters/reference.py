@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..reference_models import ReferenceFlow
 from ..reference_models.couplings import Elementwise
-from .base import Adapter, Observer, Site, keeps_graph, report_log_gain
+from .base import Adapter, Observer, Site, keeps_graph, log_gain_reporter
 from .bounds import LayerBound, reference_layers
 from .hooks import HeldReports, first_tensor, wrapped
 from .speedups import HookedSpeedUps
@@ -178,18 +178,14 @@ class ReferenceAdapter(HookedSpeedUps, Adapter):
     def _hooks(self, observer: Observer, live: list[bool]) -> Iterator[HeldReports | None]:
         """The hooks of every site and traced layer, reporting to ``observer`` while ``live[0]``; held for the
         pass's end (its gains' ``exp`` too) unless the observer keeps the graph."""
-        by_name = {s.name: s for s in self._sites}
+        visited = {s.name: s.visited for s in self._sites}
         keep = keeps_graph(observer)
         later = HeldReports() if self.tensors_stay_intact and not keep else None
-
-        def report_site(name, ladj, h):  # exp(ladj): the inverse gain at the visited point
-            report_log_gain(observer, name, ladj, h)
-
-        def report_layer(name, x, _):
-            observer.layer(name, x)
+        report_site = log_gain_reporter(observer)  # exp(ladj): the inverse gain at the visited point
+        report_layer = observer.layer
 
         def on_site(name, args, kwargs, output):
-            got = by_name[name].visited(args, kwargs, output) if live[0] else None
+            got = visited[name](args, kwargs, output) if live[0] else None
             if got is not None and (later is None or not later.hold(report_site, name, *got)):
                 ladj, h = got  # reported now: detached unless the observer differentiates through the gain (the attack)
                 report_site(name, ladj if keep else ladj.detach(), h.detach())
@@ -198,9 +194,9 @@ class ReferenceAdapter(HookedSpeedUps, Adapter):
             if live[0]:
                 x = first_tensor(output)
                 if later is None or not later.hold(report_layer, name, x):
-                    observer.layer(name, x.detach())
+                    report_layer(name, x.detach())
 
-        with wrapped(self.model, list(by_name), on_site), wrapped(self.model, self.layer_names(), on_layer):
+        with wrapped(self.model, list(visited), on_site), wrapped(self.model, self.layer_names(), on_layer):
             yield later
 
     def forward(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:

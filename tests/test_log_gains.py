@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from flowaudit.adapters.base import report_log_gain
+from flowaudit.adapters.base import log_gain_reporter
 from flowaudit.config.sampling import Sampling
 from flowaudit.tracing.binning import GAIN_EDGES, bin_index, log_first_keys, order_keys
 from flowaudit.tracing.trace import Tracer
@@ -129,5 +129,5 @@ def test_observers_without_site_log_get_gains():
             got[name] = gain
 
     ell = torch.tensor([[0.0, 1.0, -2.0]])
-    report_log_gain(Gains(), "s", ell, None)
+    log_gain_reporter(Gains())("s", ell, None)
     assert torch.equal(got["s"], ell.exp())
