@@ -99,10 +99,7 @@ def _wrap(module: nn.Module, name: str, fn: Callable[[str, tuple, dict, Any], No
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         output = inner(*args, **kwargs)
-        try:  # _after, written out: a wrapped pass makes this call dozens of times
-            fn(name, args, kwargs, output)
-        except Exception as exc:
-            raise HookError(f"hook on {name!r} failed: {exc}") from exc
+        _after(fn, name, args, kwargs, output)
         return output
 
     def unwrap() -> None:
@@ -118,8 +115,8 @@ def _wrap(module: nn.Module, name: str, fn: Callable[[str, tuple, dict, Any], No
 class HeldReports:
     """The reports of an observed pass, held by reference and made once it returns (module docstring).
 
-    :meth:`hold` keeps ``report(name, a, b)`` (``report(name, a)`` where ``b`` is ``None``) with the
-    version counters of the tensors; :meth:`flush` makes the held reports in call order, first checking that
+    :meth:`hold` keeps ``report(name, a, b)`` with the version counters of tensors ``a`` and ``b``
+    (``b`` may be ``None``); :meth:`flush` makes the held reports in call order, first checking that
     no tensor was written in place since (else it raises: the adapter's claim was wrong). A call that
     cannot be held (a tensor in autograd, or an inference tensor, which counts no versions) flushes
     what is held and is left to the caller to make now. Past :data:`HOLD_BYTES` held, they are made
@@ -132,8 +129,8 @@ class HeldReports:
 
     def hold(self, report: Callable[[str, Tensor, Any], None], name: str, a: Tensor, b: Tensor | None = None) -> bool:
         """Hold a report; ``False`` (after a flush) where ``a`` or ``b`` cannot be held: make it now."""
-        if a.requires_grad or a.is_inference() or (b is not None and (b.requires_grad or b.is_inference())):
-            self.flush()  # in autograd, or an inference tensor, which counts no versions: made now, after these
+        if not (_holdable(a) and (b is None or _holdable(b))):
+            self.flush()
             return False
         self._calls.append((report, name, a, a._version, b, None if b is None else b._version))
         self._bytes += a.nbytes + (0 if b is None else b.nbytes)
@@ -150,11 +147,13 @@ class HeldReports:
                     f"{name}: a tensor held for its report was written in place before the pass returned; "
                     "its adapter's tensors do not stay intact"
                 )
-            if b is None:
-                report(name, a)
-            else:
-                report(name, a, b)
+            report(name, a, b)
 
     def drop(self) -> None:
         """Forget the held reports (a pass that raised)."""
         self._calls, self._bytes = [], 0
+
+
+def _holdable(t: Tensor) -> bool:
+    """Whether ``t`` may be held for a later report: out of autograd, and counting its in-place writes."""
+    return not t.requires_grad and not t.is_inference()

@@ -182,7 +182,9 @@ class ReferenceAdapter(HookedSpeedUps, Adapter):
         keep = keeps_graph(observer)
         later = HeldReports() if self.tensors_stay_intact and not keep else None
         report_site = log_gain_reporter(observer)  # exp(ladj): the inverse gain at the visited point
-        report_layer = observer.layer
+
+        def report_layer(name, x, _):
+            observer.layer(name, x)
 
         def on_site(name, args, kwargs, output):
             got = visited[name](args, kwargs, output) if live[0] else None
@@ -194,7 +196,7 @@ class ReferenceAdapter(HookedSpeedUps, Adapter):
             if live[0]:
                 x = first_tensor(output)
                 if later is None or not later.hold(report_layer, name, x):
-                    report_layer(name, x.detach())
+                    observer.layer(name, x.detach())
 
         with wrapped(self.model, list(visited), on_site), wrapped(self.model, self.layer_names(), on_layer):
             yield later

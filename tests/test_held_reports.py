@@ -23,7 +23,7 @@ from flowaudit.tracing.trace import Tracer
 
 
 def _log(calls: list):
-    def report(name, a, b=None):
+    def report(name, a, b):
         calls.append((name, a.clone(), None if b is None else b.clone()))
 
     return report
