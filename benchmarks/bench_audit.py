@@ -12,7 +12,8 @@ machine). Ratios: audited / bare (goal ≤ 1.05 on SR and low-light), floor / ba
 
 Modes, as a scan runs them: ``exact`` (the default: one input's K samples a pass, 32 passes) and ``batched``
 (``--batched``: 8 inputs a pass, 4 passes). Models: toy affine / modified-rq-spline (K = 10), SR affine /
-modified-rq-spline (trained; LR 8×8, K = 8, samples 32×32), low-light affine / modified-rq-spline (32×32, K = 8).
+modified-rq-spline (trained; LR 8×8, or ``--sr-size``, K = 8, samples 32×32), low-light affine /
+modified-rq-spline (32×32, K = 8).
 
 Run: ``python benchmarks/bench_audit.py [--repeats 5] [--runs 2] [--clock cpu] [--modes exact,batched]``.
 """
@@ -39,14 +40,15 @@ KINDS = ("affine", "modified-rq-spline")
 BATCHED_INPUTS = 8  # inputs a batched pass
 
 
-def workloads() -> dict[tuple[str, str], tuple[torch.nn.Module, torch.Tensor, int]]:
-    """(model, a shard's inputs each repeated K times, K) per (family, coupling)."""
+def workloads(sr_size: int = 8) -> dict[tuple[str, str], tuple[torch.nn.Module, torch.Tensor, int]]:
+    """(model, a shard's inputs each repeated K times, K) per (family, coupling); SR conditions of
+    ``sr_size``×``sr_size``."""
     g = torch.Generator().manual_seed(0)
     out = {}
     y_toy = torch.randn(SHARD_INPUTS, 2, generator=g).repeat_interleave(10, 0)
     for k in KINDS:
         out["toy", k] = (load(f"toy-{k}"), y_toy, 10)
-    y_sr = torch.rand(SHARD_INPUTS, 3, 8, 8, generator=g).repeat_interleave(8, 0)
+    y_sr = torch.rand(SHARD_INPUTS, 3, sr_size, sr_size, generator=g).repeat_interleave(8, 0)
     for k in KINDS:
         out["sr", k] = (load(f"sr-{k}"), y_sr, 8)
     y_ll = torch.rand(SHARD_INPUTS, 3, 32, 32, generator=g).repeat_interleave(8, 0)
@@ -145,14 +147,16 @@ def main() -> None:
     )
     ap.add_argument("--only", default="", help="comma-separated families to run (toy, sr, lowlight)")
     ap.add_argument("--modes", default="exact,batched", help="exact (one input a pass, the scan's default), batched")
+    ap.add_argument("--sr-size", type=int, default=8, help="side of the SR rows' LR conditions (multiple of 8)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} thread(s), "
-        f"best of {args.repeats}, {args.clock} clock, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        f"best of {args.repeats}, {args.clock} clock, SR LR {args.sr_size}×{args.sr_size}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     )
-    work = workloads()
+    work = workloads(args.sr_size)
     if args.only:
         work = {key: w for key, w in work.items() if key[0] in args.only.split(",")}
     print(
