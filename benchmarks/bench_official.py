@@ -341,13 +341,13 @@ def _start(role: str, spec: dict) -> subprocess.Popen:
 
 def _figures(p: subprocess.Popen, role: str) -> dict:
     """The figures the arm ``role`` printed, once its process ends, with the last line it wrote to stderr
-    (``message``: why a flowaudit command failed); a failed arm ends the benchmark."""
+    (``message``, where it wrote one: why a flowaudit command failed); a failed arm ends the benchmark."""
     out, err = p.communicate()
     lines = [ln for ln in out.splitlines() if ln.startswith("{")]
     tail = (err.strip().splitlines() or ["(no message)"])[-1]
     if p.returncode != 0 or not lines:
         raise SystemExit(f"bench_official: the {role} arm failed (exit {p.returncode}): {tail}")
-    return {**json.loads(lines[-1]), "message": tail}
+    return {**json.loads(lines[-1]), **({"message": tail} if err.strip() else {})}
 
 
 def _child(role: str, spec: dict) -> dict:
@@ -357,8 +357,8 @@ def _child(role: str, spec: dict) -> dict:
 def _flowaudit(spec: dict, argv: list[str]) -> dict:
     out = _child("cli", {**spec, "argv": argv})
     if out["rc"] not in (0, 1):  # 1: the audit found what --fail-on asks for (never here); anything else failed
-        command = next(x for x in argv if not x.startswith("-"))
-        raise SystemExit(f"bench_official: flowaudit {command} exited {out['rc']}: {out['message']}")
+        command, why = next(x for x in argv if not x.startswith("-")), out.get("message", "(no message)")
+        raise SystemExit(f"bench_official: flowaudit {command} exited {out['rc']}: {why}")
     return out
 
 
