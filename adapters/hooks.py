@@ -4,8 +4,7 @@ Every hook is removed in a ``finally`` (an :class:`~contextlib.ExitStack` of han
 forward pass raises, and a failure inside a hook names the layer. :func:`wrapped` wraps a module's
 ``forward`` instead (same contract, cheaper a call) for models whose code is known. Where a pass's
 tensors stay intact until it returns, :class:`HeldReports` holds its reports by reference and makes
-them together, once a core's cache worth of tensors is held or the pass returns: the audit's reads then run
-in a few bursts, not between every two layers, on tensors still in cache.
+them then, so nothing of the audit runs between the model's layers.
 """
 
 from __future__ import annotations
@@ -19,11 +18,7 @@ from torch import Tensor, nn
 __all__ = ["HookError", "HeldReports", "HOLD_BYTES", "hooked", "wrapped", "first_tensor"]
 
 
-# held tensors, at most, before the held reports are made: about a core's L2 cache. Held further, the tensors cost
-# more to keep alive and to read back from memory than the switches into the audit they save: an exact SR pass at
-# LR 16×16 (calls of about 0.5 MB) costs 1.05 × bare in bursts of 2 MB against 1.09–1.10 held to its end, while
-# at LR 8×8 both cost the same (benchmarks/README.md)
-HOLD_BYTES = 2 << 20
+HOLD_BYTES = 16 << 20  # a pass's held tensors, at most (an exact pass of the bundled image flows holds 5–9 MB)
 
 
 class HookError(RuntimeError):
@@ -118,14 +113,14 @@ def _wrap(module: nn.Module, name: str, fn: Callable[[str, tuple, dict, Any], No
 
 
 class HeldReports:
-    """The reports of an observed pass, held by reference and made in bursts (module docstring).
+    """The reports of an observed pass, held by reference and made once it returns (module docstring).
 
     :meth:`hold` keeps ``report(name, a, b)`` with the version counters of tensors ``a`` and ``b``
     (``b`` may be ``None``); :meth:`flush` makes the held reports in call order, first checking that
     no tensor was written in place since (else it raises: the adapter's claim was wrong). A call that
     cannot be held (a tensor in autograd, or an inference tensor, which counts no versions) flushes
     what is held and is left to the caller to make now. Past :data:`HOLD_BYTES` held, they are made
-    at once, while their tensors are still in cache (and the memory a pass holds stays bounded).
+    at once (the memory a pass holds stays bounded).
     """
 
     def __init__(self) -> None:
