@@ -12,7 +12,7 @@ machine). Ratios: audited / bare (goal ≤ 1.05 on SR and low-light), floor / ba
 
 Modes, as a scan runs them: ``exact`` (the default: one input's K samples a pass, 32 passes) and ``batched``
 (``--batched``: 8 inputs a pass, 4 passes). Models: toy affine / modified-rq-spline (K = 10), SR affine /
-modified-rq-spline (trained; LR 8×8, or ``--sr-size``, K = 8, samples 32×32), low-light affine /
+modified-rq-spline (trained; LR 8×8 or ``--sr-size``, K = 8, samples 4× the LR side), low-light affine /
 modified-rq-spline (32×32, K = 8).
 
 Run: ``python benchmarks/bench_audit.py [--repeats 5] [--runs 2] [--clock cpu] [--modes exact,batched]``.

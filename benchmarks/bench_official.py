@@ -344,10 +344,11 @@ def _figures(p: subprocess.Popen, role: str) -> dict:
     (``message``, where it wrote one: why a flowaudit command failed); a failed arm ends the benchmark."""
     out, err = p.communicate()
     lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-    tail = (err.strip().splitlines() or ["(no message)"])[-1]
+    said = err.strip().splitlines()
     if p.returncode != 0 or not lines:
-        raise SystemExit(f"bench_official: the {role} arm failed (exit {p.returncode}): {tail}")
-    return {**json.loads(lines[-1]), **({"message": tail} if err.strip() else {})}
+        why = said[-1] if said else "(no message)"
+        raise SystemExit(f"bench_official: the {role} arm failed (exit {p.returncode}): {why}")
+    return {**json.loads(lines[-1]), **({"message": said[-1]} if said else {})}
 
 
 def _child(role: str, spec: dict) -> dict:
