@@ -4,7 +4,10 @@ Every hook is removed in a ``finally`` (an :class:`~contextlib.ExitStack` of han
 forward pass raises, and a failure inside a hook names the layer. :func:`wrapped` wraps a module's
 ``forward`` instead (same contract, cheaper a call) for models whose code is known. Where a pass's
 tensors stay intact until it returns, :class:`HeldReports` holds its reports by reference and makes
-them then, so nothing of the audit runs between the model's layers.
+them in bursts, once :data:`HOLD_BYTES` are held and when the pass returns, so the audit runs between
+the model's layers a few times a pass instead of at every call. The bursts are small, about a core's L2:
+held longer, a larger pass's tensors cost more to keep alive and read back from memory than the switches
+they save (``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -15,10 +18,22 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["HookError", "HeldReports", "HOLD_BYTES", "hooked", "wrapped", "first_tensor"]
+__all__ = ["HookError", "HeldReports", "HOLD_BYTES", "holding", "hooked", "wrapped", "first_tensor"]
 
 
-HOLD_BYTES = 16 << 20  # a pass's held tensors, at most (an exact pass of the bundled image flows holds 5–9 MB)
+HOLD_BYTES = 2 << 20  # a pass's held tensors, at most: about a core's L2 (module docstring)
+
+
+@contextlib.contextmanager
+def holding(nbytes: int) -> Iterator[None]:
+    """Hold at most ``nbytes`` of a pass's tensors inside the block instead of :data:`HOLD_BYTES` (with 0,
+    each report is made as its call returns: the memory probe measures the audit's bytes without the hold)."""
+    global HOLD_BYTES
+    before, HOLD_BYTES = HOLD_BYTES, nbytes
+    try:
+        yield
+    finally:
+        HOLD_BYTES = before
 
 
 class HookError(RuntimeError):

@@ -4,7 +4,7 @@ Their sites are the :class:`~flowaudit.reference_models.couplings.Elementwise` m
 ``out, ladj = site(inp, h, reverse=...)``: on the inverse pass ``exp(ladj)`` is the inverse gain
 ``1/c'`` at the visited point and ``h`` the conditioner's parameters there. A wrapped ``forward`` per
 site and traced layer reads both. No bundled flow writes in place a tensor these wrappers see
-(``tensors_stay_intact``), so a pass's reports are held and made when it returns.
+(``tensors_stay_intact``), so a pass's reports are held and made in bursts (:class:`~.hooks.HeldReports`).
 """
 
 from __future__ import annotations

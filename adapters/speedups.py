@@ -3,8 +3,9 @@
 * An **observing block** (:func:`observing`): an adapter whose reporting has a set-up cost per pass
   (hooks to register and remove) pays it once for a block of passes that report to one observer.
 * **Held reports** (:attr:`HookedSpeedUps.tensors_stay_intact`): where no in-place write of the model
-  reaches a tensor the hooks see, a pass's reports are held by reference and made when it returns
-  (:class:`~flowaudit.adapters.hooks.HeldReports`), so nothing of the audit runs between the layers.
+  reaches a tensor the hooks see, a pass's reports are held by reference and made in bursts of a few MB
+  and when it returns (:class:`~flowaudit.adapters.hooks.HeldReports`), so the audit runs between the
+  layers a few times a pass, not at every call.
 * **Small flows** (:func:`small_flow`): a sample of at most :data:`SMALL_SAMPLE_VALUES` values makes one
   input's K samples a call so small that the cost of the call, not its arithmetic, sets the time; the
   engine then puts many inputs in a pass. Whether that changes a figure in its last bits depends on the

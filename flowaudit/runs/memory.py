@@ -13,19 +13,32 @@ with the number of inputs. :func:`peak_rss` is the report's ``settings.peak_rss_
 When :math:`b` only checks that one input's pass fits (exact passes, or a batch size given), an image model's
 pass is not run at the data's size to find it (that would cost one more input's pass). One input's :math:`K`
 samples are measured at two small crops of the first condition, :math:`p_1 < p_2` pixels (the adapter's
-``probe_shape`` and twice its side, sizes its squeezes take), and the bytes :math:`B` extrapolated linearly in
-the pixel count :math:`p` of the data,
+``probe_shape`` and twice its side, sizes its squeezes take), once bare and once traced with each report made
+as its call returns, and the bytes at the pixel count :math:`p` of the data are
 
-.. math:: B(p) = \max\!\Big(B_2,\; \mu \big(B_1 + \tfrac{B_2 - B_1}{p_2 - p_1}\,(p - p_1)\big)\Big), \qquad \mu = 1.2,
+.. math:: B(p) = \max\!\Big(T_2,\; \mu \big(M(p) + E(p) + 1.25\,H\big)\Big), \qquad \mu = 1.2.
 
-since a fully convolutional flow's activations are :math:`a + c\,p` bytes (:math:`a` the tracer's and the
-latents' fixed part). The margin :math:`\mu` covers what grows with :math:`p` unseen by the count (allocator
-slack, the resident reads of :func:`pass_bytes`): the estimate is 1.0–1.4 × the measured :func:`pass_bytes`
-on the bundled SR flow at 8× the probe's side (``tests/test_memory.py``), 1.25 × on a full-size SRFlow at
-160×160. The crops cost :math:`(p_1 + p_2) / p` of one pass (1.25 % at 160×160 from 8×8 and 16×16). The pass
-runs at the data's size instead when the data is under twice the larger crop's side, for vectors, when a crop
-is refused or fails, and when the resident read at :math:`p_2` exceeds twice the count (calls the count cannot
-see: a scripted module, whose bytes need not follow the count).
+:math:`M(p)` is the model's own: a fully convolutional flow's tensors alive after its :math:`j`-th call are
+:math:`a_j + c_j\,p` bytes, so the bare passes' counts after each call, :math:`n_j(p_1)` and :math:`n_j(p_2)`,
+are extrapolated call by call and :math:`M(p) = 1.25 \max_j n_j(p)` (not less than the line through the two
+peaks). A line through the peaks alone misses a pass whose peak moves: the low-light flow's peak at the crops
+is a part that does not grow with the pixels, and at 128×128 another part, twice the line's bytes, decides.
+:math:`E(p)` is the tracer's share, :math:`E_i = T_i - B_i` at the crops (its fixed part and its temporaries,
+which grow with the largest call), the larger of :math:`E_1`, :math:`E_2` and their line; :math:`H` is
+:data:`~flowaudit.adapters.hooks.HOLD_BYTES`, the most a pass's held reports keep alive beyond the model. The
+margin :math:`\mu` covers what grows with :math:`p` unseen by the count (allocator slack, the resident reads
+of :func:`pass_bytes`): the estimate is 1.0–1.5 × the measured :func:`pass_bytes` on the bundled SR and
+low-light flows at 8–16× the probe's side (``tests/test_memory.py``). The crops cost about
+:math:`2 (p_1 + p_2) / p` of one pass (2.5 % at 160×160 from 8×8 and 16×16). The pass runs at the data's
+size instead when the data is under twice the larger crop's side, for vectors, when a crop is refused or
+fails, when the two crops' passes make different calls (a model that branches on the size), and when the
+resident read at :math:`p_2` exceeds twice the count (calls the count cannot see: a scripted module, whose
+bytes need not follow the count).
+
+The bytes hold for a process whose allocator hands large freed blocks back (:func:`steady_allocator`, which
+the CLI and :func:`probe_pass` set). Under glibc's default, a threshold that rises as large blocks are freed,
+freed tensors stay resident and a pass's resident peak depends on what ran before it: 1.2–1.4 × its tensors on
+the bundled SR flow at 64×64 to 128×128, beyond any margin a count could carry.
 """
 
 from __future__ import annotations
@@ -36,7 +49,7 @@ import re
 import resource
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -134,13 +147,16 @@ class LiveTensors(TorchFunctionMode):
     A storage a call returns is new unless one of the call's arguments holds it (a view, an in-place
     op); it is counted until its last reference dies (a weak reference's callback). What a kernel or a
     composite function makes and frees inside one call is not seen. Unlike the resident size, the
-    count is the same in every process for the same calls. (A function mode, not a dispatch mode: the
+    count is the same in every process for the same calls. With ``record``, ``calls_`` keeps the count
+    after each call (what :func:`probe_pass` extrapolates call by call). (A function mode, not a dispatch mode: the
     latter imports torch's compiler stack, some 80 MB resident.)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, record: bool = False) -> None:
         super().__init__()
+        self.record = record
         self.live_ = self.peak_ = 0
+        self.calls_: list[int] = []  # with ``record``: the count after each call
         self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
     def _freed(self, nbytes: int, _: Any) -> None:
@@ -159,6 +175,8 @@ class LiveTensors(TorchFunctionMode):
                 self._seen[storage] = weakref.ref(storage, functools.partial(self._freed, nbytes))
                 self.live_ += nbytes
                 self.peak_ = max(self.peak_, self.live_)
+        if self.record:
+            self.calls_.append(self.live_)
         return out
 
 
@@ -199,20 +217,21 @@ def pass_bytes(run: Callable[[], Any]) -> tuple[int, int]:
     kernels, caches). The count decides for an eager model and is the same in every process; the
     reads catch what calls from Python do not show (a scripted or compiled module).
     """
-    count, read, base = _pass_parts(run)
+    count, read, base, _ = _pass_parts(run)
     return max(count, read), base
 
 
-def _pass_parts(run: Callable[[], Any]) -> tuple[int, int, int]:
-    """(1.25 × the count of :class:`LiveTensors`, the resident read, bytes resident after): see :func:`pass_bytes`."""
+def _pass_parts(run: Callable[[], Any], record: bool = False) -> tuple[int, int, int, list[int]]:
+    """(1.25 × the count of :class:`LiveTensors`, the resident read, bytes resident after, the count after
+    each call if ``record``): see :func:`pass_bytes`."""
     release()
     watch = _Watch()
-    with watch.watching(), LiveTensors() as live:
+    with watch.watching(), LiveTensors(record) as live:
         run()
         watch.look()
     release()
     base = resident()
-    return int(1.25 * live.peak_), watch.top_ - base, base
+    return int(1.25 * live.peak_), watch.top_ - base, base, live.calls_
 
 
 MARGIN = 1.2  # on the extrapolated bytes of an image model's pass (module docstring)
@@ -224,8 +243,11 @@ def probe_pass(adapter: Any, y: Any, sampling: Any, device: torch.device, extrap
     Image models with ``extrapolate``: from two small crops (module docstring); else, or when the data is
     that small already, one traced pass of ``y[:1]``'s K samples. GPU: the allocator's peak over what was
     allocated before; CPU: :func:`pass_bytes`. A run whose batch the bytes decide (passes of several inputs
-    sized by the budget) measures at the data's size, so its batch size stays what that pass gives.
+    sized by the budget) measures at the data's size, so its batch size stays what that pass gives. On the
+    CPU it first fixes glibc's thresholds for the process (:func:`steady_allocator`, as the CLI does).
     """
+    if device.type == "cpu":
+        steady_allocator()  # else freed blocks stay resident and no count predicts the resident size
     y = _first_row(y)
     floor = 8 * 4 * max(int(y[0].numel()) * adapter_scale(adapter) ** 2, 1)  # a few copies of one float32 sample
     crops = _probe_crops(adapter, tuple(y.shape[1:])) if extrapolate else None
@@ -233,8 +255,8 @@ def probe_pass(adapter: Any, y: Any, sampling: Any, device: torch.device, extrap
     if crops is not None:
         used = _extrapolated(adapter, y, sampling, device, crops)
     if used is None:
-        count, read, base = _measure(adapter, y, sampling, device)
-        used = (max(count, read), base)
+        one = _measure(adapter, y, sampling, device)
+        used = (max(one.used, one.read), one.base)
     return max(used[0] // sampling.samples, floor), used[1]
 
 
@@ -267,43 +289,72 @@ def _extrapolated(
     adapter: Any, y: torch.Tensor, sampling: Any, device: torch.device, crops: tuple
 ) -> tuple[int, int] | None:
     """(bytes of one input's K samples at ``y``'s size, bytes resident) from the two ``crops``; ``None`` when a
-    crop's pass fails or the count misses what the resident read sees (module docstring)."""
-    measured = []
+    crop's pass fails, the two crops' passes make different calls, or the count misses what the resident
+    read sees (module docstring)."""
+    from ..adapters import hooks
+
+    bare, traced = [], []
     for _, h, w in crops:
+        crop = y[..., :h, :w].contiguous()
         try:
-            measured.append(_measure(adapter, y[..., :h, :w].contiguous(), sampling, device))
+            bare.append(_measure(adapter, crop, sampling, device, traced=False))
+            with hooks.holding(0):
+                traced.append(_measure(adapter, crop, sampling, device))
         except Exception:  # a size the model does not take after all: the data's own pass decides
             return None
-    (c1, _, _), (c2, r2, base) = measured
-    if r2 > 2 * max(c2, 1):
+    (b1, b2), (t1, t2) = bare, traced
+    if t2.read > 2 * max(t2.used, 1) or len(b1.calls) != len(b2.calls) or not b1.calls:
         return None
     p1, p2 = (h * w for _, h, w in crops)
     p = int(y.shape[-2]) * int(y.shape[-1])
-    slope = max(c2 - c1, 0) / (p2 - p1)
-    return max(c2, r2, int(MARGIN * (c1 + slope * (p - p1)))), base
+    calls = max(_line(a, b, p1, p2, p) for a, b in zip(b1.calls, b2.calls))
+    model = max(1.25 * calls, _line(b1.used, b2.used, p1, p2, p))
+    e1, e2 = t1.used - b1.used, t2.used - b2.used
+    audit = max(e1, e2, _line(e1, e2, p1, p2, p), 0) + 1.25 * hooks.HOLD_BYTES
+    return max(t2.used, t2.read, int(MARGIN * (model + audit))), t2.base
 
 
-def _measure(adapter: Any, y: torch.Tensor, sampling: Any, device: torch.device) -> tuple[int, int, int]:
-    """(counted bytes, read bytes, bytes resident) of one traced pass of ``y``'s K samples (GPU: both the
-    allocator's peak over what was allocated before)."""
+def _line(b1: int, b2: int, p1: int, p2: int, p: int) -> float:
+    """The line through ``(p1, b1)`` and ``(p2, b2)`` at ``p``, never falling (bytes do not shrink with pixels)."""
+    return b1 + max(b2 - b1, 0) / (p2 - p1) * (p - p1)
+
+
+class _Pass(NamedTuple):
+    """One measured pass: ``used`` the bytes it needs (CPU: 1.25 × the count; GPU: the allocator's peak over
+    what was allocated before), ``read`` the resident read (GPU: ``used``), ``base`` the bytes resident or
+    allocated beside it, ``calls`` the count after each call (bare passes)."""
+
+    used: int
+    read: int
+    base: int
+    calls: list[int]
+
+
+def _measure(adapter: Any, y: torch.Tensor, sampling: Any, device: torch.device, traced: bool = True) -> _Pass:
+    """One pass of ``y``'s K samples under the scan's tracer, or bare (its calls counted) unless ``traced``."""
     from ..tracing.trace import Tracer
     from .passes import spatial_sites
 
     y = y.to(device)
     latents = sampling.latents(adapter, y, 0, 0, device)
-    tracer = Tracer(sampling, spatial=spatial_sites(adapter))  # the scan's own tracer: large rows kept as windows
+    tracer = Tracer(sampling, spatial=spatial_sites(adapter)) if traced else None  # large rows kept as windows
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        adapter.sample(sampling.repeat(y), latents, observer=tracer)
-        tracer.end_batch(1)
+        with LiveTensors(record=not traced) as live:
+            adapter.sample(sampling.repeat(y), latents, observer=tracer)
+        if tracer is not None:
+            tracer.end_batch(1)
         torch.cuda.synchronize(device)
         used = torch.cuda.max_memory_allocated(device) - base
-        return used, used, base
-    count, read, base = _pass_parts(lambda: adapter.sample(sampling.repeat(y), latents, observer=tracer))
-    tracer.end_batch(1)
-    return count, read, base
+        return _Pass(used, used, base, live.calls_)
+    count, read, base, calls = _pass_parts(
+        lambda: adapter.sample(sampling.repeat(y), latents, observer=tracer), record=not traced
+    )
+    if tracer is not None:
+        tracer.end_batch(1)
+    return _Pass(count, read, base, calls)
 
 
 def steady_allocator() -> None:
