@@ -8,7 +8,9 @@ the *floor* (the same hooks with :class:`Nothing`, an observer that does nothing
 Each way runs on its own copy of the model (:func:`shard_rounds`) and the ways take turns pass by pass, the order
 rotating; a round is the whole shard each way, after one warm-up round. Two figures per ratio: best / best over
 ``--repeats`` rounds, and the median [quartiles] of the ratio within a round (which cancels a drift of the
-machine). Ratios: audited / bare (goal ≤ 1.05 on SR and low-light), floor / bare and bare again / bare.
+machine). Ratios: audited / bare (goal ≤ 1.05 on SR and low-light), floor / bare and bare again / bare. The
+process runs under the allocator setting every scan runs under (:func:`~flowaudit.runs.memory.steady_allocator`,
+which the CLI and the memory probe set): how long a pass keeps its tensors alive costs differently under it.
 
 Modes, as a scan runs them: ``exact`` (the default: one input's K samples a pass, 32 passes) and ``batched``
 (``--batched``: 8 inputs a pass, 4 passes). Models: toy affine / modified-rq-spline (K = 10), SR affine /
@@ -33,6 +35,7 @@ from flowaudit.adapters import adapt
 from flowaudit.reference_models import load
 
 from flowaudit.config.sampling import Sampling
+from flowaudit.runs.memory import steady_allocator
 from flowaudit.runs.shards import SHARD_INPUTS
 from flowaudit.tracing.trace import Tracer
 
@@ -150,6 +153,7 @@ def main() -> None:
     ap.add_argument("--sr-size", type=int, default=8, help="side of the SR rows' LR conditions (multiple of 8)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    steady_allocator()  # as in a scan (module docstring)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} thread(s), "
