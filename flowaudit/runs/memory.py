@@ -28,8 +28,10 @@ which grow with the largest call), the larger of :math:`E_1`, :math:`E_2` and th
 :data:`~flowaudit.adapters.hooks.HOLD_BYTES`, the most a pass's held reports keep alive beyond the model. The
 margin :math:`\mu` covers what grows with :math:`p` unseen by the count (allocator slack, the resident reads
 of :func:`pass_bytes`): the estimate is 1.0–1.5 × the measured :func:`pass_bytes` on the bundled SR and
-low-light flows at 8–16× the probe's side (``tests/test_memory.py``). The crops cost about
-:math:`2 (p_1 + p_2) / p` of one pass (2.5 % at 160×160 from 8×8 and 16×16). The pass runs at the data's
+low-light flows at 8–16× the probe's side (``tests/test_memory.py``), 1.20 × on the released SRFlow DF2K ×4 and
+NCSR ×4 configurations and 1.21 × on LLFlow LOL at 160×160 with K = 10. The crops cost about
+:math:`2 (p_1 + p_2) / p` of one pass plus the model's fixed part: 10 s against a 320 s pass of SRFlow and NCSR,
+3 s against 19 s of LLFlow. The pass runs at the data's
 size instead when the data is under twice the larger crop's side, for vectors, when a crop is refused or
 fails, when the two crops' passes make different calls (a model that branches on the size), and when the
 resident read at :math:`p_2` exceeds twice the count (calls the count cannot see: a scripted module, whose
