@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+K = 10  # samples per input
+
 WATCH = """
 import resource, subprocess, sys, json
 rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -57,7 +59,7 @@ def scan(model: str, data: Path, out: Path, extra: list[str]) -> dict:
         "--out",
         str(out),
         "-k",
-        "10",
+        str(K),
         "--device",
         "cpu",
         *extra,
@@ -93,7 +95,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = {n: conditions(n, args.size, tmp) for n in args.inputs}
-        print(f"{args.model}, LR {args.size}×{args.size}, K = 10, 1 thread")
+        print(f"{args.model}, LR {args.size}×{args.size}, K = {K}, 1 thread")
         print(f"{'mode':<32} {'inputs':>6} {'peak RSS (MB)':>14} {'report peak':>12} {'batch':>6} {'wall (s)':>9}")
         for mode, extra in modes.items():
             peaks, batches = [], []
@@ -105,9 +107,9 @@ def main() -> None:
                     f"{mode:<32} {n:>6} {r['peak'] / 1e6:>14.0f} {r['peak_rss_bytes'] / 1e6:>12.0f} "
                     f"{r['batch_size']:>6} {r['wall_s']:>9.1f}"
                 )
-            if args.inputs[0] * 10 < max(batches):
+            if args.inputs[0] * K < max(batches):
                 print(
-                    f"{'':<32} {'ratio':>6} {'none':>14}  (the {args.inputs[0]} inputs' {args.inputs[0] * 10} samples "
+                    f"{'':<32} {'ratio':>6} {'none':>14}  (the {args.inputs[0]} inputs' {args.inputs[0] * K} samples "
                     f"do not fill a batch of {max(batches)}: raise --inputs)"
                 )
                 continue

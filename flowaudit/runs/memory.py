@@ -210,6 +210,17 @@ class _Watch:
             handle.remove()
 
 
+class _Pass(NamedTuple):
+    """One measured pass: ``used`` the bytes it needs (CPU: 1.25 × the count; GPU: the allocator's peak over
+    what was allocated before), ``read`` the resident read (GPU: ``used``), ``base`` the bytes resident or
+    allocated beside it, ``calls`` the count after each call (bare passes)."""
+
+    used: int
+    read: int
+    base: int
+    calls: list[int]
+
+
 def pass_bytes(run: Callable[[], Any]) -> tuple[int, int]:
     """(bytes a CPU pass ``run()`` needs, bytes resident after it).
 
@@ -219,13 +230,13 @@ def pass_bytes(run: Callable[[], Any]) -> tuple[int, int]:
     kernels, caches). The count decides for an eager model and is the same in every process; the
     reads catch what calls from Python do not show (a scripted or compiled module).
     """
-    count, read, base, _ = _pass_parts(run)
-    return max(count, read), base
+    one = _pass_parts(run)
+    return max(one.used, one.read), one.base
 
 
-def _pass_parts(run: Callable[[], Any], record: bool = False) -> tuple[int, int, int, list[int]]:
-    """(1.25 × the count of :class:`LiveTensors`, the resident read, bytes resident after, the count after
-    each call if ``record``): see :func:`pass_bytes`."""
+def _pass_parts(run: Callable[[], Any], record: bool = False) -> _Pass:
+    """The CPU pass ``run()``: 1.25 × the count of :class:`LiveTensors`, the resident read, the bytes resident
+    after, and the count after each call if ``record`` (see :func:`pass_bytes`)."""
     release()
     watch = _Watch()
     with watch.watching(), LiveTensors(record) as live:
@@ -233,7 +244,7 @@ def _pass_parts(run: Callable[[], Any], record: bool = False) -> tuple[int, int,
         watch.look()
     release()
     base = resident()
-    return int(1.25 * live.peak_), watch.top_ - base, base, live.calls_
+    return _Pass(int(1.25 * live.peak_), watch.top_ - base, base, live.calls_)
 
 
 MARGIN = 1.2  # on the extrapolated bytes of an image model's pass (module docstring)
@@ -321,17 +332,6 @@ def _line(b1: int, b2: int, p1: int, p2: int, p: int) -> float:
     return b1 + max(b2 - b1, 0) / (p2 - p1) * (p - p1)
 
 
-class _Pass(NamedTuple):
-    """One measured pass: ``used`` the bytes it needs (CPU: 1.25 × the count; GPU: the allocator's peak over
-    what was allocated before), ``read`` the resident read (GPU: ``used``), ``base`` the bytes resident or
-    allocated beside it, ``calls`` the count after each call (bare passes)."""
-
-    used: int
-    read: int
-    base: int
-    calls: list[int]
-
-
 def _measure(adapter: Any, y: torch.Tensor, sampling: Any, device: torch.device, traced: bool = True) -> _Pass:
     """One pass of ``y``'s K samples under the scan's tracer, or bare (its calls counted) unless ``traced``."""
     from ..tracing.trace import Tracer
@@ -344,19 +344,18 @@ def _measure(adapter: Any, y: torch.Tensor, sampling: Any, device: torch.device,
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        with LiveTensors(record=not traced) as live:
+        live = LiveTensors(record=True)
+        with live if tracer is None else contextlib.nullcontext():  # only a bare pass's calls are extrapolated
             adapter.sample(sampling.repeat(y), latents, observer=tracer)
         if tracer is not None:
             tracer.end_batch(1)
         torch.cuda.synchronize(device)
         used = torch.cuda.max_memory_allocated(device) - base
         return _Pass(used, used, base, live.calls_)
-    count, read, base, calls = _pass_parts(
-        lambda: adapter.sample(sampling.repeat(y), latents, observer=tracer), record=not traced
-    )
+    one = _pass_parts(lambda: adapter.sample(sampling.repeat(y), latents, observer=tracer), record=tracer is None)
     if tracer is not None:
         tracer.end_batch(1)
-    return _Pass(count, read, base, calls)
+    return one
 
 
 def steady_allocator() -> None:
