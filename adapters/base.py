@@ -38,6 +38,7 @@ __all__ = [
     "repeat_rows",
     "standard_normal_log_prob",
     "draw_latents",
+    "plain_latent_shapes",
 ]
 
 
@@ -279,6 +280,15 @@ def draw_latents(
     ]
 
 
+def plain_latent_shapes(adapter: Any, y: Tensor) -> list[tuple[int, ...]] | None:
+    """``adapter``'s :meth:`Adapter.latent_shapes` for ``y`` where its latents are the base class's ``τ·ε`` draw of
+    them (its class keeps :meth:`Adapter.sample_latents`), else ``None``: then only its ``sample_latents`` says
+    what they are."""
+    if getattr(type(adapter), "sample_latents", None) is not Adapter.sample_latents:
+        return None
+    return adapter.latent_shapes(y)
+
+
 def standard_normal_log_prob(latents: list[Tensor]) -> Tensor:
     """``Σ log N(z; 0, I)`` over every latent, per input (B,)."""
     return sum(-0.5 * (z.flatten(1) ** 2 + math.log(2 * math.pi)).sum(1) for z in latents)
@@ -316,9 +326,14 @@ class Adapter(ABC):
     def sites(self) -> list[Site]:
         """The conditional elementwise sites, in forward (encode) order; may be empty (see :meth:`coverage`)."""
 
-    @abstractmethod
     def sample_latents(self, y: Tensor, temperature: float, generator: torch.Generator | None) -> list[Tensor]:
-        """Latents for conditions ``y`` at temperature τ (τ scales the standard-normal ε)."""
+        """Latents for conditions ``y`` at temperature τ: ``τ·ε``, a standard-normal ε of each of
+        :meth:`latent_shapes` drawn in turn from ``generator`` (:func:`draw_latents`). An adapter whose latents
+        are drawn otherwise overrides this (and its :meth:`latent_shapes` then says nothing)."""
+        shapes = self.latent_shapes(y)
+        if shapes is None:
+            raise NotImplementedError(f"{type(self).__name__} gives neither latent_shapes nor sample_latents")
+        return draw_latents(shapes, y, temperature, generator)
 
     @abstractmethod
     def sample(self, y: Tensor, latents: list[Tensor], observer: Observer | None = None) -> Tensor:
@@ -329,6 +344,11 @@ class Adapter(ABC):
         """The forward pass ``z = f(x; y)``: ``(latents, logdet)``."""
 
     # -- with defaults --------------------------------------------------------------------------
+    def latent_shapes(self, y: Tensor) -> list[tuple[int, ...]] | None:
+        """Shapes of one row's latents for conditions ``y`` (no batch axis; they follow ``y``'s shape, not its
+        values), drawn as :meth:`sample_latents` draws them; ``None``: not stated (the adapter draws its own)."""
+        return None
+
     def log_prob(self, x: Tensor, y: Tensor) -> Tensor:
         """``log q(x | y)`` per input (B,): standard-normal latents plus the forward log-det."""
         latents, logdet = self.forward(x, y)

@@ -89,7 +89,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, Observer, Site, draw_latents, elementwise_derivative
+from .base import Adapter, Observer, Site, elementwise_derivative
 from .bounds import LayerBound, module_bound, site_layer
 from .hooks import HookError, first_tensor
 from .speedups import HookedSpeedUps
@@ -466,8 +466,8 @@ class CustomAdapter(HookedSpeedUps, Adapter):
         return len(self.inverse_layers()) == len(self._sites)  # only the sites: one site, or order irrelevant
 
     # -- what the model does ---------------------------------------------------------------------
-    def sample_latents(self, y: Tensor, temperature: float, generator: torch.Generator | None) -> list[Tensor]:
-        return draw_latents([self._latent_shape], y, temperature, generator)
+    def latent_shapes(self, y: Tensor) -> list[tuple[int, ...]]:
+        return [self._latent_shape]
 
     def sample(self, y: Tensor, latents: list[Tensor], observer: Observer | None = None) -> Tensor:
         z = latents[0] if len(latents) == 1 else latents

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Adapter, Observer, PriorSite, Site, UnknownSite, draw_latents, keeps_graph
+from .base import Adapter, Observer, PriorSite, Site, UnknownSite, keeps_graph
 from .bounds import LayerBound, exact, module_bound, site_layer
 
 __all__ = ["LibraryAdapter"]
@@ -51,8 +51,8 @@ class LibraryAdapter(Adapter):
     def layer_names(self) -> list[str]:
         return list(self._layers)
 
-    def sample_latents(self, y: Tensor, temperature: float, generator: torch.Generator | None) -> list[Tensor]:
-        return draw_latents(self._latent_shapes, y, temperature, generator)
+    def latent_shapes(self, y: Tensor) -> list[tuple[int, ...]]:
+        return list(self._latent_shapes)
 
     def inverse_layers(self) -> list[LayerBound]:
         """The base, then every layer in sampling order: the sites it applies, else its module's bound

@@ -166,8 +166,8 @@ class ReferenceAdapter(HookedSpeedUps, Adapter):
         """Every layer of the inverse pass with its bound (:func:`~.bounds.reference_layers`)."""
         return reference_layers(self.model, {id(s.module): s.name for s in self._sites})
 
-    def sample_latents(self, y, temperature, generator):
-        return self.model.sample_latents(y, temperature, generator)
+    def latent_shapes(self, y: Tensor) -> list[tuple[int, ...]]:
+        return [tuple(s[1:]) for s in self.model.latent_shapes(y)]
 
     def sample(self, y: Tensor, latents: list[Tensor], observer: Observer | None = None) -> Tensor:
         if observer is None:

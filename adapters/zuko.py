@@ -271,13 +271,13 @@ class ZukoAdapter(LibraryAdapter):
             return unbounded(name, "base", f"zuko base {type(base).__name__} is not a diagonal normal")
         return gaussian_base(name, base.mean, base.stddev.log())
 
-    def sample_latents(self, y: Tensor, temperature: float, generator: torch.Generator | None) -> list[Tensor]:
+    def latent_shapes(self, y: Tensor) -> list[tuple[int, ...]]:
         key = tuple(y.shape[1:])
         if getattr(self, "_latents_for", None) != key:  # the base's event shape, read off one evaluation a shape
             with torch.no_grad():
                 self._latent_shapes = [tuple(self._base(y[:1].to(self.device))[0].shape[1:])]
             self._latents_for = key
-        return super().sample_latents(y, temperature, generator)
+        return super().latent_shapes(y)
 
     def sample(self, y: Tensor, latents: list[Tensor], observer: Observer | None = None) -> Tensor:
         mean, std = self._base(y)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..adapters import Adapter
+from ..adapters.base import plain_latent_shapes
 
 __all__ = ["Sampling", "batches", "progress_bar", "Phase", "BAR_FACTORY"]
 
@@ -41,11 +42,27 @@ class Sampling:
         return (self.seed * 1_000_003 + set_index * 10**9 + i) % 2**64  # the generator takes 0 … 2**64 - 1
 
     def latents(self, adapter: Adapter, y: Tensor, set_index: int, first: int, device: torch.device) -> list[Tensor]:
-        """K latents for each row of ``y`` (inputs ``first``, ``first + 1``, …), input-major, on ``device``."""
+        """K latents for each row of ``y`` (inputs ``first``, ``first + 1``, …), input-major, on ``device``.
+
+        Where the adapter's latents are plain ``τ·ε`` of stated shapes (every bundled adapter's:
+        :func:`~flowaudit.adapters.base.plain_latent_shapes`), each input's ε is drawn from its generator straight
+        into one buffer a latent, with no call, product or copy an input (a small flow's pass holds a thousand
+        inputs); else the adapter draws each input's.
+        """
         g = torch.Generator()
         # input j's rows are a view of the input-major layout (the same values as its own repeat), one split for all
+        inputs = self.repeat(y.cpu()).split(self.samples)
+        shapes = plain_latent_shapes(adapter, inputs[0]) if inputs else None
+        if shapes is not None:
+            k = self.samples
+            out = [torch.empty((len(y) * k, *s), dtype=y.dtype) for s in shapes]
+            for j in range(len(y)):
+                g.manual_seed(self.seed_of(set_index, first + j))
+                for z in out:
+                    z[j * k : (j + 1) * k].normal_(generator=g)  # what draw_latents' torch.randn draws
+            return [z.mul_(self.temperature).to(device) for z in out]
         per_input = []
-        for j, rows in enumerate(self.repeat(y.cpu()).split(self.samples)):
+        for j, rows in enumerate(inputs):
             g.manual_seed(self.seed_of(set_index, first + j))
             per_input.append(adapter.sample_latents(rows, self.temperature, g))
         return [torch.cat(parts).to(device) for parts in zip(*per_input)]
