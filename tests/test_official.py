@@ -72,6 +72,23 @@ def test_encode_matches_the_official_code(case):
     assert rel(adapter.official_logdet(latents, logdet), fx["encode_logdet"]) <= TOL, name
 
 
+@pytest.mark.parametrize("name", ["ncsr-x4", "fs-ncsr-x4"])
+def test_noise_steps_past_k_mean_every_step_as_in_the_official_code(name):
+    """The released option files say S = [0, 16, 16]; on weights of fewer steps a level (K = 1 here) the official
+    code uses the noise in every step, as S = [0, K, K] does. The fixture's outputs, made by the official code with
+    S = [0, 1, 1], are what S = [0, 16, 16] gives; a level without an entry is refused."""
+    fx = fixture(name)
+    flags = {**options(name), "std_steps": [0, 16, 16]}
+    adapter = off.build(fx["state_dict"], name, **flags)
+    with torch.no_grad():
+        latents, _ = adapter.forward(fx["gt"], fx["lr"])
+        official = adapter.to_official_latents(fx["lr"], latents)
+    for got, want in zip(official, fx["encode_z"], strict=True):
+        assert rel(got, want) <= TOL
+    with pytest.raises(ModelError, match=r"--std-steps \[0, 16\], but the weights have L = 3 levels"):
+        off.build(fx["state_dict"], name, **{**flags, "std_steps": [0, 16]})
+
+
 def test_log_prob_equals_the_official_objective(case):
     name, fx, adapter = case
     y = fx["lr"]
