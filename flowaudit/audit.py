@@ -286,7 +286,8 @@ def inspect(model: Any, data: Any = None, settings: Settings | None = None, **op
     _check_shape(adapter, cs, "--data", settings.threads)
     cs = _first(cs.finite(), 256)
     with auditing(adapter, probe.device, probe.threads):
-        tracer, _ = sample_set(adapter, cs, 0, "in", np.full(len(cs.y), np.nan), probe)
+        # a few passes: read by tensor operations, without loading the tracer's compiled loops (time and memory)
+        tracer, _ = sample_set(adapter, cs, 0, "in", np.full(len(cs.y), np.nan), probe, compiled=False)
         sites = site_entries(adapter, [tracer], probe.remark2_threshold)
     body = {"flowaudit_version": __version__, "kind": "inspect", **_stamp(), "model": _model_entry(adapter, sites)}
     return Report({**body, "data": {"in": cs.description}})

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from flowaudit.adapters.base import log_gain_reporter
@@ -61,8 +62,8 @@ def _row_sets(seed: int) -> list[torch.Tensor]:
     return calls + [junk, repeated]
 
 
-def _fed(log: bool, calls: list[torch.Tensor]) -> Tracer:
-    tracer = Tracer(Sampling(4, 0.9, 0), param_budget=300)
+def _fed(log: bool, calls: list[torch.Tensor], compiled: bool = True) -> Tracer:
+    tracer = Tracer(Sampling(4, 0.9, 0), param_budget=300, compiled=compiled)
     params = torch.Generator().manual_seed(9)
     for round_ in range(3):
         for i, ell in enumerate(calls):
@@ -75,9 +76,12 @@ def _fed(log: bool, calls: list[torch.Tensor]) -> Tracer:
     return tracer
 
 
-def test_log_gains_give_the_figures_of_their_gains():
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "tensors"])
+def test_log_gains_give_the_figures_of_their_gains(compiled):
+    """By the compiled loops or by tensor operations (a device, or a tracer without the loops), the figures of
+    the gains float32(e^ℓ) rounded once, to the last bit."""
     calls = _row_sets(0)
-    logs, gains = _fed(True, calls), _fed(False, calls)
+    logs, gains = _fed(True, calls, compiled), _fed(False, calls)
     for i in range(len(calls)):
         a, b = logs.gains[f"s{i}"].state(), gains.gains[f"s{i}"].state()
         assert torch.equal(a["counts"], b["counts"]) and torch.equal(a["ext"], b["ext"]), i

@@ -75,24 +75,19 @@ def test_input_bins_are_four_site_bins():
     assert int(ref.input_counts[0, 40]) == 2 and int(ref.input_counts[0, 39]) == 1  # 1.0 and 1.2 in [1, 1.259)
 
 
-def _traced(compiled: bool, passes: list, monkeypatch) -> Tracer:
+def _traced(compiled: bool, passes: list) -> Tracer:
     """A tracer fed ``passes`` of (layer values, gains, params): by the CPU's compiled loops or by tensor operations."""
-    with monkeypatch.context() as m:
-        if not compiled:
-            m.setattr("flowaudit.tracing.trace.host_array", lambda t: None)
-        tracer = Tracer(Sampling(4, 0.9, 0), param_budget=200)
-        for x, gain, params in passes:
-            tracer.layer("a", x)
-            tracer.site("s", gain, params)
-            tracer.layer("b", x[:, :2].transpose(1, 2))  # strided
-            tracer.site("t", gain[:, :3] * 2, params[:, :5])
-            tracer.layer("c", x[:, 0, :5, :5])  # rows of one chunk or less
-            tracer.layer(
-                "d", x.transpose(0, 1).contiguous().transpose(0, 1)
-            )  # channel-major, dense: read where it lies
-            tracer.site("u", gain[:, :2].double(), params[:, :3])  # float64 gains: tensor operations in the same pass
-            tracer.site("v", gain[:, :1, :7].half(), None)  # float16, widened; no parameter rows
-            tracer.end_batch(x.shape[0] // 4)
+    tracer = Tracer(Sampling(4, 0.9, 0), param_budget=200, compiled=compiled)
+    for x, gain, params in passes:
+        tracer.layer("a", x)
+        tracer.site("s", gain, params)
+        tracer.layer("b", x[:, :2].transpose(1, 2))  # strided
+        tracer.site("t", gain[:, :3] * 2, params[:, :5])
+        tracer.layer("c", x[:, 0, :5, :5])  # rows of one chunk or less
+        tracer.layer("d", x.transpose(0, 1).contiguous().transpose(0, 1))  # channel-major, dense: read where it lies
+        tracer.site("u", gain[:, :2].double(), params[:, :3])  # float64 gains: tensor operations in the same pass
+        tracer.site("v", gain[:, :1, :7].half(), None)  # float16, widened; no parameter rows
+        tracer.end_batch(x.shape[0] // 4)
     return tracer
 
 
@@ -117,7 +112,7 @@ def _assert_same_figures_of(compiled: Tracer, tensors: Tracer, sites: tuple[str,
 
 
 @pytest.mark.parametrize("junk", [False, True], ids=["clean", "junk"])
-def test_compiled_loops_equal_tensor_operations(junk, monkeypatch):
+def test_compiled_loops_equal_tensor_operations(junk):
     """The CPU's compiled loops give the figures of the tensor operations a device runs: counts, extremes,
     per-input figures and kept rows exactly, layer sums to the last bits (a chunk's sum associates
     differently); with Inf, NaN of either sign, negative, zero and denormal gains and non-finite layer values."""
@@ -134,7 +129,7 @@ def test_compiled_loops_equal_tensor_operations(junk, monkeypatch):
             gain[-1, 0] = math.nan  # a row of NaN where the float16 site reads
             x[0, 0, 0, 0], x[1, 1, 1, 1], x[2, 0, 3, 3] = math.inf, math.nan, -math.inf
         passes.append((x, gain, torch.randn(4 * n, 12, generator=g)))
-    _assert_same_figures(_traced(True, passes, monkeypatch), _traced(False, passes, monkeypatch))
+    _assert_same_figures(_traced(True, passes), _traced(False, passes))
 
 
 def test_first_bits_start_each_index_of_the_bit_table():
@@ -146,7 +141,7 @@ def test_first_bits_start_each_index_of_the_bit_table():
         assert torch.equal(bins.index(b, (b >> 16) & 0xFFFF).long(), want)
 
 
-def test_rows_spanning_few_bins_are_counted_as_every_row(monkeypatch):
+def test_rows_spanning_few_bins_are_counted_as_every_row():
     """Rows of finite positive gains spanning a few bin indices (counted by compares, not by the table) give the
     figures of the tensor operations: gains at each bin's first bits and just below, rows spanning the most
     indices counted that way and one more, rows of a single bin, beside wide rows and rows with junk."""
@@ -169,10 +164,10 @@ def test_rows_spanning_few_bins_are_counted_as_every_row(monkeypatch):
         if n == 3:
             gain[5, 0, 0], gain[9, 1, 1] = math.inf, -math.nan  # a NaN with the sign bit in an input without +inf
         passes.append((torch.randn(4 * n, 3, 70, 30, generator=g), gain, torch.randn(4 * n, 12, generator=g)))
-    _assert_same_figures(_traced(True, passes, monkeypatch), _traced(False, passes, monkeypatch))
+    _assert_same_figures(_traced(True, passes), _traced(False, passes))
 
 
-def test_rows_that_repeat_their_input_s_first_count_as_it(monkeypatch):
+def test_rows_that_repeat_their_input_s_first_count_as_it():
     """Rows equal bit for bit to their input's first row (a site whose parameters come from the condition alone)
     are counted as that row without being binned again: the figures of the tensor operations, also where only some
     rows repeat, where the first repeat comes late, and where the repeated row holds Inf, NaN of either sign and 0."""
@@ -186,10 +181,10 @@ def test_rows_that_repeat_their_input_s_first_count_as_it(monkeypatch):
             gain[2, 1] *= 2  # the second differs: the third and fourth, equal to the first, are binned
             gain[3, :, 0, :4] = torch.tensor([math.inf, math.nan, -math.nan, 0.0])  # a repeated row of junk
         passes.append((x, gain.reshape(4 * n, 6, 100), torch.randn(4 * n, 12, generator=g)))
-    _assert_same_figures(_traced(True, passes, monkeypatch), _traced(False, passes, monkeypatch))
+    _assert_same_figures(_traced(True, passes), _traced(False, passes))
 
 
-def test_repeated_rows_add_their_first_row_s_counts_only(monkeypatch):
+def test_repeated_rows_add_their_first_row_s_counts_only():
     """An input whose first row repeats and whose other rows reach bins the first row does not: the repeats add the
     first row's counts there and nothing at the other bins, also after an input whose first row filled those."""
     first = GainBins(GAIN_EDGES, torch.device("cpu")).first_bits.astype(np.int64)
@@ -207,10 +202,10 @@ def test_repeated_rows_add_their_first_row_s_counts_only(monkeypatch):
     passes = [
         (torch.randn(8, 3, 70, 30, generator=g), torch.stack(rows).reshape(8, 6, 100), torch.randn(8, 12, generator=g))
     ]
-    _assert_same_figures(_traced(True, passes, monkeypatch), _traced(False, passes, monkeypatch))
+    _assert_same_figures(_traced(True, passes), _traced(False, passes))
 
 
-def test_calls_that_are_not_whole_inputs_count_as_one_input_everywhere(monkeypatch):
+def test_calls_that_are_not_whole_inputs_count_as_one_input_everywhere():
     """A call whose rows are not whole inputs (32 rows, K = 12; 5 rows, K = 12) is one input for layers and sites,
     on the CPU's compiled loops as in the tensor operations: the same figures, its extremes charged to every input
     of the pass, its layer sums those of one input."""
@@ -223,15 +218,12 @@ def test_calls_that_are_not_whole_inputs_count_as_one_input_everywhere(monkeypat
     whole = (torch.randn(36, 4, generator=g) * 2).exp()
 
     def traced(compiled: bool) -> Tracer:
-        with monkeypatch.context() as m:
-            if not compiled:
-                m.setattr("flowaudit.tracing.trace.host_array", lambda t: None)
-            tracer = Tracer(Sampling(12, 0.9, 0), param_budget=100)
-            tracer.site("whole", whole, torch.randn(36, 3, generator=torch.Generator().manual_seed(1)))
-            tracer.site("odd", odd["gain"], torch.randn(32, 3, generator=torch.Generator().manual_seed(2)))
-            tracer.site("short", odd["short"], None)
-            tracer.layer("odd", odd["layer"])
-            tracer.end_batch(3)
+        tracer = Tracer(Sampling(12, 0.9, 0), param_budget=100, compiled=compiled)
+        tracer.site("whole", whole, torch.randn(36, 3, generator=torch.Generator().manual_seed(1)))
+        tracer.site("odd", odd["gain"], torch.randn(32, 3, generator=torch.Generator().manual_seed(2)))
+        tracer.site("short", odd["short"], None)
+        tracer.layer("odd", odd["layer"])
+        tracer.end_batch(3)
         return tracer
 
     compiled, tensors = traced(True), traced(False)

@@ -86,11 +86,20 @@ class Keeper:
 
 
 def sample_set(
-    adapter: Adapter, cs: ConditionSet, set_index: int, set_name: str, s_ood: np.ndarray, settings: Settings
+    adapter: Adapter,
+    cs: ConditionSet,
+    set_index: int,
+    set_name: str,
+    s_ood: np.ndarray,
+    settings: Settings,
+    compiled: bool = True,
 ) -> tuple[Tracer, list[dict]]:
-    """Sample every input of ``cs`` K times under a tracer; ``(tracer, records)``."""
+    """Sample every input of ``cs`` K times under a tracer; ``(tracer, records)``. ``compiled=False``: the tracer
+    reads with tensor operations (a few passes, not worth loading its compiled loops: :class:`Tracer`)."""
     with Phase(len(cs.y), f"sample {set_name}", settings.progress) as phase:
-        return sample_range(adapter, cs, set_index, set_name, s_ood, settings, slice(0, len(cs.y)), phase=phase)
+        return sample_range(
+            adapter, cs, set_index, set_name, s_ood, settings, slice(0, len(cs.y)), phase=phase, compiled=compiled
+        )
 
 
 def sample_range(
@@ -105,15 +114,17 @@ def sample_range(
     phase: Phase | None = None,
     part: object = None,
     keep: Keeper | None = None,
+    compiled: bool = True,
 ) -> tuple[Tracer, list[dict]]:
     """Sample inputs ``rows`` of ``cs`` K times under a fresh tracer; ``(tracer, records)``.
 
     ``s_ood`` holds the scores of these inputs (``len == rows.stop - rows.start``). ``first_pass``
     numbers the passes for the tracer (default: the pass index the range starts at). Each pass
-    advances ``part`` of the run's ``phase`` bar (none: no bar) and is offered to ``keep``.
+    advances ``part`` of the run's ``phase`` bar (none: no bar) and is offered to ``keep``; ``compiled`` goes to
+    the :class:`Tracer`.
     """
     per = settings.inputs_per_pass
-    tracer = Tracer(settings.sampling, spatial=spatial_sites(adapter)).start_at(
+    tracer = Tracer(settings.sampling, spatial=spatial_sites(adapter), compiled=compiled).start_at(
         rows.start, rows.start // per if first_pass is None else first_pass
     )
     records: list[dict] = []

@@ -25,6 +25,9 @@ from torch import Tensor
 __all__ = [
     "GAIN_EDGES",
     "INPUT_EDGES",
+    "NB",
+    "NI",
+    "KEY_START",
     "bin_index",
     "GainBins",
     "order_keys",
@@ -38,6 +41,8 @@ GAIN_EDGES = np.round(np.arange(-4.0, 8.0 + 1e-9, 0.025), 10)
 # per input a coarser histogram (0.1 decade, four bins of GAIN_EDGES: coarse bin = site bin // 4),
 # 120 counts an input
 INPUT_EDGES = np.round(np.arange(-4.0, 8.0 + 1e-9, 0.1), 10)
+NB, NI = len(GAIN_EDGES) - 1, len(INPUT_EDGES) - 1  # bins a site, coarse bins an input
+KEY_START = 2**31 - 1  # a site's smallest order key before any gain: above every key
 
 _INF_BITS = 0x7F800000
 

@@ -18,13 +18,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .binning import GAIN_EDGES, INPUT_EDGES, GainBins, bin_index, histogram_quantile
-from .host_kernels import KEY_START
+from .binning import GAIN_EDGES, KEY_START, NB, NI, GainBins, bin_index, histogram_quantile
 from .scratch import Scratch
 
 __all__ = ["GainPass", "GainStats", "summarize", "settle", "settle_inputs"]
 
-_NB, _NI = len(GAIN_EDGES) - 1, len(INPUT_EDGES) - 1
 _SIGN = -(2**31)
 _KEY_INF = (0x7F800000 - 1) ^ _SIGN  # the key of +inf: keys below it are finite positive gains
 
@@ -52,13 +50,11 @@ class GainPass:
 def settle(every: Tensor, key: Tensor, top: Tensor) -> tuple[Tensor, Tensor]:
     """(counts, ext) of a raw pass (:class:`GainPass`)."""
     inf = math.inf
-    counts = every[1 : _NB + 1]
+    counts = every[1 : NB + 1]
     low = ((key.long() ^ _SIGN) + 1).to(torch.int32).view(torch.float32)
     low = torch.where(key < _KEY_INF, low, torch.full_like(low, inf))
     top = torch.where(top > 0, top, torch.full_like(top, -inf))
-    return counts, torch.stack(
-        [counts.sum().double(), (every[0] + every[_NB + 1]).double(), low.double(), top.double()]
-    )
+    return counts, torch.stack([counts.sum().double(), (every[0] + every[NB + 1]).double(), low.double(), top.double()])
 
 
 def settle_inputs(c: Tensor | np.ndarray) -> Tensor | np.ndarray:
@@ -66,12 +62,12 @@ def settle_inputs(c: Tensor | np.ndarray) -> Tensor | np.ndarray:
     (four site bins a coarse bin) or (inputs, 122) over the coarse bins, with g ≤ 0 and +inf in the
     end columns (into the first and last bin); settled (inputs, 120) counts are returned as they are.
     A tensor or a numpy array, the same kind back."""
-    if c.shape[1] == _NI:
+    if c.shape[1] == NI:
         return c
-    if c.shape[1] == _NI + 2:
-        hist = c[:, 1 : _NI + 1] + 0  # a copy, in either library
+    if c.shape[1] == NI + 2:
+        hist = c[:, 1 : NI + 1] + 0  # a copy, in either library
     else:
-        hist = c[:, 1 : _NB + 1].reshape(c.shape[0], _NI, _NB // _NI).sum(2)
+        hist = c[:, 1 : NB + 1].reshape(c.shape[0], NI, NB // NI).sum(2)
     hist[:, 0] += c[:, 0]
     hist[:, -1] += c[:, -1]
     return hist
@@ -115,8 +111,8 @@ def summarize(gain: Tensor, samples: int | None = None, work: Scratch | None = N
     )  # 0: g ≤ 0, 1…B: bins, B+1: +inf
     n = gs.shape[0] // samples if samples else 1
     if n > 1:  # one count for the site and its inputs: input i's indices shifted by i (B + 2)
-        idx.view(n, -1).add_((torch.arange(n, device=dev, dtype=torch.int32) * (_NB + 2))[:, None])
-    per_input = _count(idx, n * (_NB + 2)).view(n, _NB + 2)
+        idx.view(n, -1).add_((torch.arange(n, device=dev, dtype=torch.int32) * (NB + 2))[:, None])
+    per_input = _count(idx, n * (NB + 2)).view(n, NB + 2)
     every = per_input.sum(0) if n > 1 else per_input[0]
     out = GainPass(None, None, row_max.double())
     if samples:
@@ -137,7 +133,7 @@ def _summarize_reference(g: Tensor, samples: int | None) -> GainPass:
     flat = g.reshape(-1)
     ok = torch.isfinite(flat) & (flat > 0)
     idx = bin_index(torch.where(ok, flat, torch.ones_like(flat)), GAIN_EDGES)
-    counts = torch.zeros(_NB, dtype=torch.int64, device=g.device).scatter_add_(0, idx, ok.to(torch.int64))
+    counts = torch.zeros(NB, dtype=torch.int64, device=g.device).scatter_add_(0, idx, ok.to(torch.int64))
     f = flat.to(torch.float64)
     inf = torch.full_like(f, math.inf)
     ext = torch.stack(
@@ -153,8 +149,8 @@ def _summarize_reference(g: Tensor, samples: int | None) -> GainPass:
     out = GainPass(counts, ext, g64.amax(1) if g64.shape[1] else g64.new_zeros(g64.shape[0]))
     if samples:
         rows = g64.reshape(-1, samples * g64.shape[1])
-        idx = bin_index(rows.clamp_min(1e-300), GAIN_EDGES) // (_NB // _NI)  # four site bins a coarse bin
-        out.input_counts = torch.zeros(rows.shape[0], _NI, dtype=torch.int64, device=g.device).scatter_add_(
+        idx = bin_index(rows.clamp_min(1e-300), GAIN_EDGES) // (NB // NI)  # four site bins a coarse bin
+        out.input_counts = torch.zeros(rows.shape[0], NI, dtype=torch.int64, device=g.device).scatter_add_(
             1, idx, torch.ones_like(idx)
         )
         out.input_max, out.input_min = rows.amax(1), rows.amin(1)
@@ -187,7 +183,7 @@ class GainStats:
         """The CPU's running figures that :func:`~flowaudit.tracing.host_kernels.site_counts` adds to in place:
         the (B + 2) counts (g ≤ 0, the bins, +inf and NaN) and [smallest order key, largest finite positive bits]."""
         if self._host is None:
-            self._host = (np.zeros(_NB + 2, dtype=np.int64), np.array([KEY_START, 0], dtype=np.int64))
+            self._host = (np.zeros(NB + 2, dtype=np.int64), np.array([KEY_START, 0], dtype=np.int64))
         return self._host
 
     def _settle(self) -> "GainStats":
@@ -198,10 +194,10 @@ class GainStats:
             (every, (key, top)), self._host = self._host, None
             low = _float32((int(key) ^ _SIGN) + 1) if key < _KEY_INF else math.inf  # the key's bits, back
             top = _float32(int(top)) if top > 0 else -math.inf
-            counts = torch.from_numpy(every[1 : _NB + 1].copy())
+            counts = torch.from_numpy(every[1 : NB + 1].copy())
             self._merge(
                 counts,
-                torch.tensor([float(counts.sum()), float(every[0] + every[_NB + 1]), low, top], dtype=torch.float64),
+                torch.tensor([float(counts.sum()), float(every[0] + every[NB + 1]), low, top], dtype=torch.float64),
             )
         return self
 
@@ -239,7 +235,7 @@ class GainStats:
     @property
     def counts(self) -> np.ndarray:
         self._settle()
-        return np.zeros(_NB, dtype=np.int64) if self._counts is None else self._counts.cpu().numpy()
+        return np.zeros(NB, dtype=np.int64) if self._counts is None else self._counts.cpu().numpy()
 
     def _ext_values(self) -> list[float]:
         self._settle()

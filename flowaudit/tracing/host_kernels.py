@@ -24,7 +24,7 @@ import numba
 import numpy as np
 import torch
 
-from .binning import GAIN_EDGES, INPUT_EDGES
+from .binning import GAIN_EDGES, KEY_START, NB, NI
 
 __all__ = [
     "host_array",
@@ -40,11 +40,9 @@ __all__ = [
     "KEY_START",
 ]
 
-NB, NI = len(GAIN_EDGES) - 1, len(INPUT_EDGES) - 1
 _PER_COARSE = NB // NI
 _SIGN = np.int64(-(2**31))
 _INF_BITS = 0x7F800000
-KEY_START = 2**31 - 1  # a site's smallest order key before any gain: above every key
 _CHUNK = 4096
 # a row spanning at most this many bins is counted by compares (_count_narrow), a wider one by a table and a scatter
 _NARROW = 24

@@ -6,7 +6,8 @@ gain :math:`g_r`. :class:`ParamReservoir` keeps :math:`k = \max(2, \lfloor \text
 :math:`\lceil k/2 \rceil` with the smallest keys :math:`u_r = \text{SplitMix64}(\text{salt}, r) / 2^{64}`,
 :math:`r` the row's global index (a uniform sample). Both halves order rows by (score, row id), a strict total
 order, so the top k of a union is the top k of the parts' top k: the same rows whatever the batches, shards or
-ranks. On the CPU each half is a heap fed by :func:`~flowaudit.tracing.host_kernels.offer`.
+ranks. On the CPU each half is a heap fed by :func:`~flowaudit.tracing.host_kernels.offer` (a reservoir
+``compiled=False`` keeps using tensor operations there, as on a device: the same rows, with no numba loaded).
 
 A row too large for two a half (:math:`m > \text{budget}/2`) of a *spatial* site (parameters laid out
 (…, H, W), the map elementwise over positions, so a window of a row is itself a parameter tensor) is cut into
@@ -19,11 +20,12 @@ image size. Rows that fit are kept whole, as above.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import Tensor
 
-from .host_kernels import heapify, host_array, offer, salt_mix
 from .windows import Tiling
 
 __all__ = ["ParamReservoir", "uniform_keys"]
@@ -72,6 +74,8 @@ class _Half:
 
     @classmethod
     def of(cls, kept: tuple[Tensor, Tensor, Tensor] | None, k: int, like: Tensor) -> "_Half":
+        from .host_kernels import heapify
+
         out = cls(k, like)
         if kept is not None and len(kept[1]):
             n = len(kept[1])
@@ -98,15 +102,21 @@ class ParamReservoir:
         generator: the seeded generator of the random keys, on the parameters' device.
         spatial: the site's parameters are laid out (…, H, W) and act elementwise over positions, so rows too
             large for the budget may be kept as windows (:class:`~flowaudit.tracing.windows.Tiling`).
+        compiled: CPU rows go to the compiled loops (loaded on the first), else to tensor operations.
 
     Row ids (global row, input, batch) travel with the rows so the report can say how many
     inputs and batches the kept points come from; a window's first id is its unit id (module docstring).
     """
 
     def __init__(
-        self, budget: int, generator: torch.Generator | None = None, salt: int = 0, spatial: bool = False
+        self,
+        budget: int,
+        generator: torch.Generator | None = None,
+        salt: int = 0,
+        spatial: bool = False,
+        compiled: bool = True,
     ) -> None:
-        self.budget, self.generator, self.salt, self.spatial = budget, generator, salt, spatial
+        self.budget, self.generator, self.salt, self.spatial, self.compiled = budget, generator, salt, spatial, compiled
         self.tiling: Tiling | None = None  # decided by the first rows offered (:meth:`_cut`)
         self.rows_seen = self.skipped = 0
         self._top: tuple[Tensor, Tensor, Tensor] | None = None  # rows, gain, ids
@@ -114,7 +124,8 @@ class ParamReservoir:
         self._next_id: int | None = 0  # every kept row id is below it (None: unknown)
         self._host: tuple[_Half, _Half] | None = None  # the CPU's halves (:meth:`_flush` turns them into _top, _rand)
         self._offer_args: tuple = ()  # with the halves: their row shape, dtype and arrays (:meth:`_start_host`)
-        self._mix = salt_mix(salt)
+        self._offer: Any = None  # with the halves: the compiled loop and the salt's term of its keys
+        self._mix: Any = None
         self._keys = np.empty(0)  # scratch: the random half's scores of a call's rows
 
     def capacity(self, per_row: int) -> tuple[int, int]:
@@ -171,7 +182,9 @@ class ParamReservoir:
         without one gain a row offers its rows at gain 0. ``gain``: the call's gains at every position, which
         score the windows of rows kept as windows (unused otherwise)."""
         rows = params.detach()
-        if rows.device.type == "cpu":
+        if rows.device.type == "cpu" and self.compiled:
+            from .host_kernels import host_array
+
             g = None if gain is None else host_array(gain.detach())
             self.add_host(host_array(rows), np.asarray(row_gain, dtype=np.float64), first_input, samples, batch, g)
         else:
@@ -225,7 +238,7 @@ class ParamReservoir:
         if len(self._keys) < n:
             self._keys = np.empty(n)
         samples = max(samples, 1)
-        offer(
+        self._offer(
             row_gain if len(row_gain) == n else np.zeros(n),
             rows.astype(dtype, copy=False).reshape(n, -1),  # a view where contiguous, widened exactly where narrow
             first_input * samples,
@@ -259,11 +272,14 @@ class ParamReservoir:
             self._keys = np.empty(1)
         for u in at:
             window = np.ascontiguousarray(self.tiling.window(rows, int(u)), dtype=dtype).reshape(1, -1)
-            offer(scores[u : u + 1], window, first + int(u), samples, batch, self._mix, self._keys[:1], *arrays)
+            self._offer(scores[u : u + 1], window, first + int(u), samples, batch, self._mix, self._keys[:1], *arrays)
         return True
 
     def _start_host(self, rows: np.ndarray) -> None:
         """The CPU's halves, holding what the reservoir kept so far (rows of the kept shape, else of ``rows``')."""
+        from .host_kernels import offer, salt_mix
+
+        self._offer, self._mix = offer, salt_mix(self.salt)
         like = torch.from_numpy(rows[:1])
         shape = self._row_shape() or tuple(like.shape[1:])
         like = like.new_empty((1, *shape))

@@ -7,7 +7,9 @@ layer, running float64 sums of the finite values, the largest :math:`|v|` and th
 :class:`~flowaudit.tracing.reservoir.ParamReservoir` for the Remark 2 probe. Each call is read once and only
 these figures are kept, so nothing grows with the number of inputs but a few numbers per input. On a GPU the
 reads are tensor operations with no host sync until a batch ends; on the CPU, compiled loops
-(:mod:`flowaudit.tracing.host_kernels`) with the same results. :func:`layer_table` turns the in-distribution and
+(:mod:`flowaudit.tracing.host_kernels`) with the same results, loaded when a tracer first needs them: numba and
+the loops cost a process about 0.8 s and 120 MB, which a tracer of a few small passes (``inspect``) does without
+(``compiled=False``: tensor operations there too). :func:`layer_table` turns the in-distribution and
 OOD traces into the report's ``layers`` rows and names the explosion layer.
 """
 
@@ -17,6 +19,7 @@ import itertools
 import math
 import zlib
 from collections.abc import Collection, Sequence
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -24,9 +27,8 @@ import torch
 from torch import Tensor
 
 from ..config.sampling import Sampling
-from .binning import GAIN_EDGES, INPUT_EDGES, GainBins, histogram_quantiles, log_first_keys
+from .binning import GAIN_EDGES, INPUT_EDGES, NB, NI, GainBins, histogram_quantiles, log_first_keys
 from .gains import GainStats, settle_inputs, summarize
-from .host_kernels import NB, NI, host_array, layer_sums, memory_rows, site_counts
 from .layer_stats import LayerStats, layer_device
 from .reservoir import ParamReservoir
 from .scratch import Scratch
@@ -56,6 +58,13 @@ def _rows_per_input(shape: tuple[int, ...], samples: int) -> int:
     return (shape[0] if shape else 1) // _inputs(shape, samples)
 
 
+def _compiled_loops() -> ModuleType:
+    """:mod:`.host_kernels`, imported on first use (module docstring)."""
+    from . import host_kernels
+
+    return host_kernels
+
+
 class _HostScratch:
     """The compiled loops' temporaries, allocated once a tracer and grown as needed."""
 
@@ -83,9 +92,12 @@ class Tracer:
         param_budget: points of parameters kept per site for the Remark 2 probe.
         spatial: the sites whose parameters are laid out (…, H, W), elementwise over positions
             (``Site.spatial_params``): their rows too large for the budget are kept as windows.
+        compiled: read CPU calls with the compiled loops (module docstring), else with tensor operations.
     """
 
-    def __init__(self, sampling: Sampling, param_budget: int = 65536, spatial: Collection[str] = ()):
+    def __init__(
+        self, sampling: Sampling, param_budget: int = 65536, spatial: Collection[str] = (), compiled: bool = True
+    ):
         self.sampling = sampling
         self.param_budget = param_budget
         self.spatial = frozenset(spatial)
@@ -99,7 +111,8 @@ class Tracer:
         self._batch: dict[str, Any] = {}  # the pass in progress: per-input extremes and counts
         self._pass_host: tuple[np.ndarray, ...] | None = None  # those of _batch the compiled loop adds to
         self._work = Scratch()
-        self._host = _HostScratch()
+        self._loops = _compiled_loops() if compiled else None
+        self._host = _HostScratch() if compiled else None
         self._plans: dict[str, tuple] = {}  # per site, what its CPU calls of one shape need (:meth:`_plan`)
         self._inputs_seen = self._batches_seen = 0
 
@@ -145,19 +158,21 @@ class Tracer:
         stats = self._layers.get(name)
         if stats is None:
             stats = self._layers[name] = LayerStats()
-        v = host_array(x)
+        loops = self._loops
+        v = None if loops is None else loops.host_array(x)
         if v is not None and v.dtype == np.float32 and v.size:  # the compiled loop, at the call
             n = _inputs(v.shape, self.sampling.samples)
-            flat, rows = memory_rows(v, n)  # read where it lies, no copy
+            flat, rows = loops.memory_rows(v, n)  # read where it lies, no copy
             h = self._host
-            layer_sums(flat, flat.view(np.int32), rows, n, stats.host_acc(), h.conv, h.convf)
+            loops.layer_sums(flat, flat.view(np.int32), rows, n, stats.host_acc(), h.conv, h.convf)
         else:  # another device or dtype (LayerStats.add skips empty tensors)
             stats.add(x, _inputs(x.shape, self.sampling.samples), self._work)
 
     def site(self, name: str, gain: Tensor, params: Any) -> None:
-        g = host_array(gain)
+        loops = self._loops
+        g = None if loops is None else loops.host_array(gain)
         if g is not None and g.dtype in _HOST_GAINS and g.size:
-            rows = host_array(params) if isinstance(params, Tensor) else None
+            rows = loops.host_array(params) if isinstance(params, Tensor) else None
             if rows is not None or not isinstance(params, Tensor):  # parameters on the CPU too, or none
                 self._site_host(name, g, rows if _param_rows(rows) else None)
                 return
@@ -175,14 +190,16 @@ class Tracer:
     def site_log(self, name: str, log_gain: Tensor, params: Any) -> None:
         """:meth:`site` given the log inverse gain ``ln(1/c')`` (a model's log-determinant terms). On the CPU its
         float32 values are binned as they are (the same bins: :func:`~flowaudit.tracing.binning.log_first_keys`),
-        so no ``exp`` runs over the call; elsewhere its ``exp`` goes to :meth:`site`."""
-        ell = host_array(log_gain)
+        so no ``exp`` runs over the call; elsewhere its gains go to :meth:`site`, each rounded once from the float64
+        ``exp`` as the bins and the compiled loops take them (a float32 ``exp`` may be an ulp off)."""
+        loops = self._loops
+        ell = None if loops is None else loops.host_array(log_gain)
         if ell is not None and ell.dtype == np.float32 and ell.size:
-            rows = host_array(params) if isinstance(params, Tensor) else None
+            rows = loops.host_array(params) if isinstance(params, Tensor) else None
             if rows is not None or not isinstance(params, Tensor):
                 self._site_host(name, ell, rows if _param_rows(rows) else None, log=True)
                 return
-        self.site(name, log_gain.exp(), params)
+        self.site(name, log_gain.double().exp().to(log_gain.dtype), params)
 
     def _site_host(self, name: str, g: np.ndarray, rows: np.ndarray | None, log: bool = False) -> None:
         """A CPU call: binned and counted by the compiled loop (:func:`~flowaudit.tracing.host_kernels.site_counts`),
@@ -201,7 +218,7 @@ class Tracer:
         ):  # the pass's first call, or other inputs
             mine = self._start_pass_host(inputs)
         h = self._host
-        site_counts(
+        self._loops.site_counts(
             flat.view(np.int32),
             flat,
             log,
@@ -270,6 +287,7 @@ class Tracer:
                 self.param_budget,
                 salt=self.sampling.seed * 1_000_003 + zlib.crc32(name.encode()),
                 spatial=name in self.spatial,
+                compiled=self._loops is not None,
             )
         return r
 
