@@ -49,20 +49,18 @@ class Sampling:
         into one buffer a latent, with no call, product or copy an input (a small flow's pass holds a thousand
         inputs); else the adapter draws each input's.
         """
-        g = torch.Generator()
-        # input j's rows are a view of the input-major layout (the same values as its own repeat), one split for all
-        inputs = self.repeat(y.cpu()).split(self.samples)
-        shapes = plain_latent_shapes(adapter, inputs[0]) if inputs else None
+        g, k = torch.Generator(), self.samples
+        shapes = plain_latent_shapes(adapter, self.repeat(y[:1].cpu())) if len(y) else None
         if shapes is not None:
-            k = self.samples
             out = [torch.empty((len(y) * k, *s), dtype=y.dtype) for s in shapes]
             for j in range(len(y)):
                 g.manual_seed(self.seed_of(set_index, first + j))
                 for z in out:
                     z[j * k : (j + 1) * k].normal_(generator=g)  # what draw_latents' torch.randn draws
             return [z.mul_(self.temperature).to(device) for z in out]
+        # input j's rows are a view of the input-major layout (the same values as its own repeat), one split for all
         per_input = []
-        for j, rows in enumerate(inputs):
+        for j, rows in enumerate(self.repeat(y.cpu()).split(k)):
             g.manual_seed(self.seed_of(set_index, first + j))
             per_input.append(adapter.sample_latents(rows, self.temperature, g))
         return [torch.cat(parts).to(device) for parts in zip(*per_input)]
