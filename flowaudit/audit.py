@@ -32,7 +32,7 @@ from .io.datasets import ConditionSet, load_conditions, nonfinite_records
 from .io.shapes import check_condition_shapes
 from .render.panel import worst_inputs
 from .report import Report
-from .runs.passes import Keeper, sample_set
+from .runs.passes import Keeper, sample_range, sample_set
 from .runs.quick import SKIPPED, quick_answer
 from .runs.runner import Context, attack_settings, fit_gaussian, run_facts, scan_sets, scan_settings, size_batches
 from .runs.shards import FIT_SHARD_INPUTS, digest
@@ -287,7 +287,8 @@ def inspect(model: Any, data: Any = None, settings: Settings | None = None, **op
     cs = _first(cs.finite(), 256)
     with auditing(adapter, probe.device, probe.threads):
         # a few passes: read by tensor operations, without loading the tracer's compiled loops (time and memory)
-        tracer, _ = sample_set(adapter, cs, 0, "in", np.full(len(cs.y), np.nan), probe, compiled=False)
+        rows = slice(0, len(cs.y))
+        tracer, _ = sample_range(adapter, cs, 0, "in", np.full(len(cs.y), np.nan), probe, rows, compiled=False)
         sites = site_entries(adapter, [tracer], probe.remark2_threshold)
     body = {"flowaudit_version": __version__, "kind": "inspect", **_stamp(), "model": _model_entry(adapter, sites)}
     return Report({**body, "data": {"in": cs.description}})

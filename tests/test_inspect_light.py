@@ -21,8 +21,8 @@ def _model_entry(report) -> dict:
 @pytest.mark.parametrize("name", ["toy-affine", "sr-affine", "lowlight-modified-rq-spline"])
 def test_inspect_figures_are_the_compiled_loops_figures(name, monkeypatch):
     light = _model_entry(flowaudit.inspect(load_model(name), device="cpu"))
-    sample_set = audit.sample_set
-    monkeypatch.setattr(audit, "sample_set", lambda *a, compiled=True: sample_set(*a, compiled=True))
+    sample_range = audit.sample_range
+    monkeypatch.setattr(audit, "sample_range", lambda *a, compiled=True: sample_range(*a, compiled=True))
     compiled = _model_entry(flowaudit.inspect(load_model(name), device="cpu"))
     assert light["sites"] == compiled["sites"] and light == compiled
 

@@ -86,20 +86,11 @@ class Keeper:
 
 
 def sample_set(
-    adapter: Adapter,
-    cs: ConditionSet,
-    set_index: int,
-    set_name: str,
-    s_ood: np.ndarray,
-    settings: Settings,
-    compiled: bool = True,
+    adapter: Adapter, cs: ConditionSet, set_index: int, set_name: str, s_ood: np.ndarray, settings: Settings
 ) -> tuple[Tracer, list[dict]]:
-    """Sample every input of ``cs`` K times under a tracer; ``(tracer, records)``. ``compiled=False``: the tracer
-    reads with tensor operations (a few passes, not worth loading its compiled loops: :class:`Tracer`)."""
+    """Sample every input of ``cs`` K times under a tracer; ``(tracer, records)``."""
     with Phase(len(cs.y), f"sample {set_name}", settings.progress) as phase:
-        return sample_range(
-            adapter, cs, set_index, set_name, s_ood, settings, slice(0, len(cs.y)), phase=phase, compiled=compiled
-        )
+        return sample_range(adapter, cs, set_index, set_name, s_ood, settings, slice(0, len(cs.y)), phase=phase)
 
 
 def sample_range(
@@ -120,8 +111,8 @@ def sample_range(
 
     ``s_ood`` holds the scores of these inputs (``len == rows.stop - rows.start``). ``first_pass``
     numbers the passes for the tracer (default: the pass index the range starts at). Each pass
-    advances ``part`` of the run's ``phase`` bar (none: no bar) and is offered to ``keep``; ``compiled`` goes to
-    the :class:`Tracer`.
+    advances ``part`` of the run's ``phase`` bar (none: no bar) and is offered to ``keep``. ``compiled=False``:
+    the tracer reads with tensor operations (a few passes, not worth loading its compiled loops: :class:`Tracer`).
     """
     per = settings.inputs_per_pass
     tracer = Tracer(settings.sampling, spatial=spatial_sites(adapter), compiled=compiled).start_at(
