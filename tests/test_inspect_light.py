@@ -27,7 +27,7 @@ def test_inspect_figures_are_the_compiled_loops_figures(name, monkeypatch):
     assert light["sites"] == compiled["sites"] and light == compiled
 
 
-def test_inspect_loads_no_numba():
+def test_inspect_loads_no_numba(tmp_path):
     code = (
         "import sys, flowaudit\n"
         "from flowaudit.adapters import load_model\n"
@@ -37,5 +37,7 @@ def test_inspect_loads_no_numba():
         "flowaudit.scan(load_model('toy-affine'), toy_data(3)[1], samples=2, device='cpu')\n"
         "assert 'numba' in sys.modules, 'a scan reads with the compiled loops'\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(  # outside the checkout: the installed package, not its source folders
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr[-2000:]
