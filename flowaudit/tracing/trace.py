@@ -7,10 +7,10 @@ layer, running float64 sums of the finite values, the largest :math:`|v|` and th
 :class:`~flowaudit.tracing.reservoir.ParamReservoir` for the Remark 2 probe. Each call is read once and only
 these figures are kept, so nothing grows with the number of inputs but a few numbers per input. On a GPU the
 reads are tensor operations with no host sync until a batch ends; on the CPU, compiled loops
-(:mod:`flowaudit.tracing.host_kernels`) with the same results, loaded when a tracer first needs them: numba and
-the loops cost a process about 0.8 s and 120 MB, which a tracer of a few small passes (``inspect``) does without
-(``compiled=False``: tensor operations there too). :func:`layer_table` turns the in-distribution and
-OOD traces into the report's ``layers`` rows and names the explosion layer.
+(:mod:`flowaudit.tracing.host_kernels`) with the same results, imported when the first tracer that uses them is
+made: numba and the loops cost a process about 0.8 s and 120 MB, which a tracer of a few small passes
+(``inspect``) does without (``compiled=False``: tensor operations there too). :func:`layer_table` turns the
+in-distribution and OOD traces into the report's ``layers`` rows and names the explosion layer.
 """
 
 from __future__ import annotations
