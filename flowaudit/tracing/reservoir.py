@@ -8,6 +8,8 @@ gain :math:`g_r`. :class:`ParamReservoir` keeps :math:`k = \max(2, \lfloor \text
 order, so the top k of a union is the top k of the parts' top k: the same rows whatever the batches, shards or
 ranks. On the CPU each half is a heap fed by :func:`~flowaudit.tracing.host_kernels.offer` (a reservoir
 ``compiled=False`` keeps using tensor operations there, as on a device: the same rows, with no numba loaded).
+Merged halves are kept in that order, so rows that come later than every kept one (a device's next pass, a
+scan's next shard) are placed among them by their scores, sorting only themselves (:meth:`ParamReservoir._append`).
 
 A row too large for two a half (:math:`m > \text{budget}/2`) of a *spatial* site (parameters laid out
 (…, H, W), the map elementwise over positions, so a window of a row is itself a parameter tensor) is cut into
@@ -122,6 +124,8 @@ class ParamReservoir:
         self._top: tuple[Tensor, Tensor, Tensor] | None = None  # rows, gain, ids
         self._rand: tuple[Tensor, Tensor, Tensor] | None = None  # rows, key, ids
         self._next_id: int | None = 0  # every kept row id is below it (None: unknown)
+        self._ranked = False  # _top and _rand in rank order (:meth:`_order`), as every merge leaves them
+        self._kept: tuple[Tensor, Tensor] | None = None  # :meth:`kept`, until rows are offered or merged
         self._host: tuple[_Half, _Half] | None = None  # the CPU's halves (:meth:`_flush` turns them into _top, _rand)
         self._offer_args: tuple = ()  # with the halves: their row shape, dtype and arrays (:meth:`_start_host`)
         self._offer: Any = None  # with the halves: the compiled loop and the salt's term of its keys
@@ -134,40 +138,65 @@ class ParamReservoir:
         return rows // 2, rows - rows // 2
 
     @staticmethod
+    def _order(score: Tensor, ids: Tensor) -> Tensor:
+        """The permutation that puts rows in rank order: score descending, ties by ascending row id (a row's id
+        is unique within a half, so the first sort needs no stability)."""
+        by_id = torch.argsort(ids[:, 0])
+        return by_id.index_select(0, torch.argsort(score.index_select(0, by_id), descending=True, stable=True))
+
+    @classmethod
+    def _rank(cls, part: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """``part`` (rows, score, ids) in rank order."""
+        order = cls._order(part[1], part[2])
+        return tuple(t.index_select(0, order) for t in part)
+
+    @staticmethod
+    def _take(old: tuple[Tensor, Tensor, Tensor], new: tuple[Tensor, Tensor, Tensor], idx: Tensor) -> tuple:
+        """Rows ``idx`` of the union ``old`` then ``new``: only those rows are copied."""
+        n_old = old[0].shape[0]
+        score, ids = torch.cat([old[1], new[1]]).index_select(0, idx), torch.cat([old[2], new[2]]).index_select(0, idx)
+        if not (n_old and new[0].shape[0]):
+            return (old[0] if n_old else new[0]).index_select(0, idx), score, ids
+        from_old = (idx < n_old).view(-1, *[1] * (new[0].dim() - 1))
+        rows = torch.where(
+            from_old,
+            old[0].index_select(0, idx.clamp_max(n_old - 1)),
+            new[0].index_select(0, (idx - n_old).clamp_min(0)),
+        )
+        return rows, score, ids
+
+    @classmethod
     def _merge(
-        old: tuple[Tensor, Tensor, Tensor] | None, new: tuple[Tensor, Tensor, Tensor], k: int, later: bool = False
+        cls, old: tuple[Tensor, Tensor, Tensor] | None, new: tuple[Tensor, Tensor, Tensor], k: int
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Keep the ``k`` rows with the largest score (rows, score, ids), ties to the smaller row id.
+        """The ``k`` rows with the largest score (rows, score, ids), ties to the smaller row id, in that order.
 
         A strict total order, so the kept rows are the same however the rows arrived
         (batch sizes, shards, ranks): top-k of a union is top-k of the parts' top-k. The order
-        is found on the scores and ids alone; only the ``k`` kept rows are copied. ``later``: every
-        new id is above every old one and the new ids ascend; kept rows of equal score always lie in
-        id order (a union is kept as concatenated, a cut in sorted order), so one stable sort on the
-        score gives the same order.
+        is found on the scores and ids alone; only the ``k`` kept rows are copied.
         """
         if old is None:
             old = tuple(t[:0] for t in new)
         new = tuple(b.to(a.device) for a, b in zip(old, new))
-        score, ids = torch.cat([old[1], new[1]]), torch.cat([old[2], new[2]])
-        n_old = old[0].shape[0]
-        if score.shape[0] <= k:
-            return torch.cat([old[0], new[0]]), score, ids
-        if later:
-            idx = torch.argsort(score, descending=True, stable=True)[:k]
-        else:
-            by_id = torch.argsort(ids[:, 0], stable=True)
-            idx = by_id.index_select(0, torch.argsort(score.index_select(0, by_id), descending=True, stable=True)[:k])
-        if n_old:
-            from_old = (idx < n_old).view(-1, *[1] * (new[0].dim() - 1))
-            rows = torch.where(
-                from_old,
-                old[0].index_select(0, idx.clamp_max(n_old - 1)),
-                new[0].index_select(0, (idx - n_old).clamp_min(0)),
-            )
-        else:
-            rows = new[0].index_select(0, idx)
-        return rows, score.index_select(0, idx), ids.index_select(0, idx)
+        idx = cls._order(torch.cat([old[1], new[1]]), torch.cat([old[2], new[2]]))[:k]
+        return cls._take(old, new, idx)
+
+    @classmethod
+    def _append(
+        cls, old: tuple[Tensor, Tensor, Tensor], new: tuple[Tensor, Tensor, Tensor], k: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`_merge` where ``old`` is in rank order and every new row id lies above old's: only the new rows
+        are sorted, then placed among the old by their scores, an old row first on a tie (its id is smaller).
+        Sizes follow the shapes alone: no host sync."""
+        new = tuple(b.to(a.device) for a, b in zip(old, new))
+        n_old, n_new, dev = old[1].shape[0], new[1].shape[0], old[1].device
+        order = cls._order(new[1], new[2])
+        above = torch.searchsorted(-old[1], -new[1].index_select(0, order), right=True)  # old rows scoring ≥ each
+        at = torch.empty(n_old + n_new, dtype=torch.long, device=dev)  # the union's rows in merged rank order
+        at[above + torch.arange(n_new, device=dev)] = order + n_old
+        passed = torch.zeros(n_old + 1, dtype=torch.long, device=dev).index_add_(0, above, torch.ones_like(above))
+        at[torch.arange(n_old, device=dev) + passed.cumsum(0)[:n_old]] = torch.arange(n_old, device=dev)
+        return cls._take(old, new, at[:k])
 
     def add(
         self,
@@ -216,6 +245,7 @@ class ParamReservoir:
         gains as float64: offered by the compiled loop (:func:`~flowaudit.tracing.host_kernels.offer`), which copies
         only the rows that enter. Rows kept as windows are cut first (one copy of the call's rows); ``gain``,
         which scores the windows, holds log-gains with ``log``."""
+        self._kept = None
         n = len(rows)
         if not n:
             return
@@ -323,13 +353,14 @@ class ParamReservoir:
         """Turn the CPU's halves into the (rows, score, ids) form every other method reads."""
         if self._host is not None:
             self._top, self._rand = (h.as_tuple() for h in self._host)
-            self._host = None
+            self._host, self._ranked = None, False
 
     def _add_device(
         self, rows: Tensor, row_gain: Tensor, first_input: int, samples: int, batch: int, seen: int | None = None
     ) -> None:
-        """:meth:`add` on the rows' device, with no host sync (kept in (score, id) order, :meth:`_merge`); ``rows``
-        are units (whole rows, or windows with ``samples`` of them an input) of ``seen`` sample rows (all)."""
+        """:meth:`add` on the rows' device, with no host sync (kept in rank order: :meth:`_merge`, :meth:`_append`);
+        ``rows`` are units (whole rows, or windows with ``samples`` of them an input) of ``seen`` sample rows (all)."""
+        self._kept = None
         self._flush()
         n, dev = rows.shape[0], rows.device
         r = torch.arange(n, device=dev)
@@ -346,9 +377,11 @@ class ParamReservoir:
             else torch.zeros(n, dtype=torch.float64, device=dev)
         )
         k_top, k_rand = self.capacity(rows[0].numel() if n else 1)
-        self._top = self._merge(self._top, (rows, gain, ids), k_top, later)
+        merge = self._append if later and self._top is not None and self._ranked else self._merge
+        self._top = merge(self._top, (rows, gain, ids), k_top)
         key = uniform_keys(ids[:, 0], self.salt)  # a function of the row, not of the batch it came in
-        self._rand = self._merge(self._rand, (rows, -key, ids), k_rand, later)  # smallest keys: a uniform sample
+        self._rand = merge(self._rand, (rows, -key, ids), k_rand)  # smallest keys: a uniform sample
+        self._ranked = True
 
     # -- mergeable state (shards, resume, ranks) ----------------------------------------------
     def state(self) -> dict:
@@ -382,6 +415,7 @@ class ParamReservoir:
 
     def merge(self, other: "ParamReservoir") -> "ParamReservoir":
         """The reservoir over the rows of both (``other`` from later inputs); returns ``self``."""
+        self._kept = None
         self._flush()
         other._flush()
         self._next_id = None
@@ -390,28 +424,52 @@ class ParamReservoir:
         if other._top is None:
             return self
         if self._top is None:
-            self._top, self._rand, self.tiling = other._top, other._rand, other.tiling
+            self._top, self._rand, self.tiling, self._ranked = other._top, other._rand, other.tiling, other._ranked
             return self
         if self._source_shape() != other._source_shape() or self.tiling != other.tiling:
             self.skipped += other.rows_seen
             return self
         k_top, k_rand = self.capacity(self._top[0][0].numel() if len(self._top[0]) else 1)
-        self._top = self._merge(self._top, other._top, k_top)
-        self._rand = self._merge(self._rand, other._rand, k_rand)
+        if self._below(other):  # the usual fold, shards in input order: sort only the other's rows that enter
+            if not self._ranked:
+                self._top, self._rand = self._rank(self._top), self._rank(self._rand)
+            self._top = self._append(self._top, self._entering(self._top, other._top, k_top), k_top)
+            self._rand = self._append(self._rand, self._entering(self._rand, other._rand, k_rand), k_rand)
+        else:
+            self._top = self._merge(self._top, other._top, k_top)
+            self._rand = self._merge(self._rand, other._rand, k_rand)
+        self._ranked = True
         return self
 
+    def _below(self, other: "ParamReservoir") -> bool:
+        """Whether every row id this reservoir keeps lies below every id ``other`` keeps (one read of each)."""
+        mine, theirs = (torch.cat([r._top[2][:, 0], r._rand[2][:, 0]]) for r in (self, other))
+        return not (len(mine) and len(theirs)) or bool(theirs.min().to(mine.device) > mine.max())
+
+    @staticmethod
+    def _entering(kept: tuple[Tensor, Tensor, Tensor], new: tuple[Tensor, Tensor, Tensor], k: int) -> tuple:
+        """The rows of ``new`` (ids above ``kept``'s) that can enter ``kept`` (a half of ``k`` in rank order): all
+        where it has room, else those scoring above its worst row (a tie keeps the older row)."""
+        if kept[1].shape[0] < k:
+            return new
+        enter = new[1].to(kept[1].device) > kept[1][k - 1]
+        return tuple(t[enter.to(t.device)] for t in new)
+
     def kept(self) -> tuple[Tensor, Tensor] | None:
-        """(rows, ids) of the union of both halves, each row once, in row order."""
+        """(rows, ids) of the union of both halves, each row once, in row order (read once, then reused until the
+        reservoir changes: the probe and the report both ask)."""
         self._flush()
         if self._top is None:
             return None
-        rows = torch.cat([self._top[0], self._rand[0]])
-        ids = torch.cat([self._top[2], self._rand[2]])
-        uniq, inv = torch.unique(ids[:, 0], return_inverse=True)
-        first = torch.full((len(uniq),), len(inv), dtype=torch.long, device=inv.device).scatter_reduce(
-            0, inv, torch.arange(len(inv), device=inv.device), reduce="amin"
-        )
-        return rows.index_select(0, first), ids.index_select(0, first)
+        if self._kept is None:
+            ids = torch.cat([self._top[2], self._rand[2]])
+            order = torch.argsort(ids[:, 0])
+            row = ids[:, 0].index_select(0, order)
+            first = torch.ones_like(row, dtype=torch.bool)
+            torch.ne(row[1:], row[:-1], out=first[1:])  # a row in both halves: once
+            at = order[first]
+            self._kept = torch.cat([self._top[0], self._rand[0]]).index_select(0, at), ids.index_select(0, at)
+        return self._kept
 
     def info(self) -> dict:
         """What the reservoir holds, for the report. Where rows are kept as windows, ``rows`` and ``rows_by_gain``
