@@ -101,6 +101,8 @@ class AutoregressiveAffineSite(_NetSite):
 class _SplineSite(_NetSite):
     """A rational-quadratic site: kind and tail start from the live object, c' from its log-slope."""
 
+    batched_probe = True  # the spline maps each row by its own parameters: every probe value in one call
+
     def __init__(self, name: str, flow: nn.Module, owner: nn.Module, net: str):
         self.name, self.flow, self.owner, self.net = name, flow, owner, net
         self.kind = "rq-spline" if owner.tails == "linear" else "unknown"

@@ -103,6 +103,40 @@ def test_reference_probe_in_one_call_matches_per_value(name):
     assert torch.equal(batched, per_value)
 
 
+@pytest.mark.parametrize("block", ["CoupledRationalQuadraticSpline", "AutoregressiveRationalQuadraticSpline"])
+def test_normflows_probe_in_one_call_matches_per_value(block):
+    """normflows' spline sites (the conditional ones and a coupling's constant spline) probe every value in one
+    call, with the bits of one call per value, at the parameters met while sampling."""
+    pytest.importorskip("normflows")
+    from conformance.normflows import CASES
+
+    model = next(c for c in CASES if c.id == f"normflows-{block}").build()
+    adapter = adapt(model)
+    y = torch.randn(24, 2, generator=torch.Generator().manual_seed(1))
+    latents = adapter.sample_latents(y, 1.0, torch.Generator().manual_seed(2))
+    kept: dict[str, torch.Tensor] = {}
+
+    class Observer:
+        def site(self, name, gain, params):
+            kept[name] = params
+
+        def layer(self, name, x):
+            pass
+
+    with torch.no_grad():
+        adapter.sample(y, latents, Observer())
+    sites = [s for s in adapter.sites() if s.name in kept and s.kind == "rq-spline"]
+    assert len(sites) == len(adapter.sites()) == (4 if block.startswith("Coupled") else 2)  # a coupling: 2 a block
+    values = _probe_values()
+    for site in sites:
+        with torch.no_grad():
+            batched = site.derivative_at(values, kept[site.name])
+            site.batched_probe = False  # the per-value path, on this instance
+            per_value = site.derivative_at(values, kept[site.name])
+        assert type(site).batched_probe
+        assert batched.shape == (len(values), per_value.shape[1]) and torch.equal(batched, per_value)
+
+
 def test_gain_plot_draws_the_riskiest_sites_only():
     """A model of many sites gets histograms of the riskiest :data:`GAIN_PANELS` (the page's table order picks
     them, the inverse-pass order draws them); a model of few gets every site."""
