@@ -122,6 +122,28 @@ def test_the_same_windows_whatever_the_batches_shards_or_device_path():
     assert merged.tiling == whole.tiling and merged.info()["rows_seen"] == 36
 
 
+def test_windows_scored_from_log_gains_as_from_the_gains_a_tracer_rounds():
+    """A model's log-gains (``site_log``) score windows on the CPU by their largest log, through one float64 ``exp``:
+    the scores a device path gives the gains ``float32(exp(ℓ))``, to the bit (a float32 ``exp`` of every log is
+    off by an ulp on some)."""
+    rows, gain = _calls(6, 3, seed=7)
+    log = gain.log().mul_(4.0).sub_(40.0)  # gains from e^-40 to about e^80, finite in float32
+    log[0, 0, 0, 0], log[1, 1, 2, 3], log[2, 0, 5, 5] = math.nan, math.inf, -math.inf
+    rounded = log.double().exp().float()
+    tiling = Tiling.of(ROW, BUDGET)
+    assert torch.equal(tiling.scores(log, None, 18, log=True), tiling.scores(rounded, None, 18))  # every window
+    host, device = ParamReservoir(BUDGET, salt=5, spatial=True), ParamReservoir(BUDGET, salt=5, spatial=True)
+    for c, i in enumerate(range(0, 18, 3)):
+        part, ell, g = rows[i : i + 3], log[i : i + 3], rounded[i : i + 3]
+        row_max = torch.nan_to_num(g.flatten(1).amax(1).double(), nan=math.inf)
+        host.add_host(part.numpy(), row_max.numpy(), c, 3, c, gain=ell.numpy(), log=True)
+        device._add_tensors(part, row_max, c, 3, c, g)
+    (a_rows, a_ids), (b_rows, b_ids) = _kept(host), _kept(device)
+    assert torch.equal(a_ids[:, :2], b_ids[:, :2]) and torch.equal(a_rows, b_rows)
+    assert torch.equal(host._top[1].sort().values, device._top[1].sort().values)
+    assert host.info()["largest_gain_kept"] == math.inf
+
+
 def test_rows_that_fit_and_non_spatial_rows_are_kept_whole_as_before():
     small, gain = _calls(6, 2, seed=4, row=(8, 16, 16))
     spatial, plain = ParamReservoir(BUDGET, salt=1, spatial=True), ParamReservoir(BUDGET, salt=1)

@@ -253,9 +253,7 @@ class ParamReservoir:
             return
         if self._cut(tuple(rows.shape[1:])) is not None:
             t = self.tiling
-            if log and gain is not None:
-                gain = torch.from_numpy(gain).exp()
-            row_gain, samples = t.scores(gain, row_gain, n).numpy(), max(samples, 1) * t.per_row
+            row_gain, samples = t.scores(gain, row_gain, n, log=log).numpy(), max(samples, 1) * t.per_row
             if self._host is not None and self._offer_windows(rows, row_gain, first_input * samples, samples, batch):
                 self.rows_seen += n
                 return

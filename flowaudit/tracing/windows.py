@@ -79,18 +79,24 @@ class Tiling:
         y, x = self.starts[0][t // nx], self.starts[1][t % nx]
         return a[r, ..., y : y + h, x : x + w]
 
-    def scores(self, gain: Tensor | np.ndarray | None, row_gain: Tensor | np.ndarray, n: int) -> Tensor:
+    def scores(
+        self, gain: Tensor | np.ndarray | None, row_gain: Tensor | np.ndarray, n: int, log: bool = False
+    ) -> Tensor:
         """Each window's largest inverse gain (NaN counts as +inf, as in a row's), float64, (n·T,).
 
         ``gain`` holds the call's gains with the rows' (H, W) as trailing dims; where it has not (or is
-        missing), every window of a row is scored by the row's largest gain ``row_gain``.
+        missing), every window of a row is scored by the row's largest gain ``row_gain``. With ``log`` it holds
+        their logs: the largest log of a window is found first and only it goes through ``exp`` (in float64,
+        rounded to the gains' dtype: the largest of the gains as a tracer rounds them, ``exp`` being monotone).
         """
         if isinstance(gain, np.ndarray):
             gain = torch.from_numpy(gain)
         if gain is not None and gain.dim() >= 3 and gain.shape[0] == n and tuple(gain.shape[-2:]) == self.row[-2:]:
-            g = gain.detach().reshape(n, -1, *self.row[-2:])
-            g = torch.nan_to_num(g.amax(1, keepdim=True).double(), nan=math.inf)  # amax keeps a NaN
-            return self.cut(g).reshape(n * self.per_row, -1).amax(1)
+            g = gain.detach().reshape(n, -1, *self.row[-2:]).amax(1, keepdim=True)  # amax keeps a NaN
+            top = self.cut(g).reshape(n * self.per_row, -1).amax(1)
+            if log:
+                top = top.double().exp().to(top.dtype)
+            return torch.nan_to_num(top.double(), nan=math.inf)
         rg = torch.as_tensor(row_gain)
         rg = rg.double() if len(rg) == n else torch.zeros(n, dtype=torch.float64, device=rg.device)
         return rg.repeat_interleave(self.per_row)
