@@ -154,22 +154,17 @@ def _records(
     checks = {k: v.cpu().tolist() for k, v in sample_checks(x, settings.sampling, band).items()}
     psnr = lr_psnr(x, y, adapter.scale, settings.sampling).cpu() if adapter.task == "sr" else None
     recon = reconstruction_error(adapter, cs.x[sl].to(settings.device), y) if cs.x is not None else None
-    records = []
-    for j in range(len(y)):
-        s = s_ood[j]
-        rec = {
-            "id": cs.ids[sl.start + j],
-            "set": set_name,
-            "s_ood": None if math.isnan(s) else float(s),
-            "n_inf": int(checks["n_inf"][j]),
-            "n_pixel_err": int(checks["n_pixel_err"][j]),
-            "max_abs": float(checks["max_abs"][j]),
-        }
+    s_list = np.asarray(s_ood[: len(y)], dtype=np.float64).tolist()
+    columns = zip(cs.ids[sl], s_list, checks["n_inf"], checks["n_pixel_err"], checks["max_abs"])
+    records = [
+        {"id": i, "set": set_name, "s_ood": None if math.isnan(s) else s, "n_inf": a, "n_pixel_err": b, "max_abs": c}
+        for i, s, a, b, c in columns
+    ]
+    for j, rec in enumerate(records):
         if psnr is not None:
             rec["lr_psnr_min"], rec["lr_psnr_std"] = float(psnr[j].min()), float(psnr[j].std(unbiased=False))
         if recon is not None:
             rec["reconstruction_error"] = float(recon[j])
-        records.append(rec)
     return records
 
 

@@ -440,9 +440,12 @@ class ParamReservoir:
         return self
 
     def _below(self, other: "ParamReservoir") -> bool:
-        """Whether every row id this reservoir keeps lies below every id ``other`` keeps (one read of each)."""
-        mine, theirs = (torch.cat([r._top[2][:, 0], r._rand[2][:, 0]]) for r in (self, other))
-        return not (len(mine) and len(theirs)) or bool(theirs.min().to(mine.device) > mine.max())
+        """Whether every row id this reservoir keeps lies below every id ``other`` keeps (one host read)."""
+        mine, theirs = ([h[2][:, 0] for h in (r._top, r._rand) if len(h[2])] for r in (self, other))
+        if not (mine and theirs):
+            return True
+        first = torch.stack([t.min() for t in theirs]).min()
+        return bool(first.to(mine[0].device) > torch.stack([t.max() for t in mine]).max())
 
     @staticmethod
     def _entering(kept: tuple[Tensor, Tensor, Tensor], new: tuple[Tensor, Tensor, Tensor], k: int) -> tuple:
