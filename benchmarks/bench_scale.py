@@ -1,12 +1,14 @@
 """Small flows at scale: a scan against the library's own loop, and inspect's fixed cost, in one run.
 
 For each flow — a conditional RQ-spline flow built with nflows (4 couplings, 8 bins), zuko's NSF (4
-transforms, 8 bins) and the bundled 2-D toys — and 1000 conditions × K = 4 samples:
+transforms, 8 bins), normflows' coupled RQ-spline flow (4 couplings, 8 bins), a FrEIA flow of 4 GLOW
+couplings (affine, 3-layer subnets of width 32) and the bundled 2-D toys — and 1000 conditions × K = 4 samples:
 
 * *bare*: the library's own sampling of the 4000 samples (``Flow.sample``, ``flow(y).sample``,
-  ``ReferenceFlow.reverse``) plus one forward pass of the same samples (``log_prob``): the least a
-  hand-written loop pays to answer %Inf and read the log-determinants;
-* *scan*: ``flowaudit.scan(model, y, samples=4)`` (default passes: a small flow puts 32 inputs in a pass);
+  ``model.sample``, ``inn(z, c=[y], rev=True)``, ``ReferenceFlow.reverse``) plus one forward pass of the same
+  samples (``log_prob``, or the INN's forward with its log-determinant): the least a hand-written loop pays to
+  answer %Inf and read the log-determinants;
+* *scan*: ``flowaudit.scan(model, y, samples=4)`` (default passes: a small flow puts 1024 inputs in a pass);
 * *inspect*: ``flowaudit.inspect(model)`` (no data: 64 drawn conditions).
 
 The arms take turns after a warm-up (imports, compiled loops); each figure is the median over ``--repeats``
@@ -76,6 +78,64 @@ def _zuko() -> tuple[torch.nn.Module, Callable, Callable]:
     return flow, sample, forward
 
 
+def _freia() -> tuple[torch.nn.Module, Callable, Callable]:
+    import math
+
+    import FrEIA.framework as Ff
+    import FrEIA.modules as Fm
+
+    torch.manual_seed(0)
+
+    def subnet(c_in: int, c_out: int) -> torch.nn.Module:
+        return torch.nn.Sequential(
+            torch.nn.Linear(c_in, 32),
+            torch.nn.ReLU(),
+            torch.nn.Linear(32, 32),
+            torch.nn.ReLU(),
+            torch.nn.Linear(32, c_out),
+        )
+
+    inn = Ff.SequenceINN(2)
+    for k in range(4):
+        inn.append(Fm.GLOWCouplingBlock, cond=0, cond_shape=(2,), subnet_constructor=subnet, clamp=2.0)
+        inn.append(Fm.PermuteRandom, seed=k)
+    inn.eval()
+
+    def sample(y):
+        yk = y.repeat_interleave(SAMPLES, 0)
+        return inn(torch.randn(len(yk), 2, device=y.device), c=[yk], rev=True)[0]
+
+    def forward(x, y):
+        z, logdet = inn(x, c=[y.repeat_interleave(SAMPLES, 0)])
+        return -0.5 * (z**2 + math.log(2 * math.pi)).sum(1) + logdet
+
+    return inn, sample, forward
+
+
+def _normflows() -> tuple[torch.nn.Module, Callable, Callable]:
+    import normflows as nf
+
+    torch.manual_seed(0)
+    flows = []
+    for k in range(4):
+        flows += [
+            nf.flows.CoupledRationalQuadraticSpline(
+                2, 2, 32, num_context_channels=2, num_bins=8, tail_bound=3.0, reverse_mask=bool(k % 2)
+            ),
+            nf.flows.LULinearPermute(2),
+        ]
+    model = nf.ConditionalNormalizingFlow(nf.distributions.DiagGaussian(2), flows).eval()
+
+    def sample(y):
+        yk = y.repeat_interleave(SAMPLES, 0)
+        return model.sample(len(yk), context=yk)[0]
+
+    def forward(x, y):
+        return model.log_prob(x, context=y.repeat_interleave(SAMPLES, 0))
+
+    return model, sample, forward
+
+
 def _toy(coupling: str) -> Callable[[], tuple[torch.nn.Module, Callable, Callable]]:
     def build():
         from flowaudit.reference_models import load
@@ -94,7 +154,14 @@ def _toy(coupling: str) -> Callable[[], tuple[torch.nn.Module, Callable, Callabl
     return build
 
 
-FLOWS = {"nflows-rqs": _nflows, "zuko-nsf": _zuko, "toy-affine": _toy("affine"), "toy-mrqs": _toy("modified-rq-spline")}
+FLOWS = {
+    "nflows-rqs": _nflows,
+    "zuko-nsf": _zuko,
+    "normflows-rqs": _normflows,
+    "freia-glow": _freia,
+    "toy-affine": _toy("affine"),
+    "toy-mrqs": _toy("modified-rq-spline"),
+}
 
 
 def _timed_parts(clock: Callable[[], float]) -> dict[str, float]:
