@@ -78,8 +78,10 @@ def log_gain_reporter(observer: Observer) -> Callable[[str, Tensor, Any], None]:
 # -- probe helpers --------------------------------------------------------------------------------
 
 
-def repeat_rows(t: Tensor, v: int) -> Tensor:
-    """``t`` (B, ...) stacked ``v`` times along the batch: (v·B, ...)."""
+def repeat_rows(t: Tensor | tuple | list, v: int) -> Tensor | tuple | list:
+    """``t`` (B, ...) stacked ``v`` times along the batch: (v·B, ...); each tensor of a tuple or list alike."""
+    if isinstance(t, (tuple, list)):
+        return type(t)(repeat_rows(u, v) for u in t)
     return t.unsqueeze(0).expand(v, *t.shape).reshape(v * t.shape[0], *t.shape[1:])
 
 

@@ -126,6 +126,7 @@ DEFAULT_MAPS: dict[str, Callable[[Tensor, Any], Tensor]] = {
 class CustomSite(Site):
     """One declared site (made by :func:`site`; named when a :class:`CustomAdapter` binds it)."""
 
+    batched_probe = True  # an elementwise map of each row's parameters: every probe value in one call
     target: str | nn.Module | Callable
     read: Callable[[nn.Module, tuple, Any], tuple[Tensor, Any] | None]
     kind: str = "unknown"

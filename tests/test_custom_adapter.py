@@ -116,6 +116,29 @@ def test_unknown_kind_derivative_by_jvp_and_closed_form():
         site("m", read=None, kind="affine-ish")
 
 
+def test_probe_takes_every_value_in_one_call_with_the_bits_of_one_call_a_value():
+    """A declared site maps each row by its own parameters (one tensor or a tuple of them), so the probe repeats
+    the rows once per value and calls the map once; c' and c come out as from one call per value, to the bit."""
+    fn = lambda x, p: x + p[0] * torch.tanh(x)  # noqa: E731
+    sites = [
+        site("m", read=None, map=fn),  # c' by autograd
+        site("m", read=None, map=fn, derivative=lambda x, p: 1 + p[0] * (1 - torch.tanh(x) ** 2)),
+        site("m", read=None, kind="affine"),
+    ]
+    g = torch.Generator().manual_seed(7)
+    x, a = torch.randn(6, 3, generator=g), torch.rand(6, 3, generator=g)
+    values = torch.tensor([-1e30, -7.0, -0.3, 0.0, 0.3, 7.0, 1e30], dtype=torch.float64)
+    for s, params in zip(sites, [(a, torch.zeros(1)), (a, torch.zeros(1)), (a, a.neg())]):
+        packed = s._pack(x, params)
+        with torch.no_grad():
+            batched = (s.derivative_at(values, packed), s.map_at(values, packed))
+            s.batched_probe = False  # the per-value path, on this instance
+            per_value = (s.derivative_at(values, packed), s.map_at(values, packed))
+        assert type(s).batched_probe
+        for b, v in zip(batched, per_value):
+            assert b.shape == (len(values), 18) and torch.equal(b, v)
+
+
 def test_sampling_forward_and_log_prob_match_the_flow(flow):
     adapter = adapt(flow)
     y, x = torch.randn(8, 2), torch.randn(8, 2) * 0.3
