@@ -194,6 +194,7 @@ class ParamReservoir:
         above = torch.searchsorted(-old[1], -new[1].index_select(0, order), right=True)  # old rows scoring ≥ each
         at = torch.empty(n_old + n_new, dtype=torch.long, device=dev)  # the union's rows in merged rank order
         at[above + torch.arange(n_new, device=dev)] = order + n_old
+        # new rows placed before each old row (a bincount would read its largest value back to the host)
         passed = torch.zeros(n_old + 1, dtype=torch.long, device=dev).index_add_(0, above, torch.ones_like(above))
         at[torch.arange(n_old, device=dev) + passed.cumsum(0)[:n_old]] = torch.arange(n_old, device=dev)
         return cls._take(old, new, at[:k])
