@@ -50,7 +50,7 @@ class Sampling:
         inputs); else the adapter draws each input's.
         """
         g, k = torch.Generator(), self.samples
-        shapes = plain_latent_shapes(adapter, self.repeat(y[:1].cpu())) if len(y) else None
+        shapes = plain_latent_shapes(adapter, y[:1].cpu()) if len(y) else None
         if shapes is not None:
             out = [torch.empty((len(y) * k, *s), dtype=y.dtype) for s in shapes]
             for j in range(len(y)):
