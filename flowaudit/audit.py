@@ -49,7 +49,10 @@ __all__ = ["Settings", "fit", "scan", "quick", "inspect", "attack"]
 FIT_BATCH = 256  # inputs per encoder pass of fit
 INSPECT_BATCH = 500  # samples per inverse pass of inspect's probe
 ATTACK_BATCH = 64  # samples per pass of attack --batched (the pass keeps its graph)
-SMALL_FLOW_SHARD = 1024  # inputs a shard and a pass of a small flow (flowaudit.adapters.small_flow)
+SMALL_FLOW_PASS = 1024  # inputs a pass of a small flow (flowaudit.adapters.small_flow)
+#: inputs a shard of a small flow: 16 passes, under a second of work on a 2-D flow, so a resume loses little, while
+#: its tracer's reservoirs take the passes' rows one by one instead of merging a shard's kept rows per pass
+SMALL_FLOW_SHARD = 16 * SMALL_FLOW_PASS
 SCAN_ATTACK_BATCH = 64  # samples per pass of scan --attack with --batched
 
 
@@ -140,9 +143,9 @@ def scan(
     ``seed``, ``batch_size``, ``device``, ``layers``, …; ``attack`` a budget with ``attack_starts`` and
     ``attack_steps``) say what to compute; ``context`` keeps shards for a resume and shares them over ranks.
     ``output_range`` sets the error band (:func:`~flowaudit.stats.risk.error_band`); ids read ``in/…``, ``ood/…``.
-    ``exact=None`` (the default) makes each pass one input's K samples, except for a small flow, whose shards
-    and passes hold :data:`SMALL_FLOW_SHARD` inputs whatever ``batch_size``: the same figures to float32
-    rounding, bit for bit where its kernels are batch-invariant.
+    ``exact=None`` (the default) makes each pass one input's K samples, except for a small flow, whose passes
+    hold :data:`SMALL_FLOW_PASS` inputs and shards :data:`SMALL_FLOW_SHARD` whatever ``batch_size``: the same
+    figures to float32 rounding, bit for bit where its kernels are batch-invariant.
     """
     ctx = context or Context()
     settings = ctx.place(settings_from(settings, options))
@@ -238,16 +241,18 @@ def quick(
 
 
 def _scan_passes(adapter: Adapter, settings: Settings, sets: list) -> tuple[Settings, bool]:
-    """The scan's passes settled: one input a pass for mixed image sizes or exact runs, a small flow's shards
-    of :data:`SMALL_FLOW_SHARD` inputs in one pass when ``exact`` was left open; ``(settings, small)``."""
+    """The scan's passes settled: one input a pass for mixed image sizes or exact runs, a small flow's passes of
+    :data:`SMALL_FLOW_PASS` inputs in shards of :data:`SMALL_FLOW_SHARD` when ``exact`` was left open;
+    ``(settings, small)``."""
     if any(cs.mixed for _, cs in sets):  # images of several sizes: one input per pass
         if settings.attack is not None and sets[0][1].mixed:
             raise AuditError("--attack needs in-distribution conditions of one size (this --data mixes image sizes)")
         settings = settings.replace(exact=True)
     small = settings.exact is None and small_flow(adapter, _first_condition(adapter, sets[0][1]))
-    if small:  # one pass a shard, the same on every machine whatever batch_size: the calls cost, not their sums
-        batch = SMALL_FLOW_SHARD * settings.samples
-        return settings.replace(exact=False, batch_size=batch, shard_inputs=SMALL_FLOW_SHARD), True
+    if small:  # the same passes on every machine whatever batch_size: the calls cost, not their sums
+        batch = SMALL_FLOW_PASS * settings.samples
+        shard = settings.shard_inputs or SMALL_FLOW_SHARD
+        return settings.replace(exact=False, batch_size=batch, shard_inputs=shard), True
     return settings.replace(exact=settings.exact_passes), False
 
 

@@ -42,7 +42,7 @@ def _args(data: Path, out: Path, *extra: str) -> list[str]:
         str(data / "fit.npy"),
         "-k",
         "4",
-        "--exact",  # shards of 32 inputs (a small flow's scan would otherwise be one shard of 1024)
+        "--exact",  # shards of 32 inputs (a small flow's scan would otherwise be one shard of 16,384)
         "--device",
         "cpu",
         "--out",

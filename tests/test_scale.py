@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from flowaudit.adapters import adapt, load_model, rows_independent, small_flow
+from flowaudit.runs.shards import shard_slices
 
 import flowaudit
 
@@ -150,3 +151,34 @@ def test_cuda_scan_matches_cpu_with_tf32_off():
     for a, b in zip(gpu, cpu, strict=True):
         assert a["n_inf"] == b["n_inf"] and a["n_pixel_err"] == b["n_pixel_err"]
         assert math.isclose(a["max_abs"], b["max_abs"], rel_tol=1e-4)
+
+
+def _without_run_facts(report) -> dict:
+    data = json.loads(report.to_json())
+    for key in ("created", "provenance"):
+        data.pop(key, None)
+    data["settings"] = {k: v for k, v in data["settings"].items() if k in ("samples", "seed", "passes", "exact")}
+    return data
+
+
+def test_small_flow_shard_of_several_passes_reports_what_shards_of_one_pass_do(monkeypatch):
+    """A small flow's shard holds sixteen passes, so its reservoirs take the passes' rows one by one where shards of
+    one pass each were merged: the same report whichever way the passes are grouped (the reservoirs' strict order),
+    but for the layers' float64 sums, which fold per shard, to rounding."""
+    from flowaudit.runs import runner
+
+    sizes = []
+    monkeypatch.setattr(runner, "shard_slices", lambda n, size: sizes.append(size) or shard_slices(n, size))
+    y = _toy_y(2600)  # three passes of 1024 inputs
+    model = load_model("toy-modified-rq-spline")
+    one = flowaudit.scan(model, y, samples=2, seed=4, device="cpu")
+    assert sizes == [16 * 1024]  # one shard
+    three = flowaudit.scan(model, y, samples=2, seed=4, device="cpu", shard_inputs=1024)
+    reservoirs = [s["remark2"]["probe"]["reservoir"] for s in one.data["model"]["sites"]]
+    assert reservoirs and all(r["batches"] == 3 and r["rows_seen"] == 2 * 2600 for r in reservoirs)
+    a, b = _without_run_facts(one), _without_run_facts(three)
+    for row_a, row_b in zip(a.pop("layers"), b.pop("layers"), strict=True):
+        assert row_a["name"] == row_b["name"] and row_a["in"]["n_values"] == row_b["in"]["n_values"]
+        assert row_a["in"]["max_abs"] == row_b["in"]["max_abs"]
+        assert math.isclose(row_a["in"]["variance"], row_b["in"]["variance"], rel_tol=1e-12)
+    assert a == b

@@ -66,8 +66,8 @@ class Settings:
     ``device`` may be given as text (``auto``, ``cpu``, ``cuda:N``) and ``attack`` as a budget's text;
     both are parsed here, once. ``batch_size`` counts samples per inverse pass (``None``: sized from
     the memory budget); ``exact`` makes each pass one input's K samples (batch-invariant figures);
-    ``None`` leaves it to the command: exact, except a scan of a small flow, whose passes hold
-    ``shard_inputs`` inputs (:func:`~flowaudit.adapters.small_flow`). ``shard_inputs`` overrides the
+    ``None`` leaves it to the command: exact, except a scan of a small flow, whose passes hold a thousand
+    inputs, sixteen passes a shard (:func:`~flowaudit.adapters.small_flow`). ``shard_inputs`` overrides the
     inputs a scan shard holds.
     """
 
