@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,7 +236,9 @@ def install_signal_handlers() -> None:
     publish nothing more: :func:`~flowaudit.utils.atomic.request_stop`): library code that turns
     the ``KeyboardInterrupt`` into another exception on its way up is still an interruption, not a bug, and one
     that swallows it does not let the command write its output. SIGINT keeps Python's behaviour (and stays
-    ignored where the shell made it so).
+    ignored where the shell made it so). A finaliser that swallows the ``KeyboardInterrupt`` would have Python
+    print it with a traceback; that one is dropped silently, since the command says in one line that it was
+    interrupted.
     """
     from ..utils.atomic import request_stop
 
@@ -246,6 +250,19 @@ def install_signal_handlers() -> None:
         signal.signal(signal.SIGTERM, on_signal)
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             signal.signal(signal.SIGINT, on_signal)
+        if not hasattr(sys.unraisablehook, "wrapped"):  # once a process
+            sys.unraisablehook = _quiet_interrupts(sys.unraisablehook)
+
+
+def _quiet_interrupts(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    """``hook`` for every unraisable exception but the ``KeyboardInterrupt`` of a signal already noted."""
+
+    def quiet(unraisable: Any) -> None:
+        if not (issubclass(unraisable.exc_type, KeyboardInterrupt) and was_interrupted()):
+            hook(unraisable)
+
+    quiet.wrapped = hook
+    return quiet
 
 
 def was_interrupted() -> bool:
