@@ -48,6 +48,8 @@ class AffineHalfSite(Site):
     (after the block's clamp), so the Remark 2 probe sees exactly the scales met while sampling.
     """
 
+    derivative_constant = True  # c' = e^s
+
     def __init__(
         self,
         name: str,

@@ -123,6 +123,11 @@ class CouplingSite(_TransformSite):
         return _probe_cdf(self, values, params, inverse=False)
 
     @property
+    def derivative_constant(self) -> bool:
+        """c' is the library's own scale (:meth:`derivative`), whatever x."""
+        return self.kind in ("affine", "affine-bounded", "additive") and hasattr(self.module, "_scale_and_shift")
+
+    @property
     def elementwise(self) -> bool:
         """Whether the library's piecewise map gives its log-derivative per element (``_piecewise_cdf``, called
         by the library's own ``_coupling_transform``, which only sums it)."""

@@ -62,6 +62,8 @@ class _NetSite(Site):
 class AutoregressiveAffineSite(_NetSite):
     r"""``MaskedAffineAutoregressive``: :math:`c(x) = (x - \mu)/\sigma` per element; params = raw MADE output."""
 
+    derivative_constant = True  # c' = c(1) − c(0) under each row
+
     def __init__(self, name: str, flow: nn.Module):
         self.name, self.flow, self.net = name, flow, f"{name}.autoregressive_net"
         self._bounds = self._read_bounds()

@@ -44,6 +44,11 @@ class ElementwiseSite(Site):
     def derivative(self, x: Tensor, params: Tensor) -> Tensor:
         return self.module.derivative(x, params)
 
+    @property
+    def derivative_constant(self) -> bool:
+        """The bundled affine, additive and prior maps: c' is read off their parameters alone."""
+        return bool(getattr(self.module, "derivative_constant", False))
+
     def map(self, x: Tensor, params: Tensor) -> Tensor:
         return self.module(x, params)[0]
 

@@ -109,10 +109,76 @@ class Kept:
         self.params.setdefault(name, []).append(params.detach())
 
 
+class Ladder:
+    """``site`` with its c' probed at every value, its declaration that c' does not depend on x withheld."""
+
+    derivative_constant = False
+
+    def __init__(self, site) -> None:
+        self.site = site
+
+    def __getattr__(self, name: str):
+        return getattr(self.site, name)
+
+    def derivative_at(self, values: Tensor, params: Tensor) -> Tensor:
+        return self.site.derivative_at(values, params)
+
+
+class ConstantRowSite(RowSite):
+    """A :class:`RowSite` that declares c' independent of x (true for rows with k = 0 only)."""
+
+    derivative_constant = True
+
+
+def test_a_constant_derivative_is_probed_at_four_values_with_the_figures_of_the_whole_ladder() -> None:
+    site, p = ConstantRowSite(), _rows(20_000, seed=5)
+    p[11, 0] = 0.0  # a row whose c' is 0: the tails' ratio is 0, at every decade
+    fast = measured_evidence(site, [p])
+    assert [(v, n) for v, n, _, _ in site.calls] == [(4, 20_000)]  # one call, every row at once
+    whole = measured_evidence(Ladder(RowSite()), [p], budget=1 << 40)
+    assert fast["probe"]["rows_ladder"] == fast["probe"]["rows"] == whole["probe"]["rows_ladder"] == 20_000
+    assert fast["probe"]["cost"] == 4 * p.numel() and fast["probe"]["rows_screened"] == 0
+    for k in ("verdict", "tail_ratio", "derivative_min", "derivative_max", "settled", "slope", "nonfinite"):
+        assert fast[k] == whole[k], k
+    assert fast["verdict"] == "violates" and fast["derivative_min"] == 0.0
+    assert fast["probe"]["n_points"] == whole["probe"]["n_points"]
+
+
+class ExpSite(RowSite):
+    """c' = e^a per row, whatever x (an affine scale), declared so."""
+
+    derivative_constant = True
+
+    def derivative_at(self, values: Tensor, params: Tensor) -> Tensor:
+        self.calls.append((len(values), params.shape[0], params.numel(), params[:, 0].clone()))
+        return params[:, 0].exp()[None].expand(len(values), -1)
+
+
+def test_a_constant_derivative_counts_non_finite_values_as_the_ladder_does() -> None:
+    p = _rows(500, seed=6)
+    p[7, 0] = 1000.0  # e^1000 = inf
+    fast, whole = measured_evidence(ExpSite(), [p]), measured_evidence(Ladder(ExpSite()), [p], budget=1 << 40)
+    assert fast["nonfinite"] == whole["nonfinite"] and fast["nonfinite"]["count"] == fast["probe"]["n_values"]
+    assert fast["verdict"] == whole["verdict"] == "violates" and fast["probe"]["n_points"] == whole["probe"]["n_points"]
+
+
+def test_a_wrong_declaration_of_a_constant_derivative_is_not_believed() -> None:
+    """A site that says c' does not depend on x while one row's c' decays in the far tail: the four values
+    disagree, and the row is found as it would be without the declaration."""
+    p = _rows(30_000, seed=4)
+    p[29_000, 1] = 1e-12
+    site = ConstantRowSite()
+    ev = measured_evidence(site, [p])
+    plain = measured_evidence(RowSite(), [p])
+    assert ev["verdict"] == plain["verdict"] == "violates" and ev["tail_ratio"] == plain["tail_ratio"] < 1e-20
+    assert ev["probe"]["rows_ladder"] < 30_000 and ev["probe"]["rows_screened"] == 30_000
+
+
 @pytest.mark.parametrize("name", ["toy-affine", "toy-modified-rq-spline"])
 def test_budgeted_figures_of_the_bundled_toys_equal_the_whole_ladder(name: str) -> None:
     """On the toys' rows (4000 a site) the budget changes no figure: their c' does not depend on x in the
-    tails, so the screen's extreme rows hold each decade's extremes."""
+    tails, so the screen's extreme rows hold each decade's extremes; the affine sites, whose c' does not depend
+    on x anywhere, give every row the ladder's figures from four values."""
     adapter = adapt(load(name).eval())
     y = torch.randn(1000, 2, generator=torch.Generator().manual_seed(1)).repeat_interleave(4, 0)
     kept = Kept()
@@ -121,19 +187,29 @@ def test_budgeted_figures_of_the_bundled_toys_equal_the_whole_ladder(name: str) 
     for s in adapter.sites():
         params = kept.params[s.name]
         cut = measured_evidence(s, params)
-        whole = measured_evidence(s, params, budget=1 << 40)
-        assert cut["probe"]["rows_ladder"] < whole["probe"]["rows_ladder"] == whole["probe"]["rows"] == 4000
+        whole = measured_evidence(Ladder(s), params, budget=1 << 40)
+        assert whole["probe"]["rows_ladder"] == whole["probe"]["rows"] == 4000
+        if s.derivative_constant:
+            assert cut["probe"]["rows_ladder"] == 4000 and cut["probe"]["n_points"] == whole["probe"]["n_points"]
+            assert cut["probe"]["cost"] == 4 * sum(p.numel() for p in params)
+        else:
+            assert cut["probe"]["rows_ladder"] < 4000
         for k in ("verdict", "tail_ratio", "derivative_min", "derivative_max", "settled", "slope"):
             assert cut[k] == whole[k], (s.name, k)
 
 
-def test_scan_reports_the_probe_budget() -> None:
+@pytest.mark.parametrize("name", ["toy-affine", "toy-modified-rq-spline"])
+def test_scan_reports_the_probe_budget(name: str) -> None:
     y = torch.randn(300, 2, generator=torch.Generator().manual_seed(5))
-    report = flowaudit.scan(load("toy-affine"), y, samples=4, device="cpu")
+    report = flowaudit.scan(load(name), y, samples=4, device="cpu")
     for s in report["model"]["sites"]:
         probe = s["remark2"]["probe"]
-        assert probe["rows"] == probe["rows_screened"] == probe["reservoir"]["rows"] == 1200
-        assert LADDER_MIN_ROWS <= probe["rows_ladder"] < 1200 and probe["budget"] == PROBE_BUDGET
+        assert probe["rows"] == probe["reservoir"]["rows"] == 1200 and probe["budget"] == PROBE_BUDGET
+        if s["kind"] == "affine":  # c' read at four values under every row
+            assert probe["rows_screened"] == 0 and probe["rows_ladder"] == 1200
+            assert probe["cost"] == 4 * probe["reservoir"]["points"]
+        else:
+            assert probe["rows_screened"] == 1200 and LADDER_MIN_ROWS <= probe["rows_ladder"] < 1200
         assert s["remark2"]["swept"]["probe"]["rows"] == 40  # 4 conditions × 2 samples × 5 decades
         assert (
             s["remark2"]["swept"]["probe"]["rows_ladder"] == 40 and s["remark2"]["swept"]["probe"]["rows_screened"] == 0

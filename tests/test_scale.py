@@ -10,9 +10,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 from flowaudit.adapters import adapt, load_model, rows_independent, small_flow
-from flowaudit.runs.shards import shard_slices
 
 import flowaudit
+from flowaudit.runs.shards import shard_slices
 
 K = 4
 

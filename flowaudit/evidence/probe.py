@@ -159,6 +159,11 @@ def _decades(site: Any, params: list[Any], spans: list[tuple[float, int]], budge
     :data:`PROBE_BLOCK` numbers), and the figures are read back in one host transfer. A block the map refuses
     (one defined on an interval) is asked again decade by decade, so that the values it takes still count.
     A site whose c' cannot be told apart by row (not (V, rows × elements)) gets the whole ladder on every row.
+
+    **A c' that does not depend on x** (``site.derivative_constant``: affine, additive, a prior's scale) is
+    evaluated under every row at four values only, the smallest and the largest ±|x| probed: where they agree
+    row by row, each decade's figures are those four values' (every row laddered, at a cost of 4N); where they do
+    not, the declaration is wrong and the site is probed as any other (:func:`_constant`).
     """
     values = list(_ladder_values(tuple(spans)))
     figures = torch.zeros((len(spans), 4), dtype=torch.float64)  # min, max, n finite, n non-finite
@@ -170,11 +175,16 @@ def _decades(site: Any, params: list[Any], spans: list[tuple[float, int]], budge
     last = len(spans) - 1
     ladder = range(last)
     n_ladder = sum(len(values[i]) for i in ladder)
+    constant = bool(getattr(site, "derivative_constant", False))
     for p in units:
         rankable = _splittable(p) and len(p) >= 2 and n_ladder and p[0].numel()
         n, m = (len(p), int(p[0].numel())) if rankable else (len(p) if _splittable(p) else 1, 0)
         fits = max(LADDER_MIN_ROWS, share // (n_ladder * m)) if rankable else n
         done["rows"] += n
+        if constant and _splittable(p) and _constant(figures, values, site, p):
+            done["rows_ladder"] += n
+            done["cost"] += 4 * _numel(p)
+            continue
         if n <= fits:  # every row gets the ladder: nothing to rank them by, or no screen needed
             _ladder(figures, range(len(spans)), values, site, p, errors)
             done["rows_ladder"] += n
@@ -197,6 +207,30 @@ def _decades(site: Any, params: list[Any], spans: list[tuple[float, int]], budge
             row["error"] = errors[i]
         out.append(row)
     return out, done
+
+
+def _constant(figures: Tensor, values: list[Tensor], site: Any, p: Tensor) -> bool:
+    """c' under every row of ``p`` at the smallest and largest ±|x| probed, folded into every decade as if each
+    had been probed at all its values: ``True`` where the four agree row by row (NaN with NaN), else ``False`` and
+    nothing folded (a c' that moves with x, or a map that refuses a value, gets the screen and the ladder)."""
+    near = len(values[0]) // 2
+    v = torch.cat([values[0][[near - 1, near]], values[-1][[0, -1]]])  # ±(smallest |x|), ±(largest |x|)
+    try:
+        d = site.derivative_at(v.to(p.device), p).detach().to(torch.float64).reshape(len(v), -1)
+    except Exception:  # noqa: BLE001 - probed decade by decade instead, where the refusal is recorded
+        return False
+    if not d.shape[1] or not bool(((d == d[:1]) | (d.isnan() & d[:1].isnan())).all()):
+        return False
+    c, ok = d[0], torch.isfinite(d[0])
+    stats = torch.stack(
+        [torch.where(ok, c, math.inf).amin(), torch.where(ok, c, -math.inf).amax(), ok.sum(), (~ok).sum()]
+    )
+    stats = stats.to(torch.float64).cpu()
+    sizes = torch.tensor([float(len(x)) for x in values], dtype=torch.float64)
+    figures[:, 0].clamp_(max=float(stats[0]))
+    figures[:, 1].clamp_(min=float(stats[1]))
+    figures[:, 2:] += sizes[:, None] * stats[None, 2:]
+    return True
 
 
 def _ladder(figures: Tensor, decades: range, values: list[Tensor], site: Any, p: Any, errors: dict) -> None:
