@@ -61,7 +61,7 @@ class Elementwise(nn.Module):
 
     kind: str = "unknown"
     params_per_dim: int = 1
-    derivative_constant: bool = False  # c' depends on x
+    derivative_constant: bool = False  # whether c' is the same at every x (affine in x)
 
     def forward(self, inp: Tensor, h: Tensor, reverse: bool = False) -> tuple[Tensor, Tensor]:
         if reverse:
@@ -111,7 +111,7 @@ class Affine(Elementwise):
 
     kind = "affine"
     params_per_dim = 2
-    derivative_constant = True  # c' does not depend on x (read by the audit's tail probe)
+    derivative_constant = True  # c' does not depend on x
 
     def __init__(self, eps: float = 1e-4, offset: float = 2.0):
         super().__init__()
@@ -154,7 +154,7 @@ class Additive(Elementwise):
 
     kind = "additive"
     params_per_dim = 1
-    derivative_constant = True  # c' does not depend on x (read by the audit's tail probe)
+    derivative_constant = True  # c' does not depend on x
 
     def _forward(self, x, h):
         return x + h, torch.zeros_like(x)
@@ -573,7 +573,7 @@ class GaussianPrior(Elementwise):
 
     kind = "prior"
     params_per_dim = 2
-    derivative_constant = True  # c' does not depend on x (read by the audit's tail probe)
+    derivative_constant = True  # c' does not depend on x
 
     def __init__(self, unit_sigma: bool = False):
         super().__init__()
