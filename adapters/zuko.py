@@ -121,6 +121,11 @@ class UnivariateSite(_ZukoSite):
     def tail_start(self) -> float | None:
         return self._tail_start
 
+    @property
+    def derivative_constant(self) -> bool:
+        """An affine or additive univariate: c' is the library's own log-scale, whatever x."""
+        return self.kind in ("affine", "affine-bounded", "additive")
+
     def own_inputs(self) -> int:
         """How many of the hyper-network's inputs come from x (the rest are the condition)."""
         if self.mode == "coupling":

@@ -4,7 +4,8 @@ Per case (a small conditional flow of one library, trained briefly on the 2D toy
 
 * every site found, with the expected kinds, unique names, and the adapter's coverage complete;
 * each site's ``derivative_at`` equals the JVP (``torch.func.jvp``) of its ``map_at``, at the
-  parameters visited while sampling, and stays inside ``tail_bounds`` beyond ``tail_start``;
+  parameters visited while sampling, and stays inside ``tail_bounds`` beyond ``tail_start``; where a site says
+  its c' does not depend on x, it is the same at every x;
 * sampling through the adapter equals the library's own sampling for the same latents, with and
   without an observer; forward → sample round trip; ``log_prob`` equals the library's, and
   ``log N(latents) + logdet`` of the adapter's forward;
@@ -124,6 +125,18 @@ def test_derivative_is_the_jvp_of_the_map(case: Case):
         assert d.shape == jvp.shape and d.shape[0] == len(values)
         torch.testing.assert_close(d, jvp, rtol=1e-7, atol=1e-9, msg=f"{site.name}: c' is not the JVP of c")
         assert bool((d > 0).all()), f"{site.name}: a monotone map has c' > 0"
+
+
+@pytest.mark.parametrize("case", PARAMS)
+def test_a_derivative_said_constant_is_the_same_at_every_x(case: Case):
+    """A site that says its c' does not depend on x (the tail probe then reads it at four values): its c' at
+    values from -10³⁰ to 10³⁰ equals its c' at 0, bit for bit; with the JVP test above, its map is affine in x."""
+    adapter, _, rec = _observed(case)
+    values = torch.tensor([0.0, -1e30, -45.0, -0.3, 0.7, 3.0, 1e5, 1e30], dtype=torch.float64)
+    for site in adapter.sites():
+        if site.derivative_constant:
+            d = site.derivative_at(values, rec.params[site.name][0])
+            assert torch.equal(d, d[:1].expand_as(d)), site.name
 
 
 @pytest.mark.parametrize("case", PARAMS)
