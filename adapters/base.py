@@ -135,7 +135,8 @@ class Site(ABC):
     #: probe all values in one call (values filled block by block) rather than one call per value
     batched_probe: bool = False
     #: c' does not depend on x (the map is affine in x), so the tail probe needs it at a few values only; set only
-    #: where c' is computed in closed form, and checked by the probe (:func:`flowaudit.evidence.probe._constant`)
+    #: where the map is affine by construction (c' in closed form, or a library's own affine map), and checked by
+    #: the probe (:func:`flowaudit.evidence.probe._constant`)
     derivative_constant: bool = False
     #: params (B, …, H, W) act elementwise over the trailing two dims (a feature map's positions), so a window
     #: over H, W of them is itself a params tensor: the engine may keep windows of rows too large for its budget

@@ -199,6 +199,13 @@ class AutoregressiveSite(_TransformSite):
     def inverse_map(self, x: Tensor, params: Tensor) -> Tensor:
         return self.module._elementwise_inverse(x, params.clone())[0]
 
+    @property
+    def derivative_constant(self) -> bool:
+        """The library's masked affine map, ``scale · x + shift``: c' is its scale, whatever x."""
+        from nflows.transforms.autoregressive import MaskedAffineAutoregressiveTransform as Affine
+
+        return self.kind in ("affine", "affine-bounded", "additive") and isinstance(self.module, Affine)
+
     def _inverse_step(self, inputs: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """The library's fixed-point inverse, one pass per feature."""
         outputs, params = torch.zeros_like(inputs), None
@@ -225,6 +232,11 @@ class InvertedSite(_TransformSite):
 
     def input_shape(self, params: Tensor) -> tuple[int, ...]:
         return self.inner.input_shape(params)
+
+    @property
+    def derivative_constant(self) -> bool:
+        """The inverse of an affine map is affine: c' = 1 / the inner scale, whatever x."""
+        return self.inner.derivative_constant
 
     def map(self, x: Tensor, params: Tensor) -> Tensor:
         return self.inner.inverse_map(x, params)
