@@ -2,7 +2,8 @@
 
 For each flow — a conditional RQ-spline flow built with nflows (4 couplings, 8 bins), zuko's NSF (4
 transforms, 8 bins), normflows' coupled RQ-spline flow (4 couplings, 8 bins), a FrEIA flow of 4 GLOW
-couplings (affine, 3-layer subnets of width 32) and the bundled 2-D toys — and 1000 conditions × K = 4 samples:
+couplings (affine, 3-layer subnets of width 32), masked affine autoregressive flows of nflows, zuko and normflows
+(4 transforms, hidden width 32) and the bundled 2-D toys — and 1000 conditions × K = 4 samples:
 
 * *bare*: the library's own sampling of the 4000 samples (``Flow.sample``, ``flow(y).sample``,
   ``model.sample``, ``inn(z, c=[y], rev=True)``, ``ReferenceFlow.reverse``) plus one forward pass of the same
@@ -136,6 +137,62 @@ def _normflows() -> tuple[torch.nn.Module, Callable, Callable]:
     return model, sample, forward
 
 
+def _nflows_maf() -> tuple[torch.nn.Module, Callable, Callable]:
+    from nflows.distributions.normal import StandardNormal
+    from nflows.flows.base import Flow
+    from nflows.transforms.autoregressive import MaskedAffineAutoregressiveTransform
+    from nflows.transforms.base import CompositeTransform
+    from nflows.transforms.permutations import ReversePermutation
+
+    torch.manual_seed(0)
+    steps = []
+    for _ in range(4):
+        steps += [MaskedAffineAutoregressiveTransform(2, 32, context_features=2), ReversePermutation(2)]
+    flow = Flow(CompositeTransform(steps), StandardNormal([2])).eval()
+
+    def sample(y):
+        return flow.sample(SAMPLES, context=y).reshape(-1, 2)
+
+    def forward(x, y):
+        return flow.log_prob(x, context=y.repeat_interleave(SAMPLES, 0))
+
+    return flow, sample, forward
+
+
+def _zuko_maf() -> tuple[torch.nn.Module, Callable, Callable]:
+    import zuko
+
+    torch.manual_seed(0)
+    flow = zuko.flows.MAF(2, 2, transforms=4, hidden_features=(32, 32)).eval()
+
+    def sample(y):
+        return flow(y).sample((SAMPLES,)).transpose(0, 1).reshape(-1, 2)
+
+    def forward(x, y):
+        return flow(y.repeat_interleave(SAMPLES, 0)).log_prob(x)
+
+    return flow, sample, forward
+
+
+def _normflows_maf() -> tuple[torch.nn.Module, Callable, Callable]:
+    import normflows as nf
+
+    torch.manual_seed(0)
+    flows = []
+    for _ in range(4):
+        flows += [nf.flows.MaskedAffineAutoregressive(2, 32, context_features=2), nf.flows.Permute(2)]
+    model = nf.ConditionalNormalizingFlow(nf.distributions.DiagGaussian(2), flows).eval()
+
+    def sample(y):
+        yk = y.repeat_interleave(SAMPLES, 0)
+        return model.sample(len(yk), context=yk)[0]
+
+    def forward(x, y):
+        return model.log_prob(x, context=y.repeat_interleave(SAMPLES, 0))
+
+    return model, sample, forward
+
+
 def _toy(coupling: str) -> Callable[[], tuple[torch.nn.Module, Callable, Callable]]:
     def build():
         from flowaudit.reference_models import load
@@ -159,6 +216,9 @@ FLOWS = {
     "zuko-nsf": _zuko,
     "normflows-rqs": _normflows,
     "freia-glow": _freia,
+    "nflows-maf": _nflows_maf,
+    "zuko-maf": _zuko_maf,
+    "normflows-maf": _normflows_maf,
     "toy-affine": _toy("affine"),
     "toy-mrqs": _toy("modified-rq-spline"),
 }
