@@ -37,6 +37,18 @@ import torch
 N_INPUTS, SAMPLES = 1000, 4
 
 
+def _nflows_loop(flow: torch.nn.Module) -> tuple[torch.nn.Module, Callable, Callable]:
+    """An nflows ``Flow`` with its own sampling and log-density."""
+
+    def sample(y):
+        return flow.sample(SAMPLES, context=y).reshape(-1, 2)
+
+    def forward(x, y):
+        return flow.log_prob(x, context=y.repeat_interleave(SAMPLES, 0))
+
+    return flow, sample, forward
+
+
 def _nflows() -> tuple[torch.nn.Module, Callable, Callable]:
     from nflows.distributions.normal import StandardNormal
     from nflows.flows.base import Flow
@@ -53,22 +65,11 @@ def _nflows() -> tuple[torch.nn.Module, Callable, Callable]:
             PiecewiseRationalQuadraticCouplingTransform([1, 0], net, num_bins=8, tails="linear", tail_bound=3.0),
             ReversePermutation(2),
         ]
-    flow = Flow(CompositeTransform(steps), StandardNormal([2])).eval()
-
-    def sample(y):
-        return flow.sample(SAMPLES, context=y).reshape(-1, 2)
-
-    def forward(x, y):
-        return flow.log_prob(x, context=y.repeat_interleave(SAMPLES, 0))
-
-    return flow, sample, forward
+    return _nflows_loop(Flow(CompositeTransform(steps), StandardNormal([2])).eval())
 
 
-def _zuko() -> tuple[torch.nn.Module, Callable, Callable]:
-    import zuko
-
-    torch.manual_seed(0)
-    flow = zuko.flows.NSF(2, 2, transforms=4, bins=8, hidden_features=(32, 32)).eval()
+def _zuko_loop(flow: torch.nn.Module) -> tuple[torch.nn.Module, Callable, Callable]:
+    """A zuko conditional flow with its own sampling and log-density."""
 
     def sample(y):
         return flow(y).sample((SAMPLES,)).transpose(0, 1).reshape(-1, 2)
@@ -77,6 +78,13 @@ def _zuko() -> tuple[torch.nn.Module, Callable, Callable]:
         return flow(y.repeat_interleave(SAMPLES, 0)).log_prob(x)
 
     return flow, sample, forward
+
+
+def _zuko() -> tuple[torch.nn.Module, Callable, Callable]:
+    import zuko
+
+    torch.manual_seed(0)
+    return _zuko_loop(zuko.flows.NSF(2, 2, transforms=4, bins=8, hidden_features=(32, 32)).eval())
 
 
 def _freia() -> tuple[torch.nn.Module, Callable, Callable]:
@@ -113,6 +121,19 @@ def _freia() -> tuple[torch.nn.Module, Callable, Callable]:
     return inn, sample, forward
 
 
+def _normflows_loop(model: torch.nn.Module) -> tuple[torch.nn.Module, Callable, Callable]:
+    """A normflows ``ConditionalNormalizingFlow`` with its own sampling and log-density."""
+
+    def sample(y):
+        yk = y.repeat_interleave(SAMPLES, 0)
+        return model.sample(len(yk), context=yk)[0]
+
+    def forward(x, y):
+        return model.log_prob(x, context=y.repeat_interleave(SAMPLES, 0))
+
+    return model, sample, forward
+
+
 def _normflows() -> tuple[torch.nn.Module, Callable, Callable]:
     import normflows as nf
 
@@ -125,16 +146,7 @@ def _normflows() -> tuple[torch.nn.Module, Callable, Callable]:
             ),
             nf.flows.LULinearPermute(2),
         ]
-    model = nf.ConditionalNormalizingFlow(nf.distributions.DiagGaussian(2), flows).eval()
-
-    def sample(y):
-        yk = y.repeat_interleave(SAMPLES, 0)
-        return model.sample(len(yk), context=yk)[0]
-
-    def forward(x, y):
-        return model.log_prob(x, context=y.repeat_interleave(SAMPLES, 0))
-
-    return model, sample, forward
+    return _normflows_loop(nf.ConditionalNormalizingFlow(nf.distributions.DiagGaussian(2), flows).eval())
 
 
 def _nflows_maf() -> tuple[torch.nn.Module, Callable, Callable]:
@@ -148,30 +160,14 @@ def _nflows_maf() -> tuple[torch.nn.Module, Callable, Callable]:
     steps = []
     for _ in range(4):
         steps += [MaskedAffineAutoregressiveTransform(2, 32, context_features=2), ReversePermutation(2)]
-    flow = Flow(CompositeTransform(steps), StandardNormal([2])).eval()
-
-    def sample(y):
-        return flow.sample(SAMPLES, context=y).reshape(-1, 2)
-
-    def forward(x, y):
-        return flow.log_prob(x, context=y.repeat_interleave(SAMPLES, 0))
-
-    return flow, sample, forward
+    return _nflows_loop(Flow(CompositeTransform(steps), StandardNormal([2])).eval())
 
 
 def _zuko_maf() -> tuple[torch.nn.Module, Callable, Callable]:
     import zuko
 
     torch.manual_seed(0)
-    flow = zuko.flows.MAF(2, 2, transforms=4, hidden_features=(32, 32)).eval()
-
-    def sample(y):
-        return flow(y).sample((SAMPLES,)).transpose(0, 1).reshape(-1, 2)
-
-    def forward(x, y):
-        return flow(y.repeat_interleave(SAMPLES, 0)).log_prob(x)
-
-    return flow, sample, forward
+    return _zuko_loop(zuko.flows.MAF(2, 2, transforms=4, hidden_features=(32, 32)).eval())
 
 
 def _normflows_maf() -> tuple[torch.nn.Module, Callable, Callable]:
@@ -181,16 +177,7 @@ def _normflows_maf() -> tuple[torch.nn.Module, Callable, Callable]:
     flows = []
     for _ in range(4):
         flows += [nf.flows.MaskedAffineAutoregressive(2, 32, context_features=2), nf.flows.Permute(2)]
-    model = nf.ConditionalNormalizingFlow(nf.distributions.DiagGaussian(2), flows).eval()
-
-    def sample(y):
-        yk = y.repeat_interleave(SAMPLES, 0)
-        return model.sample(len(yk), context=yk)[0]
-
-    def forward(x, y):
-        return model.log_prob(x, context=y.repeat_interleave(SAMPLES, 0))
-
-    return model, sample, forward
+    return _normflows_loop(nf.ConditionalNormalizingFlow(nf.distributions.DiagGaussian(2), flows).eval())
 
 
 def _toy(coupling: str) -> Callable[[], tuple[torch.nn.Module, Callable, Callable]]:
