@@ -31,6 +31,7 @@ __all__ = [
     "Adapter",
     "widen",
     "AFFINE_BOUNDED_FLOOR",
+    "AFFINE_KINDS",
     "affine_kind",
     "elementwise_derivative",
     "sweep_bounds",
@@ -242,6 +243,10 @@ def widen(band: tuple[float, float], factor: float = 0.5) -> tuple[float, float]
 #: An affine scale whose floor is at least this caps the inverse gain at 1/floor ≤ 100: ``affine-bounded``
 #: (FS-NCSR†'s 0.1, FrEIA's soft clamp); a lower floor (Glow/SRFlow's 1e-4, nflows' 1e-3) is ``affine``.
 AFFINE_BOUNDED_FLOOR = 1e-2
+
+
+#: The kinds of a map affine in x, whose c' is the same at every x (:attr:`Site.derivative_constant`).
+AFFINE_KINDS = ("affine", "affine-bounded", "additive")
 
 
 def affine_kind(low: float) -> str:

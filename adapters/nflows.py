@@ -27,7 +27,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Observer, PriorSite, Site, affine_kind, elementwise_derivative, fill, repeat_rows, sweep_bounds
+from .base import (
+    AFFINE_KINDS,
+    Observer,
+    PriorSite,
+    Site,
+    affine_kind,
+    elementwise_derivative,
+    fill,
+    repeat_rows,
+    sweep_bounds,
+)
 from .bounds import LayerBound, gaussian_base
 from .dataflow import FlowLayerSite, found_site, probe_inputs
 from .library import LibraryAdapter
@@ -111,21 +121,21 @@ class CouplingSite(_TransformSite):
         return self.module._coupling_transform_inverse(x, params.clone())[0]
 
     def derivative(self, x: Tensor, params: Tensor) -> Tensor:
-        if self.kind in ("affine", "affine-bounded", "additive") and hasattr(self.module, "_scale_and_shift"):
+        if self.derivative_constant:
             return self.module._scale_and_shift(params)[0].expand_as(x)  # c' = s, the library's own scale
         if self.elementwise:
             return torch.exp(self.cdf(x, params, inverse=False)[1])  # the library's own log c', per element
         return super().derivative(x, params)
 
     def derivative_at(self, values: Tensor, params: Tensor) -> Tensor:
-        if self.kind in ("affine", "affine-bounded", "additive") or not self.elementwise:
+        if self.kind in AFFINE_KINDS or not self.elementwise:
             return super().derivative_at(values, params)
         return _probe_cdf(self, values, params, inverse=False)
 
     @property
     def derivative_constant(self) -> bool:
         """c' is the library's own scale (:meth:`derivative`), whatever x."""
-        return self.kind in ("affine", "affine-bounded", "additive") and hasattr(self.module, "_scale_and_shift")
+        return self.kind in AFFINE_KINDS and hasattr(self.module, "_scale_and_shift")
 
     @property
     def elementwise(self) -> bool:
@@ -204,7 +214,7 @@ class AutoregressiveSite(_TransformSite):
         """The library's masked affine map, ``scale · x + shift``: c' is its scale, whatever x."""
         from nflows.transforms.autoregressive import MaskedAffineAutoregressiveTransform as Affine
 
-        return self.kind in ("affine", "affine-bounded", "additive") and isinstance(self.module, Affine)
+        return self.kind in AFFINE_KINDS and isinstance(self.module, Affine)
 
     def _inverse_step(self, inputs: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """The library's fixed-point inverse, one pass per feature."""

@@ -28,7 +28,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Observer, PriorSite, Site, affine_kind, elementwise_derivative, keeps_graph, sweep_bounds
+from .base import (
+    AFFINE_KINDS,
+    Observer,
+    PriorSite,
+    Site,
+    affine_kind,
+    elementwise_derivative,
+    keeps_graph,
+    sweep_bounds,
+)
 from .bounds import LayerBound, gaussian_base, unbounded
 from .dataflow import FlowLayerSite, found_site, probe_inputs
 from .hooks import hooked
@@ -124,7 +133,7 @@ class UnivariateSite(_ZukoSite):
     @property
     def derivative_constant(self) -> bool:
         """An affine or additive univariate: c' is the library's own log-scale, whatever x."""
-        return self.kind in ("affine", "affine-bounded", "additive")
+        return self.kind in AFFINE_KINDS
 
     def own_inputs(self) -> int:
         """How many of the hyper-network's inputs come from x (the rest are the condition)."""
